@@ -1,0 +1,54 @@
+# hedgerl: the two commands of the README.
+#   make up    set up .venv and start the platform on embedded defaults
+#   make test  set up .venv and run every test (notebooks, tests/, tutorials)
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+TORCH  ?= torch==2.13.0
+# a stamp that changes whenever the dependencies change
+STAMP  := $(VENV)/.hedgerl-installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
+
+.PHONY: install up lab test test-nbs test-py test-tutorials export clean-nbs check-clean bench help
+.DEFAULT_GOAL := help
+
+help:
+	@echo "make up      set up and start the platform (JupyterLab on nbs/ for now)"
+	@echo "make test    set up and run all tests"
+	@echo "make bench   run the performance benchmarks and write reports/bench/"
+	@echo "make export  regenerate hedgerl/ from nbs/ and clean the notebooks"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch first, from pip (the machine's pip configuration finds the CPU wheel); then uv for the rest.
+$(STAMP): | $(BIN)/python
+	@start=$$(date +%s); \
+	$(BIN)/python -m pip install -q --disable-pip-version-check uv 2>&1 | grep -v "is ignored" || true; \
+	if ! $(BIN)/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$(TORCH)'.split('==')[1])" 2>/dev/null; then \
+	  $(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH)" 2>&1 | grep -v "is ignored" || true; \
+	  $(BIN)/python -c "import torch" ; \
+	fi; \
+	$(BIN)/uv pip install -q -p $(BIN)/python -e ".[dev]"; \
+	rm -f $(VENV)/.hedgerl-installed-*; touch $@; \
+	echo "hedgerl: environment ready in $$(( $$(date +%s) - start )) s"
+
+install: $(STAMP)
+
+up: install
+	$(BIN)/hedgerl up
+
+lab: up
+
+export: install
+	$(BIN)/nbdev-export
+	$(BIN)/nbdev-clean
+
+bench: install
+	$(BIN)/hedgerl bench
+
+test: install
+	$(BIN)/nbdev-test --n-workers 2
+	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest --nbval-lax -p no:cacheprovider nbs/tutorials
