@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 # a stamp that changes whenever the dependencies change
 STAMP  := $(VENV)/.hedgerl-installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
 
-.PHONY: install up lab test test-nbs test-py test-tutorials export clean-nbs check-clean bench help
+.PHONY: install up lab test export readme bench help
 .DEFAULT_GOAL := help
 
 help:
@@ -18,6 +18,7 @@ help:
 	@echo "make test    set up and run all tests"
 	@echo "make bench   run the performance benchmarks and write reports/bench/"
 	@echo "make export  regenerate hedgerl/ from nbs/ and clean the notebooks"
+	@echo "make readme  execute nbs/index.ipynb and render README.md from it"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +45,11 @@ lab: up
 export: install
 	$(BIN)/nbdev-export
 	$(BIN)/nbdev-clean
+
+readme: install
+	$(BIN)/jupyter nbconvert --to notebook --execute --inplace nbs/index.ipynb
+	$(BIN)/nbdev-clean --fname nbs/index.ipynb
+	$(BIN)/jupyter nbconvert --to markdown --stdout nbs/index.ipynb > README.md
 
 bench: install
 	$(BIN)/hedgerl bench

@@ -1,0 +1,86 @@
+"""The `hedgerl` command as a user runs it: help, bad settings, and `hedgerl up` serving JupyterLab."""
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+
+from conftest import BIN, ROOT, run
+
+
+def test_help_lists_every_command():
+    p = run(["hedgerl", "--help"], check=True)
+    for cmd in ("up", "price", "bench", "settings"):
+        assert re.search(rf"^\s+{cmd}\s", p.stdout, re.M), cmd
+    for cmd in ("up", "price", "bench", "settings"):
+        assert run(["hedgerl", cmd, "--help"]).returncode == 0
+
+
+def test_bad_setting_names_the_key():
+    p = run(["hedgerl", "settings"], env={"HEDGERL_SERVICE_PORT": "eighty"})
+    assert p.returncode == 2
+    assert "[service] port = 'eighty' (from HEDGERL_SERVICE_PORT)" in p.stderr
+
+
+def test_settings_override_from_environment():
+    p = run(["hedgerl", "settings"], env={"HEDGERL_REGISTRY_URL": "postgresql+psycopg://u@db/hedgerl"}, check=True)
+    assert "url = postgresql+psycopg://u@db/hedgerl" in p.stdout
+    assert f"# from {ROOT / 'settings.ini'}" in p.stdout
+
+
+def test_bench_quick_writes_json(tmp_path):
+    p = run(["hedgerl", "bench", "--quick", "--out", str(tmp_path), "--suite", "smoke"], timeout=600, check=True)
+    doc = json.loads((tmp_path / "smoke.json").read_text())
+    names = [r["name"] for r in doc["results"]]
+    assert any(n.startswith("GBM") for n in names) and any(n.startswith("Heston") for n in names)
+    assert any(n.startswith("Black-Scholes") for n in names)
+    for r in doc["results"]:
+        assert r["rate"] > 0 and r["reference_rate"] > 0 and abs(r["ratio"] - r["rate"] / r["reference_rate"]) < 1e-12
+    assert "hedgerl" in p.stdout and "ratio" in p.stdout
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+
+
+def test_up_serves_jupyterlab_on_the_notebooks():
+    port = _free_port()
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HEDGERL_LAB_PORT": str(port)}
+    proc = subprocess.Popen([str(BIN / "hedgerl"), "up"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        url = None
+        deadline = time.time() + 60
+        while url is None and time.time() < deadline:
+            line = proc.stdout.readline()
+            m = re.search(r"open (http://127\.0\.0\.1:\d+/lab\?token=\S+)", line)
+            if m: url = m.group(1)
+        assert url, "hedgerl up printed no URL"
+        token = url.split("token=")[1]
+        base = f"http://127.0.0.1:{port}"
+        status = None
+        while time.time() < deadline:
+            try:
+                req = urllib.request.Request(f"{base}/api/contents", headers={"Authorization": f"token {token}"})
+                status = json.load(urllib.request.urlopen(req, timeout=5))
+                break
+            except OSError:
+                time.sleep(0.5)
+        assert status is not None, "JupyterLab did not answer"
+        names = {c["name"] for c in status["content"]}
+        assert {"00_core.ipynb", "01_pricing.ipynb", "tutorials"} <= names
+        # without the token the server refuses
+        try:
+            urllib.request.urlopen(f"{base}/api/contents", timeout=5)
+            raise AssertionError("JupyterLab answered without a token")
+        except urllib.error.HTTPError as e:
+            assert e.code == 403
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try: proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL); proc.wait()

@@ -1,0 +1,76 @@
+"""The project's own consistency: the library is what the notebooks export, notebooks are clean,
+the README and CI keep their promises, and the numpy paths import without torch."""
+import json
+import shutil
+import sys
+
+from conftest import ROOT, run
+
+
+def test_library_is_what_the_notebooks_export(tmp_path):
+    for item in ("nbs", "pyproject.toml", "settings.ini", "README.md"):
+        src = ROOT / item
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / item)
+    (tmp_path / "hedgerl").mkdir()
+    shutil.copy(ROOT / "hedgerl" / "__init__.py", tmp_path / "hedgerl" / "__init__.py")
+    run(["nbdev-export"], cwd=tmp_path, check=True)
+    exported = sorted(p.relative_to(tmp_path) for p in (tmp_path / "hedgerl").rglob("*.py"))
+    committed = sorted(p.relative_to(ROOT) for p in (ROOT / "hedgerl").rglob("*.py"))
+    assert exported == committed, "hedgerl/ has modules the notebooks do not export (or lacks some): run `make export`"
+    stale = [str(p) for p in exported if (tmp_path / p).read_text() != (ROOT / p).read_text()]
+    assert not stale, f"hedgerl/ differs from what nbs/ exports: {stale}; run `make export` and commit both"
+
+
+def test_notebooks_are_clean(tmp_path):
+    notebooks = sorted((ROOT / "nbs").rglob("*.ipynb"))
+    notebooks = [p for p in notebooks if ".ipynb_checkpoints" not in p.parts]
+    assert len(notebooks) >= 6
+    dirty = []
+    for nb in notebooks:
+        copy = tmp_path / nb.name
+        shutil.copy(nb, copy)
+        run(["nbdev-clean", "--fname", str(copy)], check=True)
+        if copy.read_bytes() != nb.read_bytes(): dirty.append(str(nb.relative_to(ROOT)))
+    assert not dirty, f"notebooks not clean (run `make export`): {dirty}"
+
+
+def test_cell_tags_survive_cleaning(tmp_path):
+    nb = {"cells": [{"cell_type": "code", "execution_count": 3, "id": "a1", "metadata": {"tags": ["parameters"], "scrolled": True},
+                     "outputs": [], "source": ["n_paths = 100"]}],
+          "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"}},
+          "nbformat": 4, "nbformat_minor": 5}
+    f = tmp_path / "nbs" / "x.ipynb"; f.parent.mkdir()
+    f.write_text(json.dumps(nb))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    run(["nbdev-clean", "--fname", str(f)], cwd=tmp_path, check=True)
+    meta = json.loads(f.read_text())["cells"][0]["metadata"]
+    assert meta == {"tags": ["parameters"]}
+
+
+def test_readme_starts_with_the_two_commands_and_follows_index():
+    readme = (ROOT / "README.md").read_text()
+    lines = [l for l in readme.splitlines() if l.strip()]
+    assert lines[0] == "# hedgerl"
+    assert lines[1] == "```bash" and lines[2].startswith("make up ") and lines[3].startswith("make test ") and lines[4] == "```"
+    rendered = run(["jupyter", "nbconvert", "--to", "markdown", "--stdout", str(ROOT / "nbs" / "index.ipynb")], check=True).stdout
+    assert rendered == readme, "README.md is not the rendering of nbs/index.ipynb: run `make readme`"
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "make test" in ci
+    makefile = (ROOT / "Makefile").read_text()
+    for target in ("up:", "test:"):
+        assert f"\n{target}" in makefile
+    assert "torch==2.13.0" in makefile
+
+
+def test_numpy_paths_import_without_torch():
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from hedgerl.pricing import bs_price, implied_vol\n"
+            "from hedgerl.simulators import GBM\n"
+            "p = GBM(0.0, 0.2).simulate(10, 5, 0.01, seed=1)\n"
+            "assert abs(implied_vol(bs_price(100, 100, 1, 0, 0.2), 100, 100, 1, 0) - 0.2) < 1e-12\n"
+            "try:\n    GBM(0.0, 0.2).simulate(10, 5, 0.01, backend='torch')\nexcept ImportError as e:\n    assert 'pip install torch==2.13.0' in str(e)\n"
+            "else:\n    raise AssertionError('expected ImportError')\n")
+    run([sys.executable, "-c", code], check=True)
