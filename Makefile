@@ -28,7 +28,7 @@ $(STAMP): | $(BIN)/python
 	@start=$$(date +%s); \
 	$(BIN)/python -m pip install -q --disable-pip-version-check uv 2>&1 | grep -v "is ignored" || true; \
 	if ! $(BIN)/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$(TORCH)'.split('==')[1])" 2>/dev/null; then \
-	  $(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH)" 2>&1 | grep -v "is ignored" || true; \
+	  $(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH)" numpy 2>&1 | grep -v "is ignored" || true; \
 	  $(BIN)/python -c "import torch" ; \
 	fi; \
 	$(BIN)/uv pip install -q -p $(BIN)/python -e ".[dev]"; \

@@ -32,6 +32,10 @@ def test_notebooks_are_clean(tmp_path):
         run(["nbdev-clean", "--fname", str(copy)], check=True)
         if copy.read_bytes() != nb.read_bytes(): dirty.append(str(nb.relative_to(ROOT)))
     assert not dirty, f"notebooks not clean (run `make export`): {dirty}"
+    # nbval runs the tutorials fresh and refuses stored outputs without execution counts (which cleaning removes)
+    with_outputs = [str(nb.relative_to(ROOT)) for nb in notebooks if "tutorials" in nb.parts
+                    and any(c.get("outputs") for c in json.loads(nb.read_text())["cells"])]
+    assert not with_outputs, f"tutorials must be saved without outputs (jupyter nbconvert --clear-output --inplace): {with_outputs}"
 
 
 def test_cell_tags_survive_cleaning(tmp_path):
