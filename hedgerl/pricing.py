@@ -204,8 +204,8 @@ def heston_price(S, K, T, r, v0, kappa, theta, xi, rho, q=0.0, kind="call", epsa
         return (np.exp(1j * u * k) * heston_cf(z, T, v0, kappa, theta, xi, rho)).real / (u * u + 0.25)
     I, err, info = quad_vec(integrand, 0.0, np.inf, epsabs=epsabs, epsrel=0.0, norm="max", limit=500, full_output=True)
     if info.status != 0:
-        warnings.warn(f"heston_price: the integral reached an error of {err:.1e}, not epsabs={epsabs:.0e}; a very small "
-                      f"vol-of-vol (xi={xi.min():.2g}) loses precision in the characteristic function", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"heston_price: the integral reached an error of {err:.1e}, not epsabs={epsabs:.0e} (a very small vol-of-vol "
+                      f"or total variance makes the integrand decay slowly or lose precision)", RuntimeWarning, stacklevel=2)
     call = df * (F - np.sqrt(F * K) / np.pi * I)
     price = call if w > 0 else call - df * (F - K)
     return price.reshape(shape)[()]
