@@ -84,3 +84,23 @@ def test_up_serves_jupyterlab_on_the_notebooks():
         try: proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL); proc.wait()
+
+
+def test_leaderboard_writes_markdown_and_json(tmp_path):
+    p = run(["hedgerl", "leaderboard", "--scenarios", "cao2021-gbm-1m-5d", "--n-paths", "3000", "--train-paths", "2000",
+             "--n-boot", "10", "--out", str(tmp_path)], timeout=600, check=True)
+    records = json.loads((tmp_path / "leaderboard.json").read_text())
+    assert {r["strategy"] for r in records} == {"delta", "no-hedge", "whalley-wilmott", "fixed-band"}
+    for r in records:
+        for key in ("scenario", "strategy", "learned", "n_paths", "seed", "objective", "objective_se", "metrics"):
+            assert key in r, key
+        assert r["n_paths"] == 3000 and r["learned"] is False and r["objective_se"] > 0
+    assert "## cao2021-gbm-1m-5d" in (tmp_path / "leaderboard.md").read_text()
+    assert "leaderboard.md" in p.stdout
+
+
+def test_scenario_file_with_a_typo_fails_before_running(tmp_path):
+    f = tmp_path / "mine.yaml"
+    f.write_text("name: mine\nbook:\n- {kind: call, strike: 100, maturity: 20, quantity: -1}\ncosts: {proportionl: 0.01}\n")
+    p = run(["hedgerl", "backtest", "delta", str(f)])
+    assert p.returncode == 2 and "costs: unknown field 'proportionl'" in p.stderr
