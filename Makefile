@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 # a stamp that changes whenever the dependencies change
 STAMP  := $(VENV)/.hedgerl-installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
 
-.PHONY: install up lab test export readme bench help
+.PHONY: install services up lab test export readme bench help
 .DEFAULT_GOAL := help
 
 help:
@@ -54,7 +54,11 @@ readme: install
 bench: install
 	$(BIN)/hedgerl bench
 
-test: install
+# PostgreSQL for the registry tests: installed (Debian) and started when missing; in CI a missing server fails.
+services:
+	@bash .ci/services.sh
+
+test: install services
 	$(BIN)/nbdev-test --n-workers 2
 	$(BIN)/python -m pytest tests
 	$(BIN)/python -m pytest --nbval-lax -p no:cacheprovider nbs/tutorials
