@@ -9,13 +9,18 @@ if ! command -v pg_ctlcluster >/dev/null 2>&1; then
     echo "services: installing PostgreSQL (Debian)"
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) || true
     for hba in /etc/postgresql/*/main/pg_hba.conf; do
-      [ -f "$hba" ] && grep -q "hedgerl-tests" "$hba" || printf '# hedgerl-tests\nhost all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\n' | cat - "$hba" > "$hba.new" && mv "$hba.new" "$hba"
+      if [ -f "$hba" ] && ! grep -q "hedgerl-tests" "$hba"; then
+        { printf '# hedgerl-tests: trust on loopback, for the test suite\nhost all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\n'; cat "$hba"; } > "$hba.new" && mv "$hba.new" "$hba"
+      fi
     done
   fi
 fi
 if command -v pg_ctlcluster >/dev/null 2>&1; then
   ver=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -n 1)
-  [ -n "$ver" ] && pg_ctlcluster --skip-systemctl-redirect "$ver" main start 2>/dev/null || true
+  if [ -n "$ver" ]; then
+    pg_ctlcluster --skip-systemctl-redirect "$ver" main start 2>/dev/null || true
+    pg_ctlcluster --skip-systemctl-redirect "$ver" main reload 2>/dev/null || true
+  fi
 fi
 for _ in $(seq 1 30); do ready && { echo "services: PostgreSQL is up at 127.0.0.1:5432"; exit 0; }; sleep 1; done
 if [ "${CI:-}" = "true" ]; then echo "services: PostgreSQL is not reachable at 127.0.0.1:5432 and could not be started" >&2; exit 1; fi
