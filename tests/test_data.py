@@ -50,3 +50,21 @@ except DataUnavailable as e: print(e)
 """
     out = py(code)
     assert out.isdigit() or "MSFT 2019-01-02..2019-01-31: not cached and not reachable" in out, out
+
+
+def test_a_dataset_from_the_data_layer_is_registered_once(tmp_path):
+    """Datasets used by runs go to the registry with their source, date range and content hash."""
+    from hedgerl.data import dataset_info, sample_prices
+    from hedgerl.registry import Registry
+    reg = Registry(f"sqlite:///{tmp_path}/registry.sqlite")
+    reg.upgrade()
+    info = dataset_info(sample_prices("AAPL"), "aapl-sample", "bokeh:AAPL")
+    first = reg.register_dataset(**info)
+    assert reg.register_dataset(**info) == first  # the same content is one dataset
+    other = dataset_info(sample_prices("AAPL", end="2005-12-30"), "aapl-sample", "bokeh:AAPL")
+    assert other["content_hash"] != info["content_hash"] and reg.register_dataset(**other) != first
+    rows = reg.datasets("aapl-sample")
+    assert len(rows) == 2
+    row = rows[rows["id"] == first].iloc[0]
+    assert (str(row["start"])[:10], str(row["end"])[:10], row["n_rows"]) == (info["start"], info["end"], 3270)
+    assert row["content_hash"] == info["content_hash"] and row["source"] == "bokeh:AAPL"
