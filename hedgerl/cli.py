@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import secrets
 import shutil
@@ -121,6 +122,89 @@ def _cmd_db(args) -> int:
     for k, v in (st.items() if isinstance(st, dict) else vars(st).items()): print(f"{k:<10} {v}")
     return 0
 
+def _value(text: str):
+    "A command-line value: int, float, true/false, none, JSON (lists, dicts), else the text itself."
+    for conv in (int, float):
+        try: return conv(text)
+        except ValueError: pass
+    low = text.strip().lower()
+    if low in ("true", "false"): return low == "true"
+    if low in ("none", "null"): return None
+    if text.strip().startswith(("[", "{")):
+        try: return json.loads(text)
+        except json.JSONDecodeError: pass
+    return text
+
+def _assignments(items: list[str] | None, flag: str) -> dict:
+    "NAME=VALUE pairs of a repeatable option, as a dict of texts; a malformed one names the option."
+    out = {}
+    for item in items or []:
+        name, eq, value = item.partition("=")
+        if not eq or not name.strip(): raise ValueError(f"{flag} {item!r}: expected NAME=VALUE")
+        out[name.strip()] = value
+    return out
+
+def _space_arg(text: str):
+    "LOW:HIGH, LOW:HIGH:log, or A,B,C (choices)."
+    if ":" in text:
+        parts = text.split(":")
+        if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "log"): raise ValueError(f"--space range {text!r}: expected LOW:HIGH or LOW:HIGH:log")
+        lo, hi = _value(parts[0]), _value(parts[1])
+        return (lo, hi, "log") if len(parts) == 3 else (lo, hi)
+    return [_value(v) for v in text.split(",")]
+
+def _train_kwargs(args) -> dict:
+    "The `hedgerl.runs.train` options shared by train and sweep."
+    params = {k: _value(v) for k, v in _assignments(args.param, "--param").items()}
+    return dict(objective=args.objective, params=params or None, seed=args.seed, device=args.device, valid_paths=args.valid_paths,
+                valid_every=args.valid_every, patience=args.patience, test_paths=args.test_paths, test_seed=args.test_seed,
+                runs_dir=args.runs_dir, registry=args.registry, threads=args.threads)
+
+def _cmd_train(args) -> int:
+    "Train one agent in a papermill run recorded in the registry."
+    from hedgerl.runs import RunFailed, train
+    kw = _train_kwargs(args)
+    try: r = train(args.agent, args.scenario, args.budget, **kw, experiment=args.experiment, name=args.name,
+                   resume=args.resume, notebook=args.notebook)
+    except RunFailed as e:
+        print(f"hedgerl train: {e}", file=sys.stderr); return 1
+    except KeyboardInterrupt as e:
+        print(f"hedgerl train: {e or 'interrupted'}", file=sys.stderr); return 130
+    m = r["metrics"]
+    print(f"hedgerl: run {r['run_id']} finished: test objective {m.get('test/objective', float('nan')):.6g} "
+          f"(delta hedge {m.get('delta/objective', float('nan')):.6g}); {r['folder']}")
+    return 0
+
+def _cmd_sweep(args) -> int:
+    "Train a grid of configurations in parallel on Dask."
+    from hedgerl.runs import sweep
+    grid = {k: [_value(v) for v in text.split(",")] for k, text in _assignments(args.grid, "--grid").items()}
+    if not grid: raise ValueError("give at least one --grid NAME=V1,V2,...")
+    client = None
+    if args.workers:
+        from distributed import Client
+        from hedgerl.backtest import local_cluster
+        client = Client(local_cluster(n_workers=args.workers))
+    try: res = sweep(grid, args.agent, args.scenario, args.budget, client=client, experiment=args.experiment, **_train_kwargs(args))
+    finally:
+        if client is not None: client.close(); client.cluster.close()
+    import pandas as pd
+    with pd.option_context("display.width", 200, "display.max_columns", 50): print(res.drop(columns=["error"]).to_string(index=False))
+    for _, row in res[res.status != "finished"].iterrows(): print(f"hedgerl sweep: run {row.run_id}: {row.error}", file=sys.stderr)
+    return 0 if (res.status == "finished").all() else 1
+
+def _cmd_tune(args) -> int:
+    "Search an agent's hyperparameters with Optuna; the study is stored in the registry database."
+    from hedgerl.runs import tune
+    space = {k: _space_arg(v) for k, v in _assignments(args.space, "--space").items()} or None
+    params = {k: _value(v) for k, v in _assignments(args.param, "--param").items()}
+    r = tune(args.agent, args.scenario, space, n_trials=args.trials, budget=args.budget, objective=args.objective, params=params,
+             seed=args.seed, valid_paths=args.valid_paths, valid_every=args.valid_every, study=args.study, registry=args.registry,
+             timeout=args.timeout, sampler_seed=args.sampler_seed, threads=args.threads)
+    print(f"hedgerl: study {r['study']!r}: {r['n_trials']} trials ({r['n_complete']} complete) in {r['registry']}")
+    print(f"best validation objective {r['best_value']:.6g} with {json.dumps(r['best_params'])}")
+    return 0
+
 def _cmd_settings(args) -> int:
     "Print the settings in effect."
     s = settings()
@@ -200,6 +284,64 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--suite", default="core", help="results file name (default core)")
     be.add_argument("--no-write", action="store_true", help="print only")
     be.set_defaults(func=_cmd_bench)
+
+    def run_options(q, budget_help):
+        q.add_argument("--budget", type=int, help=budget_help)
+        q.add_argument("--objective", metavar="KIND[:PARAM]", help="replace the scenario's risk objective, e.g. es:0.5, cao:1.5, std")
+        q.add_argument("--param", action="append", metavar="NAME=VALUE", help="an agent hyperparameter (repeatable), e.g. --param lr=0.003")
+        q.add_argument("--seed", type=int, help="seed of the agent's weights and training paths (default 0)")
+        q.add_argument("--valid-paths", type=int, help="validation paths (default 2000)")
+        q.add_argument("--valid-every", type=int, help="units between validations and checkpoints (default: the agent's)")
+        q.add_argument("--registry", metavar="URL", help="registry database (default: [registry] url setting, HEDGERL_REGISTRY_URL)")
+        q.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1; 0: torch's default)")
+    def train_options(q):
+        q.add_argument("--device", help="cpu (default), cuda, auto")
+        q.add_argument("--patience", type=int, help="stop after this many validations without improvement")
+        q.add_argument("--test-paths", type=int, help="fresh test paths (default 10000)")
+        q.add_argument("--test-seed", type=int, help="seed of the test paths (default 2026)")
+        q.add_argument("--runs-dir", default="reports/runs", help="runs write into RUNS_DIR/<run-id>/ (default reports/runs)")
+
+    tr = sub.add_parser("train", help="train an agent: a papermill run of nbs/runs/train.ipynb, recorded in the registry",
+                        description="Execute the training notebook with papermill into RUNS_DIR/<run-id>/ (executed notebook, metrics.json, "
+                                    "model.zip, checkpoint.zip) as one registry run. Ctrl-C saves a checkpoint and marks the run interrupted; "
+                                    "--resume RUN_ID continues it.",
+                        epilog="example: hedgerl train ntb cao2021-gbm-1m-1d --budget 500 --param n_paths=10000")
+    tr.add_argument("agent", nargs="?", help="ntb, deep-hedger, dqn, ppo, sac (from the resumed run with --resume)")
+    tr.add_argument("scenario", nargs="?", help="published scenario name (hedgerl scenarios) or a .yaml/.json file")
+    run_options(tr, "training units: epochs (deep hedgers) or environment steps (stable-baselines3 agents)")
+    train_options(tr)
+    tr.add_argument("--experiment", default="train", help="registry experiment (default train)")
+    tr.add_argument("--name", help="run name")
+    tr.add_argument("--resume", type=int, metavar="RUN_ID", help="continue an interrupted or failed run from its checkpoint (same configuration)")
+    tr.add_argument("--notebook", help="template to execute (default nbs/runs/train.ipynb)")
+    tr.set_defaults(func=_cmd_train)
+
+    sw = sub.add_parser("sweep", help="train a grid of configurations in parallel on Dask",
+                        description="Train every combination of the --grid values, each one papermill run (see hedgerl train), on a Dask "
+                                    "local cluster; a failed run does not stop the others. Exit status 1 if any failed.",
+                        epilog="example: hedgerl sweep ntb cao2021-gbm-1m-1d --budget 200 --grid lr=0.003,0.01 --grid seed=0,1")
+    sw.add_argument("agent", nargs="?", help="agent (or vary it with --grid agent=...)")
+    sw.add_argument("scenario", nargs="?", help="scenario (or vary it with --grid scenario=...)")
+    run_options(sw, "training units of every run")
+    train_options(sw)
+    sw.add_argument("--grid", action="append", metavar="NAME=V1,V2", help="values of a train option or hyperparameter (repeatable)")
+    sw.add_argument("--workers", type=int, help="Dask workers (default: [dask] n_workers setting)")
+    sw.add_argument("--experiment", default="sweep", help="registry experiment (default sweep)")
+    sw.set_defaults(func=_cmd_sweep)
+
+    tu = sub.add_parser("tune", help="search an agent's hyperparameters with Optuna (study in the registry database)",
+                        description="Optuna search (TPE, median pruning) of the validation objective; each trial trains in this process. "
+                                    "The study is stored in the registry database; the same --study name resumes it.",
+                        epilog="example: hedgerl tune ntb cao2021-gbm-1m-1d --trials 20 --budget 50 --space lr=1e-3:3e-2:log --space hidden=16,32,64")
+    tu.add_argument("agent", help="ntb, deep-hedger, dqn, ppo, sac")
+    tu.add_argument("scenario", help="published scenario name or a .yaml/.json file")
+    run_options(tu, "training units per trial (default 50)")
+    tu.add_argument("--trials", type=int, default=20, help="trials to run now (default 20)")
+    tu.add_argument("--space", action="append", metavar="NAME=RANGE", help="LOW:HIGH, LOW:HIGH:log or A,B,C (repeatable; default: the agent's)")
+    tu.add_argument("--study", help="study name (default AGENT/SCENARIO); an existing study is resumed")
+    tu.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    tu.add_argument("--sampler-seed", type=int, help="seed of the TPE sampler")
+    tu.set_defaults(func=_cmd_tune, seed=0, valid_paths=2000, budget=50)
 
     st = sub.add_parser("settings", help="show the platform settings in effect",
                         description="Print the settings in effect (settings.ini, then HEDGERL_<SECTION>_<KEY> variables).")

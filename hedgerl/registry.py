@@ -201,10 +201,14 @@ def _migrate(context, conn):
     context.configure(connection=conn, target_metadata=Base.metadata, render_as_batch=True)
     with context.begin_transaction(): context.run_migrations()
 
+def _registry_objects(obj, name, type_, reflected, compare_to) -> bool:
+    "Alembic `include_object` filter: a table found in the database but not in `Base.metadata` belongs to someone else."
+    return not (type_ == "table" and reflected and compare_to is None and name not in Base.metadata.tables)
+
 def schema_diff(engine: sa.Engine) -> list:
-    "Differences between the database's tables and the ORM schema (Alembic autogenerate); [] when they agree."
+    "Differences between the registry's tables and the ORM schema (Alembic autogenerate); [] when they agree. Other tables are ignored."
     with engine.connect() as conn:
-        return compare_metadata(MigrationContext.configure(conn), Base.metadata)
+        return compare_metadata(MigrationContext.configure(conn, opts={"include_object": _registry_objects}), Base.metadata)
 
 # %% ../nbs/09_registry.ipynb #52b7a26a
 class Run:
@@ -237,14 +241,19 @@ class Run:
         "Mark the run finished, storing its `outputs` (final scores, paths of artifacts)."
         self._close("finished", outputs)
 
-    def fail(self, error: str | BaseException) -> None:
-        "Mark the run failed with the error text (an exception is stored with its traceback)."
+    def fail(self,
+        error: str | BaseException, # the error text (an exception is stored with its traceback)
+        outputs: dict | None = None, # what it left behind (a partial notebook, a checkpoint)
+    ) -> None:
+        "Mark the run failed with the error text."
         if isinstance(error, BaseException): error = "".join(traceback.format_exception(error))
-        self._close("failed", error=str(error))
+        self._close("failed", outputs, error=str(error))
 
-    def interrupt(self) -> None:
+    def interrupt(self,
+        outputs: dict | None = None, # what it left behind (a partial notebook, a checkpoint)
+    ) -> None:
         "Mark the run interrupted (stopped by the user)."
-        self._close("interrupted", error="KeyboardInterrupt")
+        self._close("interrupted", outputs, error="KeyboardInterrupt")
 
     @property
     def status(self) -> str:
@@ -329,6 +338,10 @@ class Registry:
         if self._ready: return
         st = self.status()
         if st["current"] is None and not st["tables"] and self.create: self.upgrade(); st = self.status()
+        if st["current"] is not None and st["current"] not in {r.revision for r in self._script().walk_revisions()}:
+            raise SchemaError(f"the database {st['url']} has Alembic revision {st['current']!r} in its alembic_version table, which is "
+                              f"not a hedgerl revision: another application manages its schema there (a plain Optuna storage does; "
+                              f"give Optuna `hedgerl.runs.optuna_storage()` instead) - use a separate database or remove that table")
         if not st["up_to_date"]:
             raise SchemaError(f"the registry database {st['url']} is at schema revision {st['current'] or 'none (empty)'}, "
                               f"this hedgerl needs {st['head']}: run `hedgerl db upgrade`")
@@ -376,6 +389,17 @@ class Registry:
             s.add(row); s.flush()
             return row.id
         return Run(self, self._write(write, retry_integrity=True), experiment, name)
+
+    def run(self,
+        id: int, # id of a run visible to this handle's user
+    ) -> Run:
+        "A handle on an existing run, e.g. to log to a run that another process started (`hedgerl.runs.train` and its notebook)."
+        with self._session() as s:
+            row = s.execute(sa.select(RunRow.id, RunRow.name, Experiment.name.label("experiment"))
+                            .join(Experiment, RunRow.experiment_id == Experiment.id)
+                            .where(RunRow.id == int(id), self._visible(RunRow, None))).first()
+        if row is None: raise KeyError(f"no run {id} visible to user {self.user!r} in {self.url.render_as_string()}")
+        return Run(self, row.id, row.experiment, row.name)
 
     def reap(self) -> list[int]:
         "Mark failed every running run whose process is gone (on this host) or whose heartbeat is stale; return their ids."

@@ -1,0 +1,206 @@
+"""Training runs end to end: papermill executions of nbs/runs/train.ipynb recorded in the registry (SQLite and PostgreSQL),
+`hedgerl train` as a user runs it (bad input, Ctrl-C, resume), a sweep on a two-worker Dask LocalCluster, and Optuna
+studies stored in the registry database beside the registry's tables.
+
+PostgreSQL: a fresh database `hedgerl_runs_<random>` on 127.0.0.1 (HEDGERL_TEST_PG_HOST/PORT/USER), as in test_registry.py.
+"""
+import json
+import os
+import secrets
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from conftest import BIN, ROOT, run
+from hedgerl.registry import Registry, schema_diff
+
+PG = dict(host=os.environ.get("HEDGERL_TEST_PG_HOST", "127.0.0.1"), port=int(os.environ.get("HEDGERL_TEST_PG_PORT", "5432")),
+          user=os.environ.get("HEDGERL_TEST_PG_USER", "postgres"))
+SCENARIO = "cao2021-gbm-1m-1d"
+SMOKE = dict(params={"n_paths": 1000, "hidden": 8}, valid_paths=1000, test_paths=2000)
+SMOKE_ARGS = ["--param", "n_paths=1000", "--param", "hidden=8", "--valid-paths", "1000", "--test-paths", "2000"]
+
+
+@pytest.fixture(scope="module")
+def pg_database():
+    "A fresh PostgreSQL database for this module (SQLAlchemy URL), dropped at the end."
+    psycopg = pytest.importorskip("psycopg")
+    try: admin = psycopg.connect(dbname="postgres", autocommit=True, connect_timeout=5, **PG)
+    except psycopg.OperationalError as e:
+        msg = f"PostgreSQL at {PG['host']}:{PG['port']} (user {PG['user']}) is unreachable: {e}".strip()
+        if os.environ.get("CI") == "true": pytest.fail(f"{msg}\nCI=true: runs must be tested on PostgreSQL", pytrace=False)
+        pytest.skip(msg)
+    name = f"hedgerl_runs_{secrets.token_hex(6)}"
+    admin.execute(f'CREATE DATABASE "{name}"')
+    try: yield f"postgresql+psycopg://{PG['user']}@{PG['host']}:{PG['port']}/{name}"
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request, tmp_path):
+    "An empty database: a SQLite file, or the module's PostgreSQL database with its schema wiped."
+    if request.param == "sqlite": return f"sqlite:///{tmp_path}/registry.sqlite"
+    u = request.getfixturevalue("pg_database")
+    eng = sa.create_engine(u, isolation_level="AUTOCOMMIT")
+    with eng.connect() as c: c.exec_driver_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    eng.dispose()
+    return u
+
+
+def failing_template(tmp_path: Path) -> Path:
+    "The training template with a cell that raises right after training (so a checkpoint and the model exist)."
+    nb = json.loads((ROOT / "nbs" / "runs" / "train.ipynb").read_text())
+    at = next(i for i, c in enumerate(nb["cells"]) if "hedger.fit(" in "".join(c["source"]))
+    nb["cells"].insert(at + 1, {"cell_type": "code", "execution_count": None, "id": "boom", "metadata": {}, "outputs": [],
+                                "source": ['raise RuntimeError("boom after training")']})
+    p = tmp_path / "failing.ipynb"
+    p.write_text(json.dumps(nb))
+    return p
+
+
+def check_finished(reg: Registry, r: dict, budget: int):
+    folder = Path(r["folder"])
+    assert {"train.ipynb", "metrics.json", "model.zip", "checkpoint.zip"} <= {p.name for p in folder.iterdir()}
+    metrics = json.loads((folder / "metrics.json").read_text())
+    row = reg.runs().set_index("id").loc[r["run_id"]]
+    assert row.status == "finished" and row.params["budget"] == budget
+    assert row.outputs["test/objective"] == metrics["test/objective"] > 0 and row.outputs["notebook"] == str(folder / "train.ipynb")
+    models = reg.models()
+    assert models[models.run_id == r["run_id"]].artifact.tolist() == [str(folder / "model.zip")]
+    ev = reg.evaluations(run_id=r["run_id"])
+    assert ev.objective.tolist() == [metrics["test/objective"]] and ev.model_id.tolist() == [metrics["model_id"]]
+    assert len(reg.metrics(r["run_id"], key="valid/objective")) >= 1
+    executed = json.loads((folder / "train.ipynb").read_text())
+    assert any(c.get("outputs") for c in executed["cells"])
+
+
+def test_train_on_postgresql(pg_database, tmp_path):
+    from hedgerl.runs import train
+    u = pg_database
+    eng = sa.create_engine(u, isolation_level="AUTOCOMMIT")
+    with eng.connect() as c: c.exec_driver_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    eng.dispose()
+    reg = Registry(u)
+    r = train("ntb", SCENARIO, 10, **SMOKE, runs_dir=tmp_path / "runs", registry=reg)
+    check_finished(reg, r, 10)
+    reg.engine.dispose()
+
+
+def test_cli_train_and_bad_input(tmp_path):
+    u = f"sqlite:///{tmp_path}/registry.sqlite"
+    common = ["--registry", u, "--runs-dir", str(tmp_path / "runs")]
+    p = run(["hedgerl", "train", "ntb", SCENARIO, "--budget", "10", *SMOKE_ARGS, *common], timeout=180)
+    assert p.returncode == 0, p.stderr
+    assert "run 1 finished: test objective" in p.stdout
+    reg = Registry(u)
+    check_finished(reg, {"run_id": 1, "folder": str(tmp_path / "runs" / "1")}, 10)
+    p = run(["hedgerl", "train", "nbt", SCENARIO, "--budget", "10", *common])
+    assert p.returncode == 2 and p.stderr.startswith("hedgerl train: error: unknown agent 'nbt'; known agents: ntb"), p.stderr
+    p = run(["hedgerl", "train", "ntb", SCENARIO, "--budget", "10", "--param", "hiden=8", *common])
+    assert p.returncode == 2 and "ntb: unknown parameter 'hiden'" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert len(reg.runs()) == 1  # bad input records no run
+    reg.engine.dispose()
+
+
+def test_failed_run_keeps_partial_notebook_and_resumes(tmp_path):
+    from hedgerl.runs import RunFailed, train
+    reg = Registry(f"sqlite:///{tmp_path}/registry.sqlite")
+    kw = dict(**SMOKE, runs_dir=tmp_path / "runs", registry=reg)
+    with pytest.raises(RunFailed, match="RuntimeError: boom after training") as e:
+        train("ntb", SCENARIO, 10, **kw, notebook=failing_template(tmp_path))
+    run_id, nb = e.value.run_id, e.value.notebook
+    row = reg.runs().set_index("id").loc[run_id]
+    assert row.status == "failed" and "boom after training" in row.error and row.outputs["notebook"] == str(nb)
+    executed = json.loads(nb.read_text())
+    errors = [o for c in executed["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert [o["evalue"] for o in errors] == ["boom after training"]
+    assert (nb.parent / "checkpoint.zip").is_file() and not (nb.parent / "metrics.json").exists()
+    # a changed configuration is refused before anything runs; the same one continues from the checkpoint
+    with pytest.raises(ValueError, match=rf"cannot resume run {run_id}: the configuration changed \(budget: 10 -> 20\)"):
+        train(resume=run_id, budget=20, **kw)
+    with pytest.raises(ValueError, match=r"configuration changed \(params: .*'hidden': 8.* -> .*'hidden': 16"):
+        train(resume=run_id, **{**kw, "params": {"n_paths": 1000, "hidden": 16}})
+    r = train(resume=run_id, runs_dir=tmp_path / "runs", registry=reg)
+    assert r["status"] == "finished" and r["metrics"]["units"] == 10
+    assert reg.runs().set_index("id").loc[r["run_id"], "params"]["resumed_from"] == run_id
+    reg.engine.dispose()
+
+
+def test_sweep_two_cells_on_local_cluster(tmp_path):
+    from distributed import Client
+    from hedgerl.backtest import local_cluster
+    from hedgerl.runs import sweep, template_path
+    u = f"sqlite:///{tmp_path}/registry.sqlite"
+    with Client(local_cluster(n_workers=2, threads_per_worker=1)) as client:
+        res = sweep({"notebook": [str(template_path()), str(failing_template(tmp_path))]}, "ntb", SCENARIO, 10, client=client,
+                    runs_dir=tmp_path / "runs", registry=u, **SMOKE)
+        client.cluster.close()
+    assert res.status.tolist() == ["finished", "failed"]
+    assert "boom after training" in res.error[1] and res.run_id.notna().all() and res.run_id.nunique() == 2
+    reg = Registry(u)
+    runs = reg.runs().set_index("id")
+    assert runs.loc[res.run_id.astype(int).tolist(), "status"].tolist() == ["finished", "failed"]
+    assert (Path(res.folder[1]) / "train.ipynb").is_file()
+    reg.engine.dispose()
+
+
+def test_optuna_study_in_registry_database(url, tmp_path):
+    import optuna
+    from hedgerl.runs import OPTUNA_VERSION_TABLE, optuna_storage, tune
+    reg = Registry(url)
+    space = {"lr": (1e-3, 3e-2, "log"), "hidden": [8, 16]}
+    t = tune("ntb", SCENARIO, space, n_trials=2, budget=4, params={"n_paths": 500}, valid_paths=500, valid_every=2,
+             study="smoke", registry=reg, sampler_seed=0)
+    assert t["n_trials"] == 2 and set(t["best_params"]) == {"lr", "hidden"}
+    # the registry is untouched by Optuna's tables and migrations
+    fresh = Registry(url)
+    fresh.check_schema()
+    assert fresh.status()["current"] == "r0002" and schema_diff(fresh.engine) == []
+    with fresh.start_run("after-optuna", {"x": 1}) as r: r.log(0, loss=1.0)
+    assert {"alembic_version", OPTUNA_VERSION_TABLE, "studies", "trials"} <= set(sa.inspect(fresh.engine).get_table_names())
+    # reloaded by name, and resumed by name
+    study = optuna.load_study(study_name="smoke", storage=optuna_storage(url))
+    assert len(study.trials) == 2 and study.user_attrs["agent"] == "ntb" and study.best_params == t["best_params"]
+    t = tune("ntb", SCENARIO, space, n_trials=1, budget=4, params={"n_paths": 500}, valid_paths=500, valid_every=2,
+             study="smoke", registry=url)
+    assert t["n_trials"] == 3
+    p = run(["hedgerl", "db", "status", "--url", url], check=True)
+    assert "up_to_date True" in p.stdout
+    for r_ in (reg, fresh): r_.engine.dispose()
+
+
+def test_ctrl_c_marks_interrupted_with_a_loadable_checkpoint(tmp_path):
+    from hedgerl.agents import load_agent
+    u = f"sqlite:///{tmp_path}/registry.sqlite"
+    common = ["--registry", u, "--runs-dir", str(tmp_path / "runs")]
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.Popen([str(BIN / "hedgerl"), "train", "ntb", SCENARIO, "--budget", "5000", *SMOKE_ARGS, *common], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ckpt = tmp_path / "runs" / "1" / "checkpoint.zip"
+    try:
+        deadline = time.time() + 120
+        while not ckpt.is_file() and proc.poll() is None and time.time() < deadline: time.sleep(0.2)
+        assert ckpt.is_file(), "no checkpoint within 120 s"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None: proc.kill(); proc.wait()
+    assert proc.returncode == 130, err
+    assert "run 1 interrupted" in err
+    reg = Registry(u)
+    row = reg.runs().set_index("id").loc[1]
+    assert row.status == "interrupted" and row.outputs["checkpoint"] == str(ckpt)
+    agent = load_agent(ckpt, scenario=SCENARIO)
+    assert 0 < agent.log.units < 5000
+    executed = json.loads((tmp_path / "runs" / "1" / "train.ipynb").read_text())
+    assert any(o.get("ename") == "KeyboardInterrupt" for c in executed["cells"] for o in c.get("outputs", []))
+    p = run(["hedgerl", "train", "--resume", "1", "--budget", "100", *common])
+    assert p.returncode == 2 and "cannot resume run 1: the configuration changed (budget: 5000 -> 100)" in p.stderr, p.stderr
+    assert len(reg.runs()) == 1
+    reg.engine.dispose()
