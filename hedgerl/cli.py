@@ -105,12 +105,23 @@ def _cmd_leaderboard(args) -> int:
         from hedgerl.backtest import local_cluster
         client = Client(local_cluster())
     try:
+        learned = None
+        if args.models != "none":
+            from hedgerl.results import saved_agents
+            learned = saved_agents(args.models)
         recs = run_leaderboard(args.scenarios, strategies, n_paths=args.n_paths, seed=args.seed, train_paths=args.train_paths,
-                               n_boot=args.n_boot, client=client, out_dir=args.out)
+                               n_boot=args.n_boot, client=client, out_dir=args.out, learned=learned)
     finally:
         if client is not None: client.close(); client.cluster.close()
     print(f"hedgerl: {len(recs)} results written to {Path(args.out) / 'leaderboard.md'} and leaderboard.json")
     return 0
+
+def _cmd_results(args) -> int:
+    "Train the recipes, save the models, judge them; exit 1 when a goal is missed (not in --quick)."
+    from hedgerl.results import results_markdown, run_results
+    rows = run_results(args.only, quick=args.quick, out_dir=None if args.no_write else args.out, seed=args.seed)
+    print(results_markdown(rows), end="")
+    return 0 if args.quick or all(r["met"] for r in rows) else 1
 
 def _cmd_db(args) -> int:
     "Upgrade the registry database to the newest schema, or show where it stands."
@@ -268,7 +279,19 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--n-boot", type=int, default=100, help="bootstrap replicates (default 100)")
     lb.add_argument("--dask", action="store_true", help="run on a local Dask cluster ([dask] settings)")
     lb.add_argument("--out", default="reports", help="output folder (default reports)")
+    lb.add_argument("--models", default="reports/models", metavar="DIR",
+                    help="saved agents that join the scenarios they were trained on (default reports/models; 'none' for baselines only)")
     lb.set_defaults(func=_cmd_leaderboard)
+
+    rs = sub.add_parser("results", help="train the learned hedges of the published scenarios and judge them",
+                        description="Train every recipe of hedgerl.results (timed), save the models to OUT/models/, test them on 100,000 "
+                                    "fresh paths next to the baselines, write OUT/results.md and .json.")
+    rs.add_argument("--only", nargs="+", metavar="NAME", help="scenarios (or scenario--agent) to run (default: every recipe)")
+    rs.add_argument("--quick", action="store_true", help="smoke size: a twentieth of the budgets, 5,000 test paths")
+    rs.add_argument("--seed", type=int, default=2026, help="seed of the test paths (default 2026)")
+    rs.add_argument("--out", default="reports", help="output folder (default reports)")
+    rs.add_argument("--no-write", action="store_true", help="write nothing")
+    rs.set_defaults(func=_cmd_results)
 
     db = sub.add_parser("db", help="the registry database: upgrade or status",
                         description="Apply the registry's schema migrations (upgrade) or show its revision and tables (status).")
