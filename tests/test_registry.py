@@ -6,7 +6,6 @@ created for the session and dropped afterwards. Unreachable: the PostgreSQL test
 import datetime as dt
 import hashlib
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -18,40 +17,23 @@ import pytest
 import sqlalchemy as sa
 
 from hedgerl.core import SettingsError, settings
+from conftest import empty_database, fresh_pg_database
 from hedgerl.registry import Registry, RegistryUnavailable, SchemaError, schema_diff
 
 ROOT = Path(__file__).resolve().parent.parent
-PG = dict(host=os.environ.get("HEDGERL_TEST_PG_HOST", "127.0.0.1"), port=int(os.environ.get("HEDGERL_TEST_PG_PORT", "5432")),
-          user=os.environ.get("HEDGERL_TEST_PG_USER", "postgres"))
 TABLES = {"datasets", "experiments", "runs", "models", "evaluations", "run_metrics"}
 
 
 @pytest.fixture(scope="session")
 def pg_database():
     "A fresh PostgreSQL database for the session (SQLAlchemy URL), dropped at the end."
-    psycopg = pytest.importorskip("psycopg")
-    try: admin = psycopg.connect(dbname="postgres", autocommit=True, connect_timeout=5, **PG)
-    except psycopg.OperationalError as e:
-        msg = f"PostgreSQL at {PG['host']}:{PG['port']} (user {PG['user']}) is unreachable: {e}".strip()
-        if os.environ.get("CI") == "true": pytest.fail(f"{msg}\nCI=true: the registry must be tested on PostgreSQL", pytrace=False)
-        pytest.skip(msg)
-    name = f"hedgerl_test_{secrets.token_hex(6)}"
-    admin.execute(f'CREATE DATABASE "{name}"')
-    try: yield f"postgresql+psycopg://{PG['user']}@{PG['host']}:{PG['port']}/{name}"
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+    with fresh_pg_database("hedgerl_test", "the registry must be tested on PostgreSQL") as u: yield u
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def url(request, tmp_path):
     "An empty registry database: a SQLite file, or the session's PostgreSQL database with its schema wiped."
-    if request.param == "sqlite": return f"sqlite:///{tmp_path}/registry.sqlite"
-    u = request.getfixturevalue("pg_database")
-    eng = sa.create_engine(u, isolation_level="AUTOCOMMIT")
-    with eng.connect() as c: c.exec_driver_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
-    eng.dispose()
-    return u
+    return empty_database(request, tmp_path)
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ PostgreSQL: a fresh database `hedgerl_runs_<random>` on 127.0.0.1 (HEDGERL_TEST_
 """
 import json
 import os
-import secrets
 import signal
 import subprocess
 import time
@@ -15,11 +14,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from conftest import BIN, ROOT, run
+from conftest import BIN, ROOT, empty_database, fresh_pg_database, run
 from hedgerl.registry import Registry, schema_diff
 
-PG = dict(host=os.environ.get("HEDGERL_TEST_PG_HOST", "127.0.0.1"), port=int(os.environ.get("HEDGERL_TEST_PG_PORT", "5432")),
-          user=os.environ.get("HEDGERL_TEST_PG_USER", "postgres"))
 SCENARIO = "cao2021-gbm-1m-1d"
 SMOKE = dict(params={"n_paths": 1000, "hidden": 8}, valid_paths=1000, test_paths=2000)
 SMOKE_ARGS = ["--param", "n_paths=1000", "--param", "hidden=8", "--valid-paths", "1000", "--test-paths", "2000"]
@@ -28,29 +25,13 @@ SMOKE_ARGS = ["--param", "n_paths=1000", "--param", "hidden=8", "--valid-paths",
 @pytest.fixture(scope="module")
 def pg_database():
     "A fresh PostgreSQL database for this module (SQLAlchemy URL), dropped at the end."
-    psycopg = pytest.importorskip("psycopg")
-    try: admin = psycopg.connect(dbname="postgres", autocommit=True, connect_timeout=5, **PG)
-    except psycopg.OperationalError as e:
-        msg = f"PostgreSQL at {PG['host']}:{PG['port']} (user {PG['user']}) is unreachable: {e}".strip()
-        if os.environ.get("CI") == "true": pytest.fail(f"{msg}\nCI=true: runs must be tested on PostgreSQL", pytrace=False)
-        pytest.skip(msg)
-    name = f"hedgerl_runs_{secrets.token_hex(6)}"
-    admin.execute(f'CREATE DATABASE "{name}"')
-    try: yield f"postgresql+psycopg://{PG['user']}@{PG['host']}:{PG['port']}/{name}"
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+    with fresh_pg_database("hedgerl_runs", "runs must be tested on PostgreSQL") as u: yield u
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def url(request, tmp_path):
     "An empty database: a SQLite file, or the module's PostgreSQL database with its schema wiped."
-    if request.param == "sqlite": return f"sqlite:///{tmp_path}/registry.sqlite"
-    u = request.getfixturevalue("pg_database")
-    eng = sa.create_engine(u, isolation_level="AUTOCOMMIT")
-    with eng.connect() as c: c.exec_driver_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
-    eng.dispose()
-    return u
+    return empty_database(request, tmp_path)
 
 
 def failing_template(tmp_path: Path) -> Path:
