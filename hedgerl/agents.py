@@ -28,7 +28,7 @@ nn = torch.nn
 
 # %% auto #0
 __all__ = ['torch', 'nn', 'AGENTS', 'paths_to_torch', 'torch_pnl', 'torch_objective', 'NoTransactionBandNet', 'HedgeMLP',
-           'agent_class', 'make_agent', 'TrainLog', 'Agent', 'load_agent', 'DeepHedger', 'NTBHedger']
+           'book_value0', 'agent_class', 'make_agent', 'TrainLog', 'Agent', 'load_agent', 'DeepHedger', 'NTBHedger']
 
 # %% ../nbs/11_agents.ipynb #3cf42884
 def paths_to_torch(paths: ScenarioPaths, device: str = "cpu", dtype=None) -> dict:
@@ -125,6 +125,10 @@ AGENTS = {
 }
 _CLASSES = {"ntb": "hedgerl.agents:NTBHedger", "deep-hedger": "hedgerl.agents:DeepHedger",
             "dqn": "hedgerl.sb3:DQNAgent", "ppo": "hedgerl.sb3:PPOAgent", "sac": "hedgerl.sb3:SACAgent"}
+
+def book_value0(scenario: Scenario) -> float:
+    "The book's model value at inception (negative for a sold option): the unit of the agents' wealth inputs."
+    return float(simulate_scenario(scenario, 1, seed=0, marks=False).book[0, 0])
 
 def agent_class(name: str) -> type:
     "The `Agent` subclass registered under `name` (see `AGENTS`)."
@@ -246,8 +250,7 @@ class Agent(Strategy):
 
     def score(self, paths: ScenarioPaths) -> float:
         "The scenario's objective of this agent's hedge on `paths`, through the backtest's accounting."
-        self.reset(paths.scenario)
-        return float(self.scenario.objective(hedge(self, paths, record=False).pnl, paths.premium))
+        return float(self.scenario.objective(hedge(self, paths, record=False).pnl, paths.premium))  # hedge() calls reset
 
     # -- persistence
     def _archive(self, path, state: bytes, extra: dict | None = None) -> Path:
@@ -391,8 +394,7 @@ class DeepHedger(Agent):
             self.net = self._net().to(self.device, torch.float64)
         self.w = torch.zeros((), dtype=torch.float64, device=self.device, requires_grad=True)  # ES: the VaR level
         self.scale = torch.as_tensor(default_holdings_bounds(self.scenario, scale=1.0)[1], dtype=torch.float64, device=self.device)
-        s0 = simulate_scenario(self.scenario, 1, seed=0, marks=False)  # the book's value at inception: the wealth feature's unit
-        self._wscale = max(abs(float(s0.book[0, 0])), 1e-8)
+        self._wscale = max(abs(book_value0(self.scenario)), 1e-8)  # the wealth feature's unit
         self.opt = self.sched = self._pending = None
 
     def _begin(self, budget: int):

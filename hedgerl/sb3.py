@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from .agents import Agent, make_agent
+from .agents import Agent, book_value0, make_agent
 from .backtest import backtest
 from .baselines import FixedBand, book_greeks
 from .core import check_choice, check_int, check_positive, import_torch
@@ -20,14 +20,10 @@ from .env import BatchedHedgingEnv, _sb3_vec_env_class
 from .scenarios import Observation, simulate_scenario
 
 # %% auto #0
-__all__ = ['N_FEATURES', 'book_value0', 'band_features', 'band_edges', 'band_targets', 'risk_penalty', 'band_vec_env', 'SB3Agent',
-           'SACAgent', 'PPOAgent', 'DQNAgent', 'train_best_sb3']
+__all__ = ['N_FEATURES', 'band_features', 'band_edges', 'band_targets', 'risk_penalty', 'band_vec_env', 'SB3Agent', 'SACAgent',
+           'PPOAgent', 'DQNAgent', 'train_best_sb3']
 
 # %% ../nbs/12_sb3.ipynb #f8ddc1be
-def book_value0(scenario) -> float:
-    "The book's model value at inception (negative for a sold option): the unit of the wealth feature."
-    return float(simulate_scenario(scenario, 1, seed=0, marks=False).book[0, 0])
-
 N_FEATURES = 7
 
 def band_features(obs: Observation, book0: float) -> tuple[np.ndarray, np.ndarray]:
