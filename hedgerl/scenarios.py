@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import reprlib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -22,61 +23,94 @@ from .simulators import GBM, SABR, Heston, Historical, Merton
 
 # %% auto #0
 __all__ = ['MODELS', 'OBJECTIVES', 'NAMED', 'Market', 'Option', 'Instrument', 'Costs', 'Objective', 'Scenario', 'names', 'get',
-           'sabr_implied_vol', 'merton_price', 'variance_swap_value', 'ScenarioPaths', 'simulate_scenario',
-           'Observation', 'Strategy', 'StepPnL', 'Rollout', 'hedge']
+           'as_scenario', 'sabr_implied_vol', 'merton_price', 'variance_swap_value', 'ScenarioPaths',
+           'simulate_scenario', 'Observation', 'Strategy', 'StepPnL', 'Rollout', 'hedge']
 
 # %% ../nbs/04_scenarios.ipynb #2a16476b
-def _from_dict(cls, d: dict, where: str):
-    "Build dataclass `cls` from dict `d`, naming unknown or missing fields with their path `where`."
-    if not isinstance(d, dict): raise ValueError(f"{where} must be a mapping, got {type(d).__name__}")
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown: raise ValueError(f"{where}: unknown field {', '.join(map(repr, unknown))}; known: {', '.join(sorted(names))}")
-    try: return cls(**d)
-    except TypeError as e: raise ValueError(f"{where}: {e}") from None
+def _show(x) -> str: return reprlib.repr(x)
 
 def _number(where: str, x, positive=False, nonneg=False) -> float:
     "Check a scalar config number and return it as float."
-    if isinstance(x, bool) or not isinstance(x, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{where} must be a number, got {x!r}")
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{where} must be a number, got {_show(x)}")
     if positive: check_positive(where, x)
     elif nonneg: check_positive(where, x, allow_zero=True)
     else: check_finite(where, x)
     return float(x)
 
+def _build(cls, x, where: str):
+    "`x`, a `cls` or a mapping of its fields, as a checked `cls`; every error names its field path, starting at `where`."
+    if isinstance(x, cls): return x
+    names = [f.name for f in fields(cls)]
+    if not isinstance(x, dict):
+        hint = f" (write {{{names[0]}: {x}, ...}})" if isinstance(x, str) and names[0] in ("kind", "model") else ""
+        raise ValueError(f"{where}: expected a mapping with {', '.join(names)}, got {_show(x)}{hint}")
+    unknown = [repr(k) for k in x if k not in names]
+    if unknown: raise ValueError(f"{where}: unknown field {', '.join(unknown)}; known: {', '.join(names)}")
+    try: return cls(**x)
+    except ValueError as e:  # the part names itself (e.g. "option.strike ..."): put its path there instead
+        msg, own = str(e), cls._own
+        if own and msg.startswith(own) and msg[len(own):len(own) + 1] in (".", " ", ":"): msg = where + msg[len(own):]
+        elif own and not msg.startswith(where): msg = f"{where}: {msg}"
+        raise ValueError(msg) from None
+
+def _build_list(cls, xs, where: str, empty: str) -> tuple:
+    "`xs`, a list of `cls` or of mappings of its fields, as a tuple of checked `cls` (errors name `where[i]`); `empty` is the error for none."
+    if not isinstance(xs, (list, tuple)):
+        raise ValueError(f"{where}: expected a list of mappings with {', '.join(f.name for f in fields(cls))}, got {_show(xs)}")
+    if not xs: raise ValueError(empty)
+    return tuple(_build(cls, x, f"{where}[{i}]") for i, x in enumerate(xs))
+
+# %% ../nbs/04_scenarios.ipynb #e6d009fa
 MODELS = {"gbm": GBM, "heston": Heston, "merton": Merton, "sabr": SABR}
+
+def _model_fields(model: str) -> tuple[list[str], list[str]]:
+    "Required and optional parameter names of market `model`."
+    if model == "historical": return ["source"], ["s0"]
+    fs = fields(MODELS[model])
+    return [f.name for f in fs if f.default is dataclasses.MISSING], [f.name for f in fs if f.default is not dataclasses.MISSING]
 
 @dataclass(frozen=True)
 class Market:
     "The market model and its parameters (real-world drift `mu`; `s0` the spot today)."
     model: str = "gbm" # gbm, heston, merton, sabr or historical
-    params: dict = field(default_factory=lambda: {"mu": 0.0, "sigma": 0.2}) # the model class's parameters
+    params: dict | None = None # the model class's parameters (historical: source and s0); None: mu=0, sigma=0.2 for gbm
+    _own = "market"
 
     def __post_init__(self):
         check_choice("market.model", self.model, (*MODELS, "historical"))
+        req, opt = _model_fields(self.model)
+        need = f"{', '.join(req)} (optional: {', '.join(opt)})"
+        p = {"mu": 0.0, "sigma": 0.2} if self.params is None and self.model == "gbm" else self.params
+        if p is None: raise ValueError(f"market.params is required for {self.model}: {need}")
+        if not isinstance(p, dict): raise ValueError(f"market.params: expected a mapping with {need}, got {_show(p)}")
+        bad = [repr(k) for k in p if k not in req + opt]
+        if bad: raise ValueError(f"market.params: unknown field {', '.join(bad)} for {self.model}; known: {', '.join(req + opt)}")
+        missing = [repr(k) for k in req if k not in p]
+        if missing: raise ValueError(f"market.params: missing {', '.join(missing)} for {self.model}; required: {need}")
+        for k, v in p.items():
+            if k not in ("source", "martingale"): _number(f"market.params.{k}", v)
         if self.model == "historical":
-            allowed = {"source", "sigma", "s0", "method", "block"}
-            bad = sorted(set(self.params) - allowed)
-            if bad: raise ValueError(f"market.params: unknown field {', '.join(map(repr, bad))} for historical; known: {', '.join(sorted(allowed))}")
-            if "source" not in self.params: raise ValueError("market.params.source is required for historical: e.g. 'bokeh:AAPL' or a CSV path")
+            if not isinstance(p["source"], str) or not p["source"]:
+                raise ValueError(f"market.params.source must be text, 'bokeh:TICKER' or a CSV path, got {_show(p['source'])}")
+            if "s0" in p: _number("market.params.s0", p["s0"], positive=True)
         else:
-            names = {f.name for f in fields(MODELS[self.model])}
-            bad = sorted(set(self.params) - names)
-            if bad: raise ValueError(f"market.params: unknown field {', '.join(map(repr, bad))} for {self.model}; known: {', '.join(sorted(names))}")
-            try: MODELS[self.model](**self.params)
-            except TypeError as e: raise ValueError(f"market.params for {self.model}: {e}") from None
+            try: MODELS[self.model](**p)
             except ValueError as e: raise ValueError(f"market.params.{e}") from None
+        object.__setattr__(self, "params", dict(p))
 
     @property
     def s0(self) -> float: return float(self.params.get("s0", 100.0))
 
+# %% ../nbs/04_scenarios.ipynb #021f0ad2
 @dataclass(frozen=True)
 class Option:
     "A European option: in the book (signed `quantity`, negative = short) or as a hedging instrument."
     kind: str = "call" # call or put
     strike: float = 100.0
     maturity: int = 20 # trading days from today
-    quantity: float = -1.0 # contracts held in the book (ignored for hedging instruments)
+    quantity: float = -1.0 # contracts held in the book, non-zero there (ignored for hedging instruments)
+    _own = "option"
 
     def __post_init__(self):
         check_choice("option.kind", self.kind, ("call", "put"))
@@ -88,33 +122,36 @@ class Option:
 class Instrument:
     "A hedging instrument: the underlying, a listed option priced by the model, or a variance swap (Heston)."
     kind: str = "underlying" # underlying, option or variance_swap
-    option: Option | None = None # for kind="option": its kind, strike and maturity
-    maturity: int | None = None # for kind="variance_swap": trading days
+    option: Option | None = None # for kind="option" only: its kind, strike and maturity
+    maturity: int | None = None # for kind="variance_swap" only: trading days
+    _own = "instrument"
 
     def __post_init__(self):
         check_choice("instrument.kind", self.kind, ("underlying", "option", "variance_swap"))
-        if isinstance(self.option, dict): object.__setattr__(self, "option", _from_dict(Option, self.option, "instrument.option"))
-        if self.kind == "option" and self.option is None: raise ValueError("instrument.option is required for kind='option'")
+        if self.kind == "option":
+            if self.option is None: raise ValueError("instrument.option is required for kind='option': a mapping with kind, strike and maturity")
+            object.__setattr__(self, "option", _build(Option, self.option, "instrument.option"))
+        elif self.option is not None: raise ValueError(f"instrument.option is only for kind='option', not {self.kind!r}")
         if self.kind == "variance_swap": object.__setattr__(self, "maturity", check_int("instrument.maturity", self.maturity, 1))
+        elif self.maturity is not None:
+            raise ValueError(f"instrument.maturity is only for kind='variance_swap', not {self.kind!r} (an option's maturity is option.maturity)")
 
     @property
     def name(self) -> str:
         if self.kind == "option": return f"{self.option.kind}_{self.option.strike:g}_{self.option.maturity}d"
         return self.kind if self.kind == "underlying" else f"variance_swap_{self.maturity}d"
 
+# %% ../nbs/04_scenarios.ipynb #cbc1fadb
 @dataclass(frozen=True)
 class Costs:
     "Transaction costs per trade of n units at price P: proportional*|n|*P + quadratic*n^2*P + fixed (if n != 0)."
     proportional: float = 0.0
     quadratic: float = 0.0
     fixed: float = 0.0
+    _own = "costs"
 
     def __post_init__(self):
-        for f in ("proportional", "quadratic", "fixed"):
-            v = getattr(self, f)
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
-                raise ValueError(f"costs.{f} must be non-negative, got {v}")
-            object.__setattr__(self, f, _number(f"costs.{f}", v, nonneg=True))
+        for f in ("proportional", "quadratic", "fixed"): object.__setattr__(self, f, _number(f"costs.{f}", getattr(self, f), nonneg=True))
 
     def __call__(self, trades: np.ndarray, prices: np.ndarray) -> np.ndarray:
         "Cost of `trades` (n_paths, n_instruments) at `prices`, summed over instruments: (n_paths,)."
@@ -125,20 +162,33 @@ class Costs:
         if self.fixed: c += self.fixed * (a > 0).sum(axis=1)
         return c
 
+# %% ../nbs/04_scenarios.ipynb #dc750a14
 OBJECTIVES = ("cao", "es", "entropic", "std", "mean_variance")
+_DEFAULT_PARAM = {"cao": 1.5, "entropic": 1.0, "mean_variance": 1.0, "std": 0.0}  # es has none: its level must be chosen
 
 @dataclass(frozen=True)
 class Objective:
     "The risk objective on terminal P&L: cao (Y(0) = E[C] + c SD[C], % of premium), es (expected shortfall), entropic, std, mean_variance."
     kind: str = "cao"
-    param: float = 1.5 # cao: c; es: level; entropic and mean_variance: risk aversion; std: unused
+    param: float | None = None # cao: c (None: 1.5); es: the level in (0, 1), required; entropic, mean_variance: risk aversion (1.0); std: unused
+    _own = "objective"
 
     def __post_init__(self):
         check_choice("objective.kind", self.kind, OBJECTIVES)
-        object.__setattr__(self, "param", _number("objective.param", self.param))
+        if self.param is None and self.kind == "es": raise ValueError("objective.param is required for es: the level in (0, 1), as in es:0.5")
+        object.__setattr__(self, "param", _number("objective.param", _DEFAULT_PARAM[self.kind] if self.param is None else self.param))
         if self.kind == "es" and not 0 < self.param < 1: raise ValueError(f"objective.param (the ES level) must lie in (0, 1), got {self.param}")
         if self.kind in ("cao", "entropic", "mean_variance") and self.param < 0:
             raise ValueError(f"objective.param must be non-negative for {self.kind}, got {self.param}")
+
+    @classmethod
+    def parse(cls, text: str) -> "Objective":
+        "The objective written as text 'kind' or 'kind:param', e.g. 'cao', 'es:0.5' (also `objective: es:0.5` in a YAML config)."
+        kind, sep, param = str(text).partition(":")
+        if not sep: return cls(kind.strip())
+        try: value = float(param)
+        except ValueError: raise ValueError(f"objective {text!r}: the parameter after ':' must be a number") from None
+        return cls(kind.strip(), value)
 
     def __call__(self, pnl: np.ndarray, premium):
         "The objective's value (lower is better) for terminal P&L `pnl` (paths on the last axis) of a book sold for `premium`."
@@ -153,6 +203,54 @@ class Objective:
         return {"cao": f"Y(0) = E[C] + {self.param:g} SD[C], % of premium", "es": f"ES at {self.param:g}", "std": "SD of P&L",
                 "entropic": f"entropic risk, aversion {self.param:g}", "mean_variance": f"mean-variance, aversion {self.param:g}"}[self.kind]
 
+# %% ../nbs/04_scenarios.ipynb #7eb045dc
+def _check_scenario(s) -> None:
+    "Checks across the fields of a built `Scenario`, each error naming its field."
+    for i, o in enumerate(s.book):
+        if o.quantity == 0: raise ValueError(f"book[{i}].quantity must be non-zero (negative: sold, positive: bought), got 0")
+    if s.rebalance_every > s.horizon:
+        raise ValueError(f"rebalance_every={s.rebalance_every} is longer than the book's maturity of {s.horizon} days")
+    for i, ins in enumerate(s.instruments):
+        if ins.kind == "option" and ins.option.maturity < s.horizon:
+            raise ValueError(f"instruments[{i}] expires after {ins.option.maturity} days, before the book's maturity of {s.horizon} days")
+        if ins.kind == "variance_swap":
+            if s.market.model != "heston": raise ValueError(f"instruments[{i}]: a variance swap needs the heston market, not {s.market.model}")
+            if ins.maturity < s.horizon: raise ValueError(f"instruments[{i}] (variance swap) ends before the book's maturity")
+    # Cao's objective is in % of the premium received. A book without a long option always sells for one; price the
+    # others at inception (`_premium0`, with the valuation below; historical windows are checked in hedgerl.backtest).
+    if s.objective.kind == "cao" and any(o.quantity > 0 for o in s.book) and s.market.model != "historical":
+        p, long = _premium0(s), ", ".join(f"book[{i}].quantity={o.quantity:g}" for i, o in enumerate(s.book) if o.quantity > 0)
+        if not p > 0: raise ValueError(f"objective: cao is the hedging cost in % of the premium received, but this book ({long}) "
+                                       f"is bought, worth {-p:.4g} at inception; use es, std, entropic or mean_variance")
+
+# %% ../nbs/04_scenarios.ipynb #0a95f7d8
+class _StrictLoader(yaml.SafeLoader):
+    "YAML's safe loader, refusing a key given twice in one mapping (the plain loader silently keeps the last)."
+
+def _unique_keys(keys, where: str) -> None:
+    dup = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
+    if dup is not None: raise ValueError(f"{where}: the key {dup!r} is given twice")
+
+def _yaml_mapping(loader, node):
+    _unique_keys([loader.construct_object(k, deep=True) for k, _ in node.value], f"line {node.start_mark.line + 1}")
+    return loader.construct_mapping(node, deep=True)
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _yaml_mapping)
+
+def _json_object(pairs: list) -> dict:
+    _unique_keys([k for k, _ in pairs], "object"); return dict(pairs)
+
+def _read_config(p: Path):
+    "The data in a .json or (otherwise) YAML config file; a key given twice is an error."
+    if not p.is_file(): raise ValueError(f"scenario file {str(p)!r} does not exist")
+    kind = "JSON" if p.suffix.lower() == ".json" else "YAML"
+    try:
+        text = p.read_text(encoding="utf-8")
+        d = json.loads(text, object_pairs_hook=_json_object) if kind == "JSON" else yaml.load(text, Loader=_StrictLoader)
+    except (ValueError, yaml.YAMLError) as e: raise ValueError(f"{p}: not valid {kind}: {e}") from None
+    if d is None: raise ValueError(f"{p}: the file is empty; a scenario is a mapping of its fields (see `hedgerl scenarios --show NAME`)")
+    return d
+
 # %% ../nbs/04_scenarios.ipynb #f672be02
 @dataclass(frozen=True)
 class Scenario:
@@ -166,29 +264,23 @@ class Scenario:
     trading_days: int = 252 # trading days per year
     rebalance_every: int = 1 # trading days between hedging decisions
     costs: Costs = field(default_factory=Costs)
-    objective: Objective = field(default_factory=Objective)
+    objective: Objective = field(default_factory=Objective) # an Objective, a mapping, or text 'kind' / 'kind:param'
     description: str = ""
+    _own = ""  # errors already carry full field paths
 
     def __post_init__(self):
-        if isinstance(self.market, dict): object.__setattr__(self, "market", _from_dict(Market, self.market, "market"))
-        book = tuple(_from_dict(Option, o, f"book[{i}]") if isinstance(o, dict) else o for i, o in enumerate(self.book))
-        if not book: raise ValueError("book must hold at least one option")
-        ins = tuple(_from_dict(Instrument, o, f"instruments[{i}]") if isinstance(o, dict) else o for i, o in enumerate(self.instruments))
-        if not ins: raise ValueError("instruments must name at least one hedging instrument")
-        object.__setattr__(self, "book", book); object.__setattr__(self, "instruments", ins)
-        if isinstance(self.costs, dict): object.__setattr__(self, "costs", _from_dict(Costs, self.costs, "costs"))
-        if isinstance(self.objective, dict): object.__setattr__(self, "objective", _from_dict(Objective, self.objective, "objective"))
-        for f in ("r", "q"): object.__setattr__(self, f, _number(f, getattr(self, f)))
-        object.__setattr__(self, "trading_days", check_int("trading_days", self.trading_days, 1))
-        object.__setattr__(self, "rebalance_every", check_int("rebalance_every", self.rebalance_every, 1))
-        if self.rebalance_every > self.horizon:
-            raise ValueError(f"rebalance_every={self.rebalance_every} is longer than the book's maturity of {self.horizon} days")
-        for i, ins_ in enumerate(self.instruments):
-            if ins_.kind == "option" and ins_.option.maturity < self.horizon:
-                raise ValueError(f"instruments[{i}] expires after {ins_.option.maturity} days, before the book's maturity of {self.horizon} days")
-            if ins_.kind == "variance_swap":
-                if self.market.model != "heston": raise ValueError(f"instruments[{i}]: a variance swap needs the heston market, not {self.market.model}")
-                if ins_.maturity < self.horizon: raise ValueError(f"instruments[{i}] (variance swap) ends before the book's maturity")
+        put = lambda k, v: object.__setattr__(self, k, v)
+        for f in ("name", "description"):
+            if not isinstance(getattr(self, f), str): raise ValueError(f"{f} must be text, got {_show(getattr(self, f))}")
+        put("market", _build(Market, self.market, "market"))
+        put("book", _build_list(Option, self.book, "book", "book must hold at least one option"))
+        put("instruments", _build_list(Instrument, self.instruments, "instruments", "instruments must name at least one hedging instrument"))
+        put("costs", _build(Costs, self.costs, "costs"))
+        put("objective", Objective.parse(self.objective) if isinstance(self.objective, str) else _build(Objective, self.objective, "objective"))
+        for f in ("r", "q"): put(f, _number(f, getattr(self, f)))
+        put("trading_days", check_int("trading_days", self.trading_days, 1))
+        put("rebalance_every", check_int("rebalance_every", self.rebalance_every, 1))
+        _check_scenario(self)
 
     @property
     def horizon(self) -> int: return max(o.maturity for o in self.book)
@@ -206,24 +298,17 @@ class Scenario:
     def to_dict(self) -> dict: return dataclasses.asdict(self)
     @classmethod
     def from_dict(cls, d: dict) -> "Scenario":
-        "Build and validate a scenario from a plain dict (as read from YAML or JSON)."
-        d = dict(d)
-        for k in ("book", "instruments"):
-            if k in d:
-                if not isinstance(d[k], (list, tuple)): raise ValueError(f"{k} must be a list, got {type(d[k]).__name__}")
-                d[k] = tuple(d[k])
-        return _from_dict(cls, d, "scenario")
+        "Build and check a scenario from plain data (as read from YAML or JSON); every error names its field's path."
+        return _build(cls, d, "scenario")
     def to_json(self) -> str: return json.dumps(self.to_dict(), indent=2)
     def to_yaml(self) -> str: return yaml.safe_dump(self.to_dict(), sort_keys=False)
     @classmethod
     def from_file(cls, path: str | Path) -> "Scenario":
-        "Read a scenario from a .yaml/.yml or .json file (validated before anything runs)."
+        "Read a scenario from a .yaml/.yml or .json file, checked whole before anything runs; errors start with the file's name."
         p = Path(path)
-        if not p.is_file(): raise ValueError(f"scenario file {str(p)!r} does not exist")
-        text = p.read_text()
-        try: d = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as e: raise ValueError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {e}") from None
-        return cls.from_dict(d)
+        d = _read_config(p)
+        try: return cls.from_dict(d)
+        except ValueError as e: raise ValueError(f"{p}: {e}") from None
 
     def replace(self, **changes) -> "Scenario": return dataclasses.replace(self, **changes)
 
@@ -268,6 +353,18 @@ def get(name: str) -> Scenario:
         hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(NAMED)}"
         raise ValueError(f"unknown scenario {name!r}{hint}")
     return NAMED[name]
+
+# %% ../nbs/04_scenarios.ipynb #224883d0
+def as_scenario(
+    scenario, # a `Scenario`, a published name, a .yaml/.yml/.json file (text or `Path`), or a dict config
+) -> Scenario:
+    "The checked `Scenario` that `scenario` stands for: what every entry point (backtest, environments, baselines, leaderboard) accepts."
+    if isinstance(scenario, Scenario): return scenario
+    if isinstance(scenario, dict): return Scenario.from_dict(scenario)
+    if isinstance(scenario, Path) or (isinstance(scenario, str) and scenario.lower().endswith((".yaml", ".yml", ".json"))):
+        return Scenario.from_file(scenario)
+    if isinstance(scenario, str): return get(scenario)
+    raise ValueError(f"scenario must be a Scenario, a published name, a .yaml/.json file or a dict, got {type(scenario).__name__}")
 
 # %% ../nbs/04_scenarios.ipynb #6b74b9c6
 def sabr_implied_vol(F, K, tau, alpha, nu, rho):
@@ -318,6 +415,14 @@ def _valuer(scn: Scenario):
             return np.full(np.shape(S), one)
         return heston_price(S, opt.strike, tau, r, v, p["kappa"], p["theta"], p["xi"], p["rho"], q, opt.kind)
     return value
+
+# %% ../nbs/04_scenarios.ipynb #6cc06236
+def _premium0(scn: Scenario) -> float:
+    "What the book sells for at inception at the model price (positive when sold); simulated markets only."
+    p, one = scn.market.params, lambda x: np.array([float(x)])
+    state = {"variance": one(p.get("v0", 0.0)), "vol": one(p.get("sigma0", 0.0)), "sigma": None}
+    value = _valuer(scn)
+    return -sum(o.quantity * float(value(o, 0, one(scn.market.s0), state)[0]) for o in scn.book)
 
 # %% ../nbs/04_scenarios.ipynb #6ee53ad8
 @dataclass
