@@ -17,12 +17,20 @@ from tqdm.auto import tqdm
 
 from . import data, metrics
 from .core import check_int, check_positive, settings, spawn_seeds
-from .scenarios import (Market, Scenario, ScenarioPaths, Strategy, _book_and_prices, get, hedge,
+from .scenarios import (Market, Scenario, ScenarioPaths, Strategy, _book_and_prices, as_scenario, hedge,
                                simulate_scenario)
 
 # %% auto #0
 __all__ = ['BacktestResult', 'backtest', 'local_cluster', 'load_prices', 'trailing_vol', 'historical_paths',
            'historical_backtest']
+
+# %% ../nbs/07_backtest.ipynb #69a3c3b4
+def _check_n_boot(n_boot) -> int:
+    "`n_boot` as an int: 0 (or None) for no bootstrap, else the number of bootstrap replicates, at least 2."
+    if n_boot is None: return 0
+    if isinstance(n_boot, (bool, np.bool_)) or not isinstance(n_boot, (int, np.integer)) or n_boot < 0 or n_boot == 1:
+        raise ValueError(f"n_boot must be 0 (no standard errors) or an integer >= 2 (bootstrap replicates; one cannot give a spread), got {n_boot!r}")
+    return int(n_boot)
 
 # %% ../nbs/07_backtest.ipynb #9b4f0189
 @dataclass
@@ -36,7 +44,7 @@ class BacktestResult:
     cost: np.ndarray # transaction costs per path, (n_paths,)
     option_pnl: np.ndarray # change in the book's value (premium received minus the payoff), (n_paths,)
     hedge_pnl: np.ndarray # gains of the hedge, (n_paths,)
-    premium: np.ndarray # what the book was sold for at the model price, (n_paths,)
+    premium: np.ndarray # what the book was sold for at the model price, (n_paths,); negative for a bought book
     holdings: np.ndarray | None = None # (n_paths, n_decisions, n_instruments), when recorded
     extra: dict = field(default_factory=dict) # e.g. the start dates of historical windows
 
@@ -49,12 +57,16 @@ class BacktestResult:
         return float(self.scenario.objective(self.pnl, self.premium))
 
     def objective_se(self, n_boot: int = 200, seed: int = 0) -> float:
-        "Bootstrap standard error of `objective`."
+        "Bootstrap standard error of `objective` from `n_boot` >= 2 replicates."
         return float(metrics.standard_error(lambda p, c: self.scenario.objective(p, c), self.pnl, self.premium, n_boot=n_boot, seed=seed))
 
     def summary(self, n_boot: int | None = None) -> dict:
-        "Every metric of this result in one flat dict (with `<key>_se` bootstrap errors when `n_boot` is given)."
-        out = {"objective": self.objective, **metrics.summary(self.pnl, premium=self.premium, costs=self.cost, n_boot=n_boot)}
+        "Every metric of this result in one flat dict, with `<key>_se` bootstrap errors when `n_boot` >= 2 (None or 0: none)."
+        n_boot = _check_n_boot(n_boot)
+        sold = bool((self.premium > 0).all())  # cao_y0 is in % of a premium received: NaN for a bought book
+        m = metrics.summary(self.pnl, premium=self.premium if sold else None, costs=self.cost, n_boot=n_boot or None)
+        if not sold: m = {**m, "cao_y0": math.nan, **({"cao_y0_se": math.nan} if n_boot else {})}
+        out = {"objective": self.objective, **m}
         if n_boot: out["objective_se"] = self.objective_se(n_boot)
         attribution = metrics.pnl_attribution(self.option_pnl, self.hedge_pnl, self.cost, total=self.pnl)
         out.update({k: v for k, v in attribution.items() if k.endswith("mean")})
@@ -62,19 +74,20 @@ class BacktestResult:
         return out
 
     def __repr__(self):
+        try: objective = f"{self.objective:.4g}"
+        except ValueError: objective = "n/a"  # e.g. a standard deviation of one path
         return (f"BacktestResult({self.strategy!r} on {self.scenario.name!r}: {self.n_paths:,} paths, "
-                f"objective {self.objective:.4g} ({self.scenario.objective.label}), mean P&L {self.pnl.mean():.4g}, sd {self.pnl.std():.4g})")
+                f"objective {objective} ({self.scenario.objective.label}), mean P&L {self.pnl.mean():.4g}, sd {self.pnl.std():.4g})")
 
 # %% ../nbs/07_backtest.ipynb #287f0d20
-def _as_scenario(scenario) -> Scenario:
-    if isinstance(scenario, Scenario): return scenario
-    if isinstance(scenario, str): return get(scenario)
-    if isinstance(scenario, dict): return Scenario.from_dict(scenario)
-    raise ValueError(f"scenario must be a Scenario, a published name or a dict, got {type(scenario).__name__}")
-
 def _check_strategy(strategy):
     if not (callable(getattr(strategy, "act", None)) and callable(getattr(strategy, "reset", None))):
         raise ValueError(f"strategy must implement the Strategy interface (reset(scenario) and act(observation)), got {type(strategy).__name__}")
+
+def _check_flag(name: str, x, none: bool = False):
+    "`x` unchanged if it is True or False (or None with `none`), else a ValueError naming `name`."
+    if not (isinstance(x, (bool, np.bool_)) or none and x is None): raise ValueError(f"{name} must be True or False{' or None' * none}, got {x!r}")
+    return x
 
 def _run_paths(strategy: Strategy, paths: ScenarioPaths, record: bool) -> dict:
     "Hedge one batch of paths and return its per-path arrays."
@@ -92,21 +105,24 @@ def _combine(parts: list[dict], scenario, strategy, seed, extra=None) -> Backtes
     return BacktestResult(scenario, getattr(strategy, "name", type(strategy).__name__), bool(getattr(strategy, "learned", False)),
                           seed, holdings=hold, extra=extra or {}, **cat)
 
+# %% ../nbs/07_backtest.ipynb #14bba135
 def backtest(
     strategy: Strategy, # anything with reset(scenario) and act(observation) -> target holdings
-    scenario, # a Scenario, a published scenario name, or a dict config
-    n_paths: int = 10_000, # test paths
+    scenario, # a Scenario, a published name, a .yaml/.json file or a dict config (see `hedgerl.scenarios.as_scenario`)
+    n_paths: int = 10_000, # test paths, at least 2 (the statistics need two)
     seed=None, # int or SeedSequence; None draws fresh entropy and records it in the result
     client=None, # a dask.distributed Client: chunks run on its workers
     chunk_size: int = 50_000, # paths per chunk (each chunk has its own spawned seed)
     antithetic: bool = False, # mirrored normals within each chunk
-    record_holdings: bool | None = None, # keep holdings per date; default: when n_paths <= 200,000
+    record_holdings: bool | None = None, # keep holdings per date; None: when n_paths <= 200,000
     progress: bool = False, # progress bar over chunks
 ) -> BacktestResult:
     "Hedge `n_paths` fresh paths of `scenario` with `strategy`; identical results serially and on Dask for the same seed."
-    scenario = _as_scenario(scenario); _check_strategy(strategy)
-    n_paths, chunk_size = check_int("n_paths", n_paths), check_int("chunk_size", chunk_size)
-    if scenario.market.model == "historical": raise ValueError("historical scenarios run through historical_backtest(strategy, scenario, prices)")
+    scenario = as_scenario(scenario); _check_strategy(strategy)
+    n_paths, chunk_size = check_int("n_paths", n_paths, 2), check_int("chunk_size", chunk_size)
+    _check_flag("antithetic", antithetic); _check_flag("record_holdings", record_holdings, none=True)
+    if scenario.market.model == "historical":
+        raise ValueError(f"scenario {scenario.name!r} is historical: backtest it with historical_backtest(strategy, scenario), on {scenario.market.params['source']}")
     if seed is None: seed = int(np.random.SeedSequence().entropy % 2**63)
     record = n_paths <= 200_000 if record_holdings is None else bool(record_holdings)
     sizes = [min(chunk_size, n_paths - i) for i in range(0, n_paths, chunk_size)]
@@ -135,22 +151,32 @@ def local_cluster(n_workers: int | None = None, threads_per_worker: int | None =
                             processes=True, **{"dashboard_address": None, **kwargs})
 
 # %% ../nbs/07_backtest.ipynb #546430ce
-def load_prices(source: str) -> tuple[np.ndarray, np.ndarray]:
-    "Daily prices and dates from `bokeh:TICKER` (bokeh-sampledata, via `hedgerl.data`) or a CSV file with date and close columns."
-    if source.startswith("bokeh:"):
+def _read_csv_prices(p: Path) -> tuple[np.ndarray, np.ndarray]:
+    "Prices and dates of a CSV file with a date column and a close (or price) column, checked line by line; dates must increase."
+    with p.open(newline="") as f: rows = [r for r in csv.reader(f) if r]
+    if len(rows) < 2: raise ValueError(f"{p}: no rows")
+    cols = {c.strip().lower(): i for i, c in enumerate(rows[0])}
+    pi = next((cols[c] for c in ("adj_close", "adj close", "close", "price") if c in cols), None)
+    di = next((cols[c] for c in ("date", "time", "day") if c in cols), None)
+    if pi is None or di is None: raise ValueError(f"{p}: needs a date column and a close (or price) column, found {rows[0]}")
+    prices, dates = np.empty(len(rows) - 1), np.empty(len(rows) - 1, "datetime64[D]")
+    for i, row in enumerate(rows[1:]):
+        if len(row) != len(rows[0]): raise ValueError(f"{p}, row {i + 1}: {len(row)} value{'s' * (len(row) != 1)} for {len(rows[0])} columns")
+        try: prices[i], dates[i] = float(row[pi]), np.datetime64(row[di].strip()[:10], "D")
+        except ValueError: raise ValueError(f"{p}, row {i + 1}: expected a date and a price, got {row[di]!r} and {row[pi]!r}") from None
+    check_positive(f"{p} prices", prices)
+    back = np.flatnonzero(np.diff(dates) <= np.timedelta64(0, "D"))
+    if back.size: raise ValueError(f"{p}, row {back[0] + 2}: dates must increase, {dates[back[0] + 1]} follows {dates[back[0]]}")
+    return prices, dates
+
+def load_prices(source: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    "Daily prices and dates, oldest first, from `bokeh:TICKER` (bokeh-sampledata, via `hedgerl.data`) or a CSV file with date and close columns."
+    if not isinstance(source, (str, Path)): raise ValueError(f"price source must be 'bokeh:TICKER' or a CSV file, got {type(source).__name__}")
+    if isinstance(source, str) and source.startswith("bokeh:"):
         df = data.sample_prices(source)
         return df["adj_close"].to_numpy(np.float64), df.index.to_numpy().astype("datetime64[D]")
-    p = Path(source)
-    if not p.is_file(): raise ValueError(f"price source {source!r} is neither bokeh:TICKER nor an existing CSV file")
-    with p.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows: raise ValueError(f"{p}: no rows")
-    cols = {c.lower(): c for c in rows[0]}
-    price_col = next((cols[c] for c in ("adj_close", "adj close", "close", "price") if c in cols), None)
-    date_col = next((cols[c] for c in ("date", "time", "day") if c in cols), None)
-    if price_col is None or date_col is None: raise ValueError(f"{p}: needs a date column and a close (or price) column, found {list(rows[0])}")
-    prices = np.array([float(r[price_col]) for r in rows]); check_positive(f"{p} prices", prices)
-    return prices, np.array([r[date_col][:10] for r in rows], dtype="datetime64[D]")
+    if not Path(source).is_file(): raise ValueError(f"price source {str(source)!r} is neither bokeh:TICKER nor an existing CSV file")
+    return _read_csv_prices(Path(source))
 
 def trailing_vol(prices: np.ndarray, window: int = 20, trading_days: int = 252) -> np.ndarray:
     "Close-to-close realised volatility over the previous `window` returns, annualised (`hedgerl.data.realised_vol`); NaN until `window` returns exist."
@@ -159,22 +185,25 @@ def trailing_vol(prices: np.ndarray, window: int = 20, trading_days: int = 252) 
 # %% ../nbs/07_backtest.ipynb #97e66be5
 def historical_paths(
     scenario, # the book, instruments, costs and calendar (its market model is replaced by the data)
-    prices, # daily prices, oldest first
-    dates=None, # their dates (recorded with each window)
+    prices, # daily prices, oldest first: an array, list or pandas Series of numbers
+    dates=None, # their dates, one per price (recorded with each window)
     vol_window: int = 20, # returns in the trailing volatility estimate
     stride: int = 1, # days between window starts
     source: str = "series", # a label for the data, kept in the scenario
 ) -> tuple[ScenarioPaths, np.ndarray]:
-    "Rolling windows of a real price series as `ScenarioPaths` valued at the trailing realised volatility, and each window's start (date or index)."
-    scenario = _as_scenario(scenario)
-    prices = np.asarray(prices, dtype=np.float64)
+    "Rolling windows (two at least) of a real price series as `ScenarioPaths` valued at the trailing realised volatility, and each window's start (date or index)."
+    scenario = as_scenario(scenario)
+    prices = np.asarray(prices)
+    if prices.dtype.kind not in "iuf": raise ValueError(f"prices must be numbers, got an array of {prices.dtype}")
     if prices.ndim != 1: raise ValueError(f"prices must be 1-D, got shape {prices.shape}")
-    check_positive("prices", prices)
+    prices = check_positive("prices", prices.astype(np.float64))
+    if dates is not None and np.shape(dates) != prices.shape: raise ValueError(f"dates must match prices: {np.shape(dates)} dates for {prices.shape} prices")
     vol_window, stride = check_int("vol_window", vol_window, 2), check_int("stride", stride)
     M = scenario.horizon
     starts = np.arange(vol_window, len(prices) - M, stride)
-    if len(starts) == 0:
-        raise ValueError(f"the series has {len(prices)} prices: too short for a {vol_window}-day volatility window and a {M}-day book")
+    if len(starts) < 2:
+        raise ValueError(f"the series has {len(prices)} prices: too short for a {vol_window}-day volatility window and a {M}-day book "
+                         f"({len(starts)} window{'s' * (len(starts) != 1)} with stride {stride}; the statistics need two)")
     s0 = scenario.market.s0
     scn = scenario.replace(market=Market("historical", {"source": source, "s0": s0}), name=f"{scenario.name}@{source}")
     idx = np.append(scn.decision_days, M)
@@ -182,22 +211,28 @@ def historical_paths(
     daily = s0 * windows / windows[:, :1]
     sig = trailing_vol(prices, vol_window, scn.trading_days)[starts[:, None] + np.arange(M + 1)]
     book, px = _book_and_prices(scn, daily, sig**2, None, idx, sigma=sig[:, idx])
+    if scn.objective.kind == "cao" and not (book[:, 0] < 0).all():
+        raise ValueError(f"objective: cao is the hedging cost in % of the premium received, but the book is bought on {(book[:, 0] >= 0).sum()} "
+                         f"of {len(book)} windows; use es, std, entropic or mean_variance")
     times = idx / scn.trading_days
     sp = ScenarioPaths(scn, idx, times, daily[:, idx], sig[:, idx] ** 2, book, px, np.exp(-scn.r * times))
     return sp, (starts if dates is None else np.asarray(dates)[starts])
 
+# %% ../nbs/07_backtest.ipynb #5225a9c1
 def historical_backtest(
     strategy: Strategy, # anything with reset(scenario) and act(observation)
-    scenario, # book, instruments, costs, calendar
-    prices="bokeh:AAPL", # a price array or a source for `load_prices`
+    scenario, # book, instruments, costs, calendar: a Scenario, a published name, a config file or a dict
+    prices=None, # a price array, or a source for `load_prices`; None: a historical scenario's market.params.source, else bokeh:AAPL
     vol_window: int = 20, # returns in the trailing volatility estimate
     stride: int = 1, # days between window starts
     record_holdings: bool = True,
 ) -> BacktestResult:
     "Roll the scenario's book over windows of a real price series and hedge each window with `strategy`."
-    _check_strategy(strategy)
+    _check_strategy(strategy); _check_flag("record_holdings", record_holdings)
+    scenario = as_scenario(scenario)
+    if prices is None: prices = scenario.market.params["source"] if scenario.market.model == "historical" else "bokeh:AAPL"
     dates, source = None, "series"
-    if isinstance(prices, str): source = prices; prices, dates = load_prices(prices)
+    if isinstance(prices, (str, Path)): source = str(prices); prices, dates = load_prices(prices)
     paths, starts = historical_paths(scenario, prices, dates, vol_window, stride, source)
     part = _run_paths(strategy, paths, record_holdings)
     return _combine([part], paths.scenario, strategy, None, extra={"starts": starts})
