@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
+import reprlib
 import time
 import warnings
 from typing import Any
@@ -21,7 +22,7 @@ from gymnasium.vector.utils import batch_space
 
 from .core import check_choice, check_finite, check_int, check_positive
 from .pricing import bs_greeks
-from .scenarios import Rollout, Scenario, ScenarioPaths, get, simulate_scenario
+from .scenarios import Rollout, Scenario, ScenarioPaths, as_scenario, simulate_scenario
 
 # %% auto #0
 __all__ = ['default_holdings_bounds', 'observation_names', 'observation_features', 'mean_variance_reward', 'HedgingEnv',
@@ -29,11 +30,8 @@ __all__ = ['default_holdings_bounds', 'observation_names', 'observation_features
 
 # %% ../nbs/05_env.ipynb #dcbdcf5b
 def _scenario(scenario) -> Scenario:
-    "Resolve a `Scenario`, a published name or a dict to a simulated `Scenario`."
-    if isinstance(scenario, Scenario): scn = scenario
-    elif isinstance(scenario, str): scn = get(scenario)
-    elif isinstance(scenario, dict): scn = Scenario.from_dict(scenario)
-    else: raise ValueError(f"scenario must be a Scenario, a published name or a dict, got {type(scenario).__name__}")
+    "Resolve a `Scenario`, a published name, a config file or a dict (`as_scenario`) to a simulated `Scenario`."
+    scn = as_scenario(scenario)
     if scn.market.model == "historical":
         raise ValueError("scenario: the environments simulate their paths; backtest a historical scenario with hedgerl.backtest")
     return scn
@@ -45,20 +43,25 @@ def _initial_vol(scn: Scenario) -> float:
 
 def default_holdings_bounds(
     scn: Scenario, # the hedging problem
-    scale: float = 1.5, # multiple of the offsetting holding
+    scale: float = 1.5, # multiple of the offsetting holding, positive
 ) -> tuple[np.ndarray, np.ndarray]:
     "Per-instrument (low, high) holdings: `scale` times what offsets the book's delta (underlying) or vega (options, variance swaps) at inception, at least `scale` times the book's total quantity."
+    scale = float(check_positive("scale", scale))
     S0, sig, td = scn.market.s0, _initial_vol(scn), scn.trading_days
     Q = sum(abs(o.quantity) for o in scn.book)
     def vega(o: Option) -> float: return float(bs_greeks(S0, o.strike, o.maturity / td, scn.r, sig, scn.q, o.kind).vega)
     book_vega = sum(abs(o.quantity) * vega(o) for o in scn.book)
     half = []
-    for ins in scn.instruments:
-        if ins.kind == "underlying": half.append(Q)
-        elif ins.kind == "option": half.append(max(Q, book_vega / vega(ins.option)))
+    for k, ins in enumerate(scn.instruments):
+        if ins.kind == "underlying": half.append(Q); continue
+        if ins.kind == "option": unit = vega(ins.option)
         else:  # variance swap: d value / d sigma = 2 sigma (1 - exp(-kappa T)) / kappa under Heston
             kappa = scn.market.params["kappa"]
-            half.append(max(Q, book_vega / (2 * sig * -math.expm1(-kappa * ins.maturity / td) / kappa)))
+            unit = 2 * sig * -math.expm1(-kappa * ins.maturity / td) / kappa
+        if not unit * 1e6 * Q > book_vega:  # False for NaN too
+            raise ValueError(f"holdings_bounds: instruments[{k}] ({ins.name}) has almost no vega at inception, so offsetting the book's "
+                             f"would take over a million units; pass holdings_bounds=(low, high)")
+        half.append(max(Q, book_vega / unit))
     half = scale * np.array(half)
     return -half, half
 
@@ -92,6 +95,17 @@ def mean_variance_reward(
     "Kolm & Ritter (2019) reward dW - (kappa / 2) dW^2, broadcast over `dW` (exactly dW when kappa = 0)."
     return dW - 0.5 * risk_aversion * dW * dW
 
+# %% ../nbs/05_env.ipynb #2a99d63d
+def _reset_args(seed, options, known: dict[str, str]) -> dict:
+    "Check `reset`'s `seed` (None or an int >= 0) and `options` (None or a dict of `known` keys, name -> meaning, with ints >= 0)."
+    if seed is not None and (isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise ValueError(f"seed must be None or an integer >= 0 (one seed for every path), got {seed!r}")
+    if options is None: return {}
+    if not isinstance(options, dict): raise ValueError(f"options must be a dict or None, got {type(options).__name__}")
+    bad = [repr(k) for k in options if k not in known]
+    if bad: raise ValueError(f"options: unknown key {', '.join(bad)}; known: {'; '.join(f'{k} ({v})' for k, v in known.items())}")
+    return {k: check_int(f"options[{k!r}]", v, 0) for k, v in options.items()}
+
 # %% ../nbs/05_env.ipynb #527fce7c
 class _Hedging:
     "What the single-path and batched environments share: options, spaces, the action-to-holdings map, batch seeding."
@@ -101,6 +115,7 @@ class _Hedging:
         self.risk_aversion = float(check_positive("risk_aversion", risk_aversion, allow_zero=True))
         self.action_type = check_choice("action_type", action_type, ("continuous", "discrete"))
         self.n_levels = check_int("n_levels", n_levels, 2)
+        if not (marks is None or isinstance(marks, (bool, np.bool_))): raise ValueError(f"marks must be True, False or None, got {marks!r}")
         if marks is None: marks = reward == "pnl" and scn.market.model != "heston"
         self.marks = bool(marks)
         if reward == "pnl" and self.risk_aversion > 0 and not self.marks and scn.n_decisions > 1:
@@ -146,6 +161,7 @@ class _Hedging:
     def _target(self, action) -> np.ndarray:
         "Target holdings (1, m) of one action, validated; continuous actions are clipped to the bounds."
         if self.action_type == "discrete":
+            if isinstance(action, (bool, np.bool_)): raise ValueError(f"action must be an integer in [0, {len(self.grid)}), got {action!r}")
             try: a = operator.index(action)
             except TypeError:
                 x = np.asarray(action)
@@ -153,9 +169,9 @@ class _Hedging:
                 a = int(x.reshape(()))
             if not 0 <= a < len(self.grid): raise ValueError(f"action must be an integer in [0, {len(self.grid)}), got {a}")
             return self._grid1[a]
-        x = action if type(action) is np.ndarray else np.asarray(action, dtype=np.float64)
+        x = action if type(action) is np.ndarray else np.asarray(action)
+        if x.dtype.kind not in "iuf": raise ValueError(f"action must hold numbers (target holdings), got {reprlib.repr(action)}")
         if x.shape != (self.n_instruments,): raise ValueError(f"action must have shape ({self.n_instruments},), got {x.shape}")
-        if x.dtype.kind not in "biuf": raise ValueError(f"action must be numeric, got {action!r}")
         vals = x.tolist()  # a few floats: cheaper in Python than in numpy
         for v in vals:
             if not math.isfinite(v): raise ValueError(f"action must be finite, got {v}")
@@ -168,7 +184,9 @@ class _Hedging:
             if a.shape != (n,) or a.dtype.kind not in "iu": raise ValueError(f"actions must be integers of shape ({n},), got {a.dtype} of shape {a.shape}")
             if a.min() < 0 or a.max() >= len(self.grid): raise ValueError(f"actions must lie in [0, {len(self.grid)}), got {a.min() if a.min() < 0 else a.max()}")
             return self.grid[a]
-        x = np.asarray(actions, dtype=np.float64)
+        x = np.asarray(actions)
+        if x.dtype.kind not in "iuf": raise ValueError(f"actions must hold numbers (target holdings), got an array of {x.dtype}")
+        x = x.astype(np.float64, copy=False)
         if x.shape != (n, self.n_instruments): raise ValueError(f"actions must have shape ({n}, {self.n_instruments}), got {x.shape}")
         if not np.isfinite(x).all(): raise ValueError(f"actions must be finite, got {x[~np.isfinite(x)][0]}")
         return np.clip(x, self.low, self.high)
@@ -197,22 +215,25 @@ class HedgingEnv(_Hedging, gym.Env):
         self.batch_size = check_int("batch_size", batch_size, 1)
         self.render_mode = check_choice("render_mode", render_mode, (None, "ansi"))
         self.paths, self.batch_index, self.path_index = None, -1, -1
-        self._feat, self._ro, self._rows, self._next = None, None, None, 0
+        self._feat, self._ro, self._rows, self._next, self._key = None, None, None, 0, None
 
     def _simulate(self, k: int) -> None:
         "Simulate batch `k` and its features."
         self.paths = simulate_scenario(self.scenario, self.batch_size, seed=self._batch_seed(k), marks=self.marks)
-        self._feat, self.batch_index, self._next = observation_features(self.paths), k, 0
+        self._feat, self.batch_index, self._next, self._key = observation_features(self.paths), k, 0, (self._base_seed, k)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
-        "Start an episode on the next path of the batch (simulating a batch when needed); `seed` restarts at batch 0."
-        super().reset(seed=seed)
-        if seed is not None and (self._base_seed != int(seed) or self.batch_index != 0 or self.paths is None):
-            self._draw_base_seed(seed); self._simulate(0)
-        elif seed is not None: self._next = 0  # batch 0 of this seed is already here
-        else:
-            self._draw_base_seed(None)
+        "Start an episode on the next path of the batch (simulating a batch when needed); `seed` restarts at batch 0; options {'batch': k, 'path': i} start on path i of batch k."
+        opts = _reset_args(seed, options, {"batch": "start on batch k of the seed", "path": "start on path i of the batch"})
+        if opts.get("path", 0) >= self.batch_size: raise ValueError(f"options['path'] must be below batch_size={self.batch_size}, got {opts['path']}")
+        super().reset(seed=None if seed is None else int(seed))
+        self._draw_base_seed(seed)
+        k = opts["batch"] if "batch" in opts else 0 if seed is not None else max(self.batch_index, 0) if "path" in opts else None
+        if k is None:  # the next path
             if self.paths is None or self._next == self.batch_size: self._simulate(self.batch_index + 1)
+        else:
+            if self._key != (self._base_seed, k): self._simulate(k)
+            self._next = opts.get("path", 0)
         i = self.path_index = self._next
         self._next += 1
         p = self.paths
@@ -278,12 +299,11 @@ class BatchedHedgingEnv(_Hedging, VectorEnv):
         return self._feat[0]
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
-        "Start a fresh batch: batch 0 of `seed`, or the next batch."
-        if seed is not None and not isinstance(seed, (int, np.integer)):
-            raise ValueError(f"seed must be an int or None (one seed for the whole batch), got {seed!r}")
+        "Start a fresh batch: batch 0 of `seed`, or the next batch; options {'batch': k} start batch k of the seed."
+        k = _reset_args(seed, options, {"batch": "start batch k of the seed"}).get("batch")
         super().reset(seed=None if seed is None else int(seed))
         self._draw_base_seed(seed)
-        return self._start(0 if seed is not None else self.batch_index + 1), {}
+        return self._start(k if k is not None else 0 if seed is not None else self.batch_index + 1), {}
 
     def step(self, actions):
         "Trade every path to its target holdings, book the step's P&L; on the last date, autoreset to a fresh batch."
@@ -327,8 +347,10 @@ class SB3VecEnv:
         self._actions, self._returns, self._length, self._t0 = None, np.zeros(self.num_envs), 0, time.perf_counter()
 
     def reset(self) -> np.ndarray:
-        "Observations (num_envs, d) of a fresh batch (seeded by the last `seed()`, if any)."
-        obs, _ = self.env.reset(seed=self._seeds[0])
+        "Observations (num_envs, d) of a fresh batch (seeded by the last `seed()`, with the options of the last `set_options()`, if any)."
+        opts = self._options[0]
+        if any(o != opts for o in self._options): raise ValueError("options: every path of the batch resets together, so set_options needs the same options for all")
+        obs, _ = self.env.reset(seed=self._seeds[0], options=opts or None)
         self._reset_seeds(); self._reset_options()
         self._returns[:], self._length, self._t0 = 0.0, 0, time.perf_counter()
         return obs
