@@ -6,14 +6,16 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 import math
+import reprlib
 
 import numpy as np
 
-from .core import check_int, check_positive
+from .core import check_finite, check_int, check_positive
 from .pricing import Greeks, bs_greeks
-from .scenarios import (Observation, Option, Scenario, ScenarioPaths, Strategy, get, hedge, sabr_implied_vol,
-                               simulate_scenario)
+from .scenarios import (Observation, Option, Scenario, ScenarioPaths, Strategy, as_scenario, get, hedge,
+                               sabr_implied_vol, simulate_scenario)
 
 # %% auto #0
 __all__ = ['DERMAN_KAMAL_ERROR', 'BASELINES', 'model_vol', 'option_greeks', 'book_greeks', 'NoHedge', 'DeltaHedge',
@@ -63,6 +65,20 @@ def book_greeks(
         for t, x in zip(tot, (g.price, g.delta, g.gamma, g.vega, g.theta, g.rho)): t += o.quantity * x
     return Greeks(*tot)
 
+# %% ../nbs/06_baselines.ipynb #74840ea5
+def _param(name: str, x, allow_zero: bool = False) -> float:
+    "A strategy's parameter: one finite number, positive (non-negative with `allow_zero`), as a float."
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a number, got {reprlib.repr(x)}")
+    return float(check_positive(name, x, allow_zero=allow_zero))
+
+def _grid(name: str, x, allow_zero: bool = False) -> np.ndarray:
+    "Values of a parameter to fit over: a non-empty 1-D sequence of numbers, positive (non-negative with `allow_zero`)."
+    g = np.asarray(x)
+    if g.dtype.kind not in "iuf" or g.ndim != 1: raise ValueError(f"{name} must be a 1-D sequence of numbers, got {reprlib.repr(x)}")
+    if g.size == 0: raise ValueError(f"{name} is empty: give at least one value to try")
+    return check_positive(name, g.astype(np.float64), allow_zero=allow_zero)
+
 # %% ../nbs/06_baselines.ipynb #2b3ef096
 def _index(scenario: Scenario, kind: str) -> list[int]:
     "Indices of the scenario's hedging instruments of `kind`."
@@ -86,7 +102,7 @@ class DeltaHedge(Strategy):
         self,
         vol: float | None = None, # volatility of the Greeks; None: the scenario's model rule (`model_vol`)
     ):
-        self.vol = None if vol is None else float(check_positive("vol", vol))
+        self.vol = None if vol is None else _param("vol", vol)
         self._u = None
 
     def reset(self, scenario: Scenario) -> None: self._u = _underlying(scenario, self.name)
@@ -110,14 +126,16 @@ def derman_kamal_sd(
     n_rebalances, # hedging dates N
 ):
     "Derman & Kamal (1999) standard deviation of the P&L of an option delta-hedged N times: sqrt(pi/4) vega sigma / sqrt(N)."
-    return math.sqrt(math.pi / 4) * np.asarray(vega) * sigma / np.sqrt(n_rebalances)
+    return math.sqrt(math.pi / 4) * np.asarray(vega) * sigma / np.sqrt(check_positive("n_rebalances", n_rebalances))
 
 def sd_se(
     x, # samples, (n,)
 ):
     "Standard error of the sample standard deviation, SD sqrt((kurtosis - 1) / (4 n)) (delta method)."
-    x = np.asarray(x, float); c = x - x.mean()
-    m2 = (c * c).mean()
+    x = np.asarray(check_finite("x", x), float)
+    if x.ndim != 1 or len(x) < 2: raise ValueError(f"x must be a 1-D array of at least 2 samples, got shape {x.shape}")
+    c = x - x.mean(); m2 = (c * c).mean()
+    if m2 == 0: return 0.0
     return math.sqrt(m2) * math.sqrt(max((c**4).mean() / m2**2 - 1, 0.0) / (4 * len(x)))
 
 # %% ../nbs/06_baselines.ipynb #b30dc67d
@@ -191,9 +209,7 @@ class _Band(DeltaHedge):
 
     def _fit(self, scenario, grid, n_paths: int, seed, batch: int = 200_000):
         "Set the band parameter to the grid value with the lowest scenario objective on `n_paths` training paths."
-        scenario = scenario if isinstance(scenario, Scenario) else get(scenario)
-        grid = np.asarray(grid, dtype=np.float64).ravel()
-        if grid.size == 0: raise ValueError(f"the grid of {self._param} values is empty")
+        scenario = as_scenario(scenario)
         paths = simulate_scenario(scenario, check_int("n_paths", n_paths, 2), seed=seed)
         n, scores = paths.n_paths, []
         per = max(1, batch // n)
@@ -217,7 +233,7 @@ class WhalleyWilmott(_Band):
         risk_aversion: float = 1.0, # gamma, absolute risk aversion (per unit of money): higher is a narrower band
     ):
         super().__init__()
-        self.risk_aversion = float(check_positive("risk_aversion", risk_aversion))
+        self.risk_aversion = _param("risk_aversion", risk_aversion)
 
     def half_width(self, obs: Observation, gamma: np.ndarray):
         s = obs.scenario
@@ -231,7 +247,7 @@ class WhalleyWilmott(_Band):
         grid=np.geomspace(0.1, 1000.0, 17), # risk aversions to try, positive
     ) -> "WhalleyWilmott":
         "Pick the risk aversion that minimises the scenario's objective on training paths; returns self."
-        return self._fit(scenario, check_positive("grid", np.asarray(grid, dtype=np.float64)), n_paths, seed)
+        return self._fit(scenario, _grid("grid", grid), n_paths, seed)
 
 class FixedBand(_Band):
     "Constant-width no-transaction band around the delta hedge: h = clip(previous, delta - w, delta + w)."
@@ -242,7 +258,7 @@ class FixedBand(_Band):
         width: float | None = None, # half-width w in units of the underlying; None: set it with `fit`
     ):
         super().__init__()
-        self.width = None if width is None else float(check_positive("width", width, allow_zero=True))
+        self.width = None if width is None else _param("width", width, allow_zero=True)
 
     def reset(self, scenario: Scenario) -> None:
         if self.width is None: raise ValueError("FixedBand has no width: pass FixedBand(width=...) or call .fit(scenario) first")
@@ -258,9 +274,9 @@ class FixedBand(_Band):
         widths=None, # half-widths to try; None: 0, 0.02, ..., 0.3 times the book's total |quantity|
     ) -> "FixedBand":
         "Pick the half-width that minimises the scenario's objective on training paths; returns self."
-        scenario = scenario if isinstance(scenario, Scenario) else get(scenario)
+        scenario = as_scenario(scenario)
         if widths is None: widths = np.linspace(0.0, 0.3, 16) * sum(abs(o.quantity) for o in scenario.book)
-        return self._fit(scenario, check_positive("widths", np.asarray(widths, dtype=np.float64), allow_zero=True), n_paths, seed)
+        return self._fit(scenario, _grid("widths", widths, allow_zero=True), n_paths, seed)
 
 # %% ../nbs/06_baselines.ipynb #64628bbb
 BASELINES: dict[str, type] = {
@@ -287,8 +303,11 @@ def make_baseline(
     | whalley-wilmott | the underlying (band from costs.proportional) | risk_aversion, or .fit(scenario) |
     | fixed-band | the underlying | width, or .fit(scenario) |
     """
-    if name not in BASELINES:
-        close = difflib.get_close_matches(str(name), BASELINES, n=2)
+    if not isinstance(name, str) or name not in BASELINES:
+        close = difflib.get_close_matches(name, BASELINES, n=2) if isinstance(name, str) else []
         hint = f"did you mean {', '.join(close)}? " if close else ""
         raise ValueError(f"unknown baseline {name!r}; {hint}known: {', '.join(BASELINES)}")
+    known = list(inspect.signature(BASELINES[name]).parameters)
+    bad = [repr(k) for k in kwargs if k not in known]
+    if bad: raise ValueError(f"{name}: unknown parameter {', '.join(bad)}; {'known: ' + ', '.join(known) if known else 'it takes none'}")
     return BASELINES[name](**kwargs)
