@@ -18,7 +18,7 @@ from . import metrics
 from .backtest import backtest
 from .baselines import BASELINES, make_baseline
 from .core import check_int
-from .scenarios import Scenario, Strategy, get, names
+from .scenarios import Scenario, Strategy, as_scenario, get, names
 
 # %% auto #0
 __all__ = ['applicable', 'evaluate_scenario', 'to_markdown', 'run_leaderboard']
@@ -26,11 +26,47 @@ __all__ = ['applicable', 'evaluate_scenario', 'to_markdown', 'run_leaderboard']
 # %% ../nbs/08_leaderboard.ipynb #48a35671
 def applicable(name: str, scenario: Scenario) -> bool:
     "Whether baseline `name` makes sense on `scenario` (option hedges need listed options; bands need costs)."
+    if name not in BASELINES: make_baseline(name)  # the error that names the known ones
     n_opt = sum(i.kind == "option" for i in scenario.instruments)
     costly = scenario.costs.proportional > 0 or scenario.costs.quadratic > 0 or scenario.costs.fixed > 0
     return {"delta-gamma": n_opt >= 1, "delta-gamma-vega": n_opt >= 2,
             "whalley-wilmott": costly and scenario.costs.proportional > 0, "fixed-band": costly}.get(name, True)
 
+# %% ../nbs/08_leaderboard.ipynb #174df343
+def _strategy_specs(strategies) -> dict:
+    "`strategies` as a dict name -> strategy, factory or baseline name, checked: a dict of those, or a list of baseline names."
+    if isinstance(strategies, (list, tuple)):
+        for i, n in enumerate(strategies):
+            if not isinstance(n, str): raise ValueError(f"strategies[{i}] must be a baseline name, got {n!r}")
+        strategies = {n: n for n in strategies}
+    if not isinstance(strategies, dict):
+        raise ValueError(f"strategies must be a dict (name -> strategy, factory or baseline name) or a list of baseline names, got {type(strategies).__name__}")
+    for name, s in strategies.items():
+        if not isinstance(name, str): raise ValueError(f"strategies: names must be text, got {name!r}")
+        if isinstance(s, str): make_baseline(s)
+        elif not callable(s) and not hasattr(s, "act"):
+            raise ValueError(f"strategies[{name!r}] must be a strategy, a factory that makes one, or a baseline name, got {type(s).__name__}")
+    return strategies
+
+def _make(name: str, s) -> Strategy:
+    "The strategy that spec `s` stands for (a baseline name or a factory is called)."
+    strat = make_baseline(s) if isinstance(s, str) else s() if isinstance(s, type) or (callable(s) and not hasattr(s, "act")) else s
+    if not (callable(getattr(strat, "act", None)) and callable(getattr(strat, "reset", None))):
+        raise ValueError(f"strategies[{name!r}] made {type(strat).__name__}, not a strategy with reset(scenario) and act(observation)")
+    return strat
+
+def _check_run(n_paths, n_boot, train_paths, learned, **seeds) -> None:
+    "Checks of a leaderboard run's sizes, seeds and agents, before anything is fitted or simulated."
+    check_int("n_paths", n_paths, 2); check_int("train_paths", train_paths, 2)
+    if isinstance(n_boot, (bool, np.bool_)) or not isinstance(n_boot, (int, np.integer)) or n_boot < 2:
+        raise ValueError(f"n_boot must be an integer >= 2 (the leaderboard reports bootstrap standard errors), got {n_boot!r}")
+    for k, v in seeds.items(): check_int(k, v, 0)
+    if not isinstance(learned, (list, tuple, type(None))): raise ValueError(f"learned must be a list of trained agents, got {type(learned).__name__}")
+    for i, a in enumerate(learned or []):
+        if not (hasattr(a, "act") and isinstance(getattr(a, "scenario", None), Scenario) and isinstance(getattr(a, "name", None), str)):
+            raise ValueError(f"learned[{i}] must be a trained agent (a strategy with its name and the scenario it was trained on), got {type(a).__name__}")
+
+# %% ../nbs/08_leaderboard.ipynb #e2cbc07c
 def _paired_improvement(scn: Scenario, base, other, n_boot: int, seed: int) -> tuple[float, float]:
     "% improvement of `other` over `base` in the scenario's objective, and its paired bootstrap standard error."
     def stat(pb, cb, po, co):
@@ -40,28 +76,29 @@ def _paired_improvement(scn: Scenario, base, other, n_boot: int, seed: int) -> t
     se = metrics.standard_error(stat, base.pnl, base.premium, other.pnl, other.premium, n_boot=n_boot, seed=seed)
     return float(value), float(se)
 
+# %% ../nbs/08_leaderboard.ipynb #4c805ea4
 def evaluate_scenario(
-    scenario, # a Scenario or published name
-    strategies: dict[str, Strategy | Callable[[], Strategy]] | None = None, # name -> strategy (or factory); default: every applicable baseline
-    n_paths: int = 100_000, # test paths
+    scenario, # a Scenario, a published name, a config file or a dict (see `hedgerl.scenarios.as_scenario`)
+    strategies: dict | list | None = None, # name -> strategy, factory or baseline name; or a list of baseline names; None: every applicable baseline
+    n_paths: int = 100_000, # test paths, at least 2
     seed: int = 2026, # seed of the test paths (the same for every strategy)
     train_paths: int = 20_000, # training paths for strategies with a fit(...) method
     train_seed: int = 7, # seed of the training paths
-    n_boot: int = 100, # bootstrap replicates for standard errors
+    n_boot: int = 100, # bootstrap replicates for standard errors, at least 2
     client=None, # optional dask.distributed Client
     learned: list[Strategy] | None = None, # trained agents (each carries its `scenario`): those trained on this scenario join in
 ) -> list[dict]:
     "Test every strategy on the same fresh paths of one scenario; records with metrics and standard errors."
-    scn = scenario if isinstance(scenario, Scenario) else get(scenario)
-    if strategies is None: strategies = {n: BASELINES[n] for n in BASELINES if applicable(n, scn)}
+    scn = as_scenario(scenario)
+    _check_run(n_paths, n_boot, train_paths, learned, seed=seed, train_seed=train_seed)
+    strategies = {n: BASELINES[n] for n in BASELINES if applicable(n, scn)} if strategies is None else _strategy_specs(strategies)
     if "delta" not in strategies: strategies = {"delta": BASELINES["delta"], **strategies}
     for a in learned or []:
         if a.scenario.name != scn.name: continue
         if a.name in strategies: raise ValueError(f"learned: two strategies named {a.name!r} on {scn.name}")
         strategies = {**strategies, a.name: a}
     results, fits = {}, {}
-    for name, s in strategies.items():
-        strat = s() if isinstance(s, type) or (callable(s) and not hasattr(s, "act")) else s
+    for name, strat in [(name, _make(name, s)) for name, s in strategies.items()]:  # made first: a bad factory fails before any run
         t0 = time.perf_counter()
         if hasattr(strat, "fit") and not getattr(strat, "learned", False):
             strat.fit(scn, n_paths=train_paths, seed=train_seed)
@@ -103,27 +140,37 @@ def to_markdown(records: list[dict]) -> str:
         lines.append("")
     return "\n".join(lines)
 
+# %% ../nbs/08_leaderboard.ipynb #630a7e66
 def run_leaderboard(
-    scenarios: list[str] | None = None, # published scenario names; default: all
-    strategies: dict | None = None, # name -> strategy or factory; default: the applicable baselines
-    n_paths: int = 100_000, # test paths per scenario
+    scenarios: list | None = None, # published names (or anything `as_scenario` takes; one may be given alone); default: all published
+    strategies: dict | list | None = None, # name -> strategy, factory or baseline name, or a list of baseline names; default: the applicable baselines
+    n_paths: int = 100_000, # test paths per scenario, at least 2
     seed: int = 2026, # test seed (the same for every strategy)
     train_paths: int = 20_000, # training paths for fitted strategies
-    n_boot: int = 100, # bootstrap replicates
+    n_boot: int = 100, # bootstrap replicates, at least 2
     client=None, # optional dask.distributed Client
     learned: list[Strategy] | None = None, # trained agents; each joins the scenario it was trained on
     out_dir: str | Path | None = "reports", # where leaderboard.json and leaderboard.md go; None writes nothing
     progress: bool = True,
 ) -> list[dict]:
-    "Evaluate strategies on scenarios and write `leaderboard.json` and `leaderboard.md`."
-    scenarios = names() if scenarios is None else list(scenarios)
-    for s in scenarios: get(s)  # fail early on an unknown name
-    n_paths = check_int("n_paths", n_paths)
+    "Evaluate strategies on scenarios and write `leaderboard.json` and `leaderboard.md`; every argument is checked before the first scenario runs."
+    if isinstance(scenarios, (str, Path, Scenario, dict)): scenarios = [scenarios]
+    if scenarios is None: scenarios = names()
+    if not isinstance(scenarios, (list, tuple)): raise ValueError(f"scenarios must be a list of scenario names, got {type(scenarios).__name__}")
+    if not scenarios: raise ValueError("scenarios is empty: name at least one (None: every published scenario)")
+    scns = [as_scenario(s) for s in scenarios]
+    twice = next((s.name for i, s in enumerate(scns) if s.name in [t.name for t in scns[:i]]), None)
+    if twice: raise ValueError(f"scenarios: {twice!r} is given twice")
+    _check_run(n_paths, n_boot, train_paths, learned, seed=seed)
+    if strategies is not None: strategies = _strategy_specs(strategies)
+    out = None if out_dir is None else Path(out_dir)
+    if out is not None:
+        if out.exists() and not out.is_dir(): raise ValueError(f"out_dir {str(out)!r} is a file, not a folder")
+        out.mkdir(parents=True, exist_ok=True)
     records = []
-    for s in tqdm(scenarios, desc="leaderboard", disable=not progress):
+    for s in tqdm(scns, desc="leaderboard", disable=not progress):
         records += evaluate_scenario(s, strategies, n_paths=n_paths, seed=seed, train_paths=train_paths, n_boot=n_boot, client=client, learned=learned)
-    if out_dir is not None:
-        out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+    if out is not None:
         (out / "leaderboard.json").write_text(json.dumps(records, indent=1, default=float) + "\n")
         (out / "leaderboard.md").write_text(to_markdown(records) + "\n")
     return records
