@@ -10,9 +10,12 @@ import io
 import json
 import math
 import os
+import signal
+import threading
 import time
 import zipfile
-from dataclasses import dataclass, field
+import zlib
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +30,9 @@ torch = import_torch()
 nn = torch.nn
 
 # %% auto #0
-__all__ = ['torch', 'nn', 'AGENTS', 'paths_to_torch', 'torch_pnl', 'torch_objective', 'NoTransactionBandNet', 'HedgeMLP',
-           'book_value0', 'agent_class', 'make_agent', 'TrainLog', 'Agent', 'load_agent', 'DeepHedger', 'NTBHedger']
+__all__ = ['torch', 'nn', 'AGENTS', 'ARCHIVE_FORMAT', 'paths_to_torch', 'torch_pnl', 'torch_objective', 'NoTransactionBandNet',
+           'HedgeMLP', 'book_value0', 'agent_class', 'make_agent', 'TrainLog', 'Agent', 'load_agent', 'DeepHedger',
+           'NTBHedger']
 
 # %% ../nbs/11_agents.ipynb #3cf42884
 def paths_to_torch(paths: ScenarioPaths, device: str = "cpu", dtype=None) -> dict:
@@ -98,8 +102,6 @@ def _book_bs_t(scenario: Scenario, spot, tau, vol):
         g = bs_greeks(spot, o.strike, t_left, scenario.r, vol, scenario.q, kind=o.kind)
         value = value + o.quantity * g.price; hedge = hedge - o.quantity * g.delta
     return value, hedge
-
-
 
 # %% ../nbs/11_agents.ipynb #fa3cdfc2
 class HedgeMLP(nn.Module):
@@ -193,6 +195,76 @@ class TrainLog:
         ax.set_xlabel("units trained"); ax.set_ylabel("objective"); ax.legend(); ax.grid(alpha=0.3)
         return ax
 
+# %% ../nbs/11_agents.ipynb #abc1e204
+class _StopSignals:
+    "While entered (main thread only): the first SIGINT/SIGTERM is recorded as a stop request; a second raises `KeyboardInterrupt`."
+    def __init__(self): self.signal, self.old = None, {}
+    def __bool__(self) -> bool: return self.signal is not None
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.signal is not None: raise KeyboardInterrupt(f"{name} after {self.signal}: stopped at once")
+        self.signal = name
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(s) is not signal.SIG_IGN: self.old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self.old.items(): signal.signal(s, signal.SIG_DFL if h is None else h)  # None: set outside Python
+        self.old = {}
+
+# %% ../nbs/11_agents.ipynb #09105331
+class _Training:
+    "`Agent.fit`'s bookkeeping: progress bar, TensorBoard writer, registry run, training time, validations and early stopping."
+    def __init__(self, agent, out, run, progress: bool):
+        from tqdm.auto import tqdm
+        self.agent, self.run, self.writer, log = agent, run, None, agent.log
+        if out is not None:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(str(Path(out) / "tensorboard"))
+            except ImportError: pass  # tensorboard not installed: the registry and the checkpoint still get everything
+        u = agent.unit
+        self.bar = tqdm(total=agent._budget, initial=log.units, unit=u[:-1] if u.endswith("s") else u, desc=f"train/{agent.kind}", disable=not progress)
+        self.t0, self.seconds0 = time.perf_counter(), log.seconds
+        self.since_best = sum(h["units"] > log.best_units for h in log.history)  # validations without improvement so far
+
+    def __enter__(self): return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.bar.close()
+        if self.writer is not None: self.writer.close()
+        if isinstance(exc, KeyboardInterrupt) and not hasattr(exc, "checkpoint"):  # not a clean stop: say where the last checkpoint is
+            raise self.agent._stopped(str(exc) or "KeyboardInterrupt") from None
+
+    def advance(self, units: int) -> None:
+        self.bar.update(units); self.agent.log.seconds = self.seconds0 + time.perf_counter() - self.t0
+
+    def validate(self, valid: ScenarioPaths, metrics: dict, patience: int | None, best: bytes | None) -> bytes | None:
+        "Score the agent on `valid`, log the row; with `patience`, keep the best state and restore it when patience runs out."
+        a, log = self.agent, self.agent.log
+        v = a.score(valid)
+        self.advance(0)
+        row = {"units": log.units, "seconds": round(log.seconds, 3), "valid/objective": v, **{f"train/{k}": float(x) for k, x in metrics.items()}}
+        log.history.append(row)
+        if v < log.best_valid:
+            log.best_valid, log.best_units, self.since_best = v, log.units, 0
+            if patience is not None: best = a._get_state()
+        else: self.since_best += 1
+        self.bar.set_postfix({"valid": f"{v:.4g}", "best": f"{log.best_valid:.4g}"})
+        if self.writer is not None:
+            for k, x in row.items():
+                if k not in ("units", "seconds"): self.writer.add_scalar(k, x, log.units)
+        if self.run is not None: self.run.log(log.units, **{("train/seconds" if k == "seconds" else k): x for k, x in row.items() if k != "units"})
+        if patience is not None and self.since_best >= patience:
+            log.stopped_early = True
+            if best is not None: a._set_state(best)
+        return best
+
 # %% ../nbs/11_agents.ipynb #1fa6d41a
 class Agent(Strategy):
     "Base of the learned hedges: configuration, training loop, checkpoints, save/load (see above)."
@@ -213,7 +285,7 @@ class Agent(Strategy):
         self.device = resolve_device(device)
         self.name = self.kind
         self.log = TrainLog()
-        self._budget = None
+        self._budget, self._settings, self._stop = None, None, _StopSignals()
         self._check_params()
         self._build()
 
@@ -239,9 +311,13 @@ class Agent(Strategy):
     # -- hooks of the subclasses
     def _build(self) -> None: raise NotImplementedError
     def _begin(self, budget: int) -> None: "Called at the start of `fit` with the total budget (after a resumed state is set)."
-    def _train(self, units: int) -> dict: raise NotImplementedError
+    def _train(self, units: int) -> tuple[int, dict]:
+        "Train up to `units` more units: (units done, metrics). Return early (done < units) only in a consistent state, when `self._stop` is set."
+        raise NotImplementedError
     def _get_state(self) -> bytes: raise NotImplementedError
     def _set_state(self, state: bytes) -> None: raise NotImplementedError
+    def _get_train_state(self) -> bytes | None: "What an exact resume needs besides `_get_state` (None: nothing)."
+    def _set_train_state(self, state: bytes) -> None: pass
 
     # -- validation
     def validation_paths(self, n_paths: int) -> ScenarioPaths:
@@ -253,15 +329,17 @@ class Agent(Strategy):
         return float(self.scenario.objective(hedge(self, paths, record=False).pnl, paths.premium))  # hedge() calls reset
 
     # -- persistence
-    def _archive(self, path, state: bytes, extra: dict | None = None) -> Path:
+    def _archive(self, path, state: bytes, extra: dict | None = None, members: dict | None = None) -> Path:
         path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"format": 1, "hedgerl": hedgerl.__version__, "config": self.config, "budget": self._budget,
+        meta = {"format": ARCHIVE_FORMAT, "hedgerl": hedgerl.__version__, "config": self.config, "budget": self._budget,
                 "log": {**self.log.__dict__, "best_valid": None if math.isinf(self.log.best_valid) else self.log.best_valid},
                 **(extra or {})}
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
             z.writestr("hedgerl.json", json.dumps(meta, indent=1))
             z.writestr("state.bin", state)
+            for name, data in (members or {}).items():
+                if data is not None: z.writestr(name, data)
         os.replace(tmp, path)  # atomic: a reader never sees half a file
         return path
 
@@ -269,102 +347,148 @@ class Agent(Strategy):
         "Write the agent (config, training history, weights) to one zip file; `load_agent` reads it back."
         return self._archive(path, self._get_state())
 
+    def _checkpoint(self, path: Path, best: bytes | None, interrupted: bool = False) -> Path:
+        "Write the training checkpoint: the state, what a resume needs besides it (`train.bin`), the best state (`best.bin`)."
+        self._archive(path, self._get_state(), {"units": self.log.units, "interrupted": interrupted, "fit": self._settings},
+                      {"train.bin": self._get_train_state(), "best.bin": best})
+        self._ckpt = (path, self.log.units)
+        return path
+
+    def _resume(self, ckpt: Path | None, budget: int, settings: dict) -> bytes | None:
+        "Continue from checkpoint `ckpt`: refuse a changed config, budget or settings; set state, log and training state; the best state."
+        if ckpt is None or not ckpt.is_file(): raise ValueError(f"resume=True but there is no checkpoint at {ckpt}")
+        meta, state = _read_archive(ckpt)
+        diff = _diff(meta["config"], self.config)
+        if diff: raise ValueError(f"cannot resume from {ckpt}: the configuration changed ({'; '.join(diff[:5])})")
+        if meta.get("budget") not in (None, budget):
+            raise ValueError(f"cannot resume from {ckpt}: budget was {meta['budget']}, now {budget} (train a new run from the saved model instead)")
+        old = meta.get("fit") or {}
+        changed = [f"{k} was {old[k]!r}, now {v!r}" for k, v in settings.items() if k in old and old[k] != v]
+        if changed: raise ValueError(f"cannot resume from {ckpt}: {'; '.join(changed)} (the run would not continue the same way)")
+        _restore(self, ckpt, meta, state)
+        train = _read_member(ckpt, "train.bin")
+        if train is not None: self._set_train_state(train)
+        self._ckpt = (ckpt, self.log.units)
+        return _read_member(ckpt, "best.bin")
+
+    def _stopped(self, why: str) -> KeyboardInterrupt:
+        "The `KeyboardInterrupt` of a stopped `fit`: why, and where the checkpoint is and which unit it holds."
+        path, units = self._ckpt
+        where = f"the checkpoint {path} holds {units} {self.unit}; fit(..., resume=True) continues from it" if path else "no checkpoint (out=None)"
+        e = KeyboardInterrupt(f"{why}: training stopped at {self.log.units} of {self._budget} {self.unit}; {where}")
+        e.checkpoint, e.units = path, units  # for the caller (a CLI, a registry run)
+        return e
+
     # -- training
     def fit(self,
         budget: int, # total units to train (epochs or environment steps, see `unit`), counting resumed ones
         out: str | Path | None = None, # folder for `checkpoint.zip` and `tensorboard/`; None: neither
-        resume: bool = False, # continue from `out/checkpoint.zip` (same config and budget)
+        resume: bool = False, # continue from `out/checkpoint.zip` (same config, budget and validation settings)
         run=None, # a `hedgerl.registry.Run` to log the metrics to
         progress: bool = True, # a progress bar
         patience: int | None = None, # stop after this many validations without improvement (restoring the best)
         valid_paths: int = 10_000, # validation paths
-        valid_every: int | None = None, # units between validations (and checkpoints)
+        valid_every: int | None = None, # units between validations (and checkpoints), at multiples of it
     ) -> TrainLog:
-        "Train up to `budget` units, validating, logging and checkpointing every `valid_every` units."
-        from tqdm.auto import tqdm
+        "Train up to `budget` units, validating, logging and checkpointing every `valid_every` units; SIGINT/SIGTERM stop it at a consistent checkpoint."
         budget = check_int("budget", budget, 1)
         valid_every = check_int("valid_every", valid_every or self.valid_every_default, 1)
         if patience is not None: patience = check_int("patience", patience, 1)
-        out = None if out is None else Path(out)
-        ckpt = None if out is None else out / "checkpoint.zip"
-        if resume:
-            if ckpt is None or not ckpt.is_file(): raise ValueError(f"resume=True but there is no checkpoint at {ckpt}")
-            meta, state = _read_archive(ckpt)
-            diff = _diff(meta["config"], self.config)
-            if diff: raise ValueError(f"cannot resume from {ckpt}: the configuration changed ({'; '.join(diff[:5])})")
-            if meta.get("budget") not in (None, budget):
-                raise ValueError(f"cannot resume from {ckpt}: budget was {meta['budget']}, now {budget} (train a new run from the saved model instead)")
-            self._set_state(state); self.log = _log_from(meta["log"])
-        self._budget = budget
+        settings = {"valid_every": valid_every, "valid_paths": check_int("valid_paths", valid_paths, 2), "patience": patience}
+        ckpt = None if out is None else Path(out) / "checkpoint.zip"
+        self._ckpt = (None, 0)
+        best = self._resume(ckpt, budget, settings) if resume else None
+        self._budget, self._settings = budget, settings
         self._begin(budget)
-        valid = self.validation_paths(valid_paths)
-        writer = None
-        if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                writer = SummaryWriter(str(out / "tensorboard"))
-            except ImportError: pass  # tensorboard not installed: the registry and the checkpoint still get everything
-        best_state = None
-        bar = tqdm(total=budget, initial=self.log.units, unit=self.unit[:-1] if self.unit.endswith("s") else self.unit,
-                   desc=f"train/{self.kind}", disable=not progress)
-        t0, seconds0, since_best = time.perf_counter(), self.log.seconds, 0
-        try:
-            while self.log.units < budget:
-                n = min(valid_every, budget - self.log.units)
-                metrics = self._train(n) or {}
-                self.log.units += n; bar.update(n)
-                v = self.score(valid)
-                self.log.seconds = seconds0 + time.perf_counter() - t0
-                row = {"units": self.log.units, "seconds": round(self.log.seconds, 3), "valid/objective": v,
-                       **{f"train/{k}": float(x) for k, x in metrics.items()}}
-                self.log.history.append(row)
-                if v < self.log.best_valid:
-                    self.log.best_valid, self.log.best_units, since_best = v, self.log.units, 0
-                    if patience is not None: best_state = self._get_state()
-                else: since_best += 1
-                bar.set_postfix({"valid": f"{v:.4g}", "best": f"{self.log.best_valid:.4g}"})
-                if writer is not None:
-                    for k, x in row.items():
-                        if k not in ("units", "seconds"): writer.add_scalar(k, x, self.log.units)
-                if run is not None: run.log(self.log.units, **{("train/seconds" if k == "seconds" else k): x for k, x in row.items() if k != "units"})
-                if patience is not None and since_best >= patience:
-                    self.log.stopped_early = True
-                    self._set_state(best_state)
-                    break
-                if ckpt is not None: self._archive(ckpt, self._get_state())
-        except KeyboardInterrupt:
-            self.log.seconds = seconds0 + time.perf_counter() - t0
-            if ckpt is not None: self._archive(ckpt, self._get_state(), {"interrupted": True})
-            raise
-        finally:
-            bar.close()
-            if writer is not None: writer.close()
-        if ckpt is not None: self._archive(ckpt, self._get_state())
+        with _Training(self, out, run, progress) as tr, _StopSignals() as self._stop:
+            if ckpt is not None and not resume: self._checkpoint(ckpt, None)
+            valid = self.validation_paths(valid_paths)
+            while self.log.units < budget and not self.log.stopped_early:
+                n = min(valid_every - self.log.units % valid_every, budget - self.log.units)
+                done, metrics = self._train(n)
+                self.log.units += done; tr.advance(done)
+                if done < n:  # stopped cleanly inside the block
+                    if ckpt is not None: self._checkpoint(ckpt, best, interrupted=True)
+                    raise self._stopped(self._stop.signal)
+                best = tr.validate(valid, metrics, patience, best)
+                more = self.log.units < budget and not self.log.stopped_early
+                if ckpt is not None: self._checkpoint(ckpt, best, interrupted=more and bool(self._stop))
+                if more and self._stop: raise self._stopped(self._stop.signal)
         return self.log
 
+# %% ../nbs/11_agents.ipynb #10eaafe5
+ARCHIVE_FORMAT = 1 # the version of the saved-agent format that this hedgerl writes (and the newest it reads)
+_LOG_TYPES = {"history": list, "seconds": (int, float), "units": int, "best_valid": (int, float, type(None)), "best_units": int,
+              "stopped_early": bool}
+
+def _check_meta(meta, where: str) -> dict:
+    "`meta`, a saved agent's hedgerl.json, if this hedgerl can read it; else a `ValueError` naming `where` and what is wrong."
+    bad = lambda why: ValueError(f"{where} is not a valid saved hedgerl agent: {why}")
+    if not isinstance(meta, dict): raise bad("hedgerl.json does not hold an object")
+    f = meta.get("format")
+    if type(f) is not int or f < 1: raise bad(f"hedgerl.json has no valid 'format' (got {f!r})")
+    if f > ARCHIVE_FORMAT:
+        raise ValueError(f"{where} was saved in format {f} (by hedgerl {meta.get('hedgerl', '?')}); this hedgerl ({hedgerl.__version__}) "
+                         f"reads formats up to {ARCHIVE_FORMAT}: upgrade hedgerl to load it")
+    for k in ("config", "log"):
+        if not isinstance(meta.get(k), dict): raise bad(f"hedgerl.json has no {k!r} object" if k not in meta else f"{k!r} is not an object")
+    cfg, log = meta["config"], meta["log"]
+    for k, t in (("agent", str), ("params", dict), ("seed", int), ("scenario", dict)):
+        if not isinstance(cfg.get(k), t) or isinstance(cfg.get(k), bool): raise bad(f"'config.{k}' should be of type {t.__name__}, got {cfg.get(k)!r}")
+    if cfg["agent"] not in _CLASSES:
+        raise ValueError(f"{where} holds a {cfg['agent']!r} agent, which this hedgerl ({hedgerl.__version__}) does not know; known: {', '.join(AGENTS)}")
+    if set(log) != set(_LOG_TYPES): raise bad(f"'log' should have the fields {', '.join(_LOG_TYPES)}; it has {', '.join(log) or 'none'}")
+    for k, t in _LOG_TYPES.items():
+        if not isinstance(log[k], t) or (isinstance(log[k], bool) and t is not bool): raise bad(f"'log.{k}' has the wrong type: {log[k]!r}")
+    if not all(isinstance(h, dict) and isinstance(h.get("units"), int) and isinstance(h.get("valid/objective"), (int, float)) for h in log["history"]):
+        raise bad("'log.history' should be a list of rows with 'units' and 'valid/objective'")
+    b = meta.get("budget")
+    if b is not None and (type(b) is not int or b < 1): raise bad(f"'budget' should be a positive int or null, got {b!r}")
+    return meta
+
+# %% ../nbs/11_agents.ipynb #4dbb8c35
+def _read_archive(path) -> tuple[dict, bytes]:
+    "The checked metadata and the state of a saved agent or checkpoint (see `_check_meta`)."
+    path = Path(path); where = repr(str(path))
+    if not path.is_file(): raise FileNotFoundError(f"no saved agent at {where}")
+    try:
+        with zipfile.ZipFile(path) as z: raw, state = z.read("hedgerl.json"), z.read("state.bin")
+        meta = json.loads(raw)
+    except (zipfile.BadZipFile, zlib.error, EOFError, KeyError, ValueError) as e:  # ValueError: bad JSON or UTF-8
+        raise ValueError(f"{where} is not a saved hedgerl agent ({e})") from None
+    return _check_meta(meta, where), state
+
+def _read_member(path, name: str) -> bytes | None:
+    "Member `name` of a (checked) archive; None if it has none."
+    with zipfile.ZipFile(path) as z: return z.read(name) if name in z.namelist() else None
+
+# %% ../nbs/11_agents.ipynb #639c6401
 def _log_from(d: dict) -> TrainLog:
     d = dict(d); d["best_valid"] = math.inf if d.get("best_valid") is None else d["best_valid"]
     return TrainLog(**d)
 
-def _read_archive(path) -> tuple[dict, bytes]:
-    path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"no saved agent at {str(path)!r}")
-    try:
-        with zipfile.ZipFile(path) as z: return json.loads(z.read("hedgerl.json")), z.read("state.bin")
-    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError) as e:
-        raise ValueError(f"{str(path)!r} is not a saved hedgerl agent ({e})") from None
+def _restore(agent: Agent, path, meta: dict, state: bytes) -> None:
+    "Set a saved state and training log on `agent`; a state it cannot take is a `ValueError` naming the file."
+    try: agent._set_state(state)
+    except ImportError: raise
+    except Exception as e:  # never torch's advice to load with weights_only=False: this file is not ours
+        why = str(e) if isinstance(e, ValueError) else type(e).__name__
+        raise ValueError(f"{str(path)!r}: its state.bin is not a valid {agent.kind} state ({why}); the file is corrupt or was not written by hedgerl") from None
+    agent.log, agent._budget = _log_from(meta["log"]), meta.get("budget")
 
 def load_agent(
     path, # a file written by `Agent.save` (or a checkpoint)
     scenario=None, # the scenario it is meant to hedge: refused if it is not the one it was trained on
     device: str | None = None, # where to put it; None: the `[compute] device` setting
 ) -> Agent:
-    "Rebuild a saved agent with its config, weights and training history."
+    "Rebuild a saved agent with its config, weights and training history; a file it cannot use is a `ValueError` saying why."
     meta, state = _read_archive(path)
-    cfg = meta["config"]
-    agent = make_agent(cfg["agent"], Scenario.from_dict(cfg["scenario"]), seed=cfg["seed"], device=device, **cfg["params"])
-    agent._set_state(state); agent.log = _log_from(meta["log"]); agent._budget = meta.get("budget")
+    cfg, where, device = meta["config"], repr(str(path)), resolve_device(device)
+    try: scn = Scenario.from_dict(cfg["scenario"])
+    except Exception as e: raise ValueError(f"{where}: 'config.scenario' is not a scenario this hedgerl reads ({e})") from None
+    try: agent = make_agent(cfg["agent"], scn, seed=cfg["seed"], device=device, **cfg["params"])
+    except ValueError as e: raise ValueError(f"{where}: its config does not make a {cfg['agent']} agent of this hedgerl ({e})") from None
+    _restore(agent, path, meta, state)
     if scenario is not None: agent.reset(_scenario(scenario))
     return agent
 
@@ -396,6 +520,7 @@ class DeepHedger(Agent):
         self.scale = torch.as_tensor(default_holdings_bounds(self.scenario, scale=1.0)[1], dtype=torch.float64, device=self.device)
         self._wscale = max(abs(book_value0(self.scenario)), 1e-8)  # the wealth feature's unit
         self.opt = self.sched = self._pending = None
+        self._losses = []  # training losses since the last validation
 
     def _begin(self, budget: int):
         p = self.params
@@ -409,13 +534,18 @@ class DeepHedger(Agent):
         buf = io.BytesIO()
         torch.save({"net": self.net.state_dict(), "w": self.w.detach(),
                     "opt": None if self.opt is None else self.opt.state_dict(),
-                    "sched": None if self.sched is None else self.sched.state_dict()}, buf)
+                    "sched": None if self.sched is None else self.sched.state_dict(), "losses": list(self._losses)}, buf)
         return buf.getvalue()
 
     def _set_state(self, state: bytes):
-        s = torch.load(io.BytesIO(state), map_location=self.device, weights_only=True)
-        self.net.load_state_dict(s["net"])
+        try: s = torch.load(io.BytesIO(state), map_location=self.device, weights_only=True)
+        except Exception as e: raise ValueError(f"not a torch file of weights: {type(e).__name__}") from None
+        if not isinstance(s, dict) or not {"net", "w", "opt", "sched"} <= set(s): raise ValueError("not a deep hedger's weights")
+        try: self.net.load_state_dict(s["net"])
+        except RuntimeError as e:
+            raise ValueError(f"the weights do not fit the network of this agent's params ({str(e).splitlines()[-1].strip()})") from None
         with torch.no_grad(): self.w.copy_(s["w"])
+        self._losses = [float(x) for x in s.get("losses", [])]  # the losses of a block cut by a stop, for its mean
         self._pending = {"opt": s["opt"], "sched": s["sched"]} if s["opt"] is not None else None
         if self._pending is not None and self.opt is not None: self._begin(self._budget or 1)
 
@@ -423,15 +553,18 @@ class DeepHedger(Agent):
         sp = simulate_scenario(self.scenario, self.params["n_paths"], seed=np.random.SeedSequence(self.seed, spawn_key=(epoch,)), marks=False)
         return paths_to_torch(sp, self.device)
 
-    def _train(self, units: int) -> dict:
-        losses = []
-        for _ in range(units):
-            p = self._epoch_paths(self.log.units + len(losses))
+    def _train(self, units: int) -> tuple[int, dict]:
+        "Up to `units` epochs, fewer once a stop is requested (between epochs the state is consistent); the block's metrics when it is whole."
+        done = 0
+        while done < units and not self._stop:
+            p = self._epoch_paths(self.log.units + done)
             pnl, _ = torch_pnl(self.scenario, p, self.holdings_t(p))
             loss = torch_objective(self.scenario, pnl, -p["book0"], self.w)
             self.opt.zero_grad(); loss.backward(); self.opt.step(); self.sched.step()
-            losses.append(loss.item())
-        return {"objective": float(np.mean(losses)), "lr": self.sched.get_last_lr()[0]}
+            self._losses.append(loss.item()); done += 1
+        if done < units: return done, {}
+        metrics, self._losses = {"objective": float(np.mean(self._losses)), "lr": self.sched.get_last_lr()[0]}, []
+        return done, metrics
 
     def _vol(self, variance): return torch.sqrt(torch.clamp(variance, min=1e-12))
 

@@ -9,10 +9,12 @@ import functools
 import io
 import json
 import math
+import pickle
+import random
 
 import numpy as np
 
-from .agents import Agent, book_value0, make_agent
+from .agents import Agent, book_value0, make_agent, torch
 from .backtest import backtest
 from .baselines import FixedBand, book_greeks
 from .core import check_choice, check_int, check_positive, import_torch
@@ -88,6 +90,14 @@ def _band_vec_env_class() -> type:
             self.action_space = spaces.Discrete(len(_GRID) ** 2) if discrete else spaces.Box(-1.0, 1.0, (2,), np.float32)
             self.seed(seed)
 
+        def get_state(self) -> dict:
+            "Everything the next steps depend on: the batched environment (paths, positions, accounts, seeds) and this adapter's episode state."
+            return {k: getattr(self, k, None) for k in ("env", "_returns", "_length", "_delta", "_seeds", "_options")}
+
+        def set_state(self, state: dict) -> None:
+            "Continue from a `get_state()` (after a pickle round trip: a checkpoint's)."
+            self.__dict__.update(state)
+
         def _observe(self):
             x, self._delta = band_features(self.env._ro.observe(), self._book0)
             return x
@@ -146,6 +156,20 @@ def band_vec_env(
                                  float(check_positive("kappa", kappa, allow_zero=True)), bool(discrete), seed,
                                  check_choice("drift", drift, ("expected", "sampled")), risk,
                                  float(check_positive("cost_mean", cost_mean, allow_zero=True)))
+
+# %% ../nbs/12_sb3.ipynb #08a65957
+@functools.cache
+def _stop_callback_class() -> type:
+    "A stable-baselines3 callback (imported on first use) that ends `learn` at the next step once `stop` is set; `stopped` says it did."
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    class StopCallback(BaseCallback):
+        def __init__(self, stop): super().__init__(); self.stop, self.stopped = stop, False
+        def _on_step(self) -> bool:
+            self.stopped = bool(self.stop)
+            return not self.stopped
+
+    return StopCallback
 
 # %% ../nbs/12_sb3.ipynb #11eba764
 class SB3Agent(Agent):
@@ -209,22 +233,22 @@ class SB3Agent(Agent):
                                             device=self.device, verbose=0, policy_kwargs=dict(net_arch=[p["hidden"]] * p["layers"], **self._policy_kwargs()),
                                             **self._algo_kwargs())
 
-    def _train(self, units: int) -> dict:
-        "Train `units` more environment steps; with `lr_final`, the learning rate decays geometrically over the budget in 20 stairs."
+    def _train(self, units: int) -> tuple[int, dict]:
+        "Train `units` more environment steps in `learn` calls (with `lr_final`: 20 stairs over the budget, the learning rate decaying geometrically)."
         self._ensure()
         from stable_baselines3.common.utils import ConstantSchedule
         p, m = self.params, self.model
         lr0, lr1 = p["learning_rate"], p["lr_final"]
         stair = units if lr1 is None else max(1, (self._budget or units) // 20)
-        done = 0
-        while done < units:
+        cb, done = _stop_callback_class()(self._stop), 0
+        while done < units and not self._stop:  # between two stairs the state is consistent: a stop ends the block here
             n = min(stair, units - done)
             if lr1 is not None:
-                lr = lr0 * (lr1 / lr0) ** min(1.0, m.num_timesteps / max(self._budget or units, 1))
-                m.lr_schedule = ConstantSchedule(lr)
-            m.learn(n, reset_num_timesteps=False, progress_bar=False)
+                m.lr_schedule = ConstantSchedule(lr0 * (lr1 / lr0) ** min(1.0, m.num_timesteps / max(self._budget or units, 1)))
+            m.learn(n, callback=cb, reset_num_timesteps=False, progress_bar=False)
+            if cb.stopped: raise KeyboardInterrupt(f"{self._stop.signal} inside a {self.algo} rollout (dropped)")
             done += n
-        return {}
+        return done, {}
 
     def _get_state(self) -> bytes:
         self._ensure()
@@ -233,9 +257,37 @@ class SB3Agent(Agent):
 
     def _set_state(self, state: bytes):
         import stable_baselines3 as sb3
-        head, body = state.split(b"\n", 1)
-        self.cal = json.loads(head)
-        self.model = getattr(sb3, self.algo).load(io.BytesIO(body), env=self._env(), device=self.device)
+        head, sep, body = state.partition(b"\n")
+        try: cal = json.loads(head)
+        except ValueError: cal = None
+        if not sep or not isinstance(cal, dict) or set(cal) != set(self.cal) or not all(isinstance(v, (int, float)) for v in cal.values()):
+            raise ValueError("not a stable-baselines3 agent's state (no calibration line)")
+        self.cal = cal
+        try: model = getattr(sb3, self.algo).load(io.BytesIO(body), env=self._env(), device=self.device)
+        except Exception as e: raise ValueError(f"stable-baselines3 cannot load it as a {self.algo} model ({type(e).__name__}: {e})") from None
+        arch, want = model.policy_kwargs.get("net_arch"), [self.params["hidden"]] * self.params["layers"]
+        if arch != want: raise ValueError(f"its network {arch} is not the params' hidden={self.params['hidden']}, layers={self.params['layers']}")
+        self.model = model
+
+    def _get_train_state(self) -> bytes:
+        "What an exact resume needs besides the model: the environment, the last observations, the random generators, the replay buffer."
+        self._ensure()
+        m = self.model
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate(),
+               "action_space": m.action_space.np_random.bit_generator.state}
+        if torch.cuda.is_available(): rng["cuda"] = torch.cuda.get_rng_state_all()
+        last = {k: getattr(m, k, None) for k in ("_last_obs", "_last_episode_starts", "_last_original_obs")}
+        return pickle.dumps({"env": m.get_env().get_state(), "last": last, "rng": rng, "replay_buffer": getattr(m, "replay_buffer", None)})
+
+    def _set_train_state(self, state: bytes):
+        s, m = pickle.loads(state), self.model
+        m.get_env().set_state(s["env"])
+        for k, v in s["last"].items(): setattr(m, k, v)
+        if s["replay_buffer"] is not None: m.replay_buffer = s["replay_buffer"]
+        r = s["rng"]
+        torch.set_rng_state(r["torch"]); np.random.set_state(r["numpy"]); random.setstate(r["random"])
+        m.action_space.np_random.bit_generator.state = r["action_space"]
+        if "cuda" in r and torch.cuda.is_available(): torch.cuda.set_rng_state_all(r["cuda"])
 
     def band(self, obs: Observation) -> tuple[np.ndarray, np.ndarray]:
         "The band (lower, upper), (n,) each, that the policy sets on a batch of observations: one `predict` for the batch."
