@@ -55,6 +55,7 @@ def _make(name: str, s) -> Strategy:
         raise ValueError(f"strategies[{name!r}] made {type(strat).__name__}, not a strategy with reset(scenario) and act(observation)")
     return strat
 
+# %% ../nbs/08_leaderboard.ipynb #5d5edfaf
 def _check_run(n_paths, n_boot, train_paths, learned, **seeds) -> None:
     "Checks of a leaderboard run's sizes, seeds and agents, before anything is fitted or simulated."
     check_int("n_paths", n_paths, 2); check_int("train_paths", train_paths, 2)

@@ -38,6 +38,7 @@ def _number(where: str, x, positive=False, nonneg=False) -> float:
     else: check_finite(where, x)
     return float(x)
 
+# %% ../nbs/04_scenarios.ipynb #f158dcc9
 def _build(cls, x, where: str):
     "`x`, a `cls` or a mapping of its fields, as a checked `cls`; every error names its field path, starting at `where`."
     if isinstance(x, cls): return x
@@ -70,6 +71,7 @@ def _model_fields(model: str) -> tuple[list[str], list[str]]:
     fs = fields(MODELS[model])
     return [f.name for f in fs if f.default is dataclasses.MISSING], [f.name for f in fs if f.default is not dataclasses.MISSING]
 
+# %% ../nbs/04_scenarios.ipynb #26186685
 @dataclass(frozen=True)
 class Market:
     "The market model and its parameters (real-world drift `mu`; `s0` the spot today)."
@@ -118,6 +120,7 @@ class Option:
         object.__setattr__(self, "maturity", check_int("option.maturity", self.maturity, 1))
         object.__setattr__(self, "quantity", _number("option.quantity", self.quantity))
 
+# %% ../nbs/04_scenarios.ipynb #0af10f83
 @dataclass(frozen=True)
 class Instrument:
     "A hedging instrument: the underlying, a listed option priced by the model, or a variance swap (Heston)."
