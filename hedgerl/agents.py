@@ -195,7 +195,7 @@ class TrainLog:
         ax.set_xlabel("units trained"); ax.set_ylabel("objective"); ax.legend(); ax.grid(alpha=0.3)
         return ax
 
-# %% ../nbs/11_agents.ipynb #abc1e204
+# %% ../nbs/11_agents.ipynb #af030820
 class _StopSignals:
     "While entered (main thread only): the first SIGINT/SIGTERM is recorded as a stop request; a second raises `KeyboardInterrupt`."
     def __init__(self): self.signal, self.old = None, {}
@@ -212,11 +212,13 @@ class _StopSignals:
                 if signal.getsignal(s) is not signal.SIG_IGN: self.old[s] = signal.signal(s, self._handle)
         return self
 
-    def __exit__(self, *exc):
-        for s, h in self.old.items(): signal.signal(s, signal.SIG_DFL if h is None else h)  # None: set outside Python
-        self.old = {}
+    def __exit__(self, exc_type, exc, tb):
+        old, self.old = self.old, {}
+        for s, h in old.items(): signal.signal(s, signal.SIG_DFL if h is None else h)  # None: set outside Python
+        if old and self.signal is not None and exc_type is None:  # asked to stop when there was nothing left to stop: pass it on
+            signal.raise_signal(signal.Signals[self.signal])
 
-# %% ../nbs/11_agents.ipynb #09105331
+# %% ../nbs/11_agents.ipynb #44dba099
 class _Training:
     "`Agent.fit`'s bookkeeping: progress bar, TensorBoard writer, registry run, training time, validations and early stopping."
     def __init__(self, agent, out, run, progress: bool):
@@ -285,7 +287,7 @@ class Agent(Strategy):
         self.device = resolve_device(device)
         self.name = self.kind
         self.log = TrainLog()
-        self._budget, self._settings, self._stop = None, None, _StopSignals()
+        self._budget, self._settings, self._stop, self._ckpt = None, None, _StopSignals(), (None, 0)
         self._check_params()
         self._build()
 
@@ -335,12 +337,14 @@ class Agent(Strategy):
                 "log": {**self.log.__dict__, "best_valid": None if math.isinf(self.log.best_valid) else self.log.best_valid},
                 **(extra or {})}
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
-            z.writestr("hedgerl.json", json.dumps(meta, indent=1))
-            z.writestr("state.bin", state)
-            for name, data in (members or {}).items():
-                if data is not None: z.writestr(name, data)
-        os.replace(tmp, path)  # atomic: a reader never sees half a file
+        try:
+            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+                z.writestr("hedgerl.json", json.dumps(meta, indent=1))
+                z.writestr("state.bin", state)
+                for name, data in (members or {}).items():
+                    if data is not None: z.writestr(name, data)
+            os.replace(tmp, path)  # atomic: a reader never sees half a file
+        except BaseException: tmp.unlink(missing_ok=True); raise  # e.g. a second Ctrl-C: the last archive stands
         return path
 
     def save(self, path) -> Path:
@@ -416,7 +420,7 @@ class Agent(Strategy):
                 if more and self._stop: raise self._stopped(self._stop.signal)
         return self.log
 
-# %% ../nbs/11_agents.ipynb #10eaafe5
+# %% ../nbs/11_agents.ipynb #87b0f73f
 ARCHIVE_FORMAT = 1 # the version of the saved-agent format that this hedgerl writes (and the newest it reads)
 _LOG_TYPES = {"history": list, "seconds": (int, float), "units": int, "best_valid": (int, float, type(None)), "best_units": int,
               "stopped_early": bool}
@@ -444,9 +448,11 @@ def _check_meta(meta, where: str) -> dict:
         raise bad("'log.history' should be a list of rows with 'units' and 'valid/objective'")
     b = meta.get("budget")
     if b is not None and (type(b) is not int or b < 1): raise bad(f"'budget' should be a positive int or null, got {b!r}")
+    for k, t in (("units", int), ("interrupted", bool), ("fit", dict)):  # checkpoints only
+        if meta.get(k) is not None and not isinstance(meta[k], t): raise bad(f"{k!r} should be of type {t.__name__}, got {meta[k]!r}")
     return meta
 
-# %% ../nbs/11_agents.ipynb #4dbb8c35
+# %% ../nbs/11_agents.ipynb #1c0613c9
 def _read_archive(path) -> tuple[dict, bytes]:
     "The checked metadata and the state of a saved agent or checkpoint (see `_check_meta`)."
     path = Path(path); where = repr(str(path))
@@ -462,7 +468,7 @@ def _read_member(path, name: str) -> bytes | None:
     "Member `name` of a (checked) archive; None if it has none."
     with zipfile.ZipFile(path) as z: return z.read(name) if name in z.namelist() else None
 
-# %% ../nbs/11_agents.ipynb #639c6401
+# %% ../nbs/11_agents.ipynb #216734f8
 def _log_from(d: dict) -> TrainLog:
     d = dict(d); d["best_valid"] = math.inf if d.get("best_valid") is None else d["best_valid"]
     return TrainLog(**d)

@@ -157,7 +157,7 @@ def band_vec_env(
                                  check_choice("drift", drift, ("expected", "sampled")), risk,
                                  float(check_positive("cost_mean", cost_mean, allow_zero=True)))
 
-# %% ../nbs/12_sb3.ipynb #08a65957
+# %% ../nbs/12_sb3.ipynb #b6b8fe02
 @functools.cache
 def _stop_callback_class() -> type:
     "A stable-baselines3 callback (imported on first use) that ends `learn` at the next step once `stop` is set; `stopped` says it did."
@@ -283,7 +283,7 @@ class SB3Agent(Agent):
         s, m = pickle.loads(state), self.model
         m.get_env().set_state(s["env"])
         for k, v in s["last"].items(): setattr(m, k, v)
-        if s["replay_buffer"] is not None: m.replay_buffer = s["replay_buffer"]
+        if s["replay_buffer"] is not None: m.replay_buffer = s["replay_buffer"]; m.replay_buffer.device = m.device
         r = s["rng"]
         torch.set_rng_state(r["torch"]); np.random.set_state(r["numpy"]); random.setstate(r["random"])
         m.action_space.np_random.bit_generator.state = r["action_space"]
