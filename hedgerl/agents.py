@@ -237,9 +237,12 @@ class _Training:
 
     def __enter__(self): return self
 
-    def __exit__(self, exc_type, exc, tb):
+    def close(self) -> None:
         self.bar.close()
-        if self.writer is not None: self.writer.close()
+        if self.writer is not None: self.writer.close(); self.writer = None
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close()
         if isinstance(exc, KeyboardInterrupt) and not hasattr(exc, "checkpoint"):  # not a clean stop: say where the last checkpoint is
             raise self.agent._stopped(str(exc) or "KeyboardInterrupt") from None
 
@@ -371,7 +374,9 @@ class Agent(Strategy):
         if changed: raise ValueError(f"cannot resume from {ckpt}: {'; '.join(changed)} (the run would not continue the same way)")
         _restore(self, ckpt, meta, state)
         train = _read_member(ckpt, "train.bin")
-        if train is not None: self._set_train_state(train)
+        try:
+            if train is not None: self._set_train_state(train)
+        except Exception as e: raise ValueError(f"{str(ckpt)!r}: its train.bin is not a valid {self.kind} training state ({type(e).__name__})") from None
         self._ckpt = (ckpt, self.log.units)
         return _read_member(ckpt, "best.bin")
 
@@ -418,6 +423,7 @@ class Agent(Strategy):
                 more = self.log.units < budget and not self.log.stopped_early
                 if ckpt is not None: self._checkpoint(ckpt, best, interrupted=more and bool(self._stop))
                 if more and self._stop: raise self._stopped(self._stop.signal)
+            tr.close()  # before a late signal is passed on (SIGTERM's default ends the process)
         return self.log
 
 # %% ../nbs/11_agents.ipynb #87b0f73f
