@@ -142,14 +142,20 @@ def write_cache(
     df: pd.DataFrame, # the frame to store (its index is kept)
     meta: dict, # JSON-able metadata, e.g. {"covered": [[start, end], ...]}
 ):
-    "Store `df` and `meta` in the parquet file `path`, atomically."
+    "Store `df` and `meta` in the parquet file `path`, atomically; an unwritable cache is a `ValueError` naming the setting."
     import pyarrow as pa, pyarrow.parquet as pq
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
     table = pa.Table.from_pandas(df, preserve_index=True)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"hedgerl": json.dumps(meta).encode()})
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp.exists(): tmp.unlink()
+        raise ValueError(f"cannot write the data cache file {path} ({e.strerror or e}): make the folder writable or set "
+                         f"[data] cache (environment HEDGERL_DATA_CACHE) to a writable folder") from None
 
 def read_cache(
     path: Path, # the cache file
@@ -172,6 +178,9 @@ def read_cache(
     if date_index and not (isinstance(df.index, pd.DatetimeIndex) and df.index.is_monotonic_increasing and df.index.is_unique):
         return bad("index is not a sorted, unique DatetimeIndex")
     if not isinstance(meta.get("covered"), list): return bad("metadata lacks the covered ranges")
+    try: ranges = [(pd.Timestamp(s), pd.Timestamp(e)) for s, e in meta["covered"]]
+    except (TypeError, ValueError): return bad(f"malformed covered ranges {meta['covered']!r}")
+    if any(pd.isna(s) or pd.isna(e) or s > e for s, e in ranges): return bad(f"malformed covered ranges {meta['covered']!r}")
     return df[list(columns)], meta
 
 # %% ../nbs/10_data.ipynb #9ea0195e
@@ -262,7 +271,8 @@ def daily_prices(
         if frames:
             df = pd.concat(frames); df = df[~df.index.duplicated(keep="last")].sort_index()
             covered = _merge_ranges(covered + [(a, min(b, yesterday)) for a, b in gaps if a <= yesterday])
-            write_cache(path, df, {"kind": "prices", "ticker": ticker, "covered": _iso(covered)})
+            try: write_cache(path, df, {"kind": "prices", "ticker": ticker, "covered": _iso(covered)})
+            except ValueError as err: warnings.warn(f"{err}; the prices are returned uncached", RuntimeWarning, stacklevel=2)
     out = df.loc[s:e].copy() if df is not None else None
     if out is None or out.empty: raise DataUnavailable(f"no prices for {ticker} in {s.date()}..{e.date()}")
     return out

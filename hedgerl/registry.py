@@ -32,8 +32,8 @@ from .core import SettingsError, check_choice, settings
 
 # %% auto #0
 __all__ = ['STATUSES', 'MIGRATIONS', 'utcnow', 'Base', 'Dataset', 'Experiment', 'RunRow', 'Model', 'Evaluation', 'RunMetric',
-           'SchemaError', 'RegistryUnavailable', 'registry_url', 'make_engine', 'alembic_config', 'run_alembic_env',
-           'schema_diff', 'Run', 'Registry']
+           'SchemaError', 'RegistryUnavailable', 'ArtifactError', 'registry_url', 'sqlite_file', 'make_engine',
+           'alembic_config', 'run_alembic_env', 'schema_diff', 'Run', 'Registry']
 
 # %% ../nbs/09_registry.ipynb #8a341a55
 STATUSES = ("running", "finished", "failed", "interrupted")
@@ -138,12 +138,15 @@ class RunMetric(Base):
 
 # %% ../nbs/09_registry.ipynb #7e9c1e91
 MIGRATIONS = Path(core.__file__).parent / "migrations" # the Alembic scripts, exported from nbs/09a_migrations.ipynb
-
+_SCHEMA_LOCK = 7316150219 # PostgreSQL advisory lock key held while the registry's schema changes
 class SchemaError(RuntimeError):
     "The registry database is not at the schema this hedgerl expects."
 
 class RegistryUnavailable(ConnectionError):
     "The registry database cannot be reached."
+
+class ArtifactError(ValueError):
+    "A registered artifact is missing or no longer matches the checksum recorded with it."
 
 def _json_default(o):
     if hasattr(o, "tolist"): return o.tolist() # numpy scalars and arrays
@@ -159,12 +162,18 @@ def registry_url(url: str | None = None) -> sa.URL:
     hint = "setting [registry] url (environment HEDGERL_REGISTRY_URL)"
     try: u = sa.make_url(str(raw))
     except ArgumentError: raise SettingsError(f"{hint}: malformed database URL {str(raw)!r}; expected e.g. sqlite:///path/registry.sqlite or postgresql+psycopg://user@host/db") from None
-    try: u.get_dialect()
-    except NoSuchModuleError: raise SettingsError(f"{hint}: unknown database type {u.drivername!r} in {u.render_as_string()!r}; expected sqlite or postgresql+psycopg") from None
+    if u.drivername in ("postgresql", "postgres"): u = u.set(drivername="postgresql+psycopg")  # the driver hedgerl installs
+    if u.get_backend_name() not in ("sqlite", "postgresql") or u.drivername not in ("sqlite", "sqlite+pysqlite", "postgresql+psycopg"):
+        raise SettingsError(f"{hint}: unsupported database type {u.drivername!r} in {u.render_as_string()!r}; "
+                            f"the registry runs on sqlite:///PATH or postgresql+psycopg://USER@HOST/DB")
     if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:" and not u.database.startswith("file:"):
-        Path(u.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         u = u.set(database=str(Path(u.database).expanduser()))
     return u
+
+def sqlite_file(url: sa.URL) -> Path | None:
+    "The database file of a SQLite URL (None for other backends and in-memory databases)."
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:" or url.database.startswith("file:"): return None
+    return Path(url.database)
 
 def make_engine(url: sa.URL) -> sa.Engine:
     "An engine for the registry: JSON that understands numpy; SQLite in WAL mode, with a busy timeout and `BEGIN IMMEDIATE`."
@@ -231,12 +240,21 @@ class Run:
                       .values(status="running", error=None, ended=None))
         self.registry._write(write)
 
-    def _close(self, status: str, outputs=None, error: str | None = None):
-        values = dict(status=status, ended=utcnow(), heartbeat=utcnow())
-        if outputs is not None: values["outputs"] = outputs
-        if error is not None: values["error"] = error
-        self.registry._write(lambda s: s.execute(sa.update(RunRow).where(RunRow.id == self.id).values(**values)))
+    def set_outputs(self,
+        outputs: dict, # merged into what the run has stored (a key given again is replaced)
+    ) -> None:
+        "Record outputs while the run is running (its folder, say, so that a killed run can still be found and resumed)."
+        self._update(outputs=outputs)
 
+    def _update(self, outputs: dict | None = None, **values):
+        def write(s: Session):
+            row = s.get(RunRow, self.id, with_for_update=True)
+            if outputs is not None: row.outputs = {**(row.outputs or {}), **outputs}
+            for k, v in values.items(): setattr(row, k, v)
+        self.registry._write(write)
+
+    def _close(self, status: str, outputs=None, error: str | None = None):
+        self._update(outputs, status=status, ended=utcnow(), heartbeat=utcnow(), **({} if error is None else {"error": error}))
     def finish(self, outputs: dict | None = None) -> None:
         "Mark the run finished, storing its `outputs` (final scores, paths of artifacts)."
         self._close("finished", outputs)
@@ -308,8 +326,21 @@ class Registry:
     def _script(self) -> ScriptDirectory: return ScriptDirectory.from_config(alembic_config(self.engine))
 
     def _alembic(self, fn: Callable, *args):
-        with self.engine.begin() as conn: fn(alembic_config(self.engine, conn), *args)
+        "Run an Alembic command in one transaction; on PostgreSQL under an advisory lock, so concurrent first uses create the schema once."
+        with self._connect() as conn, conn.begin():
+            if self.url.get_backend_name() == "postgresql": conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK})")
+            fn(alembic_config(self.engine, conn), *args)
         self._ready = False
+
+    def _connect(self) -> sa.Connection:
+        "A connection, or `RegistryUnavailable` naming the database; a missing SQLite file is created only when `create`."
+        where, f = f"the registry database {self.url.render_as_string()} (setting [registry] url, environment HEDGERL_REGISTRY_URL)", sqlite_file(self.url)
+        if f is not None and not f.exists():
+            if not self.create: raise RegistryUnavailable(f"{where} does not exist: check the path, or create it with `hedgerl db upgrade`")
+            try: f.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e: raise RegistryUnavailable(f"cannot create the folder of {where}: {e.strerror}: {e.filename}") from None
+        try: return self.engine.connect()  # a file that is not SQLite fails here (the connect hook's PRAGMAs)
+        except sa.exc.DatabaseError as e: raise RegistryUnavailable(f"cannot connect to {where}: {e.orig}") from None
 
     def upgrade(self, revision: str = "head") -> None:
         "Migrate the database up to `revision` (what `hedgerl db upgrade` runs)."
@@ -321,11 +352,7 @@ class Registry:
 
     def status(self) -> dict:
         "Current and head schema revisions, whether they agree, and the row count of every registry table."
-        try: conn = self.engine.connect()
-        except OperationalError as e:
-            raise RegistryUnavailable(f"cannot connect to the registry database {self.url.render_as_string()} "
-                                      f"(setting [registry] url, environment HEDGERL_REGISTRY_URL): {e.orig}") from None
-        with conn:
+        with self._connect() as conn:
             current = MigrationContext.configure(conn).get_current_revision()
             present = set(sa.inspect(conn).get_table_names())
             tables = {t: conn.execute(sa.select(sa.func.count()).select_from(sa.table(t))).scalar_one()
@@ -442,6 +469,19 @@ class Registry:
             s.add(m); s.flush()
             return dict(id=m.id, name=name, version=v, checksum=checksum, artifact=str(p))
         return self._write(write, retry_integrity=True)
+
+    def model_file(self,
+        model_id: int, # id of a model visible to this handle's user
+    ) -> Path:
+        "The model's file, checked against the checksum recorded at registration (`ArtifactError` when missing or changed)."
+        with self._session() as s: m = s.scalar(sa.select(Model).where(Model.id == int(model_id), self._visible(Model, None)))
+        if m is None: raise KeyError(f"no model {model_id} visible to user {self.user!r} in {self.url.render_as_string()}")
+        what, p = f"model {m.id} ({m.name} v{m.version})", Path(m.artifact)
+        if not p.is_file(): raise ArtifactError(f"{what}: its file {m.artifact} is missing")
+        if (now := _sha256(p)) != m.checksum:
+            raise ArtifactError(f"{what}: {m.artifact} no longer matches the checksum recorded at registration (sha256 {m.checksum[:12]}..., "
+                                f"now {now[:12]}...): the file was replaced or corrupted; restore it or retrain")
+        return p
 
     def record_evaluation(self,
         scenario: str, # scenario name

@@ -9,21 +9,24 @@ import inspect
 import itertools
 import json
 import os
+import secrets
 import shutil
 import signal
 import threading
+import time
 from pathlib import Path
 
 import pandas as pd
 
 import hedgerl
-from .core import check_int
+from .core import check_int, check_positive, resolve_device, settings
 from .registry import Registry
 from .scenarios import NAMED, Objective, Scenario, get
 
 # %% auto #0
 __all__ = ['TRAIN_DEFAULTS', 'OPTUNA_VERSION_TABLE', 'DEFAULT_SPACES', 'parse_objective', 'resolve_scenario', 'train_config',
-           'template_path', 'RunFailed', 'train', 'grid_cells', 'sweep', 'optuna_storage', 'tune']
+           'template_path', 'RunFailed', 'runs_root', 'new_run_folder', 'train', 'load_model', 'grid_cells', 'sweep',
+           'optuna_storage', 'tune']
 
 # %% ../nbs/13_runs.ipynb #742d4b09
 def parse_objective(
@@ -82,6 +85,7 @@ def train_config(
     for k in ("valid_paths", "test_paths"): cfg[k] = check_int(k, cfg[k], 1)
     for k in ("valid_every", "patience"):
         if cfg[k] is not None: cfg[k] = check_int(k, cfg[k], 1)
+    resolve_device(cfg["device"])  # "tpu", or "cuda" where torch sees none: refused before a run is recorded
     make_agent(agent, resolve_scenario(base, obj), seed=cfg["seed"], device="cpu", **cfg["params"])  # unknown agent or hyperparameter: ValueError
     return json.loads(json.dumps({"agent": agent, "scenario": cfg.pop("scenario"), "budget": cfg.pop("budget"), **cfg}))  # as stored
 
@@ -137,10 +141,29 @@ def _execute(notebook: Path, output: Path, parameters: dict, timeout: float | No
 def _registry(registry) -> Registry:
     return registry if isinstance(registry, Registry) else Registry(registry)
 
-def _resumed_config(reg: Registry, resume: int, given: dict, runs_dir: Path) -> tuple[dict, Path]:
+def runs_root(
+    runs_dir: str | Path | None = None, # None: `<[data] folder>/runs`
+) -> Path:
+    "The folder that holds run folders, created and checked writable; a `ValueError` names it otherwise."
+    root = Path(runs_dir).expanduser() if runs_dir is not None else settings().data.folder / "runs"
+    try: root.mkdir(parents=True, exist_ok=True)
+    except OSError as e: raise ValueError(f"runs_dir {str(root)!r}: cannot create it ({e.strerror})") from None
+    if not root.is_dir() or not os.access(root, os.W_OK | os.X_OK): raise ValueError(f"runs_dir {str(root)!r} is not a writable folder")
+    return root.resolve()
+
+def new_run_folder(
+    root: Path, # from `runs_root`
+    run_id: int, # the registry run the folder belongs to
+) -> Path:
+    "A new folder `<date>-run<id>-<random>` for one run: unique across registries and users, never an existing one."
+    folder = root / f"{time.strftime('%Y%m%d-%H%M%S')}-run{int(run_id)}-{secrets.token_hex(4)}"
+    folder.mkdir()  # FileExistsError rather than writing into another run's folder
+    return folder
+
+def _resumed_config(reg: Registry, resume: int, given: dict) -> tuple[dict, Path]:
     "The configuration of run `resume` (any option given must agree with it) and its checkpoint."
     runs = reg.runs()
-    row = runs[runs.id == int(resume)]
+    row = runs[runs.id == check_int("resume", resume, 1)]
     if row.empty: raise ValueError(f"resume: no run {resume} visible to user {reg.user!r} in {reg.url.render_as_string()}")
     row = row.iloc[0]
     prev = row.params or {}
@@ -150,10 +173,15 @@ def _resumed_config(reg: Registry, resume: int, given: dict, runs_dir: Path) -> 
     cfg = train_config(**{k: prev.get(k) if given.get(k) is None else given[k] for k in ("agent", "scenario", "budget", *TRAIN_DEFAULTS)})
     diff = [f"{k}: {prev.get(k)!r} -> {cfg[k]!r}" for k in cfg if cfg[k] != prev.get(k)]
     if diff: raise ValueError(f"cannot resume run {resume}: the configuration changed ({'; '.join(diff)}); start a new run instead")
-    folder = Path((row.outputs or {}).get("folder") or runs_dir / str(int(resume)))
-    ckpt = folder / "checkpoint.zip"
-    if not ckpt.is_file(): raise ValueError(f"cannot resume run {resume}: it left no checkpoint at {ckpt}")
+    folder = (row.outputs or {}).get("folder")
+    if folder is None: raise ValueError(f"cannot resume run {resume}: the registry has no folder for it (it did not start its notebook)")
+    ckpt = Path(folder) / "checkpoint.zip"
+    if not ckpt.is_file(): raise ValueError(f"cannot resume run {resume}: it left no checkpoint at {ckpt} (stopped before training began); start a new run")
     return cfg, ckpt
+
+def _check_run_options(threads, timeout) -> None:
+    check_int("threads", threads, 0)
+    if timeout is not None: check_positive("timeout", timeout)
 
 def train(
     agent: str | None = None, # an agent of `hedgerl.agents.AGENTS` (taken from the resumed run when resuming)
@@ -163,7 +191,7 @@ def train(
     objective=None, params: dict | None = None, seed: int | None = None, device: str | None = None, # see `TRAIN_DEFAULTS`
     valid_paths: int | None = None, valid_every: int | None = None, patience: int | None = None,
     test_paths: int | None = None, test_seed: int | None = None,
-    runs_dir: str | Path = "reports/runs", # each run writes into `runs_dir/<run-id>/`
+    runs_dir: str | Path | None = None, # each run writes into a new folder under it; None: `<[data] folder>/runs`
     registry: Registry | str | None = None, # a `Registry` or its URL; None: the `[registry] url` setting
     experiment: str = "train", # registry experiment of the run
     name: str | None = None, # optional run name
@@ -174,40 +202,59 @@ def train(
     timeout: float | None = None, # seconds a cell may run; None: no limit
 ) -> dict:
     "Execute the training template as one registry run; return its id, status, folder, notebook and metrics."
-    runs_dir, reg = Path(runs_dir).expanduser().resolve(), _registry(registry)
+    reg = _registry(registry)
     given = dict(agent=agent, scenario=scenario, budget=budget, objective=objective, params=params, seed=seed, device=device,
                  valid_paths=valid_paths, valid_every=valid_every, patience=patience, test_paths=test_paths, test_seed=test_seed)
-    if resume is not None: cfg, ckpt = _resumed_config(reg, resume, given, runs_dir)
+    _check_run_options(threads, timeout)
+    if resume is not None: cfg, ckpt = _resumed_config(reg, resume, given)
     else:
         for k in ("agent", "scenario", "budget"):
             if given[k] is None: raise ValueError(f"{k} is required (unless resuming a run)")
         cfg, ckpt = train_config(**{k: v for k, v in given.items() if v is not None}), None
     template = Path(notebook) if notebook is not None else template_path()
     if not template.is_file(): raise ValueError(f"notebook {str(template)!r} does not exist")
-    params_ = {**cfg, **({"resumed_from": int(resume)} if resume is not None else {})}
-    run = reg.start_run(experiment, params_, name=name, notebook=str(template), tags=tags)
-    folder = runs_dir / str(run.id)
-    out_nb = folder / "train.ipynb"
+    root = runs_root(runs_dir)
+    run = reg.start_run(experiment, {**cfg, **({"resumed_from": int(resume)} if resume is not None else {})}, name=name, notebook=str(template), tags=tags)
+    return _execute_run(run, reg, template, cfg, ckpt, root, threads, timeout)
+
+def _execute_run(run, reg: Registry, template: Path, cfg: dict, ckpt: Path | None, root: Path, threads: int, timeout) -> dict:
+    "The body of `train` once its run is recorded: a new folder, the notebook executed in it, the run closed with what it left."
+    try: folder = new_run_folder(root, run.id)
+    except OSError as e: run.fail(f"cannot create the run's folder: {e}"); raise ValueError(f"run {run.id}: cannot create its folder under {root}: {e}") from None
+    out_nb, ckpt_out = folder / "train.ipynb", folder / "checkpoint.zip"
     left = {"folder": str(folder), "notebook": str(out_nb)}
+    run.set_outputs(left)  # before anything can fail or be killed: a resume finds the folder from any directory
+    kept = lambda: {**left, **({"checkpoint": str(ckpt_out)} if ckpt_out.is_file() else {})}
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        if ckpt is not None: shutil.copy2(ckpt, folder / "checkpoint.zip")
+        if ckpt is not None: shutil.copy2(ckpt, ckpt_out)
         parameters = {**cfg, "out": str(folder), "registry_url": reg.url.render_as_string(hide_password=False), "run_id": run.id,
                       "threads": int(threads), "resume": ckpt is not None, "progress": False}
         interrupted = _execute(template, out_nb, parameters, timeout)
     except KeyboardInterrupt:
-        run.interrupt({**left, "checkpoint": str(folder / "checkpoint.zip")}); raise
+        run.interrupt(kept()); raise
     except Exception as e:
         import papermill as pm
         why = f"{e.ename}: {e.evalue} (cell [{e.exec_count}])" if isinstance(e, pm.PapermillExecutionError) else f"{type(e).__name__}: {e}"
-        run.fail(f"{why}; the executed notebook is {out_nb}", left)
+        run.fail(f"{why}; the executed notebook is {out_nb}", kept())
         raise RunFailed(f"run {run.id} failed: {why}; the executed notebook is {out_nb}", run.id, out_nb) from e
     if interrupted:
-        run.interrupt({**left, "checkpoint": str(folder / "checkpoint.zip")})
-        raise KeyboardInterrupt(f"run {run.id} interrupted; its checkpoint is {folder / 'checkpoint.zip'}")
+        run.interrupt(kept())
+        where = f"its checkpoint is {ckpt_out}; resume with `hedgerl train --resume {run.id}`" if ckpt_out.is_file() else "it stopped before its first checkpoint"
+        raise KeyboardInterrupt(f"run {run.id} interrupted; {where}")
     metrics = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").is_file() else {}
     run.finish({**metrics, **left})
     return {"run_id": run.id, "status": "finished", **left, "metrics": metrics}
+
+# %% ../nbs/13_runs.ipynb #6ab4f64a
+def load_model(
+    model_id: int, # a registered model visible to the registry's user
+    registry: Registry | str | None = None, # a `Registry` or its URL; None: the `[registry] url` setting
+    scenario=None, # the scenario it should hedge: refused if it was trained on another
+    device: str | None = None, # where to put it; None: the `[compute] device` setting
+):
+    "A registered model, loaded only after its file is checked against the checksum the registry recorded."
+    from hedgerl.agents import load_agent
+    return load_agent(_registry(registry).model_file(model_id), scenario=scenario, device=device)
 
 # %% ../nbs/13_runs.ipynb #1c7eb039
 _CONFIG_ARGS = ("agent", "scenario", "budget", *TRAIN_DEFAULTS)
@@ -245,7 +292,7 @@ def sweep(
     scenario=None,
     budget: int | None = None,
     client=None, # a dask.distributed Client; None: a `hedgerl.backtest.local_cluster()` for the sweep
-    runs_dir: str | Path = "reports/runs",
+    runs_dir: str | Path | None = None, # None: `<[data] folder>/runs`
     registry: Registry | str | None = None,
     experiment: str = "sweep",
     **options, # more fixed `train` arguments (objective, params, seed, test_paths, threads, ...)
@@ -255,7 +302,8 @@ def sweep(
     reg = _registry(registry)
     reg.check_schema()  # create the schema once, before the workers race to
     common = {k: v for k, v in dict(agent=agent, scenario=scenario, budget=budget, **options).items() if v is not None}
-    common.update(runs_dir=str(Path(runs_dir).expanduser().resolve()), registry=reg.url.render_as_string(hide_password=False), experiment=experiment)
+    common.update(runs_dir=str(runs_root(runs_dir)), registry=reg.url.render_as_string(hide_password=False), experiment=experiment)
+
     cells = grid_cells(grid)
     jobs = [_cell_kwargs(c, common) for c in cells]
     for c, kw in zip(cells, jobs):  # validate every cell before starting any

@@ -157,6 +157,36 @@ def test_two_concurrent_writers_lose_nothing(registry, url):
     print(f"2 x 200 logs: {time.perf_counter() - t:.1f} s")
 
 
+FIRST_USE = """
+import sys, time
+from alembic import command
+from hedgerl.registry import Registry
+if sys.argv[3] == "slow":  # stay inside the schema-creating transaction for a while after creating the tables
+    create = command.upgrade
+    def slow_upgrade(cfg, rev):
+        create(cfg, rev); print("created", flush=True); time.sleep(3)
+    command.upgrade = slow_upgrade
+reg = Registry(sys.argv[1], user=sys.argv[2])
+print("ready", flush=True); sys.stdin.readline()
+print(reg.start_run("race", {}).id)
+"""
+
+
+def test_concurrent_first_use_of_an_empty_database(url):
+    "A second process opens an empty registry while the first is creating its schema: created once, neither fails."
+    a, b = (child(FIRST_USE, url, user, mode, stdin=subprocess.PIPE) for user, mode in (("alice", "slow"), ("bob", "fast")))
+    for p in (a, b): assert p.stdout.readline().strip() == "ready", p.communicate()[1]
+    a.stdin.write("go\n"); a.stdin.flush()
+    assert a.stdout.readline().strip() == "created", a.communicate()[1]
+    b.stdin.write("go\n"); b.stdin.flush()  # while the first one's transaction is still open
+    outs = [p.communicate(timeout=120) for p in (a, b)]
+    for p, (out, err) in zip((a, b), outs): assert p.returncode == 0, err
+    assert sorted(int(out.split()[-1]) for out, _ in outs) == [1, 2]
+    reg = Registry(url)
+    assert reg.status()["up_to_date"] and schema_diff(reg.engine) == []
+    reg.engine.dispose()
+
+
 VICTIM = """
 import sys, time
 from hedgerl.registry import Registry
@@ -239,8 +269,10 @@ def test_private_and_shared_visibility(registry, tmp_path):
 def test_malformed_url_names_the_setting(monkeypatch):
     with pytest.raises(SettingsError, match=r"setting \[registry\] url \(environment HEDGERL_REGISTRY_URL\): malformed"):
         Registry("sqlite//no-colon")
-    with pytest.raises(SettingsError, match="unknown database type 'nosuchdb'"):
+    with pytest.raises(SettingsError, match="unsupported database type 'nosuchdb'"):
         Registry("nosuchdb://host/db")
+    with pytest.raises(SettingsError, match="unsupported database type 'mysql' .* the registry runs on sqlite"):
+        Registry("mysql://root@127.0.0.1/test")  # MySQL's driver is not even installed: say what is supported, not "No module named MySQLdb"
     monkeypatch.setenv("HEDGERL_REGISTRY_URL", "registry.sqlite")
     try:
         with pytest.raises(SettingsError, match=r"\[registry\] url .*HEDGERL_REGISTRY_URL"):

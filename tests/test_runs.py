@@ -80,7 +80,9 @@ def test_cli_train_and_bad_input(tmp_path):
     assert p.returncode == 0, p.stderr
     assert "run 1 finished: test objective" in p.stdout
     reg = Registry(u)
-    check_finished(reg, {"run_id": 1, "folder": str(tmp_path / "runs" / "1")}, 10)
+    folder = reg.runs().set_index("id").loc[1, "outputs"]["folder"]
+    assert Path(folder).parent == tmp_path / "runs" and Path(folder).name.split("-")[2] == "run1" and folder in p.stdout
+    check_finished(reg, {"run_id": 1, "folder": folder}, 10)
     p = run(["hedgerl", "train", "nbt", SCENARIO, "--budget", "10", *common])
     assert p.returncode == 2 and p.stderr.startswith("hedgerl train: error: unknown agent 'nbt'; known agents: ntb"), p.stderr
     p = run(["hedgerl", "train", "ntb", SCENARIO, "--budget", "10", "--param", "hiden=8", *common])
@@ -163,11 +165,11 @@ def test_ctrl_c_marks_interrupted_with_a_loadable_checkpoint(tmp_path):
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     proc = subprocess.Popen([str(BIN / "hedgerl"), "train", "ntb", SCENARIO, "--budget", "5000", *SMOKE_ARGS, *common], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    ckpt = tmp_path / "runs" / "1" / "checkpoint.zip"
     try:
-        deadline = time.time() + 120
-        while not ckpt.is_file() and proc.poll() is None and time.time() < deadline: time.sleep(0.2)
-        assert ckpt.is_file(), "no checkpoint within 120 s"
+        deadline, ckpt = time.time() + 120, None
+        while ckpt is None and proc.poll() is None and time.time() < deadline:
+            ckpt = next((tmp_path / "runs").glob("*-run1-*/checkpoint.zip"), None); time.sleep(0.2)
+        assert ckpt is not None, "no checkpoint within 120 s"
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
     finally:
@@ -179,7 +181,7 @@ def test_ctrl_c_marks_interrupted_with_a_loadable_checkpoint(tmp_path):
     assert row.status == "interrupted" and row.outputs["checkpoint"] == str(ckpt)
     agent = load_agent(ckpt, scenario=SCENARIO)
     assert 0 < agent.log.units < 5000
-    executed = json.loads((tmp_path / "runs" / "1" / "train.ipynb").read_text())
+    executed = json.loads((ckpt.parent / "train.ipynb").read_text())
     assert any(o.get("ename") == "KeyboardInterrupt" for c in executed["cells"] for o in c.get("outputs", []))
     p = run(["hedgerl", "train", "--resume", "1", "--budget", "100", *common])
     assert p.returncode == 2 and "cannot resume run 1: the configuration changed (budget: 5000 -> 100)" in p.stderr, p.stderr
