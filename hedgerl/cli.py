@@ -10,15 +10,18 @@ import json
 import os
 import secrets
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import hedgerl
 from .core import SettingsError, settings
 
 # %% auto #0
-__all__ = ['project_root', 'build_parser', 'main']
+__all__ = ['project_root', 'check_address', 'serve', 'writable_folder', 'build_parser', 'error_line', 'main']
 
 # %% ../nbs/99_cli.ipynb #9e7115c5
 def project_root() -> Path | None:
@@ -26,25 +29,70 @@ def project_root() -> Path | None:
     root = Path(hedgerl.__file__).resolve().parent.parent
     return root if (root / "nbs").is_dir() and (root / "pyproject.toml").is_file() else None
 
+def check_address(host: str, port: int, flag: str = "--port") -> tuple[str, int]:
+    "A host and port to listen on, checked: a TCP port in 1..65535, a host that resolves, a port that is free there."
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535: raise ValueError(f"{flag} {port}: expected a TCP port in 1..65535")
+    if not host or any(c.isspace() for c in host): raise ValueError(f"--host {host!r}: expected a host name or address")
+    try: family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except (socket.gaierror, UnicodeError) as e: raise ValueError(f"--host {host!r}: cannot resolve it ({e})") from None
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try: s.bind((host, port))
+        except OSError as e: raise ValueError(f"cannot listen on {host}:{port} ({e.strerror}): pick another {flag}") from None
+    return host, port
+
+def _die_with_parent() -> None:
+    "In a child before exec (Linux): get SIGTERM when the hedgerl process ends, even by kill -9."
+    import ctypes
+    try: ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError): pass
+
+def serve(cmd: list[str], ready, message: str) -> int:
+    "Run a server process until Ctrl-C, SIGTERM or SIGHUP (which stop it too); print `message` once `ready()` is true."
+    def stop(signum, frame): raise KeyboardInterrupt
+    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
+    proc = subprocess.Popen(cmd, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+    try:
+        while proc.poll() is None and not ready(): time.sleep(0.2)
+        if proc.returncode is not None: raise RuntimeError(f"{Path(cmd[0]).name} exited with status {proc.returncode} before it served (its log is above)")
+        print(message, flush=True)
+        return proc.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try: proc.wait(15)
+            except subprocess.TimeoutExpired: proc.kill(); proc.wait()
+        for s, h in old.items(): signal.signal(s, h)
+
+def _listening(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1): return True
+    except OSError: return False
+
 def _cmd_up(args) -> int:
-    "Start JupyterLab on the notebooks, on loopback, with a fresh token; print the URL."
+    "Start JupyterLab on the notebooks, on loopback, with a fresh token; print the URL once it answers."
     root = project_root()
     nbs = Path(args.notebooks) if args.notebooks else (root / "nbs" if root else None)
     if nbs is None or not nbs.is_dir(): raise ValueError("no notebooks folder: run from a hedgerl clone or pass --notebooks PATH")
     s = settings()
-    host, port = args.host or s.lab.host, args.port or s.lab.port
+    host, port = check_address(args.host or s.lab.host, s.lab.port if args.port is None else args.port)
     jupyter = shutil.which("jupyter", path=str(Path(sys.executable).parent)) or shutil.which("jupyter")
     if jupyter is None: raise ValueError("JupyterLab is not installed here: pip install jupyterlab (make up installs it)")
     token = os.environ.get("HEDGERL_LAB_TOKEN") or secrets.token_urlsafe(24)
     cmd = [jupyter, "lab", "--no-browser", f"--ServerApp.ip={host}", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
            f"--ServerApp.root_dir={nbs.resolve()}", f"--IdentityProvider.token={token}"]
     if hasattr(os, "geteuid") and os.geteuid() == 0: cmd.append("--allow-root")
-    print(f"hedgerl: JupyterLab on {nbs.resolve()}\nhedgerl: open http://{host}:{port}/lab?token={token}\n"
-          f"hedgerl: stop with Ctrl-C", flush=True)
-    proc = subprocess.Popen(cmd)
-    try: return proc.wait()
-    except KeyboardInterrupt:
-        proc.terminate(); proc.wait(); return 0
+    print(f"hedgerl: starting JupyterLab on {nbs.resolve()}", flush=True)
+    return serve(cmd, lambda: _listening(host, port), f"hedgerl: open http://{host}:{port}/lab?token={token}\nhedgerl: stop with Ctrl-C")
+
+def writable_folder(path, flag: str) -> Path:
+    "`path` as an existing (or new) folder this process can write, or a `ValueError` naming the option."
+    p = Path(path).expanduser()
+    try: p.mkdir(parents=True, exist_ok=True)
+    except OSError as e: raise ValueError(f"{flag} {str(p)!r}: cannot create it ({e.strerror})") from None
+    if not os.access(p, os.W_OK | os.X_OK): raise ValueError(f"{flag} {str(p)!r} is not a writable folder")
+    return p
 
 def _cmd_price(args) -> int:
     "Print a Black-Scholes price with its Greeks, or an implied volatility."
@@ -61,6 +109,7 @@ def _cmd_price(args) -> int:
 def _cmd_bench(args) -> int:
     "Run the benchmarks and write JSON results."
     from hedgerl.bench import run_bench
+    if not args.no_write: writable_folder(args.out, "--out")  # before minutes of measuring
     res = run_bench(only=args.only, quick=args.quick, out_dir=None if args.no_write else args.out, suite=args.suite)
     if not args.no_write: print(f"hedgerl: results written to {Path(args.out) / (args.suite + '.json')}")
     return 0 if all(r.met for r in res) or args.quick else 1
@@ -94,6 +143,7 @@ def _cmd_backtest(args) -> int:
 def _cmd_leaderboard(args) -> int:
     "Run the leaderboard and write reports/leaderboard.{json,md}."
     from hedgerl.leaderboard import run_leaderboard
+    writable_folder(args.out, "--out")
     strategies = None
     if args.strategies:
         from hedgerl.baselines import BASELINES, make_baseline
@@ -119,6 +169,7 @@ def _cmd_leaderboard(args) -> int:
 def _cmd_results(args) -> int:
     "Train the recipes, save the models, judge them; exit 1 when a goal is missed (not in --quick)."
     from hedgerl.results import results_markdown, run_results
+    if not args.no_write: writable_folder(args.out, "--out")
     rows = run_results(args.only, quick=args.quick, out_dir=None if args.no_write else args.out, seed=args.seed)
     print(results_markdown(rows), end="")
     return 0 if args.quick or all(r["met"] for r in rows) else 1
@@ -126,7 +177,7 @@ def _cmd_results(args) -> int:
 def _cmd_db(args) -> int:
     "Upgrade the registry database to the newest schema, or show where it stands."
     from hedgerl.registry import Registry
-    reg = Registry(args.url)
+    reg = Registry(args.url, create=args.action == "upgrade")  # status never creates a database (a mistyped path is an error)
     if args.action == "upgrade":
         reg.upgrade()
     st = reg.status()
@@ -226,9 +277,14 @@ def _cmd_settings(args) -> int:
     return 0
 
 # %% ../nbs/99_cli.ipynb #0d2ab737
+class _Parser(argparse.ArgumentParser):
+    "An argument parser whose errors are one line that points to `--help`."
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
 def build_parser() -> argparse.ArgumentParser:
     "The `hedgerl` argument parser with all subcommands."
-    p = argparse.ArgumentParser(prog="hedgerl", description="hedgerl: hedging derivatives with reinforcement learning.",
+    p = _Parser(prog="hedgerl", description="hedgerl: hedging derivatives with reinforcement learning.",
                                 epilog="Run `hedgerl COMMAND --help` for the options of a command.")
     p.add_argument("--version", action="version", version=f"hedgerl {hedgerl.__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -322,10 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--patience", type=int, help="stop after this many validations without improvement")
         q.add_argument("--test-paths", type=int, help="fresh test paths (default 10000)")
         q.add_argument("--test-seed", type=int, help="seed of the test paths (default 2026)")
-        q.add_argument("--runs-dir", default="reports/runs", help="runs write into RUNS_DIR/<run-id>/ (default reports/runs)")
+        q.add_argument("--runs-dir", help="each run writes into a new folder RUNS_DIR/<date>-run<id>-<random>/ (default: runs/ in the [data] folder)")
 
     tr = sub.add_parser("train", help="train an agent: a papermill run of nbs/runs/train.ipynb, recorded in the registry",
-                        description="Execute the training notebook with papermill into RUNS_DIR/<run-id>/ (executed notebook, metrics.json, "
+                        description="Execute the training notebook with papermill into a new folder RUNS_DIR/<date>-run<id>-<random>/ (executed notebook, metrics.json, "
                                     "model.zip, checkpoint.zip) as one registry run. Ctrl-C saves a checkpoint and marks the run interrupted; "
                                     "--resume RUN_ID continues it.",
                         epilog="example: hedgerl train ntb cao2021-gbm-1m-1d --budget 500 --param n_paths=10000")
@@ -371,13 +427,30 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(func=_cmd_settings)
     return p
 
+_EXTRAS = {"papermill": "runs", "optuna": "runs", "ipykernel": "runs", "torch": "torch", "tensorboard": "torch", "stable_baselines3": "rl"}
+_EXPECTED = (ValueError, SettingsError, ImportError, ConnectionError, RuntimeError, KeyError, OSError)
+
+def error_line(e: BaseException) -> str:
+    "One line that says what went wrong (no traceback): the message, the missing package and its extra, the file of an OS error."
+    if isinstance(e, ModuleNotFoundError) and e.name:
+        top = e.name.split(".")[0]
+        return f"{top} is not installed: pip install 'hedgerl[{_EXTRAS[top]}]'" if top in _EXTRAS else f"{top} is not installed: pip install {top}"
+    if isinstance(e, OSError) and e.strerror: msg = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    elif isinstance(e, KeyError) and e.args: msg = str(e.args[0])
+    else: msg = str(e) or type(e).__name__
+    if not isinstance(e, _EXPECTED): msg = f"unexpected {type(e).__name__}: {msg} (HEDGERL_DEBUG=1 shows the traceback; please report it)"
+    return " ".join(msg.split())
+
 def main(argv: list[str] | None = None) -> int:
-    "Entry point of the `hedgerl` command; returns the exit status."
+    "Entry point of the `hedgerl` command; returns the exit status (2 for bad input, 130 when interrupted)."
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(); return 0
     try: return args.func(args)
-    except (ValueError, SettingsError, ImportError, ConnectionError, RuntimeError) as e:  # bad input, missing data or database
-        print(f"hedgerl {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt as e:
+        print(f"hedgerl {args.command}: {str(e) or 'interrupted'}", file=sys.stderr); return 130
+    except Exception as e:
+        if os.environ.get("HEDGERL_DEBUG"): raise
+        print(f"hedgerl {args.command}: error: {error_line(e)}", file=sys.stderr)
+        return 2 if isinstance(e, _EXPECTED) else 1

@@ -105,7 +105,9 @@ def _kernel_manager_class(made: list):
     "A kernel manager class that records its instances in `made` (papermill creates the kernel, we may need to interrupt it)."
     from jupyter_client.manager import AsyncKernelManager
     class KernelManager(AsyncKernelManager):
-        def __init__(self, *args, **kwargs): super().__init__(*args, **kwargs); made.append(self)
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{"transport": "ipc", **kwargs})  # local sockets: no open TCP ports, no "without encryption" warning
+            made.append(self)
     return KernelManager
 
 class _Interrupts:
@@ -417,6 +419,10 @@ def tune(
     if overlap := sorted(set(space) & set(params)): raise ValueError(f"tune: {overlap[0]!r} is both searched (space) and fixed (params)")
     scn = resolve_scenario(scenario, objective)
     make_agent(agent, scn, seed=seed, device="cpu", **params)  # bad fixed hyperparameters: ValueError before any trial
+    for k, spec in space.items():  # every choice and both ends of every range must make an agent: refused before a study exists
+        for v in (spec if isinstance(spec, list) else spec[:2]):
+            try: make_agent(agent, scn, seed=seed, device="cpu", **params, **{k: v})
+            except ValueError as e: raise ValueError(f"tune: space[{k!r}] value {v!r}: {e}") from None
     n_trials, budget = check_int("n_trials", n_trials, 1), check_int("budget", budget, 1)
     name, reg = study or f"{agent}/{scn.name}", _registry(registry)
     storage = optuna_storage(reg)

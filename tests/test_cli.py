@@ -47,30 +47,39 @@ def _free_port():
         s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
 
 
-def test_up_serves_jupyterlab_on_the_notebooks():
-    port = _free_port()
+def _start_up(port):
+    "`hedgerl up` on `port` in a session of its own; (process, URL) once it printed the URL."
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HEDGERL_LAB_PORT": str(port)}
     proc = subprocess.Popen([str(BIN / "hedgerl"), "up"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
+    url, deadline = None, time.time() + 120
+    while url is None and time.time() < deadline and proc.poll() is None:
+        m = re.search(r"open (http://127\.0\.0\.1:\d+/lab\?token=\S+)", proc.stdout.readline())
+        if m: url = m.group(1)
+    assert url, "hedgerl up printed no URL"
+    return proc, url
+
+
+def _answers(port) -> bool:
     try:
-        url = None
-        deadline = time.time() + 60
-        while url is None and time.time() < deadline:
-            line = proc.stdout.readline()
-            m = re.search(r"open (http://127\.0\.0\.1:\d+/lab\?token=\S+)", line)
-            if m: url = m.group(1)
-        assert url, "hedgerl up printed no URL"
+        with socket.create_connection(("127.0.0.1", port), timeout=1): return True
+    except OSError: return False
+
+
+def _stops_serving(proc, port, timeout=30) -> bool:
+    deadline = time.time() + timeout
+    while _answers(port) and time.time() < deadline: time.sleep(0.2)
+    return not _answers(port)
+
+
+def test_up_serves_jupyterlab_on_the_notebooks():
+    port = _free_port()
+    proc, url = _start_up(port)
+    try:
         token = url.split("token=")[1]
         base = f"http://127.0.0.1:{port}"
-        status = None
-        while time.time() < deadline:
-            try:
-                req = urllib.request.Request(f"{base}/api/contents", headers={"Authorization": f"token {token}"})
-                status = json.load(urllib.request.urlopen(req, timeout=5))
-                break
-            except OSError:
-                time.sleep(0.5)
-        assert status is not None, "JupyterLab did not answer"
+        req = urllib.request.Request(f"{base}/api/contents", headers={"Authorization": f"token {token}"})
+        status = json.load(urllib.request.urlopen(req, timeout=10))  # the URL is printed once the server answers
         names = {c["name"] for c in status["content"]}
         assert {"00_core.ipynb", "01_pricing.ipynb", "tutorials"} <= names
         # without the token the server refuses
@@ -79,11 +88,22 @@ def test_up_serves_jupyterlab_on_the_notebooks():
             raise AssertionError("JupyterLab answered without a token")
         except urllib.error.HTTPError as e:
             assert e.code == 403
+        proc.send_signal(signal.SIGTERM)  # to hedgerl only, not its process group: it must stop JupyterLab itself
+        assert proc.wait(timeout=30) == 0
+        assert _stops_serving(proc, port), "JupyterLab still serves after hedgerl up got SIGTERM"
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try: proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL); proc.wait()
+        if proc.poll() is None: os.killpg(proc.pid, signal.SIGKILL); proc.wait()
+
+
+def test_up_killed_takes_jupyterlab_with_it():
+    port = _free_port()
+    proc, _ = _start_up(port)
+    try:
+        proc.kill(); proc.wait()  # kill -9: no handler runs; the parent-death signal (prctl) stops JupyterLab
+        assert _stops_serving(proc, port), "JupyterLab still serves after hedgerl up was killed"
+    finally:
+        try: os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError: pass
 
 
 def test_leaderboard_writes_markdown_and_json(tmp_path):

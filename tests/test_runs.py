@@ -187,3 +187,63 @@ def test_ctrl_c_marks_interrupted_with_a_loadable_checkpoint(tmp_path):
     assert p.returncode == 2 and "cannot resume run 1: the configuration changed (budget: 5000 -> 100)" in p.stderr, p.stderr
     assert len(reg.runs()) == 1
     reg.engine.dispose()
+
+
+EXACT = ["--budget", "120", "--valid-every", "5", "--param", "n_paths=1000", "--param", "hidden=8", "--valid-paths", "500",
+         "--test-paths", "1000", "--test-seed", "7"]
+
+
+def _weights(model_zip: Path) -> dict:
+    from hedgerl.agents import load_agent
+    return {k: v.clone() for k, v in load_agent(model_zip, device="cpu").net.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    "The uninterrupted run that every interrupted-and-resumed run must reproduce: (weights, metrics)."
+    d = tmp_path_factory.mktemp("reference")
+    p = run(["hedgerl", "train", "ntb", SCENARIO, *EXACT, "--registry", f"sqlite:///{d}/r.sqlite", "--runs-dir", str(d / "runs")],
+            timeout=600, check=True)
+    folder = next((d / "runs").glob("*-run1-*"))
+    return _weights(folder / "model.zip"), json.loads((folder / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["SIGINT", "SIGTERM", "SIGKILL"])
+def test_cli_interrupt_then_resume_from_elsewhere_is_exact(sig, reference_run, tmp_path):
+    "`hedgerl train` stopped by Ctrl-C, SIGTERM or kill -9 after its first validation, resumed from another directory: the same model."
+    url = f"sqlite:///{tmp_path}/r.sqlite"
+    (tmp_path / "a").mkdir(); (tmp_path / "b").mkdir()
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "HEDGERL_DATA_FOLDER": str(tmp_path / "data")}
+    proc = subprocess.Popen([str(BIN / "hedgerl"), "train", "ntb", SCENARIO, *EXACT, "--registry", url], cwd=tmp_path / "a", env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reg = Registry(url)
+    try:
+        deadline = time.time() + 300
+        while proc.poll() is None and time.time() < deadline:
+            if reg.status()["tables"].get("run_metrics"): break  # the first validation is logged: training is under way
+            time.sleep(0.05)
+        assert proc.poll() is None, f"the run ended before it could be interrupted: {proc.communicate()[1][-2000:]}"
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None: proc.kill(); proc.wait()
+    assert proc.returncode == (-9 if sig == signal.SIGKILL else 130), err
+    row = reg.runs().set_index("id").loc[1]
+    assert row.status == ("failed" if sig == signal.SIGKILL else "interrupted")
+    folder = Path(row.outputs["folder"])
+    assert folder.parent == tmp_path / "data" / "runs"  # under the data folder, not the working directory
+    if sig != signal.SIGKILL:
+        assert f"run 1 interrupted; its checkpoint is {folder / 'checkpoint.zip'}" in err and len(err.strip().splitlines()) == 1, err
+    p = run(["hedgerl", "train", "--resume", "1", "--registry", url], env={"HEDGERL_DATA_FOLDER": str(tmp_path / "data")},
+            cwd=tmp_path / "b", timeout=600)
+    assert p.returncode == 0, p.stderr
+    new = reg.runs().set_index("id").loc[2]
+    assert new.status == "finished" and new.params["resumed_from"] == 1 and Path(new.outputs["folder"]).parent == folder.parent
+    weights, metrics = _weights(Path(new.outputs["folder"]) / "model.zip"), json.loads((Path(new.outputs["folder"]) / "metrics.json").read_text())
+    ref_w, ref_m = reference_run
+    assert max(float((weights[k] - ref_w[k]).abs().max()) for k in ref_w) <= 1e-12
+    assert abs(metrics["test/objective"] - ref_m["test/objective"]) <= 1e-9 * abs(ref_m["test/objective"])
+    assert metrics["units"] == ref_m["units"] == 120
+    assert not list((tmp_path / "a").iterdir()) and not list((tmp_path / "b").iterdir())  # nothing written where it ran
+    reg.engine.dispose()
