@@ -10,12 +10,13 @@ TORCH  ?= torch==2.13.0
 # a stamp that changes whenever the dependencies change
 STAMP  := $(VENV)/.hedgerl-installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
 
-.PHONY: install services up lab test export readme bench help
+.PHONY: install services up lab test test-slow export readme bench help
 .DEFAULT_GOAL := help
 
 help:
 	@echo "make up      set up and start the platform (JupyterLab on nbs/ for now)"
-	@echo "make test    set up and run all tests"
+	@echo "make test    set up and run the tests (smoke sizes, minutes)"
+	@echo "make test-slow  the heavy notebook cells and tests that make test leaves out (CI runs both)"
 	@echo "make bench   run the performance benchmarks and write reports/bench/"
 	@echo "make export  regenerate hedgerl/ from nbs/ and clean the notebooks"
 	@echo "make readme  execute nbs/index.ipynb and render README.md from it"
@@ -58,7 +59,10 @@ bench: install
 services:
 	@bash .ci/services.sh
 
+# the default loop is smoke-sized (minutes); heavy cells carry the `slow` flag and heavy tests the `slow` marker:
+# `make test-slow` runs them (CI runs both). Each prints the time of every stage at the end.
 test: install services
-	$(BIN)/nbdev-test --n-workers 2
-	$(BIN)/python -m pytest tests
-	$(BIN)/python -m pytest --nbval-lax -p no:cacheprovider nbs/tutorials
+	@BIN=$(BIN) bash .ci/test.sh
+
+test-slow: install services
+	@BIN=$(BIN) bash .ci/test.sh slow
