@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import configparser
+import functools
 import os
 import re
 import warnings
@@ -18,8 +19,9 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['SETTINGS_SCHEMA', 'OTHER_VARIABLES', 'SettingsError', 'Settings', 'find_settings_file', 'load_settings', 'settings',
-           'check_finite', 'check_positive', 'check_in_range', 'check_choice', 'check_int', 'broadcast_shape',
-           'as_generator', 'spawn_seeds', 'import_torch', 'resolve_device', 'torch_generator', 'Paths']
+           'as_numpy', 'check_finite', 'check_positive', 'check_in_range', 'check_choice', 'check_int',
+           'broadcast_shape', 'as_generator', 'spawn_seeds', 'import_torch', 'resolve_device', 'torch_generator',
+           'torch_float_dtype', 'Paths']
 
 # %% ../nbs/00_core.ipynb #b0d9f2f2
 class SettingsError(ValueError):
@@ -183,19 +185,26 @@ def settings(reload: bool = False) -> Settings:
     if _SETTINGS is None or reload: _SETTINGS = load_settings()
     return _SETTINGS
 
-# %% ../nbs/00_core.ipynb #777d87af
-def _values(x) -> np.ndarray:
-    "A numpy view of `x` for checking (detaching torch tensors)."
-    if hasattr(x, "detach") and hasattr(x, "cpu"): x = x.detach().cpu().numpy()
-    return np.asarray(x)
+# %% ../nbs/00_core.ipynb #a4ecab10
+def as_numpy(
+    x, # a number, sequence, numpy array, pandas object or torch tensor (any device, with or without grad)
+    dtype=None, # numpy dtype to convert to; None keeps the input's
+) -> np.ndarray:
+    "`x` as a numpy array; a torch tensor is detached and copied to the CPU first (bfloat16 read as float32)."
+    if type(x).__module__.startswith("torch") and hasattr(x, "detach"):
+        x = x.detach().cpu()
+        try: x = x.numpy()
+        except TypeError: x = x.float().numpy()  # dtypes numpy lacks (bfloat16)
+    return np.asarray(x, dtype=dtype)
 
+# %% ../nbs/00_core.ipynb #777d87af
 def _first_bad(a: np.ndarray, bad: np.ndarray):
     v = a[bad].ravel()[0] if a.ndim else a.item()
     return v.item() if hasattr(v, "item") else v
 
 def check_finite(name: str, x):
     "Raise `ValueError` naming `name` if `x` has a NaN or infinite element; return `x`."
-    a = _values(x)
+    a = as_numpy(x)
     if a.dtype.kind not in "biuf": raise ValueError(f"{name} must be numeric, got {x!r}")
     bad = ~np.isfinite(a)
     if bad.any(): raise ValueError(f"{name} must be finite, got {_first_bad(a, bad)}")
@@ -204,7 +213,7 @@ def check_finite(name: str, x):
 def check_positive(name: str, x, allow_zero: bool = False):
     "Raise `ValueError` naming `name` unless every element of `x` is finite and > 0 (>= 0 with `allow_zero`); return `x`."
     check_finite(name, x)
-    a = _values(x)
+    a = as_numpy(x)
     bad = a < 0 if allow_zero else a <= 0
     if bad.any(): raise ValueError(f"{name} must be {'non-negative' if allow_zero else 'positive'}, got {_first_bad(a, bad)}")
     return x
@@ -212,7 +221,7 @@ def check_positive(name: str, x, allow_zero: bool = False):
 def check_in_range(name: str, x, lo: float, hi: float, closed: bool = True):
     "Raise `ValueError` naming `name` unless every element of `x` lies in [lo, hi] (open interval with `closed=False`); return `x`."
     check_finite(name, x)
-    a = _values(x)
+    a = as_numpy(x)
     bad = ((a < lo) | (a > hi)) if closed else ((a <= lo) | (a >= hi))
     if bad.any():
         iv = f"[{lo}, {hi}]" if closed else f"({lo}, {hi})"
@@ -282,6 +291,13 @@ def torch_generator(seed=None, device: str = "cpu"):
     else: g.manual_seed(int(as_generator(seed).integers(2**63)))
     return g
 
+# %% ../nbs/00_core.ipynb #ed250350
+def torch_float_dtype(*xs):
+    "The dtype to compute on `xs` in torch: the widest floating dtype of the tensors among them, float64 if none is floating."
+    torch = import_torch()
+    floats = [x.dtype for x in xs if isinstance(x, torch.Tensor) and x.is_floating_point()]
+    return functools.reduce(torch.promote_types, floats) if floats else torch.float64
+
 # %% ../nbs/00_core.ipynb #e1957003
 @dataclass(frozen=True)
 class Paths:
@@ -306,9 +322,11 @@ class Paths:
     def n_steps(self) -> int: return self.spot.shape[1] - 1
     @property
     def log_returns(self):
-        "Per-step log returns, `(n_paths, n_steps)`."
-        if hasattr(self.spot, "diff"): return self.spot.log().diff(dim=1)
-        return np.diff(np.log(self.spot), axis=1)
+        "Per-step log returns, `(n_paths, n_steps)`, in the spot's floating dtype (float64 for integer spots)."
+        s = self.spot
+        if hasattr(s, "is_floating_point"): return (s if s.is_floating_point() else s.double()).log().diff(dim=1)
+        s = np.asarray(s)
+        return np.diff(np.log(s if s.dtype.kind == "f" else s.astype(np.float64)), axis=1)
     def __repr__(self):
         kinds = ["spot"] + (["variance"] if self.variance is not None else []) + list(self.extra)
         return f"Paths(n_paths={self.n_paths}, n_steps={self.n_steps}, dt={self.dt:.6g}, series={kinds}, dtype={self.spot.dtype})"

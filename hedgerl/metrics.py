@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .core import as_generator, check_finite, check_in_range, check_int, check_positive
+from .core import as_generator, as_numpy, check_finite, check_in_range, check_int, check_positive
 
 # %% auto #0
 __all__ = ['cvar', 'mean', 'std', 'mean_se', 'sharpe_ratio', 'mean_variance', 'standard_error', 'value_at_risk',
@@ -20,7 +20,7 @@ __all__ = ['cvar', 'mean', 'std', 'mean_se', 'sharpe_ratio', 'mean_variance', 's
 # %% ../nbs/03_metrics.ipynb #f1385f4d
 def _paths(name: str, x, axis: int = -1, min_paths: int = 1) -> np.ndarray:
     "`x` as a float array with its path axis moved last, checked finite with at least `min_paths` paths."
-    a = np.asarray(check_finite(name, x), dtype=float)
+    a = as_numpy(check_finite(name, x), float)
     if a.ndim == 0: raise ValueError(f"{name} must be an array of per-path values, got the scalar {a.item()!r}")
     shape = a.shape
     a = np.moveaxis(a, axis, -1)
@@ -39,7 +39,7 @@ def _risk_aversion(x) -> float: return check_positive("risk_aversion", _scalar("
 
 def _per_path(name: str, x, shape: tuple) -> np.ndarray:
     "`x` (a scalar or per-path array) broadcast to the P&L's `shape`, or a `ValueError` naming it."
-    a = np.asarray(check_finite(name, x), dtype=float)
+    a = as_numpy(check_finite(name, x), float)
     try: return np.broadcast_to(a, shape)
     except ValueError: raise ValueError(f"{name} of shape {a.shape} does not broadcast to the P&L's shape {shape}") from None
 
@@ -107,7 +107,7 @@ def standard_error(
     if any(a.shape[-1] != n for a in arrs):
         raise ValueError(f"arrays must share the number of paths on their last axis, got shapes {[a.shape for a in arrs]}")
     rng = as_generator(seed)
-    batch = int(np.clip(_BOOT_BLOCK // sum(a.size for a in arrs), 1, n_boot))
+    batch = int(np.clip(_BOOT_BLOCK // max(sum(a.size for a in arrs), 1), 1, n_boot))  # empty (0, n) arrays: one batch
     reps = []
     for start in range(0, n_boot, batch):
         b = min(batch, n_boot - start)
@@ -189,7 +189,7 @@ def turnover(
     instruments: bool = False, # True: the last axis indexes instruments, whose turnovers are summed
 ):
     "Units traded per path, sum |trades| including the opening trade from 0 and the closing trade back to 0."
-    h = np.asarray(check_finite("holdings", holdings), dtype=float)
+    h = as_numpy(check_finite("holdings", holdings), float)
     axis = -2 if instruments else -1
     if h.ndim < -axis or h.shape[axis] == 0:
         raise ValueError(f"holdings must be shaped {'(..., n_steps, n_instruments)' if instruments else '(..., n_steps)'} with n_steps >= 1, got shape {h.shape}")
@@ -202,7 +202,7 @@ def total_cost(
     like=None, # a per-path array (e.g. the P&L) whose shape the totals must have; None: `costs` are per step
 ):
     "Transaction costs per path: per-step costs summed over the last axis, or per-path totals as they are."
-    c = np.asarray(check_finite("costs", costs), dtype=float)
+    c = as_numpy(check_finite("costs", costs), float)
     if like is None:
         if c.ndim == 0: raise ValueError(f"costs must be per step, shaped (..., n_steps), got the scalar {c.item()!r}")
         return c.sum(-1)
@@ -220,13 +220,13 @@ def pnl_attribution(
     axis: int = -1, # the path axis
 ) -> dict:
     "Mean and sd of the option leg, hedge leg, costs and total P&L = option + hedge - costs."
-    o = np.asarray(check_finite("option_pnl", option_pnl), dtype=float)
-    h = np.asarray(check_finite("hedge_pnl", hedge_pnl), dtype=float)
+    o = as_numpy(check_finite("option_pnl", option_pnl), float)
+    h = as_numpy(check_finite("hedge_pnl", hedge_pnl), float)
     if h.shape != o.shape: raise ValueError(f"hedge_pnl must have the shape of option_pnl {o.shape}, got {h.shape}")
     c = total_cost(costs, like=o)
     t = o + h - c
     if total is not None:
-        r = np.asarray(check_finite("total", total), dtype=float)
+        r = as_numpy(check_finite("total", total), float)
         if r.shape != o.shape: raise ValueError(f"total must have the shape of option_pnl {o.shape}, got {r.shape}")
         gap = np.abs(r - t).max(initial=0.0)
         if gap > 1e-9 * max(1.0, np.abs(o).max(initial=0.0), np.abs(h).max(initial=0.0)):

@@ -14,7 +14,10 @@ import numpy as np
 from scipy.integrate import quad_vec
 from scipy.special import erfcx, ndtr, ndtri
 
-from .core import broadcast_shape, check_choice, check_finite, check_in_range, check_positive, import_torch
+from hedgerl.core import (
+    as_numpy, broadcast_shape, check_choice, check_finite, check_in_range, check_int, check_positive, import_torch,
+    torch_float_dtype,
+)
 
 # %% auto #0
 __all__ = ['bs_price', 'Greeks', 'bs_greeks', 'implied_vol', 'heston_cf', 'heston_price']
@@ -68,8 +71,9 @@ def _run(S, K, T, r, sigma, q, kind, greeks):
     shape = _check_bs(S, K, T, r, sigma, q)
     if _is_torch(S, K, T, r, sigma, q):
         torch = import_torch()
-        ref = next(a for a in (S, K, T, r, sigma, q) if isinstance(a, torch.Tensor))
-        args = [torch.as_tensor(a, dtype=ref.dtype, device=ref.device) for a in (S, K, T, r, sigma, q)]
+        dtype = torch_float_dtype(S, K, T, r, sigma, q)  # integer and bool tensors: float64, as in numpy
+        device = next(a for a in (S, K, T, r, sigma, q) if isinstance(a, torch.Tensor)).device
+        args = [torch.as_tensor(a, dtype=dtype, device=device) for a in (S, K, T, r, sigma, q)]
         return _bs_formula(_TorchOps(), *args, w, greeks)
     args = [np.asarray(a, dtype=np.float64) for a in (S, K, T, r, sigma, q)]
     n = math.prod(shape)
@@ -120,46 +124,18 @@ def _norm_otm_price(x, s):
     return logb, dlogb
 
 # %% ../nbs/01_pricing.ipynb #8e94327c
-def implied_vol(
-    price, S, K, T, r, q=0.0, kind="call",
-    errors="nan", # "nan": NaN where the price is outside the no-arbitrage bounds; "raise": a ValueError instead
-    tol=1e-15, # relative tolerance on sigma * sqrt(T)
-    max_iter=100,
-):
-    "Black-Scholes implied volatility, broadcast over all arguments; NaN where `price` is outside the no-arbitrage bounds."
-    w = _sign(kind)
-    check_choice("errors", errors, ("nan", "raise"))
-    check_finite("price", price)
-    for n, v in (("S", S), ("K", K), ("T", T)): check_positive(n, v)
-    for n, v in (("r", r), ("q", q)): check_finite(n, v)
-    shape = broadcast_shape(price=price, S=S, K=K, T=T, r=r, q=q)
-    P, S, K, T, r, q = (np.broadcast_to(np.asarray(a, dtype=np.float64), shape).reshape(-1) for a in (price, S, K, T, r, q))
-    F = S * np.exp((r - q) * T); df = np.exp(-r * T)
-    x = w * np.log(F / K)                       # a put at x is a call at -x in normalised units
-    b = P / (df * np.sqrt(F * K))
-    intrinsic = np.where(x > 0, 2.0 * np.sinh(0.5 * np.abs(x)), 0.0)
-    upper = np.exp(0.5 * x)
-    bo = b - intrinsic                          # out-of-the-money part, where the information is
-    xo = -np.abs(x)
-    s = np.full_like(b, np.nan)
-    at_intrinsic = np.abs(bo) <= 8 * np.finfo(np.float64).eps * b   # exactly the lower bound, up to rounding
-    s[at_intrinsic] = 0.0
-    ok = (bo > 0) & (b < upper) & ~at_intrinsic
-    if errors == "raise" and not (ok | at_intrinsic).all():
-        i = np.flatnonzero(~(ok | at_intrinsic))[0]
-        lo_b, hi_b = df[i] * np.sqrt(F[i] * K[i]) * np.array([intrinsic[i], upper[i]])
-        raise ValueError(f"price {P[i]!r} is outside the no-arbitrage bounds ({lo_b:.6g}, {hi_b:.6g}) for kind={kind!r}, S={S[i]!r}, K={K[i]!r}, T={T[i]!r}")
-    idx = np.flatnonzero(ok)
-    xi, target = xo[idx], np.log(bo[idx])
-    # start: exact for x = 0 (b = 2N(s/2) - 1), the deep-OTM asymptote otherwise; then safeguarded Newton on log b
-    si = np.maximum(2.0 * ndtri(np.minimum(0.5 * (np.exp(target) + 1.0), 1 - 1e-16)), np.abs(xi) / np.sqrt(np.maximum(-2.0 * target, 1e-300)))
-    si = np.where(np.isfinite(si) & (si > 0), si, 1.0)
-    lo = np.zeros_like(si); hi = np.full_like(si, np.inf)
-    act = np.arange(idx.size)
+def _iv_newton(x, target, tol: float, max_iter: int):
+    """Solve log b(x, s) = target for s by Newton's method safeguarded by a bracket (x <= 0, 1-D arrays);
+    returns (s, converged): `converged` is False where `max_iter` steps did not reach the relative tolerance `tol`."""
+    # start: exact for x = 0 (b = 2N(s/2) - 1), the deep-OTM asymptote otherwise
+    s = np.maximum(2.0 * ndtri(np.minimum(0.5 * (np.exp(target) + 1.0), 1 - 1e-16)), np.abs(x) / np.sqrt(np.maximum(-2.0 * target, 1e-300)))
+    s = np.where(np.isfinite(s) & (s > 0), s, 1.0)
+    lo = np.zeros_like(s); hi = np.full_like(s, np.inf)
+    act = np.arange(s.size)
     for _ in range(max_iter):
         if act.size == 0: break
-        sa = si[act]
-        lb, dlb = _norm_otm_price(xi[act], sa)
+        sa = s[act]
+        lb, dlb = _norm_otm_price(x[act], sa)
         f = lb - target[act]
         pos = f > 0
         hi[act] = np.where(pos, sa, hi[act]); lo[act] = np.where(pos, lo[act], sa)
@@ -167,45 +143,119 @@ def implied_vol(
         bad = ~((new > lo[act]) & (new < hi[act]))
         new = np.where(bad, np.where(np.isfinite(hi[act]), 0.5 * (lo[act] + hi[act]), 2.0 * sa), new)
         new = np.where(f == 0, sa, new)
-        si[act] = new
-        done = (np.abs(new - sa) <= tol * new) | (f == 0)
-        act = act[~done]
-    s[idx] = si
+        s[act] = new
+        act = act[~((np.abs(new - sa) <= tol * new) | (f == 0))]
+    converged = np.ones(s.size, dtype=bool); converged[act] = False
+    return s, converged
+
+# %% ../nbs/01_pricing.ipynb #262a80a7
+def implied_vol(
+    price, S, K, T, r, q=0.0, kind="call",
+    errors="nan", # where no volatility is found (price outside the no-arbitrage bounds, or no convergence): "nan" or "raise"
+    tol=1e-15, # relative tolerance on sigma * sqrt(T), finite and > 0
+    max_iter=100, # Newton steps at most, an integer >= 1
+):
+    "Black-Scholes implied volatility, broadcast over all arguments; NaN (or a `ValueError`) where none is found."
+    w = _sign(kind)
+    check_choice("errors", errors, ("nan", "raise"))
+    max_iter = check_int("max_iter", max_iter)
+    if np.ndim(tol) != 0: raise ValueError(f"tol must be a scalar, got shape {np.shape(tol)}")
+    tol = float(check_positive("tol", tol))
+    check_finite("price", price)
+    for n, v in (("S", S), ("K", K), ("T", T)): check_positive(n, v)
+    for n, v in (("r", r), ("q", q)): check_finite(n, v)
+    shape = broadcast_shape(price=price, S=S, K=K, T=T, r=r, q=q)
+    P, S, K, T, r, q = (np.broadcast_to(as_numpy(a, np.float64), shape).reshape(-1) for a in (price, S, K, T, r, q))
+    F = S * np.exp((r - q) * T); df = np.exp(-r * T)
+    x = w * np.log(F / K)                       # a put at x is a call at -x in normalised units
+    b = P / (df * np.sqrt(F * K))
+    intrinsic = np.where(x > 0, 2.0 * np.sinh(0.5 * np.abs(x)), 0.0)
+    bo = b - intrinsic                          # out-of-the-money part, where the information is
+    s = np.full_like(b, np.nan)
+    at_intrinsic = np.abs(bo) <= 8 * np.finfo(np.float64).eps * b   # exactly the lower bound, up to rounding
+    s[at_intrinsic] = 0.0
+    ok = (bo > 0) & (b < np.exp(0.5 * x)) & ~at_intrinsic
+    if errors == "raise" and not (ok | at_intrinsic).all():
+        i = np.flatnonzero(~(ok | at_intrinsic))[0]
+        lo_b, hi_b = df[i] * np.sqrt(F[i] * K[i]) * np.array([intrinsic[i], np.exp(0.5 * x[i])])
+        raise ValueError(f"price {P[i]!r} is outside the no-arbitrage bounds ({lo_b:.6g}, {hi_b:.6g}) for kind={kind!r}, S={S[i]!r}, K={K[i]!r}, T={T[i]!r}")
+    idx = np.flatnonzero(ok)
+    s[idx], conv = _iv_newton(-np.abs(x[idx]), np.log(bo[idx]), tol, max_iter)
+    if not conv.all():
+        i = idx[~conv]; s[i] = np.nan
+        where = f"price={P[i[0]]!r}, S={S[i[0]]!r}, K={K[i[0]]!r}, T={T[i[0]]!r}"
+        if errors == "raise": raise ValueError(f"implied_vol did not converge in max_iter={max_iter} steps to tol={tol:g} for {where}")
+        warnings.warn(f"implied_vol: {i.size} of {b.size} volatilities did not converge in max_iter={max_iter} steps to tol={tol:g} "
+                      f"(the first at {where}); they are NaN", RuntimeWarning, stacklevel=2)
     return (s / np.sqrt(T)).reshape(shape)[()]
 
 # %% ../nbs/01_pricing.ipynb #0a78b60a
+def _clog1p(z):
+    "log(1 + z) for complex `z`, accurate for small |z|: 1/2 log1p(2x + x^2 + y^2) + i atan2(y, 1 + x)."
+    x, y = z.real, z.imag
+    return 0.5 * np.log1p(x * (2.0 + x) + y * y) + 1j * np.arctan2(y, 1.0 + x)
+
+def _heston_log_cf(u, T, v0, kappa, theta, xi, rho):
+    "log E[exp(iu X_T)] = C + D v0 of the Heston log-price, free of cancellation as xi -> 0."
+    iu = 1j * u; c = iu + u * u
+    xi2 = np.maximum(xi * xi, 1e-280)                 # xi < 1e-140 is 0 in double precision; keeps xi^2 normal
+    beta = kappa - rho * xi * iu
+    d = np.sqrt(beta * beta + xi2 * c)
+    inv = 1.0 / (beta + d)
+    bx = -c * inv                                     # (beta - d) / xi^2, exactly
+    g = bx * inv * xi2
+    e = np.exp(-d * T)
+    lx = _clog1p(g * (1.0 - e) / (1.0 - g)) / xi2     # log((1 - g e) / (1 - g)) / xi^2, with log1p(z) exact to rounding
+    return kappa * theta * (bx * T - 2.0 * lx) + bx * (1.0 - e) / (1.0 - g * e) * v0
+
 def heston_cf(u, T, v0, kappa, theta, xi, rho):
     "Characteristic function E[exp(iu X_T)] of X_T = log(S_T / F_T) under Heston, in the stable form of Albrecher et al. (2007)."
-    iu = 1j * u
-    beta = kappa - rho * xi * iu
-    d = np.sqrt(beta * beta + xi * xi * (iu + u * u))
-    bm = beta - d
-    g = bm / (beta + d)
-    e = np.exp(-d * T)
-    C = kappa * theta / (xi * xi) * (bm * T - 2.0 * np.log((1.0 - g * e) / (1.0 - g)))
-    D = bm / (xi * xi) * (1.0 - e) / (1.0 - g * e)
-    return np.exp(C + D * v0)
+    return np.exp(_heston_log_cf(u, T, v0, kappa, theta, xi, rho))
 
 # %% ../nbs/01_pricing.ipynb #df12d85c
-def heston_price(S, K, T, r, v0, kappa, theta, xi, rho, q=0.0, kind="call", epsabs=1e-10):
-    "Heston (1993) price of a European option by Lewis's (2001) single integral, broadcast over all arguments."
+def _heston_mean_variance(T, v0, kappa, theta):
+    "Mean expected variance over [0, T], theta + (v0 - theta)(1 - e^{-kappa T}) / (kappa T), accurate as kappa T -> 0."
+    x = kappa * T
+    small = x < 1e-3
+    xs = np.where(small, 1.0, x)
+    a = np.where(small, 0.5 * x * (1 - x / 3 * (1 - x / 4 * (1 - x / 5))), (xs + np.expm1(-xs)) / xs)  # 1 - (1 - e^{-x}) / x
+    return theta * a + v0 * (1.0 - a)
+
+# %% ../nbs/01_pricing.ipynb #a8b11504
+def _heston_cv_integrand(s, k, T, v0, kappa, theta, xi, rho, w):
+    "Lewis's integrand less its Black-Scholes value at total variance `w`, in the variable s = u sqrt(w)."
+    sw = np.sqrt(w); u = s / sw; a = u * u + 0.25
+    lh = _heston_log_cf(u - 0.5j, T, v0, kappa, theta, xi, rho)
+    # Re e^{iuk} [phi(u - i/2) - phi_BS(u - i/2)], phi_BS(u - i/2) = e^{-w a / 2}: an absolute error of rounding is all we need
+    return (np.exp(lh + 1j * u * k).real - np.exp(-0.5 * w * a) * np.cos(u * k)) / (a * sw)
+
+# %% ../nbs/01_pricing.ipynb #671500f6
+def heston_price(
+    S, K, T, r, v0, kappa, theta, xi, rho, q=0.0, kind="call",
+    epsabs=1e-10, # absolute error asked of the normalised integral: a price error below epsabs D sqrt(F K) / pi
+):
+    "Heston (1993) price of a European option by Lewis's (2001) integral with a Black-Scholes control variate, broadcast over all arguments."
     w = _sign(kind)
     for n, v in (("S", S), ("K", K), ("T", T), ("kappa", kappa), ("theta", theta), ("xi", xi)): check_positive(n, v)
     check_positive("v0", v0, allow_zero=True)
     check_in_range("rho", rho, -1.0, 1.0)
     for n, v in (("r", r), ("q", q)): check_finite(n, v)
+    if np.ndim(epsabs) != 0: raise ValueError(f"epsabs must be a scalar, got shape {np.shape(epsabs)}")
+    epsabs = float(check_positive("epsabs", epsabs))
     shape = broadcast_shape(S=S, K=K, T=T, r=r, v0=v0, kappa=kappa, theta=theta, xi=xi, rho=rho, q=q)
-    S, K, T, r, v0, kappa, theta, xi, rho, q = (np.broadcast_to(np.asarray(a, dtype=np.float64), shape).reshape(-1)
+    if math.prod(shape) == 0: return np.empty(shape)
+    S, K, T, r, v0, kappa, theta, xi, rho, q = (np.broadcast_to(as_numpy(a, np.float64), shape).reshape(-1)
                                                for a in (S, K, T, r, v0, kappa, theta, xi, rho, q))
-    F = S * np.exp((r - q) * T); df = np.exp(-r * T)
-    k = np.log(F / K)
-    def integrand(u):
-        z = u - 0.5j
-        return (np.exp(1j * u * k) * heston_cf(z, T, v0, kappa, theta, xi, rho)).real / (u * u + 0.25)
-    I, err, info = quad_vec(integrand, 0.0, np.inf, epsabs=epsabs, epsrel=0.0, norm="max", limit=500, full_output=True)
+    F = S * np.exp((r - q) * T); df = np.exp(-r * T); k = np.log(F / K)
+    wbar = np.maximum(_heston_mean_variance(T, v0, kappa, theta) * T, 1e-300)   # total variance of the control variate
+    I, err, info = quad_vec(lambda s: _heston_cv_integrand(s, k, T, v0, kappa, theta, xi, rho, wbar), 0.0, np.inf,
+                            epsabs=epsabs, epsrel=0.0, norm="max", limit=500, full_output=True)
+    scale = df * np.sqrt(F * K) / np.pi
     if info.status != 0:
-        warnings.warn(f"heston_price: the integral reached an error of {err:.1e}, not epsabs={epsabs:.0e} (a very small vol-of-vol "
-                      f"or total variance makes the integrand decay slowly or lose precision)", RuntimeWarning, stacklevel=2)
-    call = df * (F - np.sqrt(F * K) / np.pi * I)
+        warnings.warn(f"heston_price: the Fourier integral did not converge to epsabs={epsabs:.0e}; by its error estimate "
+                      f"prices may be off by up to {err * scale.max():.1e} (very short maturity with variance near 0, or strikes "
+                      f"far from the money)", RuntimeWarning, stacklevel=2)
+    call = _bs_formula(_NumpyOps, S, K, T, r, np.sqrt(wbar / T), q, 1.0, False) - scale * I
+    call = np.clip(call, df * np.maximum(F - K, 0.0), df * F)   # the no-arbitrage bounds
     price = call if w > 0 else call - df * (F - K)
     return price.reshape(shape)[()]

@@ -14,7 +14,7 @@ import numba
 import numpy as np
 
 from hedgerl.core import (
-    Paths, as_generator, check_choice, check_finite, check_in_range, check_int, check_positive, import_torch,
+    Paths, as_generator, as_numpy, check_choice, check_finite, check_in_range, check_int, check_positive, import_torch,
     resolve_device, torch_generator,
 )
 
@@ -331,14 +331,14 @@ class SABR(MarketModel):
 @dataclass(frozen=True, eq=False)
 class Historical(MarketModel):
     "Paths cut from a real price series: random windows of consecutive prices, or a block bootstrap of its log returns."
-    prices: Any = field(repr=False) # prices observed every `dt` years: 1-D array, list or pandas Series, positive and finite
+    prices: Any = field(repr=False) # prices observed every `dt` years: 1-D array, list, pandas Series or tensor, positive and finite
     dt: float = 1 / 252 # spacing of the prices in years (252 trading days a year)
     method: str = "bootstrap" # "windows" or "bootstrap"
     block: int = 10 # bootstrap block length in steps (returns)
     s0: float = 100.0 # level every path starts at
 
     def __post_init__(self):
-        try: a = np.array(getattr(self.prices, "values", self.prices), dtype=np.float64)
+        try: a = np.array(as_numpy(self.prices), dtype=np.float64)  # a copy; not `.values`, which is a method of tensors
         except (TypeError, ValueError): raise ValueError(f"prices must be a 1-D series of numbers, got {type(self.prices).__name__}") from None
         if a.ndim != 1 or len(a) < 2: raise ValueError(f"prices must be a 1-D series of at least 2 prices, got shape {a.shape}")
         check_positive("prices", a)
