@@ -23,6 +23,8 @@ def _paths(name: str, x, axis: int = -1, min_paths: int = 1) -> np.ndarray:
     a = as_numpy(check_finite(name, x), float)
     if a.ndim == 0: raise ValueError(f"{name} must be an array of per-path values, got the scalar {a.item()!r}")
     shape = a.shape
+    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)) or not -a.ndim <= axis < a.ndim:
+        raise ValueError(f"axis must be an integer in [{-a.ndim}, {a.ndim}) for {name} of shape {shape}, got {axis!r}")
     a = np.moveaxis(a, axis, -1)
     if a.shape[-1] < min_paths:
         raise ValueError(f"{name} must have at least {min_paths} path{'s' * (min_paths > 1)} on axis {axis}, got shape {shape}")
@@ -189,6 +191,7 @@ def turnover(
     instruments: bool = False, # True: the last axis indexes instruments, whose turnovers are summed
 ):
     "Units traded per path, sum |trades| including the opening trade from 0 and the closing trade back to 0."
+    if not isinstance(instruments, (bool, np.bool_)): raise ValueError(f"instruments must be True or False, got {instruments!r}")
     h = as_numpy(check_finite("holdings", holdings), float)
     axis = -2 if instruments else -1
     if h.ndim < -axis or h.shape[axis] == 0:
