@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -129,8 +130,9 @@ def _scenario_arg(text: str):
 
 def _cmd_backtest(args) -> int:
     "Backtest one baseline on one scenario and print its metrics."
-    from hedgerl.backtest import backtest, historical_backtest
+    from hedgerl.backtest import _check_n_boot, backtest, historical_backtest
     from hedgerl.baselines import make_baseline
+    _check_n_boot(args.n_boot)  # before the backtest, not after it
     scn = _scenario_arg(args.scenario)
     strat = make_baseline(args.strategy)
     if hasattr(strat, "fit"): strat.fit(scn, n_paths=args.train_paths, seed=args.seed + 1)
@@ -447,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(); return 0
+    old = _stop_on_sigterm()
     try: return args.func(args)
     except KeyboardInterrupt as e:
         print(f"hedgerl {args.command}: {str(e) or 'interrupted'}", file=sys.stderr); return 130
@@ -454,3 +457,11 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("HEDGERL_DEBUG"): raise
         print(f"hedgerl {args.command}: error: {error_line(e)}", file=sys.stderr)
         return 2 if isinstance(e, _EXPECTED) else 1
+    finally:
+        for s, h in old.items(): signal.signal(s, h)
+
+def _stop_on_sigterm() -> dict:
+    "SIGTERM and SIGHUP stop a command as Ctrl-C does (what it started is stopped, its run recorded); the old handlers, to restore."
+    if threading.current_thread() is not threading.main_thread(): return {}
+    def stop(signum, frame): raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+    return {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}

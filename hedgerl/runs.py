@@ -101,13 +101,15 @@ class RunFailed(RuntimeError):
     def __init__(self, message: str, run_id: int, notebook: Path):
         super().__init__(message); self.run_id, self.notebook = run_id, notebook
 
-def _kernel_manager_class(made: list):
-    "A kernel manager class that records its instances in `made` (papermill creates the kernel, we may need to interrupt it)."
+def _kernel_manager_class(made: list, log):
+    "A kernel manager class that records its instances in `made` (we may need to interrupt the kernel) and sends the kernel's stderr to `log`."
     from jupyter_client.manager import AsyncKernelManager
     class KernelManager(AsyncKernelManager):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **{"transport": "ipc", **kwargs})  # local sockets: no open TCP ports, no "without encryption" warning
             made.append(self)
+        async def _async_launch_kernel(self, kernel_cmd, **kw):
+            return await super()._async_launch_kernel(kernel_cmd, **{**kw, "stderr": log})
     return KernelManager
 
 class _Interrupts:
@@ -127,13 +129,13 @@ class _Interrupts:
         for s, h in self.old.items(): signal.signal(s, h)
 
 def _execute(notebook: Path, output: Path, parameters: dict, timeout: float | None) -> bool:
-    "Execute `notebook` into `output` with papermill; True if it was interrupted (Ctrl-C/SIGTERM) rather than finished."
+    "Execute `notebook` into `output` with papermill (the kernel's log into `kernel.log` beside it); True if it was interrupted (Ctrl-C/SIGTERM)."
     import papermill as pm
     made = []
-    with _Interrupts(made) as ints:
+    with _Interrupts(made) as ints, open(output.parent / "kernel.log", "ab") as log:
         try:
             pm.execute_notebook(str(notebook), str(output), parameters=parameters, kernel_name="python3", language="python", cwd=str(output.parent),
-                                progress_bar=False, execution_timeout=timeout, kernel_manager_class=_kernel_manager_class(made))
+                                progress_bar=False, execution_timeout=timeout, kernel_manager_class=_kernel_manager_class(made, log))
         except pm.PapermillExecutionError as e:
             if ints.requested or e.ename == "KeyboardInterrupt": return True
             raise
@@ -148,9 +150,10 @@ def runs_root(
 ) -> Path:
     "The folder that holds run folders, created and checked writable; a `ValueError` names it otherwise."
     root = Path(runs_dir).expanduser() if runs_dir is not None else settings().data.folder / "runs"
+    what = f"runs_dir {str(root)!r}" if runs_dir is not None else f"the runs folder {str(root)!r} (setting [data] folder, environment HEDGERL_DATA_FOLDER)"
     try: root.mkdir(parents=True, exist_ok=True)
-    except OSError as e: raise ValueError(f"runs_dir {str(root)!r}: cannot create it ({e.strerror})") from None
-    if not root.is_dir() or not os.access(root, os.W_OK | os.X_OK): raise ValueError(f"runs_dir {str(root)!r} is not a writable folder")
+    except OSError as e: raise ValueError(f"{what}: cannot create it ({e.strerror})") from None
+    if not root.is_dir() or not os.access(root, os.W_OK | os.X_OK): raise ValueError(f"{what} is not a writable folder")
     return root.resolve()
 
 def new_run_folder(
@@ -219,6 +222,10 @@ def train(
     run = reg.start_run(experiment, {**cfg, **({"resumed_from": int(resume)} if resume is not None else {})}, name=name, notebook=str(template), tags=tags)
     return _execute_run(run, reg, template, cfg, ckpt, root, threads, timeout)
 
+def _interrupted(run_id: int, ckpt: Path) -> str:
+    if ckpt.is_file(): return f"run {run_id} interrupted; its checkpoint is {ckpt}; resume with `hedgerl train --resume {run_id}`"
+    return f"run {run_id} interrupted before its first checkpoint (nothing to resume: start it again)"
+
 def _execute_run(run, reg: Registry, template: Path, cfg: dict, ckpt: Path | None, root: Path, threads: int, timeout) -> dict:
     "The body of `train` once its run is recorded: a new folder, the notebook executed in it, the run closed with what it left."
     try: folder = new_run_folder(root, run.id)
@@ -232,17 +239,15 @@ def _execute_run(run, reg: Registry, template: Path, cfg: dict, ckpt: Path | Non
         parameters = {**cfg, "out": str(folder), "registry_url": reg.url.render_as_string(hide_password=False), "run_id": run.id,
                       "threads": int(threads), "resume": ckpt is not None, "progress": False}
         interrupted = _execute(template, out_nb, parameters, timeout)
-    except KeyboardInterrupt:
-        run.interrupt(kept()); raise
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the kernel started
+        run.interrupt(kept()); raise KeyboardInterrupt(_interrupted(run.id, ckpt_out)) from None
     except Exception as e:
         import papermill as pm
         why = f"{e.ename}: {e.evalue} (cell [{e.exec_count}])" if isinstance(e, pm.PapermillExecutionError) else f"{type(e).__name__}: {e}"
         run.fail(f"{why}; the executed notebook is {out_nb}", kept())
         raise RunFailed(f"run {run.id} failed: {why}; the executed notebook is {out_nb}", run.id, out_nb) from e
     if interrupted:
-        run.interrupt(kept())
-        where = f"its checkpoint is {ckpt_out}; resume with `hedgerl train --resume {run.id}`" if ckpt_out.is_file() else "it stopped before its first checkpoint"
-        raise KeyboardInterrupt(f"run {run.id} interrupted; {where}")
+        run.interrupt(kept()); raise KeyboardInterrupt(_interrupted(run.id, ckpt_out))
     metrics = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").is_file() else {}
     run.finish({**metrics, **left})
     return {"run_id": run.id, "status": "finished", **left, "metrics": metrics}

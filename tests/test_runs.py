@@ -247,3 +247,25 @@ def test_cli_interrupt_then_resume_from_elsewhere_is_exact(sig, reference_run, t
     assert metrics["units"] == ref_m["units"] == 120
     assert not list((tmp_path / "a").iterdir()) and not list((tmp_path / "b").iterdir())  # nothing written where it ran
     reg.engine.dispose()
+
+
+def test_sigterm_before_training_claims_no_checkpoint(tmp_path):
+    "SIGTERM while the notebook still imports: the run is interrupted, and neither the message nor the registry claims a checkpoint."
+    url = f"sqlite:///{tmp_path}/r.sqlite"
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.Popen([str(BIN / "hedgerl"), "train", "ntb", SCENARIO, "--budget", "50", *SMOKE_ARGS, "--registry", url,
+                             "--runs-dir", str(tmp_path / "runs")], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not list((tmp_path / "runs").glob("*-run1-*")) and proc.poll() is None and time.time() < deadline: time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None: proc.kill(); proc.wait()
+    assert proc.returncode == 130 and "run 1 interrupted before its first checkpoint (nothing to resume: start it again)" in err, err
+    reg = Registry(url)
+    row = reg.runs().set_index("id").loc[1]
+    assert row.status == "interrupted" and "checkpoint" not in row.outputs and not (Path(row.outputs["folder"]) / "checkpoint.zip").exists()
+    p = run(["hedgerl", "train", "--resume", "1", "--registry", url])
+    assert p.returncode == 2 and "cannot resume run 1: it left no checkpoint" in p.stderr, p.stderr
+    reg.engine.dispose()
