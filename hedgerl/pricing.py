@@ -204,9 +204,9 @@ def _heston_log_cf(u, T, v0, kappa, theta, xi, rho):
     inv = 1.0 / (beta + d)
     bx = -c * inv                                     # (beta - d) / xi^2, exactly
     g = bx * inv * xi2
-    e = np.exp(-d * T)
-    lx = _clog1p(g * (1.0 - e) / (1.0 - g)) / xi2     # log((1 - g e) / (1 - g)) / xi^2, with log1p(z) exact to rounding
-    return kappa * theta * (bx * T - 2.0 * lx) + bx * (1.0 - e) / (1.0 - g * e) * v0
+    em = -np.expm1(-d * T)                            # 1 - e^{-dT}, exact to rounding when dT is small
+    lx = _clog1p(g * em / (1.0 - g)) / xi2            # log((1 - g e^{-dT}) / (1 - g)) / xi^2, log1p exact to rounding
+    return kappa * theta * (bx * T - 2.0 * lx) + bx * em / ((1.0 - g) + g * em) * v0
 
 def heston_cf(u, T, v0, kappa, theta, xi, rho):
     "Characteristic function E[exp(iu X_T)] of X_T = log(S_T / F_T) under Heston, in the stable form of Albrecher et al. (2007)."
