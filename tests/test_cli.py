@@ -8,6 +8,8 @@ import subprocess
 import time
 import urllib.request
 
+import pytest
+
 from conftest import BIN, ROOT, run
 
 
@@ -31,6 +33,7 @@ def test_settings_override_from_environment():
     assert f"# from {ROOT / 'settings.ini'}" in p.stdout
 
 
+@pytest.mark.slow
 def test_bench_quick_writes_json(tmp_path):
     p = run(["hedgerl", "bench", "--quick", "--out", str(tmp_path), "--suite", "smoke"], timeout=600, check=True)
     doc = json.loads((tmp_path / "smoke.json").read_text())
