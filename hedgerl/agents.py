@@ -24,7 +24,7 @@ import hedgerl
 from .core import check_int, check_positive, import_torch, resolve_device
 from .env import default_holdings_bounds
 from .pricing import bs_greeks
-from .scenarios import Observation, Scenario, ScenarioPaths, Strategy, get, hedge, simulate_scenario
+from .scenarios import Observation, Scenario, ScenarioPaths, Strategy, as_scenario, hedge, simulate_scenario
 
 torch = import_torch()
 nn = torch.nn
@@ -147,12 +147,6 @@ def make_agent(
 ):
     "A fresh agent of kind `name` for `scenario`; unknown names or parameters raise a `ValueError` naming them."
     return agent_class(name)(scenario, seed=seed, device=device, **params)
-
-def _scenario(scenario) -> Scenario:
-    if isinstance(scenario, Scenario): return scenario
-    if isinstance(scenario, str): return get(scenario)
-    if isinstance(scenario, dict): return Scenario.from_dict(scenario)
-    raise ValueError(f"scenario must be a Scenario, a published name or a dict, got {type(scenario).__name__}")
 
 def _hedging_problem(s: Scenario) -> dict:
     "What defines the hedging problem: everything but the name, the description and the objective."
@@ -280,7 +274,7 @@ class Agent(Strategy):
     valid_every_default: int = 10 # units between validations
 
     def __init__(self, scenario, seed: int = 0, device: str | None = None, **params):
-        self.scenario = _scenario(scenario)
+        self.scenario = as_scenario(scenario)
         unknown = sorted(set(params) - set(self.defaults))
         if unknown:
             raise ValueError(f"{self.kind}: unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
@@ -501,7 +495,7 @@ def load_agent(
     try: agent = make_agent(cfg["agent"], scn, seed=cfg["seed"], device=device, **cfg["params"])
     except ValueError as e: raise ValueError(f"{where}: its config does not make a {cfg['agent']} agent of this hedgerl ({e})") from None
     _restore(agent, path, meta, state)
-    if scenario is not None: agent.reset(_scenario(scenario))
+    if scenario is not None: agent.reset(as_scenario(scenario))
     return agent
 
 # %% ../nbs/11_agents.ipynb #efabcf03

@@ -21,7 +21,7 @@ import pandas as pd
 import hedgerl
 from .core import check_int, check_positive, resolve_device, settings
 from .registry import Registry
-from .scenarios import NAMED, Objective, Scenario, get
+from .scenarios import NAMED, Objective, Scenario, as_scenario
 
 # %% auto #0
 __all__ = ['TRAIN_DEFAULTS', 'OPTUNA_VERSION_TABLE', 'DEFAULT_SPACES', 'parse_objective', 'resolve_scenario', 'train_config',
@@ -38,12 +38,7 @@ def parse_objective(
         unknown = sorted(set(objective) - {"kind", "param"})
         if unknown: raise ValueError(f"objective: unknown key {unknown[0]!r}; expected kind and param")
         return Objective(**objective)
-    if isinstance(objective, str):
-        kind, _, param = objective.partition(":")
-        if not param: return Objective(kind.strip())
-        try: value = float(param)
-        except ValueError: raise ValueError(f"objective {objective!r}: the parameter after ':' must be a number") from None
-        return Objective(kind.strip(), value)
+    if isinstance(objective, str): return Objective.parse(objective)
     raise ValueError(f"objective must be text like 'es:0.5', a dict or an Objective, got {type(objective).__name__}")
 
 def resolve_scenario(
@@ -51,12 +46,7 @@ def resolve_scenario(
     objective=None, # replaces the scenario's risk objective (see `parse_objective`)
 ) -> Scenario:
     "The scenario a run trains on, with its objective replaced when `objective` is given."
-    if isinstance(scenario, Scenario): scn = scenario
-    elif isinstance(scenario, dict): scn = Scenario.from_dict(scenario)
-    elif isinstance(scenario, (str, Path)) and str(scenario).endswith((".yaml", ".yml", ".json")): scn = Scenario.from_file(scenario)
-    elif isinstance(scenario, str): scn = get(scenario)
-    else: raise ValueError(f"scenario must be a published name, a .yaml/.json file, a dict or a Scenario, got {type(scenario).__name__}")
-    obj = parse_objective(objective)
+    scn, obj = as_scenario(scenario), parse_objective(objective)
     return scn if obj is None else scn.replace(objective=obj)
 
 # %% ../nbs/13_runs.ipynb #098237db
