@@ -72,12 +72,21 @@ def _host(v: str) -> str:
 
 def _text(v: str) -> str: return v
 
+def _username(v: str) -> str:
+    if not re.fullmatch(r"[a-z][a-z0-9_-]{0,30}", v): raise ValueError("expected a user name: a lowercase letter, then up to 30 lowercase letters, digits, _ or -")
+    return v
+
+
 # section -> key -> (default, parser). Paths are parsed later, relative to the settings file.
 SETTINGS_SCHEMA: dict[str, dict[str, tuple[str, Callable[[str], Any]]]] = {
     "data": {"folder": ("~/.hedgerl", Path), "cache": ("${data:folder}/cache", Path)},
     "registry": {"url": ("sqlite:///${data:folder}/registry.sqlite", _url)},
     "service": {"host": ("127.0.0.1", _host), "port": ("8765", _port)},
-    "hub": {"host": ("127.0.0.1", _host), "port": ("8000", _port)},
+    "hub": {"host": ("127.0.0.1", _host), "port": ("8000", _port), "deployment": ("local", _choice("local", "kubernetes", "slurm")),
+            "state": ("${data:folder}/hub", Path), "db_url": ("sqlite:///${hub:state}/jupyterhub.sqlite", _url),
+            "profiles": ("hub/profiles.yaml", Path), "idle_timeout": ("3600", _positive), "admin": ("admin", _username)},
+    "gateway": {"port": ("8989", _port), "idle_timeout": ("1800", _positive)},
+
     "lab": {"host": ("127.0.0.1", _host), "port": ("8888", _port)},
     "dask": {"cluster": ("local", _choice("local", "gateway")), "n_workers": ("2", _positive),
              "threads_per_worker": ("1", _positive), "gateway_address": ("", _text)},

@@ -209,23 +209,42 @@ def train(
     template = Path(notebook) if notebook is not None else template_path()
     if not template.is_file(): raise ValueError(f"notebook {str(template)!r} does not exist")
     root = runs_root(runs_dir)
-    run = reg.start_run(experiment, {**cfg, **({"resumed_from": int(resume)} if resume is not None else {})}, name=name, notebook=str(template), tags=tags)
-    return _execute_run(run, reg, template, cfg, ckpt, root, threads, timeout)
+    with _HeldSignals() as held:  # a Ctrl-C or SIGTERM now waits until the run's row and its folder both exist
+        run = reg.start_run(experiment, {**cfg, **({"resumed_from": int(resume)} if resume is not None else {})}, name=name, notebook=str(template), tags=tags)
+        folder = _run_folder(run, root)
+    return _execute_run(run, reg, template, cfg, ckpt, folder, threads, timeout, held.pending)
 
 def _interrupted(run_id: int, ckpt: Path) -> str:
     if ckpt.is_file(): return f"run {run_id} interrupted; its checkpoint is {ckpt}; resume with `hedgerl train --resume {run_id}`"
     return f"run {run_id} interrupted before its first checkpoint (nothing to resume: start it again)"
 
-def _execute_run(run, reg: Registry, template: Path, cfg: dict, ckpt: Path | None, root: Path, threads: int, timeout) -> dict:
-    "The body of `train` once its run is recorded: a new folder, the notebook executed in it, the run closed with what it left."
+class _HeldSignals:
+    "Within it (main thread only) SIGINT, SIGTERM and SIGHUP are held; `pending` is the first that came, to deliver once it is safe."
+    def __enter__(self):
+        self.pending, self.old = None, {}
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP): self.old[s] = signal.signal(s, self._hold)
+        return self
+    def _hold(self, signum, frame): self.pending = self.pending or signum
+    def __exit__(self, *exc):
+        for s, h in self.old.items(): signal.signal(s, h)
+
+def _run_folder(run, root: Path) -> Path:
+    "A new folder for `run`, recorded in its row (a resume finds it from any directory); the run failed if it cannot be made."
     try: folder = new_run_folder(root, run.id)
     except OSError as e: run.fail(f"cannot create the run's folder: {e}"); raise ValueError(f"run {run.id}: cannot create its folder under {root}: {e}") from None
+    run.set_outputs({"folder": str(folder), "notebook": str(folder / "train.ipynb")})
+    return folder
+
+def _execute_run(run, reg: Registry, template: Path, cfg: dict, ckpt: Path | None, folder: Path, threads: int, timeout, pending=None) -> dict:
+    "The body of `train` once its run and folder are recorded: the notebook executed in the folder, the run closed with what it left."
     out_nb, ckpt_out = folder / "train.ipynb", folder / "checkpoint.zip"
     left = {"folder": str(folder), "notebook": str(out_nb)}
-    run.set_outputs(left)  # before anything can fail or be killed: a resume finds the folder from any directory
     kept = lambda: {**left, **({"checkpoint": str(ckpt_out)} if ckpt_out.is_file() else {})}
     try:
+        if pending: signal.raise_signal(pending)  # one that came while the run was being recorded: handled as if it came now
         if ckpt is not None: shutil.copy2(ckpt, ckpt_out)
+
         parameters = {**cfg, "out": str(folder), "registry_url": reg.url.render_as_string(hide_password=False), "run_id": run.id,
                       "threads": int(threads), "resume": ckpt is not None, "progress": False}
         interrupted = _execute(template, out_nb, parameters, timeout)
