@@ -278,6 +278,88 @@ def _cmd_settings(args) -> int:
         for k, v in vals.items(): print(f"{k} = {v}")
     return 0
 
+# %% ../nbs/99_cli.ipynb #a1b2c3d4
+def _platform_pid(pidfile: Path) -> int | None:
+    "The pid of a running `hedgerl hub up` recorded in `pidfile`, or None (a stale file is removed)."
+    from hedgerl.platform import _pid_running
+    try: pid = int(pidfile.read_text().strip())
+    except (OSError, ValueError): return None
+    if _pid_running(pid) and b"hedgerl" in Path(f"/proc/{pid}/cmdline").read_bytes(): return pid
+    pidfile.unlink(missing_ok=True); return None
+
+def _hub_up(ctx, args) -> int:
+    "Start the platform in the foreground; Ctrl-C, SIGTERM or `hedgerl hub down` stops everything it started."
+    from hedgerl.platform import Platform, admin_credentials, check_ports
+    from hedgerl.registry import Registry
+    pidfile, plat = ctx.state / "platform.pid", Platform(ctx)
+    if (pid := _platform_pid(pidfile)): raise ValueError(f"the platform is already running (pid {pid}, {plat.url}/hub/): `make down` stops it")
+    proxy = ctx.bin.parent / "node" / "node_modules" / ".bin" / "configurable-http-proxy"
+    if not proxy.exists(): raise ValueError(f"configurable-http-proxy is not installed at {proxy}: run `make install`")
+    check_ports(ctx.settings)
+    Registry(ctx.settings.registry.url).status()  # the registry database exists and is at the head schema
+    name, password, new = admin_credentials(ctx)
+    pidfile.write_text(f"{os.getpid()}\n")
+    t0 = time.monotonic()
+    try:
+        print(f"hedgerl: starting the hub, its proxy, the dask-gateway and the hedgerl service (log: {plat.log})", flush=True)
+        plat.start()
+        print(f"hedgerl: the platform is up in {time.monotonic() - t0:.1f} s: open {plat.url}/hub/", flush=True)
+        if new: print(f"hedgerl: first login: user {name!r}, password {password!r} (shown once; kept in {ctx.state / 'admin-credentials'})\n"
+                      f"hedgerl: users sign up at {plat.url}/hub/signup; approve them at {plat.url}/hub/authorize", flush=True)
+        else: print(f"hedgerl: admin {name!r}: password in {ctx.state / 'admin-credentials'} (`hedgerl hub admin --reset` makes a new one)", flush=True)
+        print("hedgerl: stop with Ctrl-C, or `make down` from another terminal", flush=True)
+        if not args.no_reference: _seed_in_background(ctx)
+        while plat.proc.poll() is None: time.sleep(0.5)
+        raise RuntimeError(f"the hub exited with status {plat.proc.returncode}:\n{plat.tail()}")
+    except KeyboardInterrupt:
+        print("hedgerl: stopping the platform", flush=True); return 0
+    finally:
+        plat.stop(); pidfile.unlink(missing_ok=True)
+
+def _seed_in_background(ctx) -> None:
+    "Record the reference evaluation in a thread if the registry has none (it logs to state/reference.log)."
+    from hedgerl.platform import seed_reference
+    def work():
+        try:
+            n = seed_reference(ctx.settings.registry.url, ctx.root)
+            if n: print(f"hedgerl: recorded a shared reference evaluation ({n} strategies) in the registry", flush=True)
+        except Exception as e: print(f"hedgerl: the reference evaluation failed: {error_line(e)}", file=sys.stderr, flush=True)
+    threading.Thread(target=work, daemon=True, name="hedgerl-reference").start()
+
+def _hub_down(ctx, args) -> int:
+    "Stop a platform that `hedgerl hub up` started (from another terminal); wait until it is gone."
+    from hedgerl.platform import _pid_running
+    pid = _platform_pid(ctx.state / "platform.pid")
+    if pid is None: print(f"hedgerl: the platform is not running (no live pid in {ctx.state / 'platform.pid'})"); return 0
+    os.kill(pid, signal.SIGTERM)
+    t0 = time.monotonic()
+    while _pid_running(pid):
+        if time.monotonic() - t0 > args.timeout: raise RuntimeError(f"the platform (pid {pid}) did not stop within {args.timeout:.0f} s")
+        time.sleep(0.2)
+    print(f"hedgerl: the platform (pid {pid}) stopped in {time.monotonic() - t0:.1f} s"); return 0
+
+def _hub_admin(ctx, args) -> int:
+    "Where the administrator's password is; with --reset, a new one (printed once)."
+    from hedgerl.platform import admin_credentials
+    name, password, new = admin_credentials(ctx, reset=args.reset)
+    if new: print(f"hedgerl: admin {name!r}: new password {password!r} (kept in {ctx.state / 'admin-credentials'}, 0600)")
+    else: print(f"hedgerl: admin {name!r}: the password is in {ctx.state / 'admin-credentials'} (0600); --reset makes a new one")
+    return 0
+
+def _hub_status(ctx, args) -> int:
+    "Whether the platform runs and its parts answer; status 1 if it does not run."
+    from hedgerl.platform import Platform
+    plat, pid = Platform(ctx), _platform_pid(ctx.state / "platform.pid")
+    print(f"platform: {'running, pid ' + str(pid) if pid else 'not running'}")
+    print(f"hub:      {plat.url}/hub/ {'answers' if plat.healthy() else 'does not answer'}")
+    return 0 if pid else 1
+
+def _cmd_hub(args) -> int:
+    "`hedgerl hub up|down|admin|status`: the platform on this machine."
+    from hedgerl.platform import PlatformContext
+    return {"up": _hub_up, "down": _hub_down, "admin": _hub_admin, "status": _hub_status}[args.action](PlatformContext(), args)
+
+
 # %% ../nbs/99_cli.ipynb #0d2ab737
 class _Parser(argparse.ArgumentParser):
     "An argument parser whose errors are one line that points to `--help`."
@@ -297,6 +379,16 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, help="port (default: [lab] port setting, 8888)")
     up.add_argument("--notebooks", help="folder to serve (default: nbs/ of this clone)")
     up.set_defaults(func=_cmd_up)
+
+    hb = sub.add_parser("hub", help="the platform: JupyterHub, its proxy, the dask-gateway and the hedgerl service",
+                        description="up: start the platform in the foreground (Ctrl-C stops it); down: stop it from another terminal; "
+                                    "admin: the administrator's password (--reset makes a new one); status: whether it runs.")
+    hb.add_argument("action", choices=("up", "down", "admin", "status"))
+    hb.add_argument("--reset", action="store_true", help="admin: make a new administrator password")
+    hb.add_argument("--no-reference", action="store_true", help="up: do not record the reference evaluation in an empty registry")
+    hb.add_argument("--timeout", type=float, default=90.0, help="down: seconds to wait for the platform to stop (default 90)")
+    hb.set_defaults(func=_cmd_hub)
+
 
     pr = sub.add_parser("price", help="Black-Scholes price and Greeks, or implied volatility",
                         description="Price a European option (give --vol) or find its implied volatility (give --price).",
