@@ -44,6 +44,7 @@ $(STAMP): | $(BIN)/python
 	test -x $(VENV)/node/node_modules/.bin/configurable-http-proxy || \
 	  npm install --silent --no-audit --no-fund --prefix $(VENV)/node $(CHP) 2>&1 | grep -v EBADENGINE || true; \
 	$(VENV)/node/node_modules/.bin/configurable-http-proxy --version >/dev/null; \
+	$(BIN)/python -m ipykernel install --sys-prefix --name hedgerl --display-name hedgerl >/dev/null; \
 	rm -f $(VENV)/.hedgerl-installed-*; touch $@; \
 	echo "hedgerl: environment ready in $$(( $$(date +%s) - start )) s"
 

@@ -1,7 +1,17 @@
 #!/usr/bin/env bash
-# Make sure the services the tests need are up: PostgreSQL at 127.0.0.1:5432 (trust auth for local tests).
-# Installs Debian's postgresql when it is missing (as root), starts the cluster, waits until it answers.
+# Make sure what the tests need is here and up: Debian's chromium for the browser tests (installed when missing, as
+# root), and PostgreSQL at 127.0.0.1:5432 (trust auth for local tests): installed when missing, started, waited on.
 set -uo pipefail
+if ! [ -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "services: installing chromium (Debian) for the browser tests"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || true
+  fi
+  if ! [ -x /usr/bin/chromium ]; then
+    if [ "${CI:-}" = "true" ]; then echo "services: /usr/bin/chromium is missing and could not be installed" >&2; exit 1; fi
+    echo "services: /usr/bin/chromium is missing; browser tests will be skipped (outside CI only)" >&2
+  fi
+fi
 ready() { pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; }
 if ready; then echo "services: PostgreSQL is up at 127.0.0.1:5432"; exit 0; fi
 if ! command -v pg_ctlcluster >/dev/null 2>&1; then
