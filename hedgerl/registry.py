@@ -5,11 +5,13 @@
 # %% ../nbs/09_registry.ipynb #4761dd22
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import getpass
 import hashlib
 import json
 import os
+import re
 import socket
 import time
 import traceback
@@ -32,8 +34,8 @@ from .core import SettingsError, check_choice, settings
 
 # %% auto #0
 __all__ = ['STATUSES', 'MIGRATIONS', 'utcnow', 'Base', 'Dataset', 'Experiment', 'RunRow', 'Model', 'Evaluation', 'RunMetric',
-           'SchemaError', 'RegistryUnavailable', 'ArtifactError', 'registry_url', 'sqlite_file', 'make_engine',
-           'alembic_config', 'run_alembic_env', 'schema_diff', 'Run', 'Registry']
+           'SchemaError', 'RegistryUnavailable', 'ArtifactError', 'is_service_url', 'registry_url', 'sqlite_file',
+           'make_engine', 'alembic_config', 'run_alembic_env', 'schema_diff', 'Run', 'Registry', 'open_registry']
 
 # %% ../nbs/09_registry.ipynb #8a341a55
 STATUSES = ("running", "finished", "failed", "interrupted")
@@ -156,10 +158,17 @@ def _json_default(o):
 
 def _dumps(o) -> str: return json.dumps(o, default=_json_default)
 
+def is_service_url(url) -> bool:
+    "Whether `url` is the hedgerl service's http(s) address (the platform's registry) rather than a database URL."
+    return isinstance(url, str) and re.match(r"(?i)https?://", url.strip()) is not None
+
 def registry_url(url: str | None = None) -> sa.URL:
     "Parse and check a registry URL (default `settings().registry.url`); errors name the setting."
     raw = settings().registry.url if url is None else url
     hint = "setting [registry] url (environment HEDGERL_REGISTRY_URL)"
+    if is_service_url(raw):
+        raise SettingsError(f"{hint}: {str(raw)!r} is the hedgerl service, not a database: open it with "
+                            f"hedgerl.registry.open_registry(url) (a RemoteRegistry), or give a sqlite:/// or postgresql+psycopg:// URL")
     try: u = sa.make_url(str(raw))
     except ArgumentError: raise SettingsError(f"{hint}: malformed database URL {str(raw)!r}; expected e.g. sqlite:///path/registry.sqlite or postgresql+psycopg://user@host/db") from None
     if u.drivername in ("postgresql", "postgres"): u = u.set(drivername="postgresql+psycopg")  # the driver hedgerl installs
@@ -232,6 +241,7 @@ class Run:
         "Append metrics for `step` and refresh the heartbeat (reviving a run reaped for a stale one), in one transaction."
         now = utcnow()
         def write(s: Session):
+            self.registry._check_owner(s, RunRow, self.id, "run")
             s.add_all([RunMetric(run_id=self.id, step=int(step), key=k, value=None if v is None else float(v), timestamp=now)
                        for k, v in metrics.items()])
             s.execute(sa.update(RunRow).where(RunRow.id == self.id).values(heartbeat=now))
@@ -248,6 +258,7 @@ class Run:
 
     def _update(self, outputs: dict | None = None, **values):
         def write(s: Session):
+            self.registry._check_owner(s, RunRow, self.id, "run")
             row = s.get(RunRow, self.id, with_for_update=True)
             if outputs is not None: row.outputs = {**(row.outputs or {}), **outputs}
             for k, v in values.items(): setattr(row, k, v)
@@ -276,7 +287,9 @@ class Run:
     @property
     def status(self) -> str:
         "The run's status in the database."
-        with self.registry._session() as s: return s.get(RunRow, self.id).status
+        with self.registry._session() as s:
+            self.registry._check_visible(s, [self.id], None)
+            return s.get(RunRow, self.id).status
 
     def __enter__(self): return self
     def __exit__(self, typ, exc, tb):
@@ -321,6 +334,20 @@ class Registry:
         self._ready = False
 
     def __repr__(self): return f"Registry({self.url.render_as_string()!r}, user={self.user!r})"
+
+    def as_user(self,
+        user: str, # the user the new handle acts as
+    ) -> Registry:
+        "A handle on the same database acting as `user`, sharing this one's engine (what the hedgerl service opens per request)."
+        if not isinstance(user, str) or not user: raise ValueError(f"user must be a non-empty string, got {user!r}")
+        other = copy.copy(self); other.user = user
+        return other
+
+    def address(self,
+        hide_password: bool = True, # False only to hand the URL to another process of the same user (a papermill kernel)
+    ) -> str:
+        "The registry's URL as text: what another process passes to `open_registry` to reach the same registry."
+        return self.url.render_as_string(hide_password=hide_password)
 
     # --- schema
     def _script(self) -> ScriptDirectory: return ScriptDirectory.from_config(alembic_config(self.engine))
@@ -393,6 +420,14 @@ class Registry:
     def _visible(self, table, user: str | None):
         return sa.or_(table.owner == (user or self.user), table.shared.is_(True))
 
+    def _check_owner(self, s: Session, table, id_: int, what: str) -> None:
+        "Before a write: `KeyError` if row `id_` of `table` is not visible to this handle's user, `PermissionError` if it is someone else's."
+        row = s.execute(sa.select(table.owner, table.shared).where(table.id == int(id_))).first()
+        if row is None or (row.owner != self.user and not row.shared):
+            raise KeyError(f"no {what} {id_} visible to user {self.user!r} in {self.url.render_as_string()}")
+        if row.owner != self.user:
+            raise PermissionError(f"{what} {id_} belongs to {row.owner!r} (shared, read-only): only its owner can change it, not {self.user!r}")
+
     def start_run(self,
         experiment: str, # experiment name (created for this user when new)
         params: dict | None = None, # the run's parameters (JSON: numbers, strings, lists, dicts)
@@ -401,6 +436,8 @@ class Registry:
         shared: bool = False, # visible to every user (else only to its owner)
         tags: list | None = None, # free-form labels
         description: str | None = None, # the experiment's description, when it is created
+        host: str | None = None, # host of the process that runs it (None: this one's); the reaper checks its pid there
+        pid: int | None = None, # pid of that process (None: this one's); what the hedgerl service records for its clients
     ) -> Run:
         "Open a running run (reaping dead ones first); use it as a context manager."
         self.reap()
@@ -411,7 +448,7 @@ class Registry:
                 with s.begin_nested(): s.add(exp); s.flush()
             now = utcnow()
             row = RunRow(experiment_id=exp.id, name=name, params=params or {}, status="running", started=now, owner=self.user,
-                         shared=shared, host=socket.gethostname(), pid=os.getpid(), heartbeat=now,
+                         shared=shared, host=host or socket.gethostname(), pid=os.getpid() if pid is None else int(pid), heartbeat=now,
                          notebook=None if notebook is None else str(notebook), tags=tags)
             s.add(row); s.flush()
             return row.id
@@ -456,13 +493,15 @@ class Registry:
         config: dict | None = None, # configuration needed to rebuild it
         name: str | None = None, # model name (default `algorithm/scenario`); versions count up per (owner, name)
         shared: bool = False, # visible to every user
+        checksum: str | None = None, # the file's sha256 when the caller has just computed it (the hedgerl service does); None: computed here
     ) -> dict:
-        "Record a model artifact with its checksum under the next version of its name; return its row."
+        "Record a model artifact with its checksum under the next version of its name; return its row. The run must be this user's."
         p = Path(artifact_path).expanduser().resolve()
         if not p.is_file(): raise FileNotFoundError(f"artifact_path {str(p)!r} is not a file")
-        checksum, name = _sha256(p), name or f"{algorithm}/{scenario}"
+        checksum, name = checksum or _sha256(p), name or f"{algorithm}/{scenario}"
         run_id = run.id if isinstance(run, Run) else run
         def write(s: Session):
+            if run_id is not None: self._check_owner(s, RunRow, run_id, "run")
             v = (s.scalar(sa.select(sa.func.max(Model.version)).where(Model.owner == self.user, Model.name == name)) or 0) + 1
             m = Model(run_id=run_id, algorithm=algorithm, scenario=scenario, name=name, version=v, artifact=str(p),
                       checksum=checksum, config=config or {}, owner=self.user, shared=shared)
@@ -470,16 +509,23 @@ class Registry:
             return dict(id=m.id, name=name, version=v, checksum=checksum, artifact=str(p))
         return self._write(write, retry_integrity=True)
 
+    def model(self,
+        model_id: int, # id of a model visible to this handle's user
+    ) -> dict:
+        "The model's row (id, name, version, artifact, checksum, owner, ...); `KeyError` if this user cannot see it."
+        with self._session() as s: m = s.execute(sa.select(*Model.__table__.columns).where(Model.id == int(model_id), self._visible(Model, None))).first()
+        if m is None: raise KeyError(f"no model {model_id} visible to user {self.user!r} in {self.url.render_as_string()}")
+        return dict(m._mapping)
+
     def model_file(self,
         model_id: int, # id of a model visible to this handle's user
     ) -> Path:
         "The model's file, checked against the checksum recorded at registration (`ArtifactError` when missing or changed)."
-        with self._session() as s: m = s.scalar(sa.select(Model).where(Model.id == int(model_id), self._visible(Model, None)))
-        if m is None: raise KeyError(f"no model {model_id} visible to user {self.user!r} in {self.url.render_as_string()}")
-        what, p = f"model {m.id} ({m.name} v{m.version})", Path(m.artifact)
-        if not p.is_file(): raise ArtifactError(f"{what}: its file {m.artifact} is missing")
-        if (now := _sha256(p)) != m.checksum:
-            raise ArtifactError(f"{what}: {m.artifact} no longer matches the checksum recorded at registration (sha256 {m.checksum[:12]}..., "
+        m = self.model(model_id)
+        what, p = f"model {m['id']} ({m['name']} v{m['version']})", Path(m["artifact"])
+        if not p.is_file(): raise ArtifactError(f"{what}: its file {m['artifact']} is missing")
+        if (now := _sha256(p)) != m["checksum"]:
+            raise ArtifactError(f"{what}: {m['artifact']} no longer matches the checksum recorded at registration (sha256 {m['checksum'][:12]}..., "
                                 f"now {now[:12]}...): the file was replaced or corrupted; restore it or retrain")
         return p
 
@@ -494,11 +540,15 @@ class Registry:
         model: dict | int | None = None, # registered model evaluated (row from `register_model` or id)
         shared: bool = False, # visible to every user
     ) -> int:
-        "Record one evaluation; return its id."
+        "Record one evaluation; return its id. Its run must be this user's; its model, one this user can see (a shared one too)."
         e = Evaluation(scenario=scenario, strategy=strategy, objective=float(objective), metrics=metrics or {},
                        n_paths=n_paths, seed=None if seed is None else int(seed), run_id=run.id if isinstance(run, Run) else run,
                        model_id=model["id"] if isinstance(model, dict) else model, owner=self.user, shared=shared)
-        def write(s: Session): s.add(e); s.flush(); return e.id
+        def write(s: Session):
+            if e.run_id is not None: self._check_owner(s, RunRow, e.run_id, "run")
+            if e.model_id is not None and s.scalar(sa.select(Model.id).where(Model.id == e.model_id, self._visible(Model, None))) is None:
+                raise KeyError(f"no model {e.model_id} visible to user {self.user!r} in {self.url.render_as_string()}")
+            s.add(e); s.flush(); return e.id
         return self._write(write)
 
     def register_dataset(self,
@@ -525,6 +575,7 @@ class Registry:
         experiment: str | None = None, # only this experiment
         status: str | None = None, # only runs with this status
         user: str | None = None, # whose view (default this handle's user): their runs plus shared ones
+        run_id: int | None = None, # only this run
     ) -> pd.DataFrame:
         "Runs visible to `user`, newest first."
         if status is not None: check_choice("status", status, STATUSES)
@@ -535,6 +586,7 @@ class Registry:
              .join(Experiment, RunRow.experiment_id == Experiment.id).where(self._visible(RunRow, user)).order_by(RunRow.id.desc()))
         if experiment is not None: q = q.where(Experiment.name == experiment)
         if status is not None: q = q.where(RunRow.status == status)
+        if run_id is not None: q = q.where(RunRow.id == int(run_id))
         with self._session() as s: rows = s.execute(q).all()
         return _frame(rows, [c.name for c in q.selected_columns])
 
@@ -608,3 +660,18 @@ class Registry:
                 if isinstance(v, (int, float)) and not isinstance(v, bool): rows[r.id][k] = v
         for run_id, k, v, _ in vals: rows[run_id][k] = v # the metric logged last wins within a step
         return pd.DataFrame.from_dict(rows, orient="index").reindex(run_ids).rename_axis("run_id")
+
+# %% ../nbs/09_registry.ipynb #12ca1a43
+def open_registry(
+    url=None, # a database URL, the hedgerl service's http(s) URL, or a registry (returned as it is); None: `settings().registry.url`
+    **kwargs, # options of `Registry` (user, heartbeat_timeout, create) or of `hedgerl.remote.RemoteRegistry` (token, timeout)
+):
+    "The registry at `url`: a `Registry` on a database, a `RemoteRegistry` on the hedgerl service (the platform's boundary)."
+    if url is not None and not isinstance(url, (str, sa.URL)):
+        if kwargs: raise TypeError(f"open_registry: options are for a URL, not for an open registry: {', '.join(kwargs)}")
+        return url
+    raw = settings().registry.url if url is None else url
+    if is_service_url(raw):
+        from hedgerl.remote import RemoteRegistry  # the service's client, loaded only for a service URL (it needs httpx)
+        return RemoteRegistry(raw.strip(), **kwargs)
+    return Registry(raw, **kwargs)
