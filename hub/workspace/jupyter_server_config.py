@@ -1,0 +1,26 @@
+"""What every workspace's JupyterLab reads (the hub points JUPYTER_CONFIG_PATH here): the `hedgerl` kernel (the
+environment with hedgerl installed) as the only kernel, Voila as a server extension (/voila/), and TensorBoard one click
+away in the launcher (jupyter-server-proxy at /tensorboard/) on the user's run logs, $HEDGERL_DATA_FOLDER/runs."""
+import os
+import sys
+from pathlib import Path
+
+c = get_config()  # noqa: F821 (traitlets gives get_config)
+
+c.ServerApp.jpserver_extensions.update({"voila": True, "jupyter_server_proxy": True})
+c.MappingKernelManager.default_kernel_name = "hedgerl"
+c.KernelSpecManager.allowed_kernelspecs = {"hedgerl"}
+c.KernelSpecManager.ensure_native_kernel = False
+
+runs = Path(os.environ.get("HEDGERL_DATA_FOLDER") or "~/.hedgerl").expanduser() / "runs"
+c.ServerProxy.servers = {
+    "tensorboard": {
+        "command": [sys.executable, "-m", "tensorboard.main", "--logdir", str(runs), "--host", "127.0.0.1",
+                    "--port", "{port}", "--path_prefix", "{base_url}tensorboard", "--reload_interval", "15"],
+        "absolute_url": True,
+        "timeout": 60,
+        "launcher_entry": {"title": "TensorBoard", "icon_path": str(Path(__file__).parent / "tensorboard.svg"),
+                           "category": "Other"},
+        "new_browser_tab": False,
+    },
+}
