@@ -11,7 +11,7 @@ import re
 
 from nativeauthenticator import NativeAuthenticator
 from nativeauthenticator import handlers as native
-from traitlets import Unicode
+from traitlets import Enum, Unicode
 
 USERNAME = re.compile(r"[a-z][a-z0-9_-]{0,30}")
 GROUP = "researchers"  # the JupyterHub group of approved users
@@ -25,6 +25,13 @@ def is_platform_account(name: str, group: str = PLATFORM_GROUP) -> bool:
     try: g, pw = grp.getgrnam(group), pwd.getpwnam(name)
     except KeyError: return False
     return pw.pw_gid == g.gr_gid or name in g.gr_mem
+
+
+def site_account_problem(name: str, uid_min: int = 1000) -> str | None:
+    "Why `name` is not a user account of this cluster (a Slurm job runs as it), or None."
+    try: pw = pwd.getpwnam(name)
+    except KeyError: return f"{name!r} has no account on this cluster: sign up with your cluster user name"
+    return None if pw.pw_uid >= uid_min else f"{name!r} is a system account of this cluster: sign up with your own user name"
 
 
 def system_name_problem(name: str, group: str = PLATFORM_GROUP) -> str | None:
@@ -94,6 +101,9 @@ class HedgerlAuthenticator(NativeAuthenticator):
     "NativeAuthenticator with admin approval as the allow rule, approved users in the group `researchers`, checked names."
     researchers_group = Unicode(GROUP, config=True, help="the JupyterHub group approved users belong to")
     platform_group = Unicode(PLATFORM_GROUP, config=True, help="the system group of the platform's accounts")
+    system_accounts = Enum(["platform", "site", "none"], "platform", config=True,
+                           help="what a name must be on this machine: platform: new or the platform's own account (local "
+                                "workspaces); site: an existing user account (Slurm jobs); none: anything (Kubernetes pods)")
 
     def validate_username(self, username):
         return bool(USERNAME.fullmatch(username)) and super().validate_username(username)
@@ -104,7 +114,8 @@ class HedgerlAuthenticator(NativeAuthenticator):
         if not USERNAME.fullmatch(name):
             return "A user name is a lowercase letter then up to 30 lowercase letters, digits, _ or - (it becomes a system account)."
         if name in self.admin_users: return f"{name!r} is the hub's administrator; its password is set with `hedgerl hub admin`."
-        problem = system_name_problem(name, self.platform_group)
+        problem = {"platform": lambda: system_name_problem(name, self.platform_group),
+                   "site": lambda: site_account_problem(name), "none": lambda: None}[self.system_accounts]()
         if problem: return problem
         if len(password) < self.minimum_password_length:
             return f"The password is too short: at least {self.minimum_password_length} characters."
@@ -169,6 +180,7 @@ class HedgerlAuthenticator(NativeAuthenticator):
 
 def configure(c, ctx):
     c.JupyterHub.authenticator_class = HedgerlAuthenticator
+    c.HedgerlAuthenticator.system_accounts = {"local": "platform", "slurm": "site", "kubernetes": "none"}[ctx.deployment]
     c.Authenticator.admin_users = {ctx.settings.hub.admin}
     c.Authenticator.allow_all = False
     c.Authenticator.any_allow_config = True  # check_allowed above is the allow rule (approval)
