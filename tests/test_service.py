@@ -1,0 +1,254 @@
+"""The hedgerl service through a real JupyterHub and configurable-http-proxy: the hub starts the service from
+hub/jupyterhub_config.d/30-service.py, users call it with their tokens or log in with a browser.
+
+The hub's other files (authentication, spawner) are not what is tested here: a minimal base config (shared-password
+login, two allowed users, an admin service that makes tokens) stands in for them, so the service's file is checked on
+its own. Ports come from 18200-18299."""
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+CHP = BIN.parent / "node" / "node_modules" / ".bin" / "configurable-http-proxy"
+PREFIX = "/services/hedgerl/"
+PASSWORD = "hc-" + os.urandom(8).hex()
+ADMIN_TOKEN = os.urandom(16).hex()
+ANN, BOB = "hcann", "hcbob"  # ann is a researcher, bob is not
+
+pytestmark = pytest.mark.skipif(not CHP.exists(), reason=f"{CHP}: configurable-http-proxy is not installed (make install)")
+
+
+def free_ports(n: int, lo: int = 18200, hi: int = 18300) -> list[int]:
+    "`n` free ports of this helper's range; the first three consecutive (the proxy, its API, the hub's API)."
+    def free(p):
+        with socket.socket() as s:
+            try: s.bind(("127.0.0.1", p)); return True
+            except OSError: return False
+    for base in range(lo + os.getpid() % 50, hi - 3):
+        if all(free(p) for p in range(base, base + 3)):
+            rest = [p for p in range(lo, hi) if not base <= p < base + 3 and free(p)][:n - 3]
+            if len(rest) == n - 3: return [base, base + 1, base + 2, *rest]
+    raise RuntimeError("no free ports in 18200-18299")
+
+
+BASE_CONFIG = '''
+def configure(c, ctx):
+    h = ctx.settings.hub
+    c.JupyterHub.bind_url = f"http://127.0.0.1:{h.port}"
+    c.JupyterHub.hub_bind_url = f"http://127.0.0.1:{h.port + 2}"
+    c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{h.port + 1}"
+    c.ConfigurableHTTPProxy.command = [%(chp)r]
+    c.ConfigurableHTTPProxy.auth_token = ctx.secret("proxy_token")
+    c.JupyterHub.cookie_secret = bytes.fromhex(ctx.secret("cookie_secret"))
+    c.JupyterHub.db_url = f"sqlite:///{ctx.state}/jupyterhub.sqlite"
+    c.JupyterHub.pid_file = str(ctx.state / "jupyterhub.pid")
+    c.JupyterHub.authenticator_class = "shared-password"
+    c.SharedPasswordAuthenticator.user_password = %(password)r
+    c.Authenticator.allowed_users = {%(ann)r, %(bob)r}
+    c.JupyterHub.services.append({"name": "hc-admin", "api_token": %(admin_token)r, "display": False})
+    c.JupyterHub.load_roles.append({"name": "admin", "services": ["hc-admin"]})
+'''
+
+
+class Hub:
+    "A real JupyterHub + proxy started from a config folder with the base above and the service's file."
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.port, _, self.api_port, self.service_port = free_ports(4)
+        self.url = f"http://127.0.0.1:{self.port}"
+        conf = tmp / "jupyterhub_config.d"; conf.mkdir()
+        (conf / "00-test-base.py").write_text(BASE_CONFIG % dict(chp=str(CHP), password=PASSWORD, ann=ANN, bob=BOB, admin_token=ADMIN_TOKEN))
+        (conf / "30-service.py").write_text((ROOT / "hub" / "jupyterhub_config.d" / "30-service.py").read_text())
+        (tmp / "jupyterhub_config.py").write_text(
+            "from pathlib import Path\nfrom hedgerl.platform import PlatformContext, load_config_dir\n"
+            "load_config_dir(get_config(), Path(__file__).parent / 'jupyterhub_config.d', PlatformContext())\n")
+        self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HEDGERL_DATA_FOLDER": str(tmp / "data"),
+                    "HEDGERL_HUB_PORT": str(self.port), "HEDGERL_SERVICE_PORT": str(self.service_port)}
+        self.log = tmp / "hub.log"
+        self.proc = None
+
+    def start(self, timeout: float = 90) -> dict:
+        "Start the hub; seconds until /hub/health answers and until the service answers through the proxy."
+        t0 = time.monotonic()
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen([str(BIN / "jupyterhub"), "-f", str(self.tmp / "jupyterhub_config.py")], cwd=self.tmp,
+                                         env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        times = {}
+        for name, path in (("hub", "/hub/health"), ("service", f"{PREFIX}api/v1/health")):
+            while True:
+                if self.proc.poll() is not None: raise AssertionError(f"jupyterhub exited {self.proc.returncode}:\n{self.text()[-4000:]}")
+                try:
+                    if requests.get(self.url + path, timeout=2).status_code == 200: break
+                except requests.ConnectionError: pass
+                if time.monotonic() - t0 > timeout: raise AssertionError(f"{path} not up in {timeout} s:\n{self.text()[-4000:]}")
+                time.sleep(0.1)
+            times[name] = round(time.monotonic() - t0, 2)
+        return times
+
+    def text(self) -> str: return self.log.read_text(errors="replace")
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try: self.proc.wait(30)
+            except subprocess.TimeoutExpired: os.killpg(self.proc.pid, signal.SIGKILL); self.proc.wait()
+
+    def api(self, method: str, path: str, headers: dict | None = None, **kw) -> requests.Response:
+        "The hub's REST API (as the test's admin service unless `headers` say otherwise)."
+        return requests.request(method, f"{self.url}/hub/api{path}", headers=headers or {"Authorization": f"token {ADMIN_TOKEN}"}, timeout=10, **kw)
+
+    def token(self, user: str) -> str:
+        r = self.api("POST", f"/users/{user}/tokens", json={"note": "test_service"})
+        assert r.status_code == 201, r.text
+        return r.json()["token"]
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    h = Hub(tmp_path_factory.mktemp("hub"))
+    try:
+        h.start_times = h.start()
+        print(f"\nhub start with the hedgerl service: /hub/health after {h.start_times['hub']} s, "
+              f"the service through the proxy after {h.start_times['service']} s")
+        # the role created the group at start; approved users are put in it (here by the admin's API)
+        h.group_at_start = h.api("GET", "/groups/researchers").status_code
+        assert h.api("POST", "/groups/researchers/users", json={"users": [ANN]}).status_code == 200
+        h.tokens = {ANN: h.token(ANN), BOB: h.token(BOB)}
+        yield h
+    finally:
+        h.stop()
+    left = {p: listener(p) for p in (h.port, h.port + 1, h.api_port, h.service_port)}
+    assert not any(left.values()), f"still listening after the hub stopped: {left}"
+
+
+def service(hub, path: str, token: str | None = None, scheme: str = "token", **kw) -> requests.Response:
+    headers = kw.pop("headers", {})
+    if token: headers["Authorization"] = f"{scheme} {token}"
+    return requests.get(f"{hub.url}{PREFIX}{path}", headers=headers, timeout=10, **kw)
+
+
+def test_health_is_public(hub):
+    r = service(hub, "api/v1/health")
+    assert r.status_code == 200 and r.json()["status"] == "ok" and set(r.json()) == {"status", "version"}
+
+
+def test_me_with_a_researchers_token(hub):
+    for scheme in ("token", "Bearer"):
+        r = service(hub, "api/v1/me", hub.tokens[ANN], scheme)
+        assert r.status_code == 200, r.text
+        assert r.json() == {"name": ANN, "groups": ["researchers"], "admin": False}
+
+
+def test_anonymous_is_401_json(hub):
+    for path in ("api/v1/me", "api/v1/nothing-here", ""):
+        r = service(hub, path)
+        assert r.status_code == 401 and r.headers["content-type"] == "application/json", (path, r.text)
+        assert r.json()["detail"].startswith("authentication required")
+    r = service(hub, "api/v1/me", "not-a-token")
+    assert r.status_code == 401 and "does not know this token" in r.json()["detail"]
+
+
+def test_without_the_role_is_403_json(hub):
+    r = service(hub, "api/v1/me", hub.tokens[BOB])
+    assert r.status_code == 403 and r.headers["content-type"] == "application/json"
+    assert f"user '{BOB}' may not use the hedgerl service" in r.json()["detail"]
+    assert service(hub, "api/v1/nothing-here", hub.tokens[BOB]).status_code == 403
+
+
+def test_unknown_route_is_404_json_for_a_researcher(hub):
+    r = service(hub, "api/v1/nothing-here", hub.tokens[ANN])
+    assert r.status_code == 404 and r.json() == {"detail": "Not Found"}
+
+
+def test_group_role_and_service_scopes(hub):
+    assert hub.group_at_start == 200  # JupyterHub created `researchers` from the role that names it
+    assert "hedgerl-service-users" in hub.api("GET", "/groups/researchers").json()["roles"]
+    scopes = lambda user: set(hub.api("GET", "/user", headers={"Authorization": f"token {hub.tokens[user]}"}).json()["scopes"])
+    assert "access:services!service=hedgerl" in scopes(ANN) and not any(s.startswith("access:services") for s in scopes(BOB))
+    svc = hub.api("GET", "/services/hedgerl").json()
+    assert svc["roles"] == [] and svc["prefix"] == PREFIX  # the service holds no scope beyond identifying callers
+
+
+def test_docs_through_the_proxy(hub):
+    page = service(hub, "docs")
+    assert page.status_code == 200 and f"{PREFIX}openapi.json" in page.text and "cdn." not in page.text
+    spec = service(hub, "openapi.json").json()
+    assert {f"{PREFIX}api/v1/health", f"{PREFIX}api/v1/me"} <= set(spec["paths"])
+
+
+def browser_login(hub, user: str) -> tuple[requests.Session, requests.Response]:
+    "A browser's visit to the service's `me` page: through the hub's OAuth redirect, its real login form, and back."
+    s = requests.Session()
+    s.headers["Accept"] = "text/html,application/xhtml+xml,*/*;q=0.8"
+    first = s.get(f"{hub.url}{PREFIX}api/v1/me", allow_redirects=False, timeout=10)
+    assert first.status_code == 302, first.text
+    q = dict(re.findall(r"[?&]([^=&]+)=([^&]*)", first.headers["location"]))
+    assert first.headers["location"].startswith("/hub/api/oauth2/authorize?") and q["state"] and q["code_challenge_method"] == "S256"
+    form = s.get(hub.url + first.headers["location"], timeout=10)  # not logged in to the hub: its login form
+    assert urlpath(form.url) == "/hub/login" and 'name="password"' in form.text, form.url
+    xsrf = s.cookies.get("_xsrf", path="/hub/") or s.cookies.get("_xsrf")
+    done = s.post(form.url, data={"username": user, "password": PASSWORD, "_xsrf": xsrf}, timeout=10)
+    return s, done
+
+
+def listener(port: int) -> int | None:
+    "The pid of the process listening on 127.0.0.1:`port`."
+    import psutil
+    return next((c.pid for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == port), None)
+
+
+def urlpath(url: str) -> str: return requests.utils.urlparse(url).path
+
+
+def test_browser_login_through_the_hub(hub):
+    s, r = browser_login(hub, ANN)
+    assert r.status_code == 200 and urlpath(r.url) == f"{PREFIX}api/v1/me", (r.url, r.text[:300])
+    assert r.json() == {"name": ANN, "groups": ["researchers"], "admin": False}
+    assert [h.status_code for h in r.history][-2:] == [302, 302]  # authorize (no consent page) -> oauth_callback -> me
+    assert any(c.name == "service-hedgerl" and c.path == PREFIX and c.has_nonstandard_attr("HttpOnly") for c in s.cookies)
+    assert s.get(f"{hub.url}{PREFIX}api/v1/me", timeout=10).json()["name"] == ANN  # the cookie alone, no new login
+    # a script's fetch (as from another user's page on the same origin) does not get in with the cookie
+    r = s.get(f"{hub.url}{PREFIX}api/v1/me", headers={"Sec-Fetch-Mode": "cors", "Sec-Fetch-Site": "same-origin"}, timeout=10)
+    assert r.status_code == 401
+    assert "code=" not in hub.text().split("oauth_callback", 1)[-1].split("\n", 1)[0]  # no login code in the hub's log line
+
+
+def test_browser_of_a_user_without_the_role(hub):
+    s, r = browser_login(hub, BOB)
+    assert r.status_code == 403, (r.url, r.status_code)  # the hub's authorize step refuses: no access scope
+    assert not any(c.name == "service-hedgerl" for c in s.cookies)
+
+
+def test_service_log_has_no_secrets(hub):
+    log = hub.text()
+    for secret in (PASSWORD, ADMIN_TOKEN, *hub.tokens.values(), *(p.read_text() for p in (hub.tmp / "data" / "hub" / "secrets").iterdir())):
+        assert secret not in log
+    assert "hedgerl service 0.0.1 on http://127.0.0.1" in log  # the service's own log goes to the hub's
+
+
+@pytest.mark.slow
+def test_the_hub_restarts_a_dead_service(hub):
+    "A crashed service comes back (the hub restarts managed services); the browser's login survives it."
+    s, r = browser_login(hub, ANN)
+    assert r.status_code == 200
+    pid = listener(hub.service_port)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 60:
+        try:
+            if service(hub, "api/v1/health").status_code == 200: break
+        except requests.ConnectionError: pass
+        time.sleep(0.2)
+    assert service(hub, "api/v1/health").status_code == 200
+    assert s.get(f"{hub.url}{PREFIX}api/v1/me", timeout=10).json()["name"] == ANN  # the cookie's secret is the platform's
