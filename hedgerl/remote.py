@@ -32,8 +32,8 @@ from .registry import ArtifactError, Registry, RegistryUnavailable, Run, SchemaE
 # %% auto #0
 __all__ = ['API', 'DATETIME_COLUMNS', 'Name', 'Int32', 'Id', 'IdPath', 'jsonable', 'frame_payload', 'payload_frame',
            'account_owns', 'read_artifact', 'Body', 'StartRun', 'LogMetrics', 'RunOutputs', 'FailRun', 'RegisterModel',
-           'RecordEvaluation', 'BodyTooLarge', 'error_status', 'RegistryRoute', 'hub_user_name', 'registry_router',
-           'service_error', 'ServiceClient', 'RemoteRun', 'RemoteRegistry']
+           'RecordEvaluation', 'BodyTooLarge', 'error_status', 'RegistryRoute', 'seal_sqlite', 'hub_user_name',
+           'registry_router', 'service_error', 'ServiceClient', 'RemoteRun', 'RemoteRegistry']
 
 # %% ../nbs/17_remote.ipynb #5db812e6
 API = "api/v1/registry" # where the registry's endpoints live under the service's URL (`/services/hedgerl/`)
@@ -266,6 +266,24 @@ def _evaluation_routes(router: APIRouter, reg: Any) -> None:
         return frame_payload(r.evaluations(scenario=scenario, strategy=strategy, run_id=run_id, model_id=model_id))
 
 # %% ../nbs/17_remote.ipynb #19b92d80
+def seal_sqlite(
+    registry: Registry, # the service's registry
+) -> Path | None:
+    "Make a SQLite registry's file readable and writable by this account only (0600, created so if missing); its path, or None for other databases."
+    from hedgerl.registry import sqlite_file
+    f = sqlite_file(registry.url)
+    if f is None: return None
+    try:
+        f.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.close(os.open(f, os.O_WRONLY | os.O_CREAT, 0o600))
+        for p in (f, f.with_name(f.name + "-wal"), f.with_name(f.name + "-shm")):
+            if p.exists(): p.chmod(0o600)
+    except OSError as e:
+        raise SettingsError(f"cannot make the registry database {f} private to the hedgerl service ({e.strerror}): "
+                            f"it must be readable by the service's account only (setting [registry] url)") from None
+    return f
+
+# %% ../nbs/17_remote.ipynb #21685485
 def hub_user_name(user) -> str:
     "The registry's user for what the service's dependency returned: a hub *user*'s name (another service's token is refused)."
     name, kind = getattr(user, "name", user), getattr(user, "kind", "user")
@@ -279,12 +297,13 @@ def registry_router(
     owns: Callable = account_owns, # which files a user may register and have served as models (see `read_artifact`)
     max_body: int = 1 << 20, # largest request body in bytes (413 above it)
 ) -> APIRouter:
-    "The registry's REST endpoints; every call runs as the authenticated hub user (`Registry.as_user`): ownership is the registry's own."
+    "The registry's REST endpoints; every call runs as the authenticated hub user (`Registry.as_user`): ownership is the registry's own. A SQLite database is sealed (`seal_sqlite`)."
     url = registry.address() if isinstance(registry, Registry) else str(settings().registry.url if registry is None else registry)
     if is_service_url(url):
         raise SettingsError(f"the hedgerl service's own [registry] url (environment HEDGERL_REGISTRY_URL) must be a database that only it "
                             f"reaches (a file in the hub's state folder, or PostgreSQL), not {url!r}, which is the service itself")
     base = registry if isinstance(registry, Registry) else Registry(url)
+    seal_sqlite(base)
     route = type("RegistryRoute", (RegistryRoute,), {"max_body": int(max_body), "hidden": base.address()})
     router = APIRouter(route_class=route, tags=["registry"])
     def caller_registry(user=Depends(user_dependency)) -> Registry: return base.as_user(hub_user_name(user))
