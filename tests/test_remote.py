@@ -1,0 +1,304 @@
+"""The registry's boundary end to end: a real uvicorn process serving `hedgerl.remote.registry_router`, and clients that
+run as two real system accounts (as a workspace's kernel would), recording and reading through `RemoteRegistry` with
+their own tokens. User B must not read, list, change, download or hang anything on A's private rows, nor reach A's
+files or the registry's database directly. Also: the hub config file that points workspaces at the service
+(hub/jupyterhub_config.d/35-registry.py) on a bare Config, and (slow) the training template recording through the
+service from a papermill kernel running as A."""
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import pwd
+import secrets
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+PORTS = range(18300, 18400)  # this test's port range
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+# --- the hub config file, on a bare Config -------------------------------------------------------------------------
+
+def _config_module():
+    spec = importlib.util.spec_from_file_location("hedgerl_test_35_registry", ROOT / "hub" / "jupyterhub_config.d" / "35-registry.py")
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    return mod
+
+
+def _ctx(tmp_path, deployment="local", **env):
+    from hedgerl.core import load_settings
+    from hedgerl.platform import PlatformContext
+    s = load_settings(ROOT / "settings.ini", environ={"HEDGERL_DATA_FOLDER": str(tmp_path), "HEDGERL_HUB_DEPLOYMENT": deployment, **env})
+    return PlatformContext(settings=s, root=ROOT, state=tmp_path / "hub", as_root=True)
+
+
+def test_hub_config_points_workspaces_at_the_service(tmp_path):
+    from jupyterhub.spawner import Spawner
+    from traitlets.config import Config
+    mod = _config_module()
+    c = Config()
+    c.Spawner.environment.update({"HEDGERL_DATA_FOLDER": "kept"})  # another file's entries survive
+    mod.configure(c, _ctx(tmp_path, HEDGERL_SERVICE_PORT="18311"))
+    sp = Spawner(config=c)
+    assert sp.environment == {"HEDGERL_DATA_FOLDER": "kept", "HEDGERL_REGISTRY_URL": "http://127.0.0.1:18311/services/hedgerl/"}
+    # JupyterHub's default server token (activity, access to the user's own server) plus the service
+    assert set(sp.server_token_scopes) == {"users:activity!user", "access:servers!server", "access:services!service=hedgerl"}
+
+    c = Config()
+    c.Spawner.server_token_scopes = ["users:activity!user", "access:services!service=dask-gateway"]  # set by a file before
+    mod.configure(c, _ctx(tmp_path))
+    assert Spawner(config=c).server_token_scopes == ["users:activity!user", "access:services!service=dask-gateway",
+                                                     "access:servers!server", "access:services!service=hedgerl"]
+    c = Config()
+    c.Spawner.server_token_scopes.extend(["access:services!service=dask-gateway"])  # extended lazily before
+    mod.configure(c, _ctx(tmp_path))
+    assert "access:services!service=dask-gateway" in Spawner(config=c).server_token_scopes
+    c = Config(); c.Spawner.server_token_scopes = lambda spawner: []
+    with pytest.raises(ValueError, match="is a callable: add the hedgerl service's scopes"): mod.configure(c, _ctx(tmp_path))
+
+    for deployment, url in (("kubernetes", "http://hub:8765/services/hedgerl/"), ("slurm", f"http://{socket.getfqdn()}:8000/services/hedgerl/")):
+        c = Config(); mod.configure(c, _ctx(tmp_path, deployment))
+        assert c.Spawner.environment.to_dict()["update"]["HEDGERL_REGISTRY_URL"] == url, deployment
+    c = Config(); mod.configure(c, _ctx(tmp_path, HEDGERL_SERVICE_HOST="0.0.0.0"))
+    assert Spawner(config=c).environment["HEDGERL_REGISTRY_URL"] == "http://127.0.0.1:8765/services/hedgerl/"
+
+
+# --- a real service, real accounts ---------------------------------------------------------------------------------
+
+APP = textwrap.dedent('''
+    """A hedgerl registry service behind a stand-in for the hub: a token names its user (HD_TOKENS), anything else is 401."""
+    import json, os
+    from fastapi import FastAPI, Header, HTTPException
+    from hedgerl.remote import API, registry_router
+    TOKENS = json.loads(os.environ["HD_TOKENS"])
+    def hub_user(authorization: str | None = Header(None)) -> str:
+        name = TOKENS.get((authorization or "").removeprefix("token ").strip())
+        if name is None: raise HTTPException(401, "no valid hub token")
+        return name
+    def create() -> FastAPI:
+        app = FastAPI()
+        app.include_router(registry_router(hub_user), prefix="/services/hedgerl/" + API)  # [registry] url: HEDGERL_REGISTRY_URL
+        return app
+''')
+
+
+def _free_port() -> int:
+    for port in PORTS:
+        with socket.socket() as s:
+            try: s.bind(("127.0.0.1", port)); return port
+            except OSError: continue
+    raise RuntimeError(f"no free port in {PORTS.start}-{PORTS.stop - 1}")
+
+
+def _account(role: str) -> pwd.struct_passwd:
+    name = f"hd{role}{secrets.token_hex(3)}"
+    subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", "--user-group", name], check=True, capture_output=True)
+    pw = pwd.getpwnam(name)
+    os.chmod(pw.pw_dir, 0o700)
+    return pw
+
+
+@pytest.fixture(scope="module")
+def accounts():
+    if os.geteuid() != 0: pytest.skip("needs root: the clients run as two system accounts, as platform workspaces do")
+    made = []
+    try:
+        made += [_account("a"), _account("b")]
+        yield made
+    finally:
+        for pw in made: subprocess.run(["userdel", "-r", pw.pw_name], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def service(accounts):
+    "The service as the platform runs it: its registry a SQLite file in a folder anyone may list (the file's own mode guards it)."
+    state = Path(tempfile.mkdtemp(prefix="hd-remote-"))
+    state.chmod(0o755)
+    (state / "app.py").write_text(APP)
+    tokens = {secrets.token_hex(16): pw.pw_name for pw in accounts}
+    port, db = _free_port(), state / "registry.sqlite"
+    env = {**os.environ, "HD_TOKENS": json.dumps(tokens), "HEDGERL_REGISTRY_URL": f"sqlite:///{db}",
+           "HEDGERL_SETTINGS": str(ROOT / "settings.ini")}
+    log = open(state / "service.log", "wb")
+    proc = subprocess.Popen([str(BIN / "python"), "-m", "uvicorn", "app:create", "--factory", "--app-dir", str(state),
+                             "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=state)
+    url = f"http://127.0.0.1:{port}/services/hedgerl/"
+    try:
+        import httpx
+        t0 = time.monotonic()
+        while True:
+            if proc.poll() is not None: raise AssertionError(f"the service exited {proc.returncode}:\n{(state / 'service.log').read_text()}")
+            try:
+                if httpx.get(url + "api/v1/registry", timeout=2).status_code == 401: break
+            except httpx.TransportError: pass
+            if time.monotonic() - t0 > 60: raise AssertionError(f"the service did not answer in 60 s:\n{(state / 'service.log').read_text()}")
+            time.sleep(0.2)
+        yield dict(url=url, db=db, tokens={v: k for k, v in tokens.items()}, started_s=round(time.monotonic() - t0, 2), log=state / "service.log")
+    finally:
+        proc.terminate()
+        try: proc.wait(10)
+        except subprocess.TimeoutExpired: proc.kill(); proc.wait()
+        log.close()
+        subprocess.run(["rm", "-rf", str(state)])
+
+
+def as_account(pw, service, code: str, *args, timeout=120, env=None) -> dict:
+    "Run `code` in a fresh Python as the account `pw`, with what a workspace has (its token, the service as [registry] url); its JSON."
+    e = {"HOME": pw.pw_dir, "USER": pw.pw_name, "PATH": f"{BIN}:/usr/bin:/bin", "HEDGERL_SETTINGS": str(ROOT / "settings.ini"),
+         "HEDGERL_DATA_FOLDER": f"{pw.pw_dir}/.hedgerl", "HEDGERL_REGISTRY_URL": service["url"],
+         "JUPYTERHUB_API_TOKEN": service["tokens"][pw.pw_name], **(env or {})}
+    p = subprocess.run([str(BIN / "python"), "-c", code, *args], user=pw.pw_uid, group=pw.pw_gid, extra_groups=[], umask=0o077,
+                       cwd=pw.pw_dir, env=e, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, f"{pw.pw_name}'s process exited {p.returncode}:\n{p.stdout}\n{p.stderr}"
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+ALICE = textwrap.dedent('''
+    import hashlib, json, os, pathlib
+    from hedgerl.registry import open_registry
+    reg = open_registry()  # HEDGERL_REGISTRY_URL: the service
+    out = {"type": type(reg).__name__, "user": reg.user}
+    folder = pathlib.Path(os.environ["HEDGERL_DATA_FOLDER"]) / "runs" / "e2e"
+    folder.mkdir(parents=True)
+    model = folder / "model.zip"
+    model.write_bytes(os.urandom(300_000))
+    with reg.start_run("e2e", {"lr": 0.1}, name="private") as run:
+        run.log(0, **{"train/loss": 1.0}); run.log(1, **{"train/loss": 0.5})
+        run.set_outputs({"folder": str(folder)})
+        m = reg.register_model(run, "ntb", "gbm", model)
+        ms = reg.register_model(run, "ntb", "gbm", model, shared=True)
+        reg.record_evaluation("gbm", "ntb", 0.5, {"cvar": 1.0}, n_paths=100, seed=1, run=run, model=m)
+    with reg.start_run("e2e", {}, name="shared", shared=True) as shared: shared.log(0, x=1.0)
+    out.update(private=run.id, shared=shared.id, model=m["id"], shared_model=ms["id"], file=str(model),
+               checksum=hashlib.sha256(model.read_bytes()).hexdigest(), status=reg.run(run.id).status,
+               n_metrics=len(reg.metrics(run.id)), model_file=str(reg.model_file(m["id"])), pid=os.getpid(),
+               host_pid=[str(reg.runs(run_id=run.id).host[0]), int(reg.runs(run_id=run.id).pid[0])])
+    print(json.dumps(out))
+''')
+
+BOB = textwrap.dedent('''
+    import hashlib, json, os, sys
+    import httpx
+    from hedgerl.registry import open_registry
+    from hedgerl.remote import API, RemoteRun
+    a = json.loads(sys.argv[1])
+    reg = open_registry()
+    res = {"user": reg.user}
+    def attempt(name, fn):
+        try: fn(); res[name] = "ALLOWED"
+        except Exception as e: res[name] = f"{type(e).__name__}: {e}"
+    handle = RemoteRun(reg, a["private"], "e2e", None)
+    attempt("run", lambda: reg.run(a["private"]))
+    attempt("metrics", lambda: reg.metrics(a["private"]))
+    attempt("log", lambda: handle.log(9, x=1.0))
+    attempt("outputs", lambda: handle.set_outputs({"x": 1}))
+    attempt("finish", lambda: handle.finish())
+    attempt("fail", lambda: handle.fail("bob"))
+    attempt("model", lambda: reg.model(a["model"]))
+    attempt("model_file", lambda: reg.model_file(a["model"]))
+    attempt("evaluate_on_run", lambda: reg.record_evaluation("gbm", "x", 1.0, run=a["private"]))
+    attempt("evaluate_model", lambda: reg.record_evaluation("gbm", "x", 1.0, model=a["model"]))
+    attempt("shared_log", lambda: reg.run(a["shared"]).log(1, x=1.0))
+    attempt("shared_fail", lambda: reg.run(a["shared"]).fail("bob"))
+    attempt("read_file", lambda: open(a["file"], "rb").read(1))
+    attempt("read_db", lambda: open(a["db"], "rb").read(1))
+    attempt("other_view", lambda: reg.runs(user=a["user"]))
+    res["listed"] = sorted(reg.runs().id.tolist())
+    res["models"] = sorted(reg.models().id.tolist())
+    res["evaluations"] = len(reg.evaluations())
+    p = reg.model_file(a["shared_model"])  # a shared model's file: through the service, into B's own cache
+    res["shared_file"] = [str(p), hashlib.sha256(p.read_bytes()).hexdigest(), oct(p.stat().st_mode & 0o777)]
+    # past the client: HTTP as B with A's path and checksum, and A's name in the query
+    h = {"Authorization": "token " + os.environ["JUPYTERHUB_API_TOKEN"]}
+    api = reg.url + API
+    r = httpx.post(f"{api}/models", headers=h, json={"algorithm": "x", "scenario": "s", "artifact_path": a["file"], "checksum": a["checksum"]})
+    res["steal_register"] = [r.status_code, r.json()["detail"]]
+    r = httpx.get(f"{api}/runs", headers=h, params={"user": a["user"]})
+    res["steal_view"] = sorted(row["id"] for row in r.json()["rows"])
+    res["anonymous"] = httpx.get(f"{api}/runs").status_code
+    res["a_token_guess"] = httpx.get(f"{api}/runs", headers={"Authorization": "token " + "0" * 32}).status_code
+    print(json.dumps(res))
+''')
+
+
+def test_user_b_cannot_reach_user_a_private_rows(accounts, service):
+    from hedgerl.registry import Registry
+    alice, bob = accounts
+    a = as_account(alice, service, ALICE)
+    assert (a["type"], a["user"], a["status"], a["n_metrics"]) == ("RemoteRegistry", alice.pw_name, "finished", 2)
+    assert a["model_file"] == a["file"]  # her own file, in place
+    assert a["host_pid"] == [socket.gethostname(), a["pid"]]  # the reaper watches her process, not the service's
+    a["db"] = str(service["db"])
+    assert stat.S_IMODE(service["db"].stat().st_mode) == 0o600
+
+    b = as_account(bob, service, BOB, json.dumps(a))
+    nb = bob.pw_name
+    assert b["user"] == nb
+    hidden = f"no run {a['private']} visible to user '{nb}'"
+    for k in ("run", "log", "outputs", "finish", "fail", "evaluate_on_run"): assert b[k].startswith("KeyError") and hidden in b[k], (k, b[k])
+    assert b["metrics"].startswith("KeyError") and f"visible to user '{nb}'" in b["metrics"]
+    for k in ("model", "model_file", "evaluate_model"): assert b[k].startswith("KeyError") and f"no model {a['model']} visible" in b[k], (k, b[k])
+    for k in ("shared_log", "shared_fail"): assert b[k].startswith("PermissionError") and "(shared, read-only)" in b[k], (k, b[k])
+    for k in ("read_file", "read_db"): assert b[k].startswith("PermissionError"), (k, b[k])
+    assert b["other_view"].startswith("PermissionError")
+    assert b["listed"] == [a["shared"]] and b["models"] == [a["shared_model"]] and b["evaluations"] == 0
+    path, digest, mode = b["shared_file"]
+    assert path.startswith(bob.pw_dir + "/.hedgerl/cache/models/") and digest == a["checksum"] and mode == "0o600"
+    assert b["steal_register"][0] == 400 and f"no regular file of user '{nb}' there" in b["steal_register"][1]
+    assert b["steal_view"] == [a["shared"]]
+    assert (b["anonymous"], b["a_token_guess"]) == (401, 401)
+
+    # what the database holds: A's rows as A left them
+    reg = Registry(f"sqlite:///{service['db']}", user=alice.pw_name)
+    rows = reg.runs().set_index("id")
+    assert rows.loc[a["private"], "status"] == "finished" and rows.loc[a["shared"], "status"] == "finished"
+    assert rows.loc[a["private"], "outputs"] == {"folder": str(Path(a["file"]).parent)}
+    assert len(reg.metrics(a["private"])) == 2 and len(reg.metrics(a["shared"])) == 1
+    assert reg.models().owner.tolist() == [alice.pw_name] * 2
+    assert len(Registry(reg.url, user=nb).evaluations()) == 0
+    reg.engine.dispose()
+    assert "Traceback" not in service["log"].read_text()
+
+
+@pytest.mark.slow
+def test_training_template_records_through_the_service(accounts, service):
+    "The acceptance check: nbs/runs/train.ipynb executed by papermill in a kernel of A's, its [registry] url the service."
+    from hedgerl.registry import Registry
+    alice, bob = accounts
+    out = f"{alice.pw_dir}/.hedgerl/runs/nb"
+    code = textwrap.dedent(f'''
+        import json, os, sys, time
+        import papermill as pm
+        t0 = time.monotonic()
+        os.makedirs({out!r})
+        pm.execute_notebook({str(ROOT / "nbs" / "runs" / "train.ipynb")!r}, {out + ".ipynb"!r}, kernel_name="python3", language="python", progress_bar=False, cwd={out!r},
+                            parameters=dict(agent="ntb", scenario="cao2021-gbm-1m-1d", budget=2, params={{"n_paths": 500, "hidden": 8}},
+                                            valid_paths=200, test_paths=1000, out={out!r}, registry_url=os.environ["HEDGERL_REGISTRY_URL"],
+                                            experiment="nb-e2e", progress=False))
+        m = json.load(open({out + "/metrics.json"!r}))
+        print(json.dumps({{"run_id": m["run_id"], "model_id": m["model_id"], "evaluation_id": m["evaluation_id"], "seconds": round(time.monotonic() - t0, 1)}}))
+    ''')
+    r = as_account(alice, service, code, timeout=600)
+    reg = Registry(f"sqlite:///{service['db']}", user=alice.pw_name)
+    row = reg.runs(run_id=r["run_id"]).iloc[0]
+    assert (row.owner, row.status, row.experiment) == (alice.pw_name, "finished", "nb-e2e")
+    assert len(reg.metrics(r["run_id"])) > 0  # the agent's fit logged through the service
+    m = reg.model(r["model_id"])
+    assert m["artifact"] == f"{out}/model.zip" and m["owner"] == alice.pw_name
+    assert reg.model_file(r["model_id"]).stat().st_uid == alice.pw_uid
+    assert reg.evaluations(run_id=r["run_id"]).id.tolist() == [r["evaluation_id"]]
+    other = Registry(reg.url, user=bob.pw_name)
+    assert r["run_id"] not in other.runs().id.tolist() and len(other.evaluations(run_id=r["run_id"])) == 0
+    reg.engine.dispose(); other.engine.dispose()
+    print(json.dumps({"train_notebook_through_service_s": r["seconds"]}))
