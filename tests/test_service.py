@@ -61,34 +61,37 @@ def configure(c, ctx):
 
 
 class Hub:
-    "A real JupyterHub + proxy started from a config folder with the base above and the service's file."
-    def __init__(self, tmp: Path):
+    "A real JupyterHub + proxy: from a config folder with the base above and the service's file, or from `config` (the platform's)."
+    def __init__(self, tmp: Path, config: Path | None = None):
         self.tmp = tmp
-        self.port, _, self.api_port, self.service_port = free_ports(4)
+        self.port, _, self.api_port, self.service_port, self.gateway_port = free_ports(5)
         self.url = f"http://127.0.0.1:{self.port}"
-        conf = tmp / "jupyterhub_config.d"; conf.mkdir()
-        (conf / "00-test-base.py").write_text(BASE_CONFIG % dict(chp=str(CHP), password=PASSWORD, ann=ANN, bob=BOB, admin_token=ADMIN_TOKEN))
-        (conf / "30-service.py").write_text((ROOT / "hub" / "jupyterhub_config.d" / "30-service.py").read_text())
-        (tmp / "jupyterhub_config.py").write_text(
-            "from pathlib import Path\nfrom hedgerl.platform import PlatformContext, load_config_dir\n"
-            "load_config_dir(get_config(), Path(__file__).parent / 'jupyterhub_config.d', PlatformContext())\n")
+        if config is None:
+            conf = tmp / "jupyterhub_config.d"; conf.mkdir()
+            (conf / "00-test-base.py").write_text(BASE_CONFIG % dict(chp=str(CHP), password=PASSWORD, ann=ANN, bob=BOB, admin_token=ADMIN_TOKEN))
+            (conf / "30-service.py").write_text((ROOT / "hub" / "jupyterhub_config.d" / "30-service.py").read_text())
+            config = tmp / "jupyterhub_config.py"
+            config.write_text("from pathlib import Path\nfrom hedgerl.platform import PlatformContext, load_config_dir\n"
+                              "load_config_dir(get_config(), Path(__file__).parent / 'jupyterhub_config.d', PlatformContext())\n")
+        self.config = config
         self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HEDGERL_DATA_FOLDER": str(tmp / "data"),
-                    "HEDGERL_HUB_PORT": str(self.port), "HEDGERL_SERVICE_PORT": str(self.service_port)}
+                    "HEDGERL_HUB_PORT": str(self.port), "HEDGERL_SERVICE_PORT": str(self.service_port),
+                    "HEDGERL_GATEWAY_PORT": str(self.gateway_port)}
         self.log = tmp / "hub.log"
         self.proc = None
 
-    def start(self, timeout: float = 90) -> dict:
-        "Start the hub; seconds until /hub/health answers and until the service answers through the proxy."
+    def start(self, timeout: float = 90, service_status: int = 200) -> dict:
+        "Start the hub; seconds until /hub/health answers and until the service's health answers `service_status` through the proxy."
         t0 = time.monotonic()
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen([str(BIN / "jupyterhub"), "-f", str(self.tmp / "jupyterhub_config.py")], cwd=self.tmp,
+            self.proc = subprocess.Popen([str(BIN / "jupyterhub"), "-f", str(self.config)], cwd=self.tmp,
                                          env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         times = {}
-        for name, path in (("hub", "/hub/health"), ("service", f"{PREFIX}api/v1/health")):
+        for name, path, status in (("hub", "/hub/health", 200), ("service", f"{PREFIX}api/v1/health", service_status)):
             while True:
                 if self.proc.poll() is not None: raise AssertionError(f"jupyterhub exited {self.proc.returncode}:\n{self.text()[-4000:]}")
                 try:
-                    if requests.get(self.url + path, timeout=2).status_code == 200: break
+                    if requests.get(self.url + path, timeout=2).status_code == status: break
                 except requests.ConnectionError: pass
                 if time.monotonic() - t0 > timeout: raise AssertionError(f"{path} not up in {timeout} s:\n{self.text()[-4000:]}")
                 time.sleep(0.1)
@@ -102,6 +105,10 @@ class Hub:
             self.proc.send_signal(signal.SIGTERM)
             try: self.proc.wait(30)
             except subprocess.TimeoutExpired: os.killpg(self.proc.pid, signal.SIGKILL); self.proc.wait()
+
+    def check_nothing_left(self):
+        left = {p: listener(p) for p in (self.port, self.port + 1, self.api_port, self.service_port, self.gateway_port)}
+        assert not any(left.values()), f"still listening after the hub stopped: {left}"
 
     def api(self, method: str, path: str, headers: dict | None = None, **kw) -> requests.Response:
         "The hub's REST API (as the test's admin service unless `headers` say otherwise)."
@@ -127,8 +134,7 @@ def hub(tmp_path_factory):
         yield h
     finally:
         h.stop()
-    left = {p: listener(p) for p in (h.port, h.port + 1, h.api_port, h.service_port)}
-    assert not any(left.values()), f"still listening after the hub stopped: {left}"
+    h.check_nothing_left()
 
 
 def service(hub, path: str, token: str | None = None, scheme: str = "token", **kw) -> requests.Response:
@@ -186,7 +192,7 @@ def test_docs_through_the_proxy(hub):
     assert {f"{PREFIX}api/v1/health", f"{PREFIX}api/v1/me"} <= set(spec["paths"])
 
 
-def browser_login(hub, user: str) -> tuple[requests.Session, requests.Response]:
+def browser_login(hub, user: str, password: str = PASSWORD) -> tuple[requests.Session, requests.Response]:
     "A browser's visit to the service's `me` page: through the hub's OAuth redirect, its real login form, and back."
     s = requests.Session()
     s.headers["Accept"] = "text/html,application/xhtml+xml,*/*;q=0.8"
@@ -197,7 +203,7 @@ def browser_login(hub, user: str) -> tuple[requests.Session, requests.Response]:
     form = s.get(hub.url + first.headers["location"], timeout=10)  # not logged in to the hub: its login form
     assert urlpath(form.url) == "/hub/login" and 'name="password"' in form.text, form.url
     xsrf = s.cookies.get("_xsrf", path="/hub/") or s.cookies.get("_xsrf")
-    done = s.post(form.url, data={"username": user, "password": PASSWORD, "_xsrf": xsrf}, timeout=10)
+    done = s.post(form.url, data={"username": user, "password": password, "_xsrf": xsrf}, timeout=10)
     return s, done
 
 
@@ -252,3 +258,76 @@ def test_the_hub_restarts_a_dead_service(hub):
         time.sleep(0.2)
     assert service(hub, "api/v1/health").status_code == 200
     assert s.get(f"{hub.url}{PREFIX}api/v1/me", timeout=10).json()["name"] == ANN  # the cookie's secret is the platform's
+
+
+@pytest.mark.slow
+def test_with_the_platforms_hub_config(tmp_path):
+    """The same through hub/jupyterhub_config.py (NativeAuthenticator, the gateway, the culler, ...): a user signs up, the
+    admin approves them, their token gets in; a token of theirs without the service's scope does not; a browser logs in
+    through the real form; in Chromium (where installed) Swagger UI renders with every request staying on this machine."""
+    from hedgerl.core import load_settings
+    from hedgerl.platform import HubClient, PlatformContext, admin_credentials
+    hub = Hub(tmp_path, config=ROOT / "hub" / "jupyterhub_config.py")
+    admin, admin_pw, _ = admin_credentials(PlatformContext(settings=load_settings(environ=hub.env)))
+    try:
+        times = hub.start(timeout=120)
+        print(f"\nplatform hub (hub/jupyterhub_config.py) start: /hub/health after {times['hub']} s, the service after {times['service']} s")
+        hc, pw = HubClient(hub.url), "Pw-" + os.urandom(9).hex()
+        assert hc.signup(ANN, pw).status_code in (200, 302)
+        with pytest.raises(PermissionError): hc.login(ANN, pw)  # not approved yet
+        a = hc.login(admin, admin_pw)
+        assert a.get(f"{hub.url}/hub/authorize/{ANN}", allow_redirects=False).status_code == 302  # approve
+        s = hc.login(ANN, pw)
+        r = service(hub, "api/v1/me", hc.token(s, ANN))
+        assert r.status_code == 200 and r.json() == {"name": ANN, "groups": ["researchers"], "admin": False}, r.text
+        r = service(hub, "api/v1/me", hc.token(s, ANN, scopes=["read:users:name!user"]))  # her token without the service's scope
+        assert r.status_code == 403 and r.headers["content-type"] == "application/json", r.text
+        assert service(hub, "api/v1/me").status_code == 401
+        me = service(hub, "api/v1/me", hc.token(a, admin)).json()
+        assert me["name"] == admin and me["admin"] is True
+        _, r = browser_login(hub, ANN, pw)
+        assert r.status_code == 200 and r.json()["name"] == ANN, (r.url, r.text[:300])
+        if Path("/usr/bin/chromium").exists(): chromium_checks(hub, ANN, pw)
+    finally:
+        hub.stop()
+    hub.check_nothing_left()
+
+
+def chromium_checks(hub, user: str, password: str):
+    "Chromium (headless): the login through the hub ends on the service's JSON; /docs renders Swagger UI; nothing leaves 127.0.0.1."
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    outside = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+        try:
+            page = browser.new_page()
+            page.on("request", lambda r: None if r.url.startswith(("http://127.0.0.1", "data:", "blob:")) else outside.append(r.url))
+            page.goto(f"{hub.url}{PREFIX}api/v1/me")
+            page.fill("input[name=username]", user); page.fill("input[name=password]", password)
+            page.click("input[type=submit], button[type=submit]")
+            page.wait_for_url(f"**{PREFIX}api/v1/me", timeout=20_000)
+            assert json.loads(page.inner_text("body"))["name"] == user
+            page.goto(f"{hub.url}{PREFIX}docs")
+            page.get_by_text(f"{PREFIX}api/v1/me", exact=True).first.wait_for(timeout=20_000)  # Swagger UI rendered the schema
+            assert page.locator(".swagger-ui .info .title").inner_text().startswith("hedgerl service")
+        finally:
+            browser.close()
+    assert not outside, f"requests left this machine: {outside}"
+
+
+@pytest.mark.slow
+def test_a_service_that_cannot_start_leaves_the_hub_serving(tmp_path):
+    "A bad registry setting for the service: the hub runs on, the service answers 503 naming the problem, its log too."
+    hub = Hub(tmp_path)
+    hub.env["HEDGERL_REGISTRY_URL"] = f"http://127.0.0.1:{hub.service_port}{PREFIX}"  # the service as its own database
+    try:
+        hub.start(service_status=503)
+        assert requests.get(f"{hub.url}/hub/health", timeout=5).status_code == 200
+        r = service(hub, "api/v1/health")
+        assert r.status_code == 503 and r.json()["status"] == "error" and "[registry] url" in r.json()["detail"], r.text
+        assert service(hub, "api/v1/me", "any").status_code == 503
+        assert "the hedgerl service could not start, serving 503s" in hub.text()
+    finally:
+        hub.stop()
+    hub.check_nothing_left()
