@@ -20,7 +20,8 @@ import pandas as pd
 
 import hedgerl
 from .core import check_int, check_positive, resolve_device, settings
-from .registry import Registry
+from .registry import Registry, open_registry
+
 from .scenarios import NAMED, Objective, Scenario, as_scenario
 
 # %% auto #0
@@ -132,8 +133,13 @@ def _execute(notebook: Path, output: Path, parameters: dict, timeout: float | No
     return False  # finished, even if a late Ctrl-C came after the last cell
 
 # %% ../nbs/13_runs.ipynb #1e2d7bbe
-def _registry(registry) -> Registry:
-    return registry if isinstance(registry, Registry) else Registry(registry)
+def _registry(registry):
+    "A `Registry` on a database, or a `RemoteRegistry` when the URL is the hedgerl service's (a workspace on the platform)."
+    return open_registry(registry)
+
+def _url_of(reg) -> str:
+    "The URL a kernel or worker uses to reach the same registry (with its password: it stays in this user's processes)."
+    return reg.url if isinstance(reg.url, str) else reg.url.render_as_string(hide_password=False)
 
 def runs_root(
     runs_dir: str | Path | None = None, # None: `<[data] folder>/runs`
@@ -159,7 +165,7 @@ def _resumed_config(reg: Registry, resume: int, given: dict) -> tuple[dict, Path
     "The configuration of run `resume` (any option given must agree with it) and its checkpoint."
     runs = reg.runs()
     row = runs[runs.id == check_int("resume", resume, 1)]
-    if row.empty: raise ValueError(f"resume: no run {resume} visible to user {reg.user!r} in {reg.url.render_as_string()}")
+    if row.empty: raise ValueError(f"resume: no run {resume} visible to user {reg.user!r} in {reg!r}")
     row = row.iloc[0]
     prev = row.params or {}
     if not {"agent", "scenario", "budget"} <= set(prev): raise ValueError(f"resume: run {resume} is not a training run")
@@ -245,7 +251,7 @@ def _execute_run(run, reg: Registry, template: Path, cfg: dict, ckpt: Path | Non
         if pending: signal.raise_signal(pending)  # one that came while the run was being recorded: handled as if it came now
         if ckpt is not None: shutil.copy2(ckpt, ckpt_out)
 
-        parameters = {**cfg, "out": str(folder), "registry_url": reg.url.render_as_string(hide_password=False), "run_id": run.id,
+        parameters = {**cfg, "out": str(folder), "registry_url": _url_of(reg), "run_id": run.id,
                       "threads": int(threads), "resume": ckpt is not None, "progress": False}
         interrupted = _execute(template, out_nb, parameters, timeout)
     except KeyboardInterrupt:  # a second Ctrl-C, or one before the kernel started
@@ -318,7 +324,8 @@ def sweep(
     reg = _registry(registry)
     reg.check_schema()  # create the schema once, before the workers race to
     common = {k: v for k, v in dict(agent=agent, scenario=scenario, budget=budget, **options).items() if v is not None}
-    common.update(runs_dir=str(runs_root(runs_dir)), registry=reg.url.render_as_string(hide_password=False), experiment=experiment)
+    common.update(runs_dir=str(runs_root(runs_dir)), registry=_url_of(reg), experiment=experiment)
+
 
     cells = grid_cells(grid)
     jobs = [_cell_kwargs(c, common) for c in cells]
@@ -353,7 +360,10 @@ def optuna_storage(
     from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory
     reg = _registry(registry)
+    if not isinstance(reg, Registry): raise ValueError(f"tune keeps its Optuna study in a registry database, and {reg.url} is the hedgerl service "
+                                                        "(a workspace reaches the platform's database only through it): pass registry=sqlite:///PATH for a study of your own")
     reg.check_schema()  # the registry's revision in alembic_version first: Optuna then never writes there
+
     url = reg.url.render_as_string(hide_password=False)
     kw = {"connect_args": {"timeout": 60}} if reg.url.get_backend_name() == "sqlite" else {"pool_pre_ping": True}
     storage = optuna.storages.RDBStorage(url, engine_kwargs=kw, skip_compatibility_check=True)
