@@ -1,9 +1,10 @@
 """The registry's boundary end to end: a real uvicorn process serving `hedgerl.remote.registry_router`, and clients that
 run as two real system accounts (as a workspace's kernel would), recording and reading through `RemoteRegistry` with
 their own tokens. User B must not read, list, change, download or hang anything on A's private rows, nor reach A's
-files or the registry's database directly. Also: the hub config file that points workspaces at the service
-(hub/jupyterhub_config.d/35-registry.py) on a bare Config, and (slow) the training template recording through the
-service from a papermill kernel running as A."""
+files or the registry's database directly. The same checks through a real JupyterHub and proxy that start the platform's
+service (hub/jupyterhub_config.d/30-service.py) with the URL and token scopes of 35-registry.py; that file on a bare
+Config; and (slow) the training template recording through the service from a papermill kernel running as A.
+Accounts made here are named hd*, ports come from 18300-18399."""
 import contextlib
 import hashlib
 import importlib.util
@@ -165,12 +166,13 @@ def as_account(pw, service, code: str, *args, timeout=120, env=None) -> dict:
 
 
 ALICE = textwrap.dedent('''
-    import hashlib, json, os, pathlib
+    import hashlib, json, os, pathlib, tempfile
     from hedgerl.registry import open_registry
     reg = open_registry()  # HEDGERL_REGISTRY_URL: the service
     out = {"type": type(reg).__name__, "user": reg.user}
-    folder = pathlib.Path(os.environ["HEDGERL_DATA_FOLDER"]) / "runs" / "e2e"
-    folder.mkdir(parents=True)
+    runs = pathlib.Path(os.environ["HEDGERL_DATA_FOLDER"]) / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    folder = pathlib.Path(tempfile.mkdtemp(prefix="e2e-", dir=runs))
     model = folder / "model.zip"
     model.write_bytes(os.urandom(300_000))
     with reg.start_run("e2e", {"lr": 0.1}, name="private") as run:
@@ -232,7 +234,8 @@ BOB = textwrap.dedent('''
 ''')
 
 
-def test_user_b_cannot_reach_user_a_private_rows(accounts, service):
+def check_boundary(accounts, service) -> None:
+    "A records private and shared rows and a model as her own account; B, as his, reaches none of hers but the shared ones, read-only."
     from hedgerl.registry import Registry
     alice, bob = accounts
     a = as_account(alice, service, ALICE)
@@ -252,11 +255,12 @@ def test_user_b_cannot_reach_user_a_private_rows(accounts, service):
     for k in ("shared_log", "shared_fail"): assert b[k].startswith("PermissionError") and "(shared, read-only)" in b[k], (k, b[k])
     for k in ("read_file", "read_db"): assert b[k].startswith("PermissionError"), (k, b[k])
     assert b["other_view"].startswith("PermissionError")
-    assert b["listed"] == [a["shared"]] and b["models"] == [a["shared_model"]] and b["evaluations"] == 0
+    assert set(b["listed"]) >= {a["shared"]} and a["private"] not in b["listed"] and a["model"] not in b["models"], b
+    assert a["shared_model"] in b["models"] and b["evaluations"] == 0
     path, digest, mode = b["shared_file"]
     assert path.startswith(bob.pw_dir + "/.hedgerl/cache/models/") and digest == a["checksum"] and mode == "0o600"
     assert b["steal_register"][0] == 400 and f"no regular file of user '{nb}' there" in b["steal_register"][1]
-    assert b["steal_view"] == [a["shared"]]
+    assert a["shared"] in b["steal_view"] and a["private"] not in b["steal_view"]
     assert (b["anonymous"], b["a_token_guess"]) == (401, 401)
 
     # what the database holds: A's rows as A left them
@@ -265,9 +269,13 @@ def test_user_b_cannot_reach_user_a_private_rows(accounts, service):
     assert rows.loc[a["private"], "status"] == "finished" and rows.loc[a["shared"], "status"] == "finished"
     assert rows.loc[a["private"], "outputs"] == {"folder": str(Path(a["file"]).parent)}
     assert len(reg.metrics(a["private"])) == 2 and len(reg.metrics(a["shared"])) == 1
-    assert reg.models().owner.tolist() == [alice.pw_name] * 2
-    assert len(Registry(reg.url, user=nb).evaluations()) == 0
+    assert {a["model"], a["shared_model"]} <= set(reg.models().id)
+    assert len(Registry(reg.url, user=nb).evaluations()) == 0  # B recorded none, and A's is private
     reg.engine.dispose()
+
+
+def test_user_b_cannot_reach_user_a_private_rows(accounts, service):
+    check_boundary(accounts, service)
     assert "Traceback" not in service["log"].read_text()
 
 
@@ -302,3 +310,113 @@ def test_training_template_records_through_the_service(accounts, service):
     assert r["run_id"] not in other.runs().id.tolist() and len(other.evaluations(run_id=r["run_id"])) == 0
     reg.engine.dispose(); other.engine.dispose()
     print(json.dumps({"train_notebook_through_service_s": r["seconds"]}))
+
+
+# --- the same through a real hub -----------------------------------------------------------------------------------
+
+CHP = BIN.parent / "node" / "node_modules" / ".bin" / "configurable-http-proxy"
+HUB_BASE = '''
+def configure(c, ctx):
+    h = ctx.settings.hub
+    c.JupyterHub.bind_url = f"http://127.0.0.1:{h.port}"
+    c.JupyterHub.hub_bind_url = f"http://127.0.0.1:{h.port + 2}"
+    c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{h.port + 1}"
+    c.ConfigurableHTTPProxy.command = [%(chp)r]
+    c.ConfigurableHTTPProxy.auth_token = ctx.secret("proxy_token")
+    c.JupyterHub.cookie_secret = bytes.fromhex(ctx.secret("cookie_secret"))
+    c.JupyterHub.db_url = f"sqlite:///{ctx.state}/jupyterhub.sqlite"
+    c.JupyterHub.pid_file = str(ctx.state / "jupyterhub.pid")
+    c.JupyterHub.authenticator_class = "shared-password"
+    c.SharedPasswordAuthenticator.user_password = %(password)r
+    c.Authenticator.allowed_users = set(%(users)r)
+    c.JupyterHub.services.append({"name": "hd-admin", "api_token": %(admin_token)r, "display": False})
+    c.JupyterHub.load_roles.append({"name": "admin", "services": ["hd-admin"]})
+'''
+
+
+def _free_ports(n: int) -> list[int]:
+    "`n` free ports of this test's range, the first three consecutive (the proxy, its API, the hub's API)."
+    def free(p):
+        with socket.socket() as s:
+            try: s.bind(("127.0.0.1", p)); return True
+            except OSError: return False
+    for base in range(PORTS.start + os.getpid() % 40, PORTS.stop - 3):
+        if all(free(p) for p in range(base, base + 3)):
+            rest = [p for p in PORTS if not base <= p < base + 3 and free(p)][:n - 3]
+            if len(rest) == n - 3: return [base, base + 1, base + 2, *rest]
+    raise RuntimeError(f"no free ports in {PORTS.start}-{PORTS.stop - 1}")
+
+
+@pytest.fixture(scope="module")
+def hub_service(accounts, tmp_path_factory):
+    "A real JupyterHub and proxy starting the hedgerl service from hub/ (30-service.py, 35-registry.py); both users approved."
+    import requests
+    from jupyterhub.spawner import Spawner
+    from traitlets.config import Config
+    if not CHP.exists(): pytest.skip(f"{CHP}: configurable-http-proxy is not installed (make install)")
+    tmp = tmp_path_factory.mktemp("hub")
+    port, _, _, service_port = _free_ports(4)
+    admin_token = secrets.token_hex(16)
+    conf = tmp / "jupyterhub_config.d"; conf.mkdir()
+    (conf / "00-test-base.py").write_text(HUB_BASE % dict(chp=str(CHP), password=secrets.token_hex(8), users=[pw.pw_name for pw in accounts],
+                                                          admin_token=admin_token))
+    for f in ("30-service.py", "35-registry.py"): (conf / f).write_text((ROOT / "hub" / "jupyterhub_config.d" / f).read_text())
+    (tmp / "jupyterhub_config.py").write_text("from pathlib import Path\nfrom hedgerl.platform import PlatformContext, load_config_dir\n"
+                                              "load_config_dir(get_config(), Path(__file__).parent / 'jupyterhub_config.d', PlatformContext())\n")
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HEDGERL_DATA_FOLDER": str(tmp / "data"),
+           "HEDGERL_HUB_PORT": str(port), "HEDGERL_SERVICE_PORT": str(service_port), "HEDGERL_SETTINGS": str(ROOT / "settings.ini")}
+    env.pop("HEDGERL_REGISTRY_URL", None)
+    # what a workspace is given: the URL from 35-registry.py, as the hub resolves it
+    from hedgerl.core import load_settings
+    from hedgerl.platform import PlatformContext
+    c = Config()
+    _config_module().configure(c, PlatformContext(settings=load_settings(ROOT / "settings.ini", environ=env), root=ROOT, state=tmp / "data" / "hub"))
+    workspace = Spawner(config=c)
+    url = f"http://127.0.0.1:{port}"
+    log = open(tmp / "hub.log", "ab")
+    proc = subprocess.Popen([str(BIN / "jupyterhub"), "-f", str(tmp / "jupyterhub_config.py")], cwd=tmp, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    api = lambda method, path, **kw: requests.request(method, f"{url}/hub/api{path}", headers={"Authorization": f"token {admin_token}"}, timeout=10, **kw)
+    try:
+        t0 = time.monotonic()
+        while True:
+            if proc.poll() is not None: raise AssertionError(f"jupyterhub exited {proc.returncode}:\n{(tmp / 'hub.log').read_text()[-4000:]}")
+            try:
+                if requests.get(f"{url}/services/hedgerl/api/v1/health", timeout=2).status_code == 200: break
+            except requests.ConnectionError: pass
+            if time.monotonic() - t0 > 120: raise AssertionError(f"the hub and the service did not answer in 120 s:\n{(tmp / 'hub.log').read_text()[-4000:]}")
+            time.sleep(0.2)
+        started = round(time.monotonic() - t0, 1)
+        names = [pw.pw_name for pw in accounts]
+        assert api("POST", "/users", json={"usernames": names}).status_code in (201, 409)
+        assert api("POST", "/groups/researchers/users", json={"users": names}).status_code == 200  # approved
+        # a workspace's token: the scopes 35-registry.py asks for (JupyterHub keeps those the user holds; !server needs a server)
+        scopes = [s for s in workspace.server_token_scopes if not s.endswith("!server")]
+        tokens = {}
+        for n in names:
+            r = api("POST", f"/users/{n}/tokens", json={"note": "hd workspace-like", "scopes": scopes})
+            assert r.status_code == 201, r.text
+            tokens[n] = r.json()["token"]
+        yield dict(url=workspace.environment["HEDGERL_REGISTRY_URL"], proxy=f"{url}/services/hedgerl/", db=tmp / "data" / "registry.sqlite",
+                   tokens=tokens, api=api, started_s=started, log=tmp / "hub.log")
+    finally:
+        proc.terminate()
+        try: proc.wait(30)
+        except subprocess.TimeoutExpired: os.killpg(proc.pid, 9); proc.wait()
+        log.close()
+
+
+def test_boundary_through_a_real_hub(accounts, hub_service):
+    "The same checks with the hub's tokens, the platform's service (hedgerl.service's hub_user) and 35-registry.py's URL and scopes."
+    import requests
+    assert hub_service["url"] == f"http://127.0.0.1:{hub_service['url'].split(':')[2].split('/')[0]}/services/hedgerl/"
+    check_boundary(accounts, hub_service)
+    alice = accounts[0].pw_name
+    h = {"Authorization": f"token {hub_service['tokens'][alice]}"}
+    r = requests.get(f"{hub_service['proxy']}api/v1/registry/runs", headers=h, timeout=10)  # the same API through the proxy
+    assert r.status_code == 200 and {row["owner"] for row in r.json()["rows"]} == {alice}
+    r = hub_service["api"]("POST", f"/users/{alice}/tokens", json={"scopes": [f"read:users:name!user={alice}"]})
+    narrow = r.json()["token"]  # a token of A's without the service's scope
+    r = requests.get(f"{hub_service['proxy']}api/v1/registry/runs", headers={"Authorization": f"token {narrow}"}, timeout=10)
+    assert r.status_code == 403 and "detail" in r.json(), r.text
+    print(json.dumps({"hub_and_service_up_s": hub_service["started_s"]}))
