@@ -192,6 +192,13 @@ def test_docs_through_the_proxy(hub):
     assert {f"{PREFIX}api/v1/health", f"{PREFIX}api/v1/me"} <= set(spec["paths"])
 
 
+def test_metrics_need_read_metrics(hub):
+    assert service(hub, "api/v1/me", hub.tokens[ANN]).status_code == 200
+    r = service(hub, "metrics", ADMIN_TOKEN)  # the admin role holds read:metrics
+    assert r.status_code == 200 and 'route="/api/v1/me",status="200"' in r.text
+    assert service(hub, "metrics", hub.tokens[ANN]).status_code == 403 and service(hub, "metrics").status_code == 401
+
+
 def browser_login(hub, user: str, password: str = PASSWORD) -> tuple[requests.Session, requests.Response]:
     "A browser's visit to the service's `me` page: through the hub's OAuth redirect, its real login form, and back."
     s = requests.Session()
@@ -287,6 +294,9 @@ def test_with_the_platforms_hub_config(tmp_path):
         assert me["name"] == admin and me["admin"] is True
         _, r = browser_login(hub, ANN, pw)
         assert r.status_code == 200 and r.json()["name"] == ANN, (r.url, r.text[:300])
+        scraper = (tmp_path / "data" / "hub" / "secrets" / "prometheus_token").read_text().strip()  # 70-metrics.py's scraper
+        r = service(hub, "metrics", scraper)
+        assert r.status_code == 200 and "hedgerl_service_requests_total" in r.text, r.text[:300]
         if Path("/usr/bin/chromium").exists(): chromium_checks(hub, ANN, pw)
     finally:
         hub.stop()
