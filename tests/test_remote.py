@@ -5,8 +5,6 @@ files or the registry's database directly. The same checks through a real Jupyte
 service (hub/jupyterhub_config.d/30-service.py) with the URL and token scopes of 35-registry.py; that file on a bare
 Config; and (slow) the training template recording through the service from a papermill kernel running as A.
 Accounts made here are named hd*, ports come from 18300-18399."""
-import contextlib
-import hashlib
 import importlib.util
 import json
 import os
