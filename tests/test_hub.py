@@ -61,8 +61,8 @@ def spawner_module():
 class Hub:
     "A hub from hub/jupyterhub_config.py in `folder`, on free ports; a browser-like client of it."
 
-    def __init__(self, folder: Path, **settings):
-        self.folder, self.state, self.data = folder, folder / "state", folder / "data"
+    def __init__(self, folder: Path, run_as: pwd.struct_passwd | None = None, **settings):
+        self.folder, self.state, self.data, self.run_as = folder, folder / "state", folder / "data", run_as
         self.port = free_base()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONUNBUFFERED": "1",
@@ -81,10 +81,15 @@ class Hub:
         from hedgerl.platform import set_hub_password
         self.state.mkdir(parents=True, exist_ok=True, mode=0o700)
         set_hub_password(self.db_url, "admin", self.admin_password)
+        as_user = {}
+        if self.run_as is not None:  # the hub without root: its folder is its own
+            for p in [self.folder, *self.folder.rglob("*")]: os.chown(p, self.run_as.pw_uid, self.run_as.pw_gid)
+            as_user = dict(user=self.run_as.pw_uid, group=self.run_as.pw_gid, extra_groups=[])
+            self.env["HOME"] = self.run_as.pw_dir
         t0 = time.monotonic()
         self.proc = subprocess.Popen([str(BIN / "jupyterhub"), "-f", str(ROOT / "hub" / "jupyterhub_config.py")],
                                      cwd=self.folder, env=self.env, stdout=open(self.log, "a"), stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, **as_user)
         while time.monotonic() - t0 < timeout:
             if self.proc.poll() is not None: raise AssertionError(f"the hub exited {self.proc.returncode}:\n{self.tail()}")
             try:
@@ -199,8 +204,8 @@ class Hub:
 
 
 @contextmanager
-def running_hub(tmp_path, **settings):
-    hub = Hub(tmp_path, **settings)
+def running_hub(tmp_path, run_as=None, **settings):
+    hub = Hub(tmp_path, run_as, **settings)
     try:
         hub.start()
         yield hub
@@ -401,3 +406,40 @@ def test_postgresql_hub_database(tmp_path):
         eng.dispose()
         assert approved == {"admin": True, name: True} and groups == ["researchers"]
         assert not (tmp_path / "state" / "jupyterhub.sqlite").exists()
+
+
+@pytest.mark.slow
+def test_not_root_single_account(tmp_path):
+    "A hub started without root: every workspace runs as the hub's account, and the hub says so at start and on its pages."
+    import tempfile
+    acct = spawner_module().ensure_account(user_name("n"), group="hedgerl")  # any unprivileged account will do
+    folder = Path(tempfile.mkdtemp(prefix="ha-nonroot-", dir="/tmp"))  # pytest's own folders are root's (0700)
+    try:
+        with running_hub(folder, run_as=acct) as hub:
+            hub.accounts.add(acct.pw_name)
+            assert "users are NOT isolated" in hub.log.read_text()
+            name, s = hub.new_user("u")
+            assert "NOT isolated" in html.unescape(s.get(hub.url + "/hub/home").text)
+            hub.spawn(s, name)
+            pid = hub.server_pid(hub.token(hub.admin(), "admin"), name)
+            uids = next(l for l in Path(f"/proc/{pid}/status").read_text().splitlines() if l.startswith("Uid:")).split()[1:]
+            assert set(map(int, uids)) == {acct.pw_uid}
+            with pytest.raises(KeyError): pwd.getpwnam(name)  # no account was made for the user
+            home = hub.data / "workspaces" / name
+            assert sorted(p.name for p in (home / "hedgerl").iterdir())[-1] == "train.ipynb"
+            env = dict(l.split("=", 1) for l in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in l)
+            assert env["HOME"] == str(home) and env["HEDGERL_DATA_FOLDER"] == str(home / ".hedgerl")
+            r = s.get(f"{hub.url}/user/{name}/lab")
+            assert r.status_code == 200 and "JupyterLab" in r.text
+    finally:
+        subprocess.run(["rm", "-rf", "--one-file-system", str(folder)])
+
+
+@pytest.mark.slow
+def test_withdrawn_approval_ends_the_session(hub):
+    name, s = hub.new_user("r")
+    assert s.get(f"{hub.url}/hub/home", allow_redirects=False).status_code == 200
+    hub.approve(hub.admin(), name)  # withdrawn
+    time.sleep(62)  # Authenticator.auth_refresh_age
+    r = s.get(f"{hub.url}/hub/home", allow_redirects=False)
+    assert r.status_code == 302 and "/hub/login" in r.headers["Location"], (r.status_code, r.headers.get("Location"))
