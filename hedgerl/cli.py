@@ -291,7 +291,9 @@ def _hub_up(ctx, args) -> int:
     "Start the platform in the foreground; Ctrl-C, SIGTERM or `hedgerl hub down` stops everything it started."
     from hedgerl.platform import Platform, admin_credentials, check_ports
     from hedgerl.registry import Registry
+    import logging; logging.getLogger("alembic").setLevel(logging.WARNING)  # the schema checks below are not news
     pidfile, plat = ctx.state / "platform.pid", Platform(ctx)
+
     if (pid := _platform_pid(pidfile)): raise ValueError(f"the platform is already running (pid {pid}, {plat.url}/hub/): `make down` stops it")
     proxy = ctx.bin.parent / "node" / "node_modules" / ".bin" / "configurable-http-proxy"
     if not proxy.exists(): raise ValueError(f"configurable-http-proxy is not installed at {proxy}: run `make install`")
@@ -304,6 +306,7 @@ def _hub_up(ctx, args) -> int:
         print(f"hedgerl: starting the hub, its proxy, the dask-gateway and the hedgerl service (log: {plat.log})", flush=True)
         plat.start()
         print(f"hedgerl: the platform is up in {time.monotonic() - t0:.1f} s: open {plat.url}/hub/", flush=True)
+        for what in plat.wait_services(): print(f"hedgerl: warning: {what} does not answer; the hub serves without it (log: {plat.log})", file=sys.stderr, flush=True)
         if new: print(f"hedgerl: first login: user {name!r}, password {password!r} (shown once; kept in {ctx.state / 'admin-credentials'})\n"
                       f"hedgerl: users sign up at {plat.url}/hub/signup; approve them at {plat.url}/hub/authorize", flush=True)
         else: print(f"hedgerl: admin {name!r}: password in {ctx.state / 'admin-credentials'} (`hedgerl hub admin --reset` makes a new one)", flush=True)

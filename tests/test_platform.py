@@ -106,7 +106,7 @@ def test_platform_end_to_end(tmp_path):
                          "print(r['run_id'], r['status'])", timeout=400)
             run_id, status = out.split()
             assert status == "finished", out
-            out = kb.run("from hedgerl.registry import Registry\nreg = Registry()\n"
+            out = kb.run("from hedgerl.registry import open_registry\nreg = open_registry()\n"
                          f"print({int(run_id)} in set(reg.runs().id))\n"
                          f"try: reg.run({int(run_id)}).finish(); print('changed')\nexcept Exception as e: print('refused', type(e).__name__)")
             assert out.splitlines()[0] == "False" and out.splitlines()[1].startswith("refused"), out
@@ -136,7 +136,7 @@ def test_platform_end_to_end(tmp_path):
         assert requests.get(f"{url}/hub/api/user", headers={"Authorization": f"token {ta}"}).json()["name"] == a
         assert (Path(f"/home/{a}") / "hello.txt").read_text() == "kept"
         runs = requests.get(f"{svc}/registry/runs", headers={"Authorization": f"token {ta}"})
-        assert runs.status_code == 200 and int(run_id) in [r["id"] for r in runs.json()], runs.text
+        assert runs.status_code == 200 and int(run_id) in [r["id"] for r in runs.json()["rows"]], runs.text
 
         # `hedgerl hub down` from another terminal stops it, leaving nothing behind
         down = subprocess.run([str(BIN / "hedgerl"), "hub", "down"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
