@@ -153,9 +153,8 @@ def _cmd_leaderboard(args) -> int:
         strategies = {n: BASELINES[n] for n in args.strategies}
     client = None
     if args.dask:
-        from distributed import Client
-        from hedgerl.backtest import local_cluster
-        client = Client(local_cluster())
+        from hedgerl.backtest import dask_client
+        client = dask_client()  # the platform's gateway in a workspace, a LocalCluster elsewhere ([dask] cluster)
     try:
         learned = None
         if args.models != "none":
@@ -164,7 +163,7 @@ def _cmd_leaderboard(args) -> int:
         recs = run_leaderboard(args.scenarios, strategies, n_paths=args.n_paths, seed=args.seed, train_paths=args.train_paths,
                                n_boot=args.n_boot, client=client, out_dir=args.out, learned=learned)
     finally:
-        if client is not None: client.close(); client.cluster.close()
+        if client is not None: client.close()  # and its cluster
     print(f"hedgerl: {len(recs)} results written to {Path(args.out) / 'leaderboard.md'} and leaderboard.json")
     return 0
 
@@ -430,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--seed", type=int, default=2026, help="seed of the test paths (default 2026)")
     lb.add_argument("--train-paths", type=int, default=20_000, help="training paths for tuned strategies (default 20000)")
     lb.add_argument("--n-boot", type=int, default=100, help="bootstrap replicates (default 100)")
-    lb.add_argument("--dask", action="store_true", help="run on a local Dask cluster ([dask] settings)")
+    lb.add_argument("--dask", action="store_true", help="run on a Dask cluster: the dask-gateway in a workspace, else a local one ([dask] settings)")
+
     lb.add_argument("--out", default="reports", help="output folder (default reports)")
     lb.add_argument("--models", default="reports/models", metavar="DIR",
                     help="saved agents that join the scenarios they were trained on (default reports/models; 'none' for baselines only)")
