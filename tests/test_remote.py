@@ -418,3 +418,29 @@ def test_boundary_through_a_real_hub(accounts, hub_service):
     r = requests.get(f"{hub_service['proxy']}api/v1/registry/runs", headers={"Authorization": f"token {narrow}"}, timeout=10)
     assert r.status_code == 403 and "detail" in r.json(), r.text
     print(json.dumps({"hub_and_service_up_s": hub_service["started_s"]}))
+
+
+@pytest.mark.slow
+def test_hedgerl_train_records_through_the_service(accounts, service):
+    "The acceptance check: `hedgerl train` as A, whose [registry] url is the service: one run of hers, finished, with its model."
+    from hedgerl.registry import Registry
+    alice, bob = accounts
+    code = textwrap.dedent(f'''
+        import json, subprocess, time
+        t0 = time.monotonic()
+        p = subprocess.run([{str(BIN / "hedgerl")!r}, "train", "ntb", "cao2021-gbm-1m-1d", "--budget", "2", "--param", "n_paths=500",
+                            "--param", "hidden=8", "--valid-paths", "200", "--test-paths", "1000", "--experiment", "cli-e2e"],
+                           capture_output=True, text=True, timeout=500)
+        print(json.dumps({{"rc": p.returncode, "out": p.stdout[-2000:], "err": p.stderr[-2000:], "seconds": round(time.monotonic() - t0, 1)}}))
+    ''')
+    r = as_account(alice, service, code, timeout=600)
+    assert r["rc"] == 0, r
+    reg = Registry(f"sqlite:///{service['db']}", user=alice.pw_name)
+    runs = reg.runs(experiment="cli-e2e")
+    assert len(runs) == 1, runs
+    row = runs.iloc[0]
+    assert (row.owner, row.status) == (alice.pw_name, "finished") and row.outputs["folder"].startswith(f"{alice.pw_dir}/.hedgerl/runs/")
+    assert len(reg.metrics(int(row.id))) > 0 and len(reg.models().query("run_id == @row.id")) == 1
+    assert int(row.id) not in Registry(reg.url, user=bob.pw_name).runs().id.tolist()
+    reg.engine.dispose()
+    print(json.dumps({"hedgerl_train_through_service_s": r["seconds"]}))
