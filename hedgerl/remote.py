@@ -189,7 +189,8 @@ class RegistryRoute(APIRoute):
             except Exception as e:
                 if (status := error_status(e)) is None: raise
                 msg = str(e.args[0]) if e.args and status != 413 else f"request body over {self.max_body} bytes"
-                if self.hidden: msg = msg.replace(f" in {self.hidden}", "").replace(self.hidden, "the registry database")
+                if self.hidden:
+                    for shown, said in ((f" in {self.hidden}", ""), (f" {self.hidden}", ""), (self.hidden, "the registry database")): msg = msg.replace(shown, said)
                 return JSONResponse({"detail": msg}, status)
         return guarded
 
@@ -305,7 +306,10 @@ def registry_router(
     seal_sqlite(base)
     route = type("RegistryRoute", (RegistryRoute,), {"max_body": int(max_body), "hidden": base.address()})
     router = APIRouter(route_class=route, tags=["registry"])
-    def caller_registry(user=Depends(user_dependency)) -> Registry: return base.as_user(hub_user_name(user))
+    def caller_registry(user=Depends(user_dependency)) -> Registry:
+        name = hub_user_name(user)
+        base.check_schema()  # once (it counts every table's rows): the per-request handles share its verdict
+        return base.as_user(name)
     reg = Depends(caller_registry)
     @router.get("")
     def whoami(r: Registry = reg) -> dict:
