@@ -29,16 +29,22 @@ pytestmark = pytest.mark.skipif(not CHP.exists(), reason=f"{CHP}: configurable-h
 
 
 def free_ports(n: int, lo: int = 18200, hi: int = 18300) -> list[int]:
-    "`n` free ports of this helper's range; the first three consecutive (the proxy, its API, the hub's API)."
+    "`n` consecutive free ports of this file's range (the proxy, its API, the hub's API, the service, the gateway)."
     def free(p):
         with socket.socket() as s:
             try: s.bind(("127.0.0.1", p)); return True
             except OSError: return False
-    for base in range(lo + os.getpid() % 50, hi - 3):
-        if all(free(p) for p in range(base, base + 3)):
-            rest = [p for p in range(lo, hi) if not base <= p < base + 3 and free(p)][:n - 3]
-            if len(rest) == n - 3: return [base, base + 1, base + 2, *rest]
-    raise RuntimeError("no free ports in 18200-18299")
+    for base in range(lo, hi - n + 1):
+        if all(free(p) for p in range(base, base + n)): return list(range(base, base + n))
+    raise RuntimeError(f"no {n} free ports in {lo}-{hi - 1}")
+
+
+def ports_lock():
+    "Held from choosing ports until the hub listens on them: test processes running side by side (xdist) never pick the same."
+    import fcntl
+    f = open(Path(os.environ.get("TMPDIR", "/tmp")) / "hedgerl-test-service-ports.lock", "w")
+    fcntl.flock(f, fcntl.LOCK_EX)
+    return f
 
 
 BASE_CONFIG = '''
@@ -64,6 +70,7 @@ class Hub:
     "A real JupyterHub + proxy: from a config folder with the base above and the service's file, or from `config` (the platform's)."
     def __init__(self, tmp: Path, config: Path | None = None):
         self.tmp = tmp
+        self.lock = ports_lock()  # released once the hub runs (start) or by stop
         self.port, _, self.api_port, self.service_port, self.gateway_port = free_ports(5)
         self.url = f"http://127.0.0.1:{self.port}"
         if config is None:
@@ -82,6 +89,10 @@ class Hub:
 
     def start(self, timeout: float = 90, service_status: int = 200) -> dict:
         "Start the hub; seconds until /hub/health answers and until the service's health answers `service_status` through the proxy."
+        try: return self._start(timeout, service_status)
+        finally: self.lock.close()
+
+    def _start(self, timeout, service_status):
         t0 = time.monotonic()
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen([str(BIN / "jupyterhub"), "-f", str(self.config)], cwd=self.tmp,
@@ -96,11 +107,15 @@ class Hub:
                 if time.monotonic() - t0 > timeout: raise AssertionError(f"{path} not up in {timeout} s:\n{self.text()[-4000:]}")
                 time.sleep(0.1)
             times[name] = round(time.monotonic() - t0, 2)
+        while "JupyterHub is now running" not in self.text():  # every service started, every port taken
+            if time.monotonic() - t0 > timeout: raise AssertionError(f"the hub did not finish starting in {timeout} s:\n{self.text()[-4000:]}")
+            time.sleep(0.1)
         return times
 
     def text(self) -> str: return self.log.read_text(errors="replace")
 
     def stop(self):
+        self.lock.close()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try: self.proc.wait(30)
