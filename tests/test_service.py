@@ -1,9 +1,9 @@
 """The hedgerl service through a real JupyterHub and configurable-http-proxy: the hub starts the service from
 hub/jupyterhub_config.d/30-service.py, users call it with their tokens or log in with a browser.
 
-The hub's other files (authentication, spawner) are not what is tested here: a minimal base config (shared-password
-login, two allowed users, an admin service that makes tokens) stands in for them, so the service's file is checked on
-its own. Ports come from 18200-18299."""
+Most tests run on a minimal base config (shared-password login, two allowed users, an admin service that makes
+tokens) beside the service's file, so the service's file is checked on its own and quickly; one slow test runs the
+same checks through the platform's hub/jupyterhub_config.py (sign-up, approval, Chromium). Ports come from 18200-18299."""
 import json
 import os
 import re
