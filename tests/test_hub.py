@@ -207,7 +207,7 @@ class Hub:
 def running_hub(tmp_path, run_as=None, **settings):
     hub = Hub(tmp_path, run_as, **settings)
     try:
-        hub.start()
+        hub.start_s = hub.start()
         yield hub
     finally:
         left = hub.stop()
@@ -237,6 +237,10 @@ def test_signup_approval_login(hub):
     assert s.get(f"{hub.url}/hub/authorize/{name}", allow_redirects=False).status_code == 403
     me = hub.api(s, "GET", "/user").json()
     assert me["name"] == name and me["groups"] == ["researchers"] and me["admin"] is False
+    # what the group grants (roles of 30-service.py and 40-gateway.py): the hedgerl service and the gateway
+    tok = hub.token(s, name)
+    scopes = requests.get(f"{hub.url}/hub/api/user", headers={"Authorization": f"token {tok}"}).json()["scopes"]
+    assert {"access:services!service=hedgerl", "access:services!service=dask-gateway"} <= set(scopes), scopes
     assert hub.api(s, "GET", "/users").status_code == 403  # not an admin
     # the admin is an admin, and a researcher too
     assert hub.api(admin, "GET", "/user").json()["admin"] is True
