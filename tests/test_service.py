@@ -135,6 +135,40 @@ class Hub:
         return r.json()["token"]
 
 
+def service_config_file():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("hedgerl_test_30_service", ROOT / "hub" / "jupyterhub_config.d" / "30-service.py")
+    m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
+    return m
+
+
+@pytest.mark.parametrize("deployment", ["local", "kubernetes"])
+def test_service_file_on_a_bare_config(tmp_path, deployment):
+    "30-service.py on a bare Config beside another file's service and role: the service sees the hub's settings, `$` and all."
+    from traitlets.config import Config
+    from hedgerl.core import load_settings
+    from hedgerl.platform import PlatformContext
+    env = {"HEDGERL_DATA_FOLDER": str(tmp_path / "d$$x"), "HEDGERL_REGISTRY_URL": "postgresql+psycopg://svc:p$$w@db/hedgerl",  # $$: a literal $
+           "HEDGERL_HUB_DB_URL": "postgresql+psycopg://hub:hub-secret@db/hub", "HEDGERL_SERVICE_PORT": "18299", "HEDGERL_HUB_DEPLOYMENT": deployment}
+    ctx = PlatformContext(settings=load_settings("", environ=env), root=ROOT, state=tmp_path / "state", bin=BIN)
+    c = Config()
+    c.JupyterHub.services.append({"name": "idle-culler"}); c.JupyterHub.load_roles.append({"name": "idle-culler", "services": ["idle-culler"]})
+    service_config_file().configure(c, ctx)
+    services, roles = c.JupyterHub.services.get_value([]), c.JupyterHub.load_roles.get_value([])
+    assert [s["name"] for s in services] == ["idle-culler", "hedgerl"] and [r["name"] for r in roles] == ["idle-culler", "hedgerl-service-users"]
+    svc = services[1]
+    assert svc["url"] == ("http://hub:18299" if deployment == "kubernetes" else "http://127.0.0.1:18299")
+    assert svc["command"] == [str(BIN / "python"), "-m", "hedgerl.service"] and svc["oauth_no_confirm"] is True
+    assert roles[1] == {"name": "hedgerl-service-users", "description": roles[1]["description"],
+                        "scopes": ["access:services!service=hedgerl"], "groups": ["researchers"]}
+    seen = load_settings("", environ=svc["environment"])  # what the service reads
+    assert "hub-secret" not in json.dumps(svc["environment"])  # the hub's database is none of its business
+    mine, hubs = seen.as_dict(), ctx.settings.as_dict()
+    for d in (mine, hubs): d["hub"].pop("db_url"); d["hub"].pop("state")
+    if deployment == "kubernetes": assert mine["service"].pop("host") == "0.0.0.0"; hubs["service"].pop("host")
+    assert mine == hubs and seen.registry.url == "postgresql+psycopg://svc:p$w@db/hedgerl" and seen.hub.state == tmp_path / "state"
+
+
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
     h = Hub(tmp_path_factory.mktemp("hub"))
