@@ -5,6 +5,8 @@ files or the registry's database directly. The same checks through a real Jupyte
 service (hub/jupyterhub_config.d/30-service.py) with the URL and token scopes of 35-registry.py; that file on a bare
 Config; and (slow) the training template recording through the service from a papermill kernel running as A.
 Accounts made here are named hd*, ports come from 18300-18399."""
+import contextlib
+import fcntl
 import importlib.util
 import json
 import os
@@ -92,6 +94,15 @@ APP = textwrap.dedent('''
 ''')
 
 
+@contextlib.contextmanager
+def _port_lock():
+    "Held from choosing ports until the process listens on them: side-by-side pytest-xdist workers never pick the same."
+    with open(Path(tempfile.gettempdir()) / "hedgerl-test-remote-ports.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try: yield
+        finally: fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _free_port() -> int:
     for port in PORTS:
         with socket.socket() as s:
@@ -126,28 +137,31 @@ def service(accounts):
     state.chmod(0o755)
     (state / "app.py").write_text(APP)
     tokens = {secrets.token_hex(16): pw.pw_name for pw in accounts}
-    port, db = _free_port(), state / "registry.sqlite"
+    db = state / "registry.sqlite"
     env = {**os.environ, "HD_TOKENS": json.dumps(tokens), "HEDGERL_REGISTRY_URL": f"sqlite:///{db}",
            "HEDGERL_SETTINGS": str(ROOT / "settings.ini")}
-    log = open(state / "service.log", "wb")
-    proc = subprocess.Popen([str(BIN / "python"), "-m", "uvicorn", "app:create", "--factory", "--app-dir", str(state),
-                             "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=state)
-    url = f"http://127.0.0.1:{port}/services/hedgerl/"
+    log, proc = open(state / "service.log", "wb"), None
     try:
         import httpx
-        t0 = time.monotonic()
-        while True:
-            if proc.poll() is not None: raise AssertionError(f"the service exited {proc.returncode}:\n{(state / 'service.log').read_text()}")
-            try:
-                if httpx.get(url + "api/v1/registry", timeout=2).status_code == 401: break
-            except httpx.TransportError: pass
-            if time.monotonic() - t0 > 60: raise AssertionError(f"the service did not answer in 60 s:\n{(state / 'service.log').read_text()}")
-            time.sleep(0.2)
+        with _port_lock():
+            port = _free_port()
+            proc = subprocess.Popen([str(BIN / "python"), "-m", "uvicorn", "app:create", "--factory", "--app-dir", str(state),
+                                     "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=state)
+            url = f"http://127.0.0.1:{port}/services/hedgerl/"
+            t0 = time.monotonic()
+            while True:
+                if proc.poll() is not None: raise AssertionError(f"the service exited {proc.returncode}:\n{(state / 'service.log').read_text()}")
+                try:
+                    if httpx.get(url + "api/v1/registry", timeout=2).status_code == 401: break
+                except httpx.TransportError: pass
+                if time.monotonic() - t0 > 60: raise AssertionError(f"the service did not answer in 60 s:\n{(state / 'service.log').read_text()}")
+                time.sleep(0.2)
         yield dict(url=url, db=db, tokens={v: k for k, v in tokens.items()}, started_s=round(time.monotonic() - t0, 2), log=state / "service.log")
     finally:
-        proc.terminate()
-        try: proc.wait(10)
-        except subprocess.TimeoutExpired: proc.kill(); proc.wait()
+        if proc is not None:
+            proc.terminate()
+            try: proc.wait(10)
+            except subprocess.TimeoutExpired: proc.kill(); proc.wait()
         log.close()
         subprocess.run(["rm", "-rf", str(state)])
 
@@ -353,37 +367,38 @@ def hub_service(accounts, tmp_path_factory):
     from traitlets.config import Config
     if not CHP.exists(): pytest.skip(f"{CHP}: configurable-http-proxy is not installed (make install)")
     tmp = tmp_path_factory.mktemp("hub")
-    port, _, _, service_port = _free_ports(4)
-    admin_token = secrets.token_hex(16)
-    conf = tmp / "jupyterhub_config.d"; conf.mkdir()
-    (conf / "00-test-base.py").write_text(HUB_BASE % dict(chp=str(CHP), password=secrets.token_hex(8), users=[pw.pw_name for pw in accounts],
-                                                          admin_token=admin_token))
-    for f in ("30-service.py", "35-registry.py"): (conf / f).write_text((ROOT / "hub" / "jupyterhub_config.d" / f).read_text())
-    (tmp / "jupyterhub_config.py").write_text("from pathlib import Path\nfrom hedgerl.platform import PlatformContext, load_config_dir\n"
-                                              "load_config_dir(get_config(), Path(__file__).parent / 'jupyterhub_config.d', PlatformContext())\n")
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HEDGERL_DATA_FOLDER": str(tmp / "data"),
-           "HEDGERL_HUB_PORT": str(port), "HEDGERL_SERVICE_PORT": str(service_port), "HEDGERL_SETTINGS": str(ROOT / "settings.ini")}
-    env.pop("HEDGERL_REGISTRY_URL", None)
-    # what a workspace is given: the URL from 35-registry.py, as the hub resolves it
-    from hedgerl.core import load_settings
-    from hedgerl.platform import PlatformContext
-    c = Config()
-    _config_module().configure(c, PlatformContext(settings=load_settings(ROOT / "settings.ini", environ=env), root=ROOT, state=tmp / "data" / "hub"))
-    workspace = Spawner(config=c)
-    url = f"http://127.0.0.1:{port}"
-    log = open(tmp / "hub.log", "ab")
-    proc = subprocess.Popen([str(BIN / "jupyterhub"), "-f", str(tmp / "jupyterhub_config.py")], cwd=tmp, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    api = lambda method, path, **kw: requests.request(method, f"{url}/hub/api{path}", headers={"Authorization": f"token {admin_token}"}, timeout=10, **kw)
+    proc, log = None, open(tmp / "hub.log", "ab")
     try:
-        t0 = time.monotonic()
-        while True:
-            if proc.poll() is not None: raise AssertionError(f"jupyterhub exited {proc.returncode}:\n{(tmp / 'hub.log').read_text()[-4000:]}")
-            try:
-                if requests.get(f"{url}/services/hedgerl/api/v1/health", timeout=2).status_code == 200: break
-            except requests.ConnectionError: pass
-            if time.monotonic() - t0 > 120: raise AssertionError(f"the hub and the service did not answer in 120 s:\n{(tmp / 'hub.log').read_text()[-4000:]}")
-            time.sleep(0.2)
+        with _port_lock():  # until the hub listens
+            port, _, _, service_port = _free_ports(4)
+            admin_token = secrets.token_hex(16)
+            conf = tmp / "jupyterhub_config.d"; conf.mkdir()
+            (conf / "00-test-base.py").write_text(HUB_BASE % dict(chp=str(CHP), password=secrets.token_hex(8), users=[pw.pw_name for pw in accounts],
+                                                                  admin_token=admin_token))
+            for f in ("30-service.py", "35-registry.py"): (conf / f).write_text((ROOT / "hub" / "jupyterhub_config.d" / f).read_text())
+            (tmp / "jupyterhub_config.py").write_text("from pathlib import Path\nfrom hedgerl.platform import PlatformContext, load_config_dir\n"
+                                                      "load_config_dir(get_config(), Path(__file__).parent / 'jupyterhub_config.d', PlatformContext())\n")
+            env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HEDGERL_DATA_FOLDER": str(tmp / "data"),
+                   "HEDGERL_HUB_PORT": str(port), "HEDGERL_SERVICE_PORT": str(service_port), "HEDGERL_SETTINGS": str(ROOT / "settings.ini")}
+            env.pop("HEDGERL_REGISTRY_URL", None)
+            # what a workspace is given: the URL from 35-registry.py, as the hub resolves it
+            from hedgerl.core import load_settings
+            from hedgerl.platform import PlatformContext
+            c = Config()
+            _config_module().configure(c, PlatformContext(settings=load_settings(ROOT / "settings.ini", environ=env), root=ROOT, state=tmp / "data" / "hub"))
+            workspace = Spawner(config=c)
+            url = f"http://127.0.0.1:{port}"
+            proc = subprocess.Popen([str(BIN / "jupyterhub"), "-f", str(tmp / "jupyterhub_config.py")], cwd=tmp, env=env, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+            api = lambda method, path, **kw: requests.request(method, f"{url}/hub/api{path}", headers={"Authorization": f"token {admin_token}"}, timeout=10, **kw)
+            t0 = time.monotonic()
+            while True:
+                if proc.poll() is not None: raise AssertionError(f"jupyterhub exited {proc.returncode}:\n{(tmp / 'hub.log').read_text()[-4000:]}")
+                try:
+                    if requests.get(f"{url}/services/hedgerl/api/v1/health", timeout=2).status_code == 200: break
+                except requests.ConnectionError: pass
+                if time.monotonic() - t0 > 120: raise AssertionError(f"the hub and the service did not answer in 120 s:\n{(tmp / 'hub.log').read_text()[-4000:]}")
+                time.sleep(0.2)
         started = round(time.monotonic() - t0, 1)
         names = [pw.pw_name for pw in accounts]
         assert api("POST", "/users", json={"usernames": names}).status_code in (201, 409)
@@ -396,18 +411,20 @@ def hub_service(accounts, tmp_path_factory):
             assert r.status_code == 201, r.text
             tokens[n] = r.json()["token"]
         yield dict(url=workspace.environment["HEDGERL_REGISTRY_URL"], proxy=f"{url}/services/hedgerl/", db=tmp / "data" / "registry.sqlite",
-                   tokens=tokens, api=api, started_s=started, log=tmp / "hub.log")
+                   tokens=tokens, api=api, started_s=started, log=tmp / "hub.log",
+                   service_port=service_port)
     finally:
-        proc.terminate()
-        try: proc.wait(30)
-        except subprocess.TimeoutExpired: os.killpg(proc.pid, 9); proc.wait()
+        if proc is not None:
+            proc.terminate()
+            try: proc.wait(30)
+            except subprocess.TimeoutExpired: os.killpg(proc.pid, 9); proc.wait()
         log.close()
 
 
 def test_boundary_through_a_real_hub(accounts, hub_service):
     "The same checks with the hub's tokens, the platform's service (hedgerl.service's hub_user) and 35-registry.py's URL and scopes."
     import requests
-    assert hub_service["url"] == f"http://127.0.0.1:{hub_service['url'].split(':')[2].split('/')[0]}/services/hedgerl/"
+    assert hub_service["url"] == f"http://127.0.0.1:{hub_service['service_port']}/services/hedgerl/"  # 35-registry.py: straight to the service
     check_boundary(accounts, hub_service)
     alice = accounts[0].pw_name
     h = {"Authorization": f"token {hub_service['tokens'][alice]}"}
