@@ -115,15 +115,23 @@ class Hub:
     def text(self) -> str: return self.log.read_text(errors="replace")
 
     def stop(self):
+        "Stop the hub (SIGTERM: it stops its proxy and services); then end whatever still listens on its ports, noted in `left`."
         self.lock.close()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try: self.proc.wait(30)
             except subprocess.TimeoutExpired: os.killpg(self.proc.pid, signal.SIGKILL); self.proc.wait()
+        # The ports were free when chosen (under the lock), so a listener now is this hub's: a hub that exits while it
+        # starts (a service that failed) leaves its proxy and services running.
+        self.left = {p: pid for p in (self.port, self.port + 1, self.api_port, self.service_port, self.gateway_port) if (pid := listener(p))}
+        for pid in set(self.left.values()):
+            try: os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError: pass
+        t0 = time.monotonic()
+        while any(listener(p) for p in self.left) and time.monotonic() - t0 < 10: time.sleep(0.2)
 
     def check_nothing_left(self):
-        left = {p: listener(p) for p in (self.port, self.port + 1, self.api_port, self.service_port, self.gateway_port)}
-        assert not any(left.values()), f"still listening after the hub stopped: {left}"
+        assert not self.left, f"still listening after the hub stopped (now ended): {self.left}"
 
     def api(self, method: str, path: str, headers: dict | None = None, **kw) -> requests.Response:
         "The hub's REST API (as the test's admin service unless `headers` say otherwise)."
