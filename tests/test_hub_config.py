@@ -52,8 +52,10 @@ def gpu_path(tmp_path, monkeypatch):
 
 @pytest.fixture
 def no_gpu_path(tmp_path, monkeypatch):
-    "A PATH without nvidia-smi (this machine may or may not have one)."
-    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    "A PATH whose `nvidia-smi` finds no GPU, as on a machine with the driver and no device (this one may have a GPU)."
+    d = tmp_path / "nogpubin"; d.mkdir()
+    smi = d / "nvidia-smi"; smi.write_text("#!/bin/sh\necho 'No devices were found'\nexit 6\n"); smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{d}{os.pathsep}{os.environ['PATH']}")
 
 
 def test_local_as_root(tmp_path, no_gpu_path):
@@ -260,3 +262,14 @@ def test_values_yaml():
     assert gw["gateway"]["auth"]["jupyterhub"]["apiTokenFromSecretKey"] == "hub.services.dask-gateway.apiToken"
     assert gw["gateway"]["prefix"] == "/services/dask-gateway" and "dask-gateway" in jh["hub"]["services"]
     assert jh["cull"]["enabled"] is False  # the hub's own idle-culler service (60-culler.py) culls
+
+
+def test_local_gpus(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("test_hub_profiles", ROOT / "hub" / "profiles.py")
+    profiles = importlib.util.module_from_spec(spec); sys.modules[spec.name] = profiles; spec.loader.exec_module(profiles)
+    d = tmp_path / "bin"; d.mkdir(); smi = d / "nvidia-smi"; monkeypatch.setenv("PATH", str(d))
+    assert profiles.local_gpus() == []  # no nvidia-smi at all
+    smi.write_text(f"#!/bin/sh\necho '{H100}'\necho '{H100.replace('GPU 0', 'GPU 1')}'\n"); smi.chmod(0o755)
+    assert profiles.local_gpus() == [H100, H100.replace("GPU 0", "GPU 1")]
+    smi.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed because it could not communicate with the NVIDIA driver.'\nexit 9\n")
+    assert profiles.local_gpus() == []
