@@ -28,7 +28,9 @@ help:
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# torch first, from pip (the machine's pip configuration finds the CPU wheel); then uv for the rest.
+# torch first, from pip (the machine's pip configuration finds the CPU wheel); then uv for the rest. The editable
+# install is a plain path entry (compat mode), not an import hook: a folder named hedgerl in a notebook's working
+# directory (a workspace's ~/hedgerl) would otherwise shadow the package.
 $(STAMP): | $(BIN)/python
 	@start=$$(date +%s); \
 	if [ "$(PYTHON)" = /usr/bin/python3 ] && ! grep -qx "home = /usr/bin" $(VENV)/pyvenv.cfg; then \
@@ -40,7 +42,7 @@ $(STAMP): | $(BIN)/python
 	  $(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH)" numpy 2>&1 | grep -v "is ignored" || true; \
 	  $(BIN)/python -c "import torch" ; \
 	fi; \
-	$(BIN)/uv pip install -q -p $(BIN)/python -e ".[dev]"; \
+	$(BIN)/uv pip install -q -p $(BIN)/python -C editable_mode=compat -e ".[dev]"; \
 	test -x $(VENV)/node/node_modules/.bin/configurable-http-proxy || \
 	  npm install --silent --no-audit --no-fund --prefix $(VENV)/node $(CHP) 2>&1 | grep -v EBADENGINE || true; \
 	$(VENV)/node/node_modules/.bin/configurable-http-proxy --version >/dev/null; \

@@ -177,8 +177,11 @@ def _cmd_results(args) -> int:
 
 def _cmd_db(args) -> int:
     "Upgrade the registry database to the newest schema, or show where it stands."
-    from hedgerl.registry import Registry
-    reg = Registry(args.url, create=args.action == "upgrade")  # status never creates a database (a mistyped path is an error)
+    from hedgerl.registry import Registry, is_service_url
+    url = args.url if args.url is not None else settings().registry.url
+    if is_service_url(str(url)): raise ValueError(f"the registry here is the hedgerl service ({url}): its database is the service's; run `hedgerl db` where the service runs")
+    reg = Registry(url, create=args.action == "upgrade")  # status never creates a database (a mistyped path is an error)
+
     if args.action == "upgrade":
         reg.upgrade()
     st = reg.status()
@@ -245,12 +248,12 @@ def _cmd_sweep(args) -> int:
     if not grid: raise ValueError("give at least one --grid NAME=V1,V2,...")
     client = None
     if args.workers:
-        from distributed import Client
-        from hedgerl.backtest import local_cluster
-        client = Client(local_cluster(n_workers=args.workers))
+        from hedgerl.backtest import dask_client
+        client = dask_client(n_workers=args.workers)
     try: res = sweep(grid, args.agent, args.scenario, args.budget, client=client, experiment=args.experiment, **_train_kwargs(args))
     finally:
-        if client is not None: client.close(); client.cluster.close()
+        if client is not None: client.close()  # and its cluster
+
     import pandas as pd
     with pd.option_context("display.width", 200, "display.max_columns", 50): print(res.drop(columns=["error"]).to_string(index=False))
     for _, row in res[res.status != "finished"].iterrows(): print(f"hedgerl sweep: run {row.run_id}: {row.error}", file=sys.stderr)
@@ -305,11 +308,12 @@ def _hub_up(ctx, args) -> int:
         print(f"hedgerl: starting the hub, its proxy, the dask-gateway and the hedgerl service (log: {plat.log})", flush=True)
         plat.start()
         print(f"hedgerl: the platform is up in {time.monotonic() - t0:.1f} s: open {plat.url}/hub/", flush=True)
-        for what in plat.wait_services(): print(f"hedgerl: warning: {what} does not answer; the hub serves without it (log: {plat.log})", file=sys.stderr, flush=True)
         if new: print(f"hedgerl: first login: user {name!r}, password {password!r} (shown once; kept in {ctx.state / 'admin-credentials'})\n"
                       f"hedgerl: users sign up at {plat.url}/hub/signup; approve them at {plat.url}/hub/authorize", flush=True)
         else: print(f"hedgerl: admin {name!r}: password in {ctx.state / 'admin-credentials'} (`hedgerl hub admin --reset` makes a new one)", flush=True)
+        for what in plat.wait_services(): print(f"hedgerl: warning: {what} does not answer; the hub serves without it (log: {plat.log})", file=sys.stderr, flush=True)
         print("hedgerl: stop with Ctrl-C, or `make down` from another terminal", flush=True)
+
         if not args.no_reference: _seed_in_background(ctx)
         while plat.proc.poll() is None: time.sleep(0.5)
         raise RuntimeError(f"the hub exited with status {plat.proc.returncode}:\n{plat.tail()}")

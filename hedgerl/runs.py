@@ -137,10 +137,6 @@ def _registry(registry):
     "A `Registry` on a database, or a `RemoteRegistry` when the URL is the hedgerl service's (a workspace on the platform)."
     return open_registry(registry)
 
-def _url_of(reg) -> str:
-    "The URL a kernel or worker uses to reach the same registry (with its password: it stays in this user's processes)."
-    return reg.url if isinstance(reg.url, str) else reg.url.render_as_string(hide_password=False)
-
 def runs_root(
     runs_dir: str | Path | None = None, # None: `<[data] folder>/runs`
 ) -> Path:
@@ -251,7 +247,7 @@ def _execute_run(run, reg: Registry, template: Path, cfg: dict, ckpt: Path | Non
         if pending: signal.raise_signal(pending)  # one that came while the run was being recorded: handled as if it came now
         if ckpt is not None: shutil.copy2(ckpt, ckpt_out)
 
-        parameters = {**cfg, "out": str(folder), "registry_url": _url_of(reg), "run_id": run.id,
+        parameters = {**cfg, "out": str(folder), "registry_url": reg.address(hide_password=False), "run_id": run.id,
                       "threads": int(threads), "resume": ckpt is not None, "progress": False}
         interrupted = _execute(template, out_nb, parameters, timeout)
     except KeyboardInterrupt:  # a second Ctrl-C, or one before the kernel started
@@ -324,7 +320,7 @@ def sweep(
     reg = _registry(registry)
     reg.check_schema()  # create the schema once, before the workers race to
     common = {k: v for k, v in dict(agent=agent, scenario=scenario, budget=budget, **options).items() if v is not None}
-    common.update(runs_dir=str(runs_root(runs_dir)), registry=_url_of(reg), experiment=experiment)
+    common.update(runs_dir=str(runs_root(runs_dir)), registry=reg.address(hide_password=False), experiment=experiment)
 
 
     cells = grid_cells(grid)
@@ -470,4 +466,5 @@ def tune(
     done = [t for t in st.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not done: raise RuntimeError(f"tune: no trial of study {name!r} completed")
     return {"study": name, "best_params": st.best_params, "best_value": st.best_value, "n_trials": len(st.trials),
-            "n_complete": len(done), "registry": reg.url.render_as_string()}
+            "n_complete": len(done), "registry": reg.address()}
+
