@@ -46,7 +46,7 @@ class Up:
     "`hedgerl hub up` (what `make up` runs) as a process; `wait` until it prints that the platform is up."
     def __init__(self, env: dict, *extra: str):
         self.env, self.url = env, f"http://127.0.0.1:{env['HEDGERL_HUB_PORT']}"
-        self.out_path = Path(env["HEDGERL_DATA_FOLDER"]) / f"up-{uuid.uuid4().hex[:6]}.out"
+        self.out_path = Path(env["HEDGERL_DATA_FOLDER"]).parent / f"up-{uuid.uuid4().hex[:6]}.out"
         self.out = open(self.out_path, "w")
         self.proc = subprocess.Popen([str(BIN / "hedgerl"), "hub", "up", *extra], env=env, cwd=ROOT, stdout=self.out, stderr=subprocess.STDOUT)
 
@@ -54,7 +54,7 @@ class Up:
 
     def wait(self, timeout: float = 120) -> float:
         t0 = time.monotonic()
-        while "the platform is up" not in self.text():
+        while "stop with Ctrl-C" not in self.text():
             if self.proc.poll() is not None: raise AssertionError(f"hedgerl hub up exited {self.proc.returncode}:\n{self.text()}")
             if time.monotonic() - t0 > timeout: raise AssertionError(f"not up within {timeout} s:\n{self.text()}")
             time.sleep(0.2)
