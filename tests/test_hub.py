@@ -62,11 +62,12 @@ def spawner_module():
 class Hub:
     "A hub from hub/jupyterhub_config.py in `folder`, on free ports; a browser-like client of it."
 
-    def __init__(self, folder: Path, run_as: pwd.struct_passwd | None = None, **settings):
+    def __init__(self, folder: Path, run_as: pwd.struct_passwd | None = None, path: str | None = None, **settings):
         self.folder, self.state, self.data, self.run_as = folder, folder / "state", folder / "data", run_as
         self.port = free_base()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONUNBUFFERED": "1",
+        path = os.pathsep.join(filter(None, [path, str(BIN), os.environ.get("PATH", "")]))
+        self.env = {**os.environ, "PATH": path, "PYTHONUNBUFFERED": "1",
                     "HEDGERL_DATA_FOLDER": str(self.data), "HEDGERL_HUB_STATE": str(self.state),
                     "HEDGERL_HUB_PORT": str(self.port), "HEDGERL_GATEWAY_PORT": str(self.port + 3),
                     "HEDGERL_SERVICE_PORT": str(self.port + 4),
@@ -134,7 +135,7 @@ class Hub:
     def form(self, s: requests.Session, path: str, fields: dict) -> requests.Response:
         "GET the page (its _xsrf cookie), POST the form back with the _xsrf field; redirects not followed."
         r = s.get(self.url + path); assert r.status_code == 200, (path, r.status_code)
-        assert 'name="_xsrf"' in r.text, f"{path}: the form has no _xsrf field"
+        if path != "/hub/spawn": assert 'name="_xsrf"' in r.text, f"{path}: the form has no _xsrf field"  # (the spawn page's has none)
         return s.post(self.url + path, data={**fields, "_xsrf": self.xsrf(s)}, allow_redirects=False)
 
     def signup(self, name: str, password: str = PASSWORD, confirm: str | None = None) -> str:
@@ -205,8 +206,8 @@ class Hub:
 
 
 @contextmanager
-def running_hub(tmp_path, run_as=None, **settings):
-    hub = Hub(tmp_path, run_as, **settings)
+def running_hub(tmp_path, run_as=None, path=None, **settings):
+    hub = Hub(tmp_path, run_as, path, **settings)
     try:
         hub.start_s = hub.start()
         yield hub
@@ -448,3 +449,27 @@ def test_withdrawn_approval_ends_the_session(hub):
     time.sleep(62)  # Authenticator.auth_refresh_age
     r = s.get(f"{hub.url}/hub/home", allow_redirects=False)
     assert r.status_code == 302 and "/hub/login" in r.headers["Location"], (r.status_code, r.headers.get("Location"))
+
+
+@pytest.mark.slow
+def test_gpu_profile_offered_where_a_gpu_is_listed(tmp_path):
+    "With `nvidia-smi -L` listing a GPU the spawn page offers both profiles; the GPU workspace sees the GPU, the CPU one not."
+    d = tmp_path / "gpubin"; d.mkdir()
+    smi = d / "nvidia-smi"; smi.write_text("#!/bin/sh\n[ \"$1\" = -L ] && echo 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)'\n")
+    smi.chmod(0o755)
+    with running_hub(tmp_path / "hub", path=str(d)) as hub:
+        name, s = hub.new_user("g")
+        page = html.unescape(s.get(f"{hub.url}/hub/spawn").text)
+        assert 'value="cpu" checked' in page and 'value="gpu"' in page and "GPU workspace" in page
+        admin_token = hub.token(hub.admin(), "admin")
+        for profile, cuda in [("gpu", None), ("cpu", "")]:
+            r = hub.form(s, "/hub/spawn", {"profile": profile})  # the spawn form, as a browser posts it
+            assert r.status_code == 302, (r.status_code, r.text[-500:])
+            deadline = time.monotonic() + 60
+            while not hub.api(s, "GET", f"/users/{name}").json()["servers"].get("", {}).get("ready") and time.monotonic() < deadline:
+                time.sleep(0.3)
+            pid = hub.server_pid(admin_token, name)
+            env = dict(l.split("=", 1) for l in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in l)
+            assert env["HEDGERL_WORKSPACE_PROFILE"] == profile and env.get("CUDA_VISIBLE_DEVICES") == cuda, profile
+            assert hub.api(s, "DELETE", f"/users/{name}/server").status_code in (202, 204)
+            while hub.api(s, "GET", f"/users/{name}").json()["servers"] and time.monotonic() < deadline + 30: time.sleep(0.3)
