@@ -21,7 +21,7 @@ from .scenarios import (Market, Scenario, ScenarioPaths, Strategy, _book_and_pri
                                simulate_scenario)
 
 # %% auto #0
-__all__ = ['BacktestResult', 'backtest', 'local_cluster', 'load_prices', 'trailing_vol', 'historical_paths',
+__all__ = ['BacktestResult', 'backtest', 'local_cluster', 'dask_client', 'load_prices', 'trailing_vol', 'historical_paths',
            'historical_backtest']
 
 # %% ../nbs/07_backtest.ipynb #69a3c3b4
@@ -149,6 +149,93 @@ def local_cluster(n_workers: int | None = None, threads_per_worker: int | None =
     with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
         return LocalCluster(n_workers=n_workers or s.n_workers, threads_per_worker=threads_per_worker or s.threads_per_worker,
                             processes=True, **{"dashboard_address": None, **kwargs})
+
+# %% ../nbs/07_backtest.ipynb #fbcaa650
+def _closing_client(cluster):
+    "A `distributed.Client` on `cluster` whose `close()` (also on leaving a `with` block) shuts the cluster down too."
+    from distributed import Client
+    class ClusterClient(Client):
+        def close(self, *args, **kwargs):
+            try: return super().close(*args, **kwargs)
+            finally: cluster.close()
+    return ClusterClient(cluster)
+
+# %% ../nbs/07_backtest.ipynb #6b10e59a
+def _worker_environ() -> dict:
+    "What a gateway cluster's workers take from the client's environment: the hedgerl settings and the hub's API."
+    import os
+    return {k: v for k, v in os.environ.items() if k.startswith("HEDGERL_") or k in ("JUPYTERHUB_API_URL", "JUPYTERHUB_API_TOKEN")}
+
+# %% ../nbs/07_backtest.ipynb #32e69ae7
+def _environ_plugin(environ: dict):
+    "A worker plugin that sets `environ` in every worker process of a cluster, present and future."
+    from distributed.diagnostics.plugin import WorkerPlugin
+    class WorkerEnviron(WorkerPlugin):
+        idempotent = True
+        def __init__(self, environ): self.environ = dict(environ)
+        def setup(self, worker): __import__("os").environ.update(self.environ)
+    return WorkerEnviron(environ)
+
+# %% ../nbs/07_backtest.ipynb #6a5f7f3b
+_GATEWAY = "[dask] cluster = gateway"
+
+def _gateway_cluster(threads_per_worker: int, **options):
+    "A new cluster from the dask-gateway at `[dask] gateway_address` (or DASK_GATEWAY__ADDRESS), as the user of JUPYTERHUB_API_TOKEN."
+    import os
+    import dask
+    try:
+        import aiohttp
+        from dask_gateway import Gateway, JupyterHubAuth
+    except ImportError: raise ImportError(f"{_GATEWAY} needs dask-gateway: pip install 'hedgerl[platform]'") from None
+    address = settings().dask.gateway_address or dask.config.get("gateway.address", None)
+    if not address: raise ValueError(f"{_GATEWAY} but no gateway address: set [dask] gateway_address (HEDGERL_DASK_GATEWAY_ADDRESS) or DASK_GATEWAY__ADDRESS (a hub workspace has it)")
+    token = os.environ.get("JUPYTERHUB_API_TOKEN")
+    if not token: raise ValueError(f"{_GATEWAY} but JUPYTERHUB_API_TOKEN is not set: the gateway knows users by their hub token (a workspace has one; elsewhere make one on the hub's token page)")
+    where = f"the Dask gateway at {address} ([dask] gateway_address / DASK_GATEWAY__ADDRESS, {_GATEWAY})"
+    gateway = Gateway(address, auth=JupyterHubAuth(token))
+    try:
+        try: opts = gateway.cluster_options()
+        except ValueError as e: raise ConnectionError(f"{where} is not a dask-gateway: {str(e)[:200]}") from None
+        if "worker_threads" in opts: opts.worker_threads = threads_per_worker
+        unknown = set(options) - set(opts)
+        if unknown: raise ValueError(f"{where} offers no cluster option {', '.join(sorted(unknown))}; it offers {', '.join(opts) or 'none'}")
+        opts.update(options)
+        try: return gateway.new_cluster(opts, shutdown_on_close=True)
+        except ValueError as e: raise ValueError(f"{where} refused a cluster: {e}") from None
+    except (OSError, aiohttp.ClientConnectionError) as e: raise ConnectionError(f"{where} is unreachable: {e}") from None
+    except aiohttp.ClientResponseError as e:
+        if e.status in (401, 403):
+            raise PermissionError(f"{where} refused the hub token in JUPYTERHUB_API_TOKEN ({e.status} {e.message}): "
+                                  "a user needs the scope access:services!service=dask-gateway (the hub's group researchers)") from None
+        raise ConnectionError(f"{where} answered {e.status} {e.message}") from None
+    finally:  # (the cluster has a Gateway of its own)
+        gateway.close()
+        gateway.close = lambda: None  # its __del__ would close it again, which fails (dask-gateway 2026.3)
+
+# %% ../nbs/07_backtest.ipynb #6d7aca06
+def dask_client(
+    n_workers: int | None = None, # workers; None: `[dask] n_workers`
+    threads_per_worker: int | None = None, # None: `[dask] threads_per_worker`
+    timeout: float = 120, # seconds to wait for a gateway cluster's workers
+    **kwargs, # more `local_cluster` arguments, or the gateway's cluster options
+):
+    "A `distributed.Client` on a new cluster of its own: through the dask-gateway when `[dask] cluster = gateway`, a `local_cluster` otherwise. Closing the client (or leaving its `with` block) shuts the cluster down."
+    s = settings().dask
+    n_workers = s.n_workers if n_workers is None else check_int("n_workers", n_workers)
+    threads_per_worker = s.threads_per_worker if threads_per_worker is None else check_int("threads_per_worker", threads_per_worker)
+    if s.cluster != "gateway": return _closing_client(local_cluster(n_workers, threads_per_worker, **kwargs))
+    check_positive("timeout", timeout)
+    cluster = _gateway_cluster(threads_per_worker, **kwargs)
+    client = _closing_client(cluster)
+    try:
+        client.register_plugin(_environ_plugin(_worker_environ()), name="hedgerl-environ")
+        cluster.scale(n_workers)
+        client.wait_for_workers(n_workers, timeout=timeout)
+    except BaseException as e:
+        client.close()
+        if isinstance(e, TimeoutError): raise TimeoutError(f"the Dask gateway's cluster {cluster.name} did not get {n_workers} workers in {timeout} s ({_GATEWAY})") from None
+        raise
+    return client
 
 # %% ../nbs/07_backtest.ipynb #546430ce
 def _read_csv_prices(p: Path) -> tuple[np.ndarray, np.ndarray]:

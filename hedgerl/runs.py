@@ -309,14 +309,14 @@ def sweep(
     agent: str | None = None, # fixed arguments of every cell (unless the grid varies them)
     scenario=None,
     budget: int | None = None,
-    client=None, # a dask.distributed Client; None: a `hedgerl.backtest.local_cluster()` for the sweep
+    client=None, # a dask.distributed Client; None: a `hedgerl.backtest.dask_client()` for the sweep (the gateway or a LocalCluster)
     runs_dir: str | Path | None = None, # None: `<[data] folder>/runs`
     registry: Registry | str | None = None,
     experiment: str = "sweep",
     **options, # more fixed `train` arguments (objective, params, seed, test_paths, threads, ...)
 ) -> pd.DataFrame:
     "Train every cell of `grid` in parallel on Dask; one row per cell: its values, run id, status, test objective, folder, error."
-    from hedgerl.backtest import local_cluster
+    from hedgerl.backtest import dask_client
     reg = _registry(registry)
     reg.check_schema()  # create the schema once, before the workers race to
     common = {k: v for k, v in dict(agent=agent, scenario=scenario, budget=budget, **options).items() if v is not None}
@@ -333,8 +333,7 @@ def sweep(
         except (ValueError, TypeError) as e: raise ValueError(f"sweep cell {c}: {e}") from None
     own = client is None
     if own:
-        from distributed import Client
-        client = Client(local_cluster())
+        client = dask_client()  # [dask] cluster: the platform's gateway, or a LocalCluster
     try:
         futures = [client.submit(_sweep_cell, kw, pure=False, key=f"hedgerl-train-{i}-{os.urandom(4).hex()}") for i, kw in enumerate(jobs)]
         rows = []

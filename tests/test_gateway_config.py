@@ -171,7 +171,8 @@ def test_kubernetes(tmp_path):
     assert c.DaskGateway.backend_class == "dask_gateway_server.backends.kubernetes.KubeBackend"
     assert not any(m.startswith(("kubernetes", "dask_gateway_server.backends.kubernetes")) for m in set(sys.modules) - before)
     k = c.KubeClusterConfig
-    assert k.image.startswith("ghcr.io/hedgerl/hedgerl:") and k.scheduler_cmd == ["dask", "scheduler"] and k.worker_cmd == ["dask", "worker"]
+    profiles = (ROOT / "hub" / "profiles.yaml").read_text()
+    assert k.image == "ghcr.io/hedgerl/workspace:latest" and f"image: {k.image}" in profiles and k.scheduler_cmd == ["dask", "scheduler"] and k.worker_cmd == ["dask", "worker"]
     assert (k.worker_cores, k.worker_memory, k.cluster_max_workers) == (1, 4 * 2**30, 32)
     assert (k.cluster_max_cores - k.scheduler_cores) // k.worker_cores == 32
     assert "db_url" not in c.DBBackendBase and not (tmp_path / "state").exists()  # no file state: the chart's CRDs hold it

@@ -5,10 +5,9 @@ file. The chart's own values (image, namespace, API token, traefik proxy) take p
 
 from dask_gateway_server.options import Bool, Integer, Options
 
-import hedgerl
-
-# the workspace image of the hub's Kubernetes profiles: hedgerl and its Dask stack installed, `dask` on PATH
-IMAGE = f"ghcr.io/hedgerl/hedgerl:{hedgerl.__version__}"
+# the workspace image of the hub's Kubernetes profiles (hub/profiles.yaml, hub/kubernetes/Dockerfile.workspace):
+# hedgerl and its Dask stack installed, `dask` on PATH; schedulers and workers run hedgerl's code
+IMAGE = "ghcr.io/hedgerl/workspace:latest"
 GPU = {"resources": {"limits": {"nvidia.com/gpu": "1"}}}  # one GPU per worker pod (the NVIDIA device plugin's resource)
 GiB = 2**30
 

@@ -24,10 +24,10 @@ def gateway_environment(ctx) -> dict:
     "What the gateway process needs: the settings the hub runs with, and the key of its database."
     s = ctx.settings
     env = {k: v for k, v in os.environ.items() if k.startswith("HEDGERL_")}  # the hub's own setting overrides
-    env.update({"HEDGERL_HUB_STATE": str(ctx.state), "HEDGERL_HUB_DEPLOYMENT": ctx.deployment,
+    env.update({"HEDGERL_HUB_STATE": str(ctx.state).replace("$", "$$"), "HEDGERL_HUB_DEPLOYMENT": ctx.deployment,  # `$$`: a literal $ in settings
                 "HEDGERL_GATEWAY_PORT": str(s.gateway.port), "HEDGERL_GATEWAY_IDLE_TIMEOUT": str(s.gateway.idle_timeout),
                 "HEDGERL_DASK_THREADS_PER_WORKER": str(s.dask.threads_per_worker)})
-    if s.source is not None: env["HEDGERL_SETTINGS"] = str(s.source)
+    if s.source is not None: env["HEDGERL_SETTINGS"] = str(s.source)  # a path, not a setting: no interpolation
     env["DASK_GATEWAY_ENCRYPT_KEYS"] = base64.b64encode(bytes.fromhex(ctx.secret(ENCRYPT_KEY_SECRET))).decode()
     return env
 
