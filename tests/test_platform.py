@@ -149,3 +149,53 @@ def test_platform_end_to_end(tmp_path):
     finally:
         up.stop(signal.SIGTERM)
         _userdel(a, b)
+
+
+def test_a_new_user_in_the_browser(tmp_path):
+    """Chromium, as a new user and the admin would: sign up on the form, the admin logs in and clicks Authorize, the user
+    logs in and lands in JupyterLab with the hedgerl kernel and TensorBoard in the launcher; no request leaves 127.0.0.1."""
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    if not Path("/usr/bin/chromium").exists():
+        if os.environ.get("CI") == "true": pytest.fail("/usr/bin/chromium is missing (make services installs it)")
+        pytest.skip("/usr/bin/chromium is missing")
+    env = platform_env(tmp_path / "data")
+    name, pw = f"tc{secrets.token_hex(3)}", "charlie-" + secrets.token_hex(6)
+    up = Up(env)
+    try:
+        up.wait()
+        url = up.url
+        admin_name, admin_pw = re.search(r"first login: user '(\w+)', password '([^']+)'", up.text()).groups()
+        hosts = set()
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
+                                        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+            def page():
+                pg = browser.new_context().new_page()
+                pg.on("request", lambda r: hosts.add(r.url.split("/")[2] if "://" in r.url else r.url))
+                return pg
+            def log_in(pg, n, password):
+                pg.goto(f"{url}/hub/login")
+                pg.fill("input[name=username]", n); pg.fill("input[name=password]", password)
+                pg.click("#login_submit")
+            user = page()
+            user.goto(f"{url}/hub/signup")
+            user.fill("input[name=username]", name); user.fill("input[name=signup_password]", pw)
+            user.fill("input[name=signup_password_confirmation]", pw)
+            user.click("#signup_submit")
+            user.wait_for_load_state()
+            assert "sent to the admin" in user.content() or "authoriz" in user.content().lower(), user.content()[-2000:]
+            admin = page()
+            log_in(admin, admin_name, admin_pw)
+            admin.goto(f"{url}/hub/authorize")
+            admin.click(f"a[href$='authorize/{name}']")
+            admin.wait_for_load_state()
+            log_in(user, name, pw)
+            user.wait_for_url(re.compile(rf".*/user/{name}/lab.*"), timeout=120_000)
+            user.wait_for_selector(".jp-Launcher", timeout=120_000)
+            launcher = user.inner_text(".jp-Launcher")
+            assert "hedgerl" in launcher and "TensorBoard" in launcher, launcher
+            browser.close()
+        assert hosts and all(h.split(":")[0] == "127.0.0.1" for h in hosts), hosts
+    finally:
+        up.stop(signal.SIGTERM)
+        _userdel(name)
