@@ -220,6 +220,7 @@ def dask_client(
     **kwargs, # more `local_cluster` arguments, or the gateway's cluster options
 ):
     "A `distributed.Client` on a new cluster of its own: through the dask-gateway when `[dask] cluster = gateway`, a `local_cluster` otherwise. Closing the client (or leaving its `with` block) shuts the cluster down."
+    import warnings
     s = settings().dask
     n_workers = s.n_workers if n_workers is None else check_int("n_workers", n_workers)
     threads_per_worker = s.threads_per_worker if threads_per_worker is None else check_int("threads_per_worker", threads_per_worker)
@@ -229,7 +230,11 @@ def dask_client(
     client = _closing_client(cluster)
     try:
         client.register_plugin(_environ_plugin(_worker_environ()), name="hedgerl-environ")
-        cluster.scale(n_workers)
+        with warnings.catch_warnings(record=True) as said:  # a request over the cluster's limit is cut down with a warning
+            warnings.simplefilter("always")
+            cluster.scale(n_workers)
+        for w in said:
+            if "exceed" in str(w.message): raise ValueError(f"n_workers = {n_workers}: the Dask gateway says {w.message}")
         client.wait_for_workers(n_workers, timeout=timeout)
     except BaseException as e:
         client.close()

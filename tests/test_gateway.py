@@ -2,10 +2,11 @@
 of 18100-18199, in a temporary state folder. Approved hub users with API tokens act as workspaces do: a subprocess as
 the user's own system account with the variables the hub gives a workspace, calling `hedgerl.backtest.dask_client`.
 
-Default: the gateway serves as a hub service and refuses anonymous callers, users outside `researchers`, and users with
-no system account (with a reason). Slow (`-m slow`): user A's 2-worker cluster runs as A, a 200,000-path backtest on it
-equals the serial one bit for bit, its dashboard answers through the hub's proxy; user B can neither list nor reach A's
-cluster; an idle cluster goes after [gateway] idle_timeout; stopping the hub stops the gateway and its clusters.
+Default: the gateway serves as a hub service and refuses anonymous callers, users outside `researchers`, users with no
+system account, and more workers than its limit (each with a reason). Slow (`-m slow`): in the environment of A's real
+workspace (spawned by the hub), A's 2-worker cluster runs as A, a 200,000-path backtest on it equals the serial one bit
+for bit, its dashboard answers through the hub's proxy; user B can neither list nor reach A's cluster; an idle cluster
+goes after [gateway] idle_timeout; stopping the hub stops the gateway and its clusters.
 As root the test creates system accounts `hb<hex>` (group `hedgerl`, as the hub's spawner does) and deletes them."""
 import base64
 import contextlib
@@ -116,7 +117,7 @@ class Hub:
 load_subconfig({str(ROOT / 'hub' / 'jupyterhub_config.py')!r})
 import os
 c.JupyterHub.services.append({{"name": "hb-test-admin", "api_token": os.environ["HB_TEST_ADMIN_TOKEN"]}})
-c.JupyterHub.load_roles.append({{"name": "hb-test-admin", "scopes": ["admin:users", "tokens", "read:groups"], "services": ["hb-test-admin"]}})
+c.JupyterHub.load_roles.append({{"name": "hb-test-admin", "scopes": ["admin:users", "admin:servers", "tokens", "read:groups"], "services": ["hb-test-admin"]}})
 """)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("HEDGERL_", "JUPYTERHUB_", "DASK_"))}
         t0 = time.monotonic()
@@ -165,9 +166,9 @@ c.JupyterHub.load_roles.append({{"name": "hb-test-admin", "scopes": ["admin:user
         return body
 
 
-def workspace(hub: Hub, token: str, code: str, user: str | None = None, **kw) -> subprocess.Popen:
-    "Run `code` with .venv's python as a workspace of `user` (their system account; None: this one) would."
-    env = hub.workspace_env(token)
+def workspace(hub: Hub, token: str | None, code: str, user: str | None = None, env: dict | None = None, **kw) -> subprocess.Popen:
+    "Run `code` with .venv's python as a workspace of `user` (their system account; None: this one) would: `env`, or 40-gateway.py's variables and `token`."
+    env = dict(env) if env is not None else hub.workspace_env(token)
     if user: env.update(HOME=pwd.getpwnam(user).pw_dir, USER=user)
     return subprocess.Popen([str(BIN / "python"), "-c", code], env=env, user=user, cwd=env.get("HOME", str(hub.tmp)), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
@@ -215,7 +216,7 @@ def hub(tmp_path_factory):
 
 
 def test_gateway_serves_and_refuses(hub):
-    "The gateway answers through the hub's proxy; anonymous callers and users outside `researchers` get 401; a user with no system account gets the reason."
+    "The gateway answers through the hub's proxy; anonymous callers and users outside `researchers` get 401; no system account, or too many workers: the reason."
     print(f"hub start to gateway ready: {hub.start_seconds:.1f} s")
     assert http("GET", f"{hub.gateway}/api/v1/clusters/")[0] == 401
     assert http("GET", f"{hub.gateway}/api/v1/clusters/", hub.tokens["c"], scheme="jupyterhub")[0] == 401  # not approved: no scope
@@ -224,6 +225,12 @@ def test_gateway_serves_and_refuses(hub):
                   "try: dask_client()\nexcept ValueError as e: print('REFUSED', e)\n")
     out, _ = p.communicate(timeout=120)
     assert f"REFUSED the Dask gateway at {hub.gateway}" in out and f"user '{hub.names['n']}' has no system account" in out, out
+    n = os.cpu_count() + 1  # one worker per core at most (dask/gateway_config.d/20-backend.local.py)
+    p = workspace(hub, hub.tokens["a"], f"from hedgerl.backtest import dask_client\n"
+                  f"try: dask_client(n_workers={n})\nexcept ValueError as e: print('REFUSED', e)\n", user=hub.names["a"])
+    out, _ = p.communicate(timeout=120)
+    assert f"REFUSED n_workers = {n}: the Dask gateway says Scale request of {n} workers would exceed resource limit of {n - 1} workers" in out, out
+    wait_for("the refused cluster's processes gone", lambda: not processes_of(hub.names["a"]), 60)
     p = workspace(hub, hub.tokens["c"], "from hedgerl.backtest import dask_client\n"
                   "try: dask_client()\nexcept PermissionError as e: print('REFUSED', e)\n")
     out, _ = p.communicate(timeout=120)
@@ -259,14 +266,23 @@ print("CLOSED", flush=True)
 
 @pytest.mark.slow
 def test_user_cluster_end_to_end(hub):
-    "A's 2-worker cluster runs as A and computes bit for bit; B cannot list or reach it; idle and stopped clusters go."
+    "From A's workspace: a 2-worker cluster as A, bit for bit; B cannot list or reach it; idle and stopped clusters go."
     a, b = hub.names["a"], hub.names["b"]
     # B's cluster with no client: the gateway shuts it down after [gateway] idle_timeout (checked at the end)
     status, body = http("POST", f"{hub.gateway}/api/v1/clusters/", hub.tokens["b"], scheme="jupyterhub", body={"cluster_options": {}})
     assert status == 201, (status, body)
     idle_name, idle_t0 = body["name"], time.monotonic()
 
-    p = workspace(hub, hub.tokens["a"], USER_A, user=a, stdin=subprocess.PIPE)
+    # A's real workspace (the hub's spawner): its environment is what A's kernels get, its token the server's own
+    assert http("POST", f"{hub.url}/hub/api/users/{a}/server", hub.admin_token)[0] in (201, 202)
+    wait_for("A's workspace ready", lambda: (http("GET", f"{hub.url}/hub/api/users/{a}", hub.admin_token)[1].get("servers", {}).get("", {}) or {}).get("ready"), 120)
+    pid, = subprocess.run(["pgrep", "-u", a, "-f", "jupyterhub-singleuser"], capture_output=True, text=True).stdout.split()
+    env = dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in kv)
+    assert env["HEDGERL_DASK_CLUSTER"] == "gateway" and env["DASK_GATEWAY__ADDRESS"] == hub.gateway and env["JUPYTERHUB_API_TOKEN"]
+    tokens = http("GET", f"{hub.url}/hub/api/users/{a}/tokens", hub.admin_token)[1]["api_tokens"]
+    server_token, = [t for t in tokens if t["note"].startswith("Server at")]
+    assert "access:services!service=dask-gateway" in server_token["scopes"], server_token["scopes"]
+    p = workspace(hub, None, USER_A, user=a, env=env, stdin=subprocess.PIPE)
     try:
         line = read_line(p, "READY", 300)
         r = json.loads(line[len("READY "):])
@@ -293,8 +309,9 @@ def test_user_cluster_end_to_end(hub):
         assert p.wait(60) == 0
     finally:
         if p.poll() is None: p.kill()
-    # closing the client shut A's cluster down: no cluster, no process of A
-    wait_for("A's cluster gone after its client closed", lambda: not hub.clusters(hub.tokens["a"]) and not processes_of(a), 60)
+    # closing the client shut A's cluster down: no cluster, no process of A but the workspace
+    assert http("DELETE", f"{hub.url}/hub/api/users/{a}/server", hub.admin_token)[0] in (202, 204)
+    wait_for("A's cluster and workspace gone", lambda: not hub.clusters(hub.tokens["a"]) and not processes_of(a), 60)
     wait_for(f"B's idle cluster gone after {IDLE} s", lambda: idle_name not in hub.clusters(hub.tokens["b"]), IDLE * 1.5 + 30)
     assert time.monotonic() - idle_t0 >= IDLE * 0.9
     wait_for("B's idle cluster's processes gone", lambda: not processes_of(b), 30)
