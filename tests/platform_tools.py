@@ -86,17 +86,18 @@ class Kernel:
         self.ws.send(json.dumps({"header": {"msg_id": mid, "msg_type": "execute_request", "username": "", "session": mid, "version": "5.3"},
                                  "parent_header": {}, "metadata": {}, "channel": "shell",
                                  "content": {"code": code, "silent": False, "store_history": False, "user_expressions": {}, "allow_stdin": False}}))
-        out, err, t0 = [], None, time.monotonic()
-        while True:
+        out, err, reply, idle, t0 = [], None, None, False, time.monotonic()
+        while reply is None or not idle:  # the reply (shell) may come before the output (iopub): wait for both
             if time.monotonic() - t0 > timeout: raise AssertionError(f"kernel did not answer within {timeout} s")
             msg = json.loads(self.ws.recv())
             if msg.get("parent_header", {}).get("msg_id") != mid: continue
             t, c = msg["msg_type"], msg["content"]
             if t == "stream" and c["name"] == "stdout": out.append(c["text"])
             elif t == "error": err = "\n".join(re.sub(r"\x1b\[[0-9;]*m", "", l) for l in c["traceback"])
-            elif t == "execute_reply" and msg["channel"] == "shell":
-                if err or c["status"] != "ok": raise AssertionError(f"in the kernel:\n{err or c}")
-                return "".join(out)
+            elif t == "execute_reply" and msg["channel"] == "shell": reply = c
+            elif t == "status" and c.get("execution_state") == "idle": idle = True
+        if err or reply["status"] != "ok": raise AssertionError(f"in the kernel:\n{err or reply}")
+        return "".join(out)
 
     def close(self):
         try: self.ws.close()
