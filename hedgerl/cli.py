@@ -297,7 +297,8 @@ def _platform_pid(pidfile: Path) -> int | None:
 
 def _hub_up(ctx, args) -> int:
     "Start the platform in the foreground; Ctrl-C, SIGTERM or `hedgerl hub down` stops everything it started."
-    from hedgerl.platform import Platform, admin_credentials, check_ports
+    from hedgerl.platform import Platform, admin_credentials, check_ports, check_workspace_env
+
     from hedgerl.registry import Registry
     import logging; logging.getLogger("alembic").setLevel(logging.WARNING)  # the schema checks below are not news
     pidfile, plat = ctx.state / "platform.pid", Platform(ctx)
@@ -306,6 +307,7 @@ def _hub_up(ctx, args) -> int:
     proxy = ctx.bin.parent / "node" / "node_modules" / ".bin" / "configurable-http-proxy"
     if not proxy.exists(): raise ValueError(f"configurable-http-proxy is not installed at {proxy}: run `make install`")
     check_ports(ctx.settings)
+    check_workspace_env(ctx)  # as root: every account can run the environment (else every spawn would fail later)
     Registry(ctx.settings.registry.url).status()  # the registry database exists and is at the head schema
     name, password, new = admin_credentials(ctx)
     pidfile.write_text(f"{os.getpid()}\n")

@@ -199,3 +199,22 @@ def test_a_new_user_in_the_browser(tmp_path):
     finally:
         up.stop(signal.SIGTERM)
         _userdel(name)
+
+
+def test_kill_9_of_make_up_leaves_nothing_and_a_second_up_is_refused(tmp_path):
+    "A second `hub up` on the same state is one line; kill -9 of `hub up` takes the hub and everything it started with it; up again works."
+    env = platform_env(tmp_path / "data")
+    up = Up(env, "--no-reference")
+    try:
+        up.wait()
+        again = subprocess.run([str(BIN / "hedgerl"), "hub", "up"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert again.returncode == 2 and "already running" in again.stderr and again.stderr.count("\n") == 1, again.stderr
+        up.proc.kill(); up.proc.wait()
+        deadline = time.time() + 60
+        while platform_processes(env) and time.time() < deadline: time.sleep(0.5)
+        assert platform_processes(env) == []
+        up = Up(env, "--no-reference")  # the stale pid file does not stop a new start
+        up.wait()
+        assert requests.get(f"{up.url}/hub/health").status_code == 200
+    finally:
+        up.stop(signal.SIGTERM)
