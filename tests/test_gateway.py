@@ -190,6 +190,12 @@ def read_line(p: subprocess.Popen, prefix: str, timeout: float) -> str:
     raise AssertionError(f"no {prefix} line within {timeout} s:\n" + "".join(seen[-40:]))
 
 
+def scratch(user: str) -> set:
+    "What `user`'s uid owns among /tmp/dask* (a cluster's working directory, Dask's scratch space), with their mtimes."
+    uid = pwd.getpwnam(user).pw_uid
+    return {(str(p), p.stat().st_mtime_ns) for p in Path("/tmp").glob("dask*") if p.stat().st_uid == uid}
+
+
 def alive(pid: int) -> bool:
     "Whether process `pid` runs (a zombie waiting for init does not)."
     try: return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -268,6 +274,7 @@ print("CLOSED", flush=True)
 def test_user_cluster_end_to_end(hub):
     "From A's workspace: a 2-worker cluster as A, bit for bit; B cannot list or reach it; idle and stopped clusters go."
     a, b = hub.names["a"], hub.names["b"]
+    scratch_before = scratch(a)  # (a uid used by an earlier account may own some)
     # B's cluster with no client: the gateway shuts it down after [gateway] idle_timeout (checked at the end)
     status, body = http("POST", f"{hub.gateway}/api/v1/clusters/", hub.tokens["b"], scheme="jupyterhub", body={"cluster_options": {}})
     assert status == 201, (status, body)
@@ -331,3 +338,4 @@ def test_user_cluster_end_to_end(hub):
     assert hub.proc.returncode is not None and not alive(int(gateway))  # the hub stopped its service
     assert not processes_of(a), processes_of(a)
     assert "Stopping 1 active clusters" in hub.log.read_text(errors="replace")
+    assert scratch(a) == scratch_before, scratch(a) ^ scratch_before  # nothing of A's clusters left in /tmp

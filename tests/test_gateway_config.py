@@ -112,6 +112,7 @@ def test_local_as_root(tmp_path):
     assert cc.cluster_max_memory == int(0.75 * memory)
     assert 2**30 <= cc.worker_memory <= 4 * 2**30 and cc.scheduler_memory + cores * cc.worker_memory <= cc.cluster_max_memory
     assert cc.idle_timeout == 1800.0  # [gateway] idle_timeout's default
+    assert cc.environment == {"DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON": "{'MALLOC_TRIM_THRESHOLD_': None}", "DASK_TEMPORARY_DIRECTORY": "."}
     b = backend(config=c)
     assert b.db_url.startswith("sqlite:///") and len(b.db_encrypt_keys) == 1 and b.stop_clusters_on_shutdown
     spec, = b.cluster_options.get_specification()

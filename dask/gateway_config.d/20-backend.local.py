@@ -96,6 +96,9 @@ def configure(c, ctx):
     c.LocalClusterConfig.cluster_max_cores = float(cores + 1)
     c.LocalClusterConfig.cluster_max_memory = budget
     c.LocalClusterConfig.cluster_max_workers = cores
+    # workers' scratch space in the cluster's working directory (their cwd), removed with the cluster, not in a
+    # /tmp/dask-scratch-space-<uid> left behind
+    c.LocalClusterConfig.environment.update({"DASK_TEMPORARY_DIRECTORY": "."})
     # a client may ask for threads per worker (hedgerl's `dask_client(threads_per_worker=...)`), up to the cores
     c.Backend.cluster_options = Options(
         Integer("worker_threads", default=min(ctx.settings.dask.threads_per_worker, cores), min=1, max=cores,
