@@ -93,6 +93,12 @@ def delete_account(name: str) -> None:
         subprocess.run(["userdel", "-r", name], capture_output=True)
 
 
+def default_sigint() -> None:
+    "SIGINT as in a terminal: a test run in the background inherits it ignored, and the hub's services that count on the"
+    "default (the idle culler) would then wait for their SIGTERM when the hub stops them."
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Hub:
     "The platform's hub from hub/jupyterhub_config.py (plus an admin service for the test), its gateway among its services."
     def __init__(self, tmp: Path):
@@ -124,7 +130,7 @@ c.JupyterHub.load_roles.append({{"name": "hb-test-admin", "scopes": ["admin:user
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([str(BIN / "jupyterhub"), "-f", str(config)], cwd=self.tmp, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, env={**env, **self.env, "HB_TEST_ADMIN_TOKEN": self.admin_token},
-                                         start_new_session=True)
+                                         start_new_session=True, preexec_fn=default_sigint)
         def up():
             if self.proc.poll() is not None: raise AssertionError(f"the hub exited {self.proc.returncode}:\n{self.tail()}")
             try: return http("GET", f"{self.gateway}/api/health", timeout=5)[0] == 200
