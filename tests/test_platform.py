@@ -218,3 +218,36 @@ def test_kill_9_of_make_up_leaves_nothing_and_a_second_up_is_refused(tmp_path):
         assert requests.get(f"{up.url}/hub/health").status_code == 200
     finally:
         up.stop(signal.SIGTERM)
+
+
+def test_a_gateway_that_cannot_start_leaves_the_hub_serving(tmp_path):
+    "The dask-gateway's database is not a database: `hub up` names the gateway, and the hub, its login and the hedgerl service serve on."
+    env = platform_env(tmp_path / "data")
+    (tmp_path / "data" / "hub").mkdir(parents=True, mode=0o700)
+    (tmp_path / "data" / "hub" / "dask-gateway.sqlite").mkdir()  # sqlite cannot open a folder: the gateway exits at start
+    up = Up(env, "--no-reference")
+    try:
+        up.wait(timeout=180)
+        assert "warning: the dask-gateway does not answer" in up.text(), up.text()
+        assert requests.get(f"{up.url}/hub/health").status_code == 200
+        assert requests.get(f"{up.url}/services/hedgerl/api/v1/health").json()["status"] == "ok"
+        admin_name, admin_pw = re.search(r"first login: user '(\w+)', password '([^']+)'", up.text()).groups()
+        HubClient(up.url).login(admin_name, admin_pw)
+    finally:
+        up.stop(signal.SIGTERM)
+
+
+def test_a_hub_killed_under_make_up_takes_nothing_with_it(tmp_path):
+    "kill -9 of the hub itself (not of `hub up`): `hub up` says the hub exited and ends the proxy and services the hub left behind."
+    env = platform_env(tmp_path / "data")
+    up = Up(env, "--no-reference")
+    try:
+        up.wait()
+        hub_pid = int((tmp_path / "data" / "hub" / "jupyterhub.pid").read_text())
+        os.kill(hub_pid, signal.SIGKILL)
+        assert up.proc.wait(60) != 0
+        assert "the hub exited with status -9" in up.text(), up.text()
+        time.sleep(0.5)
+        assert platform_processes(env) == []
+    finally:
+        up.stop(signal.SIGTERM)
