@@ -210,8 +210,10 @@ def hub_gateway(tmp_path, deployment="local", c=None, **env):
     return c, ctx
 
 
-def test_hub_service(tmp_path):
+def test_hub_service(tmp_path, monkeypatch):
     "The hub starts the gateway as its service, gives it the settings and the database key, and no scope of its own."
+    monkeypatch.setenv("HEDGERL_HUB_DB_URL", "postgresql+psycopg://hub:secret@db/hub")
+    monkeypatch.setenv("HEDGERL_DASK_N_WORKERS", "3")
     c, ctx = hub_gateway(tmp_path)
     svc, = merged(c.JupyterHub.services)
     assert svc["name"] == "dask-gateway" and svc["url"] == "http://127.0.0.1:18159"
@@ -219,6 +221,7 @@ def test_hub_service(tmp_path):
     assert Path(svc["command"][0]).exists() and Path(svc["command"][2]).is_file()
     env = svc["environment"]
     assert env["HEDGERL_HUB_STATE"] == str(tmp_path / "state") and env["HEDGERL_GATEWAY_PORT"] == "18159" and env["HEDGERL_HUB_DEPLOYMENT"] == "local"
+    assert env["HEDGERL_DASK_N_WORKERS"] == "3" and "HEDGERL_HUB_DB_URL" not in env  # the hub's overrides, but not its database
     key = base64.b64decode(env["DASK_GATEWAY_ENCRYPT_KEYS"])
     assert key == bytes.fromhex((tmp_path / "state" / "secrets" / "dask_gateway_encrypt_key").read_text())
     assert "api_token" not in svc  # the hub makes the service's token and hands it over as JUPYTERHUB_API_TOKEN

@@ -23,7 +23,8 @@ def reachable(ctx, host: str) -> str:
 def gateway_environment(ctx) -> dict:
     "What the gateway process needs: the settings the hub runs with, and the key of its database."
     s = ctx.settings
-    env = {k: v for k, v in os.environ.items() if k.startswith("HEDGERL_")}  # the hub's own setting overrides
+    # the hub's own setting overrides, but not its database's URL (maybe with a password): none of the gateway's business
+    env = {k: v for k, v in os.environ.items() if k.startswith("HEDGERL_") and k != "HEDGERL_HUB_DB_URL"}
     env.update({"HEDGERL_HUB_STATE": str(ctx.state).replace("$", "$$"), "HEDGERL_HUB_DEPLOYMENT": ctx.deployment,  # `$$`: a literal $ in settings
                 "HEDGERL_GATEWAY_PORT": str(s.gateway.port), "HEDGERL_GATEWAY_IDLE_TIMEOUT": str(s.gateway.idle_timeout),
                 "HEDGERL_DASK_THREADS_PER_WORKER": str(s.dask.threads_per_worker)})
