@@ -126,7 +126,13 @@ class Settings(Mapping):
 OTHER_VARIABLES = {"HEDGERL_SETTINGS": "path of the settings file", "HEDGERL_OFFLINE": "1: market data from the cache only",
                    "HEDGERL_LAB_TOKEN": "token for `hedgerl up`'s JupyterLab (default: a fresh random one)"}
 
+def _package_root() -> Path:
+    "The folder that holds the hedgerl package (a clone's root)."
+    import hedgerl
+    return Path(hedgerl.__file__).resolve().parent.parent
+
 def find_settings_file(environ: Mapping[str, str] | None = None) -> Path | None:
+
     "The settings file in use: `$HEDGERL_SETTINGS`, else `settings.ini` beside the package in a clone, else None."
     env = os.environ if environ is None else environ
     if env.get("HEDGERL_SETTINGS"):
@@ -165,7 +171,8 @@ def load_settings(
             if var in env: cp[s][k], origin[s, k] = env[var], var
     stray = sorted(v for v in env if v.startswith("HEDGERL_") and v not in known and v not in OTHER_VARIABLES)
     if stray: warnings.warn(f"unknown hedgerl setting variables ignored: {', '.join(stray)}", stacklevel=2)
-    base = path.parent if path is not None else Path.cwd()
+    base = path.resolve().parent if path is not None else _package_root()  # embedded defaults: as if in a settings.ini beside the package
+
     out: dict[str, dict] = {}
     for s, keys in SETTINGS_SCHEMA.items():
         out[s] = {}

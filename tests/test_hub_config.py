@@ -60,7 +60,7 @@ def no_gpu_path(tmp_path, monkeypatch):
 
 def test_local_as_root(tmp_path, no_gpu_path):
     c, ctx, names = load(tmp_path)
-    assert names[:3] == ["00-base.py", "10-auth.py", "20-spawner.local.py"] and "20-spawner.kubernetes.py" not in names
+    assert names[:4] == ["00-base.py", "05-services.py", "10-auth.py", "20-spawner.local.py"] and "20-spawner.kubernetes.py" not in names
     assert {"50-database.py", "60-culler.py", "70-metrics.py"} <= set(names)
     jh = c.JupyterHub
     # addresses: public proxy, its API on port + 1, the hub's API on port + 2
@@ -273,3 +273,19 @@ def test_local_gpus(tmp_path, monkeypatch):
     assert profiles.local_gpus() == [H100, H100.replace("GPU 0", "GPU 1")]
     smi.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed because it could not communicate with the NVIDIA driver.'\nexit 9\n")
     assert profiles.local_gpus() == []
+
+
+def test_a_managed_service_that_fails_to_start_is_logged_not_fatal():
+    "05-services.py: JupyterHub.start_service reports a managed service that did not start and lets the hub go on (once, however often loaded)."
+    import asyncio, importlib.util, logging
+    spec = importlib.util.spec_from_file_location("services05", CONF / "05-services.py")
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    class FakeHub:
+        log = logging.getLogger("fake-hub")
+        async def start_service(self, name, service, ssl_context=None): return service.ok
+    mod.keep_serving(FakeHub); patched = FakeHub.start_service
+    mod.keep_serving(FakeHub); assert FakeHub.start_service is patched  # not wrapped twice
+    svc = lambda ok, managed: type("S", (), {"ok": ok, "managed": managed})()
+    run = lambda s: asyncio.run(FakeHub().start_service("x", s))
+    assert run(svc(True, True)) is True and run(svc(False, True)) is True  # a managed service that failed: the hub goes on
+    assert run(svc(False, False)) is False  # an external one: as JupyterHub decides
