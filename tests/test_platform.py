@@ -137,6 +137,11 @@ def test_platform_end_to_end(tmp_path):
         assert (Path(f"/home/{a}") / "hello.txt").read_text() == "kept"
         runs = requests.get(f"{svc}/registry/runs", headers={"Authorization": f"token {ta}"})
         assert runs.status_code == 200 and int(run_id) in [r["id"] for r in runs.json()["rows"]], runs.text
+        models = requests.get(f"{svc}/registry/models", headers={"Authorization": f"token {ta}"}).json()["rows"]
+        model = next(m for m in models if m["run_id"] == int(run_id))
+        f = requests.get(f"{svc}/registry/models/{model['id']}/file", headers={"Authorization": f"token {ta}"})
+        assert f.status_code == 200 and f.content[:2] == b"PK"  # the model file, served to its owner
+        assert requests.get(f"{svc}/registry/models/{model['id']}/file", headers={"Authorization": f"token {tb}"}).status_code == 404
 
         # `hedgerl hub down` from another terminal stops it, leaving nothing behind
         down = subprocess.run([str(BIN / "hedgerl"), "hub", "down"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
