@@ -33,13 +33,34 @@ def free_port_block(n: int = 3, start: int = 20000, stop: int = 40000) -> int:
     raise RuntimeError("no free block of ports")
 
 
-def platform_env(data: Path) -> dict:
-    "Environment of a platform in its own data folder, on free ports."
+def platform_env(data: Path, registry_url: str | None = None, **settings: str) -> dict:
+    """Environment of a platform in its own data folder, on free ports; `registry_url` (e.g. a `fresh_pg_database` of
+    conftest) for the service's registry, `settings` more `HEDGERL_*` overrides (`HEDGERL_SERVICE_MAX_JOBS="2"`)."""
     hub = free_port_block(3)
     gw, svc = free_port_block(1), free_port_block(1)
     return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "HEDGERL_DATA_FOLDER": str(data),
             "HEDGERL_HUB_PORT": str(hub), "HEDGERL_GATEWAY_PORT": str(gw), "HEDGERL_SERVICE_PORT": str(svc),
-            "PYTHONUNBUFFERED": "1"}
+            "PYTHONUNBUFFERED": "1", **({"HEDGERL_REGISTRY_URL": registry_url} if registry_url else {}), **settings}
+
+
+def admin_login(up: "Up") -> tuple[str, str]:
+    "The administrator's name and password, as the first `hedgerl hub up` printed them."
+    m = re.search(r"first login: user '(\w+)', password '([^']+)'", up.text())
+    if m is None: raise AssertionError(f"no first-login line in:\n{up.text()}")
+    return m.groups()
+
+
+def approved_user(up: "Up", name: str | None = None, **token_request) -> tuple[str, str]:
+    """A new hub user approved as the admin would (no system account is made: it never spawns), logged in through the
+    real form (which puts it in `researchers`); its name and an API token (`token_request`: e.g. scopes=[...])."""
+    from hedgerl.core import load_settings
+    from hedgerl.platform import HubClient, set_hub_password
+    import secrets
+    name = name or f"u{secrets.token_hex(4)}"
+    password = secrets.token_urlsafe(12)
+    set_hub_password(load_settings(environ=up.env).hub.db_url, name, password)
+    hub = HubClient(up.url)
+    return name, hub.token(hub.login(name, password), name, **token_request)
 
 
 class Up:
