@@ -31,8 +31,8 @@ from .registry import ArtifactError, Registry, RegistryUnavailable, Run, SchemaE
 # %% auto #0
 __all__ = ['API', 'DATETIME_COLUMNS', 'Name', 'Int32', 'Id', 'IdPath', 'jsonable', 'frame_payload', 'payload_frame',
            'account_owns', 'read_artifact', 'Body', 'StartRun', 'LogMetrics', 'RunOutputs', 'FailRun', 'RegisterModel',
-           'RecordEvaluation', 'BodyTooLarge', 'error_status', 'RegistryRoute', 'seal_sqlite', 'hub_user_name',
-           'registry_router', 'service_error', 'ServiceClient', 'RemoteRun', 'RemoteRegistry']
+           'RecordEvaluation', 'BodyTooLarge', 'error_status', 'RegistryRoute', 'seal_sqlite', 'service_registry',
+           'hub_user_name', 'registry_router', 'service_error', 'ServiceClient', 'RemoteRun', 'RemoteRegistry']
 
 # %% ../nbs/17_remote.ipynb #5db812e6
 API = "api/v1/registry" # where the registry's endpoints live under the service's URL (`/services/hedgerl/`)
@@ -283,6 +283,20 @@ def seal_sqlite(
                             f"it must be readable by the service's account only (setting [registry] url)") from None
     return f
 
+# %% ../nbs/17_remote.ipynb #5e7c1a2b
+def service_registry(
+    registry: Registry | str | None = None, # the service's registry or its database URL; None: the `[registry] url` setting of this process
+) -> Registry:
+    "The service's own registry: a database only it reaches (never the service's own URL); a SQLite file sealed (`seal_sqlite`)."
+    url = registry.address() if isinstance(registry, Registry) else str(settings().registry.url if registry is None else registry)
+    if is_service_url(url):
+        raise SettingsError(f"the hedgerl service's own [registry] url (environment HEDGERL_REGISTRY_URL) must be a database that only it "
+                            f"reaches (a file in the hub's state folder, or PostgreSQL), not {url!r}, which is the service itself")
+    base = registry if isinstance(registry, Registry) else Registry(url)
+    seal_sqlite(base)
+    return base
+
+
 # %% ../nbs/17_remote.ipynb #21685485
 def hub_user_name(user) -> str:
     "The registry's user for what the service's dependency returned: a hub *user*'s name (another service's token is refused)."
@@ -298,12 +312,8 @@ def registry_router(
     max_body: int = 1 << 20, # largest request body in bytes (413 above it)
 ) -> APIRouter:
     "The registry's REST endpoints; every call runs as the authenticated hub user (`Registry.as_user`): ownership is the registry's own. A SQLite database is sealed (`seal_sqlite`)."
-    url = registry.address() if isinstance(registry, Registry) else str(settings().registry.url if registry is None else registry)
-    if is_service_url(url):
-        raise SettingsError(f"the hedgerl service's own [registry] url (environment HEDGERL_REGISTRY_URL) must be a database that only it "
-                            f"reaches (a file in the hub's state folder, or PostgreSQL), not {url!r}, which is the service itself")
-    base = registry if isinstance(registry, Registry) else Registry(url)
-    seal_sqlite(base)
+    base = service_registry(registry)
+
     route = type("RegistryRoute", (RegistryRoute,), {"max_body": int(max_body), "hidden": base.address()})
     router = APIRouter(route_class=route, tags=["registry"])
     def caller_registry(user=Depends(user_dependency)) -> Registry:

@@ -30,10 +30,11 @@ from .core import settings
 from .platform import secret
 
 # %% auto #0
-__all__ = ['SERVICE', 'log', 'ANONYMOUS', 'service_prefix', 'HubUser', 'hub_auth', 'CookieSigner', 'cookie_allowed',
-           'caller_model', 'LoginRequired', 'page_view', 'hub_user', 'state_cookie', 'login_redirect', 'oauth_callback',
-           'error_response', 'Health', 'Me', 'health', 'service_router', 'new_app', 'registry_factory',
-           'RequestMetrics', 'metrics_reader', 'metrics', 'create_app', 'service_address', 'unavailable_app', 'main']
+__all__ = ['SERVICE', 'log', 'ANONYMOUS', 'API_MODULES', 'service_prefix', 'HubUser', 'hub_auth', 'CookieSigner',
+           'cookie_allowed', 'caller_model', 'LoginRequired', 'page_view', 'hub_user', 'state_cookie', 'login_redirect',
+           'oauth_callback', 'error_response', 'Health', 'Me', 'health', 'service_router', 'new_app',
+           'registry_factory', 'RequestMetrics', 'metrics_reader', 'metrics', 'caller_registry', 'create_app',
+           'service_address', 'unavailable_app', 'main']
 
 # %% ../nbs/16_service.ipynb #05d57d1b
 SERVICE = "hedgerl" # the service's name on the hub: its routes live under /services/hedgerl/
@@ -241,17 +242,18 @@ def service_router(
 # %% ../nbs/16_service.ipynb #2c92ae77
 def new_app(prefix: str) -> FastAPI:
     "The bare app: its OpenAPI schema and docs pages under `prefix`, Swagger UI and ReDoc from fastapi-offline's bundled files (no CDN)."
-    kw = dict(title="hedgerl service", version=hedgerl.__version__, openapi_url=f"{prefix}openapi.json",
+    api = f"{prefix}api/v1/"  # the schema and the docs live with the API they describe
+    kw = dict(title="hedgerl service", version=hedgerl.__version__, openapi_url=f"{api}openapi.json",
               description="Hedging research on the hub: API tokens (`Authorization: token <hub API token>`) or the hub's login.")
     try: from fastapi_offline import FastAPIOffline
     except ImportError:
-        log.warning("fastapi-offline is not installed: no docs pages (FastAPI's own load Swagger UI from a CDN); the schema is at %sopenapi.json", prefix)
+        log.warning("fastapi-offline is not installed: no docs pages (FastAPI's own load Swagger UI from a CDN); the schema is at %sopenapi.json", api)
         app = FastAPI(docs_url=None, redoc_url=None, **kw)
         app.state.docs = app.state.redoc = None
         return app
-    app = FastAPIOffline(docs_url=f"{prefix}docs", redoc_url=f"{prefix}redoc", static_url=f"{prefix}static/docs",
-                          swagger_ui_oauth2_redirect_url=f"{prefix}docs/oauth2-redirect", **kw)
-    app.state.docs, app.state.redoc = f"{prefix}docs", f"{prefix}redoc"  # FastAPIOffline leaves app.docs_url None
+    app = FastAPIOffline(docs_url=f"{api}docs", redoc_url=f"{api}redoc", static_url=f"{api}static/docs",
+                          swagger_ui_oauth2_redirect_url=f"{api}docs/oauth2-redirect", **kw)
+    app.state.docs, app.state.redoc = f"{api}docs", f"{api}redoc"  # FastAPIOffline leaves app.docs_url None
     return app
 
 # %% ../nbs/16_service.ipynb #83c26ae7
@@ -300,6 +302,17 @@ async def metrics(request: Request) -> Response:
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     return Response(generate_latest(request.app.state.metrics), media_type=CONTENT_TYPE_LATEST)
 
+# %% ../nbs/16_service.ipynb #6f8d2b3c
+# the REST API's resource modules, mounted at api/v1 when present (issue 11): each exports `router(user_dependency)`
+API_MODULES = ("hedgerl.jobs", "hedgerl.catalog", "hedgerl.hedging")
+
+def caller_registry(request: Request, user: HubUser = Depends(hub_user)):
+    "A FastAPI dependency: the service's registry as the calling hub user (ownership is decided in the registry's own queries)."
+    reg = getattr(request.app.state, "registry", None)
+    if reg is None: raise HTTPException(503, "the service has no registry")
+    return reg.as_user(user.name)
+
+
 # %% ../nbs/16_service.ipynb #8f4e85e1
 def create_app(
     prefix: str | None = None, # URL prefix of every route; None: $JUPYTERHUB_SERVICE_PREFIX or /services/hedgerl/
@@ -321,9 +334,14 @@ def create_app(
     app.add_middleware(RequestMetrics, registry=app.state.metrics)
     app.add_api_route(f"{p}metrics", metrics, methods=["GET"], tags=["service"], dependencies=[Depends(metrics_reader)])
     if (registry_router := registry_factory()) is not None:
-        kw = {} if registry is None else {"registry": registry}
-        app.include_router(registry_router(hub_user, **kw), prefix=f"{p}api/v1/registry", dependencies=[Depends(hub_user)])
+        from hedgerl.remote import service_registry
+        app.state.registry = service_registry(registry)  # one handle for every router; each call uses it as the caller (`caller_registry`)
+        app.include_router(registry_router(hub_user, registry=app.state.registry), prefix=f"{p}api/v1/registry", dependencies=[Depends(hub_user)])
+    for name in API_MODULES:  # each: router(user_dependency) -> APIRouter with paths relative to api/v1
+        if importlib.util.find_spec(name) is None: continue
+        app.include_router(importlib.import_module(name).router(hub_user), prefix=f"{p}api/v1", dependencies=[Depends(hub_user)])
     return app
+
 
 # %% ../nbs/16_service.ipynb #4c869945
 def service_address(

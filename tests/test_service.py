@@ -243,9 +243,9 @@ def test_group_role_and_service_scopes(hub):
 
 
 def test_docs_through_the_proxy(hub):
-    page = service(hub, "docs")
-    assert page.status_code == 200 and f"{PREFIX}openapi.json" in page.text and "cdn." not in page.text
-    spec = service(hub, "openapi.json").json()
+    page = service(hub, "api/v1/docs")
+    assert page.status_code == 200 and f"{PREFIX}api/v1/openapi.json" in page.text and "cdn." not in page.text
+    spec = service(hub, "api/v1/openapi.json").json()
     assert {f"{PREFIX}api/v1/health", f"{PREFIX}api/v1/me"} <= set(spec["paths"])
 
 
@@ -375,7 +375,7 @@ def chromium_checks(hub, user: str, password: str):
             page.click("input[type=submit], button[type=submit]")
             page.wait_for_url(f"**{PREFIX}api/v1/me", timeout=20_000)
             assert json.loads(page.inner_text("body"))["name"] == user
-            page.goto(f"{hub.url}{PREFIX}docs")
+            page.goto(f"{hub.url}{PREFIX}api/v1/docs")
             page.get_by_text(f"{PREFIX}api/v1/me", exact=True).first.wait_for(timeout=20_000)  # Swagger UI rendered the schema
             assert page.locator(".swagger-ui .info .title").inner_text().startswith("hedgerl service")
         finally:
