@@ -34,8 +34,9 @@ from .core import SettingsError, check_choice, settings
 
 # %% auto #0
 __all__ = ['STATUSES', 'MIGRATIONS', 'utcnow', 'Base', 'Dataset', 'Experiment', 'RunRow', 'Model', 'Evaluation', 'RunMetric',
-           'SchemaError', 'RegistryUnavailable', 'ArtifactError', 'is_service_url', 'registry_url', 'sqlite_file',
-           'make_engine', 'alembic_config', 'run_alembic_env', 'schema_diff', 'Run', 'Registry', 'open_registry']
+           'SavedScenario', 'SchemaError', 'RegistryUnavailable', 'ArtifactError', 'NameTaken', 'is_service_url',
+           'registry_url', 'sqlite_file', 'make_engine', 'alembic_config', 'run_alembic_env', 'schema_diff', 'Run',
+           'Registry', 'open_registry']
 
 # %% ../nbs/09_registry.ipynb #8a341a55
 STATUSES = ("running", "finished", "failed", "interrupted")
@@ -138,6 +139,18 @@ class RunMetric(Base):
     value: Mapped[float | None] = mapped_column(Float)
     timestamp: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
+class SavedScenario(Base):
+    "A user's scenario config (JSON, checked by its writer), private unless shared; the name is unique per owner. (r0003)"
+    __tablename__ = "scenarios"
+    __table_args__ = (sa.UniqueConstraint("owner", "name", name="uq_scenarios_owner_name"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    config: Mapped[Any] = mapped_column(JSON)
+    description: Mapped[str | None] = mapped_column(Text)
+    owner: Mapped[str] = mapped_column(String(100))
+    shared: Mapped[bool] = mapped_column(Boolean, default=False)
+    created: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
 # %% ../nbs/09_registry.ipynb #7e9c1e91
 MIGRATIONS = Path(core.__file__).parent / "migrations" # the Alembic scripts, exported from nbs/09a_migrations.ipynb
 _SCHEMA_LOCK = 7316150219 # PostgreSQL advisory lock key held while the registry's schema changes
@@ -149,6 +162,9 @@ class RegistryUnavailable(ConnectionError):
 
 class ArtifactError(ValueError):
     "A registered artifact is missing or no longer matches the checksum recorded with it."
+
+class NameTaken(ValueError):
+    "A name that must be unique per owner (a saved scenario's) is already theirs."
 
 def _json_default(o):
     if hasattr(o, "tolist"): return o.tolist() # numpy scalars and arrays
@@ -332,15 +348,18 @@ class Registry:
         self.engine = make_engine(self.url)
         self._Session = sessionmaker(self.engine, expire_on_commit=False)
         self._ready = False
+        self.admin = False # reads see every user's rows (`as_user(..., admin=True)`); writes stay the owner's
 
-    def __repr__(self): return f"Registry({self.url.render_as_string()!r}, user={self.user!r})"
+    def __repr__(self): return f"Registry({self.url.render_as_string()!r}, user={self.user!r}{', admin=True' if self.admin else ''})"
 
     def as_user(self,
         user: str, # the user the new handle acts as
+        admin: bool = False, # an administrator: its reads see every user's rows, private ones too; its writes stay owner-only
     ) -> Registry:
         "A handle on the same database acting as `user`, sharing this one's engine (what the hedgerl service opens per request)."
         if not isinstance(user, str) or not user: raise ValueError(f"user must be a non-empty string, got {user!r}")
-        other = copy.copy(self); other.user = user
+        if not isinstance(admin, bool): raise ValueError(f"admin must be True or False, got {admin!r}")
+        other = copy.copy(self); other.user, other.admin = user, admin
         return other
 
     def address(self,
@@ -417,16 +436,19 @@ class Registry:
                 time.sleep(0.05 * 2 ** attempt)
 
     # --- runs
-    def _visible(self, table, user: str | None):
+    def _visible(self, table, user: str | None, admin: bool = True):
+        "Rows of `table` that `user` (None: this handle's) reads: their own and shared ones; every row for this handle when it is an admin's."
+        if user is None and admin and self.admin: return sa.true()
         return sa.or_(table.owner == (user or self.user), table.shared.is_(True))
 
     def _check_owner(self, s: Session, table, id_: int, what: str) -> None:
         "Before a write: `KeyError` if row `id_` of `table` is not visible to this handle's user, `PermissionError` if it is someone else's."
         row = s.execute(sa.select(table.owner, table.shared).where(table.id == int(id_))).first()
-        if row is None or (row.owner != self.user and not row.shared):
+        if row is None or (row.owner != self.user and not row.shared and not self.admin):
             raise KeyError(f"no {what} {id_} visible to user {self.user!r} in {self.url.render_as_string()}")
         if row.owner != self.user:
-            raise PermissionError(f"{what} {id_} belongs to {row.owner!r} (shared, read-only): only its owner can change it, not {self.user!r}")
+            why = "shared, read-only" if row.shared else "private; an admin reads it, only its owner writes"
+            raise PermissionError(f"{what} {id_} belongs to {row.owner!r} ({why}): only its owner can change it, not {self.user!r}")
 
     def start_run(self,
         experiment: str, # experiment name (created for this user when new)
@@ -546,7 +568,7 @@ class Registry:
                        model_id=model["id"] if isinstance(model, dict) else model, owner=self.user, shared=shared)
         def write(s: Session):
             if e.run_id is not None: self._check_owner(s, RunRow, e.run_id, "run")
-            if e.model_id is not None and s.scalar(sa.select(Model.id).where(Model.id == e.model_id, self._visible(Model, None))) is None:
+            if e.model_id is not None and s.scalar(sa.select(Model.id).where(Model.id == e.model_id, self._visible(Model, None, admin=False))) is None:
                 raise KeyError(f"no model {e.model_id} visible to user {self.user!r} in {self.url.render_as_string()}")
             s.add(e); s.flush(); return e.id
         return self._write(write)
@@ -571,6 +593,68 @@ class Registry:
         return self._write(write, retry_integrity=True)
 
     # --- queries
+    _KINDS = {"run": RunRow, "model": Model, "evaluation": Evaluation, "scenario": SavedScenario} # what `find`, `get` and `share` take
+
+    def _listing(self, kind: str, user: str | None) -> tuple[sa.Select, dict, list[str]]:
+        "The select of the `kind` rows `user` (None: this handle's) reads, its filters (name -> column or condition maker), its sortable columns."
+        check_choice("kind", kind, tuple(self._KINDS))
+        table = self._KINDS[kind]
+        if kind == "run":
+            cols = {"id": RunRow.id, "experiment": Experiment.name, **{c: getattr(RunRow, c) for c in (
+                    "name", "status", "owner", "shared", "started", "ended", "heartbeat", "host", "pid", "notebook", "params", "outputs", "tags", "error")}}
+            q = sa.select(*(c.label(k) for k, c in cols.items())).join(Experiment, RunRow.experiment_id == Experiment.id)
+            extra = {"scenario": RunRow.params["scenario"].as_string(), "agent": RunRow.params["agent"].as_string()}  # what `hedgerl train` records
+        else:
+            cols = {c.name: getattr(table, c.name) for c in table.__table__.columns}
+            q, extra = sa.select(*cols.values()), {}
+        if kind in ("model", "evaluation"):  # the experiment of the run that made it
+            extra["experiment"] = lambda v: table.run_id.in_(sa.select(RunRow.id).join(Experiment, RunRow.experiment_id == Experiment.id).where(Experiment.name == v))
+        plain = [k for k, c in cols.items() if not isinstance(c.type, sa.JSON)]  # what may be sorted and filtered on
+        equal = lambda c: lambda v: c == v
+        filters = {**{k: equal(cols[k]) for k in plain}, **{k: equal(c) if isinstance(c, sa.ColumnElement) else c for k, c in extra.items()}}
+        return q.where(self._visible(table, user)), filters, plain
+
+    def find(self,
+        kind: str, # "run", "model", "evaluation" or "scenario" (a saved one)
+        filters: dict | None = None, # name -> the value it must equal (None: any): a column, a run's `scenario`/`agent` (its params), a model's or evaluation's `experiment`
+        sort: str | None = None, # a column to order by, `-column` for descending; None: `-id` (newest first)
+        limit: int | None = None, # at most this many rows; None: every one
+        offset: int = 0, # rows skipped before the page
+        user: str | None = None, # whose view (default this handle's user): their rows plus shared ones
+    ) -> tuple[list[dict], int]:
+        "A page of the `kind` rows `user` reads, filtered, sorted and paged in the database; the rows (dicts) and how many match in all."
+        q, known, sortable = self._listing(kind, user)
+        bad = [repr(k) for k in (filters or {}) if k not in known]
+        if bad: raise ValueError(f"{kind} filters: unknown {', '.join(bad)}; known: {', '.join(known)}")
+        key = "-id" if sort is None else sort
+        if not isinstance(key, str) or key.removeprefix("-") not in sortable:
+            raise ValueError(f"sort {sort!r}: expected one of {', '.join(sortable)} (a leading - sorts descending)")
+        for name, v in (("limit", limit), ("offset", offset)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0): raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+        for k, v in (filters or {}).items():
+            if v is not None: q = q.where(known[k](v))
+        table, desc = self._KINDS[kind], key.startswith("-")
+        col = q.selected_columns[key.lstrip("-")]
+        order = [col.desc() if desc else col.asc()] + ([] if key.lstrip("-") == "id" else [table.id.desc() if desc else table.id.asc()])
+        if kind == "run": self.reap()
+        with self._session() as s:
+            total = s.scalar(sa.select(sa.func.count()).select_from(q.order_by(None).subquery()))
+            rows = s.execute(q.order_by(*order).offset(offset or None).limit(limit)).all()
+        return [dict(r._mapping) for r in rows], int(total)
+
+    def get(self,
+        kind: str, # "run", "model", "evaluation" or "scenario"
+        id: int, # its id
+    ) -> dict:
+        "One row of `kind` this handle reads (the columns `find` gives); `KeyError` if there is none it may see."
+        rows, _ = self.find(kind, {"id": int(id)})
+        if not rows: raise KeyError(f"no {kind} {id} visible to user {self.user!r} in {self.url.render_as_string()}")
+        return rows[0]
+
+    def _frame_of(self, kind: str, filters: dict, sort: str, user: str | None) -> pd.DataFrame:
+        rows, _ = self.find(kind, filters, sort=sort, user=user)
+        return pd.DataFrame(rows, columns=[c.name for c in self._listing(kind, user)[0].selected_columns])
+
     def runs(self,
         experiment: str | None = None, # only this experiment
         status: str | None = None, # only runs with this status
@@ -579,38 +663,69 @@ class Registry:
     ) -> pd.DataFrame:
         "Runs visible to `user`, newest first."
         if status is not None: check_choice("status", status, STATUSES)
-        self.reap()
-        q = (sa.select(RunRow.id, Experiment.name.label("experiment"), RunRow.name, RunRow.status, RunRow.owner, RunRow.shared,
-                       RunRow.started, RunRow.ended, RunRow.heartbeat, RunRow.host, RunRow.pid, RunRow.notebook, RunRow.params,
-                       RunRow.outputs, RunRow.tags, RunRow.error)
-             .join(Experiment, RunRow.experiment_id == Experiment.id).where(self._visible(RunRow, user)).order_by(RunRow.id.desc()))
-        if experiment is not None: q = q.where(Experiment.name == experiment)
-        if status is not None: q = q.where(RunRow.status == status)
-        if run_id is not None: q = q.where(RunRow.id == int(run_id))
-        with self._session() as s: rows = s.execute(q).all()
-        return _frame(rows, [c.name for c in q.selected_columns])
-
-    def _query(self, table, filters: dict, user: str | None) -> pd.DataFrame:
-        cols = list(table.__table__.columns)
-        q = sa.select(*cols).where(self._visible(table, user)).order_by(table.id)
-        for k, v in filters.items():
-            if v is not None: q = q.where(getattr(table, k) == v)
-        self.reap()
-        with self._session() as s: rows = s.execute(q).all()
-        return _frame(rows, [c.name for c in cols])
+        return self._frame_of("run", dict(experiment=experiment, status=status, id=None if run_id is None else int(run_id)), "-id", user)
 
     def models(self, algorithm: str | None = None, scenario: str | None = None, name: str | None = None,
                user: str | None = None, # whose view: their models plus shared ones
                ) -> pd.DataFrame:
         "Registered models visible to `user`, oldest first."
-        return self._query(Model, dict(algorithm=algorithm, scenario=scenario, name=name), user)
+        return self._frame_of("model", dict(algorithm=algorithm, scenario=scenario, name=name), "id", user)
 
     def evaluations(self, scenario: str | None = None, strategy: str | None = None, run_id: int | None = None,
                     model_id: int | None = None,
                     user: str | None = None, # whose view: their evaluations plus shared ones
                     ) -> pd.DataFrame:
         "Recorded evaluations visible to `user`, oldest first."
-        return self._query(Evaluation, dict(scenario=scenario, strategy=strategy, run_id=run_id, model_id=model_id), user)
+        return self._frame_of("evaluation", dict(scenario=scenario, strategy=strategy, run_id=run_id, model_id=model_id), "id", user)
+
+    def scenarios(self, name: str | None = None, owner: str | None = None,
+                  user: str | None = None, # whose view: their saved scenarios plus shared ones
+                  ) -> pd.DataFrame:
+        "Saved scenarios visible to `user`, oldest first."
+        return self._frame_of("scenario", dict(name=name, owner=owner), "id", user)
+
+    # --- saved scenarios, sharing
+    def save_scenario(self,
+        name: str, # unique among this user's saved scenarios
+        config: dict, # the scenario's config, stored as given: check it first (`hedgerl.scenarios.as_scenario`)
+        description: str | None = None, # what it is for
+        shared: bool = False, # readable by every user
+    ) -> dict:
+        "Save a scenario config of this user's under `name`; its row. `NameTaken` if they already have one of that name."
+        if not isinstance(name, str) or not name.strip() or len(name) > 200: raise ValueError(f"name must be text of 1 to 200 characters, got {name!r}")
+        if not isinstance(config, dict): raise ValueError(f"config must be a dict (a scenario's fields), got {type(config).__name__}")
+        taken = lambda i: NameTaken(f"name {name!r}: user {self.user!r} already has a saved scenario of that name (id {i}); choose another or delete it")
+        def write(s: Session):
+            if (i := s.scalar(sa.select(SavedScenario.id).where(SavedScenario.owner == self.user, SavedScenario.name == name))) is not None: raise taken(i)
+            row = SavedScenario(name=name, config=config, description=description, owner=self.user, shared=bool(shared))
+            s.add(row); s.flush(); return row.id
+        try: id_ = self._write(write)
+        except IntegrityError: raise taken("saved just now") from None  # the same name saved at the same moment
+        return self.get("scenario", id_)
+
+    def delete_scenario(self,
+        scenario_id: int, # a saved scenario of this user's
+    ) -> None:
+        "Delete a saved scenario of this user's (`KeyError` if they cannot see it, `PermissionError` if it is another's)."
+        def write(s: Session):
+            self._check_owner(s, SavedScenario, scenario_id, "scenario")
+            s.execute(sa.delete(SavedScenario).where(SavedScenario.id == int(scenario_id)))
+        self._write(write)
+
+    def share(self,
+        kind: str, # "run", "model", "evaluation" or "scenario"
+        id: int, # a row of this user's
+        shared: bool = True, # False makes it private again
+    ) -> dict:
+        "Share or unshare a row of this user's; its row. Another's is a `KeyError` if private to them, a `PermissionError` if shared."
+        check_choice("kind", kind, tuple(self._KINDS))
+        if not isinstance(shared, bool): raise ValueError(f"shared must be True or False, got {shared!r}")
+        table = self._KINDS[kind]
+        def write(s: Session):
+            self._check_owner(s, table, id, kind)
+            s.execute(sa.update(table).where(table.id == int(id)).values(shared=shared))
+        self._write(write)
+        return self.get(kind, id)
 
     def datasets(self, name: str | None = None) -> pd.DataFrame:
         "Registered data sets (visible to everyone)."

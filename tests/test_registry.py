@@ -21,7 +21,7 @@ from conftest import empty_database, fresh_pg_database
 from hedgerl.registry import Registry, RegistryUnavailable, SchemaError, schema_diff
 
 ROOT = Path(__file__).resolve().parent.parent
-TABLES = {"datasets", "experiments", "runs", "models", "evaluations", "run_metrics"}
+TABLES = {"datasets", "experiments", "runs", "models", "evaluations", "run_metrics", "scenarios"}
 
 
 @pytest.fixture(scope="session")
@@ -55,10 +55,10 @@ def child(code: str, *args, **kw) -> subprocess.Popen:
 def test_migrations_empty_to_head(registry):
     reg = registry()
     st = reg.status()
-    assert (st["current"], st["head"], st["up_to_date"], st["tables"]) == (None, "r0002", False, {})
+    assert (st["current"], st["head"], st["up_to_date"], st["tables"]) == (None, "r0003", False, {})
     reg.upgrade()
     st = reg.status()
-    assert (st["current"], st["up_to_date"]) == ("r0002", True)
+    assert (st["current"], st["up_to_date"]) == ("r0003", True)
     assert st["tables"] == dict.fromkeys(TABLES, 0)
     assert schema_diff(reg.engine) == []
 
@@ -235,7 +235,7 @@ def test_upgrade_keeps_data_and_old_schema_is_refused(registry):
                                                     started=t0, ended=t0, owner="alice", shared=False, outputs={"o": 1.5}))
         c.execute(md.tables["run_metrics"].insert(), [dict(run_id=1, step=s, key="loss", value=s / 2, timestamp=t0) for s in range(3)])
         c.execute(md.tables["datasets"].insert(), dict(name="d", source="s", content_hash="h", owner="alice", created=t0, meta={"a": 1}))
-    with pytest.raises(SchemaError, match=r"at schema revision r0001, this hedgerl needs r0002: run `hedgerl db upgrade`"):
+    with pytest.raises(SchemaError, match=r"at schema revision r0001, this hedgerl needs r0003: run `hedgerl db upgrade`"):
         registry(user="alice").runs()
     assert reg.status()["current"] == "r0001" # refused, not migrated behind the user's back
     reg.upgrade()
