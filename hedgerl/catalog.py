@@ -25,7 +25,7 @@ from fastapi import Body as BodyParam
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from . import scenarios as scenario_lib
 from .baselines import BASELINES, make_baseline
@@ -34,12 +34,12 @@ from .registry import STATUSES, ArtifactError, NameTaken, Registry, _sha256
 from .remote import _capped, account_owns, error_status, hub_user_name, jsonable, read_artifact
 
 # %% auto #0
-__all__ = ['log', 'ERRORS', 'Id', 'IdPath', 'Text', 'Limit', 'Offset', 'T', 'SAVED_NAME', 'ScenarioRef', 'MODEL_SORTS',
-           'RUN_SORTS', 'EVALUATION_SORTS', 'BINARY', 'LEADERBOARD', 'ARENA_PATHS', 'SAFE_AGENTS', 'MAX_ARTIFACT',
-           'Error', 'unprocessable', 'CatalogRoute', 'caller_registry', 'Body', 'Share', 'RunItem', 'ModelItem',
-           'EvaluationItem', 'Page', 'sorts', 'item', 'page', 'config_error', 'check_config', 'ScenarioInfo',
-           'ScenarioDetail', 'ScenarioList', 'scenario_summary', 'published_scenario', 'saved_scenario', 'saved_row',
-           'resolve_scenario', 'SaveScenario', 'Parameter', 'BaselineInfo', 'Strategies', 'baseline_info',
+__all__ = ['log', 'ERRORS', 'Timestamp', 'Id', 'IdPath', 'Text', 'Limit', 'Offset', 'T', 'SAVED_NAME', 'ScenarioRef',
+           'MODEL_SORTS', 'RUN_SORTS', 'EVALUATION_SORTS', 'BINARY', 'LEADERBOARD', 'ARENA_PATHS', 'SAFE_AGENTS',
+           'MAX_ARTIFACT', 'Error', 'unprocessable', 'CatalogRoute', 'caller_registry', 'Body', 'Share', 'RunItem',
+           'ModelItem', 'EvaluationItem', 'Page', 'sorts', 'item', 'page', 'config_error', 'check_config',
+           'ScenarioInfo', 'ScenarioDetail', 'ScenarioList', 'scenario_summary', 'published_scenario', 'saved_scenario',
+           'saved_row', 'resolve_scenario', 'SaveScenario', 'Parameter', 'BaselineInfo', 'Strategies', 'baseline_info',
            'CommittedEntry', 'SharedEntry', 'Board', 'Leaderboard', 'committed_leaderboard', 'shared_entry',
            'leaderboard', 'Arena', 'load_model', 'RankEntry', 'Submit', 'Submission', 'arena_scores', 'ranking',
            'submit', 'router']
@@ -103,6 +103,11 @@ def caller_registry(
     return dependency
 
 # %% ../nbs/19_catalog.ipynb #d22488f3
+def _utc(t: dt.datetime) -> dt.datetime:
+    "A registry timestamp (naive UTC) as an aware one: RFC 3339 text with its offset, as JSON Schema's date-time wants."
+    return t if t.tzinfo is not None else t.replace(tzinfo=dt.timezone.utc)
+
+Timestamp = Annotated[dt.datetime, AfterValidator(_utc)] # a UTC time, sent with its offset
 Id = Annotated[int, Field(ge=1, le=2**63 - 1)]
 IdPath = Annotated[int, PathParam(ge=1, le=2**63 - 1, description="the row's id")]
 Text = Annotated[str | None, Query(min_length=1, max_length=200)]
@@ -125,9 +130,9 @@ class RunItem(BaseModel):
     status: Literal[STATUSES]
     owner: str
     shared: bool
-    started: dt.datetime
-    ended: dt.datetime | None = None
-    heartbeat: dt.datetime | None = None
+    started: Timestamp
+    ended: Timestamp | None = None
+    heartbeat: Timestamp | None = None
     host: str | None = None
     pid: int | None = None
     notebook: str | None = None
@@ -150,7 +155,7 @@ class ModelItem(BaseModel):
     config: Any = None
     owner: str
     shared: bool
-    created: dt.datetime
+    created: Timestamp
 
 class EvaluationItem(BaseModel):
     "A recorded score of a strategy on a scenario (lower objectives are better); arena scores carry no seed."
@@ -165,7 +170,7 @@ class EvaluationItem(BaseModel):
     metrics: Any = None
     owner: str
     shared: bool
-    created: dt.datetime
+    created: Timestamp
 
 T = TypeVar("T")
 
@@ -227,7 +232,7 @@ class ScenarioInfo(BaseModel):
     horizon: int | None = None # trading days to the book's last maturity
     n_decisions: int | None = None # hedging dates
     instruments: list[str] = []
-    created: dt.datetime | None = None
+    created: Timestamp | None = None
     error: str | None = None # a saved config this hedgerl cannot read, and why
 
 class ScenarioDetail(ScenarioInfo):
@@ -512,7 +517,7 @@ class SharedEntry(BaseModel):
     objective_se: float | None = None
     n_paths: int | None = None
     arena: bool = False # scored on the arena's held-out test paths
-    created: dt.datetime
+    created: Timestamp
 
 # %% ../nbs/19_catalog.ipynb #dd8bb437
 class Board(BaseModel):
