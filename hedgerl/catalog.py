@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import inspect
 import json
@@ -15,7 +16,6 @@ import re
 import shutil
 import tempfile
 import threading
-import zipfile
 from pathlib import Path
 from typing import Annotated, Any, Callable, Generic, Literal, TypeVar
 
@@ -35,11 +35,11 @@ from .remote import _capped, account_owns, error_status, hub_user_name, jsonable
 
 # %% auto #0
 __all__ = ['log', 'ERRORS', 'Timestamp', 'Id', 'IdPath', 'Text', 'Limit', 'Offset', 'T', 'SAVED_NAME', 'ScenarioRef',
-           'MODEL_SORTS', 'RUN_SORTS', 'EVALUATION_SORTS', 'BINARY', 'LEADERBOARD', 'ARENA_PATHS', 'SAFE_AGENTS',
-           'MAX_ARTIFACT', 'Error', 'unprocessable', 'CatalogRoute', 'caller_registry', 'Body', 'Share', 'RunItem',
-           'ModelItem', 'EvaluationItem', 'Page', 'sorts', 'item', 'page', 'config_error', 'check_config',
-           'ScenarioInfo', 'ScenarioDetail', 'ScenarioList', 'scenario_summary', 'published_scenario', 'saved_scenario',
-           'saved_row', 'resolve_scenario', 'SaveScenario', 'Parameter', 'BaselineInfo', 'Strategies', 'baseline_info',
+           'MODEL_SORTS', 'RUN_SORTS', 'EVALUATION_SORTS', 'BINARY', 'LEADERBOARD', 'ARENA_PATHS', 'MAX_ARTIFACT',
+           'Error', 'unprocessable', 'CatalogRoute', 'caller_registry', 'Body', 'Share', 'RunItem', 'ModelItem',
+           'EvaluationItem', 'Page', 'sorts', 'item', 'page', 'config_error', 'check_config', 'ScenarioInfo',
+           'ScenarioDetail', 'ScenarioList', 'scenario_summary', 'published_scenario', 'saved_scenario', 'saved_row',
+           'resolve_scenario', 'SaveScenario', 'Parameter', 'BaselineInfo', 'Strategies', 'baseline_info',
            'CommittedEntry', 'SharedEntry', 'Board', 'Leaderboard', 'committed_leaderboard', 'shared_entry',
            'leaderboard', 'Arena', 'load_model', 'RankEntry', 'Submit', 'Submission', 'arena_scores', 'ranking',
            'submit', 'router']
@@ -374,6 +374,7 @@ class Strategies(BaseModel):
     models: Page[ModelItem]
 
 # %% ../nbs/19_catalog.ipynb #5de5910e
+@functools.lru_cache(maxsize=None)
 def _comments(fn) -> dict[str, str]:
     "The comment after each parameter in `fn`'s signature (`name: type = default, # comment`)."
     try: src = inspect.getsource(fn)
@@ -381,6 +382,7 @@ def _comments(fn) -> dict[str, str]:
     head = src[:src.find("):") if "):" in src else len(src)]
     return {m[1]: m[2].strip() for m in re.finditer(r"^\s*(\w+)\s*(?::[^#\n]*)?(?:=[^#\n]*)?,?\s*#\s*(.+)$", head, re.M)}
 
+@functools.lru_cache(maxsize=1)
 def _instruments() -> dict[str, str]:
     "What each baseline needs, from the table in `make_baseline`'s docstring."
     return {m[1]: m[2].strip() for m in re.finditer(r"^\s*\|\s*([\w-]+)\s*\|([^|]+)\|", make_baseline.__doc__ or "", re.M) if m[1] != "name"}
@@ -621,7 +623,6 @@ class Arena:
         return next(r for r in recs if r["strategy"] == key)
 
 # %% ../nbs/19_catalog.ipynb #c1226c23
-SAFE_AGENTS = ("ntb", "deep-hedger") # agents whose saved files load as weights only
 MAX_ARTIFACT = 256 << 20 # bytes: larger model files are not scored
 
 def load_model(
@@ -629,9 +630,10 @@ def load_model(
     scenario: scenario_lib.Scenario, # what it must hedge
     owns: Callable = account_owns, # which files a user's account owns (see `read_artifact`)
 ):
-    "The model's agent, loaded from a private copy of its owner's file that matches the recorded sha256; a 422 if it cannot hedge `scenario`."
-    from hedgerl.agents import load_agent
+    "The model's agent, loaded without unpickling from a private copy of its owner's file that matches the recorded sha256; a 422 if it cannot hedge `scenario`."
     what = f"model {m['id']} ({m['name']} v{m['version']})"
+    try: from hedgerl.hedging import load_strategy_file  # numpy, torch and stable-baselines3 only when a model is scored
+    except ImportError as e: raise HTTPException(503, f"the service cannot load models here ({e})") from None
     try: f, _ = read_artifact(m["artifact"], m["owner"], owns, checksum=m["checksum"])
     except ArtifactError as e: raise ArtifactError(f"{what}: its file {e}") from None
     with f, tempfile.TemporaryDirectory(prefix="hedgerl-arena-") as d:
@@ -639,22 +641,12 @@ def load_model(
         p = Path(d) / "agent.zip"
         with open(p, "wb") as out: shutil.copyfileobj(f, out)
         if _sha256(p) != m["checksum"]: raise ArtifactError(f"{what}: its file changed while it was read")
-        kind = _agent_kind(p)
-        if kind not in SAFE_AGENTS:
-            raise unprocessable(["body", "model_id"], f"{what} is a {kind!r} agent: the arena loads only {', '.join(SAFE_AGENTS)} models, whose files "
-                                f"hold weights alone (a stable-baselines3 file holds pickled code, which the service does not run)", m["id"])
-        try: return load_agent(p, scenario=scenario, device="cpu")
-        except ValueError as e: raise unprocessable(["body", "model_id"], f"{what}: {str(e).replace(str(p), 'its file')}", m["id"]) from None
-
-def _agent_kind(p: Path) -> str:
-    "The agent kind a saved agent's `hedgerl.json` names (read from the zip, nothing loaded); '?' if it names none."
-    try:
-        with zipfile.ZipFile(p) as z:
-            info = z.getinfo("hedgerl.json")
-            if info.file_size > 1 << 20: return "?"
-            kind = json.loads(z.read(info)).get("config", {}).get("agent")
-    except (zipfile.BadZipFile, KeyError, ValueError, AttributeError, OSError): return "?"
-    return kind if isinstance(kind, str) else "?"
+        try:
+            agent = load_strategy_file(p, device="cpu")
+            agent.reset(scenario)  # refuses another hedging problem than the one it was trained on
+        except ImportError as e: raise HTTPException(503, f"the service cannot load {what} here ({e})") from None
+        except (ValueError, FileNotFoundError) as e: raise unprocessable(["body", "model_id"], f"{what}: {str(e).replace(str(p), 'its file')}", m["id"]) from None
+    return agent
 
 # %% ../nbs/19_catalog.ipynb #2fbd2e8c
 class RankEntry(BaseModel):
