@@ -52,6 +52,8 @@ class Platform:
         assert r.status_code == 200, r.text
         self.doc = r.json()
         self.schema = schemathesis.openapi.from_dict(self.doc)
+        # query parameters the document does not name are ignored, as HTTP APIs commonly do: not sent as "malformed"
+        self.schema.config.generation.update(allow_extra_parameters=False)
         self.known = seed_objects(self)
 
 
@@ -170,7 +172,7 @@ def test_the_document_covers_the_api(platform):
 def test_fuzz_follows_the_schema(platform):
     "Schema-valid requests (half of them aimed at A's real objects): no 5xx, declared status codes, bodies valid."
     t0 = time.monotonic()
-    fz = fuzz_operations(platform, [GenerationMode.POSITIVE], int(os.environ.get("HEDGERL_FUZZ_EXAMPLES", 12)), derandomize=True)
+    fz = fuzz_operations(platform, [GenerationMode.POSITIVE], int(os.environ.get("HEDGERL_FUZZ_EXAMPLES", 8)), derandomize=True)
     print(f"{fz.calls} requests in {time.monotonic() - t0:.1f} s")
     assert not fz.failures, f"{len(fz.failures)} faults in {fz.calls} requests:\n{fz.report()}"
 
@@ -178,7 +180,7 @@ def test_fuzz_follows_the_schema(platform):
 def test_fuzz_breaks_the_schema(platform):
     "Requests that break the schema (types, ranges, missing fields, dropped credentials): refused with a declared 4xx, never a 5xx or a 2xx."
     t0 = time.monotonic()
-    fz = fuzz_operations(platform, [GenerationMode.NEGATIVE], int(os.environ.get("HEDGERL_FUZZ_EXAMPLES", 8)), derandomize=True)
+    fz = fuzz_operations(platform, [GenerationMode.NEGATIVE], int(os.environ.get("HEDGERL_FUZZ_EXAMPLES", 6)), derandomize=True)
     print(f"{fz.calls} requests in {time.monotonic() - t0:.1f} s")
     assert not fz.failures, f"{len(fz.failures)} faults in {fz.calls} requests:\n{fz.report()}"
 
@@ -203,11 +205,12 @@ def _route(path: str, known: dict) -> str:
 
 def test_malformed_bodies_and_headers(platform):
     "Raw malformed bodies on every operation that takes one, and odd headers on every operation: a declared status with a JSON detail, never a 5xx."
-    p, bad, n = platform, {}, 0
+    p, bad, n, k = platform, {}, 0, 0
     for path, ops in p.doc["paths"].items():
         url = p.url + _route(path, p.known)
         for method, spec in ops.items():
-            cases = [(h, None) for h in JUNK_HEADERS]
+            k += 1  # four of the odd headers per operation, in turn (every one meets many operations)
+            cases = [(JUNK_HEADERS[(4 * k + i) % len(JUNK_HEADERS)], None) for i in range(4)]
             if "requestBody" in spec: cases += [({"Content-Type": "application/json"}, b) for b in JUNK_BODIES]
             declared = set(spec.get("responses", {}))
             for headers, body in cases:

@@ -1,7 +1,8 @@
 """`hedgerl.client.HedgerlClient` end to end on a real platform (`hedgerl hub up` on loopback: proxy, hub, gateway,
 service), through the hub's proxy with real users' tokens: every resource of the REST API at smoke sizes, the error
 classes a caller meets (401, 403, 404, 409, 422, 429 with Retry-After), and what user B may not see of user A's.
-User A gets a system account (removed at the end) so that the model file she registers is hers, as on the platform."""
+User A gets a system account (removed at the end) so that the model file she registers is hers, as on the platform.
+HEDGERL_TEST_API_REGISTRY=postgresql runs the same tests with the service's registry on a fresh PostgreSQL database."""
 import os
 import secrets
 import shutil
@@ -33,8 +34,16 @@ class Users:
 
 
 @pytest.fixture(scope="module")
-def users(tmp_path_factory):
-    env = platform_env(tmp_path_factory.mktemp("client") / "data", HEDGERL_SERVICE_MAX_SIMULATIONS="2")
+def registry_url():
+    "None (SQLite in the platform's data folder), or a fresh PostgreSQL database under HEDGERL_TEST_API_REGISTRY=postgresql."
+    if os.environ.get("HEDGERL_TEST_API_REGISTRY", "sqlite") != "postgresql": yield None; return
+    from conftest import fresh_pg_database
+    with fresh_pg_database("hedgerl_client", "HEDGERL_TEST_API_REGISTRY=postgresql asks for it") as url: yield url
+
+
+@pytest.fixture(scope="module")
+def users(tmp_path_factory, registry_url):
+    env = platform_env(tmp_path_factory.mktemp("client") / "data", registry_url, HEDGERL_SERVICE_MAX_SIMULATIONS="2")
     up = Up(env)
     a = f"cl{secrets.token_hex(3)}"
     try:
