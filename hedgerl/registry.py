@@ -26,7 +26,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import JSON, BigInteger, Boolean, Date, DateTime, Float, ForeignKey, Index, Integer, String, Text, event
-from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import ArgumentError, DataError, IntegrityError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from . import core
@@ -334,6 +334,21 @@ def _pid_alive(pid: int) -> bool:
 
 def _frame(rows, columns) -> pd.DataFrame: return pd.DataFrame([dict(r._mapping) for r in rows], columns=columns)
 
+def _storable(col, v) -> bool:
+    "Whether `v` could be a value of column `col` on every backend: PostgreSQL's INTEGER has 32 bits, no text holds NUL or lone surrogates."
+    if isinstance(v, str):
+        try: v.encode("utf-8")
+        except UnicodeEncodeError: return False
+        return "\x00" not in v
+    if isinstance(v, int) and not isinstance(v, bool) and isinstance(col.type, sa.Integer):
+        bits = 63 if isinstance(col.type, sa.BigInteger) else 31
+        return -2**bits <= v < 2**bits
+    return True
+
+def _equal(col, v):
+    "`col == v`, or a condition no row meets when `v` cannot be stored there (rather than the database's error)."
+    return col == v if _storable(col, v) else sa.false()
+
 class Registry:
     "The experiment registry on a SQLite or PostgreSQL database."
     def __init__(self,
@@ -426,11 +441,13 @@ class Registry:
         return self._Session()
 
     def _write(self, fn: Callable[[Session], Any], retries: int = 8, retry_integrity: bool = False):
-        "Run `fn(session)` in one transaction, retrying when the database is busy (or on a lost insert race)."
+        "Run `fn(session)` in one transaction, retrying when the database is busy (or on a lost insert race); a value the database refuses is a `ValueError`."
         self.check_schema()
         for attempt in range(retries):
             try:
                 with self._Session() as s, s.begin(): return fn(s)
+            except DataError as e:  # e.g. text with NUL on PostgreSQL, a number out of a column's range: the value's fault, nothing written
+                raise ValueError(f"the registry database refused a value: {str(e.orig).strip().splitlines()[0]}") from None
             except (OperationalError, IntegrityError) as e:
                 if attempt == retries - 1 or (isinstance(e, IntegrityError) and not retry_integrity): raise
                 time.sleep(0.05 * 2 ** attempt)
@@ -443,7 +460,7 @@ class Registry:
 
     def _check_owner(self, s: Session, table, id_: int, what: str) -> None:
         "Before a write: `KeyError` if row `id_` of `table` is not visible to this handle's user, `PermissionError` if it is someone else's."
-        row = s.execute(sa.select(table.owner, table.shared).where(table.id == int(id_))).first()
+        row = s.execute(sa.select(table.owner, table.shared).where(_equal(table.id, int(id_)))).first()
         if row is None or (row.owner != self.user and not row.shared and not self.admin):
             raise KeyError(f"no {what} {id_} visible to user {self.user!r} in {self.url.render_as_string()}")
         if row.owner != self.user:
@@ -483,7 +500,7 @@ class Registry:
         with self._session() as s:
             row = s.execute(sa.select(RunRow.id, RunRow.name, Experiment.name.label("experiment"))
                             .join(Experiment, RunRow.experiment_id == Experiment.id)
-                            .where(RunRow.id == int(id), self._visible(RunRow, None))).first()
+                            .where(_equal(RunRow.id, int(id)), self._visible(RunRow, None))).first()
         if row is None: raise KeyError(f"no run {id} visible to user {self.user!r} in {self.url.render_as_string()}")
         return Run(self, row.id, row.experiment, row.name)
 
@@ -535,7 +552,7 @@ class Registry:
         model_id: int, # id of a model visible to this handle's user
     ) -> dict:
         "The model's row (id, name, version, artifact, checksum, owner, ...); `KeyError` if this user cannot see it."
-        with self._session() as s: m = s.execute(sa.select(*Model.__table__.columns).where(Model.id == int(model_id), self._visible(Model, None))).first()
+        with self._session() as s: m = s.execute(sa.select(*Model.__table__.columns).where(_equal(Model.id, int(model_id)), self._visible(Model, None))).first()
         if m is None: raise KeyError(f"no model {model_id} visible to user {self.user!r} in {self.url.render_as_string()}")
         return dict(m._mapping)
 
@@ -568,7 +585,7 @@ class Registry:
                        model_id=model["id"] if isinstance(model, dict) else model, owner=self.user, shared=shared)
         def write(s: Session):
             if e.run_id is not None: self._check_owner(s, RunRow, e.run_id, "run")
-            if e.model_id is not None and s.scalar(sa.select(Model.id).where(Model.id == e.model_id, self._visible(Model, None, admin=False))) is None:
+            if e.model_id is not None and s.scalar(sa.select(Model.id).where(_equal(Model.id, e.model_id), self._visible(Model, None, admin=False))) is None:
                 raise KeyError(f"no model {e.model_id} visible to user {self.user!r} in {self.url.render_as_string()}")
             s.add(e); s.flush(); return e.id
         return self._write(write)
@@ -608,9 +625,9 @@ class Registry:
             cols = {c.name: getattr(table, c.name) for c in table.__table__.columns}
             q, extra = sa.select(*cols.values()), {}
         if kind in ("model", "evaluation"):  # the experiment of the run that made it
-            extra["experiment"] = lambda v: table.run_id.in_(sa.select(RunRow.id).join(Experiment, RunRow.experiment_id == Experiment.id).where(Experiment.name == v))
+            extra["experiment"] = lambda v: table.run_id.in_(sa.select(RunRow.id).join(Experiment, RunRow.experiment_id == Experiment.id).where(_equal(Experiment.name, v)))
         plain = [k for k, c in cols.items() if not isinstance(c.type, sa.JSON)]  # what may be sorted and filtered on
-        equal = lambda c: lambda v: c == v
+        equal = lambda c: lambda v: _equal(c, v)
         filters = {**{k: equal(cols[k]) for k in plain}, **{k: equal(c) if isinstance(c, sa.ColumnElement) else c for k, c in extra.items()}}
         return q.where(self._visible(table, user)), filters, plain
 
@@ -694,6 +711,9 @@ class Registry:
         "Save a scenario config of this user's under `name`; its row. `NameTaken` if they already have one of that name."
         if not isinstance(name, str) or not name.strip() or len(name) > 200: raise ValueError(f"name must be text of 1 to 200 characters, got {name!r}")
         if not isinstance(config, dict): raise ValueError(f"config must be a dict (a scenario's fields), got {type(config).__name__}")
+        for f, v in (("name", name), ("description", description)):
+            if v is not None and not (isinstance(v, str) and _storable(SavedScenario.description, v)):
+                raise ValueError(f"{f} must be text without NUL characters or lone surrogates, got {v!r}")
         taken = lambda i: NameTaken(f"name {name!r}: user {self.user!r} already has a saved scenario of that name (id {i}); choose another or delete it")
         def write(s: Session):
             if (i := s.scalar(sa.select(SavedScenario.id).where(SavedScenario.owner == self.user, SavedScenario.name == name))) is not None: raise taken(i)
@@ -735,7 +755,7 @@ class Registry:
         return _frame(rows, [c.name for c in Dataset.__table__.columns])
 
     def _check_visible(self, s: Session, run_ids, user):
-        ok = set(s.scalars(sa.select(RunRow.id).where(RunRow.id.in_(run_ids), self._visible(RunRow, user))))
+        ok = set(s.scalars(sa.select(RunRow.id).where(RunRow.id.in_([i for i in run_ids if _storable(RunRow.id, i)]), self._visible(RunRow, user))))
         if missing := [i for i in run_ids if i not in ok]: raise KeyError(f"no run {missing} visible to user {user or self.user!r}")
 
     def metrics(self,
