@@ -36,7 +36,7 @@ from .remote import _capped, account_owns, error_status, hub_user_name, jsonable
 # %% auto #0
 __all__ = ['log', 'ERRORS', 'Timestamp', 'Id', 'IdPath', 'Text', 'Limit', 'Offset', 'T', 'SAVED_NAME', 'ScenarioRef',
            'MODEL_SORTS', 'RUN_SORTS', 'EVALUATION_SORTS', 'BINARY', 'LEADERBOARD', 'ARENA_PATHS', 'MAX_ARTIFACT',
-           'Error', 'unprocessable', 'CatalogRoute', 'caller_registry', 'Body', 'Share', 'RunItem', 'ModelItem',
+           'Error', 'unprocessable', 'CatalogRoute', 'registry_dependency', 'Body', 'Share', 'RunItem', 'ModelItem',
            'EvaluationItem', 'Page', 'sorts', 'item', 'page', 'config_error', 'check_config', 'ScenarioInfo',
            'ScenarioDetail', 'ScenarioList', 'scenario_summary', 'published_scenario', 'saved_scenario', 'saved_row',
            'resolve_scenario', 'SaveScenario', 'Parameter', 'BaselineInfo', 'Strategies', 'baseline_info',
@@ -90,7 +90,7 @@ class CatalogRoute(APIRoute):
         return guarded
 
 # %% ../nbs/19_catalog.ipynb #107d9ece
-def caller_registry(
+def registry_dependency(
     user_dependency: Callable, # the dependency giving the hub user (`hedgerl.service.hub_user`: `.name`, `.kind`, `.admin`)
 ) -> Callable:
     "A FastAPI dependency: the service's registry as the calling hub user, reading every user's rows when the hub says they are an admin."
@@ -701,10 +701,10 @@ def ranking(baselines: list[dict], scores: list[dict]) -> list[RankEntry]:
 
 # %% ../nbs/19_catalog.ipynb #0503e6a4
 def _record(reg: Registry, arena: Arena, m: dict, scn, tag: str, rec: dict) -> int:
-    "Record an arena score: a shared evaluation of the model, with its standard errors and the test set's tag, without the seed."
+    "Record an arena score: a shared evaluation of the model, with its standard errors and the test set's tag, without the seed (NaN as null: PostgreSQL's JSON has no NaN)."
     metrics = {**rec["metrics"], "objective_se": rec["objective_se"], "improvement_vs_delta_pct": rec["improvement_vs_delta_pct"],
                "improvement_vs_delta_pct_se": rec["improvement_vs_delta_pct_se"], "arena": tag}
-    return reg.record_evaluation(scn.name, f"{m['name']} v{m['version']}", rec["objective"], metrics, n_paths=arena.n_paths, seed=None,
+    return reg.record_evaluation(scn.name, f"{m['name']} v{m['version']}", rec["objective"], jsonable(metrics), n_paths=arena.n_paths, seed=None,
                                  model=m["id"], shared=True)
 
 def submit(
@@ -766,7 +766,7 @@ def router(
     "The catalog's endpoints (paths relative to `api/v1`): scenarios, strategies, runs, models, evaluations and the leaderboard."
     route = type("CatalogRoute", (CatalogRoute,), {"max_body": int(max_body)})
     r = APIRouter(route_class=route, responses=ERRORS)
-    reg = Depends(caller_registry(user_dependency))
+    reg = Depends(registry_dependency(user_dependency))
     _scenario_list(r, reg); _scenario_one(r, reg); _strategy_routes(r, reg)
     _run_routes(r, reg); _model_routes(r, reg); _artifact_route(r, reg, owns); _evaluation_routes(r, reg)
     _leaderboard_routes(r, reg, arena or Arena(), owns, Path(leaderboard_file))
