@@ -310,7 +310,8 @@ def caller_registry(request: Request, user: HubUser = Depends(hub_user)):
     "A FastAPI dependency: the service's registry as the calling hub user (ownership is decided in the registry's own queries)."
     reg = getattr(request.app.state, "registry", None)
     if reg is None: raise HTTPException(503, "the service has no registry")
-    return reg.as_user(user.name)
+    return reg.as_user(user.name, admin=user.admin)  # an admin reads every user's rows; writes stay the owner's
+
 
 
 # %% ../nbs/16_service.ipynb #8f4e85e1
