@@ -54,6 +54,7 @@ class Platform:
         self.schema = schemathesis.openapi.from_dict(self.doc)
         # query parameters the document does not name are ignored, as HTTP APIs commonly do: not sent as "malformed"
         self.schema.config.generation.update(allow_extra_parameters=False)
+        self.schema.config.checks.negative_data_rejection.expected_statuses.append("413")  # a body over the limit is refused too
         self.known = seed_objects(self)
 
 
