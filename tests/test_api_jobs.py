@@ -3,8 +3,8 @@ the hedgerl service), called through the hub's proxy with real users' tokens: a 
 backtest` prints for the same inputs; a training started through the API is a run of its caller's in the registry with
 its executed notebook, and its Server-Sent Events stream delivers metrics while it runs; DELETE leaves a running training
 interrupted with its checkpoint; another user gets 404 for a private job (an admin reads it, and changes nothing); the
-service killed mid-job (kill -9: the hub starts it again) closes its jobs with the reason, and leaves no training process.
-Once more with the registry on PostgreSQL (slow)."""
+service killed mid-job (kill -9: the hub starts it again) closes its jobs with the reason, and leaves no training process
+(slow). Once more with the registry on PostgreSQL (slow)."""
 import json
 import os
 import re
@@ -167,6 +167,7 @@ def test_another_user_gets_404_and_an_admin_reads_but_changes_nothing(platform):
     assert call(platform, "GET", f"backtests/{platform.backtest}", None).status_code == 401
 
 
+@pytest.mark.slow  # about 25 s: a training and a million-path backtest under way, the hub's restart of the service
 def test_the_service_killed_mid_job_closes_its_jobs_with_the_reason(platform):
     from hedgerl.jobs import RESTARTED, STOPPED
     tid = call(platform, "POST", "trainings", json={**SMOKE, "budget": 100_000}).json()["id"]
