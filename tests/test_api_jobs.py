@@ -191,7 +191,9 @@ def test_the_service_killed_mid_job_closes_its_jobs_with_the_reason(platform):
     assert (b["status"], b["reason"]) == ("failed", RESTARTED) and b["error"].startswith(RESTARTED), b
     t = wait(platform, "trainings", tid, timeout=60)
     assert t["status"] == "interrupted" and t["reason"] in (STOPPED, RESTARTED) and Path(t["checkpoint"]).is_file(), t
-    assert not [l for l in platform_processes(platform.env) if "hedgerl.jobs" in l or "ipykernel" in l]
+    # nothing of the old service is left: no training process or kernel, and no Dask worker of its LocalCluster (the new
+    # service makes its own on its first backtest)
+    assert not [l for l in platform_processes(platform.env) if "hedgerl.jobs" in l or "ipykernel" in l or "spawn_main" in l]
     print(f"service restarted by the hub {restart_s:.1f} s after kill -9")
     # the new service runs jobs
     j = wait(platform, "backtests", call(platform, "POST", "backtests", json={"scenario": SCENARIO, "strategy": "delta", "n_paths": 2_000}).json()["id"])
