@@ -111,7 +111,15 @@ def _cmd_bench(args) -> int:
     "Run the benchmarks and write JSON results."
     from hedgerl.bench import run_bench
     if not args.no_write: writable_folder(args.out, "--out")  # before minutes of measuring
+    if args.suite == "service":  # 50 readers through the hub's proxy, and hedge's throughput (see hedgerl.client.bench_service)
+        from hedgerl.client import bench_service
+        doc = bench_service(out_dir=None if args.no_write else args.out)
+        for r in doc["results"]: print(f"{r['name']:<34} {r['value']:>10} {r.get('unit', ''):<18} goal {r['goal']:<7} {'met' if r['met'] else 'NOT MET'}")
+        if not args.no_write: print(f"hedgerl: results written to {Path(args.out) / 'service.json'}")
+        return 0 if all(r["met"] for r in doc["results"]) else 1
+
     if args.suite == "platform":  # the waits of a platform user, on a throwaway platform (see hedgerl.platform.bench_platform)
+
         from hedgerl.platform import bench_platform
         doc = bench_platform(None if args.no_write else args.out)
         for r in doc["results"]: print(f"{r['name']:<30} {r['seconds']:7.2f} s   goal < {r['goal_s']:g} s   {'met' if r['met'] else 'NOT MET'}")

@@ -15,7 +15,8 @@ import socket
 import stat
 import time
 from pathlib import Path
-from typing import Annotated, Any, BinaryIO, Callable
+from typing import Annotated, Any, BinaryIO, Callable, Literal
+
 
 import numpy as np
 import pandas as pd
@@ -80,10 +81,12 @@ def read_artifact(
     refused = ArtifactError(f"{str(p)!r}: no regular file of user {user!r} there (the service serves only files their owner's account owns)")
     try: fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)  # NONBLOCK: a FIFO does not hang us
     except OSError: raise refused from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode): os.close(fd); raise refused  # a folder, device or FIFO: never read (nor leaked)
     f = os.fdopen(fd, "rb")
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or not owns(user, p, st): raise refused
+        if not owns(user, p, st): raise refused
+
         h = hashlib.sha256()
         for chunk in iter(lambda: f.read(1 << 20), b""): h.update(chunk)
         if checksum is not None and h.hexdigest() != checksum:
@@ -204,7 +207,9 @@ def _runs_routes(router: APIRouter, reg: Any) -> None:
         run = r.start_run(**body.model_dump())
         return {"id": run.id, "experiment": run.experiment, "name": run.name}
     @router.get("/runs")
-    def runs(experiment: str | None = None, status: str | None = None, run_id: Annotated[int | None, Query(ge=1, le=2**63 - 1)] = None,
+    def runs(experiment: str | None = None, status: Literal["running", "finished", "failed", "interrupted"] | None = None,
+             run_id: Annotated[int | None, Query(ge=1, le=2**63 - 1)] = None,
+
              r: Registry = reg) -> dict:
         return frame_payload(r.runs(experiment=experiment, status=status, run_id=run_id))
     @router.get("/runs/{run_id}")

@@ -9,7 +9,9 @@ import base64
 import importlib.util
 import json
 import logging
+import math
 import os
+
 import secrets as _secrets
 import socket
 import sys
@@ -30,11 +32,11 @@ from .core import settings
 from .platform import secret
 
 # %% auto #0
-__all__ = ['SERVICE', 'log', 'ANONYMOUS', 'API_MODULES', 'service_prefix', 'HubUser', 'hub_auth', 'CookieSigner',
-           'cookie_allowed', 'caller_model', 'LoginRequired', 'page_view', 'hub_user', 'state_cookie', 'login_redirect',
-           'oauth_callback', 'error_response', 'Health', 'Me', 'health', 'service_router', 'new_app',
-           'registry_factory', 'RequestMetrics', 'metrics_reader', 'metrics', 'caller_registry', 'create_app',
-           'service_address', 'unavailable_app', 'main']
+__all__ = ['SERVICE', 'log', 'ANONYMOUS', 'API_MODULES', 'ERROR_RESPONSES', 'service_prefix', 'HubUser', 'hub_auth',
+           'CookieSigner', 'cookie_allowed', 'caller_model', 'LoginRequired', 'page_view', 'hub_user', 'state_cookie',
+           'login_redirect', 'oauth_callback', 'finite_json', 'error_response', 'Health', 'Me', 'health',
+           'service_router', 'new_app', 'registry_factory', 'RequestMetrics', 'metrics_reader', 'metrics', 'ErrorBody',
+           'caller_registry', 'create_app', 'service_address', 'unavailable_app', 'main']
 
 # %% ../nbs/16_service.ipynb #05d57d1b
 SERVICE = "hedgerl" # the service's name on the hub: its routes live under /services/hedgerl/
@@ -196,6 +198,15 @@ async def oauth_callback(
                     secure=request.url.scheme == "https", samesite="lax")
     return resp
 
+# %% ../nbs/16_service.ipynb #7a9e3c4e
+def finite_json(x):
+    "`x` with every non-finite float as its name (`'NaN'`, `'Infinity'`): strict JSON can echo a bad input back (it was a 500)."
+    if isinstance(x, float) and not math.isfinite(x): return "NaN" if x != x else ("Infinity" if x > 0 else "-Infinity")
+    if isinstance(x, dict): return {k: finite_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)): return [finite_json(v) for v in x]
+    return x
+
+
 # %% ../nbs/16_service.ipynb #ff231f11
 async def error_response(request: Request, exc: Exception) -> Response:
     "The one error handler: `{\"detail\": ...}` JSON with the status; an anonymous 404/405 is a 401 (routes are not disclosed); an anonymous page view a login redirect."
@@ -203,7 +214,7 @@ async def error_response(request: Request, exc: Exception) -> Response:
         try: await hub_user(request, request.headers.get("authorization"))
         except (StarletteHTTPException, LoginRequired) as e: exc = e
     if isinstance(exc, LoginRequired): return login_redirect(request)
-    if isinstance(exc, RequestValidationError): return JSONResponse({"detail": jsonable_encoder(exc.errors())}, 422)
+    if isinstance(exc, RequestValidationError): return JSONResponse({"detail": finite_json(jsonable_encoder(exc.errors()))}, 422)
     if isinstance(exc, StarletteHTTPException): return JSONResponse({"detail": exc.detail}, exc.status_code, headers=exc.headers)
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return JSONResponse({"detail": "internal error in the hedgerl service (see its log)"}, 500)
@@ -306,6 +317,16 @@ async def metrics(request: Request) -> Response:
 # the REST API's resource modules, mounted at api/v1 when present (issue 11): each exports `router(user_dependency)`
 API_MODULES = ("hedgerl.jobs", "hedgerl.catalog", "hedgerl.hedging")
 
+class ErrorBody(BaseModel):
+    "Every error answer: what went wrong, a message or (422) FastAPI's list of field errors, each naming the field and the value."
+    detail: str | list | dict
+
+# declared on every guarded route, so the OpenAPI document says what a client may get back
+ERROR_RESPONSES = {code: {"model": ErrorBody, "description": what} for code, what in (
+    (400, "bad input"), (401, "no hub login or token"), (403, "not allowed: another user's shared object, or no access to the service"),
+    (404, "no such object visible to the caller"), (409, "conflict with what is stored"), (413, "request body over the limit"),
+    (429, "over a per-user limit; Retry-After says when to try again"), (503, "the hub or the registry is unavailable"))}
+
 def caller_registry(request: Request, user: HubUser = Depends(hub_user)):
     "A FastAPI dependency: the service's registry as the calling hub user (ownership is decided in the registry's own queries)."
     reg = getattr(request.app.state, "registry", None)
@@ -329,18 +350,22 @@ def create_app(
     for exc in (StarletteHTTPException, RequestValidationError, LoginRequired, Exception): app.add_exception_handler(exc, error_response)
     app.add_api_route(f"{p}api/v1/health", health, methods=["GET"], tags=["service"], response_model=Health)
     app.add_api_route(f"{p}oauth_callback", oauth_callback, methods=["GET"], include_in_schema=False)
-    app.include_router(service_router(hub_user), prefix=p.rstrip("/"))
+    app.include_router(service_router(hub_user), prefix=p.rstrip("/"), responses=ERROR_RESPONSES)
     from prometheus_client import CollectorRegistry, ProcessCollector
     app.state.metrics = CollectorRegistry(); ProcessCollector(registry=app.state.metrics)
     app.add_middleware(RequestMetrics, registry=app.state.metrics)
-    app.add_api_route(f"{p}metrics", metrics, methods=["GET"], tags=["service"], dependencies=[Depends(metrics_reader)])
+    app.add_api_route(f"{p}metrics", metrics, methods=["GET"], tags=["service"], dependencies=[Depends(metrics_reader)],
+                      responses={c: ERROR_RESPONSES[c] for c in (401, 403)})
     if (registry_router := registry_factory()) is not None:
         from hedgerl.remote import service_registry
         app.state.registry = service_registry(registry)  # one handle for every router; each call uses it as the caller (`caller_registry`)
-        app.include_router(registry_router(hub_user, registry=app.state.registry), prefix=f"{p}api/v1/registry", dependencies=[Depends(hub_user)])
+        app.include_router(registry_router(hub_user, registry=app.state.registry), prefix=f"{p}api/v1/registry", dependencies=[Depends(hub_user)],
+                           responses=ERROR_RESPONSES)
     for name in API_MODULES:  # each: router(user_dependency) -> APIRouter with paths relative to api/v1
         if importlib.util.find_spec(name) is None: continue
-        app.include_router(importlib.import_module(name).router(hub_user), prefix=f"{p}api/v1", dependencies=[Depends(hub_user)])
+        app.include_router(importlib.import_module(name).router(hub_user), prefix=f"{p}api/v1", dependencies=[Depends(hub_user)],
+                           responses=ERROR_RESPONSES)
+
     return app
 
 
@@ -388,6 +413,8 @@ def main() -> None:
     except ValueError as e: sys.exit(f"hedgerl service: {e}")
     try: sock = socket.create_server((host, port))
     except OSError as e: sys.exit(f"hedgerl service: cannot listen on {host}:{port}: {e.strerror}")
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted connections inherit it: no 40 ms Nagle wait on keep-alive replies
+
     try: app = create_app()
     except Exception as e:
         log.error("the hedgerl service could not start, serving 503s: %s", e, exc_info=True)
