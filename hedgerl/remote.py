@@ -64,8 +64,11 @@ def account_owns(
     path: Path, # the file, as named
     st: os.stat_result, # `fstat` of the file as opened
 ) -> bool:
-    "As root: whether `user`'s system account owns the file; otherwise whether the service's own account does."
+    "As root: whether `user`'s system account owns the file; otherwise whether the service's own account does. Also what the service itself wrote for `user` (`<[data] folder>/users/<user>/`: trainings started through the API)."
+    own = (settings().data.folder / "users" / user).resolve()
+    if st.st_uid == os.geteuid() and own in Path(os.path.realpath(path)).parents: return True  # a folder only the service writes
     if os.geteuid() != 0: return st.st_uid == os.geteuid()
+
     try: return st.st_uid == pwd.getpwnam(user).pw_uid
     except KeyError: return False
 

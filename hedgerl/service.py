@@ -419,7 +419,9 @@ def main() -> None:
     except Exception as e:
         log.error("the hedgerl service could not start, serving 503s: %s", e, exc_info=True)
         app = unavailable_app(service_prefix(), type(e).__name__)
-    config = uvicorn.Config(app, log_level="info", proxy_headers=True, forwarded_allow_ips="127.0.0.1")
+    config = uvicorn.Config(app, log_level="info", proxy_headers=True, forwarded_allow_ips="127.0.0.1",
+                            timeout_graceful_shutdown=3)  # an open event stream must not hold the shutdown (the jobs' own stop must run)
+
     logging.getLogger("uvicorn.access").addFilter(_NoQuery())
     log.info("hedgerl service %s on http://%s:%d%s", hedgerl.__version__, host, port, service_prefix())
     uvicorn.Server(config).run(sockets=[sock])

@@ -105,6 +105,14 @@ def path_choices(op, known: dict) -> dict:
     return out
 
 
+def unobservable(case) -> bool:
+    """Whether the case broke the schema only by giving a string query parameter a value of another type: on the wire a
+    query value is text either way (`{"": ""}` becomes `=`), so the service cannot tell it from a valid string."""
+    kinds = {p.name: (p.definition.get("schema") or {}).get("type") for p in case.operation.query} if case.query else {}
+    odd = [k for k, v in (case.query or {}).items() if not isinstance(v, str) and kinds.get(k) in ("string", None)]
+    return bool(odd) and (case.body is None or type(case.body).__name__ == "NotSet")
+
+
 class Fuzz:
     "Runs cases against the platform and collects every distinct failure with a request that shows it."
     def __init__(self, p: Platform):
@@ -123,6 +131,7 @@ class Fuzz:
         except BaseException as e:  # a Failure, or a FailureGroup of them
             if isinstance(e, (KeyboardInterrupt, SystemExit)): raise
             for f in getattr(e, "exceptions", [e]):
+                if getattr(f, "title", "").startswith("Schema-violating request accepted") and unobservable(case): continue
                 self.record(case.operation.label, getattr(f, "title", type(f).__name__), response.status_code,
                             f"{response.status_code} {response.text[:300]}", case.as_curl_command(base_url=self.p.url))
         self.cleanup(case, response)
