@@ -270,9 +270,13 @@ def load_model(
     scenario=None, # the scenario it should hedge: refused if it was trained on another
     device: str | None = None, # where to put it; None: the `[compute] device` setting
 ):
-    "A registered model, loaded only after its file is checked against the checksum the registry recorded."
-    from hedgerl.agents import load_agent
-    return load_agent(_registry(registry).model_file(model_id), scenario=scenario, device=device)
+    "A registered model ready to hedge, loaded only after its file is checked against the checksum the registry recorded, and never unpickled (it may be another user's)."
+    from hedgerl.hedging import load_strategy_file  # weights only: an SB3 archive's pickled parts are never loaded
+    from hedgerl.scenarios import as_scenario
+    agent = load_strategy_file(_registry(registry).model_file(model_id), device=device)
+    if scenario is not None: agent.reset(as_scenario(scenario))  # refused if it was trained on another scenario
+    return agent
+
 
 # %% ../nbs/13_runs.ipynb #1c7eb039
 _CONFIG_ARGS = ("agent", "scenario", "budget", *TRAIN_DEFAULTS)
