@@ -309,6 +309,9 @@ def _hub_up(ctx, args) -> int:
 
     from hedgerl.registry import Registry
     import logging; logging.getLogger("alembic").setLevel(logging.WARNING)  # the schema checks below are not news
+    if threading.current_thread() is threading.main_thread():  # Ctrl-C stops it even if started where SIGINT is ignored (`&` in a script)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
     pidfile, plat = ctx.state / "platform.pid", Platform(ctx)
 
     if (pid := _platform_pid(pidfile)): raise ValueError(f"the platform is already running (pid {pid}, {plat.url}/hub/): `make down` stops it")

@@ -65,11 +65,12 @@ def approved_user(up: "Up", name: str | None = None, **token_request) -> tuple[s
 
 class Up:
     "`hedgerl hub up` (what `make up` runs) as a process; `wait` until it prints that the platform is up."
-    def __init__(self, env: dict, *extra: str):
+    def __init__(self, env: dict, *extra: str, sigint=signal.SIG_DFL):
         self.env, self.url = env, f"http://127.0.0.1:{env['HEDGERL_HUB_PORT']}"
         self.out_path = Path(env["HEDGERL_DATA_FOLDER"]).parent / f"up-{uuid.uuid4().hex[:6]}.out"
         self.out = open(self.out_path, "w")
-        self.proc = subprocess.Popen([str(BIN / "hedgerl"), "hub", "up", *extra], env=env, cwd=ROOT, stdout=self.out, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([str(BIN / "hedgerl"), "hub", "up", *extra], env=env, cwd=ROOT, stdout=self.out, stderr=subprocess.STDOUT,
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))  # default: as from a terminal, even under a runner that ignores SIGINT
 
     def text(self) -> str: return self.out_path.read_text()
 

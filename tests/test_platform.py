@@ -256,3 +256,17 @@ def test_a_hub_killed_under_make_up_takes_nothing_with_it(tmp_path):
         assert platform_processes(env) == []
     finally:
         up.stop(signal.SIGTERM)
+
+
+def test_ctrl_c_stops_make_up_even_when_started_ignoring_sigint(tmp_path):
+    "`hedgerl hub up &` from a script starts with SIGINT ignored (bash does that to background jobs): Ctrl-C still stops it, and everything."
+    env = platform_env(tmp_path / "data")
+    up = Up(env, "--no-reference", sigint=signal.SIG_IGN)
+    try:
+        up.wait()
+        up.proc.send_signal(signal.SIGINT)
+        assert up.proc.wait(60) == 0 and "stopping the platform" in up.text(), up.text()
+        time.sleep(0.5)
+        assert platform_processes(env) == []
+    finally:
+        up.stop(signal.SIGTERM)
