@@ -172,7 +172,16 @@ def _json_default(o):
     if isinstance(o, Path): return str(o)
     raise TypeError(f"cannot store {type(o).__name__} as JSON: {o!r}")
 
-def _dumps(o) -> str: return json.dumps(o, default=_json_default)
+def _no_nul(o, where: str = "value") -> None:
+    "A `ValueError` if a JSON value holds a NUL character anywhere: PostgreSQL stores `\\u0000` in json but cannot read it back (every later query of the column fails)."
+    if isinstance(o, str):
+        if "\x00" in o: raise ValueError(f"{where}: text with a NUL character (\\u0000) cannot be stored")
+    elif isinstance(o, dict):
+        for k, v in o.items(): _no_nul(k, where); _no_nul(v, f"{where}.{k}")
+    elif isinstance(o, (list, tuple)):
+        for v in o: _no_nul(v, where)
+
+def _dumps(o) -> str: _no_nul(o); return json.dumps(o, default=_json_default)
 
 def is_service_url(url) -> bool:
     "Whether `url` is the hedgerl service's http(s) address (the platform's registry) rather than a database URL."
@@ -448,6 +457,10 @@ class Registry:
                 with self._Session() as s, s.begin(): return fn(s)
             except DataError as e:  # e.g. text with NUL on PostgreSQL, a number out of a column's range: the value's fault, nothing written
                 raise ValueError(f"the registry database refused a value: {str(e.orig).strip().splitlines()[0]}") from None
+            except sa.exc.StatementError as e:  # our JSON serializer refused a value (`_no_nul`): nothing written
+                if isinstance(e.orig, ValueError) and not isinstance(e, (OperationalError, IntegrityError)): raise ValueError(str(e.orig)) from None
+                raise
+
             except (OperationalError, IntegrityError) as e:
                 if attempt == retries - 1 or (isinstance(e, IntegrityError) and not retry_integrity): raise
                 time.sleep(0.05 * 2 ** attempt)
