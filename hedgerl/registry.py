@@ -457,13 +457,12 @@ class Registry:
                 with self._Session() as s, s.begin(): return fn(s)
             except DataError as e:  # e.g. text with NUL on PostgreSQL, a number out of a column's range: the value's fault, nothing written
                 raise ValueError(f"the registry database refused a value: {str(e.orig).strip().splitlines()[0]}") from None
-            except sa.exc.StatementError as e:  # our JSON serializer refused a value (`_no_nul`): nothing written
-                if isinstance(e.orig, ValueError) and not isinstance(e, (OperationalError, IntegrityError)): raise ValueError(str(e.orig)) from None
-                raise
-
             except (OperationalError, IntegrityError) as e:
                 if attempt == retries - 1 or (isinstance(e, IntegrityError) and not retry_integrity): raise
                 time.sleep(0.05 * 2 ** attempt)
+            except sa.exc.StatementError as e:  # our JSON serializer refused a value (`_no_nul`): nothing written
+                if isinstance(e.orig, ValueError): raise ValueError(str(e.orig)) from None
+                raise
 
     # --- runs
     def _visible(self, table, user: str | None, admin: bool = True):
