@@ -24,6 +24,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi import Body as BodyParam
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.concurrency import run_in_threadpool
 from fastapi.routing import APIRoute
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -37,9 +38,9 @@ from .remote import _capped, account_owns, error_status, hub_user_name, jsonable
 __all__ = ['log', 'ERRORS', 'Timestamp', 'Id', 'IdPath', 'Text', 'Limit', 'Offset', 'T', 'SAVED_NAME', 'ScenarioRef',
            'MODEL_SORTS', 'RUN_SORTS', 'EVALUATION_SORTS', 'BINARY', 'LEADERBOARD', 'ARENA_PATHS', 'MAX_ARTIFACT',
            'Error', 'unprocessable', 'CatalogRoute', 'registry_dependency', 'Body', 'Share', 'RunItem', 'ModelItem',
-           'EvaluationItem', 'Page', 'sorts', 'item', 'page', 'config_error', 'check_config', 'ScenarioInfo',
-           'ScenarioDetail', 'ScenarioList', 'scenario_summary', 'published_scenario', 'saved_scenario', 'saved_row',
-           'resolve_scenario', 'SaveScenario', 'Parameter', 'BaselineInfo', 'Strategies', 'baseline_info',
+           'EvaluationItem', 'Page', 'sorts', 'item', 'page', 'cached_answer', 'config_error', 'check_config',
+           'ScenarioInfo', 'ScenarioDetail', 'ScenarioList', 'scenario_summary', 'published_scenario', 'saved_scenario',
+           'saved_row', 'resolve_scenario', 'SaveScenario', 'Parameter', 'BaselineInfo', 'Strategies', 'baseline_info',
            'CommittedEntry', 'SharedEntry', 'Board', 'Leaderboard', 'committed_leaderboard', 'shared_entry',
            'leaderboard', 'Arena', 'load_model', 'RankEntry', 'Submit', 'Submission', 'arena_scores', 'ranking',
            'submit', 'router']
@@ -94,11 +95,11 @@ def registry_dependency(
     user_dependency: Callable, # the dependency giving the hub user (`hedgerl.service.hub_user`: `.name`, `.kind`, `.admin`)
 ) -> Callable:
     "A FastAPI dependency: the service's registry as the calling hub user, reading every user's rows when the hub says they are an admin."
-    def dependency(request: Request, user=Depends(user_dependency)) -> Registry:
+    async def dependency(request: Request, user=Depends(user_dependency)) -> Registry:  # async: no worker thread for what is at hand
         base = getattr(request.app.state, "registry", None)
         if base is None: raise HTTPException(503, "the service has no registry")
         name = hub_user_name(user)
-        base.check_schema()  # once: its verdict is kept
+        if not base.ready: await run_in_threadpool(base.check_schema)  # until it passes once (its verdict is kept)
         return base.as_user(name, admin=getattr(user, "admin", False) is True)
     return dependency
 
@@ -194,6 +195,17 @@ def page(cls: type[BaseModel], found: tuple[list[dict], int], limit: int, offset
     "`Registry.find`'s rows and total as a `Page` of `cls`."
     rows, total = found
     return Page[cls](total=total, limit=limit, offset=offset, items=[item(cls, r) for r in rows])
+
+# %% ../nbs/19_catalog.ipynb #858fa249
+async def cached_answer(
+    reg: Registry, # the caller's registry
+    key, # what is asked (hashable; the caller is added)
+    compute: Callable[[], BaseModel], # the answer's model, read from the registry (run in a worker thread)
+) -> Response:
+    "The JSON answer of a GET: `compute()`'s model, or its bytes from before while nothing was committed since."
+    body = reg.cache_hit(key)
+    if body is None: body = await run_in_threadpool(reg.cached, key, lambda: compute().model_dump_json(by_alias=True).encode())
+    return Response(body, media_type="application/json")
 
 # %% ../nbs/19_catalog.ipynb #50805b79
 _FIELD = re.compile(r"([A-Za-z_]\w*(?:\[\d+\]|\.[A-Za-z_]\w*)*)")
@@ -314,11 +326,13 @@ def _checked_for_saving(body: SaveScenario) -> dict:
 def _scenario_list(r: APIRouter, reg) -> None:
     "GET scenarios and POST scenarios/validate."
     @r.get("/scenarios", response_model=ScenarioList, tags=["scenarios"])
-    def scenarios(source: Literal["published", "saved"] | None = None, owner: Text = None, reg: Registry = reg) -> ScenarioList:
+    async def scenarios(source: Literal["published", "saved"] | None = None, owner: Text = None, reg: Registry = reg) -> ScenarioList:
         "The published scenarios, the caller's saved ones and the ones others share (every saved one for an admin)."
-        items = [published_scenario(n) for n in scenario_lib.names()] if source != "saved" and owner is None else []
-        if source != "published": items += [saved_scenario(row) for row in reg.find("scenario", {"owner": owner}, sort="id")[0]]
-        return ScenarioList(total=len(items), items=items)
+        def read() -> ScenarioList:
+            items = [published_scenario(n) for n in scenario_lib.names()] if source != "saved" and owner is None else []
+            if source != "published": items += [saved_scenario(row) for row in reg.find("scenario", {"owner": owner}, sort="id")[0]]
+            return ScenarioList(total=len(items), items=items)
+        return await cached_answer(reg, ("scenarios", source, owner), read)
 
     @r.post("/scenarios/validate", response_model=ScenarioDetail, tags=["scenarios"])
     def validate(config: Annotated[dict[str, Any], BodyParam(description="a scenario config: the fields of the YAML files (`hedgerl scenarios --show NAME`)")]) -> ScenarioDetail:
@@ -422,15 +436,15 @@ def _alias(name: str, value, alias: str, other):
 def _run_routes(r: APIRouter, reg) -> None:
     "GET runs, GET and PATCH runs/{id}."
     @r.get("/runs", response_model=Page[RunItem], tags=["runs"])
-    def runs(experiment: Text = None, status: Literal[STATUSES] | None = None, scenario: Text = None, agent: Text = None, owner: Text = None,
+    async def runs(experiment: Text = None, status: Literal[STATUSES] | None = None, scenario: Text = None, agent: Text = None, owner: Text = None,
              shared: bool | None = None, sort: RUN_SORTS = "-id", limit: Limit = 50, offset: Offset = 0, reg: Registry = reg) -> Page[RunItem]:
         "Runs the caller may read (their own and shared ones; every one for an admin), newest first by default."
         f = dict(experiment=experiment, status=status, scenario=scenario, agent=agent, owner=owner, shared=shared)
-        return page(RunItem, reg.find("run", f, sort=sort, limit=limit, offset=offset), limit, offset)
+        return await cached_answer(reg, ("runs", *f.items(), sort, limit, offset), lambda: page(RunItem, reg.find("run", f, sort=sort, limit=limit, offset=offset), limit, offset))
     @r.get("/runs/{run_id}", response_model=RunItem, tags=["runs"])
-    def run(run_id: IdPath, reg: Registry = reg) -> RunItem:
+    async def run(run_id: IdPath, reg: Registry = reg) -> RunItem:
         "One run the caller may read."
-        return item(RunItem, reg.get("run", run_id))
+        return await cached_answer(reg, ("run", run_id), lambda: item(RunItem, reg.get("run", run_id)))
     @r.patch("/runs/{run_id}", response_model=RunItem, tags=["runs"])
     def share_run(run_id: IdPath, body: Share, reg: Registry = reg) -> RunItem:
         "Share or unshare a run of one's own."
@@ -440,17 +454,17 @@ def _run_routes(r: APIRouter, reg) -> None:
 def _model_routes(r: APIRouter, reg) -> None:
     "GET models, GET and PATCH models/{id}."
     @r.get("/models", response_model=Page[ModelItem], tags=["models"])
-    def models(scenario: Text = None, algorithm: Text = None, agent: Text = None, name: Text = None, owner: Text = None, experiment: Text = None,
+    async def models(scenario: Text = None, algorithm: Text = None, agent: Text = None, name: Text = None, owner: Text = None, experiment: Text = None,
                run_id: Annotated[int | None, Query(ge=1, le=2**63 - 1)] = None, shared: bool | None = None,
                sort: MODEL_SORTS = "-id", limit: Limit = 50, offset: Offset = 0, reg: Registry = reg) -> Page[ModelItem]:
         "Models the caller may read, newest first by default; `agent` is another name for `algorithm`."
         f = dict(scenario=scenario, algorithm=_alias("algorithm", algorithm, "agent", agent), name=name, owner=owner, experiment=experiment,
                  run_id=run_id, shared=shared)
-        return page(ModelItem, reg.find("model", f, sort=sort, limit=limit, offset=offset), limit, offset)
+        return await cached_answer(reg, ("models", *f.items(), sort, limit, offset), lambda: page(ModelItem, reg.find("model", f, sort=sort, limit=limit, offset=offset), limit, offset))
     @r.get("/models/{model_id}", response_model=ModelItem, tags=["models"])
-    def model(model_id: IdPath, reg: Registry = reg) -> ModelItem:
+    async def model(model_id: IdPath, reg: Registry = reg) -> ModelItem:
         "One model the caller may read."
-        return item(ModelItem, reg.get("model", model_id))
+        return await cached_answer(reg, ("model", model_id), lambda: item(ModelItem, reg.get("model", model_id)))
     @r.patch("/models/{model_id}", response_model=ModelItem, tags=["models"])
     def share_model(model_id: IdPath, body: Share, reg: Registry = reg) -> ModelItem:
         "Share or unshare a model of one's own."
@@ -476,17 +490,18 @@ def _artifact_route(r: APIRouter, reg, owns: Callable) -> None:
 def _evaluation_routes(r: APIRouter, reg) -> None:
     "GET evaluations, GET and PATCH evaluations/{id}."
     @r.get("/evaluations", response_model=Page[EvaluationItem], tags=["evaluations"])
-    def evaluations(scenario: Text = None, strategy: Text = None, agent: Text = None, owner: Text = None, experiment: Text = None,
+    async def evaluations(scenario: Text = None, strategy: Text = None, agent: Text = None, owner: Text = None, experiment: Text = None,
                     model_id: Annotated[int | None, Query(ge=1, le=2**63 - 1)] = None, run_id: Annotated[int | None, Query(ge=1, le=2**63 - 1)] = None,
                     shared: bool | None = None, sort: EVALUATION_SORTS = "-id", limit: Limit = 50, offset: Offset = 0, reg: Registry = reg) -> Page[EvaluationItem]:
         "Evaluations the caller may read, newest first by default; `agent` is another name for `strategy`."
         f = dict(scenario=scenario, strategy=_alias("strategy", strategy, "agent", agent), owner=owner, experiment=experiment,
                  model_id=model_id, run_id=run_id, shared=shared)
-        return page(EvaluationItem, reg.find("evaluation", f, sort=sort, limit=limit, offset=offset), limit, offset)
+        return await cached_answer(reg, ("evaluations", *f.items(), sort, limit, offset),
+                                   lambda: page(EvaluationItem, reg.find("evaluation", f, sort=sort, limit=limit, offset=offset), limit, offset))
     @r.get("/evaluations/{evaluation_id}", response_model=EvaluationItem, tags=["evaluations"])
-    def evaluation(evaluation_id: IdPath, reg: Registry = reg) -> EvaluationItem:
+    async def evaluation(evaluation_id: IdPath, reg: Registry = reg) -> EvaluationItem:
         "One evaluation the caller may read."
-        return item(EvaluationItem, reg.get("evaluation", evaluation_id))
+        return await cached_answer(reg, ("evaluation", evaluation_id), lambda: item(EvaluationItem, reg.get("evaluation", evaluation_id)))
     @r.patch("/evaluations/{evaluation_id}", response_model=EvaluationItem, tags=["evaluations"])
     def share_evaluation(evaluation_id: IdPath, body: Share, reg: Registry = reg) -> EvaluationItem:
         "Share or unshare an evaluation of one's own."
@@ -740,12 +755,14 @@ def submit(
 def _leaderboard_routes(r: APIRouter, reg, arena: Arena, owns: Callable, path: Path) -> None:
     "GET leaderboard, POST leaderboard/submissions."
     @r.get("/leaderboard", response_model=Leaderboard, tags=["leaderboard"])
-    def board(scenario: Text = None, reg: Registry = reg) -> Leaderboard:
+    async def board(scenario: Text = None, reg: Registry = reg) -> Leaderboard:
         "The committed leaderboard and the registry's shared evaluations, per scenario, best first."
-        if scenario is not None and scenario not in scenario_lib.NAMED and not any(r.get("scenario") == scenario for r in committed_leaderboard(path)) \
-                and not reg.find("evaluation", {"scenario": scenario, "shared": True}, limit=1)[1]:
-            raise KeyError(f"no scenario {scenario!r} on the leaderboard (published: {', '.join(scenario_lib.names()[:3])}, ...)")
-        return leaderboard(reg, scenario, path)
+        def read() -> Leaderboard:
+            if scenario is not None and scenario not in scenario_lib.NAMED and not any(r.get("scenario") == scenario for r in committed_leaderboard(path)) \
+                    and not reg.find("evaluation", {"scenario": scenario, "shared": True}, limit=1)[1]:
+                raise KeyError(f"no scenario {scenario!r} on the leaderboard (published: {', '.join(scenario_lib.names()[:3])}, ...)")
+            return leaderboard(reg, scenario, path)
+        return await cached_answer(reg, ("leaderboard", str(path), scenario), read)
 
     @r.post("/leaderboard/submissions", status_code=201, response_model=Submission, tags=["leaderboard"],
             responses={200: {"model": Submission, "description": "scored before on this test set: its score and place now"}})

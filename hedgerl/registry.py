@@ -5,6 +5,7 @@
 # %% ../nbs/09_registry.ipynb #4761dd22
 from __future__ import annotations
 
+import collections
 import copy
 import datetime as dt
 import getpass
@@ -13,6 +14,8 @@ import json
 import os
 import re
 import socket
+import sqlite3
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -35,8 +38,8 @@ from .core import SettingsError, check_choice, settings
 # %% auto #0
 __all__ = ['STATUSES', 'MIGRATIONS', 'utcnow', 'Base', 'Dataset', 'Experiment', 'RunRow', 'Model', 'Evaluation', 'RunMetric',
            'SavedScenario', 'SchemaError', 'RegistryUnavailable', 'ArtifactError', 'NameTaken', 'is_service_url',
-           'registry_url', 'sqlite_file', 'make_engine', 'alembic_config', 'run_alembic_env', 'schema_diff', 'Run',
-           'Registry', 'open_registry']
+           'registry_url', 'sqlite_file', 'make_engine', 'read_only', 'alembic_config', 'run_alembic_env',
+           'schema_diff', 'Run', 'data_version', 'ReadCache', 'Registry', 'open_registry']
 
 # %% ../nbs/09_registry.ipynb #8a341a55
 STATUSES = ("running", "finished", "failed", "interrupted")
@@ -210,7 +213,7 @@ def sqlite_file(url: sa.URL) -> Path | None:
     return Path(url.database)
 
 def make_engine(url: sa.URL) -> sa.Engine:
-    "An engine for the registry: JSON that understands numpy; SQLite in WAL mode, with a busy timeout and `BEGIN IMMEDIATE`."
+    "An engine for the registry: JSON that understands numpy; SQLite in WAL mode, with a busy timeout, `BEGIN IMMEDIATE` to write and plain `BEGIN` on `read_only(engine)`."
     if url.get_backend_name() != "sqlite": return sa.create_engine(url, json_serializer=_dumps, pool_pre_ping=True)
     eng = sa.create_engine(url, json_serializer=_dumps, connect_args={"timeout": 60})
     @event.listens_for(eng, "connect")
@@ -220,8 +223,12 @@ def make_engine(url: sa.URL) -> sa.Engine:
         for p in ("journal_mode=WAL", "busy_timeout=60000", "foreign_keys=ON", "synchronous=NORMAL"): cur.execute(f"PRAGMA {p}")
         cur.close()
     @event.listens_for(eng, "begin")
-    def _on_begin(conn): conn.exec_driver_sql("BEGIN IMMEDIATE")
+    def _on_begin(conn): conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("hedgerl_read") else "BEGIN IMMEDIATE")
     return eng
+
+def read_only(engine: sa.Engine) -> sa.Engine:
+    "The same engine (same pool) for transactions that only read: on SQLite they take no write lock."
+    return engine.execution_options(hedgerl_read=True)
 
 def alembic_config(engine: sa.Engine, connection: sa.Connection | None = None) -> Config:
     "Alembic configuration built in code: the packaged `hedgerl/migrations` scripts and this engine's URL."
@@ -326,6 +333,42 @@ class Run:
 
     def __repr__(self): return f"Run(id={self.id}, experiment={self.experiment!r}, name={self.name!r})"
 
+# %% ../nbs/09_registry.ipynb #4b82cd1a
+def data_version(
+    engine: sa.Engine, # the registry's engine
+    watch: dict, # where the SQLite watcher connection is kept (shared by the handles of one engine)
+):
+    "A token that changes whenever anything is committed to the database; None where there is none (an in-memory one, a standby)."
+    if engine.url.get_backend_name() != "sqlite":
+        try:
+            with engine.connect() as c: return c.exec_driver_sql("SELECT pg_current_wal_insert_lsn()").scalar()
+        except sa.exc.DBAPIError: return None  # a read-only standby: no caching
+    if (path := sqlite_file(engine.url)) is None: return None
+    with watch.setdefault("lock", threading.Lock()):
+        if "conn" not in watch: watch["conn"] = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        return watch["conn"].execute("PRAGMA data_version").fetchone()[0]
+
+# %% ../nbs/09_registry.ipynb #bebfbd10
+class ReadCache:
+    "Values computed from a database, each kept while the database's `data_version` is unchanged, for at most `ttl` seconds."
+    def __init__(self, ttl: float = 2.0, size: int = 4096):
+        self.ttl, self.size, self._d, self._lock = ttl, size, collections.OrderedDict(), threading.Lock()
+
+    def peek(self, key, version):
+        "The value kept for `key` under `version` within `ttl`; None if there is none."
+        with self._lock: hit = self._d.get(key)
+        return hit[2] if hit is not None and version is not None and hit[0] == version and time.monotonic() - hit[1] < self.ttl else None
+
+    def get(self, key, version, compute: Callable):
+        "`compute()`'s value for `key`, from the cache when stored under `version` within `ttl` (values are shared: never mutate one)."
+        if (value := self.peek(key, version)) is not None: return value
+        now, value = time.monotonic(), compute()
+        if version is None: return value
+        with self._lock:
+            self._d[key] = (version, now, value); self._d.move_to_end(key)
+            while len(self._d) > self.size: self._d.popitem(last=False)
+        return value
+
 # %% ../nbs/09_registry.ipynb #7d747dc6
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
@@ -371,8 +414,10 @@ class Registry:
         self.heartbeat_timeout, self.create = heartbeat_timeout, create
         self.engine = make_engine(self.url)
         self._Session = sessionmaker(self.engine, expire_on_commit=False)
+        self._Read = sessionmaker(read_only(self.engine), expire_on_commit=False)  # reads: no write lock on SQLite
         self._ready = False
         self.admin = False # reads see every user's rows (`as_user(..., admin=True)`); writes stay the owner's
+        self._reads, self._watch = ReadCache(), {}  # shared with the `as_user` handles
 
     def __repr__(self): return f"Registry({self.url.render_as_string()!r}, user={self.user!r}{', admin=True' if self.admin else ''})"
 
@@ -385,6 +430,24 @@ class Registry:
         if not isinstance(admin, bool): raise ValueError(f"admin must be True or False, got {admin!r}")
         other = copy.copy(self); other.user, other.admin = user, admin
         return other
+
+    def cached(self,
+        key, # what is read (hashable); this handle's user and admin flag are added to it
+        compute: Callable, # computes it from the database
+    ):
+        "`compute()`, or its value from the last time while nothing was committed since (by anyone) and for at most 2 s: for repeated reads."
+        self.check_schema()  # (an empty database is created first: that is a write)
+        return self._reads.get((self.user, self.admin, key), data_version(self.engine, self._watch), compute)
+
+    @property
+    def ready(self) -> bool:
+        "Whether the schema was found current (`check_schema` has nothing left to do)."
+        return self._ready
+
+    def cache_hit(self, key):
+        "What `cached(key, ...)` holds now, where checking costs no network round trip (SQLite): for an event loop; else None."
+        if self.url.get_backend_name() != "sqlite" or not self.ready: return None
+        return self._reads.peek((self.user, self.admin, key), data_version(self.engine, self._watch))
 
     def address(self,
         hide_password: bool = True, # False only to hand the URL to another process of the same user (a papermill kernel)
@@ -446,8 +509,9 @@ class Registry:
 
     # --- transactions
     def _session(self) -> Session:
+        "A session for reading (nothing it does is committed)."
         self.check_schema()
-        return self._Session()
+        return self._Read()
 
     def _write(self, fn: Callable[[Session], Any], retries: int = 8, retry_integrity: bool = False):
         "Run `fn(session)` in one transaction, retrying when the database is busy (or on a lost insert race); a value the database refuses is a `ValueError`."

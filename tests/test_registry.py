@@ -285,3 +285,24 @@ def test_unreachable_database_names_the_setting(pg_database):
     missing = pg_database.rsplit("/", 1)[0] + "/hedgerl_no_such_db"
     with pytest.raises(RegistryUnavailable, match=r"cannot connect to the registry database .*HEDGERL_REGISTRY_URL"):
         Registry(missing).runs()
+
+
+def test_cached_reads_follow_every_write_of_any_process(registry, url):
+    """`Registry.cached` answers from its cache only while nothing was committed: a write by another process (its own
+    engine) or by this one is seen by the next read, on SQLite and on PostgreSQL; users never share an answer."""
+    reg, calls = registry(user="alice"), []
+    def count(r=reg):
+        calls.append(1); return len(r.runs())
+    test = lambda: reg.cached("n-runs", count)
+    assert test() == 0 and test() == 0 and len(calls) == 1  # the second read is the cached answer
+    p = child("""
+        import sys
+        from hedgerl.registry import Registry
+        with Registry(sys.argv[1], user="alice").start_run("other-process") as r: pass
+    """, url)
+    assert p.wait(60) == 0, p.stderr.read()
+    assert test() == 1 and len(calls) == 2  # another process's commit is seen at once
+    with reg.start_run("same-process"): pass
+    assert test() == 2 and test() == 2 and len(calls) == 3
+    bob = reg.as_user("bob")
+    assert bob.cached("n-runs", lambda: count(bob)) == 0 and len(calls) == 4  # bob's answer is his own
