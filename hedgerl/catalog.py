@@ -40,10 +40,10 @@ __all__ = ['log', 'ERRORS', 'Timestamp', 'Id', 'IdPath', 'Text', 'Limit', 'Offse
            'Error', 'unprocessable', 'CatalogRoute', 'registry_dependency', 'Body', 'Share', 'RunItem', 'ModelItem',
            'EvaluationItem', 'Page', 'sorts', 'item', 'page', 'cached_answer', 'config_error', 'check_config',
            'ScenarioInfo', 'ScenarioDetail', 'ScenarioList', 'scenario_summary', 'published_scenario', 'saved_scenario',
-           'saved_row', 'resolve_scenario', 'SaveScenario', 'Parameter', 'BaselineInfo', 'Strategies', 'baseline_info',
-           'CommittedEntry', 'SharedEntry', 'Board', 'Leaderboard', 'committed_leaderboard', 'shared_entry',
-           'leaderboard', 'Arena', 'load_model', 'RankEntry', 'Submit', 'Submission', 'arena_scores', 'ranking',
-           'submit', 'router']
+           'saved_row', 'resolve_scenario', 'request_config', 'SaveScenario', 'Parameter', 'BaselineInfo', 'Strategies',
+           'baseline_info', 'CommittedEntry', 'SharedEntry', 'Board', 'Leaderboard', 'committed_leaderboard',
+           'shared_entry', 'leaderboard', 'Arena', 'load_model', 'RankEntry', 'Submit', 'Submission', 'arena_scores',
+           'ranking', 'submit', 'router']
 
 # %% ../nbs/19_catalog.ipynb #3454f034
 log = logging.getLogger("hedgerl.catalog")
@@ -303,6 +303,20 @@ def resolve_scenario(
     row = saved_row(reg, ref, owner)
     try: return scenario_lib.as_scenario(row["config"])
     except ValueError as e: raise unprocessable(["path", "ref"], f"saved scenario {row['id']} ({row['name']!r} of {row['owner']!r}) is not a scenario this hedgerl reads: {e}", ref) from None
+
+# %% ../nbs/19_catalog.ipynb #1189b0ae
+def request_config(
+    reg: Registry, # the caller's registry
+    ref, # a request's `scenario`: a published name, a saved scenario's name or id, or a config dict
+    where: str = "scenario", # the request field, for messages
+):
+    "A published name or a config as given; a saved scenario's name or id as its saved config; a `ValueError` naming `where` for any other name."
+    if not isinstance(ref, str) or ref in scenario_lib.NAMED: return ref
+    try: return saved_row(reg, ref)["config"]
+    except KeyError: pass
+    try: scenario_lib.get(ref)  # the library's message: the published names it is near
+    except ValueError as e: raise ValueError(f"{where}: {e}; nor is it a saved scenario that user {reg.user!r} can read") from None
+    raise AssertionError(ref)  # a published name was returned above
 
 # %% ../nbs/19_catalog.ipynb #3fcd7efd
 class SaveScenario(Body):

@@ -36,7 +36,7 @@ from .baselines import DeltaHedge, make_baseline
 from .core import settings, spawn_seeds
 from .registry import ArtifactError
 from .remote import Body, Id, RegistryRoute, hub_user_name, jsonable
-from .scenarios import (Observation, Rollout, Scenario, ScenarioPaths, Strategy, _valuer, get as get_scenario,
+from .scenarios import (NAMED, Observation, Rollout, Scenario, ScenarioPaths, Strategy, _valuer, get as get_scenario,
                                simulate_scenario, variance_swap_value)
 
 # %% auto #0
@@ -587,6 +587,9 @@ def _errors(*codes: int) -> dict:
 def _strategy(spec: StrategySpec, scenario_ref, registry: Callable, models: ModelCache) -> tuple[Strategy, Scenario, str, int | None]:
     "The strategy, reset for the scenario, with the scenario, its label and the model id; HTTP errors for the request."
     try:
+        if isinstance(scenario_ref, str) and scenario_ref not in NAMED:  # a saved scenario's name or id: its config
+            from hedgerl.catalog import request_config
+            scenario_ref = request_config(registry(), scenario_ref)
         if spec.model is None:
             if scenario_ref is None: raise ValueError("scenario: required with a baseline (a published name or a config)")
             scn = request_scenario(scenario_ref)

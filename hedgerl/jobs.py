@@ -647,14 +647,16 @@ def _backtest_routes(r: APIRouter, caller: Callable) -> None:
     async def submit_backtest(body: BacktestRequest, request: Request, response: Response, c: Caller = Depends(caller)) -> JobOut:
         "Start a backtest: 202 with the job (its URL in `Location`); poll `GET backtests/{id}` until it is finished."
         c.jobs.check_paths(n_paths=body.n_paths, train_paths=body.train_paths)
-        try: scn = await asyncio.to_thread(job_scenario, body.scenario)
+        from hedgerl.catalog import request_config
+        try: config = await asyncio.to_thread(request_config, c.reg, body.scenario); scn = await asyncio.to_thread(job_scenario, config)
         except ValueError as e: raise _bad("scenario", e) from None
         ref = body.strategy_ref()
         try: strat, fit = await asyncio.to_thread(job_strategy, ref, scn, c.reg)
         except KeyError as e: raise HTTPException(404, e.args[0]) from None  # as for an id in the path: not visible is not there
         except (ValueError, TypeError, OverflowError) as e: raise _bad("strategy", e) from None
-        params = {"scenario": body.scenario, "strategy": ref.model_dump(exclude_defaults=True),
+        params = {"scenario": scn.name, "strategy": ref.model_dump(exclude_defaults=True),
                   **body.model_dump(include={"n_paths", "seed", "n_boot", "train_paths"})}
+        if isinstance(config, dict): params["scenario_config"] = jsonable(scn.to_dict())  # a saved one or a config: what it was
         work = {"request": body, "scenario": scn, "strategy": strat, "fit": fit}
         job = await c.jobs.submit("backtests", c.reg, params, work, name=body.name, shared=body.shared)
         response.headers["Location"] = f"{request.url.path.rstrip('/')}/{job.id}"
@@ -680,6 +682,8 @@ def _training_config(body: TrainingRequest, reg: Registry) -> tuple[dict, str | 
     "The configuration of a training request as `hedgerl.runs.train` makes it (and a resumed run's checkpoint); `ValueError` naming the field."
     from hedgerl.runs import TRAIN_DEFAULTS, _resumed_config, train_config
     if body.scenario is not None:
+        from hedgerl.catalog import request_config
+        body = body.model_copy(update={"scenario": request_config(reg, body.scenario)})  # a saved scenario: its config
         try: job_scenario(body.scenario)  # a published name or a config, never a file of the server's
         except ValueError as e: raise ValueError(f"scenario: {e}") from None
     if body.resume is not None:

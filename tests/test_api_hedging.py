@@ -168,3 +168,40 @@ def test_simulations_per_user_and_idle_expiry(platform):
     assert call(platform, "GET", f"simulations/{first.json()['id']}", "c").status_code == 404
     assert call(platform, "GET", "simulations", "c").json() == []
     assert new().status_code == 201
+
+
+def test_a_saved_scenario_is_used_by_name_and_stays_private(platform):
+    """A's saved scenario (the published one at 30% vol) hedges and simulates by its name for A (delta at its vol), a
+    backtest of it records its config; B gets the same 422 as for a mistyped name until A shares it."""
+    from hedgerl.scenarios import get
+    name = f"a-vol30-{secrets.token_hex(2)}"
+    cfg = get(SCENARIO).to_dict(); cfg["market"]["params"]["sigma"] = 0.3
+    r = call(platform, "POST", "scenarios", json={"name": name, "config": cfg})
+    assert r.status_code == 201, r.text
+    states = {"spot": [95.0, 100.0, 105.0], "tau": 0.04, "holdings": [0.5, 0.5, 0.5], "hedge_pnl": 0.0, "cost": 0.0}
+    r = call(platform, "POST", "hedge", json={"strategy": "delta", "scenario": name, "states": states})
+    assert r.status_code == 200, r.text
+    assert r.json()["scenario"] == name
+    from hedgerl.baselines import DeltaHedge
+    from hedgerl.hedging import hedge_states, market_states
+    from hedgerl.scenarios import as_scenario
+    mine = as_scenario({**cfg, "name": name}); d = DeltaHedge(); d.reset(mine)
+    want = hedge_states(d, market_states(mine, **{k: np.broadcast_to(np.asarray(v), 3) for k, v in states.items()}))[0]
+    np.testing.assert_allclose(np.array(r.json()["holdings"]), want, rtol=0, atol=1e-12)  # delta at the saved 30% vol
+    r20 = np.array(call(platform, "POST", "hedge", json={"strategy": "delta", "scenario": SCENARIO, "states": states}).json()["holdings"])
+    assert np.abs(r20 - want).max() > 1e-3  # not the published scenario's 20%
+    r = call(platform, "POST", "simulations", json={"scenario": name, "strategy": "delta", "seed": 1})
+    assert r.status_code == 201 and r.json()["scenario"] == name, r.text
+    call(platform, "DELETE", f"simulations/{r.json()['id']}")
+    r = call(platform, "POST", "backtests", json={"scenario": name, "strategy": "delta", "n_paths": 200, "seed": 1})
+    assert r.status_code == 202, r.text
+    run = call(platform, "GET", f"runs/{r.json()['id']}").json()
+    assert run["params"]["scenario"] == name and run["params"]["scenario_config"]["market"]["params"]["sigma"] == 0.3
+    for path, body in (("hedge", {"strategy": "delta", "scenario": name, "states": states}),
+                       ("simulations", {"scenario": name, "strategy": "delta"}),
+                       ("backtests", {"scenario": name, "strategy": "delta", "n_paths": 200})):
+        r = call(platform, "POST", path, who="b", json=body)
+        assert r.status_code == 422 and f"unknown scenario {name!r}" in r.text, (path, r.text)
+    sid = call(platform, "GET", f"scenarios/{name}").json()["id"]
+    assert call(platform, "PATCH", f"scenarios/{sid}", json={"shared": True}).status_code == 200
+    assert call(platform, "POST", "hedge", who="b", json={"strategy": "delta", "scenario": name, "states": states}).status_code == 200
