@@ -32,7 +32,7 @@ from . import scenarios as scenario_lib
 from .baselines import BASELINES, make_baseline
 from .core import check_int, settings
 from .registry import STATUSES, ArtifactError, NameTaken, Registry, _sha256
-from .remote import _capped, account_owns, error_status, hub_user_name, jsonable, read_artifact
+from .remote import _capped, account_owns, error_status, hub_user_name, jsonable, read_artifact, unknown_query
 
 # %% auto #0
 __all__ = ['log', 'ERRORS', 'Timestamp', 'Id', 'IdPath', 'Text', 'Limit', 'Offset', 'T', 'SAVED_NAME', 'ScenarioRef',
@@ -81,6 +81,7 @@ class CatalogRoute(APIRoute):
             size = request.headers.get("content-length")
             if size is not None and (not size.isdigit() or int(size) > self.max_body):
                 return JSONResponse({"detail": f"request body over {self.max_body} bytes"}, 413)
+            if (refused := unknown_query(self, request)) is not None: return refused
             try: return await handler(Request(request.scope, _capped(request.receive, self.max_body)))
             except pydantic.ValidationError: raise  # our own response models: a bug, not the caller's error
             except Exception as e:

@@ -728,7 +728,7 @@ def router(
         def open_():
             reg = getattr(request.app.state, "registry", None)
             if reg is None: raise HTTPException(503, "the service has no registry: models cannot be loaded")
-            try: return reg.as_user(hub_user_name(user))
+            try: return reg.as_user(hub_user_name(user), admin=getattr(user, "admin", False) is True)  # an admin uses any model
             except PermissionError as e: raise HTTPException(403, str(e)) from None
         return open_
 

@@ -32,8 +32,9 @@ from .registry import ArtifactError, Registry, RegistryUnavailable, Run, SchemaE
 # %% auto #0
 __all__ = ['API', 'DATETIME_COLUMNS', 'Name', 'Int32', 'Id', 'IdPath', 'jsonable', 'frame_payload', 'payload_frame',
            'account_owns', 'read_artifact', 'Body', 'StartRun', 'LogMetrics', 'RunOutputs', 'FailRun', 'RegisterModel',
-           'RecordEvaluation', 'BodyTooLarge', 'error_status', 'RegistryRoute', 'seal_sqlite', 'service_registry',
-           'hub_user_name', 'registry_router', 'service_error', 'ServiceClient', 'RemoteRun', 'RemoteRegistry']
+           'RecordEvaluation', 'BodyTooLarge', 'error_status', 'unknown_query', 'RegistryRoute', 'seal_sqlite',
+           'service_registry', 'hub_user_name', 'registry_router', 'service_error', 'ServiceClient', 'RemoteRun',
+           'RemoteRegistry']
 
 # %% ../nbs/17_remote.ipynb #5db812e6
 API = "api/v1/registry" # where the registry's endpoints live under the service's URL (`/services/hedgerl/`)
@@ -179,6 +180,20 @@ def error_status(e: BaseException) -> int | None:
         if isinstance(e, kind): return status
     return None
 
+# %% ../nbs/17_remote.ipynb #89b61c38
+def _query_names(dependant) -> set[str]:
+    "The query parameters an endpoint takes: its own and its dependencies'."
+    return {p.alias for p in dependant.query_params}.union(*(_query_names(d) for d in dependant.dependencies))
+
+def unknown_query(route: APIRoute, request: Request) -> JSONResponse | None:
+    "A 422 naming each query parameter `route` does not take, in FastAPI's shape; None when every one is known."
+    if (known := getattr(route, "_query_known", None)) is None: known = route._query_known = frozenset(_query_names(route.dependant))
+    bad = [k for k in dict.fromkeys(request.query_params.keys()) if k not in known]
+    if not bad: return None
+    takes = f"this endpoint takes {', '.join(sorted(known))}" if known else "this endpoint takes none"
+    return JSONResponse({"detail": [{"type": "extra_forbidden", "loc": ["query", k], "msg": f"unknown query parameter: {takes}",
+                                     "input": request.query_params[k]} for k in bad]}, 422)
+
 # %% ../nbs/17_remote.ipynb #8ddba946
 class RegistryRoute(APIRoute):
     "A registry endpoint: bodies over `max_body` refused (413), the registry's exceptions answered as `{\"detail\": ...}` JSON."
@@ -191,6 +206,7 @@ class RegistryRoute(APIRoute):
             size = request.headers.get("content-length")
             if size is not None and (not size.isdigit() or int(size) > self.max_body):
                 return JSONResponse({"detail": f"request body over {self.max_body} bytes"}, 413)
+            if (refused := unknown_query(self, request)) is not None: return refused
             try: return await handler(Request(request.scope, _capped(request.receive, self.max_body)))
             except Exception as e:
                 if (status := error_status(e)) is None: raise

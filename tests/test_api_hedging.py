@@ -114,6 +114,10 @@ def test_hedge_sees_what_the_caller_may_and_keeps_the_limit(platform):
     assert r.status_code == 200, r.text
     ppo = load_strategy_file(platform.files / "ppo.zip"); ppo.reset(get(SCENARIO))
     np.testing.assert_array_equal(np.array(r.json()["holdings"]), hedge_states(ppo, market_states(get(SCENARIO), **states))[0])
+    r = call(platform, "POST", "hedge", "admin", json={"strategy": {"model": platform.ntb}, "states": states})  # an admin sees all
+    assert r.status_code == 200, r.text
+    ntb = load_strategy_file(platform.files / "ntb.zip"); ntb.reset(get(SCENARIO))
+    np.testing.assert_array_equal(np.array(r.json()["holdings"]), hedge_states(ntb, market_states(get(SCENARIO), **states))[0])
     assert call(platform, "POST", "hedge", None, json={"strategy": "delta", "scenario": SCENARIO, "states": states}).status_code == 401
     r = call(platform, "POST", "hedge", json={"strategy": "delta", "scenario": SCENARIO, "states": {"spot": [100.0] * 3001, "tau": 0.08}})
     assert r.status_code == 429 and r.headers["Retry-After"] == "1" and "limit is 3000 a call ([service] max_states)" in r.json()["detail"]
