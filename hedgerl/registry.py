@@ -351,8 +351,13 @@ def data_version(
 # %% ../nbs/09_registry.ipynb #bebfbd10
 class ReadCache:
     "Values computed from a database, each kept while the database's `data_version` is unchanged, for at most `ttl` seconds."
-    def __init__(self, ttl: float = 2.0, size: int = 4096):
-        self.ttl, self.size, self._d, self._lock = ttl, size, collections.OrderedDict(), threading.Lock()
+    def __init__(self,
+        ttl: float = 2.0, # seconds a value is kept at most
+        size: int = 4096, # values kept at most
+        max_bytes: int = 64 << 20, # bytes of `bytes` values kept at most (a caller paging through everything fills no memory)
+    ):
+        self.ttl, self.size, self.max_bytes, self._lock = ttl, size, max_bytes, threading.Lock()
+        self._d, self._bytes, self._version = collections.OrderedDict(), 0, None
 
     def peek(self, key, version):
         "The value kept for `key` under `version` within `ttl`; None if there is none."
@@ -364,9 +369,12 @@ class ReadCache:
         if (value := self.peek(key, version)) is not None: return value
         now, value = time.monotonic(), compute()
         if version is None: return value
+        weight = len(value) if isinstance(value, bytes) else 0
         with self._lock:
-            self._d[key] = (version, now, value); self._d.move_to_end(key)
-            while len(self._d) > self.size: self._d.popitem(last=False)
+            if version != self._version: self._d.clear(); self._bytes, self._version = 0, version  # the rest is stale
+            if (old := self._d.pop(key, None)) is not None: self._bytes -= old[3]
+            self._d[key] = (version, now, value, weight); self._bytes += weight
+            while self._d and (len(self._d) > self.size or self._bytes > self.max_bytes): self._bytes -= self._d.popitem(last=False)[1][3]
         return value
 
 # %% ../nbs/09_registry.ipynb #7d747dc6
