@@ -21,7 +21,7 @@ from .core import check_int
 from .scenarios import Scenario, Strategy, as_scenario, get, names
 
 # %% auto #0
-__all__ = ['applicable', 'evaluate_scenario', 'to_markdown', 'run_leaderboard']
+__all__ = ['applicable', 'paired_improvement', 'evaluate_scenario', 'to_markdown', 'run_leaderboard']
 
 # %% ../nbs/08_leaderboard.ipynb #48a35671
 def applicable(name: str, scenario: Scenario) -> bool:
@@ -68,7 +68,7 @@ def _check_run(n_paths, n_boot, train_paths, learned, **seeds) -> None:
             raise ValueError(f"learned[{i}] must be a trained agent (a strategy with its name and the scenario it was trained on), got {type(a).__name__}")
 
 # %% ../nbs/08_leaderboard.ipynb #e2cbc07c
-def _paired_improvement(scn: Scenario, base, other, n_boot: int, seed: int) -> tuple[float, float]:
+def paired_improvement(scn: Scenario, base, other, n_boot: int, seed: int) -> tuple[float, float]:
     "% improvement of `other` over `base` in the scenario's objective, and its paired bootstrap standard error."
     def stat(pb, cb, po, co):
         ob = scn.objective(pb, cb)
@@ -114,7 +114,7 @@ def evaluate_scenario(
     for name, res in results.items():
         m = res.summary(n_boot=n_boot)
         obj, obj_se = m.pop("objective"), m.pop("objective_se")
-        imp, imp_se = (0.0, 0.0) if name == "delta" else _paired_improvement(scn, base, res, n_boot, seed)
+        imp, imp_se = (0.0, 0.0) if name == "delta" else paired_improvement(scn, base, res, n_boot, seed)
         out.append({"scenario": scn.name, "strategy": name, "learned": res.learned, "n_paths": res.n_paths, "seed": seed,
                     "objective": obj, "objective_se": obj_se, "objective_label": scn.objective.label,
                     "improvement_vs_delta_pct": imp, "improvement_vs_delta_pct_se": imp_se,
