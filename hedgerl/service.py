@@ -24,6 +24,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.security import APIKeyHeader
+from starlette.requests import HTTPConnection
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -32,11 +33,12 @@ from .core import settings
 from .platform import secret
 
 # %% auto #0
-__all__ = ['SERVICE', 'log', 'ANONYMOUS', 'API_MODULES', 'ERROR_RESPONSES', 'service_prefix', 'HubUser', 'hub_auth',
-           'CookieSigner', 'cookie_allowed', 'caller_model', 'LoginRequired', 'page_view', 'hub_user', 'state_cookie',
-           'login_redirect', 'oauth_callback', 'finite_json', 'error_response', 'Health', 'Me', 'health',
-           'service_router', 'new_app', 'registry_factory', 'RequestMetrics', 'metrics_reader', 'metrics', 'ErrorBody',
-           'caller_registry', 'create_app', 'service_address', 'unavailable_app', 'main']
+__all__ = ['SERVICE', 'log', 'ANONYMOUS', 'API_MODULES', 'ERROR_RESPONSES', 'DASHBOARD_PATHS', 'service_prefix', 'HubUser',
+           'hub_auth', 'CookieSigner', 'cookie_allowed', 'caller_model', 'LoginRequired', 'page_view', 'hub_user',
+           'state_cookie', 'login_redirect', 'oauth_callback', 'finite_json', 'error_response', 'Health', 'Me',
+           'health', 'service_router', 'new_app', 'registry_factory', 'RequestMetrics', 'metrics_reader', 'metrics',
+           'ErrorBody', 'caller_registry', 'dashboard_user', 'DashboardGuard', 'mount_dashboards', 'create_app',
+           'service_address', 'unavailable_app', 'main']
 
 # %% ../nbs/16_service.ipynb #05d57d1b
 SERVICE = "hedgerl" # the service's name on the hub: its routes live under /services/hedgerl/
@@ -335,6 +337,57 @@ def caller_registry(request: Request, user: HubUser = Depends(hub_user)):
 
 
 
+# %% ../nbs/16_service.ipynb #8754cc55
+DASHBOARD_PATHS = ("dashboards/", "static/", "components/") # under the prefix: the Panel pages and WebSockets, their scripts
+
+def _cookie_may_open(conn: HTTPConnection) -> bool:
+    "Whether the login cookie may open this dashboard request: a read from this site; a WebSocket only from one of its pages."
+    if conn.scope["type"] == "websocket":
+        origin = conn.headers.get("origin")
+        return origin is not None and urlparse(origin).netloc == conn.headers.get("host")
+    return conn.scope.get("method") in ("GET", "HEAD") and conn.headers.get("sec-fetch-site", "same-origin") in ("same-origin", "none")
+
+async def dashboard_user(conn: HTTPConnection) -> tuple[HubUser | None, int]:
+    "The hub user of a dashboard request or WebSocket and 200; or None and 401 (anonymous) or 403 (no access to the service)."
+    auth, header = conn.app.state.hub, conn.headers.get("authorization")
+    if header: token = (m[1].strip() if (m := auth.auth_header_pat.fullmatch(header.strip())) else None)
+    else: token = conn.app.state.cookies.unsign(auth.cookie_name, conn.cookies.get(auth.cookie_name)) if _cookie_may_open(conn) else None
+    if not token: return None, 401
+    model = await auth.user_for_token(token, session_id=conn.cookies.get("jupyterhub-session-id", ""), sync=False)
+    if model is None: return None, 401
+    return (HubUser.from_hub(model), 200) if auth.check_scopes(auth.access_scopes, model) else (None, 403)
+
+# %% ../nbs/16_service.ipynb #8629c0f2
+class DashboardGuard:
+    "ASGI middleware: the dashboards' pages, WebSockets and scripts only for hub users with the service's access scope."
+    def __init__(self, app, prefix: str):
+        self.app, self.roots = app, tuple(prefix + p for p in DASHBOARD_PATHS)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket") or not scope["path"].startswith(self.roots): return await self.app(scope, receive, send)
+        from tornado.web import HTTPError as HubError
+        try: user, status = await dashboard_user(HTTPConnection(scope))
+        except HubError as e: user, status = None, 503
+        if user is None:
+            if scope["type"] == "websocket": return await send({"type": "websocket.close", "code": 4000 + status})
+            request = Request(scope, receive)
+            auth = request.app.state.hub
+            if status == 401 and page_view(request) and auth.oauth_client_id: return await login_redirect(request)(scope, receive, send)
+            why = {401: ANONYMOUS, 403: "this hub user may not use the hedgerl service", 503: "the hub could not check the caller"}[status]
+            return await JSONResponse({"detail": why}, status)(scope, receive, send)
+        headers = [(k, v) for k, v in scope["headers"] if not k.lower().startswith(b"x-hedgerl-")]
+        headers += [(b"x-hedgerl-user", user.name.encode()), (b"x-hedgerl-admin", b"1" if user.admin else b"0")]
+        await self.app({**scope, "headers": headers}, receive, send)
+
+# %% ../nbs/16_service.ipynb #37583033
+def mount_dashboards(app: FastAPI, prefix: str) -> None:
+    "The Panel dashboards of `hedgerl.dashboards` at `{prefix}dashboards/...`, behind `DashboardGuard`; models read as their owners' files."
+    from hedgerl import dashboards
+    from hedgerl.catalog import load_model
+    load = lambda reg, model_id, scenario: load_model(reg.get("model", model_id), scenario)
+    dashboards.mount(app, prefix, {"evaluation": dashboards.evaluation_page(app.state.registry, load=load)}, {"evaluation": "hedgerl: evaluation"})
+    app.add_middleware(DashboardGuard, prefix=prefix)
+
 # %% ../nbs/16_service.ipynb #8f4e85e1
 def create_app(
     prefix: str | None = None, # URL prefix of every route; None: $JUPYTERHUB_SERVICE_PREFIX or /services/hedgerl/
@@ -365,6 +418,8 @@ def create_app(
         if importlib.util.find_spec(name) is None: continue
         app.include_router(importlib.import_module(name).router(hub_user), prefix=f"{p}api/v1", dependencies=[Depends(hub_user)],
                            responses=ERROR_RESPONSES)
+    if importlib.util.find_spec("panel") is not None and getattr(app.state, "registry", None) is not None:
+        mount_dashboards(app, p)
 
     return app
 
