@@ -338,7 +338,7 @@ def caller_registry(request: Request, user: HubUser = Depends(hub_user)):
 
 
 # %% ../nbs/16_service.ipynb #8754cc55
-DASHBOARD_PATHS = ("dashboards/", "static/", "components/") # under the prefix: the Panel pages and WebSockets, their scripts
+DASHBOARD_PATHS = ("dashboards/", "static/", "components/", "favicon.ico") # under the prefix: the Panel pages and WebSockets, their scripts and icon
 
 def _cookie_may_open(conn: HTTPConnection) -> bool:
     "Whether the login cookie may open this dashboard request: a read from this site; a WebSocket only from one of its pages."

@@ -1,0 +1,98 @@
+"""The evaluation dashboard in the hedgerl service, in headless Chromium (Debian's, driven by Playwright) as users who
+log in through the hub: the page goes through the hub's login and back, evaluates, and renders every figure (canvases);
+changing a widget redraws; no console error and no request to another host; a user's private model is offered to
+them and to nobody else. Screenshots go to tests/artifacts/ (kept by CI as artifacts)."""
+import os
+import re
+import secrets
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from platform_tools import ROOT, Up, platform_env
+
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0 and os.environ.get("CI") != "true",
+                                 reason="the platform runs as root (workspaces are the users' own accounts)"),
+              pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+
+SCENARIO = "cao2021-gbm-1m-1d"
+PAGE = "/services/hedgerl/dashboards/evaluation"
+ARTIFACTS = Path(os.environ.get("HEDGERL_TEST_ARTIFACTS", ROOT / "tests" / "artifacts"))
+OPTIONS = "() => [...Bokeh.documents[0].all_models].filter(m => m.constructor.__qualified__ == 'MultiChoice').map(m => m.options)"
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory):
+    from hedgerl.core import load_settings
+    from hedgerl.platform import set_hub_password
+    from hedgerl.registry import Registry
+    data = tmp_path_factory.mktemp("dashboards") / "data"
+    up = Up(platform_env(data))
+    try:
+        up.wait()
+        db = load_settings(environ=up.env).hub.db_url
+        users = {k: (f"d{k}{secrets.token_hex(3)}", secrets.token_urlsafe(12)) for k in ("a", "b")}
+        for name, password in users.values(): set_hub_password(db, name, password)  # approved, as the admin would
+        files = data / "models"; files.mkdir()
+        shutil.copy(ROOT / "reports" / "models" / f"{SCENARIO}--ntb.zip", files / "ntb.zip")
+        reg = Registry(load_settings(environ=up.env).registry.url).as_user(users["a"][0])
+        model = reg.register_model(None, "ntb", SCENARIO, files / "ntb.zip", name="a/ntb")  # A's, private
+        reg.engine.dispose()
+        yield up, users, f"a/ntb v1 (model {model['id']})"
+    finally:
+        up.stop(signal.SIGTERM)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    if not Path("/usr/bin/chromium").exists():
+        if os.environ.get("CI") == "true": pytest.fail("/usr/bin/chromium is missing (make services installs it)")
+        pytest.skip("/usr/bin/chromium is missing")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
+                              args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+        yield b
+        b.close()
+
+
+def open_dashboard(browser, up, name, password):
+    "A page of a new browser context, logged in through the hub from the dashboard's URL, once its first evaluation shows."
+    page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+    page.seen = {"hosts": set(), "errors": []}
+    page.on("request", lambda r: page.seen["hosts"].add(r.url.split("/")[2]))
+    page.on("console", lambda m: page.seen["errors"].append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: page.seen["errors"].append(str(e)))
+    t0 = time.monotonic()
+    page.goto(up.url + PAGE)
+    page.fill("input[name=username]", name); page.fill("input[name=password]", password); page.click("#login_submit")
+    page.wait_for_url(re.compile(f".*{PAGE}$"), timeout=60_000)  # back from the hub's login
+    page.wait_for_selector("text=bootstrap replicates", timeout=180_000)  # the first evaluation is shown
+    page.loaded_s = time.monotonic() - t0
+    return page
+
+
+def test_the_evaluation_dashboard_renders_and_redraws(platform, browser):
+    up, users, model = platform
+    page = open_dashboard(browser, up, *users["a"])
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "evaluation.png"), full_page=True)
+    assert page.locator("canvas").count() >= 4  # the four figures
+    assert page.locator("text=Trades of no-hedge on sample path 0").count() == 1  # the first that is not delta
+    page.locator("select:not([multiple])").nth(1).select_option("delta")  # "Headline and heatmap for"
+    page.wait_for_selector("text=Trades of delta on sample path 0", timeout=30_000)
+    assert page.locator("canvas").count() >= 4
+    page.screenshot(path=str(ARTIFACTS / "evaluation-delta.png"), full_page=True)
+    assert model in page.evaluate(OPTIONS)[0]  # A's own model is offered to A
+    assert page.seen["errors"] == [], page.seen["errors"]
+    assert page.seen["hosts"] == {up.url.split("/")[2]}, page.seen["hosts"]  # nothing from another host
+
+
+def test_another_users_private_model_is_not_offered(platform, browser):
+    up, users, model = platform
+    page = open_dashboard(browser, up, *users["b"])
+    options = page.evaluate(OPTIONS)[0]
+    assert "delta" in options and model not in options and not any("a/ntb" in o for o in options), options
