@@ -325,7 +325,7 @@ def test_workspace_as_the_users_own_account(hub):
     assert home == Path("/home") / name and stat.S_IMODE(home.stat().st_mode) == 0o700 and home.stat().st_uid == pw.pw_uid
     # the tutorials and the run template, the user's own
     seeded = sorted(p.name for p in (home / "hedgerl").iterdir())
-    assert seeded == ["01_first_hedge.ipynb", "02_baselines_and_backtests.ipynb", "train.ipynb"]
+    assert seeded == ["01_first_hedge.ipynb", "02_baselines_and_backtests.ipynb", "evaluation.ipynb", "train.ipynb"]
     assert all(p.stat().st_uid == pw.pw_uid for p in (home / "hedgerl").iterdir())
     # ... and what the user's server shows of them; its kernel is the environment's `hedgerl`
     tok = {"Authorization": f"token {hub.token(s, name)}"}
@@ -432,7 +432,7 @@ def test_not_root_single_account(tmp_path):
             assert set(map(int, uids)) == {acct.pw_uid}
             with pytest.raises(KeyError): pwd.getpwnam(name)  # no account was made for the user
             home = hub.data / "workspaces" / name
-            assert sorted(p.name for p in (home / "hedgerl").iterdir())[-1] == "train.ipynb"
+            assert sorted(p.name for p in (home / "hedgerl").iterdir())[-2:] == ["evaluation.ipynb", "train.ipynb"]
             env = dict(l.split("=", 1) for l in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in l)
             assert env["HOME"] == str(home) and env["HEDGERL_DATA_FOLDER"] == str(home / ".hedgerl")
             r = s.get(f"{hub.url}/user/{name}/lab")

@@ -3,8 +3,8 @@ Voila, TensorBoard in the launcher: hub/workspace/jupyter_server_config.py) as a
 
 As root (these machines, CI) each workspace runs as the user's own system account, made on first spawn: home
 /home/<name> (0700), its own primary group, a member of the system group `hedgerl` (what marks the platform's accounts),
-/bin/bash. An existing account outside that group is never taken over. A new home gets the tutorials and the run
-template in ~/hedgerl/, copied by the user's own account. Not root: every workspace runs as the hub's own account, each
+/bin/bash. An existing account outside that group is never taken over. A new home gets the tutorials, the run
+template and the Voila dashboards in ~/hedgerl/, copied by the user's own account. Not root: every workspace runs as the hub's own account, each
 in a folder of its own under the data folder; users are NOT isolated from each other, and the hub says so at start and
 on its pages. Profiles come from [hub] profiles; the GPU ones are offered only where `nvidia-smi -L` lists enough GPUs."""
 import asyncio
@@ -168,7 +168,8 @@ def configure(c, ctx):
     c.WorkspaceSpawner.isolate = bool(ctx.as_root)
     c.WorkspaceSpawner.workspaces = str(Path(ctx.settings.data.folder) / "workspaces")
     nbs = Path(ctx.root) / "nbs"
-    c.WorkspaceSpawner.seed_files = [str(p) for p in sorted((nbs / "tutorials").glob("*.ipynb"))] + [str(nbs / "runs" / "train.ipynb")]
+    c.WorkspaceSpawner.seed_files = ([str(p) for p in sorted((nbs / "tutorials").glob("*.ipynb"))] + [str(nbs / "runs" / "train.ipynb")]
+                                     + [str(p) for p in sorted((nbs / "dashboards").glob("*.ipynb"))])  # Voila: /user/<name>/voila/render/hedgerl/<file>
     c.Spawner.cmd = [str(ctx.bin / "jupyterhub-singleuser")]
     c.Spawner.default_url = "/lab"
     c.Spawner.http_timeout = 60
