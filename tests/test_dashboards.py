@@ -97,33 +97,3 @@ def test_another_users_private_model_is_not_offered(platform, browser):
     options = page.evaluate(OPTIONS)[0]
     assert "delta" in options and model not in options and not any("a/ntb" in o for o in options), options
 
-
-def test_the_voila_dashboard_in_a_workspace(platform, browser):
-    """The same dashboard as a Voila page of A's workspace (~/hedgerl/evaluation.ipynb, seeded on the first start):
-    it renders its figures with every script from this server and no console error."""
-    import subprocess
-    from hedgerl.platform import HubClient
-    up, users, model = platform
-    name, password = users["a"]
-    hub = HubClient(up.url)
-    try:
-        hub.spawn(name, hub.token(hub.login(name, password), name), timeout=180)
-        page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
-        hosts, errors = set(), []
-        page.on("request", lambda r: hosts.add(r.url.split("/")[2]))
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        page.goto(f"{up.url}/hub/login")
-        page.fill("input[name=username]", name); page.fill("input[name=password]", password); page.click("#login_submit")
-        page.wait_for_url(re.compile(f".*/user/{name}/.*"), timeout=120_000)
-        page.goto(f"{up.url}/user/{name}/voila/render/hedgerl/evaluation.ipynb", timeout=300_000)
-        page.wait_for_selector("text=bootstrap replicates", timeout=300_000)
-        page.wait_for_function("() => document.querySelectorAll('canvas').length > 0 || [...document.querySelectorAll('*')].some(e => e.shadowRoot && e.shadowRoot.querySelector('canvas'))", timeout=60_000)
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(ARTIFACTS / "voila-evaluation.png"), full_page=True)
-        assert page.locator("canvas").count() >= 4
-        assert hosts == {up.url.split("/")[2]}, hosts
-        assert errors == [], errors
-    finally:
-        subprocess.run(["pkill", "-u", name], capture_output=True)  # the workspace, before its account goes
-        time.sleep(1)
-        subprocess.run(["userdel", "-r", name], capture_output=True)
