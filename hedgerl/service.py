@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import os
-
+import re
 import secrets as _secrets
 import socket
 import sys
@@ -347,6 +347,14 @@ def _cookie_may_open(conn: HTTPConnection) -> bool:
         return origin is not None and urlparse(origin).netloc == conn.headers.get("host")
     return conn.scope.get("method") in ("GET", "HEAD") and conn.headers.get("sec-fetch-site", "same-origin") in ("same-origin", "none")
 
+_SESSION_ID = re.compile(r"[A-Za-z0-9._-]{1,200}") # what Bokeh's session ids are made of (signed ones have dots)
+
+def _bad_session_id(scope) -> str | None:
+    "A `bokeh_session_id` in the query that is not a session id (empty, too long, odd characters); None if there is none such."
+    from urllib.parse import parse_qsl
+    ids = [v for k, v in parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True) if k == "bokeh_session_id"]
+    return next((v for v in ids if not _SESSION_ID.fullmatch(v)), None)
+
 async def dashboard_user(conn: HTTPConnection) -> tuple[HubUser | None, int]:
     "The hub user of a dashboard request or WebSocket and 200; or None and 401 (anonymous) or 403 (no access to the service)."
     auth, header = conn.app.state.hub, conn.headers.get("authorization")
@@ -375,6 +383,8 @@ class DashboardGuard:
             if status == 401 and page_view(request) and auth.oauth_client_id: return await login_redirect(request)(scope, receive, send)
             why = {401: ANONYMOUS, 403: "this hub user may not use the hedgerl service", 503: "the hub could not check the caller"}[status]
             return await JSONResponse({"detail": why}, status)(scope, receive, send)
+        if (bad := _bad_session_id(scope)) is not None:  # Bokeh answers an empty one with a 500
+            return await JSONResponse({"detail": f"bokeh_session_id: {bad!r} is not a session id"}, 400)(scope, receive, send)
         headers = [(k, v) for k, v in scope["headers"] if not k.lower().startswith(b"x-hedgerl-")]
         headers += [(b"x-hedgerl-user", user.name.encode()), (b"x-hedgerl-admin", b"1" if user.admin else b"0")]
         await self.app({**scope, "headers": headers}, receive, send)
