@@ -7,7 +7,9 @@ from pathlib import Path
 
 c = get_config()  # noqa: F821 (traitlets gives get_config)
 
-c.ServerApp.jpserver_extensions.update({"voila": True, "jupyter_server_proxy": True})
+c.ServerApp.jpserver_extensions.update({"voila": True, "jupyter_server_proxy": True,
+                                       # Panel's "preview" routes: unused here, and importing Panel at every start costs ~3 s of a spawn
+                                       "panel.io.jupyter_server_extension": False})
 c.MappingKernelManager.default_kernel_name = "hedgerl"
 c.KernelSpecManager.allowed_kernelspecs = {"hedgerl"}
 c.KernelSpecManager.ensure_native_kernel = False
