@@ -834,7 +834,7 @@ class Registry:
     def datasets(self, name: str | None = None) -> pd.DataFrame:
         "Registered data sets (visible to everyone)."
         q = sa.select(*Dataset.__table__.columns).order_by(Dataset.id)
-        if name is not None: q = q.where(Dataset.name == name)
+        if name is not None: q = q.where(_equal(Dataset.name, name))
         with self._session() as s: rows = s.execute(q).all()
         return _frame(rows, [c.name for c in Dataset.__table__.columns])
 
@@ -850,7 +850,7 @@ class Registry:
         "The run's logged metrics as a long frame (step, key, value, timestamp), ordered by key and step."
         q = (sa.select(RunMetric.step, RunMetric.key, RunMetric.value, RunMetric.timestamp)
              .where(RunMetric.run_id == run_id).order_by(RunMetric.key, RunMetric.step, RunMetric.id))
-        if key is not None: q = q.where(RunMetric.key == key)
+        if key is not None: q = q.where(_equal(RunMetric.key, key))
         self.reap()
         with self._session() as s:
             self._check_visible(s, [run_id], user)

@@ -306,3 +306,16 @@ def test_cached_reads_follow_every_write_of_any_process(registry, url):
     assert test() == 2 and test() == 2 and len(calls) == 3
     bob = reg.as_user("bob")
     assert bob.cached("n-runs", lambda: count(bob)) == 0 and len(calls) == 4  # bob's answer is his own
+
+
+@pytest.mark.parametrize("bad", ["a\x00b", "\ud800", "x" * 10_000])
+def test_unstorable_query_values_find_nothing(registry, bad):
+    "A filter value no column could hold (NUL, a lone surrogate, longer than any name) matches nothing on every backend;"
+    " PostgreSQL refuses NUL in any statement, so a plain `col == value` there is a 500 in the service (found by the API fuzz)."
+    reg = registry(user="alice")
+    with reg.start_run("exp", {"agent": "ppo"}) as run: run.log(0, **{"loss": 1.0})
+    assert reg.metrics(run.id, key=bad).empty and len(reg.metrics(run.id, key="loss")) == 1
+    assert reg.datasets(name=bad).empty
+    for kind, col in (("run", "experiment"), ("run", "agent"), ("model", "name"), ("evaluation", "strategy"), ("scenario", "name")):
+        assert reg.find(kind, {col: bad}) == ([], 0), (kind, col)
+    assert reg.runs(experiment=bad).empty and reg.models(scenario=bad).empty and reg.scenarios(owner=bad).empty
