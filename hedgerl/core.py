@@ -82,7 +82,8 @@ SETTINGS_SCHEMA: dict[str, dict[str, tuple[str, Callable[[str], Any]]]] = {
     "data": {"folder": ("~/.hedgerl", Path), "cache": ("${data:folder}/cache", Path)},
     "registry": {"url": ("sqlite:///${data:folder}/registry.sqlite", _url)},
     "service": {"host": ("127.0.0.1", _host), "port": ("8765", _port), "max_jobs": ("4", _positive), "max_paths": ("1000000", _positive),
-                "max_states": ("10000", _positive), "max_simulations": ("10", _positive), "simulation_idle": ("1800", _positive)},
+                "max_states": ("10000", _positive), "max_simulations": ("10", _positive), "simulation_idle": ("1800", _positive),
+                "dashboard_paths": ("10000", _positive)},
 
     "hub": {"host": ("127.0.0.1", _host), "port": ("8000", _port), "deployment": ("local", _choice("local", "kubernetes", "slurm")),
             "state": ("${data:folder}/hub", Path), "db_url": ("sqlite:///${hub:state}/jupyterhub.sqlite", _url),

@@ -19,7 +19,8 @@ from .scenarios import Scenario, Strategy, as_scenario, simulate_scenario
 # %% auto #0
 __all__ = ['DASHBOARD_BASELINES', 'Evaluation', 'evaluate', 'comparison', 'strategy_colors', 'pnl_histogram', 'path_pnl',
            'hedge_ratio', 'holding_minus_delta', 'heatmap', 'trades', 'strategy_choices', 'headline', 'evaluation_view',
-           'update_view', 'EvaluationDashboard', 'mount', 'page_user', 'evaluation_page']
+           'refresh_figure', 'update_view', 'EvaluationCache', 'EvaluationDashboard', 'mount', 'page_user',
+           'evaluation_page']
 
 # %% ../nbs/22_dashboards.ipynb #52a277a5
 @dataclass
@@ -294,22 +295,76 @@ def evaluation_view(
                      pn.pane.Markdown(f"**Trades of {focus} on sample path {path}**"),
                      pn.pane.DataFrame(trades(ev, focus, path).round(5), index=False, sizing_mode="stretch_width"), sizing_mode="stretch_width")
 
+# %% ../nbs/22_dashboards.ipynb #6ec6682e
+def refresh_figure(
+    old, # a Bokeh figure on the page
+    new, # one made by the same function with other arguments
+) -> None:
+    "Give `old` the data, title, glyph sizes and colour ranges of `new`, in place; `ValueError` if their renderers differ."
+    from bokeh.models import ColorMapper
+    pairs = list(zip(old.renderers, new.renderers))
+    if len(old.renderers) != len(new.renderers) or any(type(a.glyph) is not type(b.glyph) for a, b in pairs):
+        raise ValueError("refresh_figure: the figures draw different glyphs; replace the figure instead")
+    old.title.text = new.title.text
+    for a, b in pairs:
+        a.data_source.data = dict(b.data_source.data)
+        a.glyph.update(**{k: v for k, v in b.glyph.properties_with_values(include_defaults=False).items() if isinstance(v, (int, float))})
+    for a, b in zip(old.select(type=ColorMapper), new.select(type=ColorMapper)): a.update(low=b.low, high=b.high)
+
 # %% ../nbs/22_dashboards.ipynb #26cfef68
 def update_view(
     view, # what `evaluation_view` made
     ev: Evaluation, table: pd.DataFrame, focus: str, path: int, # as for `evaluation_view`
     changed: set, # what changed: "focus", "path" or both
 ) -> None:
-    "Redraw in place the parts of `view` that depend on what `changed`."
+    "Redraw in place the parts of `view` that depend on what `changed`: new columns into the figures on the page."
     grid = view[2]
-    if "focus" in changed: view[0].objects = headline(ev, table, focus).objects; grid[3].object = heatmap(ev, focus)
-    if "path" in changed: grid[1].object, grid[2].object = path_pnl(ev, path), hedge_ratio(ev, path)
+    def refresh(pane, new):
+        try: refresh_figure(pane.object, new)
+        except ValueError: pane.object = new
+    if "focus" in changed: view[0].objects = headline(ev, table, focus).objects; refresh(grid[3], heatmap(ev, focus))
+    if "path" in changed: refresh(grid[1], path_pnl(ev, path)); refresh(grid[2], hedge_ratio(ev, path))
     view[3].object = f"**Trades of {focus} on sample path {path}**"
     view[4].object = trades(ev, focus, path).round(5)
+
+# %% ../nbs/22_dashboards.ipynb #f2715590
+def _nbytes(x) -> int:
+    "Bytes of the numpy arrays in `x` (an `Evaluation`, a result, a dict or a frame), roughly."
+    if isinstance(x, np.ndarray): return x.nbytes
+    if isinstance(x, pd.DataFrame): return int(x.memory_usage(deep=False).sum())
+    if isinstance(x, dict): return sum(_nbytes(v) for v in x.values())
+    if isinstance(x, (tuple, list)): return sum(_nbytes(v) for v in x)
+    return sum(_nbytes(v) for v in vars(x).values()) if hasattr(x, "__dict__") else 0
+
+# %% ../nbs/22_dashboards.ipynb #2e72f949
+class EvaluationCache:
+    "Evaluations and their tables by question, least recently used out first, within `max_bytes`; one computation per question at a time."
+    def __init__(self, max_bytes: int = 512 << 20): # memory budget (a 100,000-path evaluation of 3 strategies is about 100 MB)
+        import threading
+        from collections import OrderedDict
+        self.max_bytes, self.items, self.sizes = max_bytes, OrderedDict(), {}
+        self._lock, self._computing = threading.Lock(), {}
+
+    def get(self, key, compute):
+        "The answer kept for `key`, else `compute()` (once, however many threads ask), kept if it fits."
+        import threading
+        with self._lock:
+            if key in self.items: self.items.move_to_end(key); return self.items[key]
+            mine = self._computing.setdefault(key, threading.Lock())
+        with mine:
+            with self._lock:
+                if key in self.items: return self.items[key]
+            value = compute()
+            with self._lock:
+                self._computing.pop(key, None)
+                if (n := _nbytes(value)) <= self.max_bytes: self.items[key], self.sizes[key] = value, n
+                while sum(self.sizes.values()) > self.max_bytes: self.sizes.pop(self.items.popitem(last=False)[0])
+        return value
 
 # %% ../nbs/22_dashboards.ipynb #245b46b7
 class EvaluationDashboard:
     "The evaluation dashboard: choose a scenario and strategies; headline cards, the comparison table and the figures."
+    cache: EvaluationCache | None = EvaluationCache() # evaluations kept for the next dashboard (every dashboard of this process); None: none kept
     def __init__(self,
         choices=strategy_choices, # scenario -> {label: function making the strategy} (`strategy_choices`, or one bound to a registry)
         scenario: str = "cao2021-gbm-1m-1d", # the scenario shown first
@@ -346,9 +401,13 @@ class EvaluationDashboard:
         self.strategies.value = [c for c in (chosen or list(self._made)[:3]) if c in self._made]
 
     def _compute(self) -> tuple[Evaluation, pd.DataFrame]:
-        "The evaluation of the chosen strategies (made and loaded here) and its comparison table."
-        ev = evaluate(self.scenario.value, {k: self._made[k]() for k in self.strategies.value}, self.n_paths, self.seed)
-        return ev, comparison(ev, self.n_boot)
+        "The evaluation of the chosen strategies (made and loaded here) and its comparison table; kept in `self.cache` for the next page."
+        labels = list(self.strategies.value)
+        def compute():
+            ev = evaluate(self.scenario.value, {k: self._made[k]() for k in labels}, self.n_paths, self.seed)
+            return ev, comparison(ev, self.n_boot)
+        key = (self.scenario.value, tuple(labels), self.n_paths, self.seed, self.n_boot)
+        return compute() if self.cache is None else self.cache.get(key, compute)
 
     def _ready(self) -> bool:
         if not self.strategies.value: self.status.object = "Choose at least one strategy."; return False

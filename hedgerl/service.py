@@ -395,7 +395,7 @@ def mount_dashboards(app: FastAPI, prefix: str) -> None:
     from hedgerl import dashboards
     from hedgerl.catalog import load_model
     load = lambda reg, model_id, scenario: load_model(reg.get("model", model_id), scenario)
-    dashboards.mount(app, prefix, {"evaluation": dashboards.evaluation_page(app.state.registry, load=load)}, {"evaluation": "hedgerl: evaluation"})
+    dashboards.mount(app, prefix, {"evaluation": dashboards.evaluation_page(app.state.registry, settings().service.dashboard_paths, load=load)}, {"evaluation": "hedgerl: evaluation"})
     app.add_middleware(DashboardGuard, prefix=prefix)
 
 # %% ../nbs/16_service.ipynb #8f4e85e1
