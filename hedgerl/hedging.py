@@ -44,7 +44,8 @@ __all__ = ['MAX_HORIZON', 'MAX_UNITS', 'Num', 'Column', 'ScenarioRef', 'Strategy
            'strategy_spec', 'request_scenario', 'load_strategy_file', 'ModelCache', 'MarketStates', 'market_states',
            'observations', 'hedge_states', 'episode_paths', 'Episode', 'TooMany', 'SimulationStore', 'Packed', 'pack',
            'unpack', 'States', 'HedgeRequest', 'HedgeResult', 'NewSimulation', 'StepRequest', 'SimState', 'SimStep',
-           'SimulationInfo', 'Simulation', 'SimulationStepResult', 'ErrorAnswer', 'HedgingRoute', 'router',
+           'SimulationInfo', 'Simulation', 'SimulationStepResult', 'ErrorAnswer', 'create_simulation',
+           'read_simulation', 'step_simulation', 'delete_simulation', 'HedgingRoute', 'router', 'app_simulations',
            'bench_hedge']
 
 # %% ../nbs/20_hedging.ipynb #2c687e1f
@@ -642,22 +643,33 @@ def _owner(user) -> str:
     try: return hub_user_name(user)
     except PermissionError as e: raise HTTPException(403, str(e)) from None
 
+def create_simulation(
+    store: SimulationStore, # where the episode is kept
+    models: ModelCache, # the loaded agents
+    registry: Callable, # () -> the registry as the caller (opened only when a model is asked for)
+    user, # the hub user (`.name`, `.kind`, `.admin`)
+    body: NewSimulation, # the request
+) -> Simulation:
+    "What POST simulations does for `user`: a new episode kept in `store`; errors as `HTTPException`s (the answer's status and detail)."
+    who = _owner(user)
+    strat, scn, label, _ = _strategy(strategy_spec(body.strategy), body.scenario, registry, models)
+    if scn.market.model == "historical": raise HTTPException(422, f"scenario: {scn.name!r} is historical; a simulation needs a simulated market")
+    seed = secrets.randbits(63) if body.seed is None else body.seed
+    dh = DeltaHedge()
+    try: dh.reset(scn)
+    except ValueError: dh = None
+    e = Episode(secrets.token_hex(8), who, scn, strat, label, seed, Rollout(episode_paths(scn, seed)), dh)
+    try: store.add(e)
+    except TooMany as t: raise HTTPException(429, str(t), headers={"Retry-After": str(t.retry_after)}) from None
+    with e.lock: return Simulation(**_info(e, store, history=True))
+
 def _simulation_routes(r: APIRouter, user_dependency: Callable, registry: Callable, models: ModelCache, store: SimulationStore) -> None:
     @r.post("/simulations", status_code=201, response_model=Simulation, responses=_errors(404, 409, 413, 422, 429, 503), summary="Start a simulated episode")
     def create(body: NewSimulation, request: Request, response: Response, user=Depends(user_dependency), reg=Depends(registry)) -> Simulation:
         "A new episode: one simulated path of the scenario, hedged by the strategy one date per step."
-        who = _owner(user)
-        strat, scn, label, _ = _strategy(strategy_spec(body.strategy), body.scenario, reg, models)
-        if scn.market.model == "historical": raise HTTPException(422, f"scenario: {scn.name!r} is historical; a simulation needs a simulated market")
-        seed = secrets.randbits(63) if body.seed is None else body.seed
-        dh = DeltaHedge()
-        try: dh.reset(scn)
-        except ValueError: dh = None
-        e = Episode(secrets.token_hex(8), who, scn, strat, label, seed, Rollout(episode_paths(scn, seed)), dh)
-        try: store.add(e)
-        except TooMany as t: raise HTTPException(429, str(t), headers={"Retry-After": str(t.retry_after)}) from None
-        response.headers["Location"] = f"{request.url.path.rstrip('/')}/{e.id}"
-        with e.lock: return Simulation(**_info(e, store, history=True))
+        sim = create_simulation(store, models, reg, user, body)
+        response.headers["Location"] = f"{request.url.path.rstrip('/')}/{sim.id}"
+        return sim
 
     @r.get("/simulations", response_model=list[SimulationInfo], responses=_errors(), summary="Your open episodes")
     def mine(user=Depends(user_dependency)) -> list[SimulationInfo]:
@@ -670,37 +682,51 @@ def _simulation_routes(r: APIRouter, user_dependency: Callable, registry: Callab
 # %% ../nbs/20_hedging.ipynb #c5a48ce1
 SimulationId = Annotated[str, PathParam(min_length=1, max_length=64)]
 
-def _episode_routes(r: APIRouter, user_dependency: Callable, store: SimulationStore) -> None:
-    def find(id: str, user, read: bool = False) -> Episode:
-        try: return store.get(id, _owner(user), admin=read and bool(getattr(user, "admin", False)))
-        except KeyError as e: raise HTTPException(404, e.args[0]) from None
+def _find(store: SimulationStore, id: str, user, read: bool = False) -> Episode:
+    try: return store.get(id, _owner(user), admin=read and bool(getattr(user, "admin", False)))
+    except KeyError as e: raise HTTPException(404, e.args[0]) from None
 
+def read_simulation(store: SimulationStore, id: str, user) -> Simulation:
+    "What GET simulations/{id} answers `user`: the episode with every step so far (its owner's; an admin may read any)."
+    e = _find(store, id, user, read=True)
+    with e.lock: return Simulation(**_info(e, store, history=True))
+
+def step_simulation(store: SimulationStore, id: str, user, holdings=None) -> SimulationStepResult:
+    "What POST simulations/{id}/step does for `user`: trade on the current date (the strategy decides, or `holdings`) and book the P&L to the next."
+    e = _find(store, id, user)
+    with e.lock:
+        try: row = e.step(holdings)
+        except ValueError as x: raise HTTPException(409 if e.done else 422, str(x)) from None
+        return SimulationStepResult(id=e.id, step=row, state=e.state())
+
+def delete_simulation(store: SimulationStore, id: str, user) -> None:
+    "What DELETE simulations/{id} does for `user`: remove the episode (its owner only)."
+    try: store.delete(id, _owner(user))
+    except KeyError as x: raise HTTPException(404, x.args[0]) from None
+
+def _episode_routes(r: APIRouter, user_dependency: Callable, store: SimulationStore) -> None:
     @r.get("/simulations/{id}", response_model=Simulation, responses=_errors(404, 422), summary="An episode and its history")
     def read(id: SimulationId, user=Depends(user_dependency)) -> Simulation:
         "The episode with every step so far (its owner's; an admin may read any)."
-        e = find(id, user, read=True)
-        with e.lock: return Simulation(**_info(e, store, history=True))
+        return read_simulation(store, id, user)
 
     @r.post("/simulations/{id}/step", response_model=SimulationStepResult, responses=_errors(404, 409, 413, 422), summary="Step an episode one hedging date")
     def step(id: SimulationId, body: Annotated[StepRequest | None, BodyParam()] = None, user=Depends(user_dependency)) -> SimulationStepResult:
         "Trade on the current date (the strategy decides, or `holdings` overrides) and book the P&L to the next date."
-        e = find(id, user)
-        with e.lock:
-            try: row = e.step(None if body is None else body.holdings)
-            except ValueError as x: raise HTTPException(409 if e.done else 422, str(x)) from None
-            return SimulationStepResult(id=e.id, step=row, state=e.state())
+        return step_simulation(store, id, user, None if body is None else body.holdings)
 
     @r.delete("/simulations/{id}", status_code=204, responses=_errors(404, 422), summary="End an episode")
     def delete(id: SimulationId, user=Depends(user_dependency)) -> Response:
         "Remove the episode (its owner only)."
-        try: store.delete(id, _owner(user))
-        except KeyError as x: raise HTTPException(404, x.args[0]) from None
+        delete_simulation(store, id, user)
         return Response(status_code=204)
 
 # %% ../nbs/20_hedging.ipynb #c7c0268e
 class HedgingRoute(RegistryRoute):
     "A route of this router: bodies over `max_body` refused (413); a malformed body's 422 as JSON even when it quotes a NaN (as null)."
     hidden: str = ""
+    simulations: SimulationStore | None = None # the router's episodes and agents, for in-process callers (`app_simulations`)
+    models: ModelCache | None = None
     def get_route_handler(self) -> Callable:
         handler = super().get_route_handler()
         async def checked(request: Request) -> Response:
@@ -719,9 +745,9 @@ def router(
 ) -> APIRouter:
     "The `hedge` and `simulations` endpoints (paths relative to `api/v1`); the episodes live in this router's store (`router.simulations`)."
     limit = max_states or settings().service.max_states
-    route = type("HedgingRoute", (HedgingRoute,), {"max_body": max(1 << 20, 512 * limit)})
-    r = APIRouter(route_class=route, tags=["hedging"])
     models, store = models or ModelCache(), SimulationStore(max_simulations, simulation_idle)
+    route = type("HedgingRoute", (HedgingRoute,), {"max_body": max(1 << 20, 512 * limit), "simulations": store, "models": models})
+    r = APIRouter(route_class=route, tags=["hedging"])
 
     def registry(request: Request, user=Depends(user_dependency)) -> Callable:
         "The service's registry as the caller, opened when a model is asked for."
@@ -737,6 +763,18 @@ def router(
     _episode_routes(r, user_dependency, store)
     r.simulations, r.models = store, models
     return r
+
+# %% ../nbs/20_hedging.ipynb #d4612617
+def app_simulations(
+    app, # a FastAPI app that includes this module's `router`
+) -> tuple[SimulationStore, ModelCache]:
+    "The episode store and the loaded agents of the `simulations` routes mounted on `app`; `LookupError` if it has none."
+    todo = list(app.routes)
+    while todo:  # FastAPI 0.16x keeps an included router whole (`original_router`); older ones copy its routes (their class carries the store)
+        r = todo.pop(0)
+        if isinstance(getattr(r, "simulations", None), SimulationStore): return r.simulations, r.models
+        if (sub := getattr(r, "original_router", None)) is not None: todo += [sub, *sub.routes]
+    raise LookupError("the app has no simulations routes (hedgerl.hedging.router is not included)")
 
 # %% ../nbs/20_hedging.ipynb #ee53f84c
 def _bench_batch(scn: Scenario, n: int, seed: int, dates: int | None) -> dict:
