@@ -17,10 +17,10 @@ from .core import check_int, spawn_seeds
 from .scenarios import Scenario, Strategy, as_scenario, simulate_scenario
 
 # %% auto #0
-__all__ = ['DASHBOARD_BASELINES', 'Evaluation', 'evaluate', 'comparison', 'strategy_colors', 'pnl_histogram', 'path_pnl',
-           'hedge_ratio', 'holding_minus_delta', 'heatmap', 'trades', 'strategy_choices', 'headline', 'evaluation_view',
-           'refresh_figure', 'update_view', 'EvaluationCache', 'EvaluationDashboard', 'mount', 'page_user',
-           'evaluation_page']
+__all__ = ['DASHBOARD_BASELINES', 'DASHBOARD_GOALS', 'Evaluation', 'evaluate', 'comparison', 'strategy_colors', 'pnl_histogram',
+           'path_pnl', 'hedge_ratio', 'holding_minus_delta', 'heatmap', 'trades', 'strategy_choices', 'headline',
+           'evaluation_view', 'refresh_figure', 'update_view', 'EvaluationCache', 'EvaluationDashboard', 'mount',
+           'page_user', 'evaluation_page', 'bench_dashboards']
 
 # %% ../nbs/22_dashboards.ipynb #52a277a5
 @dataclass
@@ -490,14 +490,108 @@ def evaluation_page(
     n_paths: int = 10_000, # paths of each evaluation
     load=None, # (registry as the user, model id, scenario) -> strategy; None: `hedgerl.runs.load_model`
 ):
-    "The service's evaluation page: an `EvaluationDashboard` for the session's hub user (their models and shared ones), evaluated once the page has loaded."
+    "The service's evaluation page: an `EvaluationDashboard` for the session's hub user (their models and shared ones), evaluated once the page has loaded; `?scenario=NAME&strategies=LABEL&strategies=LABEL` chooses what it shows first."
     def page():
         import panel as pn
         user, admin = page_user()
         if user is None: return pn.pane.Markdown("This page is served by the hedgerl service, behind the hub's login.")
         reg = registry.as_user(user, admin=admin)
         choices = lambda scn: strategy_choices(scn, reg, None if load is None else (lambda i: load(reg, i, scn)))
-        d = EvaluationDashboard(choices, n_paths=n_paths)
+        asked = lambda k: [v.decode("utf-8", "replace") for v in (pn.state.session_args or {}).get(k, [])]  # the URL's query (the leaderboard's links)
+        first = {"scenario": asked("scenario")[0]} if asked("scenario") else {}
+        d = EvaluationDashboard(choices, n_paths=n_paths, strategies=asked("strategies") or None, **first)
         pn.state.onload(d.evaluate_async)
         return d.panel()
     return page
+
+# %% ../nbs/22_dashboards.ipynb #78e68d57
+DASHBOARD_GOALS = {"first_render_s": 2.0, "widget_change_focus_s": 1.0, "widget_change_path_s": 1.0}
+
+_DRAWN = "() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(() => r(true))))"
+_TITLE = "t => [...Bokeh.documents[0].all_models].some(m => m.constructor.__qualified__ == 'Title' && m.text == t)"
+
+def _render_time(page, url: str, timeout_ms: int = 600_000) -> float:
+    "Seconds from asking for the evaluation page to its first evaluation drawn (status shown, four figures drawn)."
+    import time
+    t0 = time.monotonic()
+    page.goto(url)
+    page.wait_for_selector("text=bootstrap replicates", timeout=timeout_ms)
+    page.wait_for_function("() => document.readyState == 'complete'")
+    while page.locator("canvas").count() < 4: page.wait_for_timeout(10)
+    page.evaluate(_DRAWN)
+    return time.monotonic() - t0
+
+# %% ../nbs/22_dashboards.ipynb #16b4eeb7
+def _change_time(page, change, title: str, text: str) -> float:
+    "Seconds from `change()` (a user's input) to a figure titled `title` in the page and `text` shown, then two frames drawn."
+    import time
+    t0 = time.monotonic()
+    change()
+    page.wait_for_function(_TITLE, arg=title, timeout=60_000)
+    page.wait_for_selector(f"text={text}", timeout=60_000)
+    page.evaluate(_DRAWN)
+    return time.monotonic() - t0
+
+# %% ../nbs/22_dashboards.ipynb #90674586
+def _focus_changes(page, labels: list[str], rounds: int) -> list[float]:
+    "Times of `rounds` changes of the strategy the heatmap and trades show, cycling through `labels` (the first not the one shown)."
+    select = page.locator("select:not([multiple])").nth(1)  # "Headline and heatmap for"
+    out = []
+    for i in range(rounds):
+        label = labels[i % len(labels)]
+        out.append(_change_time(page, lambda: select.select_option(label), f"{label}: holding minus delta", f"Trades of {label} on sample path"))
+    return out
+
+def _path_changes(page, label: str, rounds: int) -> list[float]:
+    "Times of `rounds` changes of the sample path (the slider set as a drag would), paths 1, 2, ..."
+    js = "v => { const s = [...Bokeh.documents[0].all_models].find(m => m.constructor.__qualified__.endsWith('Slider') && m.title == 'Sample path'); s.value = v; }"
+    return [_change_time(page, lambda v=v: page.evaluate(js, v), f"P&L so far, path {v}", f"Trades of {label} on sample path {v}") for v in range(1, rounds + 1)]
+
+# %% ../nbs/22_dashboards.ipynb #37f3146f
+def _chromium(playwright):
+    "Debian's Chromium, headless, reaching only what the page asks (no component updates, no background requests)."
+    if not Path("/usr/bin/chromium").exists(): raise RuntimeError("the dashboards benchmark needs Debian's chromium: apt-get install chromium (make services installs it)")
+    return playwright.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
+                                      args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+
+# %% ../nbs/22_dashboards.ipynb #84104a97
+def bench_dashboards(
+    out_dir: str | Path | None = "reports/bench", # where dashboards.json goes; None writes nothing
+    n_paths: int = 100_000, # paths of the page's evaluation
+    rounds: int = 5, # widget changes of each kind
+) -> dict:
+    "Time to the first render of the service's evaluation page (evaluation kept) and to a widget change's updated figures, in Chromium; the figures and goals."
+    import json, os, secrets, signal, tempfile, time
+    try: from playwright.sync_api import sync_playwright
+    except ImportError: raise RuntimeError("the dashboards benchmark drives a browser: pip install playwright (no browser download; it uses /usr/bin/chromium)") from None
+    from hedgerl.core import load_settings
+    from hedgerl.platform import _free_port, _up, set_hub_password
+    name, password, page_path = f"bench{secrets.token_hex(3)}", secrets.token_urlsafe(12), "/services/hedgerl/dashboards/evaluation"
+    with tempfile.TemporaryDirectory(prefix="hedgerl-bench-") as d, sync_playwright() as pw:
+        browser, hub, gw, svc = _chromium(pw), _free_port(3), _free_port(), _free_port()
+        env = {**os.environ, "HEDGERL_DATA_FOLDER": d, "HEDGERL_HUB_PORT": str(hub), "HEDGERL_GATEWAY_PORT": str(gw),
+               "HEDGERL_SERVICE_PORT": str(svc), "HEDGERL_SERVICE_DASHBOARD_PATHS": str(n_paths)}
+        proc, _ = _up(env, Path(d) / "up.out")
+        try:
+            set_hub_password(load_settings(environ=env).hub.db_url, name, password)  # approved, as the admin would
+            url, page = f"http://127.0.0.1:{hub}", browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+            page.goto(url + "/hub/login"); page.fill("input[name=username]", name); page.fill("input[name=password]", password)
+            page.click("#login_submit"); page.wait_for_url("**/hub/**")
+            cold = _render_time(page, url + page_path)  # the first visitor: evaluates
+            warm = [_render_time(page, url + page_path) for _ in range(3)]  # later visitors: the evaluation is kept
+            select = page.locator("select:not([multiple])").nth(1)  # "Headline and heatmap for"
+            labels, shown = select.locator("option").all_text_contents(), select.input_value()
+            order = [s for s in labels if s != shown] + [shown]  # each change picks another strategy than the one shown
+            focus = _focus_changes(page, order, rounds)
+            path = _path_changes(page, order[(rounds - 1) % len(order)], rounds)  # the trades of the strategy chosen last
+        finally:
+            browser.close(); proc.send_signal(signal.SIGINT); proc.wait(90)
+    med = lambda xs: float(np.median(xs))
+    timings = {"first_render_s": med(warm), "widget_change_focus_s": med(focus), "widget_change_path_s": med(path)}
+    doc = {"suite": "dashboards", "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": {"cpus": os.cpu_count()},
+           "setup": {"n_paths": n_paths, "strategies": labels, "n_boot": 100, "rounds": rounds, "browser": "chromium (Debian), headless"},
+           "first_visit_with_evaluation_s": round(cold, 2), "samples": {"first_render_s": warm, "widget_change_focus_s": focus, "widget_change_path_s": path},
+           "results": [{"name": k, "seconds": round(v, 3), "goal_s": DASHBOARD_GOALS[k], "met": v < DASHBOARD_GOALS[k]} for k, v in timings.items()]}
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True); (Path(out_dir) / "dashboards.json").write_text(json.dumps(doc, indent=2) + "\n")
+    return doc
