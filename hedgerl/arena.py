@@ -95,7 +95,7 @@ def board_figure(
 # %% ../nbs/25_arena.ipynb #8348f6d6
 def _num(v, se=None, fmt="{:.4g}") -> str:
     if v is None or (isinstance(v, float) and not np.isfinite(v)): return "—"
-    return fmt.format(v) + ("" if se is None or (isinstance(se, float) and not np.isfinite(se)) else f" ± {fmt.format(se)}")
+    return fmt.format(v) + ("" if se is None or (isinstance(se, float) and not np.isfinite(se)) else f" ± {fmt.replace('+', '').format(se)}")
 
 def board_html(
     table: pd.DataFrame, # `board_table` of one scenario
@@ -154,7 +154,7 @@ class ArenaDashboard:
         self.figure.object, self.table.object = board_figure(t, b.objective_label or "objective"), board_html(t)
         n = dict(t.list.value_counts())
         self.status.object = (f"**{b.scenario}**: {b.objective_label or 'objective'}, lower is better. {n.get('leaderboard', 0)} entries on the "
-                              f"committed leaderboard, {n.get('arena', 0)} arena submissions, {n.get('shared', 0)} other shared evaluations. "
+                              f"committed leaderboard, {n.get('arena', 0)} arena submission(s), {n.get('shared', 0)} other shared evaluation(s). "
                               "Click a strategy to open it beside delta in the evaluation dashboard.")
 
     def panel(self):

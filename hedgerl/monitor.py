@@ -198,7 +198,7 @@ class TrainingMonitor:
         self.registry, self.period, self.limit, self.tensorboard = registry, float(period), int(limit), tensorboard
         self.choice = pn.widgets.MultiChoice(name="Training runs", options={}, value=[], sizing_mode="stretch_width")
         self.status = pn.pane.Markdown("", sizing_mode="stretch_width")
-        self.table = pn.pane.DataFrame(None, index=False, sizing_mode="stretch_width")
+        self.table = pn.pane.DataFrame(None, index=False, na_rep="—", sizing_mode="stretch_width")
         self.details = pn.pane.Markdown("", sizing_mode="stretch_width")
         self.grid = pn.GridBox(ncols=3, sizing_mode="stretch_width")
         self.runs, self.points, self.ticks, self.best, self._cb = training_runs(registry, self.limit), 0, 0, {}, None
