@@ -131,6 +131,7 @@ def test_the_player_steps_and_plays_with_the_apis_numbers(platform, browser):
     assert page.seen["hosts"] == {up.url.split("/")[2]}, page.seen["hosts"]  # nothing from another host
     with pytest.raises(NotFound):  # another user cannot read the episode
         HedgerlClient(up.url, users["b"][2]).simulation(sid)
+    page.context.close()
     print(f"player: page {page.loaded_s:.1f} s to show after login, {step_s * 1000:.0f} ms from a click on Step to the new numbers; {k} steps after play")
 
 
@@ -147,3 +148,22 @@ def test_a_finished_episode_says_so_in_the_page(platform, browser):
     page.wait_for_selector("text=is finished: all 20 hedging dates have been stepped", timeout=30_000)
     page.screenshot(path=str(ARTIFACTS / "player-finished.png"), full_page=True)
     assert page.seen["errors"] == [], page.seen["errors"]
+    page.context.close()
+
+
+def test_the_player_in_a_workspace_drives_the_api_through_the_hub(platform):
+    "What the Voila notebook does: the same `Player` on a `HedgerlClient` (HTTP through the hub with the user's token)."
+    from hedgerl.client import HedgerlClient
+    from hedgerl.player import Player, strategy_refs
+    up, users = platform
+    client = HedgerlClient(up.url, users["a"][2])
+    p = Player(client, lambda s: strategy_refs(s, client))
+    sid = p.start(seed=11, strategy="whalley-wilmott")
+    assert sid is not None, p.message
+    for _ in range(3): assert p.step(), p.message
+    sim = client.simulation(sid)
+    assert p.rows == sim["history"] and len(p.rows) == 3 and sim["strategy"] == "whalley-wilmott"
+    assert [r["holdings"][0] for r in client.simulation(p.delta_sim["id"])["history"]] == [r["delta"] for r in p.rows]  # delta beside, on the same path
+    assert p.frame["delta pnl"].tolist() == [r["pnl"] for r in p.delta_rows]
+    p.close()
+    assert sid not in set(client.simulations().get("id", []))  # its episodes end with it
