@@ -104,10 +104,10 @@ def run_parameters(
     scn = _run_scenario(run)
     models, _ = reg.find("model", {"run_id": run["id"]}, sort="id")
     files = model_file or (lambda m: reg.model_file(m["id"]))
-    strategies = {**_baselines(scn), **{f"{m['name']} v{m['version']}": {"model_file": str(files(m))} for m in models}}
+    learned = {f"{m['name']} v{m['version']}": {"model_file": str(files(m))} for m in models}
     log = reg.metrics(run["id"])[["step", "key", "value"]].to_dict("records")
     return dict(scenario_parameters(scn, n_paths, seed), title=f"Run {run['id']}: {run['experiment']}" + (f" / {run['name']}" if run["name"] else ""),
-                strategies=strategies, run=_jsonable(run), training=_jsonable(log))
+                strategies={**_baselines(scn), **learned}, focus=next(iter(learned), None), run=_jsonable(run), training=_jsonable(log))
 
 # %% ../nbs/26_reports.ipynb #93f7949b
 def experiment_parameters(
@@ -125,9 +125,9 @@ def experiment_parameters(
     files = model_file or (lambda m: reg.model_file(m["id"]))
     models = [m for r, s in made if s == scn for m in reg.find("model", {"run_id": r["id"]}, sort="id")[0]]
     table = reg.compare([int(i) for i in runs["id"]]).reset_index().rename(columns={"run_id": "id"})
+    learned = {f"{m['name']} v{m['version']} (run {m['run_id']})": {"model_file": str(files(m))} for m in models}
     return dict(scenario_parameters(scn, n_paths, seed), title=f"Experiment {experiment}: {len(runs)} runs",
-                strategies={**_baselines(scn), **{f"{m['name']} v{m['version']} (run {m['run_id']})": {"model_file": str(files(m))} for m in models}},
-                runs=_jsonable(table.to_dict("records")))
+                strategies={**_baselines(scn), **learned}, focus=next(iter(learned), None), runs=_jsonable(table.to_dict("records")))
 
 def _try(f, *args):
     try: return f(*args)
