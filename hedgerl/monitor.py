@@ -232,9 +232,8 @@ class TrainingMonitor:
             v = rows[rows.key == "valid/objective"].value.dropna()
             if len(v): self.best[rid] = min(self.best.get(rid, np.inf), float(v.min()))
         self.ticks, self.points = self.ticks + 1, self.points + added
-        if list(runs.id) != list(self.runs.id) or list(runs.status) != list(self.runs.status):
-            self.runs = runs
-            self.choice.options = dict(zip(runs.label, runs.id.astype(int)))
+        if list(runs.label) != list(self.runs.label): self.choice.options = dict(zip(runs.label, runs.id.astype(int)))  # a new run
+        self.runs = runs  # statuses, heartbeats, outputs (a folder once the run has one)
         chosen = self.runs[self.runs.id.isin(self.choice.value)]
         self.table.object = run_table(chosen, self.charts.last, self.best)
         self.details.object = "\n\n".join(self._details(r) for r in chosen.to_dict("records")) or "Choose one or more training runs."

@@ -1,11 +1,12 @@
 """The training monitor and the leaderboard page in the hedgerl service, in headless Chromium (Debian's, driven by
 Playwright) as users who log in through the hub.
 
-The monitor's live run is a real registry run of user A that a separate Python process logs to while the page is open
-(`valid/objective`, `train/objective`, `train/lr` every 0.6 s, as `Agent.fit` logs them at each validation), not a
-training started through `POST api/v1/trainings`: on this 2-core machine shared with other jobs, a papermill training
-(kernel start, torch import, validation and test paths) takes longer than the page needs, and its validations come
-too fast or too slow to observe reliably. What the page shows is checked against the registry itself, point for point.
+The monitor is watched twice. First a real registry run of user A that a separate Python process logs to while the page
+is open (`valid/objective`, `train/objective`, `train/lr` every 0.6 s, as `Agent.fit` logs them at each validation):
+deterministic, checked point for point against the registry while it logs. Then a real training started through
+`POST api/v1/trainings` with a tiny budget (30 epochs of the no-transaction-band network; 30 to 60 s on this 2-core
+machine, most of it the papermill kernel's start), whose points must reach the page while the API says it is running,
+equal to `GET trainings/{id}/metrics` and to the TensorBoard event files the page links to.
 
 The leaderboard page is checked against `GET api/v1/leaderboard` (called with A's token), and a click on an entry must
 open the evaluation dashboard with that entry's scenario and strategies chosen. Every page: canvases render, no
@@ -183,6 +184,50 @@ def test_the_monitor_streams_a_runs_new_points_while_it_logs(platform, browser):
         print(f"first points on the page {latency:.1f} s after the logger began; {k} validation points checked while it ran")
     finally:
         if logger.poll() is None: logger.kill()
+
+
+def test_the_monitor_shows_a_real_training_while_it_trains(platform, browser, tmp_path):
+    "A tiny training started through `POST api/v1/trainings` (30 to 60 s here): its points arrive on the page while the API says it runs."
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    up, (a, pw) = platform["up"], platform["users"]["a"]
+    api, h = f"{up.url}{SVC}/api/v1", {"Authorization": f"token {platform['token']}"}
+    body = {"agent": "ntb", "scenario": SCENARIO, "budget": 30, "params": {"n_paths": 30_000, "hidden": 16}, "valid_paths": 1000,
+            "valid_every": 1, "test_paths": 2000, "name": "api-tiny"}
+    r = requests.post(f"{api}/trainings", json=body, headers=h)
+    assert r.status_code == 202, r.text
+    run_id, t0 = r.json()["id"], time.monotonic()
+    page = open_page(browser, up, f"{SVC}/dashboards/training?runs={run_id}", a, pw, "training runs visible to you")
+    name = f"run{run_id}:valid/objective"
+    status = lambda: requests.get(f"{api}/trainings/{run_id}", headers=h).json()["status"]
+    first = wait_for("the training's first validation on the page", lambda: (d := page.evaluate(SOURCE, name)) and len(d["value"]) >= 1 and d, timeout=120)
+    seen_first = time.monotonic() - t0
+    more = wait_for("a later validation", lambda: (d := page.evaluate(SOURCE, name)) and len(d["value"]) > len(first["value"]) and d, timeout=60)
+    assert status() == "running", "the page should get its points while the training runs"
+    page.wait_for_selector(f"a:has-text('TensorBoard logs of run {run_id}')", timeout=10_000)  # its folder, recorded when it started
+    page.screenshot(path=str(ARTIFACTS / "monitor-api-training.png"), full_page=True)
+    while status() in ("queued", "running"):
+        assert time.monotonic() - t0 < 300, "the tiny training did not end within 5 minutes"
+        time.sleep(1)
+    assert status() == "finished", requests.get(f"{api}/trainings/{run_id}", headers=h).text
+    truth = requests.get(f"{api}/trainings/{run_id}/metrics", headers=h).json()["items"]  # the REST API: an independent reading
+    for key in ("valid/objective", "train/objective", "train/lr"):
+        want = [(m["step"], m["value"]) for m in truth if m["key"] == key]
+        assert len(want) == 30, (key, len(want))
+        got = wait_for(f"all of {key}", lambda: (d := page.evaluate(SOURCE, f"run{run_id}:{key}")) and len(d["value"]) == len(want) and d, timeout=30)
+        assert list(zip(got["step"], got["value"])) == want, key
+    # the TensorBoard link: the event files fit wrote, with the same numbers
+    page.wait_for_selector(f"a:has-text('TensorBoard logs of run {run_id}')", timeout=30_000)
+    href = page.locator(f"a:has-text('TensorBoard logs of run {run_id}')").get_attribute("href")
+    z = page.request.get(page.url.split("?")[0].rsplit("/", 1)[0] + "/" + href)
+    assert z.status == 200, z.text()[:300]
+    zipfile.ZipFile(io.BytesIO(z.body())).extractall(tmp_path)
+    acc = EventAccumulator(str(tmp_path / f"run{run_id}")); acc.Reload()
+    tb = [(e.step, e.value) for e in acc.Scalars("valid/objective")]
+    want = [(m["step"], m["value"]) for m in truth if m["key"] == "valid/objective"]
+    assert [s for s, _ in tb] == [s for s, _ in want] and all(abs(x - y) <= 1e-6 * abs(y) for (_, x), (_, y) in zip(tb, want))
+    clean(page, up)
+    print(f"API training {run_id}: first point on the page {seen_first:.1f} s after the POST, {len(more['value'])} while running; "
+          f"ended after {time.monotonic() - t0:.1f} s")
 
 
 def test_another_users_private_run_is_not_offered(platform, browser):
