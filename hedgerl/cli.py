@@ -387,6 +387,34 @@ def _cmd_hub(args) -> int:
     return {"up": _hub_up, "down": _hub_down, "admin": _hub_admin, "status": _hub_status}[args.action](PlatformContext(), args)
 
 
+# %% ../nbs/99_cli.ipynb #b8c3f75e
+def _add_report(sub) -> None:
+    "`hedgerl report`: its arguments (`build_parser` calls this)."
+    rp = sub.add_parser("report", help="an HTML and PDF report of a scenario, a run, an experiment or the leaderboard",
+                        description="Execute a report notebook with papermill (hedgerl.reports) and write <name>.html, .pdf and .json (its numbers) "
+                                    "into --out-dir: a scenario's baselines, a run's models and parameters, an experiment's runs, or the leaderboard. "
+                                    "The PDF is printed by the installed Chromium; nothing is downloaded.",
+                        epilog="examples: hedgerl report cao2021-gbm-1m-1d; hedgerl report 12; hedgerl report my-experiment; hedgerl report leaderboard")
+    rp.add_argument("target", help="a published scenario (hedgerl scenarios) or .yaml/.json file, a run id, an experiment name, or 'leaderboard'")
+    rp.add_argument("--out-dir", default="reports", help="folder of the report's files (default reports)")
+    rp.add_argument("--n-paths", type=int, default=10_000, help="test paths, the same for every strategy (default 10000)")
+    rp.add_argument("--seed", type=int, default=2026, help="seed of the test paths (default 2026)")
+    rp.add_argument("--registry", metavar="URL", help="registry of runs and experiments (default: the [registry] url setting)")
+    rp.add_argument("--leaderboard", metavar="FILE", help="leaderboard file (default reports/leaderboard.json)")
+    rp.add_argument("--chromium", metavar="PATH", help="Chromium that prints the PDF (default $HEDGERL_CHROMIUM or /usr/bin/chromium)")
+    rp.add_argument("--no-pdf", action="store_true", help="write the HTML only")
+    rp.set_defaults(func=_cmd_report)
+
+def _cmd_report(args) -> int:
+    "Write the report of args.target; print where its files are."
+    from hedgerl.reports import report
+    writable_folder(args.out_dir, "--out-dir")
+    out = report(args.target, out_dir=args.out_dir, registry=args.registry, n_paths=args.n_paths, seed=args.seed, pdf=not args.no_pdf,
+                 leaderboard=args.leaderboard, chromium=args.chromium)
+    for k in ("html", "pdf"):
+        if k in out: print(f"{k:<4} {out[k]}")
+    return 0
+
 # %% ../nbs/99_cli.ipynb #0d2ab737
 class _Parser(argparse.ArgumentParser):
     "An argument parser whose errors are one line that points to `--help`."
@@ -545,6 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--sampler-seed", type=int, help="seed of the TPE sampler")
     tu.set_defaults(func=_cmd_tune, seed=0, valid_paths=2000, budget=50)
 
+    _add_report(sub)
     st = sub.add_parser("settings", help="show the platform settings in effect",
                         description="Print the settings in effect (settings.ini, then HEDGERL_<SECTION>_<KEY> variables).")
     st.set_defaults(func=_cmd_settings)
