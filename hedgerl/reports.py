@@ -362,7 +362,7 @@ def _report_route(r, reg_dep, kind: str, answer: Callable) -> None:
 def router(
     user_dependency: Callable, # the dependency giving the hub user (`hedgerl.service.hub_user`)
     folder: str | Path | None = None, # where made reports are kept; None: `<[data] folder>/reports`
-    n_paths: int = 10_000, # test paths of a run's report
+    n_paths: int | None = None, # test paths of a run's report; None: the [service] dashboard_paths setting (as the evaluation dashboard)
     owns: Callable | None = None, # which files a user's account owns (models are read only from those); None: `hedgerl.remote.account_owns`
 ):
     "The reports' endpoints (paths relative to `api/v1`): `runs/{run_id}/report.html` and `report.pdf`."
@@ -372,6 +372,7 @@ def router(
     from hedgerl.catalog import ERRORS, CatalogRoute, IdPath, registry_dependency
     from hedgerl.remote import account_owns
     jobs, owns = ReportJobs(folder or settings().data.folder / "reports"), owns or account_owns
+    n_paths = n_paths or settings().service.dashboard_paths
     r, reg_dep = APIRouter(route_class=CatalogRoute, responses=ERRORS), Depends(registry_dependency(user_dependency))
 
     def answer(reg, run_id: int, kind: str):
