@@ -317,7 +317,7 @@ async def metrics(request: Request) -> Response:
 
 # %% ../nbs/16_service.ipynb #6f8d2b3c
 # the REST API's resource modules, mounted at api/v1 when present (issue 11): each exports `router(user_dependency)`
-API_MODULES = ("hedgerl.jobs", "hedgerl.catalog", "hedgerl.hedging")
+API_MODULES = ("hedgerl.jobs", "hedgerl.catalog", "hedgerl.hedging", "hedgerl.reports")
 
 class ErrorBody(BaseModel):
     "Every error answer: what went wrong, a message or (422) FastAPI's list of field errors, each naming the field and the value."
