@@ -54,15 +54,18 @@ class MetricFeed:
         registry, # a `Registry` handle as the viewer
         keys=tuple(MONITORED), # the metric keys read
     ):
-        self.registry, self.keys, self.seen = registry, tuple(keys), {}  # (run id, key) -> rows handed back so far
+        self.registry, self.keys, self.seen, self._read = registry, tuple(keys), {}, {}  # (run id, key) -> rows handed back so far; run id -> last frame read
 
     def poll(self,
         run_ids, # the runs to read
     ) -> dict[int, pd.DataFrame]:
         "Run id -> its new rows (step, key, value, timestamp), ordered by key and step; `KeyError` for a run the viewer cannot read."
         out = {}
+        read = getattr(self.registry, "cached", None) or (lambda key, compute: compute())  # (a `RemoteRegistry` has no cache)
         for rid in [int(i) for i in run_ids]:
-            df = self.registry.metrics(rid)
+            df = read(("monitor-metrics", rid), lambda rid=rid: self.registry.metrics(rid))
+            if df is self._read.get(rid): out[rid] = df.iloc[:0]; continue  # the same read as last time: nothing new
+            self._read[rid] = df
             df = df[df.key.isin(self.keys)]
             parts = []
             for key, g in df.groupby("key", sort=True):
@@ -204,7 +207,8 @@ class TrainingMonitor:
         self.runs, self.points, self.ticks, self.best, self._cb = training_runs(registry, self.limit), 0, 0, {}, None
         self.choice.options = dict(zip(self.runs.label, self.runs.id.astype(int)))
         running = self.runs[self.runs.status == "running"]
-        first = [int(i) for i in runs if int(i) in set(self.runs.id)] if runs else list((running if len(running) else self.runs).id[:1].astype(int))
+        asked = [int(i) for i in runs or [] if int(i) in set(self.runs.id)]  # runs it cannot see are not asked for
+        first = asked or list((running if len(running) else self.runs).id[:1].astype(int))
         self.select(first)
         self.choice.param.watch(lambda e: self.select(e.new), "value")
 
@@ -221,7 +225,8 @@ class TrainingMonitor:
         "What one look at the registry finds: the runs on offer and the chosen runs' new points (no Panel object is touched)."
         feed = feed or self.feed
         ids = [i for i in self.choice.value]
-        return training_runs(self.registry, self.limit), feed.poll(ids)
+        read = getattr(self.registry, "cached", None) or (lambda key, compute: compute())  # shared, while nothing is committed (at most 2 s)
+        return read(("monitor-runs", self.limit), lambda: training_runs(self.registry, self.limit)), feed.poll(ids)
 
     def apply(self, feed: MetricFeed, runs: pd.DataFrame, new: dict) -> int:
         "Show what `read` found: stream the new points, refresh the offer and the status; how many points were added."
@@ -237,9 +242,9 @@ class TrainingMonitor:
         chosen = self.runs[self.runs.id.isin(self.choice.value)]
         self.table.object = run_table(chosen, self.charts.last, self.best)
         self.details.object = "\n\n".join(self._details(r) for r in chosen.to_dict("records")) or "Choose one or more training runs."
-        n_run = int((self.runs.status == "running").sum())
-        self.status.object = (f"{len(self.runs)} training runs visible to you, {n_run} running; {self.points} points shown; "
-                              f"updated {time.strftime('%H:%M:%S')} (every {self.period:g} s)")
+        n_run, when = int((self.runs.status == "running").sum()), f"updated {time.strftime('%H:%M:%S')} (every {self.period:g} s)"
+        self.status.object = (f"{len(self.runs)} training runs visible to you, {n_run} running; {self.points} points shown; {when}" if len(self.runs) else
+                              f"No training runs visible to you yet: start one (`hedgerl train` in a workspace, or `POST api/v1/trainings`) and it shows here; {when}")
         return added
 
     def _details(self, row: dict) -> str:
