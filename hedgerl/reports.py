@@ -23,7 +23,7 @@ from typing import Callable
 
 import hedgerl
 from .core import check_int, settings
-from .registry import open_registry
+from .registry import ArtifactError, open_registry
 
 # %% auto #0
 __all__ = ['CHROMIUM_FLAGS', 'log', 'MEDIA', 'template_path', 'ChromiumMissing', 'find_chromium', 'scenario_parameters',
@@ -307,6 +307,10 @@ class ReportJobs:
             del self.jobs[key]  # a failure is told once; the next call tries again
         return job.result()
 
+    def known(self, key: str) -> bool:
+        "Whether report `key` is made or being made."
+        return key in self.jobs or (self.folder / key / "done.json").is_file()
+
     def _make(self, key: str, make: Callable[[Path], dict]) -> dict:
         (where := self.folder / key).mkdir(parents=True, exist_ok=True)
         files = {k: str(v) for k, v in make(where).items() if k in ("html", "pdf", "json")}
@@ -319,6 +323,13 @@ def run_fingerprint(reg, run: dict, n_paths: int) -> str:
     models, _ = reg.find("model", {"run_id": run["id"]}, sort="id")
     what = [run["status"], run["ended"], run["params"], [(m["id"], m["checksum"]) for m in models], n_paths, hedgerl.__version__]
     return hashlib.sha256(json.dumps(_jsonable(what), sort_keys=True).encode()).hexdigest()[:16]
+
+def _check_models(reg, run_id: int, owns: Callable) -> None:
+    "`ArtifactError` unless the file of every model of the run is its owner's and matches its recorded sha256."
+    from hedgerl.remote import read_artifact
+    for m in reg.find("model", {"run_id": run_id}, sort="id")[0]:
+        try: read_artifact(m["artifact"], m["owner"], owns, checksum=m["checksum"])[0].close()
+        except ArtifactError as e: raise ArtifactError(f"model {m['id']} ({m['name']} v{m['version']}) of run {run_id}: its file {e}") from None
 
 def owner_copy(m: dict, folder: Path, owns: Callable) -> Path:
     "A copy in `folder` of model row `m`'s file, read only if its owner's account owns it and it matches the recorded sha256."
@@ -370,6 +381,7 @@ def router(
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import FileResponse, JSONResponse
     from hedgerl.catalog import ERRORS, CatalogRoute, IdPath, registry_dependency
+    from hedgerl.registry import ArtifactError
     from hedgerl.remote import account_owns
     jobs, owns = ReportJobs(folder or settings().data.folder / "reports"), owns or account_owns
     n_paths = n_paths or settings().service.dashboard_paths
@@ -379,8 +391,10 @@ def router(
         run = reg.get("run", run_id)
         try: _run_scenario(run)
         except ValueError as e: raise HTTPException(409, str(e)) from None
-        made = lambda d: render(*_run_target(reg, run_id, n_paths, d, owns), out_dir=d, progress=False)
-        try: files = jobs.get(f"run-{run_id}-{run_fingerprint(reg, run, n_paths)}", made)
+        made, key = lambda d: render(*_run_target(reg, run_id, n_paths, d, owns), out_dir=d, progress=False), f"run-{run_id}-{run_fingerprint(reg, run, n_paths)}"
+        if not jobs.known(key): _check_models(reg, run_id, owns)  # a model file the service may not read: 409 now, not a failed job later
+        try: files = jobs.get(key, made)
+        except ArtifactError: raise
         except Exception as e:
             log.error("report of run %s failed", run_id, exc_info=e)
             raise HTTPException(503, f"the report of run {run_id} could not be made: {' '.join(str(e).split())[:500]}") from None
