@@ -98,6 +98,16 @@ def test_the_html_asks_no_other_host_and_draws_every_figure(scenario_report):
     assert canvases >= 4
 
 
+def test_without_playwright_chromium_prints_on_its_own(scenario_report, tmp_path):
+    "The fallback when Playwright is not installed: Chromium's --print-to-pdf, the figures given virtual time to draw."
+    from hedgerl.reports import _print_to_pdf, pdf_pages
+    out, _, _ = scenario_report
+    pdf = _print_to_pdf("/usr/bin/chromium", out / f"scenario-{SCENARIO}.html", tmp_path / "plain.pdf", timeout=120)
+    pages, text = pdf_text(pdf)
+    assert pdf_pages(pdf) == len(pages) >= 2 and all(f in " ".join(text) for f in FIGURES)
+    assert sum(len(p.images) for p in pages) >= 4
+
+
 def test_the_leaderboard_report(tmp_path):
     need_chromium()
     r = cli("leaderboard", "--out-dir", str(tmp_path))
