@@ -87,6 +87,12 @@ def table_rows(page) -> int:
     return page.locator("table.dataframe tbody tr").count()
 
 
+def callback_errors(up) -> list[str]:
+    "The service's failed Panel callbacks, from the hub's log (a page that changes its document outside the lock fails there, not in the browser)."
+    log = (Path(up.env["HEDGERL_DATA_FOLDER"]) / "hub" / "hub.log").read_text()
+    return [line for line in log.splitlines() if "Exception in callback" in line or "_pending_writes" in line]
+
+
 def test_the_player_steps_and_plays_with_the_apis_numbers(platform, browser):
     from hedgerl.client import HedgerlClient, NotFound
     up, users = platform
@@ -129,6 +135,7 @@ def test_the_player_steps_and_plays_with_the_apis_numbers(platform, browser):
     page.screenshot(path=str(ARTIFACTS / "player-played.png"), full_page=True)
     assert page.seen["errors"] == [], page.seen["errors"]
     assert page.seen["hosts"] == {up.url.split("/")[2]}, page.seen["hosts"]  # nothing from another host
+    assert callback_errors(up) == []
     with pytest.raises(NotFound):  # another user cannot read the episode
         HedgerlClient(up.url, users["b"][2]).simulation(sid)
     page.context.close()
@@ -148,6 +155,7 @@ def test_a_finished_episode_says_so_in_the_page(platform, browser):
     page.wait_for_selector("text=is finished: all 20 hedging dates have been stepped", timeout=30_000)
     page.screenshot(path=str(ARTIFACTS / "player-finished.png"), full_page=True)
     assert page.seen["errors"] == [], page.seen["errors"]
+    assert callback_errors(up) == []
     page.context.close()
 
 
