@@ -154,6 +154,18 @@ def test_a_finished_episode_says_so_in_the_page(platform, browser):
     page.locator("button", has_text="Step").click()
     page.wait_for_selector("text=is finished: all 20 hedging dates have been stepped", timeout=30_000)
     page.screenshot(path=str(ARTIFACTS / "player-finished.png"), full_page=True)
+    # the delta episode beside, on the same path: the user's other open episode; the page's delta numbers are its
+    from hedgerl.client import HedgerlClient
+    api = HedgerlClient(up.url, token)
+    sid = page.locator("[data-key=id]").first.inner_text().strip()
+    mine = {e["strategy"]: api.simulation(e["id"]) for e in api.get("simulations")}
+    assert sorted(mine) == ["delta", "no-hedge"] and mine["no-hedge"]["id"] == sid, sorted(mine)
+    assert mine["delta"]["seed"] == mine["no-hedge"]["seed"] and mine["delta"]["state"]["done"]
+    assert [r["holdings"][0] for r in mine["delta"]["history"]] == [r["delta"] for r in mine["no-hedge"]["history"]]
+    last = page.locator("table.dataframe tbody tr").last.locator("td")
+    cells = [last.nth(i).inner_text() for i in range(last.count())]
+    assert cells[-2:] == [f"{mine['delta']['history'][-1][k]:.6f}" for k in ("cost", "pnl")], cells  # delta cost, delta pnl (rounded to 6)
+    assert f"delta <b>{mine['delta']['state']['pnl']:+.4f}</b>" in page.locator("text=P&L so far:").first.inner_html()
     assert page.seen["errors"] == [], page.seen["errors"]
     assert callback_errors(up) == []
     page.context.close()
