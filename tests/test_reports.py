@@ -166,6 +166,17 @@ def test_the_templates_ship_in_the_wheel(tmp_path):
     assert Path(path) == site / "hedgerl" / "templates" / "report.ipynb" and kernel == "python3"
 
 
+def test_papermill_runs_the_template_from_its_command_line(tmp_path):
+    "The templates keep their kernelspec and `parameters` cell: papermill's own command runs them and lists their parameters."
+    papermill, template = str(Path(sys.executable).parent / "papermill"), str(ROOT / "nbs" / "runs" / "report.ipynb")
+    r = subprocess.run([papermill, "--help-notebook", template], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "n_paths: Unknown type (default 2000)" in r.stdout and "test paths" in r.stdout, r.stdout + r.stderr
+    r = subprocess.run([papermill, template, str(tmp_path / "out.ipynb"), "-p", "n_paths", "500", "-p", "out_json", str(tmp_path / "n.json"),
+                        "--cwd", str(tmp_path), "--no-progress-bar"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "n.json").read_text())["n_paths"] == 500
+
+
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory):
     if os.geteuid() != 0 and not CI: pytest.skip("the platform runs as root (workspaces are the users' own accounts)")
