@@ -187,8 +187,8 @@ _PAGE = """{%- extends 'index.html.j2' -%}
 {%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
 {%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
 {% block extra_css %}<style>main { max-width: 1000px; margin: 0 auto; } .jp-OutputArea-output table { font-size: 12px; }
-@media print { h2 { break-after: avoid; } .jp-Cell { break-inside: avoid; } }</style>{% endblock extra_css %}
-""" # the lab page, less what it would load from CDNs; a figure is not split over two pages
+@media print { h2, .jp-OutputArea-child:has(h2) { break-after: avoid; } .jp-OutputArea-child, tr { break-inside: avoid; } }</style>{% endblock extra_css %}
+""" # the lab page, less what it would load from CDNs; in print, neither a figure nor a table row is split over two pages, nor a heading left from what follows it
 
 def to_html(
     notebook: Path, # an executed report notebook
