@@ -129,8 +129,11 @@ def wait_for(what, check, timeout=60.0, every=0.25):
 
 
 def clean(page, up):
+    "No console error, no request to another host, and no failed Panel callback in the service (those fail in its log, not in the browser)."
     assert page.seen["errors"] == [], page.seen["errors"]
     assert page.seen["hosts"] == {up.url.split("/")[2]}, page.seen["hosts"]  # nothing from another host
+    log = (Path(up.env["HEDGERL_DATA_FOLDER"]) / "hub" / "hub.log").read_text()
+    assert not [line for line in log.splitlines() if "Exception in callback" in line or "_pending_writes" in line]
 
 
 def test_the_monitor_streams_a_runs_new_points_while_it_logs(platform, browser):
