@@ -5,6 +5,7 @@
 # %% ../nbs/22_dashboards.ipynb #50497f8a
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,8 +20,8 @@ from .scenarios import Scenario, Strategy, as_scenario, simulate_scenario
 # %% auto #0
 __all__ = ['DASHBOARD_BASELINES', 'DASHBOARD_GOALS', 'Evaluation', 'evaluate', 'comparison', 'strategy_colors', 'pnl_histogram',
            'path_pnl', 'hedge_ratio', 'holding_minus_delta', 'heatmap', 'trades', 'strategy_choices', 'headline',
-           'evaluation_view', 'refresh_figure', 'update_view', 'EvaluationCache', 'EvaluationDashboard', 'mount',
-           'page_user', 'evaluation_page', 'bench_dashboards']
+           'evaluation_view', 'refresh_figure', 'update_view', 'EvaluationCache', 'notebook_extension',
+           'inline_updates', 'EvaluationDashboard', 'mount', 'page_user', 'evaluation_page', 'bench_dashboards']
 
 # %% ../nbs/22_dashboards.ipynb #52a277a5
 @dataclass
@@ -361,6 +362,34 @@ class EvaluationCache:
                 while sum(self.sizes.values()) > self.max_bytes: self.sizes.pop(self.items.popitem(last=False)[0])
         return value
 
+# %% ../nbs/22_dashboards.ipynb #7d397fb0
+def _inline_stylesheets(viewable, root) -> None:
+    "Panel preprocessing hook: every stylesheet a model links from Panel's CDN, inline instead (read from the installed package)."
+    from bokeh.models import UIElement
+    from panel.io.notebook import patch_inline_stylesheets
+    for m in root.select({"type": UIElement}): patch_inline_stylesheets(m)
+
+def notebook_extension() -> None:
+    "Load Panel for a notebook or a Voila page that asks no other host: inline scripts and stylesheets, widgets through ipywidgets."
+    import panel as pn
+    from panel.viewable import Viewable
+    pn.extension(inline=True, comms="ipywidgets")
+    if _inline_stylesheets not in Viewable._preprocessing_hooks: Viewable._preprocessing_hooks.append(_inline_stylesheets)
+
+@contextmanager
+def inline_updates(obj):
+    "Hold the pages showing `obj` (a Panel object) while the block changes it; with `notebook_extension`, new models go out with inline stylesheets."
+    from panel.viewable import Viewable
+    if _inline_stylesheets not in Viewable._preprocessing_hooks: yield; return  # a served page: Panel resolves (and sends) its own stylesheets
+    docs = [d for d in {m.document for m, _ in obj._models.values()} if d is not None and not d.callbacks.hold_value]
+    for d in docs: d.hold("combine")  # the changes are sent when the hold ends: after the stylesheets are inline
+    try:
+        yield
+        for d in docs:
+            for root in d.roots: _inline_stylesheets(None, root)
+    finally:
+        for d in docs: d.unhold()
+
 # %% ../nbs/22_dashboards.ipynb #245b46b7
 class EvaluationDashboard:
     "The evaluation dashboard: choose a scenario and strategies; headline cards, the comparison table and the figures."
@@ -434,17 +463,19 @@ class EvaluationDashboard:
         self.ev, self.table = ev, comparison(ev, self.n_boot) if table is None else table
         first = next((k for k, r in ev.results.items() if r.learned), next((k for k in ev.labels if k != "delta"), ev.labels[0]))
         self.path.end = ev.n_sample - 1
-        self.body.objects = []  # a new evaluation: drawn whole
-        if self.focus.value == first: self.focus.options = ev.labels; self.draw()
-        else: self.focus.param.update(options=ev.labels, value=first)  # one draw, by the watcher
+        with inline_updates(self.body):
+            self.body.objects = []  # a new evaluation: drawn whole
+            if self.focus.value == first: self.focus.options = ev.labels; self.draw()
+            else: self.focus.param.update(options=ev.labels, value=first)  # one draw, by the watcher
         self.status.object = f"{ev.scenario.name}: {ev.n_paths:,} paths, seed {self.seed}; standard errors from {self.n_boot} bootstrap replicates."
 
     def draw(self, changed: set | None = None) -> None:
         "Draw the body for the chosen strategy and path, or redraw what depends on what `changed` (nothing is evaluated)."
         if self.ev is None or self.focus.value not in self.ev.results: return
         args = (self.ev, self.table, self.focus.value, min(self.path.value, self.ev.n_sample - 1))
-        if changed and self.body.objects: update_view(self.body[0], *args, changed)
-        else: self.body.objects = [evaluation_view(*args)]
+        with inline_updates(self.body):
+            if changed and self.body.objects: update_view(self.body[0], *args, changed)
+            else: self.body.objects = [evaluation_view(*args)]
 
     def panel(self):
         "The whole dashboard, ready to serve (`.servable()`) or to show in a notebook."

@@ -88,9 +88,10 @@ def test_local_as_root(tmp_path, no_gpu_path):
     assert jh.spawner_class.__name__ == "WorkspaceSpawner" and c.WorkspaceSpawner.isolate is True
     assert c.Spawner.cmd == [str(ctx.bin / "jupyterhub-singleuser")] and c.Spawner.default_url == "/lab"
     assert [p["slug"] for p in c.WorkspaceSpawner.profiles] == ["cpu"] and c.WorkspaceSpawner.profiles[0]["default"]
-    assert [Path(f).name for f in c.WorkspaceSpawner.seed_files] == ["01_first_hedge.ipynb", "02_baselines_and_backtests.ipynb", "train.ipynb", "evaluation.ipynb"]
+    assert [Path(f).name for f in c.WorkspaceSpawner.seed_files] == ["01_first_hedge.ipynb", "02_baselines_and_backtests.ipynb", "train.ipynb", "evaluation.ipynb", "player.ipynb"]
     env = c.Spawner.environment.get_value({})
     assert env["HEDGERL_SETTINGS"] == str(ROOT / "settings.ini") and env["JUPYTER_CONFIG_PATH"] == str(ROOT / "hub" / "workspace")
+    assert (Path(env["JUPYTER_PATH"]) / "voila" / "templates" / "hedgerl" / "index.html.j2").is_file()  # Voila's offline template
     assert "announcement" not in c.JupyterHub.template_vars.get_value({})
 
 

@@ -175,7 +175,8 @@ def configure(c, ctx):
     c.Spawner.http_timeout = 60
     c.Spawner.start_timeout = 120
     c.Spawner.environment.update({"HEDGERL_SETTINGS": str(Path(ctx.root) / "settings.ini"),
-                                  "JUPYTER_CONFIG_PATH": str(Path(ctx.root) / "hub" / "workspace")})
+                                  "JUPYTER_CONFIG_PATH": str(Path(ctx.root) / "hub" / "workspace"),
+                                  "JUPYTER_PATH": str(Path(ctx.root) / "hub" / "workspace" / "share")})  # Voila's `hedgerl` template
     if not ctx.as_root:
         logging.getLogger("JupyterHub").warning("hedgerl: %s", NOT_ISOLATED)
         c.JupyterHub.template_vars.update({"announcement": NOT_ISOLATED})
