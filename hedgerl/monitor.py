@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import re
 import time
 import zipfile
 from pathlib import Path
@@ -286,7 +287,7 @@ def training_page(
         import panel as pn
         user, admin = page_user()
         if user is None: return pn.pane.Markdown("This page is served by the hedgerl service, behind the hub's login.")
-        asked = [int(v) for v in (pn.state.session_args or {}).get("runs", []) if v.decode("latin-1").isdigit()]
+        asked = [int(v) for v in (pn.state.session_args or {}).get("runs", []) if re.fullmatch(rb"[0-9]{1,18}", v)]  # ?runs=12&runs=13
         m = TrainingMonitor(registry.as_user(user, admin=admin), period=period, runs=asked or None,
                             tensorboard=lambda i: f"training/tensorboard/{i}.zip")
         pn.state.onload(m.start)
