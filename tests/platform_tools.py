@@ -126,6 +126,12 @@ class Kernel:
         finally: requests.delete(f"{self.base}/api/kernels/{self.id}", headers=self.h)
 
 
+def callback_errors(up: "Up") -> list[str]:
+    "The service's failed Panel callbacks, from the hub's log (a page that changes its document outside the lock fails there, not in the browser)."
+    log = (Path(up.env["HEDGERL_DATA_FOLDER"]) / "hub" / "hub.log").read_text()
+    return [line for line in log.splitlines() if "Exception in callback" in line or "_pending_writes" in line]
+
+
 def platform_processes(env: dict) -> list[str]:
     "Command lines of live processes that belong to the platform of `env` (its hub, proxy, services, workspaces, clusters)."
     data, hub_api = env["HEDGERL_DATA_FOLDER"], f"127.0.0.1:{int(env['HEDGERL_HUB_PORT']) + 2}/hub/api".encode()

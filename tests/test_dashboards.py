@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from platform_tools import ROOT, Up, platform_env
+from platform_tools import ROOT, Up, callback_errors, platform_env
 
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0 and os.environ.get("CI") != "true",
                                  reason="the platform runs as root (workspaces are the users' own accounts)"),
@@ -87,6 +87,14 @@ def test_the_evaluation_dashboard_renders_and_redraws(platform, browser):
     assert page.locator("canvas").count() >= 4
     page.screenshot(path=str(ARTIFACTS / "evaluation-delta.png"), full_page=True)
     assert model in page.evaluate(OPTIONS)[0]  # A's own model is offered to A
+    # another evaluation, from the button (its work runs in a thread; the page changes after an await, under the lock)
+    page.evaluate("() => { [...Bokeh.documents[0].all_models].find(m => m.constructor.__qualified__ == 'MultiChoice').value = ['delta', 'no-hedge'] }")
+    page.get_by_role("button", name="Evaluate").click()
+    focus, deadline = page.locator("select:not([multiple])").nth(1), time.monotonic() + 120
+    while focus.locator("option").count() != 2 and time.monotonic() < deadline: page.wait_for_timeout(200)
+    assert focus.locator("option").all_text_contents() == ["delta", "no-hedge"]  # the new evaluation's strategies
+    page.wait_for_selector("text=bootstrap replicates", timeout=120_000)
+    assert page.locator("canvas").count() >= 4 and callback_errors(up) == []
     assert page.seen["errors"] == [], page.seen["errors"]
     assert page.seen["hosts"] == {up.url.split("/")[2]}, page.seen["hosts"]  # nothing from another host
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from platform_tools import ROOT, Up, platform_env
+from platform_tools import ROOT, Up, callback_errors, platform_env
 
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0 and os.environ.get("CI") != "true",
                                  reason="the platform runs as root (workspaces are the users' own accounts)"),
@@ -85,12 +85,6 @@ def shown(page) -> dict:
 
 def table_rows(page) -> int:
     return page.locator("table.dataframe tbody tr").count()
-
-
-def callback_errors(up) -> list[str]:
-    "The service's failed Panel callbacks, from the hub's log (a page that changes its document outside the lock fails there, not in the browser)."
-    log = (Path(up.env["HEDGERL_DATA_FOLDER"]) / "hub" / "hub.log").read_text()
-    return [line for line in log.splitlines() if "Exception in callback" in line or "_pending_writes" in line]
 
 
 def test_the_player_steps_and_plays_with_the_apis_numbers(platform, browser):
