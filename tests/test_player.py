@@ -7,6 +7,7 @@ go to tests/artifacts/."""
 import os
 import re
 import secrets
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -39,6 +40,11 @@ def platform(tmp_path_factory):
             name, password = f"p{k}{secrets.token_hex(3)}", secrets.token_urlsafe(12)
             set_hub_password(db, name, password)  # approved, as the admin would
             users[k] = (name, password, hub.token(hub.login(name, password), name))  # the form login puts them in `researchers`
+        from hedgerl.registry import Registry
+        files = data / "models"; files.mkdir()
+        shutil.copy(ROOT / "reports" / "models" / "cao2021-gbm-1m-1d--ntb.zip", files / "ntb.zip")
+        reg = Registry(load_settings(environ=up.env).registry.url).as_user(users["a"][0])
+        reg.register_model(None, "ntb", "cao2021-gbm-1m-1d", files / "ntb.zip", name="a/ntb"); reg.engine.dispose()  # A's, private
         yield up, users
     finally:
         up.stop(signal.SIGTERM)
@@ -181,3 +187,15 @@ def test_the_player_in_a_workspace_drives_the_api_through_the_hub(platform):
     assert p.frame["delta pnl"].tolist() == [r["pnl"] for r in p.delta_rows]
     p.close()
     assert sid not in set(client.simulations().get("id", []))  # its episodes end with it
+
+
+def test_a_private_model_is_offered_to_its_owner_only(platform, browser):
+    "A's private model is in A's strategy selector and in nobody else's (B sees the baselines)."
+    up, users = platform
+    offered = {}
+    for k in ("a", "b"):
+        page = open_player(browser, up, *users[k][:2])
+        offered[k] = page.locator("select").nth(1).locator("option").all_text_contents()  # Scenario, then Strategy
+        page.context.close()
+    assert any("a/ntb" in o for o in offered["a"]) and "delta" in offered["a"], offered
+    assert "delta" in offered["b"] and not any("a/ntb" in o for o in offered["b"]), offered
