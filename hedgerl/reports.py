@@ -144,7 +144,8 @@ def resolve_target(
     from hedgerl.scenarios import names
     t = str(target).strip()
     if not t: raise ValueError("target is empty: give a scenario, a run id, an experiment or 'leaderboard'")
-    if t == "leaderboard": return "leaderboard", "leaderboard_report.ipynb", dict(leaderboard=str(_leaderboard_file(leaderboard)))
+    if t == "leaderboard":  # not "leaderboard": its .json would overwrite the leaderboard itself in reports/
+        return "leaderboard-report", "leaderboard_report.ipynb", dict(leaderboard=str(_leaderboard_file(leaderboard)))
     if t.isdigit(): return f"run-{int(t)}", "report.ipynb", run_parameters(open_registry(registry), int(t), n_paths, seed)
     if t in names() or (t.endswith((".yaml", ".yml", ".json")) and Path(t).is_file()):
         return f"scenario-{_slug(Path(t).stem if Path(t).is_file() else t)}", "report.ipynb", scenario_parameters(t, n_paths, seed)

@@ -113,7 +113,7 @@ def test_the_leaderboard_report(tmp_path):
     r = cli("leaderboard", "--out-dir", str(tmp_path))
     assert r.returncode == 0, r.stderr
     records = json.loads((ROOT / "reports" / "leaderboard.json").read_text())
-    pages, text = pdf_text(tmp_path / "leaderboard.pdf")
+    pages, text = pdf_text(tmp_path / "leaderboard-report.pdf")
     everything = " ".join(text)
     scenarios = list(dict.fromkeys(x["scenario"] for x in records))
     assert len(pages) >= len(scenarios) // 4
