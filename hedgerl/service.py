@@ -398,9 +398,10 @@ def mount_dashboards(app: FastAPI, prefix: str) -> None:
     from hedgerl import arena, monitor  # the training monitor (with its runs' TensorBoard logs, behind the same guard) and the leaderboard
     monitor.tensorboard_route(app, prefix, app.state.registry)
     from hedgerl.player import player_page  # the simulation player: this app's simulations routes, in process, as the page's user
+    from hedgerl.portfolio import portfolio_page  # a book of options: its Greeks and a backtest of the hedges (and the user's models) that apply
     dashboards.mount(app, prefix, {"evaluation": dashboards.evaluation_page(app.state.registry, settings().service.dashboard_paths, load=load),
                                    "training": monitor.training_page(app.state.registry), "leaderboard": arena.leaderboard_page(app.state.registry),
-                                   "player": player_page(app)}, {"evaluation": "hedgerl: evaluation"})
+                                   "player": player_page(app), "portfolio": portfolio_page(app.state.registry, load=load)}, {"evaluation": "hedgerl: evaluation"})
     app.add_middleware(DashboardGuard, prefix=prefix)
 
 # %% ../nbs/16_service.ipynb #8f4e85e1
