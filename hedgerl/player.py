@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from .client import ERRORS, HedgerlError, Invalid, describe_detail, strategy_ref
-from .dashboards import DASHBOARD_BASELINES, _figure, page_user, strategy_choices, strategy_colors
+from .dashboards import DASHBOARD_BASELINES, _figure, inline_updates, page_user, strategy_choices, strategy_colors
 
 # %% auto #0
 __all__ = ['SimulationsAPI', 'InProcessSimulations', 'strategy_refs', 'steps_frame', 'explain', 'last_step_html',
@@ -199,6 +199,15 @@ def stream_step(
     sources[1].stream({"day": [row["day"]], "next": [st["day"]], "holding": [row["holdings"][0]], "delta": [nan(row["delta"])]})
     sources[2].stream({"day": [st["day"]], "pnl": [st["pnl"]], "delta_pnl": [np.nan if delta is None else delta["state"]["pnl"]]})
 
+# %% ../nbs/23_player.ipynb #8ea2250f
+def _inline(method):
+    "A `Player` method whose changes to the page go out with Panel's stylesheets inline in a notebook (see `inline_updates`)."
+    import functools
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with inline_updates(self.status): return method(self, *args, **kwargs)
+    return run
+
 # %% ../nbs/23_player.ipynb #228f5b27
 class Player:
     "The simulation player: one episode of a scenario hedged by a strategy, stepped through the `simulations` API beside delta."
@@ -231,6 +240,7 @@ class Player:
         self.playing.param.watch(lambda e: self.play() if e.new else self.pause(), "value")
         self.speed.param.watch(lambda e: setattr(self._timer, "period", int(1000 / e.new)) if self._timer else None, "value")
 
+    @_inline
     def _offer(self, chosen: str | None) -> None:
         "The strategies on offer for the chosen scenario: `chosen`, else the first model, else delta."
         try: self._refs = self.choices(self.scenario.value)
@@ -239,6 +249,7 @@ class Player:
         self.strategy.options = list(self._refs)
         self.strategy.value = next((k for k in (chosen, first) if k in self._refs), next(iter(self._refs), None))
 
+    @_inline
     def _error(self, e) -> None:
         "Show what went wrong in the page (an API error: its detail) and stop playing."
         self.alert.object, self.alert.visible = describe_detail(e.detail) if isinstance(e, HedgerlError) else str(e), True
@@ -263,6 +274,7 @@ class Player:
 
     close = _drop
 
+    @_inline
     def _prepare(self, strategy) -> tuple[str, object]:
         "Stop, end the episodes, and say what starts: the label and the API's strategy."
         self.pause(); self._drop()
@@ -279,6 +291,7 @@ class Player:
             except HedgerlError: pass
             raise
 
+    @_inline
     def _begin(self, sim: dict, dsim: dict | None) -> str:
         "Show a new episode: empty figures and table, its first date."
         self.sim, self.delta_sim, self.rows, self.delta_rows, self.alert.visible = sim, dsim, [], [], False
@@ -324,6 +337,7 @@ class Player:
         "Start again from the first date of the same path (its seed), with the strategy chosen now."
         return self.start(seed=self._seed())
 
+    @_inline
     def step(self) -> bool:
         "Step the episode (and delta's) one hedging date, and show it; False (and a message) if the API refused."
         if self.sim is None and self.start() is None: return False
@@ -338,6 +352,7 @@ class Player:
         if out["state"]["done"]: self.pause()
         return True
 
+    @_inline
     def play(self) -> None:
         "Step at the chosen speed until the episode ends (or `pause`)."
         import panel as pn
@@ -346,6 +361,7 @@ class Player:
         if self._timer is None: self._timer = pn.state.add_periodic_callback(self.step, period=int(1000 / self.speed.value))
         self.playing.param.update(value=True, name="Pause")
 
+    @_inline
     def pause(self) -> None:
         "Stop playing."
         if self._timer is not None: self._timer.stop(); self._timer = None
