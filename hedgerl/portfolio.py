@@ -165,7 +165,7 @@ class Portfolio:
         self.book = pn.widgets.Tabulator(_table(lib.get(self.base.value).book), show_index=False, selectable="checkbox", layout="fit_columns",
                                          editors={"kind": {"type": "list", "values": ["call", "put"]}, "strike": {"type": "number"},
                                                   "maturity": {"type": "number", "step": 1}, "quantity": {"type": "number"}},
-                                         sizing_mode="stretch_width", height=200)
+                                         sizing_mode="stretch_width")
         self.new = {"kind": pn.widgets.Select(name="Kind", options=["call", "put"], value="put", width=90),
                     "strike": pn.widgets.FloatInput(name="Strike", value=95.0, width=110),
                     "maturity": pn.widgets.IntInput(name="Maturity (days)", value=20, width=120),
@@ -204,7 +204,7 @@ class Portfolio:
             self.alert.object, self.alert.visible = f"This book cannot be hedged: {e}", True
             return None
         self.scenario, self.run.disabled, self.alert.visible = scn, False, False
-        self.totals.object, self.greeks.object = totals_html(g), g.round(6)
+        self.totals.object, self.greeks.object = totals_html(g), g.round(6).astype(object).where(g.notna(), "")  # the total's strike: blank
         if self.ev is None: self.status.object = f"**Backtest** hedges {self.n_paths:,} paths of this book with every strategy that applies."
         elif not same_problem(self.ev.scenario, scn): self.status.object = "The book has changed since the backtest below: **Backtest** again."
         return scn
@@ -297,5 +297,8 @@ def portfolio_page(
         if user is None: return pn.pane.Markdown("This page is served by the hedgerl service, behind the hub's login.")
         reg = None if registry is None else registry.as_user(user, admin=admin)
         choices = lambda scn: book_choices(scn, reg, None if load is None or reg is None else (lambda i: load(reg, i, scn)))
-        return Portfolio(choices, n_paths=n_paths).panel()
+        p = Portfolio(choices, n_paths=n_paths)
+        ready, p.status.object = p.status.object, "Connecting to the service ..."  # until the page's WebSocket is open: a click before it is lost
+        pn.state.onload(lambda: setattr(p.status, "object", ready))
+        return p.panel()
     return page

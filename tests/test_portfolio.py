@@ -75,11 +75,11 @@ def totals(page) -> dict:
     return {k: float(page.locator(f"[data-key={k}]").first.get_attribute("data-value")) for k in ("value", "delta")}
 
 
-def changed_totals(page, old: dict, timeout: float = 30) -> dict:
-    "The totals once they differ from `old` (the page redraws them after the server's answer)."
+def shows_totals(page, want: dict, timeout: float = 30) -> dict:
+    "Wait until the page shows the totals `want` (it redraws them after the server's answer); fails with what it showed last."
     t0 = time.monotonic()
-    while (now := totals(page)) == old:
-        assert time.monotonic() - t0 < timeout, f"the totals stayed {old}"
+    while (now := totals(page)) != want:  # read one by one: a value may be the old one while the new arrives
+        assert time.monotonic() - t0 < timeout, f"the page shows {now}, not {want}"
         time.sleep(0.1)
     return now
 
@@ -109,20 +109,17 @@ def test_a_book_built_in_the_page_is_valued_and_backtested_as_the_library_does(p
     up, (name, password) = platform
     page = open_portfolio(browser, up, name, password)
     call = {"kind": "call", "strike": 100.0, "maturity": 20, "quantity": -1.0}
-    first = totals(page)
-    assert first == expected([call]), first  # the base's own book: a short ATM call
+    first = shows_totals(page, expected([call]), timeout=0)  # the base's own book: a short ATM call
     assert page.locator(".tabulator-row").count() == 1
 
     page.locator("button", has_text="Add option").click()  # the fields' defaults: a long put at 95, 20 days
     put = {"kind": "put", "strike": 95.0, "maturity": 20, "quantity": 1.0}
-    shown = changed_totals(page, first)
-    assert shown == expected([call, put]), shown
+    shown = shows_totals(page, expected([call, put]))
     assert page.locator(".tabulator-row").count() == 2
 
     edit_cell(page, 1, "quantity", "2")  # two puts, edited in the table itself
     put2 = {**put, "quantity": 2.0}
-    shown2 = changed_totals(page, shown)
-    assert shown2 == expected([call, put2]), shown2
+    shown2 = shows_totals(page, expected([call, put2]))
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "portfolio-book.png"), full_page=True)
 
