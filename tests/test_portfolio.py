@@ -4,7 +4,8 @@ table and a quantity edited in place; after each change the total value and delt
 `hedgerl.portfolio.book_greeks` gives for that book here (and the value is the Black-Scholes value written out with
 `bs_price`); a book the library refuses shows its message and cannot be backtested; Backtest draws the risk of the
 book (the figures render), and the delta hedge's objective in the page's table is that of
-`hedgerl.backtest.backtest` on the same paths; no console error, no request to another host, no failed Panel
+`hedgerl.backtest.backtest` on the same paths; another base (Heston) brings its own book, valued as `book_greeks`
+values it; no console error, no request to another host, no failed Panel
 callback in the service's log. Screenshots go to tests/artifacts/."""
 import os
 import re
@@ -146,6 +147,14 @@ def test_a_book_built_in_the_page_is_valued_and_backtested_as_the_library_does(p
     cell = row.locator("td").first.inner_text()  # objective: "value ± se"
     assert cell.startswith(f"{ref['objective']:.4g} ±"), (cell, ref["objective"])
     page.screenshot(path=str(ARTIFACTS / "portfolio-backtest.png"), full_page=True)
+
+    page.locator("select").nth(0).select_option("buehler2019-heston")  # another base: its own book (a short ATM call on Heston)
+    heston = {"kind": "call", "strike": 100.0, "maturity": 30, "quantity": -1.0}
+    from hedgerl.portfolio import book_greeks
+    g = book_greeks(book_config("buehler2019-heston", [heston])).loc["total"]
+    shows_totals(page, {"value": float(g["value"]), "delta": float(g["delta"])})
+    page.wait_for_selector("text=The book has changed since the backtest below", timeout=30_000)
+    assert page.locator(".tabulator-row").count() == 1
 
     assert page.seen["errors"] == [], page.seen["errors"]
     assert page.seen["hosts"] == {up.url.split("/")[2]}, page.seen["hosts"]  # nothing from another host
