@@ -325,7 +325,7 @@ def test_workspace_as_the_users_own_account(hub):
     assert home == Path("/home") / name and stat.S_IMODE(home.stat().st_mode) == 0o700 and home.stat().st_uid == pw.pw_uid
     # the tutorials and the run template, the user's own
     seeded = sorted(p.name for p in (home / "hedgerl").iterdir())
-    assert seeded == ["01_first_hedge.ipynb", "02_baselines_and_backtests.ipynb", "evaluation.ipynb", "train.ipynb"]
+    assert seeded == ["01_first_hedge.ipynb", "02_baselines_and_backtests.ipynb", "evaluation.ipynb", "player.ipynb", "train.ipynb"]
     assert all(p.stat().st_uid == pw.pw_uid for p in (home / "hedgerl").iterdir())
     # ... and what the user's server shows of them; its kernel is the environment's `hedgerl`
     tok = {"Authorization": f"token {hub.token(s, name)}"}
