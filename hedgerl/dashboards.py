@@ -19,9 +19,10 @@ from .scenarios import Scenario, Strategy, as_scenario, simulate_scenario
 
 # %% auto #0
 __all__ = ['DASHBOARD_BASELINES', 'DASHBOARD_GOALS', 'Evaluation', 'evaluate', 'comparison', 'strategy_colors', 'pnl_histogram',
-           'path_pnl', 'hedge_ratio', 'holding_minus_delta', 'heatmap', 'trades', 'strategy_choices', 'headline',
-           'evaluation_view', 'refresh_figure', 'update_view', 'EvaluationCache', 'notebook_extension',
-           'inline_updates', 'EvaluationDashboard', 'mount', 'page_user', 'evaluation_page', 'bench_dashboards']
+           'path_pnl', 'hedge_ratio', 'holding_minus_delta', 'heatmap', 'trades', 'model_label', 'strategy_choices',
+           'experiment_choices', 'headline', 'evaluation_view', 'refresh_figure', 'update_view', 'EvaluationCache',
+           'notebook_extension', 'inline_updates', 'EvaluationDashboard', 'mount', 'page_user', 'evaluation_page',
+           'bench_dashboards']
 
 # %% ../nbs/22_dashboards.ipynb #52a277a5
 @dataclass
@@ -232,6 +233,11 @@ def trades(
                          "trade": h - before, "delta": ev.delta[path], "cost": ev.trade_cost[label][path, :len(h)],
                          "pnl_so_far": ev.running[label][path, 1:]})
 
+# %% ../nbs/22_dashboards.ipynb #8daf61d4
+def model_label(m) -> str:
+    "How the dashboards name a registered model (a row of `Registry.models`): its name, version and id."
+    return f"{m.name} v{m.version} (model {m.id})"
+
 # %% ../nbs/22_dashboards.ipynb #eaa08cf6
 DASHBOARD_BASELINES = ("delta", "no-hedge", "whalley-wilmott", "delta-gamma", "delta-gamma-vega") # fitted ones (fixed-band) are left out
 
@@ -249,7 +255,21 @@ def strategy_choices(
         from hedgerl.runs import load_model
         load = lambda i: load_model(i, registry=registry, scenario=scenario, device="cpu")
     for m in registry.models(scenario=scenario.name).itertuples():
-        out[f"{m.name} v{m.version} (model {m.id})"] = lambda i=int(m.id): load(i)
+        out[model_label(m)] = lambda i=int(m.id): load(i)
+    return out
+
+# %% ../nbs/22_dashboards.ipynb #11dd84a1
+def experiment_choices(
+    registry, # a `Registry` (or `RemoteRegistry`) as the viewer
+) -> dict[str, tuple[str, list[str]]]:
+    "Experiment name -> (the scenario of its models, their labels as `strategy_choices` names them), for the models `registry` shows."
+    runs = registry.runs()
+    experiment = dict(zip(runs["id"], runs["experiment"]))
+    out = {}
+    for m in registry.models().itertuples():
+        name = experiment.get(m.run_id)
+        if name is None or out.get(name, (m.scenario,))[0] != m.scenario: continue  # a model without a visible run; another scenario
+        out.setdefault(name, (m.scenario, []))[1].append(model_label(m))
     return out
 
 # %% ../nbs/22_dashboards.ipynb #264c4328
@@ -403,6 +423,7 @@ class EvaluationDashboard:
         n_boot: int = 100, # bootstrap replicates of the standard errors
         evaluation: Evaluation | None = None, # one already made (of `scenario`): shown without evaluating
         scenarios: list[str] | None = None, # the scenarios offered; None: the published simulated ones
+        experiments: dict | None = None, # experiment -> (scenario, model labels) offered (`experiment_choices`); None: no experiment select
     ):
         import panel as pn
         from hedgerl import scenarios as lib
@@ -413,11 +434,14 @@ class EvaluationDashboard:
         self.focus = pn.widgets.Select(name="Headline and heatmap for", options=[])
         self.path = pn.widgets.IntSlider(name="Sample path", start=0, end=19, value=0)
         self.run = pn.widgets.Button(name="Evaluate", button_type="primary")
+        self.experiments = experiments or {}
+        self.experiment = pn.widgets.Select(name="Experiment", options=["", *self.experiments], visible=bool(self.experiments), width=200)
         self.status = pn.pane.Markdown("", sizing_mode="stretch_width")
         self.body = pn.Column(sizing_mode="stretch_width")
         self.ev, self.table, self._made = None, None, {}
         self._offer(strategies)
         self.scenario.param.watch(lambda e: self._offer(None), "value")
+        self.experiment.param.watch(lambda e: self._choose_experiment(e.new), "value")
         self.run.on_click(self.evaluate_async)
         self.focus.param.watch(lambda e: self.draw({"focus"}), "value"); self.path.param.watch(lambda e: self.draw({"path"}), "value")
         if evaluation is not None: self.show(evaluation)
@@ -428,6 +452,14 @@ class EvaluationDashboard:
         self._made = self.choices(get(self.scenario.value))
         self.strategies.options = list(self._made)
         self.strategies.value = [c for c in (chosen or list(self._made)[:3]) if c in self._made]
+
+    def _choose_experiment(self, name: str) -> None:
+        "An experiment's models, beside delta, on their scenario."
+        if not name: return
+        scn, labels = self.experiments[name]
+        if scn not in self.scenario.options: self.status.object = f"Experiment {name}: its models hedge {scn}, which this dashboard does not simulate."; return
+        self.scenario.value = scn  # offers that scenario's strategies
+        self.strategies.value = [c for c in ("delta", *labels) if c in self._made]
 
     def _compute(self) -> tuple[Evaluation, pd.DataFrame]:
         "The evaluation of the chosen strategies (made and loaded here) and its comparison table; kept in `self.cache` for the next page."
@@ -480,7 +512,7 @@ class EvaluationDashboard:
     def panel(self):
         "The whole dashboard, ready to serve (`.servable()`) or to show in a notebook."
         import panel as pn
-        controls = pn.Row(self.scenario, self.strategies, self.run, sizing_mode="stretch_width")
+        controls = pn.Row(self.experiment, self.scenario, self.strategies, self.run, sizing_mode="stretch_width")
         return pn.Column(pn.pane.Markdown("## Hedging evaluation"), controls, pn.Row(self.focus, self.path), self.status, self.body,
                          sizing_mode="stretch_width")
 
@@ -521,7 +553,7 @@ def evaluation_page(
     n_paths: int = 10_000, # paths of each evaluation
     load=None, # (registry as the user, model id, scenario) -> strategy; None: `hedgerl.runs.load_model`
 ):
-    "The service's evaluation page: an `EvaluationDashboard` for the session's hub user (their models and shared ones), evaluated once the page has loaded; `?scenario=NAME&strategies=LABEL&strategies=LABEL` chooses what it shows first."
+    "The service's evaluation page: an `EvaluationDashboard` for the session's hub user (their models and shared ones), evaluated once the page has loaded; `?scenario=NAME&strategies=LABEL&strategies=LABEL` or `?experiment=NAME` chooses what it shows first."
     def page():
         import panel as pn
         user, admin = page_user()
@@ -530,7 +562,8 @@ def evaluation_page(
         choices = lambda scn: strategy_choices(scn, reg, None if load is None else (lambda i: load(reg, i, scn)))
         asked = lambda k: [v.decode("utf-8", "replace") for v in (pn.state.session_args or {}).get(k, [])]  # the URL's query (the leaderboard's links)
         first = {"scenario": asked("scenario")[0]} if asked("scenario") else {}
-        d = EvaluationDashboard(choices, n_paths=n_paths, strategies=asked("strategies") or None, **first)
+        d = EvaluationDashboard(choices, n_paths=n_paths, strategies=asked("strategies") or None, experiments=experiment_choices(reg), **first)
+        if asked("experiment") and asked("experiment")[0] in d.experiments: d.experiment.value = asked("experiment")[0]
         pn.state.onload(d.evaluate_async)
         return d.panel()
     return page
@@ -566,7 +599,7 @@ def _change_time(page, change, title: str, text: str) -> float:
 # %% ../nbs/22_dashboards.ipynb #90674586
 def _focus_changes(page, labels: list[str], rounds: int) -> list[float]:
     "Times of `rounds` changes of the strategy the heatmap and trades show, cycling through `labels` (the first not the one shown)."
-    select = page.locator("select:not([multiple])").nth(1)  # "Headline and heatmap for"
+    select = page.get_by_label("Headline and heatmap for")
     out = []
     for i in range(rounds):
         label = labels[i % len(labels)]
@@ -610,7 +643,7 @@ def bench_dashboards(
             page.click("#login_submit"); page.wait_for_url("**/hub/**")
             cold = _render_time(page, url + page_path)  # the first visitor: evaluates
             warm = [_render_time(page, url + page_path) for _ in range(3)]  # later visitors: the evaluation is kept
-            select = page.locator("select:not([multiple])").nth(1)  # "Headline and heatmap for"
+            select = page.get_by_label("Headline and heatmap for")
             labels, shown = select.locator("option").all_text_contents(), select.input_value()
             order = [s for s in labels if s != shown] + [shown]  # each change picks another strategy than the one shown
             focus = _focus_changes(page, order, rounds)

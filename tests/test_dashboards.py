@@ -39,7 +39,8 @@ def platform(tmp_path_factory):
         files = data / "models"; files.mkdir()
         shutil.copy(ROOT / "reports" / "models" / f"{SCENARIO}--ntb.zip", files / "ntb.zip")
         reg = Registry(load_settings(environ=up.env).registry.url).as_user(users["a"][0])
-        model = reg.register_model(None, "ntb", SCENARIO, files / "ntb.zip", name="a/ntb")  # A's, private
+        with reg.start_run("a-sweep", {"agent": "ntb", "scenario": SCENARIO}) as run: pass  # the experiment that made it
+        model = reg.register_model(run, "ntb", SCENARIO, files / "ntb.zip", name="a/ntb")  # A's, private
         reg.engine.dispose()
         yield up, users, f"a/ntb v1 (model {model['id']})"
     finally:
@@ -82,7 +83,7 @@ def test_the_evaluation_dashboard_renders_and_redraws(platform, browser):
     page.screenshot(path=str(ARTIFACTS / "evaluation.png"), full_page=True)
     assert page.locator("canvas").count() >= 4  # the four figures
     assert page.locator("text=Trades of no-hedge on sample path 0").count() == 1  # the first that is not delta
-    page.locator("select:not([multiple])").nth(1).select_option("delta")  # "Headline and heatmap for"
+    page.get_by_label("Headline and heatmap for").select_option("delta")
     page.wait_for_selector("text=Trades of delta on sample path 0", timeout=30_000)
     assert page.locator("canvas").count() >= 4
     page.screenshot(path=str(ARTIFACTS / "evaluation-delta.png"), full_page=True)
@@ -90,7 +91,7 @@ def test_the_evaluation_dashboard_renders_and_redraws(platform, browser):
     # another evaluation, from the button (its work runs in a thread; the page changes after an await, under the lock)
     page.evaluate("() => { [...Bokeh.documents[0].all_models].find(m => m.constructor.__qualified__ == 'MultiChoice').value = ['delta', 'no-hedge'] }")
     page.get_by_role("button", name="Evaluate").click()
-    focus, deadline = page.locator("select:not([multiple])").nth(1), time.monotonic() + 120
+    focus, deadline = page.get_by_label("Headline and heatmap for"), time.monotonic() + 120
     while focus.locator("option").count() != 2 and time.monotonic() < deadline: page.wait_for_timeout(200)
     assert focus.locator("option").all_text_contents() == ["delta", "no-hedge"]  # the new evaluation's strategies
     page.wait_for_selector("text=bootstrap replicates", timeout=120_000)
@@ -105,3 +106,19 @@ def test_another_users_private_model_is_not_offered(platform, browser):
     options = page.evaluate(OPTIONS)[0]
     assert "delta" in options and model not in options and not any("a/ntb" in o for o in options), options
 
+
+
+def test_an_experiment_in_the_url_opens_its_models_beside_delta(platform, browser):
+    "?experiment=NAME chooses the experiment: its models' scenario and its models beside delta; nobody else is offered it."
+    up, users, model = platform
+    value = "() => [...Bokeh.documents[0].all_models].filter(m => m.constructor.__qualified__ == 'MultiChoice').map(m => m.value)"
+    for k, expected in (("a", ["delta", model]), ("b", None)):
+        page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+        page.goto(up.url + PAGE + "?experiment=a-sweep")
+        page.fill("input[name=username]", users[k][0]); page.fill("input[name=password]", users[k][1]); page.click("#login_submit")
+        page.wait_for_url(re.compile(f".*{PAGE}\\?experiment=a-sweep$"), timeout=60_000)
+        page.wait_for_function("() => window.Bokeh && Bokeh.documents.length > 0", timeout=60_000)
+        chosen = page.evaluate(value)[0]
+        if expected is not None: assert chosen == expected, chosen
+        else: assert model not in chosen and not any("a-sweep" in v for v in page.locator("select").evaluate_all("ss => ss.flatMap(s => [...s.options].map(o => o.value))")), chosen
+        page.context.close()

@@ -72,7 +72,7 @@ def test_the_voila_evaluation_renders_offline_and_calls_back(workspace):
     assert wait_canvases(page, 4) >= 4
     print(f"Voila evaluation: evaluated and drawn {time.monotonic() - t0:.1f} s after asking for the page")
     assert page.locator("text=Trades of no-hedge on sample path 0").count() == 1
-    page.locator("select:not([multiple])").nth(1).select_option("delta")  # "Headline and heatmap for": back to the kernel
+    page.get_by_label("Headline and heatmap for").select_option("delta")  # back to the kernel
     page.wait_for_selector("text=Trades of delta on sample path 0", timeout=60_000)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "voila-evaluation.png"), full_page=True)
