@@ -491,7 +491,9 @@ def main() -> None:
         log.error("the hedgerl service could not start, serving 503s: %s", e, exc_info=True)
         app = unavailable_app(service_prefix(), type(e).__name__)
     config = uvicorn.Config(app, log_level="info", proxy_headers=True, forwarded_allow_ips="127.0.0.1",
-                            timeout_graceful_shutdown=3)  # an open event stream must not hold the shutdown (the jobs' own stop must run)
+                            timeout_graceful_shutdown=3,  # an open event stream must not hold the shutdown (the jobs' own stop must run)
+                            timeout_keep_alive=620)  # the proxy keeps idle connections and reuses them: closing one after uvicorn's
+                                                     # default 5 s raced the proxy's next request on it (503 "socket hang up")
 
     logging.getLogger("uvicorn.access").addFilter(_NoQuery())
     log.info("hedgerl service %s on http://%s:%d%s", hedgerl.__version__, host, port, service_prefix())

@@ -7,6 +7,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -122,3 +123,15 @@ def test_an_experiment_in_the_url_opens_its_models_beside_delta(platform, browse
         if expected is not None: assert chosen == expected, chosen
         else: assert model not in chosen and not any("a-sweep" in v for v in page.locator("select").evaluate_all("ss => ss.flatMap(s => [...s.options].map(o => o.value))")), chosen
         page.context.close()
+
+
+def test_the_service_keeps_an_idle_proxy_connection_open(platform):
+    "The hub's proxy keeps idle connections to the service and reuses them: the service must not close one after a few"
+    " seconds (a request racing uvicorn's 5 s close got a 503 'socket hang up', and a page lost bokeh-widgets.min.js)."
+    up = platform[0]
+    req = b"GET /services/hedgerl/api/v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", int(up.env["HEDGERL_SERVICE_PORT"])), timeout=30) as s:
+        s.sendall(req); first = s.recv(65536)
+        time.sleep(7)
+        s.sendall(req); second = s.recv(65536)
+    assert first.startswith(b"HTTP/1.1 200") and second.startswith(b"HTTP/1.1 200"), (first[:40], second[:40])
