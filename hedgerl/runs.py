@@ -82,9 +82,9 @@ def train_config(
 
 # %% ../nbs/13_runs.ipynb #9da68abd
 def template_path() -> Path:
-    "The training template `nbs/runs/train.ipynb` of this clone of hedgerl."
-    p = Path(hedgerl.__file__).resolve().parent.parent / "nbs" / "runs" / "train.ipynb"
-    if not p.is_file(): raise FileNotFoundError(f"no training template at {p}: run from a clone of hedgerl or pass notebook=PATH")
+    "The training template `train.ipynb`, shipped in the package (`hedgerl/templates/`: the repository's `nbs/runs/`)."
+    p = Path(hedgerl.__file__).resolve().parent / "templates" / "train.ipynb"
+    if not p.is_file(): raise FileNotFoundError(f"hedgerl's training template is not in {p.parent}: reinstall hedgerl (pip install --force-reinstall hedgerl) or pass notebook=PATH")
     return p
 
 class RunFailed(RuntimeError):

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 from conftest import BIN, ROOT, empty_database, fresh_pg_database, run
+import hedgerl
 from hedgerl.registry import Registry, schema_diff
 
 SCENARIO = "cao2021-gbm-1m-1d"
@@ -269,3 +271,19 @@ def test_sigterm_before_training_claims_no_checkpoint(tmp_path):
     p = run(["hedgerl", "train", "--resume", "1", "--registry", url])
     assert p.returncode == 2 and "cannot resume run 1: it left no checkpoint" in p.stderr, p.stderr
     reg.engine.dispose()
+
+
+def test_papermill_runs_the_training_template_from_its_command_line(tmp_path):
+    "The template keeps its kernelspec and `parameters` cell (papermill's own command lists and runs it: it said 'No"
+    " kernel name found' before), and `runs.template_path` finds it in the package, as a pip install has it."
+    from hedgerl.runs import template_path
+    assert template_path().parent == Path(hedgerl.__file__).resolve().parent / "templates" and template_path().samefile(ROOT / "nbs" / "runs" / "train.ipynb")
+    papermill, template = str(Path(sys.executable).parent / "papermill"), str(template_path())
+    r = subprocess.run([papermill, "--help-notebook", template], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "budget: Unknown type (default 20)" in r.stdout, r.stdout + r.stderr
+    env = {**os.environ, "HEDGERL_DATA_FOLDER": str(tmp_path / "data")}
+    r = subprocess.run([papermill, template, str(tmp_path / "out.ipynb"), "-p", "budget", "2", "--cwd", str(tmp_path), "--no-progress-bar"],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    done = json.loads((tmp_path / "out.ipynb").read_text())
+    assert done["metadata"]["papermill"]["parameters"]["budget"] == 2 and not done["metadata"]["papermill"]["exception"]
