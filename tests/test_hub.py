@@ -327,6 +327,7 @@ def test_workspace_as_the_users_own_account(hub):
     seeded = sorted(p.name for p in (home / "hedgerl").iterdir())
     assert seeded == ["01_first_hedge.ipynb", "02_baselines_and_backtests.ipynb", "evaluation.ipynb", "player.ipynb", "train.ipynb"]
     assert all(p.stat().st_uid == pw.pw_uid for p in (home / "hedgerl").iterdir())
+    assert {json.loads(p.read_text())["metadata"]["kernelspec"]["name"] for p in (home / "hedgerl").iterdir()} == {"hedgerl"}  # the one kernel here
     # ... and what the user's server shows of them; its kernel is the environment's `hedgerl`
     tok = {"Authorization": f"token {hub.token(s, name)}"}
     listing = requests.get(f"{hub.url}/user/{name}/api/contents/hedgerl", headers=tok).json()

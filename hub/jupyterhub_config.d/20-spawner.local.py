@@ -78,7 +78,13 @@ def seed_workspace(home: Path, files: list[str], pw: pwd.struct_passwd | None = 
               "d = pathlib.Path(sys.argv[1]) / 'hedgerl'\n"
               "if d.exists() or d.is_symlink(): sys.exit(3)\n"
               "d.mkdir()\n"
-              "for f in sys.argv[2:]: shutil.copyfile(f, d / pathlib.Path(f).name)\n")
+              "for f in sys.argv[2:]: shutil.copyfile(f, d / pathlib.Path(f).name)\n"
+              # notebooks open on the workspace's one kernel (the templates name python3, which papermill finds anywhere)
+              "import json\n"
+              "for nb in d.glob('*.ipynb'):\n"
+              "    doc = json.loads(nb.read_text())\n"
+              "    doc.setdefault('metadata', {})['kernelspec'] = {'name': 'hedgerl', 'display_name': 'hedgerl', 'language': 'python'}\n"
+              "    nb.write_text(json.dumps(doc, indent=1))\n")
     as_user = {} if pw is None else dict(user=pw.pw_uid, group=pw.pw_gid, extra_groups=[], umask=0o077)
     p = subprocess.run([sys.executable, "-I", "-c", script, str(home), *files], cwd=str(home), capture_output=True,
                        text=True, env={"HOME": str(home), "PATH": "/usr/bin:/bin"}, **as_user)
