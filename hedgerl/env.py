@@ -25,8 +25,8 @@ from .pricing import bs_greeks
 from .scenarios import Rollout, Scenario, ScenarioPaths, as_scenario, simulate_scenario
 
 # %% auto #0
-__all__ = ['default_holdings_bounds', 'observation_names', 'observation_features', 'mean_variance_reward', 'HedgingEnv',
-           'BatchedHedgingEnv', 'SB3VecEnv']
+__all__ = ['default_holdings_bounds', 'observation_names', 'observation_features', 'mean_variance_reward', 'episode_image',
+           'HedgingEnv', 'BatchedHedgingEnv', 'SB3VecEnv']
 
 # %% ../nbs/05_env.ipynb #dcbdcf5b
 def _scenario(scenario) -> Scenario:
@@ -195,10 +195,31 @@ class _Hedging:
         "The target holdings, (n_instruments,), that one `action` asks for."
         return self._target(action)[0].copy()
 
+# %% ../nbs/05_env.ipynb #53c8ce58
+def episode_image(
+    series: list, # per band, the values at dates 0..k of the episode so far (e.g. the spot, the holding)
+    n_dates: int, # the episode's dates: the x axis runs over all of them
+    colours: list | None = None, # an RGB triple per band; None: blue, orange, green, ...
+    height: int = 120, width: int = 240, # the image's size in pixels
+) -> np.ndarray:
+    "A small picture of an episode: each series as a line in its own horizontal band of a white image, (height, width, 3) uint8."
+    colours = colours or [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
+    img, band = np.full((height, width, 3), 255, np.uint8), height // max(len(series), 1)
+    for b, (y, c) in enumerate(zip(series, colours * len(series))):
+        y = np.asarray(y, dtype=float)
+        if y.size == 0 or not np.isfinite(y).any(): continue
+        lo, hi = np.nanmin(y), np.nanmax(y)
+        t = np.linspace(0, y.size - 1, 4 * width)  # dense samples along the polyline
+        x = np.interp(t, np.arange(y.size), np.arange(y.size) * (width - 1) / max(n_dates - 1, 1))
+        v = b * band + (band - 2) - (np.interp(t, np.arange(y.size), y) - lo) / ((hi - lo) or 1.0) * (band - 3)
+        img[np.round(v).astype(int).clip(0, height - 1), np.round(x).astype(int).clip(0, width - 1)] = c
+        if b: img[b * band, :] = 200  # a grey rule between bands
+    return img
+
 # %% ../nbs/05_env.ipynb #39af3232
 class HedgingEnv(_Hedging, gym.Env):
     "Hedge one simulated path of a scenario per episode; the shared `Rollout` books the P&L (Kolm & Ritter 2019; Cao et al. 2021)."
-    metadata = {"render_modes": ["ansi"], "render_fps": 1}  # fps only for Gymnasium's checker: ansi frames are text
+    metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 1}  # fps only for Gymnasium's checker (and recorders): a frame a date
 
     def __init__(self,
         scenario: Scenario | str | dict = "cao2021-gbm-1m-1d", # a Scenario, a published name (`hedgerl.scenarios.names()`) or a dict
@@ -209,11 +230,11 @@ class HedgingEnv(_Hedging, gym.Env):
         holdings_bounds: tuple | None = None, # (low, high), numbers or per instrument; None: `default_holdings_bounds`
         batch_size: int = 1024, # paths simulated at once; one is served per episode
         marks: bool | None = None, # mark the book on every date; None: for reward="pnl" unless Heston
-        render_mode: str | None = None, # None or "ansi"
+        render_mode: str | None = None, # None, "ansi" (a line of text) or "rgb_array" (`episode_image` of the spot and the holding so far)
     ):
         self.observation_space, self.action_space = self._setup(scenario, reward, risk_aversion, action_type, n_levels, holdings_bounds, marks)
         self.batch_size = check_int("batch_size", batch_size, 1)
-        self.render_mode = check_choice("render_mode", render_mode, (None, "ansi"))
+        self.render_mode = check_choice("render_mode", render_mode, (None, "ansi", "rgb_array"))
         self.paths, self.batch_index, self.path_index = None, -1, -1
         self._feat, self._ro, self._rows, self._next, self._key = None, None, None, 0, None
 
@@ -239,7 +260,7 @@ class HedgingEnv(_Hedging, gym.Env):
         p = self.paths
         one = ScenarioPaths(p.scenario, p.days, p.times, p.spot[i:i + 1], p.variance[i:i + 1], p.book[i:i + 1],
                             p.prices[i:i + 1], p.discount)
-        self._ro, self._rows = Rollout(one, record=False), self._feat[i]
+        self._ro, self._rows, self._held = Rollout(one, record=False), self._feat[i], []
         return self._rows[0].copy(), {"batch": self.batch_index, "path": i}
 
     def step(self, action):
@@ -257,11 +278,15 @@ class HedgingEnv(_Hedging, gym.Env):
         else: r = mean_variance_reward(dW, self.risk_aversion)
         obs = self._rows[j].copy()
         obs[self._hold] = ro.holdings[0]
+        if self.render_mode == "rgb_array": self._held.append(float(ro.holdings[0, 0]))  # what the picture draws
         return obs, r, done, False, {"option_pnl": o, "hedge_pnl": g, "cost": c, "pnl": W}
 
-    def render(self) -> str | None:
-        "A one-line description of the current date (render_mode='ansi')."
-        if self.render_mode != "ansi" or self._ro is None: return None
+    def render(self) -> str | np.ndarray | None:
+        "A one-line description of the current date (render_mode='ansi'), or a picture of the episode so far ('rgb_array')."
+        if self.render_mode is None or self._ro is None: return None
+        if self.render_mode == "rgb_array":
+            j, i = self._ro.j, self.path_index
+            return episode_image([self.paths.spot[i, :j + 1], self._held], self._J + 1)
         ro, p, i = self._ro, self.paths, self.path_index
         return (f"batch {self.batch_index} path {i}: date {ro.j}/{self._J} (day {p.days[ro.j]}), spot {p.spot[i, ro.j]:.4f}, "
                 f"holdings {np.round(ro.holdings[0], 6).tolist()}, P&L {ro.pnl[0]:+.6f}")
