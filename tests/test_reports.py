@@ -156,6 +156,7 @@ def test_the_templates_ship_in_the_wheel(tmp_path):
     wheel = next((tmp_path / "dist").glob("hedgerl-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert {"hedgerl/templates/report.ipynb", "hedgerl/templates/leaderboard_report.ipynb", "hedgerl/templates/train.ipynb"} <= set(names)
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), [n for n in names if "dist-info" in n]  # the wheel carries the licence
     zipfile.ZipFile(wheel).extractall(site := tmp_path / "site")
     assert not (site / "hedgerl" / "templates").is_symlink()
     r = subprocess.run([sys.executable, "-c", "import hedgerl.reports as r, json; p = r.template_path(); "
