@@ -79,6 +79,30 @@ class BacktestResult:
         return (f"BacktestResult({self.strategy!r} on {self.scenario.name!r}: {self.n_paths:,} paths, "
                 f"objective {objective} ({self.scenario.objective.label}), mean P&L {self.pnl.mean():.4g}, sd {self.pnl.std():.4g})")
 
+    def _repr_html_(self) -> str:
+        "In a notebook: the headline metrics as a table (no bootstrap: instant); `summary(n_boot=...)` has them all with errors."
+        import html
+        m = self.summary()
+        rows = [(self.scenario.objective.label, m["objective"]), ("mean P&L", m["mean"]), ("sd P&L", m["std"]), ("ES 95%", m["es_95"]),
+                ("mean cost", m["cost_mean"])] + ([("mean turnover", m["turnover_mean"])] if "turnover_mean" in m else [])
+        body = "".join(f"<tr><td>{html.escape(k)}</td><td style='text-align:right'>{v:.4g}</td></tr>" for k, v in rows)
+        return (f"<b>{html.escape(self.strategy)}</b> on <b>{html.escape(self.scenario.name)}</b>, {self.n_paths:,} paths"
+                f"<table>{body}</table>")
+
+    def plot(self, bins: int = 60, instrument: int = 0):
+        "A matplotlib figure: the terminal P&L distribution and, when holdings were recorded, the holding of `instrument` per date (median, 5–95% band)."
+        import matplotlib.pyplot as plt
+        fig, axes = plt.subplots(1, 1 + (self.holdings is not None), figsize=(10 if self.holdings is not None else 5, 3.5), squeeze=False)
+        ax = axes[0, 0]
+        ax.hist(self.pnl, bins=bins, color="tab:blue", alpha=0.8); ax.set(title=f"{self.strategy}: terminal P&L", xlabel="P&L", ylabel="paths")
+        if self.holdings is not None:
+            h, ax = self.holdings[:, :, instrument], axes[0, 1]
+            lo, mid, hi = np.percentile(h, [5, 50, 95], axis=0)
+            ax.fill_between(np.arange(h.shape[1]), lo, hi, alpha=0.3, color="tab:orange"); ax.plot(mid, color="tab:orange")
+            ax.set(title=f"holding of {self.scenario.instrument_names[instrument]}", xlabel="hedging date", ylabel="units")
+        fig.tight_layout()
+        return fig
+
 # %% ../nbs/07_backtest.ipynb #287f0d20
 def _check_strategy(strategy):
     if not (callable(getattr(strategy, "act", None)) and callable(getattr(strategy, "reset", None))):
