@@ -76,3 +76,14 @@ def test_numpy_paths_import_without_torch():
             "try:\n    GBM(0.0, 0.2).simulate(10, 5, 0.01, backend='torch')\nexcept ImportError as e:\n    assert 'pip install torch==2.13.0' in str(e)\n"
             "else:\n    raise AssertionError('expected ImportError')\n")
     run([sys.executable, "-c", code], check=True)
+
+
+def test_progress_bars_show_in_a_notebook():
+    "tqdm.auto in a kernel draws a widget bar (ipywidgets is a dependency): it warned 'IProgress not found' and drew none."
+    import nbformat
+    from nbclient import NotebookClient
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("from tqdm.auto import tqdm\nfor _ in tqdm(range(3), desc='work'): pass")])
+    NotebookClient(nb, kernel_name="python3", timeout=120).execute()
+    out = nb.cells[0].outputs
+    assert not any("IProgress not found" in o.get("text", "") for o in out), out
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in out), out
