@@ -247,7 +247,7 @@ def _cmd_train(args) -> int:
     from hedgerl.runs import RunFailed, train
     kw = _train_kwargs(args)
     try: r = train(args.agent, args.scenario, args.budget, **kw, experiment=args.experiment, name=args.name,
-                   resume=args.resume, notebook=args.notebook)
+                   resume=args.resume, notebook=args.notebook, progress=True)  # each validation's metrics as they are logged
     except RunFailed as e:
         print(f"hedgerl train: {e}", file=sys.stderr); return 1
     except KeyboardInterrupt as e:

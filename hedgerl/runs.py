@@ -12,8 +12,10 @@ import os
 import secrets
 import shutil
 import signal
+import sys
 import threading
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import pandas as pd
@@ -26,8 +28,8 @@ from .scenarios import NAMED, Objective, Scenario, as_scenario
 
 # %% auto #0
 __all__ = ['TRAIN_DEFAULTS', 'OPTUNA_VERSION_TABLE', 'DEFAULT_SPACES', 'parse_objective', 'resolve_scenario', 'train_config',
-           'template_path', 'RunFailed', 'runs_root', 'new_run_folder', 'train', 'load_model', 'grid_cells', 'sweep',
-           'optuna_storage', 'tune']
+           'template_path', 'RunFailed', 'metrics_printer', 'runs_root', 'new_run_folder', 'train', 'load_model',
+           'grid_cells', 'sweep', 'optuna_storage', 'tune']
 
 # %% ../nbs/13_runs.ipynb #742d4b09
 def parse_objective(
@@ -132,6 +134,32 @@ def _execute(notebook: Path, output: Path, parameters: dict, timeout: float | No
             raise
     return False  # finished, even if a late Ctrl-C came after the last cell
 
+# %% ../nbs/13_runs.ipynb #f04e6fcb
+@contextmanager
+def metrics_printer(
+    reg, # the registry the run logs to
+    run_id: int, # the run
+    say=print, # takes each line
+    every: float = 2.0, # seconds between reads of the registry
+):
+    "While the block runs, `say` a line per step the run has logged (its train/ and valid/ metrics), read every `every` s; the rest at the end."
+    stop, shown = threading.Event(), [-1]
+    def show(final: bool) -> None:
+        try: m = reg.metrics(run_id)
+        except Exception: return  # a busy database: the next read
+        new = m[m.step > shown[0]]
+        if not final: new = new[new.step < new.step.max()] if len(new) else new  # the last step may still be logging
+        for step, g in new.groupby("step"):
+            g = g[g.key.str.startswith(("valid/", "train/"))]  # the test's metrics come once, in the run's outcome
+            if len(g): say(f"run {run_id}: step {step}: " + ", ".join(f"{k} {v:.6g}" for k, v in zip(g.key, g.value)))
+            shown[0] = int(step)
+    def poll():
+        while not stop.wait(every): show(False)
+    t = threading.Thread(target=poll, daemon=True, name=f"metrics of run {run_id}"); t.start()
+    try: yield
+    finally:
+        stop.set(); t.join(every + 10); show(True)
+
 # %% ../nbs/13_runs.ipynb #1e2d7bbe
 def _registry(registry):
     "A `Registry` on a database, or a `RemoteRegistry` when the URL is the hedgerl service's (a workspace on the platform)."
@@ -197,6 +225,7 @@ def train(
     notebook: str | Path | None = None, # the template to execute; None: `template_path()`
     threads: int = 1, # torch threads in the kernel (0: torch's default)
     timeout: float | None = None, # seconds a cell may run; None: no limit
+    progress: bool = False, # print each step's logged metrics on stderr while it trains (`metrics_printer`)
 ) -> dict:
     "Execute the training template as one registry run; return its id, status, folder, notebook and metrics."
     reg = _registry(registry)
@@ -214,7 +243,9 @@ def train(
     with _HeldSignals() as held:  # a Ctrl-C or SIGTERM now waits until the run's row and its folder both exist
         run = reg.start_run(experiment, {**cfg, **({"resumed_from": int(resume)} if resume is not None else {})}, name=name, notebook=str(template), tags=tags)
         folder = _run_folder(run, root)
-    return _execute_run(run, reg, template, cfg, ckpt, folder, threads, timeout, held.pending)
+    if progress: print(f"run {run.id}: training {cfg['agent']} on {cfg['scenario'] if isinstance(cfg['scenario'], str) else 'a custom scenario'} in {folder}", file=sys.stderr)
+    with metrics_printer(reg, run.id, lambda line: print(line, file=sys.stderr, flush=True)) if progress else nullcontext():
+        return _execute_run(run, reg, template, cfg, ckpt, folder, threads, timeout, held.pending)
 
 def _interrupted(run_id: int, ckpt: Path) -> str:
     if ckpt.is_file(): return f"run {run_id} interrupted; its checkpoint is {ckpt}; resume with `hedgerl train --resume {run_id}`"

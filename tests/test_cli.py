@@ -196,3 +196,12 @@ def test_unwritable_data_folder_is_named(tmp_path, capsys, monkeypatch):
             assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, (argv, err)
     finally:
         monkeypatch.undo(); settings(reload=True)
+
+
+def test_train_says_what_it_learns_while_it_trains(tmp_path):
+    "hedgerl train prints each validation's metrics as the run logs them (it printed nothing until the end), then the outcome."
+    p = run(["hedgerl", "train", "ntb", "cao2021-gbm-1m-1d", "--budget", "20", "--valid-every", "10", "--registry", f"sqlite:///{tmp_path}/r.sqlite",
+             "--runs-dir", str(tmp_path / "runs")], timeout=600, check=True)
+    steps = re.findall(r"run 1: step (\d+): train/lr \S+, train/objective \S+, train/seconds \S+, valid/objective (\S+)", p.stderr)
+    assert [s for s, _ in steps] == ["10", "20"], p.stderr
+    assert "run 1: training ntb on cao2021-gbm-1m-1d" in p.stderr and "hedgerl: run 1 finished: test objective" in p.stdout
