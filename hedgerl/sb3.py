@@ -11,6 +11,7 @@ import json
 import math
 import pickle
 import random
+from pathlib import Path
 
 import numpy as np
 
@@ -23,7 +24,7 @@ from .scenarios import Observation, simulate_scenario
 
 # %% auto #0
 __all__ = ['N_FEATURES', 'band_features', 'band_edges', 'band_targets', 'risk_penalty', 'band_vec_env', 'SB3Agent', 'SACAgent',
-           'PPOAgent', 'DQNAgent', 'train_best_sb3']
+           'PPOAgent', 'DQNAgent', 'export_sb3', 'train_best_sb3']
 
 # %% ../nbs/12_sb3.ipynb #f8ddc1be
 N_FEATURES = 7
@@ -331,6 +332,21 @@ class DQNAgent(SB3Agent):
         return dict(batch_size=p["batch_size"], buffer_size=p["buffer_size"], learning_starts=p["learning_starts"],
                     exploration_fraction=p["exploration_fraction"], exploration_final_eps=p["exploration_final_eps"],
                     target_update_interval=p["target_update_interval"], train_freq=p["train_freq"], gradient_steps=p["gradient_steps"])
+
+# %% ../nbs/12_sb3.ipynb #dc209f82
+def export_sb3(
+    archive, # a saved stable-baselines3 agent of hedgerl (`Agent.save`; a registered sac, ppo or dqn model's file)
+    out, # where stable-baselines3's own zip goes
+) -> Path:
+    "The SB3 model inside hedgerl's archive as stable-baselines3's own file (`PPO.load(out)` reads it); nothing is unpickled here."
+    from hedgerl.agents import _read_archive
+    meta, state = _read_archive(archive)
+    kind = meta["config"]["agent"]
+    if kind not in ("sac", "ppo", "dqn"): raise ValueError(f"{str(archive)!r} is a {kind} agent, not a stable-baselines3 one (sac, ppo, dqn)")
+    _, sep, body = state.partition(b"\n")  # the calibration line, then SB3's zip
+    if not sep or not body.startswith(b"PK"): raise ValueError(f"{str(archive)!r}: its state.bin holds no stable-baselines3 model")
+    out = Path(out); out.parent.mkdir(parents=True, exist_ok=True); out.write_bytes(body)
+    return out
 
 # %% ../nbs/12_sb3.ipynb #e36a4647
 def train_best_sb3(
