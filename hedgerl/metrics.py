@@ -98,6 +98,7 @@ def standard_error(
     *arrays, # per-path arrays (..., n_paths) with the same n_paths, resampled jointly
     n_boot: int = 200, # bootstrap replicates (>= 2)
     seed=0, # seed of the resampling: int, SeedSequence or Generator (see `hedgerl.core.as_generator`)
+    progress: bool | None = None, # a progress bar (on stderr) once it has taken 2 s; None: on a terminal only
     **kwargs, # passed on to `stat`
 ):
     "Bootstrap standard error of `stat(*arrays, **kwargs)`, resampling paths jointly across `arrays`."
@@ -111,7 +112,9 @@ def standard_error(
     rng = as_generator(seed)
     batch = int(np.clip(_BOOT_BLOCK // max(sum(a.size for a in arrs), 1), 1, n_boot))  # empty (0, n) arrays: one batch
     reps = []
-    for start in range(0, n_boot, batch):
+    from tqdm import tqdm  # a million paths take seconds: say so, after 2 s, where someone watches
+    for start in tqdm(range(0, n_boot, batch), desc=f"bootstrap ({n_boot} resamples of {n:,} paths)", unit="batch", delay=2.0,
+                      leave=False, disable=None if progress is None else not progress):
         b = min(batch, n_boot - start)
         idx = rng.integers(0, n, size=(b, n))
         out = stat(*(a[..., idx] for a in arrs), **kwargs)
