@@ -87,3 +87,10 @@ def test_progress_bars_show_in_a_notebook():
     out = nb.cells[0].outputs
     assert not any("IProgress not found" in o.get("text", "") for o in out), out
     assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in out), out
+
+
+def test_the_index_names_every_notebook():
+    "The front page's list of the source notebooks is complete (it stopped at 21 once)."
+    readme = (ROOT / "README.md").read_text()
+    missing = [p.stem for p in sorted((ROOT / "nbs").glob("[0-9][0-9]_*.ipynb")) if f"`{p.stem}`" not in readme]
+    assert not missing, f"README/index does not name {missing}"
