@@ -89,7 +89,15 @@ def _run(S, K, T, r, sigma, q, kind, greeks):
     return tuple(outs) if greeks else outs[0]
 
 # %% ../nbs/01_pricing.ipynb #cfd74b50
-def bs_price(S, K, T, r, sigma, q=0.0, kind="call"):
+def bs_price(
+    S, # spot price, > 0
+    K, # strike, > 0
+    T, # time to maturity in years, > 0
+    r, # continuously compounded risk-free rate
+    sigma, # volatility (annual), > 0
+    q=0.0, # continuous dividend yield
+    kind="call", # "call" or "put"
+):
     "Black-Scholes-Merton price of a European option, broadcast over all arguments (numpy arrays, scalars or torch tensors)."
     return _run(S, K, T, r, sigma, q, kind, greeks=False)
 
@@ -99,7 +107,9 @@ class Greeks:
     "Price and Greeks of European options (QuantLib's units: vega per 1.00 vol, theta per year, rho per 1.00 rate)."
     price: Any; delta: Any; gamma: Any; vega: Any; theta: Any; rho: Any
 
-def bs_greeks(S, K, T, r, sigma, q=0.0, kind="call") -> Greeks:
+def bs_greeks(
+    S, K, T, r, sigma, q=0.0, kind="call", # as for `bs_price`
+) -> Greeks:
     "Black-Scholes-Merton price, delta, gamma, vega, theta and rho, broadcast over all arguments."
     return Greeks(*_run(S, K, T, r, sigma, q, kind, greeks=True))
 
