@@ -21,8 +21,8 @@ from .dashboards import (Evaluation, EvaluationCache, comparison, evaluate, eval
 from .scenarios import Instrument, Observation, Option, Scenario, as_scenario
 
 # %% auto #0
-__all__ = ['HEDGES', 'book_greeks', 'base_hedges', 'book_config', 'same_problem', 'matching_models', 'book_choices',
-           'totals_html', 'Portfolio', 'portfolio_page']
+__all__ = ['HEDGES', 'MAX_BOOK', 'MAX_MATURITY', 'book_greeks', 'base_hedges', 'book_config', 'same_problem', 'matching_models',
+           'book_choices', 'totals_html', 'Portfolio', 'portfolio_page']
 
 # %% ../nbs/27_portfolio.ipynb #cc73d31b
 _GREEKS = ("delta", "gamma", "vega", "theta", "rho")
@@ -72,6 +72,8 @@ def base_hedges(
     return [l for l in HEDGES if _hedge(l, b.market.s0, b.horizon) in b.instruments]
 
 # %% ../nbs/27_portfolio.ipynb #16b5d2e4
+MAX_BOOK, MAX_MATURITY = 20, 504  # options and days (two years) a page's book may hold: a backtest's work grows with both
+
 def book_config(
     base, # the scenario whose market, costs, calendar and objective the book is hedged in (`as_scenario`)
     book: list, # the options: `Option`s or mappings with kind, strike, maturity and quantity (a table's rows)
@@ -81,7 +83,9 @@ def book_config(
     "The config of the scenario hedging `book` in `base`'s market, for `as_scenario` to check; the book's errors name its rows."
     b = as_scenario(base)
     opts = lib._build_list(Option, book, "book", "book must hold at least one option")  # the checks and messages of `Scenario.book`
+    if len(opts) > MAX_BOOK: raise ValueError(f"book: at most {MAX_BOOK} options on this page, got {len(opts)}")
     horizon = max(o.maturity for o in opts)
+    if horizon > MAX_MATURITY: raise ValueError(f"book: maturities of at most {MAX_MATURITY} days on this page, got {horizon}")
     instruments = list(b.instruments) if hedges is None else [_hedge(l, b.market.s0, horizon) for l in hedges]
     d = b.to_dict()
     d.update(name=name or f"{b.name} book", description=f"a book of {len(opts)} options hedged in the market of {b.name}",
