@@ -625,7 +625,12 @@ def bench_dashboards(
     rounds: int = 5, # widget changes of each kind
 ) -> dict:
     "Time to the first render of the service's evaluation page (evaluation kept) and to a widget change's updated figures, in Chromium; the figures and goals."
-    import json, os, secrets, signal, tempfile, time
+    import asyncio, json, os, secrets, signal, tempfile, time
+    try: asyncio.get_running_loop()
+    except RuntimeError: pass
+    else:  # a notebook's kernel runs an event loop: Playwright's sync API needs a thread without one
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(1) as pool: return pool.submit(bench_dashboards, out_dir, n_paths, rounds).result()
     try: from playwright.sync_api import sync_playwright
     except ImportError: raise RuntimeError("the dashboards benchmark drives a browser: pip install playwright (no browser download; it uses /usr/bin/chromium)") from None
     from hedgerl.core import load_settings
