@@ -433,7 +433,7 @@ def test_not_root_single_account(tmp_path):
             assert set(map(int, uids)) == {acct.pw_uid}
             with pytest.raises(KeyError): pwd.getpwnam(name)  # no account was made for the user
             home = hub.data / "workspaces" / name
-            assert sorted(p.name for p in (home / "hedgerl").iterdir())[-2:] == ["evaluation.ipynb", "train.ipynb"]
+            assert sorted(p.name for p in (home / "hedgerl").iterdir())[-3:] == ["evaluation.ipynb", "player.ipynb", "train.ipynb"]
             env = dict(l.split("=", 1) for l in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in l)
             assert env["HOME"] == str(home) and env["HEDGERL_DATA_FOLDER"] == str(home / ".hedgerl")
             r = s.get(f"{hub.url}/user/{name}/lab")
