@@ -291,9 +291,18 @@ class HedgingEnv(_Hedging, gym.Env):
         return (f"batch {self.batch_index} path {i}: date {ro.j}/{self._J} (day {p.days[ro.j]}), spot {p.spot[i, ro.j]:.4f}, "
                 f"holdings {np.round(ro.holdings[0], 6).tolist()}, P&L {ro.pnl[0]:+.6f}")
 
+# %% ../nbs/05_env.ipynb #2a0e9cc5
+def _autoreset_mode(mode) -> AutoresetMode:
+    "Gymnasium's `AutoresetMode` from itself or its string value; SAME_STEP and NEXT_STEP only (all paths end together)."
+    try: m = AutoresetMode(mode)
+    except (ValueError, TypeError): m = None
+    if m not in (AutoresetMode.SAME_STEP, AutoresetMode.NEXT_STEP):
+        raise ValueError(f"autoreset_mode must be AutoresetMode.NEXT_STEP or SAME_STEP (or 'NextStep', 'SameStep'), got {mode!r}")
+    return m
+
 # %% ../nbs/05_env.ipynb #f919d8b4
 class BatchedHedgingEnv(_Hedging, VectorEnv):
-    "Hedge `num_envs` simulated paths at once with array operations on one `Rollout`; same-step autoreset with a fresh batch."
+    "Hedge `num_envs` simulated paths at once with array operations on one `Rollout`; autoreset (same-step or next-step) with a fresh batch."
     metadata = {"autoreset_mode": AutoresetMode.SAME_STEP, "render_modes": []}
 
     def __init__(self,
@@ -306,21 +315,23 @@ class BatchedHedgingEnv(_Hedging, VectorEnv):
         holdings_bounds: tuple | None = None, # (low, high); None: `default_holdings_bounds`
         marks: bool | None = None, # mark the book on every date; None: for reward="pnl" unless Heston
         render_mode: str | None = None, # only None
+        autoreset_mode: AutoresetMode | str = AutoresetMode.SAME_STEP, # Gymnasium's SAME_STEP or NEXT_STEP (or their string values)
     ):
         self.single_observation_space, self.single_action_space = self._setup(
             scenario, reward, risk_aversion, action_type, n_levels, holdings_bounds, marks)
         self.num_envs = n = check_int("num_envs", num_envs, 1)
         self.render_mode = check_choice("render_mode", render_mode, (None,))
+        self.metadata = {**type(self).metadata, "autoreset_mode": _autoreset_mode(autoreset_mode)}
         self.observation_space = batch_space(self.single_observation_space, n)
         self.action_space = batch_space(self.single_action_space, n)
-        self.paths, self.batch_index, self._ro, self._feat = None, -1, None, None
+        self.paths, self.batch_index, self._ro, self._feat, self._ended = None, -1, None, None, False
         self._all = np.ones(n, bool); self._all.flags.writeable = False  # the info masks: every path has every key
 
     def _start(self, k: int) -> np.ndarray:
         "Simulate batch `k`, start its `Rollout` and return its first observations."
         self.paths = simulate_scenario(self.scenario, self.num_envs, seed=self._batch_seed(k), marks=self.marks)
         self._feat = observation_features(self.paths, time_major=True)
-        self._ro, self.batch_index = Rollout(self.paths, record=False), k
+        self._ro, self.batch_index, self._ended = Rollout(self.paths, record=False), k, False
         return self._feat[0]
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
@@ -331,9 +342,11 @@ class BatchedHedgingEnv(_Hedging, VectorEnv):
         return self._start(k if k is not None else 0 if seed is not None else self.batch_index + 1), {}
 
     def step(self, actions):
-        "Trade every path to its target holdings, book the step's P&L; on the last date, autoreset to a fresh batch."
+        "Trade every path to its target holdings, book the step's P&L; after the last date, autoreset to a fresh batch."
         ro, n = self._ro, self.num_envs
         if ro is None: raise ResetNeeded("call reset() before step()")
+        if self._ended:  # NEXT_STEP: this step only starts the next batch (the actions are ignored)
+            return self._start(self.batch_index + 1), np.zeros(n), np.zeros(n, bool), np.zeros(n, bool), {}
         s = ro.step(self._targets(actions, n))
         j, W = ro.j, ro.pnl
         done = j == self._J
@@ -347,6 +360,9 @@ class BatchedHedgingEnv(_Hedging, VectorEnv):
             obs[:, self._hold] = ro.holdings
             return obs, r, np.zeros(n, bool), np.zeros(n, bool), info
         # obs, the maturity row, already holds zero holdings (everything was liquidated)
+        if self.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP:
+            self._ended = True
+            return obs, r, np.ones(n, bool), np.zeros(n, bool), info
         return (self._start(self.batch_index + 1), r, np.ones(n, bool), np.zeros(n, bool),
                 {"final_obs": obs, "_final_obs": a, "final_info": info, "_final_info": a})
 
