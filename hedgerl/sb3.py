@@ -74,13 +74,16 @@ def risk_penalty(
 @functools.cache
 def _band_vec_env_class() -> type:
     from gymnasium import spaces
+    from gymnasium.vector import AutoresetMode
     Base = _sb3_vec_env_class()
 
     class BandVecEnv(Base):
         "The SB3 adapter of a `BatchedHedgingEnv` with the band action, the agents' observations and the risk-shaped reward."
         def __init__(self, scenario, n_envs: int, width: float, kappa: float, discrete: bool, seed: int = 0, drift: str = "expected",
                      risk: str = "path", cost_mean: float = 0.0):
-            Base.__init__(self, BatchedHedgingEnv(num_envs=n_envs, scenario=scenario, reward="pnl", risk_aversion=0.0))
+            env = BatchedHedgingEnv(num_envs=n_envs, scenario=scenario, reward="pnl", risk_aversion=0.0,
+                                   autoreset_mode=AutoresetMode.SAME_STEP)  # step_wait reads the last step's final_info
+            Base.__init__(self, env)
             self.width, self.kappa, self.discrete, self._seed, self.drift = width, kappa, discrete, seed, drift
             self.risk, self.cost_mean = risk, cost_mean
             self._book0 = book_value0(self.env.scenario)
