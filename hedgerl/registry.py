@@ -39,18 +39,21 @@ from .core import SettingsError, check_choice, settings
 __all__ = ['STATUSES', 'MIGRATIONS', 'utcnow', 'Base', 'Dataset', 'Experiment', 'RunRow', 'Model', 'Evaluation', 'RunMetric',
            'SavedScenario', 'SchemaError', 'RegistryUnavailable', 'ArtifactError', 'NameTaken', 'is_service_url',
            'registry_url', 'sqlite_file', 'make_engine', 'read_only', 'alembic_config', 'run_alembic_env',
-           'schema_diff', 'Run', 'data_version', 'ReadCache', 'Registry', 'open_registry']
+           'schema_diff', 'connect', 'upgrade', 'downgrade', 'schema_status', 'check_schema', 'Run', 'data_version',
+           'ReadCache', 'RegistryBase', 'Registry', 'open_registry']
 
-# %% ../nbs/09_registry.ipynb #8a341a55
+# %% ../nbs/09_registry.ipynb #ca46497f
 STATUSES = ("running", "finished", "failed", "interrupted")
 
 def utcnow() -> dt.datetime:
     "The current UTC time, naive (the registry stores naive UTC timestamps on every backend)."
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
 
+# %% ../nbs/09_registry.ipynb #a62519a2
 class Base(DeclarativeBase):
     "Declarative base of the registry tables (the head of the Alembic revisions)."
 
+# %% ../nbs/09_registry.ipynb #8883ecf1
 class Dataset(Base):
     "A data set, identified by name and content hash."
     __tablename__ = "datasets"
@@ -66,6 +69,7 @@ class Dataset(Base):
     owner: Mapped[str] = mapped_column(String(100))
     created: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
+# %% ../nbs/09_registry.ipynb #0bd5f303
 class Experiment(Base):
     "A named group of runs; the name is unique per owner."
     __tablename__ = "experiments"
@@ -77,6 +81,7 @@ class Experiment(Base):
     shared: Mapped[bool] = mapped_column(Boolean, default=False)
     created: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
+# %% ../nbs/09_registry.ipynb #86969abb
 class RunRow(Base):
     "One execution: parameters, status, liveness (host, pid, heartbeat) and outputs."
     __tablename__ = "runs"
@@ -98,6 +103,7 @@ class RunRow(Base):
     error: Mapped[str | None] = mapped_column(Text)
     tags: Mapped[Any | None] = mapped_column(JSON) # r0002
 
+# %% ../nbs/09_registry.ipynb #259dc734
 class Model(Base):
     "A trained model artifact; `version` counts up per (owner, name)."
     __tablename__ = "models"
@@ -115,6 +121,7 @@ class Model(Base):
     shared: Mapped[bool] = mapped_column(Boolean, default=False)
     created: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
+# %% ../nbs/09_registry.ipynb #42fedf53
 class Evaluation(Base):
     "The score of a strategy (optionally a registered model or a run's agent) on a scenario."
     __tablename__ = "evaluations"
@@ -131,6 +138,7 @@ class Evaluation(Base):
     shared: Mapped[bool] = mapped_column(Boolean, default=False)
     created: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
+# %% ../nbs/09_registry.ipynb #6d322c3e
 class RunMetric(Base):
     "One logged value of a run: `(step, key, value)` at a time."
     __tablename__ = "run_metrics"
@@ -142,6 +150,7 @@ class RunMetric(Base):
     value: Mapped[float | None] = mapped_column(Float)
     timestamp: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
+# %% ../nbs/09_registry.ipynb #5441562d
 class SavedScenario(Base):
     "A user's scenario config (JSON, checked by its writer), private unless shared; the name is unique per owner. (r0003)"
     __tablename__ = "scenarios"
@@ -154,27 +163,34 @@ class SavedScenario(Base):
     shared: Mapped[bool] = mapped_column(Boolean, default=False)
     created: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
-# %% ../nbs/09_registry.ipynb #7e9c1e91
+# %% ../nbs/09_registry.ipynb #20254fe6
 MIGRATIONS = Path(core.__file__).parent / "migrations" # the Alembic scripts, exported from nbs/09a_migrations.ipynb
 _SCHEMA_LOCK = 7316150219 # PostgreSQL advisory lock key held while the registry's schema changes
+
+# %% ../nbs/09_registry.ipynb #48668e47
 class SchemaError(RuntimeError):
     "The registry database is not at the schema this hedgerl expects."
 
+# %% ../nbs/09_registry.ipynb #95fc8ed6
 class RegistryUnavailable(ConnectionError):
     "The registry database cannot be reached."
 
+# %% ../nbs/09_registry.ipynb #3f91f067
 class ArtifactError(ValueError):
     "A registered artifact is missing or no longer matches the checksum recorded with it."
 
+# %% ../nbs/09_registry.ipynb #e6a59087
 class NameTaken(ValueError):
     "A name that must be unique per owner (a saved scenario's) is already theirs."
 
+# %% ../nbs/09_registry.ipynb #53567679
 def _json_default(o):
     if hasattr(o, "tolist"): return o.tolist() # numpy scalars and arrays
     if isinstance(o, (dt.date, dt.datetime)): return o.isoformat()
     if isinstance(o, Path): return str(o)
     raise TypeError(f"cannot store {type(o).__name__} as JSON: {o!r}")
 
+# %% ../nbs/09_registry.ipynb #980a28b3
 def _no_nul(o, where: str = "value") -> None:
     "A `ValueError` if a JSON value holds a NUL character anywhere: PostgreSQL stores `\\u0000` in json but cannot read it back (every later query of the column fails)."
     if isinstance(o, str):
@@ -184,12 +200,15 @@ def _no_nul(o, where: str = "value") -> None:
     elif isinstance(o, (list, tuple)):
         for v in o: _no_nul(v, where)
 
+# %% ../nbs/09_registry.ipynb #019a54f4
 def _dumps(o) -> str: _no_nul(o); return json.dumps(o, default=_json_default)
 
+# %% ../nbs/09_registry.ipynb #81d1fbdd
 def is_service_url(url) -> bool:
     "Whether `url` is the hedgerl service's http(s) address (the platform's registry) rather than a database URL."
     return isinstance(url, str) and re.match(r"(?i)https?://", url.strip()) is not None
 
+# %% ../nbs/09_registry.ipynb #8bc5e826
 def registry_url(url: str | None = None) -> sa.URL:
     "Parse and check a registry URL (default `settings().registry.url`); errors name the setting."
     raw = settings().registry.url if url is None else url
@@ -207,11 +226,13 @@ def registry_url(url: str | None = None) -> sa.URL:
         u = u.set(database=str(Path(u.database).expanduser()))
     return u
 
+# %% ../nbs/09_registry.ipynb #5112f95c
 def sqlite_file(url: sa.URL) -> Path | None:
     "The database file of a SQLite URL (None for other backends and in-memory databases)."
     if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:" or url.database.startswith("file:"): return None
     return Path(url.database)
 
+# %% ../nbs/09_registry.ipynb #7be79295
 def make_engine(url: sa.URL) -> sa.Engine:
     "An engine for the registry: JSON that understands numpy; SQLite in WAL mode, with a busy timeout, `BEGIN IMMEDIATE` to write and plain `BEGIN` on `read_only(engine)`."
     if url.get_backend_name() != "sqlite": return sa.create_engine(url, json_serializer=_dumps, pool_pre_ping=True)
@@ -226,10 +247,12 @@ def make_engine(url: sa.URL) -> sa.Engine:
     def _on_begin(conn): conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("hedgerl_read") else "BEGIN IMMEDIATE")
     return eng
 
+# %% ../nbs/09_registry.ipynb #f15a94db
 def read_only(engine: sa.Engine) -> sa.Engine:
     "The same engine (same pool) for transactions that only read: on SQLite they take no write lock."
     return engine.execution_options(hedgerl_read=True)
 
+# %% ../nbs/09_registry.ipynb #2523527f
 def alembic_config(engine: sa.Engine, connection: sa.Connection | None = None) -> Config:
     "Alembic configuration built in code: the packaged `hedgerl/migrations` scripts and this engine's URL."
     cfg = Config()
@@ -238,6 +261,7 @@ def alembic_config(engine: sa.Engine, connection: sa.Connection | None = None) -
     cfg.attributes["connection"] = connection
     return cfg
 
+# %% ../nbs/09_registry.ipynb #9632ce9d
 def run_alembic_env(context) -> None:
     "Body of `hedgerl/migrations/env.py`: run the migrations on the connection given in the config (or on its URL)."
     conn = context.config.attributes.get("connection")
@@ -247,18 +271,96 @@ def run_alembic_env(context) -> None:
         eng.dispose()
     else: _migrate(context, conn)
 
+# %% ../nbs/09_registry.ipynb #b80cd776
 def _migrate(context, conn):
     context.configure(connection=conn, target_metadata=Base.metadata, render_as_batch=True)
     with context.begin_transaction(): context.run_migrations()
 
+# %% ../nbs/09_registry.ipynb #13affe8f
 def _registry_objects(obj, name, type_, reflected, compare_to) -> bool:
     "Alembic `include_object` filter: a table found in the database but not in `Base.metadata` belongs to someone else."
     return not (type_ == "table" and reflected and compare_to is None and name not in Base.metadata.tables)
 
+# %% ../nbs/09_registry.ipynb #8ab1798f
 def schema_diff(engine: sa.Engine) -> list:
     "Differences between the registry's tables and the ORM schema (Alembic autogenerate); [] when they agree. Other tables are ignored."
     with engine.connect() as conn:
         return compare_metadata(MigrationContext.configure(conn, opts={"include_object": _registry_objects}), Base.metadata)
+
+# %% ../nbs/09_registry.ipynb #0c3ef554
+def connect(
+    engine: sa.Engine, # the registry's engine
+    create: bool = True, # make the folder of a missing SQLite file (SQLite then creates the file)
+) -> sa.Connection:
+    "A connection, or `RegistryUnavailable` naming the database; a missing SQLite file is created only when `create`."
+    where = (f"the registry database {engine.url.render_as_string()} "
+             "(setting [registry] url, environment HEDGERL_REGISTRY_URL)")
+    if (f := sqlite_file(engine.url)) is not None and not f.exists():
+        if not create:
+            raise RegistryUnavailable(f"{where} does not exist: check the path, or create it with `hedgerl db upgrade`")
+        try: f.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e: raise RegistryUnavailable(f"cannot create the folder of {where}: {e.strerror}: {e.filename}") from None
+    try: return engine.connect()  # a file that is not SQLite fails here (the connect hook's PRAGMAs)
+    except sa.exc.DatabaseError as e: raise RegistryUnavailable(f"cannot connect to {where}: {e.orig}") from None
+
+# %% ../nbs/09_registry.ipynb #ca524758
+def _alembic(engine: sa.Engine, create: bool, fn: Callable, *args) -> None:
+    "Run an Alembic command in one transaction; on PostgreSQL under an advisory lock, so concurrent first uses create the schema once."
+    with connect(engine, create) as conn, conn.begin():
+        if engine.url.get_backend_name() == "postgresql":
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK})")
+        fn(alembic_config(engine, conn), *args)
+
+# %% ../nbs/09_registry.ipynb #7cf982a8
+def upgrade(
+    engine: sa.Engine, # the registry's engine
+    revision: str = "head", # the Alembic revision to reach
+    create: bool = True, # create a missing SQLite file
+) -> None:
+    "Migrate the registry database up to `revision` (what `hedgerl db upgrade` runs)."
+    _alembic(engine, create, command.upgrade, revision)
+
+# %% ../nbs/09_registry.ipynb #163738b0
+def downgrade(
+    engine: sa.Engine, # the registry's engine
+    revision: str, # the Alembic revision to reach; `base` drops every table
+    create: bool = True, # create a missing SQLite file
+) -> None:
+    "Migrate the registry database down to `revision` (`base` drops every table)."
+    _alembic(engine, create, command.downgrade, revision)
+
+# %% ../nbs/09_registry.ipynb #65b83875
+def schema_status(
+    engine: sa.Engine, # the registry's engine
+    create: bool = True, # create a missing SQLite file (False: `RegistryUnavailable`)
+) -> dict:
+    "Current and head schema revisions, whether they agree, and the row count of every registry table."
+    with connect(engine, create) as conn:
+        current = MigrationContext.configure(conn).get_current_revision()
+        present = set(sa.inspect(conn).get_table_names())
+        tables = {t: conn.execute(sa.select(sa.func.count()).select_from(sa.table(t))).scalar_one()
+                  for t in Base.metadata.tables if t in present}
+    head = ScriptDirectory.from_config(alembic_config(engine)).get_current_head()
+    return dict(url=engine.url.render_as_string(), current=current, head=head, up_to_date=current == head,
+                tables=tables)
+
+# %% ../nbs/09_registry.ipynb #51cce184
+def check_schema(
+    engine: sa.Engine, # the registry's engine
+    create: bool = True, # bring an EMPTY database to the head schema (never an old one)
+) -> None:
+    "Raise `SchemaError` unless the database is at the head revision (an empty one is created when `create`)."
+    st = schema_status(engine, create)
+    if st["current"] is None and not st["tables"] and create:
+        upgrade(engine, create=create); st = schema_status(engine, create)
+    known = {r.revision for r in ScriptDirectory.from_config(alembic_config(engine)).walk_revisions()}
+    if st["current"] is not None and st["current"] not in known:
+        raise SchemaError(f"the database {st['url']} has Alembic revision {st['current']!r} in its alembic_version table, which is "
+                          f"not a hedgerl revision: another application manages its schema there (a plain Optuna storage does; "
+                          f"give Optuna `hedgerl.runs.optuna_storage()` instead) - use a separate database or remove that table")
+    if not st["up_to_date"]:
+        raise SchemaError(f"the registry database {st['url']} is at schema revision {st['current'] or 'none (empty)'}, "
+                          f"this hedgerl needs {st['head']}: run `hedgerl db upgrade`")
 
 # %% ../nbs/09_registry.ipynb #52b7a26a
 class Run:
@@ -377,13 +479,14 @@ class ReadCache:
             while self._d and (len(self._d) > self.size or self._bytes > self.max_bytes): self._bytes -= self._d.popitem(last=False)[1][3]
         return value
 
-# %% ../nbs/09_registry.ipynb #7d747dc6
+# %% ../nbs/09_registry.ipynb #271a5ee9
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""): h.update(chunk)
     return h.hexdigest()
 
+# %% ../nbs/09_registry.ipynb #9680b1bf
 def _pid_alive(pid: int) -> bool:
     "Whether process `pid` exists on this host and is not a zombie."
     try: os.kill(pid, 0)
@@ -392,8 +495,10 @@ def _pid_alive(pid: int) -> bool:
     try: return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError): return True
 
+# %% ../nbs/09_registry.ipynb #728cc77c
 def _frame(rows, columns) -> pd.DataFrame: return pd.DataFrame([dict(r._mapping) for r in rows], columns=columns)
 
+# %% ../nbs/09_registry.ipynb #a6140fc9
 def _storable(col, v) -> bool:
     "Whether `v` could be a value of column `col` on every backend: PostgreSQL's INTEGER has 32 bits, no text holds NUL or lone surrogates."
     if isinstance(v, str):
@@ -405,12 +510,14 @@ def _storable(col, v) -> bool:
         return -2**bits <= v < 2**bits
     return True
 
+# %% ../nbs/09_registry.ipynb #04566e6a
 def _equal(col, v):
     "`col == v`, or a condition no row meets when `v` cannot be stored there (rather than the database's error)."
     return col == v if _storable(col, v) else sa.false()
 
-class Registry:
-    "The experiment registry on a SQLite or PostgreSQL database."
+# %% ../nbs/09_registry.ipynb #038a75ab
+class RegistryBase:
+    "A registry handle: its database URL and engine, the user it acts as, its read cache."
     def __init__(self,
         url: str | None = None, # SQLAlchemy URL; None: `settings().registry.url`
         user: str | None = None, # owner of what this handle writes, and whose private records it sees (default: login name)
@@ -439,83 +546,45 @@ class Registry:
         other = copy.copy(self); other.user, other.admin = user, admin
         return other
 
-    def cached(self,
-        key, # what is read (hashable); this handle's user and admin flag are added to it
-        compute: Callable, # computes it from the database
-    ):
-        "`compute()`, or its value from the last time while nothing was committed since (by anyone) and for at most 2 s: for repeated reads."
-        self.check_schema()  # (an empty database is created first: that is a write)
-        return self._reads.get((self.user, self.admin, key), data_version(self.engine, self._watch), compute)
-
-    @property
-    def ready(self) -> bool:
-        "Whether the schema was found current (`check_schema` has nothing left to do)."
-        return self._ready
-
-    def cache_hit(self, key):
-        "What `cached(key, ...)` holds now, where checking costs no network round trip (SQLite): for an event loop; else None."
-        if self.url.get_backend_name() != "sqlite" or not self.ready: return None
-        return self._reads.peek((self.user, self.admin, key), data_version(self.engine, self._watch))
-
     def address(self,
         hide_password: bool = True, # False only to hand the URL to another process of the same user (a papermill kernel)
     ) -> str:
         "The registry's URL as text: what another process passes to `open_registry` to reach the same registry."
         return self.url.render_as_string(hide_password=hide_password)
 
-    # --- schema
-    def _script(self) -> ScriptDirectory: return ScriptDirectory.from_config(alembic_config(self.engine))
+    @property
+    def ready(self) -> bool:
+        "Whether the schema was found current (`check_schema` has nothing left to do)."
+        return self._ready
 
-    def _alembic(self, fn: Callable, *args):
-        "Run an Alembic command in one transaction; on PostgreSQL under an advisory lock, so concurrent first uses create the schema once."
-        with self._connect() as conn, conn.begin():
-            if self.url.get_backend_name() == "postgresql": conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK})")
-            fn(alembic_config(self.engine, conn), *args)
-        self._ready = False
-
+# %% ../nbs/09_registry.ipynb #f4c5191e
+class _Schema:
+    "`Registry`'s schema methods: the module's `upgrade`, `downgrade`, `schema_status`, `check_schema` on its engine."
     def _connect(self) -> sa.Connection:
         "A connection, or `RegistryUnavailable` naming the database; a missing SQLite file is created only when `create`."
-        where, f = f"the registry database {self.url.render_as_string()} (setting [registry] url, environment HEDGERL_REGISTRY_URL)", sqlite_file(self.url)
-        if f is not None and not f.exists():
-            if not self.create: raise RegistryUnavailable(f"{where} does not exist: check the path, or create it with `hedgerl db upgrade`")
-            try: f.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as e: raise RegistryUnavailable(f"cannot create the folder of {where}: {e.strerror}: {e.filename}") from None
-        try: return self.engine.connect()  # a file that is not SQLite fails here (the connect hook's PRAGMAs)
-        except sa.exc.DatabaseError as e: raise RegistryUnavailable(f"cannot connect to {where}: {e.orig}") from None
+        return connect(self.engine, self.create)
 
     def upgrade(self, revision: str = "head") -> None:
         "Migrate the database up to `revision` (what `hedgerl db upgrade` runs)."
-        self._alembic(command.upgrade, revision)
+        upgrade(self.engine, revision, self.create); self._ready = False
 
     def downgrade(self, revision: str) -> None:
         "Migrate the database down to `revision` (`base` drops every table)."
-        self._alembic(command.downgrade, revision)
+        downgrade(self.engine, revision, self.create); self._ready = False
 
     def status(self) -> dict:
         "Current and head schema revisions, whether they agree, and the row count of every registry table."
-        with self._connect() as conn:
-            current = MigrationContext.configure(conn).get_current_revision()
-            present = set(sa.inspect(conn).get_table_names())
-            tables = {t: conn.execute(sa.select(sa.func.count()).select_from(sa.table(t))).scalar_one()
-                      for t in Base.metadata.tables if t in present}
-        head = self._script().get_current_head()
-        return dict(url=self.url.render_as_string(), current=current, head=head, up_to_date=current == head, tables=tables)
+        return schema_status(self.engine, self.create)
 
     def check_schema(self) -> None:
         "Raise `SchemaError` unless the database is at the head revision (an empty one is created when `create`)."
         if self._ready: return
-        st = self.status()
-        if st["current"] is None and not st["tables"] and self.create: self.upgrade(); st = self.status()
-        if st["current"] is not None and st["current"] not in {r.revision for r in self._script().walk_revisions()}:
-            raise SchemaError(f"the database {st['url']} has Alembic revision {st['current']!r} in its alembic_version table, which is "
-                              f"not a hedgerl revision: another application manages its schema there (a plain Optuna storage does; "
-                              f"give Optuna `hedgerl.runs.optuna_storage()` instead) - use a separate database or remove that table")
-        if not st["up_to_date"]:
-            raise SchemaError(f"the registry database {st['url']} is at schema revision {st['current'] or 'none (empty)'}, "
-                              f"this hedgerl needs {st['head']}: run `hedgerl db upgrade`")
+        check_schema(self.engine, self.create)
         self._ready = True
 
-    # --- transactions
+# %% ../nbs/09_registry.ipynb #4c53739a
+class _Transactions:
+    "`Registry`'s transactions: a read session, a retried write, and the read cache."
     def _session(self) -> Session:
         "A session for reading (nothing it does is committed)."
         self.check_schema()
@@ -536,7 +605,22 @@ class Registry:
                 if isinstance(e.orig, ValueError): raise ValueError(str(e.orig)) from None
                 raise
 
-    # --- runs
+    def cached(self,
+        key, # what is read (hashable); this handle's user and admin flag are added to it
+        compute: Callable, # computes it from the database
+    ):
+        "`compute()`, or its value from the last time while nothing was committed since (by anyone) and for at most 2 s: for repeated reads."
+        self.check_schema()  # (an empty database is created first: that is a write)
+        return self._reads.get((self.user, self.admin, key), data_version(self.engine, self._watch), compute)
+
+    def cache_hit(self, key):
+        "What `cached(key, ...)` holds now, where checking costs no network round trip (SQLite): for an event loop; else None."
+        if self.url.get_backend_name() != "sqlite" or not self.ready: return None
+        return self._reads.peek((self.user, self.admin, key), data_version(self.engine, self._watch))
+
+# %% ../nbs/09_registry.ipynb #77e65d0b
+class _Ownership:
+    "`Registry`'s access rules: which rows a user reads, and who may change one."
     def _visible(self, table, user: str | None, admin: bool = True):
         "Rows of `table` that `user` (None: this handle's) reads: their own and shared ones; every row for this handle when it is an admin's."
         if user is None and admin and self.admin: return sa.true()
@@ -551,6 +635,13 @@ class Registry:
             why = "shared, read-only" if row.shared else "private; an admin reads it, only its owner writes"
             raise PermissionError(f"{what} {id_} belongs to {row.owner!r} ({why}): only its owner can change it, not {self.user!r}")
 
+    def _check_visible(self, s: Session, run_ids, user):
+        ok = set(s.scalars(sa.select(RunRow.id).where(RunRow.id.in_([i for i in run_ids if _storable(RunRow.id, i)]), self._visible(RunRow, user))))
+        if missing := [i for i in run_ids if i not in ok]: raise KeyError(f"no run {missing} visible to user {user or self.user!r}")
+
+# %% ../nbs/09_registry.ipynb #b9ff8517
+class _RunWrites:
+    "`Registry`'s runs: start one, attach to one, reap the dead."
     def start_run(self,
         experiment: str, # experiment name (created for this user when new)
         params: dict | None = None, # the run's parameters (JSON: numbers, strings, lists, dicts)
@@ -607,7 +698,9 @@ class Registry:
             return done
         return self._write(write) if dead else []
 
-    # --- models, evaluations, datasets
+# %% ../nbs/09_registry.ipynb #78bcbbd7
+class _ModelWrites:
+    "`Registry`'s writes of results: models, evaluations and data sets."
     def register_model(self,
         run: Run | int | None, # the run that trained it (or None)
         algorithm: str, # e.g. "ppo", "deep-hedging"
@@ -631,26 +724,6 @@ class Registry:
             s.add(m); s.flush()
             return dict(id=m.id, name=name, version=v, checksum=checksum, artifact=str(p))
         return self._write(write, retry_integrity=True)
-
-    def model(self,
-        model_id: int, # id of a model visible to this handle's user
-    ) -> dict:
-        "The model's row (id, name, version, artifact, checksum, owner, ...); `KeyError` if this user cannot see it."
-        with self._session() as s: m = s.execute(sa.select(*Model.__table__.columns).where(_equal(Model.id, int(model_id)), self._visible(Model, None))).first()
-        if m is None: raise KeyError(f"no model {model_id} visible to user {self.user!r} in {self.url.render_as_string()}")
-        return dict(m._mapping)
-
-    def model_file(self,
-        model_id: int, # id of a model visible to this handle's user
-    ) -> Path:
-        "The model's file, checked against the checksum recorded at registration (`ArtifactError` when missing or changed)."
-        m = self.model(model_id)
-        what, p = f"model {m['id']} ({m['name']} v{m['version']})", Path(m["artifact"])
-        if not p.is_file(): raise ArtifactError(f"{what}: its file {m['artifact']} is missing")
-        if (now := _sha256(p)) != m["checksum"]:
-            raise ArtifactError(f"{what}: {m['artifact']} no longer matches the checksum recorded at registration (sha256 {m['checksum'][:12]}..., "
-                                f"now {now[:12]}...): the file was replaced or corrupted; restore it or retrain")
-        return p
 
     def record_evaluation(self,
         scenario: str, # scenario name
@@ -693,7 +766,87 @@ class Registry:
             s.add(d); s.flush(); return d.id
         return self._write(write, retry_integrity=True)
 
-    # --- queries
+# %% ../nbs/09_registry.ipynb #3d59fa5a
+class _ModelReads:
+    "`Registry`'s reads of one model (and its file) and of data sets."
+    def model(self,
+        model_id: int, # id of a model visible to this handle's user
+    ) -> dict:
+        "The model's row (id, name, version, artifact, checksum, owner, ...); `KeyError` if this user cannot see it."
+        with self._session() as s: m = s.execute(sa.select(*Model.__table__.columns).where(_equal(Model.id, int(model_id)), self._visible(Model, None))).first()
+        if m is None: raise KeyError(f"no model {model_id} visible to user {self.user!r} in {self.url.render_as_string()}")
+        return dict(m._mapping)
+
+    def model_file(self,
+        model_id: int, # id of a model visible to this handle's user
+    ) -> Path:
+        "The model's file, checked against the checksum recorded at registration (`ArtifactError` when missing or changed)."
+        m = self.model(model_id)
+        what, p = f"model {m['id']} ({m['name']} v{m['version']})", Path(m["artifact"])
+        if not p.is_file(): raise ArtifactError(f"{what}: its file {m['artifact']} is missing")
+        if (now := _sha256(p)) != m["checksum"]:
+            raise ArtifactError(f"{what}: {m['artifact']} no longer matches the checksum recorded at registration (sha256 {m['checksum'][:12]}..., "
+                                f"now {now[:12]}...): the file was replaced or corrupted; restore it or retrain")
+        return p
+
+    def datasets(self, name: str | None = None) -> pd.DataFrame:
+        "Registered data sets (visible to everyone)."
+        q = sa.select(*Dataset.__table__.columns).order_by(Dataset.id)
+        if name is not None: q = q.where(_equal(Dataset.name, name))
+        with self._session() as s: rows = s.execute(q).all()
+        return _frame(rows, [c.name for c in Dataset.__table__.columns])
+
+# %% ../nbs/09_registry.ipynb #c46a1ba6
+class _Scenarios:
+    "`Registry`'s saved scenarios and sharing."
+    def save_scenario(self,
+        name: str, # unique among this user's saved scenarios
+        config: dict, # the scenario's config, stored as given: check it first (`hedgerl.scenarios.as_scenario`)
+        description: str | None = None, # what it is for
+        shared: bool = False, # readable by every user
+    ) -> dict:
+        "Save a scenario config of this user's under `name`; its row. `NameTaken` if they already have one of that name."
+        if not isinstance(name, str) or not name.strip() or len(name) > 200: raise ValueError(f"name must be text of 1 to 200 characters, got {name!r}")
+        if not isinstance(config, dict): raise ValueError(f"config must be a dict (a scenario's fields), got {type(config).__name__}")
+        for f, v in (("name", name), ("description", description)):
+            if v is not None and not (isinstance(v, str) and _storable(SavedScenario.description, v)):
+                raise ValueError(f"{f} must be text without NUL characters or lone surrogates, got {v!r}")
+        taken = lambda i: NameTaken(f"name {name!r}: user {self.user!r} already has a saved scenario of that name (id {i}); choose another or delete it")
+        def write(s: Session):
+            if (i := s.scalar(sa.select(SavedScenario.id).where(SavedScenario.owner == self.user, SavedScenario.name == name))) is not None: raise taken(i)
+            row = SavedScenario(name=name, config=config, description=description, owner=self.user, shared=bool(shared))
+            s.add(row); s.flush(); return row.id
+        try: id_ = self._write(write)
+        except IntegrityError: raise taken("saved just now") from None  # the same name saved at the same moment
+        return self.get("scenario", id_)
+
+    def delete_scenario(self,
+        scenario_id: int, # a saved scenario of this user's
+    ) -> None:
+        "Delete a saved scenario of this user's (`KeyError` if they cannot see it, `PermissionError` if it is another's)."
+        def write(s: Session):
+            self._check_owner(s, SavedScenario, scenario_id, "scenario")
+            s.execute(sa.delete(SavedScenario).where(SavedScenario.id == int(scenario_id)))
+        self._write(write)
+
+    def share(self,
+        kind: str, # "run", "model", "evaluation" or "scenario"
+        id: int, # a row of this user's
+        shared: bool = True, # False makes it private again
+    ) -> dict:
+        "Share or unshare a row of this user's; its row. Another's is a `KeyError` if private to them, a `PermissionError` if shared."
+        check_choice("kind", kind, tuple(self._KINDS))
+        if not isinstance(shared, bool): raise ValueError(f"shared must be True or False, got {shared!r}")
+        table = self._KINDS[kind]
+        def write(s: Session):
+            self._check_owner(s, table, id, kind)
+            s.execute(sa.update(table).where(table.id == int(id)).values(shared=shared))
+        self._write(write)
+        return self.get(kind, id)
+
+# %% ../nbs/09_registry.ipynb #cee25724
+class _Find:
+    "`Registry`'s listings: one SQL query per page, filtered, sorted and limited in the database."
     _KINDS = {"run": RunRow, "model": Model, "evaluation": Evaluation, "scenario": SavedScenario} # what `find`, `get` and `share` take
 
     def _listing(self, kind: str, user: str | None) -> tuple[sa.Select, dict, list[str]]:
@@ -752,6 +905,9 @@ class Registry:
         if not rows: raise KeyError(f"no {kind} {id} visible to user {self.user!r} in {self.url.render_as_string()}")
         return rows[0]
 
+# %% ../nbs/09_registry.ipynb #84565260
+class _Frames:
+    "`Registry`'s listings as data frames, for notebooks."
     def _frame_of(self, kind: str, filters: dict, sort: str, user: str | None) -> pd.DataFrame:
         rows, _ = self.find(kind, filters, sort=sort, user=user)
         return pd.DataFrame(rows, columns=[c.name for c in self._listing(kind, user)[0].selected_columns])
@@ -785,63 +941,9 @@ class Registry:
         "Saved scenarios visible to `user`, oldest first."
         return self._frame_of("scenario", dict(name=name, owner=owner), "id", user)
 
-    # --- saved scenarios, sharing
-    def save_scenario(self,
-        name: str, # unique among this user's saved scenarios
-        config: dict, # the scenario's config, stored as given: check it first (`hedgerl.scenarios.as_scenario`)
-        description: str | None = None, # what it is for
-        shared: bool = False, # readable by every user
-    ) -> dict:
-        "Save a scenario config of this user's under `name`; its row. `NameTaken` if they already have one of that name."
-        if not isinstance(name, str) or not name.strip() or len(name) > 200: raise ValueError(f"name must be text of 1 to 200 characters, got {name!r}")
-        if not isinstance(config, dict): raise ValueError(f"config must be a dict (a scenario's fields), got {type(config).__name__}")
-        for f, v in (("name", name), ("description", description)):
-            if v is not None and not (isinstance(v, str) and _storable(SavedScenario.description, v)):
-                raise ValueError(f"{f} must be text without NUL characters or lone surrogates, got {v!r}")
-        taken = lambda i: NameTaken(f"name {name!r}: user {self.user!r} already has a saved scenario of that name (id {i}); choose another or delete it")
-        def write(s: Session):
-            if (i := s.scalar(sa.select(SavedScenario.id).where(SavedScenario.owner == self.user, SavedScenario.name == name))) is not None: raise taken(i)
-            row = SavedScenario(name=name, config=config, description=description, owner=self.user, shared=bool(shared))
-            s.add(row); s.flush(); return row.id
-        try: id_ = self._write(write)
-        except IntegrityError: raise taken("saved just now") from None  # the same name saved at the same moment
-        return self.get("scenario", id_)
-
-    def delete_scenario(self,
-        scenario_id: int, # a saved scenario of this user's
-    ) -> None:
-        "Delete a saved scenario of this user's (`KeyError` if they cannot see it, `PermissionError` if it is another's)."
-        def write(s: Session):
-            self._check_owner(s, SavedScenario, scenario_id, "scenario")
-            s.execute(sa.delete(SavedScenario).where(SavedScenario.id == int(scenario_id)))
-        self._write(write)
-
-    def share(self,
-        kind: str, # "run", "model", "evaluation" or "scenario"
-        id: int, # a row of this user's
-        shared: bool = True, # False makes it private again
-    ) -> dict:
-        "Share or unshare a row of this user's; its row. Another's is a `KeyError` if private to them, a `PermissionError` if shared."
-        check_choice("kind", kind, tuple(self._KINDS))
-        if not isinstance(shared, bool): raise ValueError(f"shared must be True or False, got {shared!r}")
-        table = self._KINDS[kind]
-        def write(s: Session):
-            self._check_owner(s, table, id, kind)
-            s.execute(sa.update(table).where(table.id == int(id)).values(shared=shared))
-        self._write(write)
-        return self.get(kind, id)
-
-    def datasets(self, name: str | None = None) -> pd.DataFrame:
-        "Registered data sets (visible to everyone)."
-        q = sa.select(*Dataset.__table__.columns).order_by(Dataset.id)
-        if name is not None: q = q.where(_equal(Dataset.name, name))
-        with self._session() as s: rows = s.execute(q).all()
-        return _frame(rows, [c.name for c in Dataset.__table__.columns])
-
-    def _check_visible(self, s: Session, run_ids, user):
-        ok = set(s.scalars(sa.select(RunRow.id).where(RunRow.id.in_([i for i in run_ids if _storable(RunRow.id, i)]), self._visible(RunRow, user))))
-        if missing := [i for i in run_ids if i not in ok]: raise KeyError(f"no run {missing} visible to user {user or self.user!r}")
-
+# %% ../nbs/09_registry.ipynb #92ede258
+class _Metrics:
+    "`Registry`'s training curves: one run's metrics, several runs side by side."
     def metrics(self,
         run_id: int, # the run
         key: str | None = None, # only this key
@@ -879,6 +981,11 @@ class Registry:
                 if isinstance(v, (int, float)) and not isinstance(v, bool): rows[r.id][k] = v
         for run_id, k, v, _ in vals: rows[run_id][k] = v # the metric logged last wins within a step
         return pd.DataFrame.from_dict(rows, orient="index").reindex(run_ids).rename_axis("run_id")
+
+# %% ../nbs/09_registry.ipynb #72422845
+class Registry(RegistryBase, _Schema, _Transactions, _Ownership, _RunWrites, _ModelWrites, _ModelReads, _Scenarios,
+               _Find, _Frames, _Metrics):
+    "The experiment registry on a SQLite or PostgreSQL database."
 
 # %% ../nbs/09_registry.ipynb #12ca1a43
 def open_registry(
