@@ -7,4 +7,5 @@ from pathlib import Path
 
 from hedgerl.platform import PlatformContext, load_config_dir
 
-load_config_dir(get_config(), Path(__file__).parent / "gateway_config.d", PlatformContext())  # noqa: F821 (traitlets provides get_config)
+c = get_config()  # noqa: F821 (traitlets provides get_config)
+load_config_dir(c, Path(__file__).parent / "gateway_config.d", PlatformContext())

@@ -1,5 +1,6 @@
 """The workspace profiles of hub/profiles.yaml, read and checked: the one source the local, Kubernetes and Slurm spawner
-config files (hub/jupyterhub_config.d/20-spawner.*.py) turn into their own forms. Every error names the file and the field."""
+config files (hub/jupyterhub_config.d/20-spawner.*.py) turn into their own forms. Every error names the file and the
+field."""
 from __future__ import annotations
 
 import re
@@ -60,7 +61,8 @@ def _profile(path, i, p, defaults) -> Profile:
     where = f"profiles[{i}]"
     if not isinstance(p, dict): _fail(path, where, f"expected a mapping, got {p!r}")
     unknown = sorted(set(p) - PROFILE_KEYS)
-    if unknown: _fail(path, where, f"unknown key(s) {', '.join(map(str, unknown))}; known: {', '.join(sorted(PROFILE_KEYS))}")
+    if unknown: _fail(path, where,
+                      f"unknown key(s) {', '.join(map(str, unknown))}; known: {', '.join(sorted(PROFILE_KEYS))}")
     for k in ("slug", "display_name", "cpu", "memory"):
         if k not in p: _fail(path, f"{where}.{k}", "missing")
     slug = p["slug"]
@@ -95,7 +97,8 @@ def load_profiles(
     except yaml.YAMLError as e: raise ProfileError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict): _fail(path, "top level", f"expected a mapping with a 'profiles' list, got {data!r}")
     unknown = sorted(set(data) - {"profiles", "kubernetes", "slurm"})
-    if unknown: _fail(path, "top level", f"unknown key(s) {', '.join(map(str, unknown))}; known: kubernetes, profiles, slurm")
+    if unknown: _fail(path, "top level",
+                      f"unknown key(s) {', '.join(map(str, unknown))}; known: kubernetes, profiles, slurm")
     defaults = {"kubernetes": _section(path, "kubernetes", data.get("kubernetes"), KUBERNETES_KEYS),
                 "slurm": _section(path, "slurm", data.get("slurm"), SLURM_KEYS)}
     raw = data.get("profiles")

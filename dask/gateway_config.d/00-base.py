@@ -7,7 +7,8 @@ import os
 
 SERVICE = "dask-gateway"  # the hub service's name: its URL prefix and the scope users need
 PREFIX = f"/services/{SERVICE}"
-ENCRYPT_KEY_SECRET = "dask_gateway_encrypt_key"  # in [hub] state/secrets, shared with hub/jupyterhub_config.d/40-gateway.py
+# in [hub] state/secrets, shared with hub/jupyterhub_config.d/40-gateway.py
+ENCRYPT_KEY_SECRET = "dask_gateway_encrypt_key"
 # Dask's nanny sets MALLOC_TRIM_THRESHOLD_ in its workers, which makes every large numpy temporary a fresh
 # page-faulting mapping (3-4 times slower chunks, see `local_cluster` in nbs/07_backtest.ipynb). A None in this
 # dask-config override unsets it and keeps the nanny's other variables (one BLAS thread).

@@ -34,6 +34,7 @@ def configure(c, ctx):
     c.KubeClusterConfig.cluster_max_memory = 2 * GiB + 32 * 4 * GiB
     c.KubeClusterConfig.cluster_max_workers = 32
     c.Backend.cluster_options = Options(
-        Integer("worker_threads", default=ctx.settings.dask.threads_per_worker, min=1, max=8, label="Threads per worker"),
+        Integer("worker_threads", default=ctx.settings.dask.threads_per_worker, min=1, max=8,
+                label="Threads per worker"),
         Bool("gpu", default=False, label="One GPU per worker"),
         handler=options_handler)

@@ -27,7 +27,8 @@ def account_problem(name: str) -> str | None:
                 f"start your workspace from the hub once (it creates the account), or ask the administrator")
     if pw.pw_uid == 0: return f"user {name!r} is the superuser: Dask clusters never run as root"
     try: group = grp.getgrnam(PLATFORM_GROUP)
-    except KeyError: return f"the system group {PLATFORM_GROUP!r} of the platform's accounts does not exist: start a workspace from the hub first"
+    except KeyError: return (f"the system group {PLATFORM_GROUP!r} of the platform's accounts does not exist: start a "
+                             f"workspace from the hub first")
     if pw.pw_gid != group.gr_gid and name not in group.gr_mem:
         return (f"the system account {name!r} is not a platform account (not in group {PLATFORM_GROUP!r}): "
                 f"Dask clusters run only as accounts the hub created")
@@ -70,7 +71,8 @@ class SharedAccountBackend(UnsafeLocalBackend):
         await super().do_setup()
 
     async def start_cluster(self, user, cluster_options):
-        self.log.warning("Cluster for %s runs as %s, not isolated from other users' clusters", user.name, pwd.getpwuid(os.getuid()).pw_name)
+        self.log.warning("Cluster for %s runs as %s, not isolated from other users' clusters", user.name,
+                         pwd.getpwuid(os.getuid()).pw_name)
         return await super().start_cluster(user, cluster_options)
 
 

@@ -34,6 +34,7 @@ def configure(c, ctx):
     c.SlurmClusterConfig.cluster_max_memory = 2 * GiB + 64 * 4 * GiB
     c.SlurmClusterConfig.cluster_max_workers = 64
     c.Backend.cluster_options = Options(
-        Integer("worker_threads", default=ctx.settings.dask.threads_per_worker, min=1, max=16, label="Threads (cores) per worker"),
+        Integer("worker_threads", default=ctx.settings.dask.threads_per_worker, min=1, max=16,
+                label="Threads (cores) per worker"),
         Bool("gpu", default=False, label="One GPU per worker"),
         handler=options_handler)

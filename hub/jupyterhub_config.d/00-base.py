@@ -19,7 +19,8 @@ def configure(c, ctx):
     state.chmod(0o700)  # secrets, the hub database and the admin's credentials live here
     c.JupyterHub.pid_file = str(state / "jupyterhub.pid")
     c.JupyterHub.logging_config = {
-        "handlers": {"file": {"class": "logging.FileHandler", "formatter": "console", "filename": str(state / "jupyterhub.log")}},
+        "handlers": {"file": {"class": "logging.FileHandler", "formatter": "console",
+                              "filename": str(state / "jupyterhub.log")}},
         "loggers": {"JupyterHub": {"handlers": ["console", "file"]}}}
     if ctx.deployment == "kubernetes": return
     h = ctx.settings.hub

@@ -12,7 +12,8 @@ def keep_serving(JupyterHub) -> None:
     async def start_or_log(self, service_name, service, ssl_context=None):
         if await start_service(self, service_name, service, ssl_context): return True
         if not service.managed: return False
-        self.log.error("Service %s did not start: the hub serves without it (JupyterHub restarts it if its process exits)", service_name)
+        self.log.error("Service %s did not start: the hub serves without it (JupyterHub restarts it if its process "
+                       "exits)", service_name)
         return True
 
     start_or_log.hedgerl_keeps_serving = True

@@ -1,10 +1,11 @@
-"""Authentication: NativeAuthenticator (passwords hashed with bcrypt in the hub database), open sign-up, an administrator
-approves each account at /hub/authorize, and nobody else gets in (`allow_all` stays off): a user is allowed iff their
-sign-up is approved, or they are the [hub] admin. Approved users join the JupyterHub group `researchers`, which the
-hedgerl service's role names: at approval, at login and at hub start; withdrawing approval takes them out of it and ends
-their browser session at the next refresh (`auth_refresh_age`). Groups stay editable by the REST API (an administrator
-may add an account made by the API, e.g. a robot, to `researchers`). User names become system account names: `[a-z][a-z0-9_-]{0,30}`, and never an existing system account or
-group that is not the platform's. Also the two fixes NativeAuthenticator 1.3.0 needs on JupyterHub 6.1 (below)."""
+"""Authentication: NativeAuthenticator (passwords hashed with bcrypt in the hub database), open sign-up, an
+administrator approves each account at /hub/authorize, and nobody else gets in (`allow_all` stays off): a user is
+allowed iff their sign-up is approved, or they are the [hub] admin. Approved users join the JupyterHub group
+`researchers`, which the hedgerl service's role names: at approval, at login and at hub start; withdrawing approval
+takes them out of it and ends their browser session at the next refresh (`auth_refresh_age`). Groups stay editable by
+the REST API (an administrator may add an account made by the API, e.g. a robot, to `researchers`). User names become
+system account names: `[a-z][a-z0-9_-]{0,30}`, and never an existing system account or group that is not the
+platform's. Also the two fixes NativeAuthenticator 1.3.0 needs on JupyterHub 6.1 (below)."""
 import grp
 import pwd
 import re
@@ -31,15 +32,19 @@ def site_account_problem(name: str, uid_min: int = 1000) -> str | None:
     "Why `name` is not a user account of this cluster (a Slurm job runs as it), or None."
     try: pw = pwd.getpwnam(name)
     except KeyError: return f"{name!r} has no account on this cluster: sign up with your cluster user name"
-    return None if pw.pw_uid >= uid_min else f"{name!r} is a system account of this cluster: sign up with your own user name"
+    return None if pw.pw_uid >= uid_min else (f"{name!r} is a system account of this cluster: sign up with your own "
+                                              f"user name")
 
 
 def system_name_problem(name: str, group: str = PLATFORM_GROUP) -> str | None:
-    "Why `name` cannot become a platform account on this machine (an existing account or group not the platform's), or None."
+    """Why `name` cannot become a platform account on this machine (an existing account or group not the platform's),
+    or None."""
     try: pwd.getpwnam(name)
     except KeyError: pass
     else:
-        if not is_platform_account(name, group): return f"{name!r} is a system account of this machine: choose another user name"
+        if not is_platform_account(name,
+                                   group): return (f"{name!r} is a system account of this machine: choose another user "
+                                                   f"name")
         return None
     try: grp.getgrnam(name)
     except KeyError: return None
@@ -52,7 +57,8 @@ class _LoginHandler(native.LoginHandler):
     def _render(self, login_error=None, username=None, sync=False, **kwargs):
         # fix 2: JupyterHub 6 renders a failed form's error page through `_render(..., sync=..., status_code=...)`;
         # NativeAuthenticator 1.3's `_render` takes neither (TypeError)
-        ns = dict(next=native.url_escape(self.get_argument("next", default="")), username=username, login_error=login_error,
+        ns = dict(next=native.url_escape(self.get_argument("next", default="")), username=username,
+                  login_error=login_error,
                   custom_html=self.authenticator.custom_html, login_url=self.settings["login_url"],
                   enable_signup=self.authenticator.enable_signup, two_factor_auth=self.authenticator.allow_2fa,
                   authenticator_login_url=native.url_concat(self.authenticator.login_url(self.hub.base_url),
@@ -76,8 +82,10 @@ class _LoginHandler(native.LoginHandler):
 class _SignUpHandler(native.SignUpHandler):
     "NativeAuthenticator's sign-up page, saying why a sign-up was refused."
 
-    def get_result_message(self, user, assume_user_is_human, username_already_taken, confirmation_matches, user_is_admin):
-        alert, message = super().get_result_message(user, assume_user_is_human, username_already_taken, confirmation_matches,
+    def get_result_message(self, user, assume_user_is_human, username_already_taken, confirmation_matches,
+                           user_is_admin):
+        alert, message = super().get_result_message(user, assume_user_is_human, username_already_taken,
+                                                    confirmation_matches,
                                                     user_is_admin)
         if user is None and assume_user_is_human and not username_already_taken and confirmation_matches:
             problem = self.authenticator.signup_problem(self.get_body_argument("username", "", strip=False),
@@ -98,12 +106,15 @@ class _ToggleAuthorizationHandler(native.ToggleAuthorizationHandler):
 
 
 class HedgerlAuthenticator(NativeAuthenticator):
-    "NativeAuthenticator with admin approval as the allow rule, approved users in the group `researchers`, checked names."
+    """NativeAuthenticator with admin approval as the allow rule, approved users in the group `researchers`, checked
+    names."""
     researchers_group = Unicode(GROUP, config=True, help="the JupyterHub group approved users belong to")
     platform_group = Unicode(PLATFORM_GROUP, config=True, help="the system group of the platform's accounts")
     system_accounts = Enum(["platform", "site", "none"], "platform", config=True,
-                           help="what a name must be on this machine: platform: new or the platform's own account (local "
-                                "workspaces); site: an existing user account (Slurm jobs); none: anything (Kubernetes pods)")
+                           help="what a name must be on this machine: platform: new or the platform's own account "
+                           "(local "
+                                "workspaces); site: an existing user account (Slurm jobs); none: anything (Kubernetes "
+                           "pods)")
 
     def validate_username(self, username):
         return bool(USERNAME.fullmatch(username)) and super().validate_username(username)
@@ -112,14 +123,17 @@ class HedgerlAuthenticator(NativeAuthenticator):
         "Why this sign-up is refused, or None."
         name = self.normalize_username(username or "")
         if not USERNAME.fullmatch(name):
-            return "A user name is a lowercase letter then up to 30 lowercase letters, digits, _ or - (it becomes a system account)."
-        if name in self.admin_users: return f"{name!r} is the hub's administrator; its password is set with `hedgerl hub admin`."
+            return ("A user name is a lowercase letter then up to 30 lowercase letters, digits, _ or - (it becomes a "
+                    "system account).")
+        if name in self.admin_users: return (f"{name!r} is the hub's administrator; its password is set with `hedgerl "
+                                             f"hub admin`.")
         problem = {"platform": lambda: system_name_problem(name, self.platform_group),
                    "site": lambda: site_account_problem(name), "none": lambda: None}[self.system_accounts]()
         if problem: return problem
         if len(password) < self.minimum_password_length:
             return f"The password is too short: at least {self.minimum_password_length} characters."
-        if self.check_common_password and self.is_password_common(password): return "That password is too common: choose another."
+        if self.check_common_password and self.is_password_common(password): return ("That password is too common: "
+                                                                                     "choose another.")
         if name in password.lower(): return "The password must not contain the user name."
         return None
 
@@ -147,7 +161,8 @@ class HedgerlAuthenticator(NativeAuthenticator):
         return "Invalid username or password."
 
     def sync_group(self, name: str, remove: bool = False) -> None:
-        "Put the hub user `name` (if the hub has them yet) in the group `researchers` if allowed; out of it if not and `remove`."
+        """Put the hub user `name` (if the hub has them yet) in the group `researchers` if allowed; out of it if not
+        and `remove`."""
         from jupyterhub import orm
         user = orm.User.find(self.db, name)
         if user is None: return
@@ -180,7 +195,8 @@ class HedgerlAuthenticator(NativeAuthenticator):
 
 def configure(c, ctx):
     c.JupyterHub.authenticator_class = HedgerlAuthenticator
-    c.HedgerlAuthenticator.system_accounts = {"local": "platform", "slurm": "site", "kubernetes": "none"}[ctx.deployment]
+    c.HedgerlAuthenticator.system_accounts = {"local": "platform", "slurm": "site",
+                                              "kubernetes": "none"}[ctx.deployment]
     c.Authenticator.admin_users = {ctx.settings.hub.admin}
     c.Authenticator.allow_all = False
     c.Authenticator.any_allow_config = True  # check_allowed above is the allow rule (approval)

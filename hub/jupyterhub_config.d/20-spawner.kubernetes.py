@@ -37,6 +37,7 @@ def configure(c, ctx):
     profiles = _profiles_module().load_profiles(ctx.settings.hub.profiles)
     c.JupyterHub.spawner_class = "kubespawner.KubeSpawner"
     c.KubeSpawner.profile_list = [kube_profile(p) for p in profiles]
-    c.KubeSpawner.cmd = ["jupyterhub-singleuser"]  # the image's environment (hedgerl, the `hedgerl` kernel, Voila, TensorBoard)
+    # the image's environment (hedgerl, the `hedgerl` kernel, Voila, TensorBoard)
+    c.KubeSpawner.cmd = ["jupyterhub-singleuser"]
     c.KubeSpawner.default_url = "/lab"
     c.KubeSpawner.environment.update({"HEDGERL_DATA_FOLDER": f"{HOME}/.hedgerl"})  # per-user runs, models, caches

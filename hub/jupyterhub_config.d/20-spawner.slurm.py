@@ -1,9 +1,9 @@
 """Slurm (batchspawner on the cluster's login node; the hub runs as root there): each workspace is a Slurm job of the
 user's own cluster account, started from an environment with hedgerl installed on a file system every node mounts
 (profiles file: slurm.env). wrapspawner's ProfilesSpawner offers the profiles of [hub] profiles, each a SlurmSpawner
-with its partition, cores, memory and time, and `--gres=gpu:N` for a GPU profile. Classes are named by string: batchspawner
-and wrapspawner are needed where the hub runs, not to load this file. The hub's API listens on every interface so that
-jobs on compute nodes reach it at this host's name."""
+with its partition, cores, memory and time, and `--gres=gpu:N` for a GPU profile. Classes are named by string:
+batchspawner and wrapspawner are needed where the hub runs, not to load this file. The hub's API listens on every
+interface so that jobs on compute nodes reach it at this host's name."""
 import importlib.util
 import socket
 import sys
@@ -50,7 +50,8 @@ def slurm_profile(p) -> tuple:
     if "env" not in s: raise ValueError(f"profile {p.slug!r}: no slurm env (set slurm.env in the profiles file)")
     env = Path(s["env"])
     conf = {"batch_script": BATCH_SCRIPT, "req_nprocs": str(int(-(-p.cpu // 1))), "req_memory": p.memory,
-            "req_partition": s.get("partition", ""), "req_runtime": s.get("runtime", ""), "req_options": s.get("options", ""),
+            "req_partition": s.get("partition", ""), "req_runtime": s.get("runtime", ""),
+            "req_options": s.get("options", ""),
             "req_gres": f"gpu:{p.gpu}" if p.gpu else "",
             "batchspawner_singleuser_cmd": str(env / "bin" / "batchspawner-singleuser"),
             "cmd": [str(env / "bin" / "jupyterhub-singleuser")],

@@ -17,14 +17,16 @@ def loopback(host: str) -> str:
 
 
 def service_url(ctx) -> str:
-    "Where the proxy reaches the service: [service] host:port; on Kubernetes the hub pod's service name (the service runs in it)."
+    """Where the proxy reaches the service: [service] host:port; on Kubernetes the hub pod's service name (the service
+    runs in it)."""
     s = ctx.settings.service
     host = "hub" if ctx.deployment == "kubernetes" else loopback(s.host)
     return f"http://{host}:{s.port}"
 
 
 def service_environment(ctx) -> dict:
-    "The service's settings are the hub's: each key as its HEDGERL_<SECTION>_<KEY> variable (the hub passes on none of its own)."
+    """The service's settings are the hub's: each key as its HEDGERL_<SECTION>_<KEY> variable (the hub passes on none
+    of its own)."""
     env = {f"HEDGERL_{section}_{key}".upper(): str(value).replace("$", "$$")  # `$` is interpolation syntax in settings
            for section, keys in ctx.settings.as_dict().items() for key, value in keys.items()
            if (section, key) != ("hub", "db_url")}  # the hub's database (maybe with a password) is none of its business
@@ -39,7 +41,8 @@ def configure(c, ctx):
         "name": SERVICE,
         "url": service_url(ctx),
         "command": [str(ctx.bin / "python"), "-m", "hedgerl.service"],
-        "environment": service_environment(ctx),  # the hub adds JUPYTERHUB_API_TOKEN, _CLIENT_ID, _SERVICE_URL, _SERVICE_PREFIX, ...
+        # the hub adds JUPYTERHUB_API_TOKEN, _CLIENT_ID, _SERVICE_URL, _SERVICE_PREFIX, ...
+        "environment": service_environment(ctx),
         "oauth_no_confirm": True,  # part of the platform: a browser's login goes straight through, no consent page
         "display": True,  # listed in the hub's Services menu
     })

@@ -38,5 +38,6 @@ def configure(c, ctx):
     # Merged with what other files ask for (a list set earlier, or a lazy extend): never a plain assignment.
     scopes = c.Spawner.server_token_scopes
     if callable(scopes):
-        raise ValueError("Spawner.server_token_scopes is a callable: add the hedgerl service's scopes to it: " + ", ".join(SERVER_TOKEN_SCOPES))
+        raise ValueError("Spawner.server_token_scopes is a callable: add the hedgerl service's scopes to it: "
+                         + ", ".join(SERVER_TOKEN_SCOPES))
     scopes.extend([s for s in SERVER_TOKEN_SCOPES if not isinstance(scopes, list) or s not in scopes])

@@ -23,10 +23,13 @@ def reachable(ctx, host: str) -> str:
 def gateway_environment(ctx) -> dict:
     "What the gateway process needs: the settings the hub runs with, and the key of its database."
     s = ctx.settings
-    # the hub's own setting overrides, but not its database's URL (maybe with a password): none of the gateway's business
+    # the hub's own setting overrides, but not its database's URL (maybe with a password): none of the gateway's
+    # business
     env = {k: v for k, v in os.environ.items() if k.startswith("HEDGERL_") and k != "HEDGERL_HUB_DB_URL"}
-    env.update({"HEDGERL_HUB_STATE": str(ctx.state).replace("$", "$$"), "HEDGERL_HUB_DEPLOYMENT": ctx.deployment,  # `$$`: a literal $ in settings
-                "HEDGERL_GATEWAY_PORT": str(s.gateway.port), "HEDGERL_GATEWAY_IDLE_TIMEOUT": str(s.gateway.idle_timeout),
+    # `$$`: a literal $ in settings
+    env.update({"HEDGERL_HUB_STATE": str(ctx.state).replace("$", "$$"), "HEDGERL_HUB_DEPLOYMENT": ctx.deployment,
+                "HEDGERL_GATEWAY_PORT": str(s.gateway.port),
+                "HEDGERL_GATEWAY_IDLE_TIMEOUT": str(s.gateway.idle_timeout),
                 "HEDGERL_DASK_THREADS_PER_WORKER": str(s.dask.threads_per_worker)})
     if s.source is not None: env["HEDGERL_SETTINGS"] = str(s.source)  # a path, not a setting: no interpolation
     env["DASK_GATEWAY_ENCRYPT_KEYS"] = base64.b64encode(bytes.fromhex(ctx.secret(ENCRYPT_KEY_SECRET))).decode()
@@ -75,5 +78,6 @@ def configure(c, ctx):
     # A workspace's own token (JUPYTERHUB_API_TOKEN) may reach the gateway: JupyterHub grants a server token only
     # the scopes its user holds. Merged with what other files ask for (a list set earlier, or a lazy extend).
     scopes = c.Spawner.server_token_scopes
-    if callable(scopes): raise ValueError("Spawner.server_token_scopes is a callable: add the dask-gateway scopes to it: " + ", ".join(SERVER_TOKEN_SCOPES))
+    if callable(scopes): raise ValueError("Spawner.server_token_scopes is a callable: add the dask-gateway scopes to "
+                                          "it: " + ", ".join(SERVER_TOKEN_SCOPES))
     scopes.extend([s for s in SERVER_TOKEN_SCOPES if not isinstance(scopes, list) or s not in scopes])

@@ -11,4 +11,5 @@ def configure(c, ctx):
     c.JupyterHub.services.append({"name": NAME, "display": False,
                                   "command": [str(ctx.bin / "python"), "-m", "jupyterhub_idle_culler",
                                               f"--timeout={timeout}", f"--cull-every={every}"]})
-    c.JupyterHub.load_roles.append({"name": NAME, "description": "stop idle workspaces", "scopes": SCOPES, "services": [NAME]})
+    c.JupyterHub.load_roles.append({"name": NAME, "description": "stop idle workspaces", "scopes": SCOPES,
+                                    "services": [NAME]})

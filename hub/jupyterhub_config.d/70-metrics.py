@@ -7,5 +7,6 @@ NAME = "prometheus"
 def configure(c, ctx):
     c.JupyterHub.authenticate_prometheus = True
     c.JupyterHub.services.append({"name": NAME, "api_token": ctx.secret("prometheus_token"), "display": False})
-    c.JupyterHub.load_roles.append({"name": "metrics-reader", "description": "read /hub/metrics", "scopes": ["read:metrics"],
+    c.JupyterHub.load_roles.append({"name": "metrics-reader", "description": "read /hub/metrics",
+                                    "scopes": ["read:metrics"],
                                     "services": [NAME]})

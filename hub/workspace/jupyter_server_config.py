@@ -8,14 +8,16 @@ from pathlib import Path
 c = get_config()  # noqa: F821 (traitlets gives get_config)
 
 c.ServerApp.jpserver_extensions.update({"voila": True, "jupyter_server_proxy": True,
-                                       # Panel's "preview" routes: unused here, and importing Panel at every start costs ~3 s of a spawn
+                                       # Panel's "preview" routes: unused here, and importing Panel at every start costs
+                                       # ~3 s of a spawn
                                        "panel.io.jupyter_server_extension": False})
 # Voila pages ask no other host: no MathJax from a CDN (the dashboards write no TeX), no Font Awesome from a CDN (the
 # `hedgerl` template, share/voila/templates/hedgerl, found through JUPYTER_PATH), and none of the JupyterLab extensions
 # that need Lab's shell (they fail in Voila's page with console errors)
 c.ServerApp.tornado_settings = {"mathjax_url": "null", "mathjax_config": "null"}
 c.VoilaConfiguration.template = "hedgerl"
-c.VoilaConfiguration.extension_denylist = ["jupyterlab-jupytext", "@pyviz/jupyterlab_pyviz", "@jupyterhub/jupyter-server-proxy"]
+c.VoilaConfiguration.extension_denylist = ["jupyterlab-jupytext", "@pyviz/jupyterlab_pyviz",
+                                           "@jupyterhub/jupyter-server-proxy"]
 c.MappingKernelManager.default_kernel_name = "hedgerl"
 c.KernelSpecManager.allowed_kernelspecs = {"hedgerl"}
 c.KernelSpecManager.ensure_native_kernel = False
