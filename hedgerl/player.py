@@ -5,6 +5,7 @@
 # %% ../nbs/23_player.ipynb #11e27076
 from __future__ import annotations
 
+import asyncio
 import math
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -17,7 +18,7 @@ from .dashboards import DASHBOARD_BASELINES, _figure, inline_updates, page_user,
 
 # %% auto #0
 __all__ = ['SimulationsAPI', 'InProcessSimulations', 'strategy_refs', 'steps_frame', 'explain', 'last_step_html',
-           'player_figures', 'stream_step', 'Player', 'player_page']
+           'player_figures', 'stream_step', 'player_widgets', 'PlayerEpisodes', 'PlayerPage', 'Player', 'player_page']
 
 # %% ../nbs/23_player.ipynb #2a6f4943
 class SimulationsAPI(Protocol):
@@ -208,36 +209,95 @@ def _inline(method):
         with inline_updates(self.status): return method(self, *args, **kwargs)
     return run
 
-# %% ../nbs/23_player.ipynb #228f5b27
-class Player:
-    "The simulation player: one episode of a scenario hedged by a strategy, stepped through the `simulations` API beside delta."
+# %% ../nbs/23_player.ipynb #a1d64de9
+def player_widgets(
+    names: list[str], # the scenarios offered
+    scenario: str, # the scenario chosen first (the first offered if it is not one of them)
+    speed: float, # steps a second when playing
+) -> dict:
+    "The player's Panel widgets by attribute: scenario, strategy, buttons, playing, speed, status, alert, numbers, why, table."
+    import panel as pn
+    buttons = (("New episode", "primary"), ("Reset", "default"), ("Step", "default"))
+    return dict(
+        scenario=pn.widgets.Select(name="Scenario", options=names, value=scenario if scenario in names else names[0]),
+        strategy=pn.widgets.Select(name="Strategy", options=[]),
+        buttons={k: pn.widgets.Button(name=k, button_type=t) for k, t in buttons},
+        playing=pn.widgets.Toggle(name="Play", button_type="success", width=90),
+        speed=pn.widgets.FloatSlider(name="Speed (steps a second)", start=0.5, end=20, step=0.5, value=speed),
+        status=pn.pane.Markdown("Choose a scenario and a strategy, then **New episode**, **Step** or **Play**.",
+                                sizing_mode="stretch_width"),
+        alert=pn.pane.Alert("", alert_type="danger", visible=False, sizing_mode="stretch_width"),
+        numbers=pn.pane.HTML("", width=380), why=pn.pane.HTML("", sizing_mode="stretch_width"),
+        table=pn.pane.DataFrame(steps_frame([]), index=False, sizing_mode="stretch_width", max_height=320,
+                                styles={"overflow-y": "auto"}),
+    )
+
+# %% ../nbs/23_player.ipynb #d4512f71
+class PlayerEpisodes:
+    "The player's episodes through the `simulations` API, no widget: the strategy's, delta's on its path, their steps."
     def __init__(self,
         api: SimulationsAPI, # `hedgerl.client.HedgerlClient`, or `InProcessSimulations` in the service
-        choices: Callable = strategy_refs, # scenario name -> {label: the API's strategy} (`strategy_refs`, bound to a registry or client)
-        scenario: str = "cao2021-gbm-1m-1d", # the scenario chosen first
-        strategy: str | None = None, # the strategy chosen first; None: the first model offered, else delta
-        scenarios: list[str] | None = None, # the scenarios offered; None: the published simulated ones
-        speed: float = 2.0, # steps a second when playing
     ):
-        import panel as pn
+        self.api, self.sim, self.delta_sim, self.rows, self.delta_rows = api, None, None, [], []
+
+    @property
+    def frame(self) -> pd.DataFrame:
+        "The table of the steps so far (the API's numbers)."
+        return steps_frame(self.rows, self.delta_rows if self.delta_sim else None, self.sim["instruments"] if self.sim else ["underlying"])
+
+    def _drop(self) -> None:
+        "End this player's episodes."
+        for s in (self.sim, self.delta_sim):
+            try: s is None or self.api.delete_simulation(s["id"])
+            except HedgerlError: pass  # expired or deleted already
+        self.sim = self.delta_sim = None
+
+    close = _drop
+
+    def _open(self, ref, scenario: str, seed) -> tuple[dict, dict | None]:
+        "Create the episode and delta's on its path (the API's work alone, no widget touched: a worker thread may run it)."
+        sim = self.api.create_simulation(ref, scenario, seed)
+        try: return sim, None if ref == "delta" else self.api.create_simulation("delta", scenario, sim["seed"])
+        except HedgerlError:
+            try: self.api.delete_simulation(sim["id"])
+            except HedgerlError: pass
+            raise
+
+    def _advance(self) -> tuple[dict, dict | None]:
+        "Step the episode and delta's one date and keep their steps: both answers (a refusal raises the API's error)."
+        out = self.api.step_simulation(self.sim["id"])
+        dout = None if self.delta_sim is None else self.api.step_simulation(self.delta_sim["id"])
+        self.rows.append(out["step"]); self.sim["state"] = out["state"]
+        if dout is not None: self.delta_rows.append(dout["step"]); self.delta_sim["state"] = dout["state"]
+        return out, dout
+
+    def _seed(self) -> int | None: return None if self.sim is None else self.sim["seed"]
+
+    def _explain(self) -> str:
+        "The last decision beside delta's on the same date: the delta episode's step, or (delta itself) its own."
+        before = self.rows[-2]["holdings"] if len(self.rows) > 1 else [0.0] * len(self.sim["instruments"])
+        if self.delta_sim is not None: d, dbefore = self.delta_rows[-1], self.delta_rows[-2]["holdings"][0] if len(self.delta_rows) > 1 else 0.0
+        elif self.sim["strategy"] == "delta": d, dbefore = self.rows[-1], before[0]
+        else: d = dbefore = None
+        return explain(self.rows[-1], before, self.sim["strategy"], self.sim["n_steps"], d, dbefore, self.sim["instruments"])
+
+# %% ../nbs/23_player.ipynb #d7af9cc8
+class PlayerPage:
+    "The player's page, no API call: its widgets and figures, the strategies on offer, errors shown, the play timer."
+    def __init__(self,
+        choices: Callable, # scenario name -> {label: the API's strategy}
+        scenarios: list[str] | None, # the scenarios offered; None: the published simulated ones
+        scenario: str, # the scenario chosen first
+        strategy: str | None, # the strategy chosen first; None: the first model offered, else delta
+        speed: float, # steps a second when playing
+    ):
         from hedgerl import scenarios as lib
         names = scenarios or [n for n in lib.names() if lib.get(n).market.model != "historical"]
-        self.api, self.choices, self.sim, self.delta_sim, self.rows, self.delta_rows, self._refs, self._timer = api, choices, None, None, [], [], {}, None
-        self.scenario = pn.widgets.Select(name="Scenario", options=names, value=scenario if scenario in names else names[0])
-        self.strategy = pn.widgets.Select(name="Strategy", options=[])
-        self.buttons = {k: pn.widgets.Button(name=k, button_type=t) for k, t in (("New episode", "primary"), ("Reset", "default"), ("Step", "default"))}
-        self.playing = pn.widgets.Toggle(name="Play", button_type="success", width=90)
-        self.speed = pn.widgets.FloatSlider(name="Speed (steps a second)", start=0.5, end=20, step=0.5, value=speed)
-        self.status = pn.pane.Markdown("Choose a scenario and a strategy, then **New episode**, **Step** or **Play**.", sizing_mode="stretch_width")
-        self.alert = pn.pane.Alert("", alert_type="danger", visible=False, sizing_mode="stretch_width")
-        self.numbers, self.why = pn.pane.HTML("", width=380), pn.pane.HTML("", sizing_mode="stretch_width")
-        self.table = pn.pane.DataFrame(steps_frame([]), index=False, sizing_mode="stretch_width", max_height=320, styles={"overflow-y": "auto"})
+        self.choices, self._refs, self._timer = choices, {}, None
+        vars(self).update(player_widgets(names, scenario, speed))
         self.sources, self.figures = player_figures()
         self._offer(strategy)
         self.scenario.param.watch(lambda e: self._offer(None), "value")
-        for k in ("New episode", "Reset"): self.buttons[k].on_click(self._start_clicked)  # a coroutine function: Panel awaits it
-        self.buttons["Step"].on_click(lambda e: self.step())
-        self.playing.param.watch(lambda e: self.play() if e.new else self.pause(), "value")
         self.speed.param.watch(lambda e: setattr(self._timer, "period", int(1000 / e.new)) if self._timer else None, "value")
 
     @_inline
@@ -260,19 +320,57 @@ class Player:
         "The error shown, if any."
         return self.alert.object if self.alert.visible else ""
 
-    @property
-    def frame(self) -> pd.DataFrame:
-        "The table of the steps so far (the API's numbers)."
-        return steps_frame(self.rows, self.delta_rows if self.delta_sim else None, self.sim["instruments"] if self.sim else ["underlying"])
+    def _refused(self, e: HedgerlError) -> None:
+        self.status.object = "No episode."; self._error(e)
 
-    def _drop(self) -> None:
-        "End this player's episodes."
-        for s in (self.sim, self.delta_sim):
-            try: s is None or self.api.delete_simulation(s["id"])
-            except HedgerlError: pass  # expired or deleted already
-        self.sim = self.delta_sim = None
+    @_inline
+    def pause(self) -> None:
+        "Stop playing."
+        if self._timer is not None: self._timer.stop(); self._timer = None
+        self.playing.param.update(value=False, name="Play")
 
-    close = _drop
+    def _clear(self, sim: dict) -> None:
+        "Empty the figures for a new episode: its strategy in the legends, its first date's spot and P&L."
+        for s in self.sources: s.data = {k: [] for k in s.data}
+        for f in self.figures[1:]: f.legend.items[0].label = {"value": sim["strategy"]}
+        st = sim["state"]
+        self.sources[0].stream({"day": [st["day"]], "spot": [st["spot"]]})
+        self.sources[2].stream({"day": [st["day"]], "pnl": [st["pnl"]], "delta_pnl": [st["pnl"]]})
+
+    def _display(self, sim: dict, rows: list[dict], why: str, frame: pd.DataFrame) -> None:
+        "The status line, the last step's numbers, its explanation and the table, for an episode as it is now."
+        st, j = sim["state"], len(rows)
+        where = "finished: all dates stepped, everything sold at maturity" if st["done"] else f"{j} of {sim['n_steps']} hedging dates stepped"
+        self.status.object = f"Episode `{sim['id']}`: **{sim['strategy']}** on {sim['scenario']}, seed {sim['seed']}: {where}."
+        self.numbers.object = last_step_html(sim, rows[-1] if rows else None)
+        self.why.object = why
+        self.table.object = frame.round(6)
+
+    def panel(self):
+        "The whole player, ready to serve (`.servable()`) or to show in a notebook."
+        import panel as pn
+        controls = pn.Row(self.scenario, self.strategy, *self.buttons.values(), self.playing, self.speed, sizing_mode="stretch_width")
+        figs = pn.GridBox(*[pn.pane.Bokeh(f, sizing_mode="stretch_width") for f in self.figures], ncols=3, sizing_mode="stretch_width")
+        return pn.Column(pn.pane.Markdown("## Simulation player"), controls, self.status, self.alert,
+                         pn.Row(self.numbers, self.why, sizing_mode="stretch_width"), figs, pn.pane.Markdown("**Steps so far**"), self.table,
+                         sizing_mode="stretch_width")
+
+# %% ../nbs/23_player.ipynb #ab7f9d71
+class Player(PlayerEpisodes, PlayerPage):
+    "The simulation player: one episode of a scenario hedged by a strategy, stepped through the `simulations` API beside delta."
+    def __init__(self,
+        api: SimulationsAPI, # `hedgerl.client.HedgerlClient`, or `InProcessSimulations` in the service
+        choices: Callable = strategy_refs, # scenario name -> {label: the API's strategy} (`strategy_refs`, bound to a registry or client)
+        scenario: str = "cao2021-gbm-1m-1d", # the scenario chosen first
+        strategy: str | None = None, # the strategy chosen first; None: the first model offered, else delta
+        scenarios: list[str] | None = None, # the scenarios offered; None: the published simulated ones
+        speed: float = 2.0, # steps a second when playing
+    ):
+        PlayerEpisodes.__init__(self, api)
+        PlayerPage.__init__(self, choices, scenarios, scenario, strategy, speed)
+        for k in ("New episode", "Reset"): self.buttons[k].on_click(self._start_clicked)  # a coroutine function: Panel awaits it
+        self.buttons["Step"].on_click(lambda e: self.step())
+        self.playing.param.watch(lambda e: self.play() if e.new else self.pause(), "value")
 
     @_inline
     def _prepare(self, strategy) -> tuple[str, object]:
@@ -282,44 +380,26 @@ class Player:
         self.status.object = f"Starting an episode of {label} on {self.scenario.value} (a model loads the first time: a second or two) ..."
         return label, self._refs.get(label, label)
 
-    def _open(self, ref, seed) -> tuple[dict, dict | None]:
-        "Create the episode and delta's on its path (the API's work alone, no widget touched: a worker thread may run it)."
-        sim = self.api.create_simulation(ref, self.scenario.value, seed)
-        try: return sim, None if ref == "delta" else self.api.create_simulation("delta", self.scenario.value, sim["seed"])
-        except HedgerlError:
-            try: self.api.delete_simulation(sim["id"])
-            except HedgerlError: pass
-            raise
-
     @_inline
     def _begin(self, sim: dict, dsim: dict | None) -> str:
         "Show a new episode: empty figures and table, its first date."
         self.sim, self.delta_sim, self.rows, self.delta_rows, self.alert.visible = sim, dsim, [], [], False
-        for s in self.sources: s.data = {k: [] for k in s.data}
-        for f in self.figures[1:]: f.legend.items[0].label = {"value": sim["strategy"]}
-        st = sim["state"]
-        self.sources[0].stream({"day": [st["day"]], "spot": [st["spot"]]})
-        self.sources[2].stream({"day": [st["day"]], "pnl": [st["pnl"]], "delta_pnl": [st["pnl"]]})
-        self._show()
+        self._clear(sim); self._show()
         return sim["id"]
-
-    def _refused(self, e: HedgerlError) -> None:
-        self.status.object = "No episode."; self._error(e)
 
     def start(self, seed: int | None = None, strategy=None) -> str | None:
         "A new episode of the chosen strategy (or `strategy`: a label or the API's strategy) and delta's on the same path; its id (None and a message if refused)."
         label, ref = self._prepare(strategy)
-        try: return self._begin(*self._open(ref, seed))
+        try: return self._begin(*self._open(ref, self.scenario.value, seed))
         except HedgerlError as e: return self._refused(e)
 
     async def start_async(self, seed: int | None = None, strategy=None) -> str | None:
         "`start` with the API's work in a worker thread, the buttons off meanwhile: what the page's buttons do (the status says what is starting)."
-        import asyncio
         import panel as pn
         label, ref = self._prepare(strategy)
         for b in self.buttons.values(): b.disabled = True
         doc = pn.state.curdoc
-        try: sims, err = await asyncio.to_thread(self._open, ref, seed), None
+        try: sims, err = await asyncio.to_thread(self._open, ref, self.scenario.value, seed), None
         except HedgerlError as e: sims, err = None, e
         def finish():
             for b in self.buttons.values(): b.disabled = False
@@ -330,9 +410,6 @@ class Player:
 
     async def _start_clicked(self, event) -> None:
         await self.start_async(seed=self._seed() if event.obj is self.buttons["Reset"] else None)
-
-    def _seed(self) -> int | None: return None if self.sim is None else self.sim["seed"]
-
     def reset(self) -> str | None:
         "Start again from the first date of the same path (its seed), with the strategy chosen now."
         return self.start(seed=self._seed())
@@ -341,12 +418,8 @@ class Player:
     def step(self) -> bool:
         "Step the episode (and delta's) one hedging date, and show it; False (and a message) if the API refused."
         if self.sim is None and self.start() is None: return False
-        try:
-            out = self.api.step_simulation(self.sim["id"])
-            dout = None if self.delta_sim is None else self.api.step_simulation(self.delta_sim["id"])
+        try: out, dout = self._advance()
         except HedgerlError as e: self._error(e); return False
-        self.rows.append(out["step"]); self.sim["state"] = out["state"]
-        if dout is not None: self.delta_rows.append(dout["step"]); self.delta_sim["state"] = dout["state"]
         stream_step(self.sources, out, dout if self.delta_sim is not None else out if self.sim["strategy"] == "delta" else None)
         self._show()
         if out["state"]["done"]: self.pause()
@@ -360,38 +433,9 @@ class Player:
             if self.start(seed=self._seed()) is None: return
         if self._timer is None: self._timer = pn.state.add_periodic_callback(self.step, period=int(1000 / self.speed.value))
         self.playing.param.update(value=True, name="Pause")
-
-    @_inline
-    def pause(self) -> None:
-        "Stop playing."
-        if self._timer is not None: self._timer.stop(); self._timer = None
-        self.playing.param.update(value=False, name="Play")
-
     def _show(self) -> None:
-        "The status line, the last step's numbers, its explanation and the table, for the episode as it is now."
-        sim, st, j = self.sim, self.sim["state"], len(self.rows)
-        where = "finished: all dates stepped, everything sold at maturity" if st["done"] else f"{j} of {sim['n_steps']} hedging dates stepped"
-        self.status.object = f"Episode `{sim['id']}`: **{sim['strategy']}** on {sim['scenario']}, seed {sim['seed']}: {where}."
-        self.numbers.object = last_step_html(sim, self.rows[-1] if self.rows else None)
-        self.why.object = self._explain() if self.rows else ""
-        self.table.object = self.frame.round(6)
-
-    def _explain(self) -> str:
-        "The last decision beside delta's on the same date: the delta episode's step, or (delta itself) its own."
-        before = self.rows[-2]["holdings"] if len(self.rows) > 1 else [0.0] * len(self.sim["instruments"])
-        if self.delta_sim is not None: d, dbefore = self.delta_rows[-1], self.delta_rows[-2]["holdings"][0] if len(self.delta_rows) > 1 else 0.0
-        elif self.sim["strategy"] == "delta": d, dbefore = self.rows[-1], before[0]
-        else: d = dbefore = None
-        return explain(self.rows[-1], before, self.sim["strategy"], self.sim["n_steps"], d, dbefore, self.sim["instruments"])
-
-    def panel(self):
-        "The whole player, ready to serve (`.servable()`) or to show in a notebook."
-        import panel as pn
-        controls = pn.Row(self.scenario, self.strategy, *self.buttons.values(), self.playing, self.speed, sizing_mode="stretch_width")
-        figs = pn.GridBox(*[pn.pane.Bokeh(f, sizing_mode="stretch_width") for f in self.figures], ncols=3, sizing_mode="stretch_width")
-        return pn.Column(pn.pane.Markdown("## Simulation player"), controls, self.status, self.alert,
-                         pn.Row(self.numbers, self.why, sizing_mode="stretch_width"), figs, pn.pane.Markdown("**Steps so far**"), self.table,
-                         sizing_mode="stretch_width")
+        "The page shows the episode as it is now."
+        self._display(self.sim, self.rows, self._explain() if self.rows else "", self.frame)
 
 # %% ../nbs/23_player.ipynb #780f6bf6
 def player_page(
