@@ -22,7 +22,8 @@ from .scenarios import Instrument, Observation, Option, Scenario, as_scenario
 
 # %% auto #0
 __all__ = ['HEDGES', 'MAX_BOOK', 'MAX_MATURITY', 'book_greeks', 'base_hedges', 'book_config', 'same_problem', 'matching_models',
-           'book_choices', 'totals_html', 'Portfolio', 'portfolio_page']
+           'book_choices', 'totals_html', 'portfolio_widgets', 'backtest_book', 'PortfolioBook', 'Portfolio',
+           'portfolio_page']
 
 # %% ../nbs/27_portfolio.ipynb #cc73d31b
 _GREEKS = ("delta", "gamma", "vega", "theta", "rho")
@@ -149,47 +150,64 @@ def _table(book) -> pd.DataFrame:
     "The options of `book` as the page's table."
     return pd.DataFrame([{k: getattr(o, k) for k in _COLUMNS} for o in book], columns=list(_COLUMNS))
 
-# %% ../nbs/27_portfolio.ipynb #1d5c9777
-class Portfolio:
-    "The portfolio view: a book of options on a base scenario's market, its value and Greeks, and a backtest of the hedges that apply."
-    cache: EvaluationCache | None = EvaluationCache(256 << 20) # backtests kept for the next page (every page of this process); None: none kept
+# %% ../nbs/27_portfolio.ipynb #9cbbc93c
+def portfolio_widgets(
+    names: list[str], # the base scenarios offered
+    base: str, # the base chosen first (the first offered if it is not one of them): its book is the first book
+) -> dict:
+    "The portfolio's Panel widgets by attribute: base, book, new, add, remove, hedges, alert, totals, greeks, run, focus, status, body."
+    import panel as pn
+    base = base if base in names else names[0]
+    return dict(
+        base=pn.widgets.Select(name="Base scenario (market, costs, calendar, objective)", options=names, value=base),
+        book=pn.widgets.Tabulator(_table(lib.get(base).book), show_index=False, selectable="checkbox", layout="fit_columns",
+                                  editors={"kind": {"type": "list", "values": ["call", "put"]}, "strike": {"type": "number"},
+                                           "maturity": {"type": "number", "step": 1}, "quantity": {"type": "number"}},
+                                  sizing_mode="stretch_width"),
+        new={"kind": pn.widgets.Select(name="Kind", options=["call", "put"], value="put", width=90),
+             "strike": pn.widgets.FloatInput(name="Strike", value=95.0, width=110),
+             "maturity": pn.widgets.IntInput(name="Maturity (days)", value=20, width=120),
+             "quantity": pn.widgets.FloatInput(name="Quantity (+ bought, - sold)", value=1.0, width=170)},
+        add=pn.widgets.Button(name="Add option"), remove=pn.widgets.Button(name="Remove selected"),
+        hedges=pn.widgets.CheckBoxGroup(name="Hedging instruments", options=list(HEDGES), value=base_hedges(base), inline=True),
+        alert=pn.pane.Alert("", alert_type="danger", visible=False, sizing_mode="stretch_width"),
+        totals=pn.pane.HTML("", sizing_mode="stretch_width"), greeks=pn.pane.DataFrame(None, sizing_mode="stretch_width"),
+        run=pn.widgets.Button(name="Backtest", button_type="primary"), focus=pn.widgets.Select(name="Headline for", options=[]),
+        status=pn.pane.Markdown("", sizing_mode="stretch_width"), body=pn.Column(sizing_mode="stretch_width"),
+    )
+
+# %% ../nbs/27_portfolio.ipynb #6be59e4e
+def backtest_book(
+    scn: Scenario, # the book's scenario
+    made: dict, # label -> function making the strategy (what `book_choices` gives)
+    n_paths: int, # paths of the backtest, the same for every strategy
+    seed: int, # seeds the paths
+    n_boot: int, # bootstrap replicates of the standard errors
+    cache: EvaluationCache | None = None, # backtests kept by question; None: none kept
+) -> tuple[Evaluation, pd.DataFrame]:
+    "Every strategy of `made` hedging the same paths of `scn`, and the comparison table (no widget: a worker thread may run it)."
+    def compute():
+        ev = evaluate(scn, {k: f() for k, f in made.items()}, n_paths, seed)
+        return ev, comparison(ev, n_boot)
+    key = ("portfolio", scn.to_json(), tuple(made), n_paths, seed, n_boot)
+    return compute() if cache is None else cache.get(key, compute)
+
+# %% ../nbs/27_portfolio.ipynb #6ed9a8ec
+class PortfolioBook:
+    "The portfolio's widgets and book, no backtest: options and instruments on a base, its scenario, value and Greeks."
     def __init__(self,
-        choices: Callable = book_choices, # the book's scenario -> {label: function making the strategy} (`book_choices`, bound to a registry)
         base: str = "cao2021-gbm-1m-1d", # the base scenario chosen first: its book is the first book
-        n_paths: int = 5_000, # paths of a backtest, the same for every strategy
-        seed: int = 0, # seeds the paths
-        n_boot: int = 100, # bootstrap replicates of the standard errors
         scenarios: list[str] | None = None, # the bases offered; None: the published simulated ones
     ):
-        import panel as pn
         names = scenarios or [n for n in lib.names() if lib.get(n).market.model != "historical"]
-        self.choices, self.n_paths, self.seed, self.n_boot = choices, check_int("n_paths", n_paths, 2), seed, check_int("n_boot", n_boot, 2)
-        self.scenario, self.ev, self.table, self._holding = None, None, None, False
-        self.base = pn.widgets.Select(name="Base scenario (market, costs, calendar, objective)", options=names, value=base if base in names else names[0])
-        self.book = pn.widgets.Tabulator(_table(lib.get(self.base.value).book), show_index=False, selectable="checkbox", layout="fit_columns",
-                                         editors={"kind": {"type": "list", "values": ["call", "put"]}, "strike": {"type": "number"},
-                                                  "maturity": {"type": "number", "step": 1}, "quantity": {"type": "number"}},
-                                         sizing_mode="stretch_width")
-        self.new = {"kind": pn.widgets.Select(name="Kind", options=["call", "put"], value="put", width=90),
-                    "strike": pn.widgets.FloatInput(name="Strike", value=95.0, width=110),
-                    "maturity": pn.widgets.IntInput(name="Maturity (days)", value=20, width=120),
-                    "quantity": pn.widgets.FloatInput(name="Quantity (+ bought, - sold)", value=1.0, width=170)}
-        self.add, self.remove = pn.widgets.Button(name="Add option"), pn.widgets.Button(name="Remove selected")
-        self.hedges = pn.widgets.CheckBoxGroup(name="Hedging instruments", options=list(HEDGES), value=base_hedges(self.base.value), inline=True)
-        self.alert = pn.pane.Alert("", alert_type="danger", visible=False, sizing_mode="stretch_width")
-        self.totals, self.greeks = pn.pane.HTML("", sizing_mode="stretch_width"), pn.pane.DataFrame(None, sizing_mode="stretch_width")
-        self.run = pn.widgets.Button(name="Backtest", button_type="primary")
-        self.focus = pn.widgets.Select(name="Headline for", options=[])
-        self.status, self.body = pn.pane.Markdown("", sizing_mode="stretch_width"), pn.Column(sizing_mode="stretch_width")
+        self.scenario, self._holding = None, False
+        vars(self).update(portfolio_widgets(names, base))
         self.base.param.watch(lambda e: self.reset(), "value")
         self.book.param.watch(lambda e: self.refresh(), "value"); self.book.on_edit(lambda e: self.refresh())
         self.hedges.param.watch(lambda e: self.refresh(), "value")
         self.add.on_click(lambda e: self.add_option()); self.remove.on_click(lambda e: self.remove_selected())
-        self.run.on_click(self.backtest_async)  # a coroutine function: Panel awaits it
-        self.focus.param.watch(lambda e: self.draw(), "value")
         self.refresh()
 
-    # -- the book
     def reset(self) -> None:
         "A new base: its own book and instruments."
         self._holding = True  # one refresh below, not one per widget (the first with the old instruments on the new book)
@@ -209,8 +227,6 @@ class Portfolio:
             return None
         self.scenario, self.run.disabled, self.alert.visible = scn, False, False
         self.totals.object, self.greeks.object = totals_html(g), g.round(6).astype(object).where(g.notna(), "")  # the total's strike: blank
-        if self.ev is None: self.status.object = f"**Backtest** hedges {self.n_paths:,} paths of this book with every strategy that applies."
-        elif not same_problem(self.ev.scenario, scn): self.status.object = "The book has changed since the backtest below: **Backtest** again."
         return scn
 
     def add_option(self, **option) -> None:
@@ -227,15 +243,42 @@ class Portfolio:
         "The library's message about the book, if it cannot be hedged."
         return self.alert.object if self.alert.visible else ""
 
-    # -- the backtest
+    def panel(self):
+        "The whole page, ready to serve (`.servable()`) or to show in a notebook."
+        import panel as pn
+        return pn.Column(pn.pane.Markdown("## Portfolio"), self.base, pn.pane.Markdown("**Book** (tick rows to remove them; edit a cell in place)"),
+                         self.book, pn.Row(*self.new.values(), self.add, self.remove), pn.pane.Markdown("**Hedging instruments**"), self.hedges,
+                         self.alert, self.totals, self.greeks, pn.Row(self.run, self.focus), self.status, self.body, sizing_mode="stretch_width")
+
+# %% ../nbs/27_portfolio.ipynb #234fc44d
+class Portfolio(PortfolioBook):
+    "The portfolio view: a book of options on a base scenario's market, its value and Greeks, and a backtest of the hedges that apply."
+    cache: EvaluationCache | None = EvaluationCache(256 << 20) # backtests kept for the next page (every page of this process); None: none kept
+    def __init__(self,
+        choices: Callable = book_choices, # the book's scenario -> {label: function making the strategy} (`book_choices`, bound to a registry)
+        base: str = "cao2021-gbm-1m-1d", # the base scenario chosen first: its book is the first book
+        n_paths: int = 5_000, # paths of a backtest, the same for every strategy
+        seed: int = 0, # seeds the paths
+        n_boot: int = 100, # bootstrap replicates of the standard errors
+        scenarios: list[str] | None = None, # the bases offered; None: the published simulated ones
+    ):
+        self.choices, self.n_paths, self.seed, self.n_boot = choices, check_int("n_paths", n_paths, 2), seed, check_int("n_boot", n_boot, 2)
+        self.ev, self.table = None, None
+        PortfolioBook.__init__(self, base, scenarios)
+        self.run.on_click(self.backtest_async)  # a coroutine function: Panel awaits it
+        self.focus.param.watch(lambda e: self.draw(), "value")
+
+    def refresh(self) -> Scenario | None:
+        "The book's scenario, value and Greeks (`PortfolioBook.refresh`); the status says whether the backtest below is still this book's."
+        held, scn = self._holding, super().refresh()
+        if held or scn is None: return scn
+        if self.ev is None: self.status.object = f"**Backtest** hedges {self.n_paths:,} paths of this book with every strategy that applies."
+        elif not same_problem(self.ev.scenario, scn): self.status.object = "The book has changed since the backtest below: **Backtest** again."
+        return scn
+
     def _compute(self, scn: Scenario) -> tuple[Evaluation, pd.DataFrame]:
-        "Every strategy that applies to `scn` hedging the same paths, and the comparison table (no widget touched: a worker thread may run it)."
-        made = self.choices(scn)
-        def compute():
-            ev = evaluate(scn, {k: f() for k, f in made.items()}, self.n_paths, self.seed)
-            return ev, comparison(ev, self.n_boot)
-        key = ("portfolio", scn.to_json(), tuple(made), self.n_paths, self.seed, self.n_boot)
-        return compute() if self.cache is None else self.cache.get(key, compute)
+        "Every strategy that applies to `scn` hedging the same paths, and the comparison table (`backtest_book`)."
+        return backtest_book(scn, self.choices(scn), self.n_paths, self.seed, self.n_boot, self.cache)
 
     def _failed(self, e: Exception) -> None:
         self.status.object = f"**Cannot backtest this book:** {getattr(e, 'detail', e)}"
@@ -280,13 +323,6 @@ class Portfolio:
         with inline_updates(self.body):
             if self.body.objects: update_view(self.body[0], self.ev, self.table, self.focus.value, 0, {"focus"})
             else: self.body.objects = [evaluation_view(self.ev, self.table, self.focus.value, 0)]
-
-    def panel(self):
-        "The whole page, ready to serve (`.servable()`) or to show in a notebook."
-        import panel as pn
-        return pn.Column(pn.pane.Markdown("## Portfolio"), self.base, pn.pane.Markdown("**Book** (tick rows to remove them; edit a cell in place)"),
-                         self.book, pn.Row(*self.new.values(), self.add, self.remove), pn.pane.Markdown("**Hedging instruments**"), self.hedges,
-                         self.alert, self.totals, self.greeks, pn.Row(self.run, self.focus), self.status, self.body, sizing_mode="stretch_width")
 
 # %% ../nbs/27_portfolio.ipynb #8addb850
 def portfolio_page(
