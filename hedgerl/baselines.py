@@ -41,6 +41,7 @@ def model_vol(
         return np.sqrt(th + (obs.variance - th) * (-math.expm1(-k * tau)) / (k * tau))
     return np.sqrt(obs.variance)  # historical: the observed (trailing) volatility
 
+# %% ../nbs/06_baselines.ipynb #d1c62c0c
 def option_greeks(
     scenario: Scenario, # the hedging problem
     option: Option, # one option (per unit; its `quantity` is ignored)
@@ -53,6 +54,7 @@ def option_greeks(
     sig = model_vol(scenario, option, obs) if vol is None else vol
     return bs_greeks(obs.spot, option.strike, tau, scenario.r, sig, scenario.q, option.kind)
 
+# %% ../nbs/06_baselines.ipynb #59e907c9
 def book_greeks(
     scenario: Scenario, # the hedging problem; its `book` is valued
     obs: Observation, # the paths' state on a hedging date
@@ -72,6 +74,7 @@ def _param(name: str, x, allow_zero: bool = False) -> float:
         raise ValueError(f"{name} must be a number, got {reprlib.repr(x)}")
     return float(check_positive(name, x, allow_zero=allow_zero))
 
+# %% ../nbs/06_baselines.ipynb #0c7f42f2
 def _grid(name: str, x, allow_zero: bool = False) -> np.ndarray:
     "Values of a parameter to fit over: a non-empty 1-D sequence of numbers, positive (non-negative with `allow_zero`)."
     g = np.asarray(x)
@@ -90,11 +93,13 @@ def _underlying(scenario: Scenario, who: str) -> int:
     if not u: raise ValueError(f"{who} needs the underlying among the hedging instruments; the scenario has: {', '.join(scenario.instrument_names)}")
     return u[0]
 
+# %% ../nbs/06_baselines.ipynb #f05be175
 class NoHedge(Strategy):
     "Hold nothing: the P&L is the premium minus the payoff."
     name = "no-hedge"
     def act(self, obs: Observation) -> np.ndarray: return np.zeros((obs.n_paths, len(obs.scenario.instruments)))
 
+# %% ../nbs/06_baselines.ipynb #77dc2f87
 class DeltaHedge(Strategy):
     "Hold minus the book's Black-Scholes delta in the underlying, rebalanced on every hedging date."
     name = "delta"
@@ -128,6 +133,7 @@ def derman_kamal_sd(
     "Derman & Kamal (1999) standard deviation of the P&L of an option delta-hedged N times: sqrt(pi/4) vega sigma / sqrt(N)."
     return math.sqrt(math.pi / 4) * np.asarray(vega) * sigma / np.sqrt(check_positive("n_rebalances", n_rebalances))
 
+# %% ../nbs/06_baselines.ipynb #c255fb23
 def sd_se(
     x, # samples, (n,)
 ):
@@ -164,6 +170,7 @@ class DeltaGamma(DeltaHedge):
         h[:, self._u] = -(bk.delta + sum(n[:, i] * g.delta for i, g in enumerate(gk)))
         return h
 
+# %% ../nbs/06_baselines.ipynb #f4b9cec7
 class DeltaGammaVega(DeltaGamma):
     "Neutralise the book's gamma and vega with the first two listed options (two maturities), then delta with the underlying."
     name = "delta-gamma-vega"
@@ -193,6 +200,7 @@ def _tile(p: ScenarioPaths, g: int) -> ScenarioPaths:
     return ScenarioPaths(p.scenario, p.days, p.times, np.tile(p.spot, (g, 1)), np.tile(p.variance, (g, 1)),
                          np.tile(p.book, (g, 1)), np.tile(p.prices, (g, 1, 1)), p.discount)
 
+# %% ../nbs/06_baselines.ipynb #ee7c822d
 class _Band(DeltaHedge):
     "Delta hedge with a no-transaction band: the previous holding clipped into [delta - H, delta + H]."
     _param = ""  # the tuned attribute
@@ -224,6 +232,7 @@ class _Band(DeltaHedge):
         setattr(self, self._param, float(grid[np.argmin(scores)]))
         return self
 
+# %% ../nbs/06_baselines.ipynb #3435ba66
 class WhalleyWilmott(_Band):
     "Whalley & Wilmott (1997) no-transaction band around the delta hedge, H = (3/2 e^{-r tau} lambda S Gamma^2 / gamma)^{1/3}."
     name = "whalley-wilmott"
@@ -249,6 +258,7 @@ class WhalleyWilmott(_Band):
         "Pick the risk aversion that minimises the scenario's objective on training paths; returns self."
         return self._fit(scenario, _grid("grid", grid), n_paths, seed)
 
+# %% ../nbs/06_baselines.ipynb #86e12b25
 class FixedBand(_Band):
     "Constant-width no-transaction band around the delta hedge: h = clip(previous, delta - w, delta + w)."
     name = "fixed-band"
@@ -288,6 +298,7 @@ BASELINES: dict[str, type] = {
     "fixed-band": FixedBand,
 }
 
+# %% ../nbs/06_baselines.ipynb #c22c847b
 def make_baseline(
     name: str, # a key of `BASELINES`
     **kwargs, # passed to the class, e.g. vol=0.25, risk_aversion=10.0, width=0.1

@@ -27,6 +27,7 @@ __all__ = ['SETTINGS_SCHEMA', 'OTHER_VARIABLES', 'SettingsError', 'Settings', 'f
 class SettingsError(ValueError):
     "A setting is unknown or has a bad value; the message names the key and its source."
 
+# %% ../nbs/00_core.ipynb #0521d0df
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 
@@ -45,12 +46,14 @@ def _positive(v: str) -> int:
     if n < 1: raise ValueError("expected an integer >= 1")
     return n
 
+# %% ../nbs/00_core.ipynb #59c2d7d7
 def _choice(*opts: str) -> Callable[[str], str]:
     def parse(v: str) -> str:
         if v not in opts: raise ValueError(f"expected one of {', '.join(opts)}")
         return v
     return parse
 
+# %% ../nbs/00_core.ipynb #9bad2a0f
 def _url(v: str) -> str:
     if not _URL_RE.match(v): raise ValueError("expected a database URL such as sqlite:///path or postgresql+psycopg://user@host/db")
     return v
@@ -62,6 +65,7 @@ def _sqlite_path(url: str, base: Path) -> str:
     p = Path(url[len(prefix):]).expanduser()
     return prefix + str(p if p.is_absolute() else base / p)
 
+# %% ../nbs/00_core.ipynb #3042be4f
 def _device(v: str) -> str:
     if not _DEVICE_RE.match(v): raise ValueError("expected auto, cpu, mps, cuda or cuda:N")
     return v
@@ -76,7 +80,7 @@ def _username(v: str) -> str:
     if not re.fullmatch(r"[a-z][a-z0-9_-]{0,30}", v): raise ValueError("expected a user name: a lowercase letter, then up to 30 lowercase letters, digits, _ or -")
     return v
 
-
+# %% ../nbs/00_core.ipynb #acff8053
 # section -> key -> (default, parser). Paths are parsed later, relative to the settings file.
 SETTINGS_SCHEMA: dict[str, dict[str, tuple[str, Callable[[str], Any]]]] = {
     "data": {"folder": ("~/.hedgerl", Path), "cache": ("${data:folder}/cache", Path)},
@@ -109,6 +113,7 @@ class _Section(Mapping):
         except KeyError: raise AttributeError(f"settings section [{self._name}] has no key {k!r}") from None
     def __repr__(self): return f"[{self._name}] " + ", ".join(f"{k}={v!r}" for k, v in self._values.items())
 
+# %% ../nbs/00_core.ipynb #aa9039d4
 class Settings(Mapping):
     "The platform's runtime settings, parsed and checked: `s.section.key` or `s['section']['key']`."
     def __init__(self, sections: dict[str, dict], source: Path | None):
@@ -135,7 +140,6 @@ def _package_root() -> Path:
     return Path(hedgerl.__file__).resolve().parent.parent
 
 def find_settings_file(environ: Mapping[str, str] | None = None) -> Path | None:
-
     "The settings file in use: `$HEDGERL_SETTINGS`, else `settings.ini` beside the package in a clone, else None."
     env = os.environ if environ is None else environ
     if env.get("HEDGERL_SETTINGS"):
@@ -145,6 +149,51 @@ def find_settings_file(environ: Mapping[str, str] | None = None) -> Path | None:
     p = Path(__file__).resolve().parent.parent / "settings.ini"
     return p if p.is_file() else None
 
+# %% ../nbs/00_core.ipynb #ff72a528
+def _read_settings_file(
+    path: Path, # the settings file
+    cp: configparser.ConfigParser, # the settings so far (the defaults), updated in place
+    origin: dict, # (section, key) -> where its value came from, updated in place
+) -> None:
+    "Apply the keys of the settings file `path` to `cp`; an unknown section or key fails, naming the file."
+    if not path.is_file(): raise SettingsError(f"settings file {str(path)!r} does not exist")
+    f = configparser.ConfigParser(interpolation=None)
+    try: f.read(path)
+    except configparser.Error as e: raise SettingsError(f"{path}: cannot parse: {e}") from None
+    for s in f.sections():
+        if s not in SETTINGS_SCHEMA:
+            raise SettingsError(f"{path}: unknown section [{s}]; known: {', '.join(SETTINGS_SCHEMA)}")
+        for k, v in f[s].items():
+            if k not in SETTINGS_SCHEMA[s]:
+                raise SettingsError(f"{path}: unknown key {k!r} in [{s}]; known: {', '.join(SETTINGS_SCHEMA[s])}")
+            cp[s][k], origin[s, k] = v, str(path)
+
+# %% ../nbs/00_core.ipynb #2345986b
+def _parse_setting(
+    cp: configparser.ConfigParser, # the raw settings, interpolated on reading
+    origin: dict, # (section, key) -> where its value came from
+    s: str, # section
+    k: str, # key
+    base: Path, # folder that relative paths are relative to
+):
+    "The value of setting `[s] k`, parsed by its schema; a bad value is a `SettingsError` naming key and source."
+    parse = SETTINGS_SCHEMA[s][k][1]
+    try: raw = cp[s][k].strip()
+    except configparser.Error as e:
+        raise SettingsError(f"setting [{s}] {k} (from {origin[s, k]}): {e.message.splitlines()[0]}") from None
+    try:
+        if parse is Path:
+            if not raw: raise ValueError("expected a path")
+            p = Path(raw).expanduser()
+            val = p if p.is_absolute() else (base / p)
+        else: val = parse(raw)
+        if parse is _url: val = _sqlite_path(val, base)
+    except ValueError as e:
+        msg = str(e) if "expected" in str(e) else "expected an integer"
+        raise SettingsError(f"setting [{s}] {k} = {raw!r} (from {origin[s, k]}): {msg}") from None
+    return val
+
+# %% ../nbs/00_core.ipynb #5260e4cf
 def load_settings(
     path: str | Path | None = None, # settings file; None: `find_settings_file()`; "" for the embedded defaults only
     environ: Mapping[str, str] | None = None, # environment for `HEDGERL_<SECTION>_<KEY>` overrides (default `os.environ`)
@@ -156,17 +205,7 @@ def load_settings(
     cp = configparser.ConfigParser(interpolation=configparser.ExtendedInterpolation())
     cp.read_dict({s: {k: d for k, (d, _) in keys.items()} for s, keys in SETTINGS_SCHEMA.items()})
     origin = {(s, k): "default" for s, keys in SETTINGS_SCHEMA.items() for k in keys}
-    if path is not None:
-        if not path.is_file(): raise SettingsError(f"settings file {str(path)!r} does not exist")
-        f = configparser.ConfigParser(interpolation=None)
-        try: f.read(path)
-        except configparser.Error as e: raise SettingsError(f"{path}: cannot parse: {e}") from None
-        for s in f.sections():
-            if s not in SETTINGS_SCHEMA: raise SettingsError(f"{path}: unknown section [{s}]; known: {', '.join(SETTINGS_SCHEMA)}")
-            for k, v in f[s].items():
-                if k not in SETTINGS_SCHEMA[s]:
-                    raise SettingsError(f"{path}: unknown key {k!r} in [{s}]; known: {', '.join(SETTINGS_SCHEMA[s])}")
-                cp[s][k], origin[s, k] = v, str(path)
+    if path is not None: _read_settings_file(path, cp, origin)
     known = set()
     for s, keys in SETTINGS_SCHEMA.items():
         for k in keys:
@@ -176,26 +215,10 @@ def load_settings(
     if stray: warnings.warn(f"unknown hedgerl setting variables ignored: {', '.join(stray)}", stacklevel=2)
     base = path.resolve().parent if path is not None else _package_root()  # embedded defaults: as if in a settings.ini beside the package
 
-    out: dict[str, dict] = {}
-    for s, keys in SETTINGS_SCHEMA.items():
-        out[s] = {}
-        for k, (_, parse) in keys.items():
-            try: raw = cp[s][k].strip()
-            except configparser.Error as e:
-                raise SettingsError(f"setting [{s}] {k} (from {origin[s, k]}): {e.message.splitlines()[0]}") from None
-            try:
-                if parse is Path:
-                    if not raw: raise ValueError("expected a path")
-                    p = Path(raw).expanduser()
-                    val = p if p.is_absolute() else (base / p)
-                else: val = parse(raw)
-                if parse is _url: val = _sqlite_path(val, base)
-            except ValueError as e:
-                msg = str(e) if "expected" in str(e) else "expected an integer"
-                raise SettingsError(f"setting [{s}] {k} = {raw!r} (from {origin[s, k]}): {msg}") from None
-            out[s][k] = val
+    out = {s: {k: _parse_setting(cp, origin, s, k, base) for k in keys} for s, keys in SETTINGS_SCHEMA.items()}
     return Settings(out, path)
 
+# %% ../nbs/00_core.ipynb #1f667df8
 _SETTINGS: Settings | None = None
 
 def settings(reload: bool = False) -> Settings:
@@ -229,6 +252,7 @@ def check_finite(name: str, x):
     if bad.any(): raise ValueError(f"{name} must be finite, got {_first_bad(a, bad)}")
     return x
 
+# %% ../nbs/00_core.ipynb #198891d3
 def check_positive(name: str, x, allow_zero: bool = False):
     "Raise `ValueError` naming `name` unless every element of `x` is finite and > 0 (>= 0 with `allow_zero`); return `x`."
     check_finite(name, x)
@@ -237,6 +261,7 @@ def check_positive(name: str, x, allow_zero: bool = False):
     if bad.any(): raise ValueError(f"{name} must be {'non-negative' if allow_zero else 'positive'}, got {_first_bad(a, bad)}")
     return x
 
+# %% ../nbs/00_core.ipynb #68aad5c9
 def check_in_range(name: str, x, lo: float, hi: float, closed: bool = True):
     "Raise `ValueError` naming `name` unless every element of `x` lies in [lo, hi] (open interval with `closed=False`); return `x`."
     check_finite(name, x)
@@ -247,17 +272,20 @@ def check_in_range(name: str, x, lo: float, hi: float, closed: bool = True):
         raise ValueError(f"{name} must lie in {iv}, got {_first_bad(a, bad)}")
     return x
 
+# %% ../nbs/00_core.ipynb #958b5f8d
 def check_choice(name: str, x, choices):
     "Raise `ValueError` naming `name` unless `x` is one of `choices`; return `x`."
     if x not in choices: raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {x!r}")
     return x
 
+# %% ../nbs/00_core.ipynb #4a7c1c8e
 def check_int(name: str, x, minimum: int = 1) -> int:
     "Raise `ValueError` naming `name` unless `x` is an integer >= `minimum`; return it as int."
     if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)) or x < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {x!r}")
     return int(x)
 
+# %% ../nbs/00_core.ipynb #e17e8efd
 def broadcast_shape(**args) -> tuple:
     "The broadcast shape of the named array arguments, or a `ValueError` naming the ones that do not fit."
     shapes = {k: tuple(getattr(v, "shape", np.shape(v))) for k, v in args.items()}
@@ -275,6 +303,7 @@ def as_generator(seed=None) -> np.random.Generator:
     if isinstance(seed, (int, np.integer)) and seed < 0: raise ValueError(f"seed must be >= 0, got {seed}")
     return np.random.default_rng(seed)
 
+# %% ../nbs/00_core.ipynb #4d18e1c5
 def spawn_seeds(seed, n: int) -> list[np.random.SeedSequence]:
     "`n` independent child seed sequences of `seed` (an int or `SeedSequence`), deterministic for a given seed."
     if isinstance(seed, np.random.Generator): raise ValueError("spawn_seeds needs an int or SeedSequence seed, not a Generator")
@@ -291,6 +320,7 @@ def import_torch():
         raise ImportError("this needs PyTorch: `pip install torch==2.13.0` (a CPU build) or `pip install hedgerl[torch]`") from e
     return torch
 
+# %% ../nbs/00_core.ipynb #8851fbca
 def resolve_device(device: str | None = None) -> str:
     "Resolve `device` ('auto', 'cpu', 'cuda', 'cuda:N', 'mps'; None: the `[compute] device` setting) to a concrete torch device name."
     device = settings().compute.device if device is None else str(device)
@@ -301,6 +331,7 @@ def resolve_device(device: str | None = None) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available(): raise ValueError(f"device={device!r} but torch sees no CUDA device")
     return device
 
+# %% ../nbs/00_core.ipynb #f8982ac9
 def torch_generator(seed=None, device: str = "cpu"):
     "A torch `Generator` on `device` seeded from `seed` (None, int, `SeedSequence` or numpy `Generator`), reproducible like `as_generator`."
     torch = import_torch()
