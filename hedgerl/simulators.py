@@ -32,6 +32,7 @@ def _n_drawn(
     "Number of independently drawn paths: all, or the first ceil(n_paths / 2) when the rest mirror them."
     return (n_paths + 1) // 2 if antithetic else n_paths
 
+# %% ../nbs/02_simulators.ipynb #288b592c
 def _fill_normals(
     rng: np.random.Generator, # numpy generator
     out: np.ndarray, # C-contiguous buffer (..., n_paths), filled in place
@@ -44,6 +45,7 @@ def _fill_normals(
         if h < n: np.negative(row[:n - h], out=row[h:])
     return out
 
+# %% ../nbs/02_simulators.ipynb #e6d993b0
 def _normal_stream(
     rng: np.random.Generator, # numpy generator
     shape: tuple, # shape of one step's normals, (..., n_paths)
@@ -60,6 +62,7 @@ def _normal_stream(
             if i + 1 < n_steps: job = pool.submit(_fill_normals, rng, bufs[(i + 1) % 2], antithetic)
             yield bufs[i % 2]
 
+# %% ../nbs/02_simulators.ipynb #5a4ecf7b
 def _torch_normals(
     torch, # the torch module
     gen, # torch Generator on `device`
@@ -186,6 +189,7 @@ def _qe_step(
         vn[j] = w
         xn[j] = x[j] + mudt + k0 + K1 * vj + K2 * w + math.sqrt(K3 * vj + K4 * w) * zx[j]
 
+# %% ../nbs/02_simulators.ipynb #8ce946c6
 def _qe_step_torch(torch, v, x, zv, zx, E, c1, c2, theta, mudt, K0, K1, K2, K3, K4, martingale):
     "`_qe_step` vectorised in torch (both branches evaluated, `torch.where` picks); returns (v', x')."
     A = K2 + 0.5 * K4
