@@ -5,6 +5,7 @@
 # %% ../nbs/08_leaderboard.ipynb #5c1e9c96
 from __future__ import annotations
 
+import html
 import json
 import time
 from datetime import datetime, timezone
@@ -21,7 +22,7 @@ from .core import check_int
 from .scenarios import Scenario, Strategy, as_scenario, get, names
 
 # %% auto #0
-__all__ = ['applicable', 'paired_improvement', 'evaluate_scenario', 'to_markdown', 'run_leaderboard']
+__all__ = ['applicable', 'paired_improvement', 'evaluate_scenario', 'Leaderboard', 'to_markdown', 'run_leaderboard']
 
 # %% ../nbs/08_leaderboard.ipynb #48a35671
 def applicable(name: str, scenario: Scenario) -> bool:
@@ -121,6 +122,58 @@ def evaluate_scenario(
                     "fit": fits.get(name), "metrics": m})
     return out
 
+# %% ../nbs/08_leaderboard.ipynb #0294af78
+def _by_scenario(records) -> dict[str, list[dict]]:
+    "The records grouped by scenario (in the order they come), each group sorted best (lowest) objective first."
+    groups = {}
+    for r in records: groups.setdefault(r["scenario"], []).append(r)
+    return {s: sorted(rs, key=lambda r: r["objective"]) for s, rs in groups.items()}
+
+# %% ../nbs/08_leaderboard.ipynb #94c5e060
+def _html_table(scenario: str, rows: list[dict]) -> str:
+    "One scenario's records as an HTML table: objective ± standard error, improvement over delta, tail risk, cost."
+    e, r0 = html.escape, rows[0]
+    head = "".join(f"<th>{h}</th>" for h in ("strategy", "learned", "objective", "vs delta", "ES 95%", "mean cost"))
+    body = []
+    for r in rows:
+        imp = "—" if r["strategy"] == "delta" else f"{r['improvement_vs_delta_pct']:+.1f}% ± {r['improvement_vs_delta_pct_se']:.1f}"
+        cells = (e(r["strategy"]), "yes" if r["learned"] else "no", f"{r['objective']:.4g} ± {r['objective_se']:.2g}",
+                 imp, f"{r['metrics']['es_95']:.4f}", f"{r['metrics'].get('cost_mean', 0.0):.4f}")
+        body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return (f"<h4>{e(scenario)}</h4><p>Objective: {e(r0['objective_label'])}; {r0['n_paths']:,} test paths, "
+            f"seed {r0['seed']}. Lower is better; ± is one bootstrap standard error.</p>"
+            f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
+
+# %% ../nbs/08_leaderboard.ipynb #3a94e713
+class Leaderboard(list):
+    "The records of `run_leaderboard` (a list of dicts, as in `leaderboard.json`), shown as tables and drawn by `plot`."
+    def _repr_html_(self) -> str:
+        "One HTML table per scenario, best objective first."
+        return "".join(_html_table(s, rows) for s, rows in _by_scenario(self).items()) or "<p>(empty leaderboard)</p>"
+
+    def plot(self,
+        ncols: int = 2, # panels per row
+        width: float = 5.0, # inches per panel
+    ):
+        "A matplotlib figure: per scenario, each strategy's objective with one-standard-error bars, best at the top."
+        import matplotlib.pyplot as plt
+        groups = _by_scenario(self)
+        if not groups: raise ValueError("the leaderboard is empty: nothing to plot")
+        ncols = min(ncols, len(groups)); nrows = -(-len(groups) // ncols)
+        hmax = max(len(rows) for rows in groups.values())
+        fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, (0.45 * hmax + 1.2) * nrows), squeeze=False)
+        for ax, (scn, rows) in zip(axes.flat, groups.items()):
+            rows = rows[::-1]  # barh draws bottom-up: the best ends on top
+            ax.barh([r["strategy"] for r in rows], [r["objective"] for r in rows],
+                    xerr=[r["objective_se"] for r in rows], capsize=3,
+                    color=["tab:orange" if r["learned"] else "tab:blue" for r in rows])
+            if (d := next((r for r in rows if r["strategy"] == "delta"), None)):
+                ax.axvline(d["objective"], color="grey", ls="--", lw=1)
+            ax.set_title(scn, fontsize=10); ax.set_xlabel(rows[0]["objective_label"], fontsize=8)
+        for ax in axes.flat[len(groups):]: ax.set_visible(False)
+        fig.tight_layout(); plt.close(fig)  # returned, not drawn twice in a notebook
+        return fig
+
 # %% ../nbs/08_leaderboard.ipynb #ad106251
 def to_markdown(records: list[dict]) -> str:
     "The leaderboard as Markdown: one table per scenario, best objective first."
@@ -153,8 +206,8 @@ def run_leaderboard(
     learned: list[Strategy] | None = None, # trained agents; each joins the scenario it was trained on
     out_dir: str | Path | None = "reports", # where leaderboard.json and leaderboard.md go; None writes nothing
     progress: bool = True,
-) -> list[dict]:
-    "Evaluate strategies on scenarios and write `leaderboard.json` and `leaderboard.md`; every argument is checked before the first scenario runs."
+) -> Leaderboard:
+    "Strategies on scenarios, as a `Leaderboard`, written to `leaderboard.json` and `.md`; arguments checked first."
     if isinstance(scenarios, (str, Path, Scenario, dict)): scenarios = [scenarios]
     if scenarios is None: scenarios = names()
     if not isinstance(scenarios, (list, tuple)): raise ValueError(f"scenarios must be a list of scenario names, got {type(scenarios).__name__}")
@@ -168,7 +221,7 @@ def run_leaderboard(
     if out is not None:
         if out.exists() and not out.is_dir(): raise ValueError(f"out_dir {str(out)!r} is a file, not a folder")
         out.mkdir(parents=True, exist_ok=True)
-    records = []
+    records = Leaderboard()
     for s in tqdm(scns, desc="leaderboard", disable=not progress):
         records += evaluate_scenario(s, strategies, n_paths=n_paths, seed=seed, train_paths=train_paths, n_boot=n_boot, client=client, learned=learned)
     if out is not None:
