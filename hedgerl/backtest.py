@@ -113,6 +113,7 @@ def _check_flag(name: str, x, none: bool = False):
     if not (isinstance(x, (bool, np.bool_)) or none and x is None): raise ValueError(f"{name} must be True or False{' or None' * none}, got {x!r}")
     return x
 
+# %% ../nbs/07_backtest.ipynb #e978a925
 def _run_paths(strategy: Strategy, paths: ScenarioPaths, record: bool) -> dict:
     "Hedge one batch of paths and return its per-path arrays."
     ro = hedge(strategy, paths, record=record)
@@ -123,6 +124,7 @@ def _run_chunk(strategy: Strategy, scenario: Scenario, n: int, seed, antithetic:
     "Simulate and hedge one chunk of paths (runs on a Dask worker or in process)."
     return _run_paths(strategy, simulate_scenario(scenario, n, seed=seed, antithetic=antithetic), record)
 
+# %% ../nbs/07_backtest.ipynb #4dec270f
 def _combine(parts: list[dict], scenario, strategy, seed, extra=None) -> BacktestResult:
     cat = {k: np.concatenate([p[k] for p in parts]) for k in ("pnl", "cost", "option_pnl", "hedge_pnl", "premium")}
     hold = np.concatenate([p["holdings"] for p in parts]) if parts[0]["holdings"] is not None else None
@@ -285,6 +287,7 @@ def _read_csv_prices(p: Path) -> tuple[np.ndarray, np.ndarray]:
     if back.size: raise ValueError(f"{p}, row {back[0] + 2}: dates must increase, {dates[back[0] + 1]} follows {dates[back[0]]}")
     return prices, dates
 
+# %% ../nbs/07_backtest.ipynb #577439ef
 def load_prices(source: str | Path) -> tuple[np.ndarray, np.ndarray]:
     "Daily prices and dates, oldest first, from `bokeh:TICKER` (bokeh-sampledata, via `hedgerl.data`) or a CSV file with date and close columns."
     if not isinstance(source, (str, Path)): raise ValueError(f"price source must be 'bokeh:TICKER' or a CSV file, got {type(source).__name__}")
@@ -294,6 +297,7 @@ def load_prices(source: str | Path) -> tuple[np.ndarray, np.ndarray]:
     if not Path(source).is_file(): raise ValueError(f"price source {str(source)!r} is neither bokeh:TICKER nor an existing CSV file")
     return _read_csv_prices(Path(source))
 
+# %% ../nbs/07_backtest.ipynb #2b9a65e0
 def trailing_vol(prices: np.ndarray, window: int = 20, trading_days: int = 252) -> np.ndarray:
     "Close-to-close realised volatility over the previous `window` returns, annualised (`hedgerl.data.realised_vol`); NaN until `window` returns exist."
     return data.realised_vol(pd.Series(np.asarray(prices, dtype=np.float64)), window, "close-to-close", trading_days).to_numpy()

@@ -55,6 +55,7 @@ def _build(cls, x, where: str):
         elif own and not msg.startswith(where): msg = f"{where}: {msg}"
         raise ValueError(msg) from None
 
+# %% ../nbs/04_scenarios.ipynb #ab4cbaae
 def _build_list(cls, xs, where: str, empty: str) -> tuple:
     "`xs`, a list of `cls` or of mappings of its fields, as a tuple of checked `cls` (errors name `where[i]`); `empty` is the error for none."
     if not isinstance(xs, (list, tuple)):
@@ -243,6 +244,7 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _y
 def _json_object(pairs: list) -> dict:
     _unique_keys([k for k, _ in pairs], "object"); return dict(pairs)
 
+# %% ../nbs/04_scenarios.ipynb #2f6cdc7e
 def _read_config(p: Path):
     "The data in a .json or (otherwise) YAML config file; a key given twice is an error."
     if not p.is_file(): raise ValueError(f"scenario file {str(p)!r} does not exist")
@@ -324,6 +326,7 @@ def _cao(model: str, months: int, every: int) -> Scenario:
                     costs=Costs(proportional=0.01), objective=Objective("cao", 1.5),
                     description=f"Cao, Chen, Hull, Poulos (2021): short ATM call, {days} days, {model.upper()}, rebalanced every {every} day(s), 1% cost")
 
+# %% ../nbs/04_scenarios.ipynb #3e65c547
 def _named() -> dict[str, Scenario]:
     out = {}
     for model in ("gbm", "sabr"):
@@ -344,6 +347,7 @@ def _named() -> dict[str, Scenario]:
 
 NAMED: dict[str, Scenario] = _named()
 
+# %% ../nbs/04_scenarios.ipynb #7f1dd439
 def names() -> list[str]:
     "Names of the published scenarios that ship with hedgerl."
     return list(NAMED)
@@ -380,6 +384,7 @@ def sabr_implied_vol(F, K, tau, alpha, nu, rho):
     ratio = np.where(small, 1.0 - 0.5 * rho * z, zs / np.where(small, 1.0, xz))
     return alpha * ratio * (1 + (rho * nu * alpha / 4 + (2 - 3 * rho * rho) * nu * nu / 24) * tau)
 
+# %% ../nbs/04_scenarios.ipynb #b4a4fe82
 def merton_price(S, K, tau, r, sigma, lam, mu_j, sigma_j, q=0.0, kind="call", n_terms=60):
     "Merton (1976) jump-diffusion price: the Poisson-weighted sum of Black-Scholes prices."
     k = math.exp(mu_j + 0.5 * sigma_j**2) - 1
@@ -392,6 +397,7 @@ def merton_price(S, K, tau, r, sigma, lam, mu_j, sigma_j, q=0.0, kind="call", n_
         out = out + np.exp(logw) * bs_price(S, K, tau, r_n, sig_n, q, kind) * np.exp((r_n - r) * tau)
     return out
 
+# %% ../nbs/04_scenarios.ipynb #1e32673c
 def variance_swap_value(accrued, v, tau, kappa, theta):
     "Value of a variance swap paying total variance: accrued variance plus the Heston expectation of the rest."
     return accrued + theta * tau + (v - theta) * (-np.expm1(-kappa * tau)) / kappa
@@ -457,6 +463,7 @@ class ScenarioPaths:
         "What the book was sold for at the model price (positive for a short book), per path."
         return -self.book[:, 0]
 
+# %% ../nbs/04_scenarios.ipynb #69981846
 def _book_and_prices(scn: Scenario, daily_spot, daily_var, daily_vol, idx, sigma=None, marks=True):
     "Book values and instrument prices on the decision dates `idx` from daily series (book NaN between inception and maturity without `marks`)."
     value = _valuer(scn)
@@ -485,6 +492,7 @@ def _book_and_prices(scn: Scenario, daily_spot, daily_var, daily_vol, idx, sigma
                 prices[:, j, k] = variance_swap_value(accrued[:, day], daily_var[:, day], tau, p["kappa"], p["theta"])
     return book, prices
 
+# %% ../nbs/04_scenarios.ipynb #6f889ceb
 def simulate_scenario(
     scn: Scenario, # the hedging problem
     n_paths: int, # number of paths
@@ -530,6 +538,7 @@ class Observation:
         "log(S / K) against the first option of the book."
         return np.log(self.spot / self.scenario.book[0].strike)
 
+# %% ../nbs/04_scenarios.ipynb #35317012
 class Strategy:
     "A hedging strategy: observations of a batch of paths in, target holdings of the hedging instruments out."
     name: str = "strategy"
@@ -551,6 +560,7 @@ class StepPnL:
     @property
     def total(self) -> np.ndarray: return self.option + self.hedge - self.cost
 
+# %% ../nbs/04_scenarios.ipynb #297ac98f
 class Rollout:
     "Steps a batch of `ScenarioPaths` through the hedging dates: `observe()`, then `step(target_holdings)`, until `done`."
     def __init__(self, paths: ScenarioPaths, record: bool = True):
