@@ -36,9 +36,11 @@ __all__ = ['PRICE_COLUMNS', 'SAMPLE_TICKERS', 'NYSE_SPECIAL_CLOSURES', 'fetch_lo
 class DataUnavailable(RuntimeError):
     "Market data that is neither in the cache nor reachable (or that the source does not have)."
 
+# %% ../nbs/10_data.ipynb #e9b836b4
 class UnknownTicker(DataUnavailable):
     "The data source does not know the ticker."
 
+# %% ../nbs/10_data.ipynb #52668996
 PRICE_COLUMNS = ("open", "high", "low", "close", "adj_close", "volume")
 _TICKER_RE = re.compile(r"^\^?[A-Z0-9][A-Z0-9.\-=]{0,14}$")
 
@@ -49,6 +51,7 @@ def check_ticker(ticker) -> str:
         raise ValueError(f"ticker must be a symbol such as 'AAPL', '^VIX' or 'BRK-B', got {ticker!r}")
     return t
 
+# %% ../nbs/10_data.ipynb #7d9d053f
 def date_range(
     start, # first date (anything `pd.Timestamp` reads)
     end=None, # last date, inclusive; None: today
@@ -64,6 +67,7 @@ def date_range(
     if e < s: raise ValueError(f"empty or inverted date range: start={s.date()} is after end={e.date()}")
     return s, e
 
+# %% ../nbs/10_data.ipynb #7caae42a
 def as_price_frame(
     df: pd.DataFrame, # prices with (case-insensitive) open/high/low/close[/adj close]/volume columns
     name: str = "prices", # what to call it in error messages
@@ -94,7 +98,8 @@ def sample_prices(
     t = check_ticker(ticker.split(":", 1)[1] if ticker.lower().startswith("bokeh:") else ticker)
     check_choice("ticker", t, SAMPLE_TICKERS)
     try: from bokeh_sampledata import stocks
-    except ImportError as e: raise ImportError("sample prices need the bokeh-sampledata package: pip install bokeh-sampledata") from e
+    except ImportError as e:  # an optional dependency: name the extra that brings it
+        raise ImportError("sample prices (bokeh:TICKER) need the bokeh-sampledata package: pip install 'hedgerl[data]'") from e
     df = as_price_frame(pd.DataFrame(getattr(stocks, t)), f"bokeh-sampledata {t}")
     if start is not None or end is not None:
         s, e = date_range(df.index[0] if start is None else start, df.index[-1] if end is None else end)
@@ -114,6 +119,7 @@ class NYSEHolidays(AbstractHolidayCalendar):
              Holiday("Independence Day", month=7, day=4, observance=nearest_workday), USLaborDay, USThanksgivingDay,
              Holiday("Christmas", month=12, day=25, observance=nearest_workday)]
 
+# %% ../nbs/10_data.ipynb #eddc3aa7
 def trading_calendar(
     start, # first date
     end, # last date, inclusive
@@ -128,6 +134,7 @@ def cache_folder(path=None) -> Path:
     "The cache folder: `path`, else `settings().data.cache` (`HEDGERL_DATA_CACHE`)."
     return Path(path).expanduser() if path is not None else Path(settings().data.cache)
 
+# %% ../nbs/10_data.ipynb #aa8af1e2
 def cache_path(
     kind: str, # "prices" or "options"
     ticker: str, # the symbol
@@ -137,6 +144,7 @@ def cache_path(
     check_choice("kind", kind, ("prices", "options"))
     return cache_folder(cache) / kind / (re.sub(r"[^A-Z0-9.\-=]", "_", check_ticker(ticker)) + ".parquet")
 
+# %% ../nbs/10_data.ipynb #3ae928a2
 def write_cache(
     path: Path, # the cache file
     df: pd.DataFrame, # the frame to store (its index is kept)
@@ -157,6 +165,7 @@ def write_cache(
         raise ValueError(f"cannot write the data cache file {path} ({e.strerror or e}): make the folder writable or set "
                          f"[data] cache (environment HEDGERL_DATA_CACHE) to a writable folder") from None
 
+# %% ../nbs/10_data.ipynb #8606f235
 def read_cache(
     path: Path, # the cache file
     columns, # the columns it must have, exactly
@@ -191,6 +200,7 @@ def _merge_ranges(ranges) -> list[tuple[pd.Timestamp, pd.Timestamp]]:
         else: out.append((s, e))
     return out
 
+# %% ../nbs/10_data.ipynb #d2c0a218
 def _gaps(start, end, covered) -> list[tuple[pd.Timestamp, pd.Timestamp]]:
     "Pieces of [start, end] outside `covered` that hold at least one trading day."
     gaps, cur = [], start
@@ -202,6 +212,7 @@ def _gaps(start, end, covered) -> list[tuple[pd.Timestamp, pd.Timestamp]]:
     if cur <= end: gaps.append((cur, end))
     return [(s, e) for s, e in gaps if len(trading_calendar(s, e))]
 
+# %% ../nbs/10_data.ipynb #f629ce13
 def _iso(ranges): return [[str(s.date()), str(e.date())] for s, e in ranges]
 
 # %% ../nbs/10_data.ipynb #22046143
@@ -217,6 +228,7 @@ def _quiet_yfinance():
             warnings.simplefilter("ignore"); yield
     finally: log.setLevel(level)
 
+# %% ../nbs/10_data.ipynb #9a3a48a7
 def _yf_history(ticker: str, start: pd.Timestamp, end: pd.Timestamp, timeout: float) -> pd.DataFrame:
     "Daily bars of `ticker` on [start, end] from Yahoo Finance, in hedgerl's format (possibly empty)."
     import yfinance as yf
@@ -236,6 +248,7 @@ def _yf_history(ticker: str, start: pd.Timestamp, end: pd.Timestamp, timeout: fl
     if h is None or len(h) == 0: return as_price_frame(pd.DataFrame(columns=list(PRICE_COLUMNS), index=pd.DatetimeIndex([], name="date")))
     return as_price_frame(h, f"Yahoo Finance {ticker}")
 
+# %% ../nbs/10_data.ipynb #40514dd4
 def _offline(offline) -> bool:
     if offline is not None: return bool(offline)
     return os.environ.get("HEDGERL_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
@@ -277,6 +290,7 @@ def daily_prices(
     if out is None or out.empty: raise DataUnavailable(f"no prices for {ticker} in {s.date()}..{e.date()}")
     return out
 
+# %% ../nbs/10_data.ipynb #b4b528f8
 def store_prices(
     df: pd.DataFrame, # daily prices (any frame `as_price_frame` accepts)
     ticker: str, # the symbol to file them under
@@ -306,6 +320,7 @@ def vix(
     "Daily CBOE VIX (`^VIX`) bars in the format of `daily_prices`, in volatility points."
     return daily_prices("^VIX", start, end, **kwargs)
 
+# %% ../nbs/10_data.ipynb #53c9004e
 def treasury_yields(
     start, # first date
     end=None, # last date, inclusive (default: today)
@@ -330,6 +345,7 @@ class OptionChain:
     calls: pd.DataFrame # one row per strike: contractSymbol, strike, lastPrice, bid, ask, volume, openInterest, impliedVolatility
     puts: pd.DataFrame
 
+# %% ../nbs/10_data.ipynb #0aa28af6
 def _chain_frame(df: pd.DataFrame, kind: str, expiry, snapshot) -> pd.DataFrame:
     out = df.reindex(columns=list(OPTION_COLUMNS[:8])).copy()
     for col in OPTION_COLUMNS[1:8]: out[col] = pd.to_numeric(out[col], errors="coerce").astype("float64")
@@ -337,10 +353,12 @@ def _chain_frame(df: pd.DataFrame, kind: str, expiry, snapshot) -> pd.DataFrame:
     out["type"], out["expiry"], out["snapshot"] = kind, pd.Timestamp(expiry), pd.Timestamp(snapshot)
     return out
 
+# %% ../nbs/10_data.ipynb #dbb7b5eb
 def _read_chains(path) -> pd.DataFrame | None:
     hit = read_cache(path, OPTION_COLUMNS, date_index=False)
     return hit[0] if hit else None
 
+# %% ../nbs/10_data.ipynb #01dcde1b
 def store_option_chain(
     calls: pd.DataFrame, # yfinance-style calls frame
     puts: pd.DataFrame, # yfinance-style puts frame
@@ -360,6 +378,7 @@ def store_option_chain(
     write_cache(path, new, {"kind": "options", "ticker": check_ticker(ticker), "covered": _iso([(d, d) for d in sorted(set(new.snapshot))])})
     return path
 
+# %% ../nbs/10_data.ipynb #2a580817
 def _yf_chain(ticker: str, expiry):
     "Fetch one chain from Yahoo Finance: (expiry, calls, puts)."
     import yfinance as yf
@@ -379,6 +398,7 @@ def _yf_chain(ticker: str, expiry):
     if ch.calls is None or (ch.calls.empty and ch.puts.empty): raise DataUnavailable(f"{ticker} option chain {exp}: empty answer")
     return pd.Timestamp(exp), ch.calls, ch.puts
 
+# %% ../nbs/10_data.ipynb #3ef7330c
 def option_chain(
     ticker: str, # the underlying, e.g. "SPY"
     expiry=None, # expiry date; None: the nearest listed
@@ -403,6 +423,7 @@ def option_chain(
     store_option_chain(calls, puts, ticker, e, today, cache_dir)
     return _as_chain(ticker, pd.concat([_chain_frame(calls, "call", e, today), _chain_frame(puts, "put", e, today)], ignore_index=True))
 
+# %% ../nbs/10_data.ipynb #eac9089a
 def _as_chain(ticker, sel) -> OptionChain:
     part = lambda k: sel[sel.type == k].drop(columns=["type", "expiry", "snapshot"]).reset_index(drop=True)
     return OptionChain(ticker, sel.expiry.iloc[0], sel.snapshot.iloc[0], part("call"), part("put"))
@@ -427,6 +448,7 @@ class PriceReport:
     def __repr__(self):
         return f"PriceReport({self.n_rows} rows, column {self.column!r}: " + (", ".join(f"{k} {v}" for k, v in self.summary.items()) or "no issues") + ")"
 
+# %% ../nbs/10_data.ipynb #e3dfed3a
 def _round_ratio(x: np.ndarray, tol: float) -> np.ndarray:
     "The round split ratio (or its reverse) within relative `tol` of each `x`, else NaN."
     cands = np.array([*SPLIT_RATIOS, *(1 / np.array(SPLIT_RATIOS))])
@@ -434,6 +456,7 @@ def _round_ratio(x: np.ndarray, tol: float) -> np.ndarray:
     j = rel.argmin(1)
     return np.where(rel[np.arange(len(x)), j] <= tol, cands[j], np.nan)
 
+# %% ../nbs/10_data.ipynb #db102213
 def validate_prices(
     df: pd.DataFrame, # prices in the format of `daily_prices` (or a Series of closes)
     column: str | None = None, # price column for the return checks (default "close"; for a Series, the Series)
@@ -492,6 +515,7 @@ def log_returns(
     check_positive("prices", np.asarray(prices, dtype="float64")[~np.isnan(np.asarray(prices, dtype="float64"))])
     return np.log(prices / prices.shift(1)).iloc[1:]
 
+# %% ../nbs/10_data.ipynb #188c6282
 VOL_METHODS = ("close-to-close", "parkinson", "garman-klass")
 
 def realised_vol(
@@ -533,6 +557,7 @@ def content_hash(df: pd.DataFrame) -> str:
     for c in sorted(df.columns, key=str): put(f"column:{c}", df[c])
     return h.hexdigest()
 
+# %% ../nbs/10_data.ipynb #3fe7d523
 def dataset_info(
     df: pd.DataFrame, # the data, indexed by date
     name: str, # dataset name, e.g. "aapl-2000-2013"
