@@ -42,6 +42,7 @@ class BenchResult:
     def met(self) -> bool: return self.ratio >= self.goal
     def as_dict(self) -> dict: return {**asdict(self), "ratio": self.ratio, "met": self.met}
 
+# %% ../nbs/90_bench.ipynb #802525f8
 def best_times(fns: dict[str, Callable[[], object]], rounds: int = 3) -> dict[str, float]:
     "Run each callable once per round, alternating them, and return each one's best wall time in seconds."
     best = {k: float("inf") for k in fns}
@@ -89,6 +90,7 @@ def _ql_sample(S, K, days, r, sigma, q):
         out.append((opt, spot))
     return out
 
+# %% ../nbs/90_bench.ipynb #df1f4492
 def bench_black_scholes(
     n_options: int = 1_000_000, # options priced by hedgerl in one call
     n_quantlib: int = 2_000, # options in QuantLib's sample
@@ -181,12 +183,14 @@ BENCHMARKS: dict[str, Callable[[bool], list[BenchResult]]] = {
     "dask-backtest": lambda quick: [bench_dask_backtest(*((20_000,) if quick else (1_000_000,)), rounds=1 if quick else 3)],
 }
 
+# %% ../nbs/90_bench.ipynb #fa43540d
 def machine_info() -> dict:
     "What the numbers were measured on."
     import os
     return dict(python=platform.python_version(), numpy=np.__version__, machine=platform.machine(),
                 processor=platform.processor() or platform.machine(), cpus=os.cpu_count(), system=platform.system())
 
+# %% ../nbs/90_bench.ipynb #e8f58ed8
 def format_table(results: list[BenchResult]) -> str:
     "A plain-text table of benchmark results."
     rows = [("benchmark", "hedgerl", "reference", "ratio", "goal", "met")]
@@ -197,6 +201,7 @@ def format_table(results: list[BenchResult]) -> str:
     lines = ["  ".join(c.ljust(w[i]) for i, c in enumerate(row)) for row in rows]
     return "\n".join([lines[0], "  ".join("-" * x for x in w), *lines[1:]])
 
+# %% ../nbs/90_bench.ipynb #df3de6a9
 def run_bench(
     only: list[str] | None = None, # names from `BENCHMARKS`; None runs all
     quick: bool = False, # small sizes, for trying the command

@@ -30,6 +30,7 @@ def _paths(name: str, x, axis: int = -1, min_paths: int = 1) -> np.ndarray:
         raise ValueError(f"{name} must have at least {min_paths} path{'s' * (min_paths > 1)} on axis {axis}, got shape {shape}")
     return a
 
+# %% ../nbs/03_metrics.ipynb #5f14bdfb
 def _scalar(name: str, x) -> float:
     "`x` as a float, checked to be a finite scalar."
     if np.ndim(x) != 0: raise ValueError(f"{name} must be a scalar, got an array of shape {np.shape(x)}")
@@ -39,6 +40,7 @@ def _level(level) -> float: return check_in_range("level", _scalar("level", leve
 
 def _risk_aversion(x) -> float: return check_positive("risk_aversion", _scalar("risk_aversion", x), allow_zero=True)
 
+# %% ../nbs/03_metrics.ipynb #0cc91bc9
 def _per_path(name: str, x, shape: tuple) -> np.ndarray:
     "`x` (a scalar or per-path array) broadcast to the P&L's `shape`, or a `ValueError` naming it."
     a = as_numpy(check_finite(name, x), float)
@@ -53,6 +55,7 @@ def mean(
     "Mean P&L over paths, `(..., n_paths)` -> `(...)`."
     return _paths("pnl", pnl, axis).mean(-1)
 
+# %% ../nbs/03_metrics.ipynb #225e95d3
 def std(
     pnl, # P&L, (..., n_paths), at least 2 paths
     axis: int = -1, # the path axis
@@ -60,6 +63,7 @@ def std(
     "Sample standard deviation (ddof=1) of the P&L over paths."
     return _paths("pnl", pnl, axis, min_paths=2).std(-1, ddof=1)
 
+# %% ../nbs/03_metrics.ipynb #a4e41dc6
 def mean_se(
     pnl, # P&L, (..., n_paths), at least 2 paths
     axis: int = -1, # the path axis
@@ -80,6 +84,7 @@ def sharpe_ratio(
     with np.errstate(divide="ignore", invalid="ignore"): sr = a.mean(-1) / a.std(-1, ddof=1)
     return sr if horizon is None else sr / math.sqrt(horizon)
 
+# %% ../nbs/03_metrics.ipynb #7cbfcb80
 def mean_variance(
     pnl, # P&L, (..., n_paths), at least 2 paths
     risk_aversion: float = 1.0, # lambda >= 0
@@ -138,6 +143,7 @@ def _var_es(a: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
     es = -(s[..., :k].sum(-1) + (m - k) * s[..., min(k, n - 1)]) / m
     return -s[..., q], es
 
+# %% ../nbs/03_metrics.ipynb #8311f61f
 def value_at_risk(
     pnl, # P&L, (..., n_paths)
     level: float = 0.95, # confidence level alpha in (0, 1)
@@ -146,6 +152,7 @@ def value_at_risk(
     "Value at risk: minus the lower (1 - level)-quantile of the P&L, a loss (positive = bad)."
     return _var_es(_paths("pnl", pnl, axis), _level(level))[0]
 
+# %% ../nbs/03_metrics.ipynb #d93ee996
 def expected_shortfall(
     pnl, # P&L, (..., n_paths)
     level: float = 0.95, # confidence level alpha in (0, 1)
@@ -257,6 +264,7 @@ def _figures(pnl, premium=None, costs=None, *, levels, risk_aversion, c, horizon
     if costs is not None: f["cost_mean"] = costs.mean(-1)
     return f
 
+# %% ../nbs/03_metrics.ipynb #56c7b9b7
 def summary(
     pnl, # P&L, (..., n_paths), at least 2 paths
     premium=None, # option price received (scalar or per path): adds `cao_y0`

@@ -107,6 +107,7 @@ class Greeks:
     "Price and Greeks of European options (QuantLib's units: vega per 1.00 vol, theta per year, rho per 1.00 rate)."
     price: Any; delta: Any; gamma: Any; vega: Any; theta: Any; rho: Any
 
+# %% ../nbs/01_pricing.ipynb #6241ba50
 def bs_greeks(
     S, K, T, r, sigma, q=0.0, kind="call", # as for `bs_price`
 ) -> Greeks:
@@ -218,6 +219,7 @@ def _heston_log_cf(u, T, v0, kappa, theta, xi, rho):
     lx = _clog1p(g * em / (1.0 - g)) / xi2            # log((1 - g e^{-dT}) / (1 - g)) / xi^2, log1p exact to rounding
     return kappa * theta * (bx * T - 2.0 * lx) + bx * em / ((1.0 - g) + g * em) * v0
 
+# %% ../nbs/01_pricing.ipynb #5418261f
 def heston_cf(u, T, v0, kappa, theta, xi, rho):
     "Characteristic function E[exp(iu X_T)] of X_T = log(S_T / F_T) under Heston, in the stable form of Albrecher et al. (2007)."
     return np.exp(_heston_log_cf(u, T, v0, kappa, theta, xi, rho))
