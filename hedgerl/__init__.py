@@ -9,10 +9,14 @@ __all__ = []
 __version__ = "0.0.1"
 
 # %% ../nbs/05a_init.ipynb #2b1e6336
+_ENVS = {"hedgerl/Hedging-v0": {"action": "delta", "observation": "scaled", "reward": "shaped"},  # = hedgerl.env.AGENT_READY
+         "hedgerl/HedgingRaw-v0": {}}
+
 def _register_envs() -> None:
-    "Register `hedgerl/Hedging-v0` with Gymnasium by string entry points (`hedgerl.env` loads on `gymnasium.make`)."
+    "Register the `_ENVS` ids with Gymnasium by string entry points (`hedgerl.env` loads on `gymnasium.make`)."
     from gymnasium.envs.registration import register, registry
-    if "hedgerl/Hedging-v0" not in registry:
-        register(id="hedgerl/Hedging-v0", entry_point="hedgerl.env:HedgingEnv", vector_entry_point="hedgerl.env:BatchedHedgingEnv")
+    for env_id, kwargs in _ENVS.items():
+        if env_id not in registry:
+            register(id=env_id, entry_point="hedgerl.env:HedgingEnv", vector_entry_point="hedgerl.env:batched_env", kwargs=kwargs)
 
 _register_envs()

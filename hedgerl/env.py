@@ -21,12 +21,14 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from .core import check_choice, check_finite, check_int, check_positive
-from .pricing import bs_greeks
-from .scenarios import Rollout, Scenario, ScenarioPaths, as_scenario, simulate_scenario
+from .pricing import bs_greeks, bs_price
+from .scenarios import Observation, Rollout, Scenario, ScenarioPaths, as_scenario, simulate_scenario
 
 # %% auto #0
-__all__ = ['default_holdings_bounds', 'observation_names', 'observation_features', 'mean_variance_reward', 'episode_image',
-           'HedgingEnv', 'BatchedHedgingEnv', 'SB3VecEnv']
+__all__ = ['AGENT_READY', 'offsetting_units', 'default_holdings_bounds', 'observation_names', 'observation_features',
+           'reference_holdings', 'observation_bounds', 'pnl_unit', 'scaled_features', 'mean_variance_reward',
+           'risk_penalty', 'closing_cost', 'shaped_reward', 'expected_cost', 'action_grid', 'delta_targets',
+           'episode_image', 'HedgingEnv', 'BatchedHedgingEnv', 'batched_env', 'SB3VecEnv']
 
 # %% ../nbs/05_env.ipynb #dcbdcf5b
 def _scenario(scenario) -> Scenario:
@@ -41,41 +43,82 @@ def _initial_vol(scn: Scenario) -> float:
     p, model = scn.market.params, scn.market.model
     return math.sqrt(p["v0"]) if model == "heston" else float(p["sigma0" if model == "sabr" else "sigma"])
 
+# %% ../nbs/05_env.ipynb #5e0a61d2
+def _option_vega(scn: Scenario, o, sig: float) -> float:
+    "Black-Scholes vega of one unit of option `o` at inception, at volatility `sig`."
+    return float(bs_greeks(scn.market.s0, o.strike, o.maturity / scn.trading_days, scn.r, sig, scn.q, o.kind).vega)
+
+def _unit_vega(scn: Scenario, ins, sig: float) -> float:
+    "Vega of one unit of an option or variance-swap hedging instrument at inception."
+    if ins.kind == "option": return _option_vega(scn, ins.option, sig)
+    kappa = scn.market.params["kappa"]  # variance swap: d value / d sigma = 2 sigma (1 - exp(-kappa T)) / kappa under Heston
+    return 2 * sig * -math.expm1(-kappa * ins.maturity / scn.trading_days) / kappa
+
+# %% ../nbs/05_env.ipynb #3b7e9f40
+def offsetting_units(
+    scn: Scenario, # the hedging problem
+) -> np.ndarray:
+    "Per instrument, the holding that offsets the book at inception, (m,): Q of the underlying; of options and variance swaps, the book's vega (at least Q)."
+    sig = _initial_vol(scn)
+    Q = sum(abs(o.quantity) for o in scn.book)
+    book_vega = sum(abs(o.quantity) * _option_vega(scn, o, sig) for o in scn.book)
+    units = []
+    for k, ins in enumerate(scn.instruments):
+        if ins.kind == "underlying": units.append(Q); continue
+        unit = _unit_vega(scn, ins, sig)
+        if not unit * 1e6 * Q > book_vega:  # False for NaN too
+            raise ValueError(f"holdings_bounds: instruments[{k}] ({ins.name}) has almost no vega at inception, so offsetting the book's "
+                             f"would take over a million units; pass holdings_bounds=(low, high)")
+        units.append(max(Q, book_vega / unit))
+    return np.array(units)
+
 def default_holdings_bounds(
     scn: Scenario, # the hedging problem
     scale: float = 1.5, # multiple of the offsetting holding, positive
 ) -> tuple[np.ndarray, np.ndarray]:
-    "Per-instrument (low, high) holdings: `scale` times what offsets the book's delta (underlying) or vega (options, variance swaps) at inception, at least `scale` times the book's total quantity."
-    scale = float(check_positive("scale", scale))
-    S0, sig, td = scn.market.s0, _initial_vol(scn), scn.trading_days
-    Q = sum(abs(o.quantity) for o in scn.book)
-    def vega(o: Option) -> float: return float(bs_greeks(S0, o.strike, o.maturity / td, scn.r, sig, scn.q, o.kind).vega)
-    book_vega = sum(abs(o.quantity) * vega(o) for o in scn.book)
-    half = []
-    for k, ins in enumerate(scn.instruments):
-        if ins.kind == "underlying": half.append(Q); continue
-        if ins.kind == "option": unit = vega(ins.option)
-        else:  # variance swap: d value / d sigma = 2 sigma (1 - exp(-kappa T)) / kappa under Heston
-            kappa = scn.market.params["kappa"]
-            unit = 2 * sig * -math.expm1(-kappa * ins.maturity / td) / kappa
-        if not unit * 1e6 * Q > book_vega:  # False for NaN too
-            raise ValueError(f"holdings_bounds: instruments[{k}] ({ins.name}) has almost no vega at inception, so offsetting the book's "
-                             f"would take over a million units; pass holdings_bounds=(low, high)")
-        half.append(max(Q, book_vega / unit))
-    half = scale * np.array(half)
+    "Per-instrument (low, high) holdings: `scale` times `offsetting_units`."
+    half = float(check_positive("scale", scale)) * offsetting_units(scn)
     return -half, half
 
+# %% ../nbs/05_env.ipynb #6c2f8e93
+def _holdings_bounds(scn: Scenario, holdings_bounds) -> tuple[np.ndarray, np.ndarray]:
+    "The (low, high) holdings, (m,) each: `default_holdings_bounds` for None, else the pair given, validated."
+    if holdings_bounds is None: return default_holdings_bounds(scn)
+    m = len(scn.instruments)
+    if not (isinstance(holdings_bounds, (tuple, list)) and len(holdings_bounds) == 2):
+        raise ValueError(f"holdings_bounds must be a pair (low, high) of numbers or of arrays of shape ({m},), got {holdings_bounds!r}")
+    try: lo, hi = (np.broadcast_to(np.asarray(b, np.float64), (m,)).copy() for b in holdings_bounds)
+    except ValueError: raise ValueError(f"holdings_bounds: low and high must be numbers or arrays of shape ({m},), got {holdings_bounds!r}") from None
+    check_finite("holdings_bounds", lo); check_finite("holdings_bounds", hi)
+    if not (lo < hi).all(): raise ValueError(f"holdings_bounds: low must be below high for every instrument, got {lo.tolist()} and {hi.tolist()}")
+    return lo, hi
+
+# %% ../nbs/05_env.ipynb #4e8a1c70
+def _marks(marks, reward: str, risk_aversion: float, scn: Scenario) -> bool:
+    "Whether to mark the book daily: `marks`, or by default for the per-step rewards unless Heston; warns when a per-step penalty would see the option's P&L only at maturity."
+    if not (marks is None or isinstance(marks, (bool, np.bool_))): raise ValueError(f"marks must be True, False or None, got {marks!r}")
+    if marks is None: marks = reward != "terminal" and scn.market.model != "heston"
+    if reward != "terminal" and risk_aversion > 0 and not marks and scn.n_decisions > 1:
+        warnings.warn(f"reward={reward!r} on a {scn.market.model} book marked only at inception and maturity: the option's P&L "
+                      "arrives in the last step's reward; pass marks=True for daily marks (Heston: 1 to 100 ms per path and "
+                      "date, so keep batch_size small)", UserWarning, stacklevel=4)
+    return bool(marks)
+
 # %% ../nbs/05_env.ipynb #20aeae33
-def observation_names(scn: Scenario) -> list[str]:
-    "Names of the observation's entries, in order (see the table above)."
-    return (["log_moneyness", "tau", "vol"] + [f"holding_{n}" for n in scn.instrument_names]
-            + [f"price_{i.name}" for i in scn.instruments if i.kind == "option"])
+def observation_names(
+    scn: Scenario, # the hedging problem
+    observation: str = "raw", # "raw" or "scaled" (see the tables above)
+) -> list[str]:
+    "Names of the observation's entries, in order."
+    names = (["log_moneyness", "tau", "vol"] + [f"holding_{n}" for n in scn.instrument_names]
+             + [f"price_{i.name}" for i in scn.instruments if i.kind == "option"])
+    return names + ([f"reference_{n}" for n in scn.instrument_names] + ["pnl"] if observation == "scaled" else [])
 
 def observation_features(
     paths: ScenarioPaths, # simulated paths of a scenario
     time_major: bool = False, # lay out as (J + 1, n_paths, d) instead of (n_paths, J + 1, d)
 ) -> np.ndarray:
-    "Observations on every date of `paths` with zero holdings, float32: (n_paths, J + 1, d), or (J + 1, n_paths, d)."
+    "Raw observations on every date of `paths` with zero holdings, float32: (n_paths, J + 1, d), or (J + 1, n_paths, d)."
     scn = paths.scenario
     m = len(scn.instruments)
     opts = [k for k, i in enumerate(scn.instruments) if i.kind == "option"]
@@ -88,6 +131,65 @@ def observation_features(
     for c, k in enumerate(opts): v[..., 3 + m + c] = paths.prices[:, :, k] / paths.spot
     return out
 
+# %% ../nbs/05_env.ipynb #9d4e2b61
+def reference_holdings(
+    paths: ScenarioPaths, # simulated paths of a scenario
+) -> np.ndarray:
+    "The delta hedge on every date, (n_paths, J + 1, m): minus the book's delta (`hedgerl.baselines.book_greeks`) in the underlying, 0 elsewhere and at maturity."
+    from hedgerl.baselines import book_greeks  # a later module, which imports nothing of this one: the delta is the baselines'
+    scn, (n, J1), m = paths.scenario, paths.spot.shape, len(paths.scenario.instruments)
+    ref = np.zeros((n, J1, m))
+    u = [k for k, i in enumerate(scn.instruments) if i.kind == "underlying"]
+    if not u: return ref
+    for j in range(J1 - 1):
+        obs = Observation(scn, j, int(paths.days[j]), (scn.horizon - paths.days[j]) / scn.trading_days, paths.spot[:, j],
+                          paths.variance[:, j], np.zeros((n, m)), paths.prices[:, j], paths.book[:, j])
+        ref[:, j, u[0]] = -book_greeks(scn, obs).delta
+    return ref
+
+# %% ../nbs/05_env.ipynb #8f1a6c34
+_SCALED_CLIP = {"moneyness": 5.0, "vol": 5.0, "price": 5.0, "pnl": 10.0}  # the scaled observation's bounds (see the table)
+
+def observation_bounds(
+    scn: Scenario, # the hedging problem
+    observation: str, # "raw" or "scaled"
+    low: np.ndarray, high: np.ndarray, # the holdings' bounds, (m,) each
+) -> tuple[np.ndarray, np.ndarray]:
+    "The observation box's (low, high), float32 (d,) each: the raw one unbounded where the market is, the scaled one bounded everywhere."
+    m, n_opt, T = len(scn.instruments), sum(i.kind == "option" for i in scn.instruments), scn.horizon / scn.trading_days
+    if observation == "raw":
+        return (np.array([-np.inf, 0.0, 0.0, *low, *[0.0] * n_opt], np.float32),
+                np.array([np.inf, T, np.inf, *high, *[np.inf] * n_opt], np.float32))
+    c, u = _SCALED_CLIP, offsetting_units(scn)
+    return (np.array([-c["moneyness"], 0.0, 0.0, *(low / u), *[0.0] * n_opt, *[-1.0] * m, -c["pnl"]], np.float32),
+            np.array([c["moneyness"], 1.0, c["vol"], *(high / u), *[c["price"]] * n_opt, *[1.0] * m, c["pnl"]], np.float32))
+
+def pnl_unit(scn: Scenario) -> float:
+    "The scaled observation's unit of P&L: the book's Black-Scholes premium at inception, sum of |q| times the price."
+    S0, sig, td = scn.market.s0, _initial_vol(scn), scn.trading_days
+    return sum(abs(o.quantity) * float(bs_price(S0, o.strike, o.maturity / td, scn.r, sig, scn.q, o.kind)) for o in scn.book)
+
+# %% ../nbs/05_env.ipynb #7a2d9e15
+def scaled_features(
+    paths: ScenarioPaths, # simulated paths of a scenario
+    reference: np.ndarray, # `reference_holdings(paths)`, (n_paths, J + 1, m)
+    time_major: bool = False, # lay out as (J + 1, n_paths, d) instead of (n_paths, J + 1, d)
+) -> np.ndarray:
+    "Scaled observations on every date with zero holdings and P&L, float32, clipped into `observation_bounds`: (n_paths, J + 1, d) or time-major."
+    scn, raw = paths.scenario, observation_features(paths)
+    m, d0 = len(scn.instruments), raw.shape[2]
+    T, vol0, u = scn.horizon / scn.trading_days, _initial_vol(scn), offsetting_units(scn)
+    n, J1 = paths.spot.shape
+    out = np.zeros((J1, n, d0 + m + 1) if time_major else (n, J1, d0 + m + 1), np.float32)
+    v = out.transpose(1, 0, 2) if time_major else out
+    v[..., :d0] = raw
+    v[..., 0] /= vol0 * math.sqrt(T); v[..., 1] /= T; v[..., 2] /= vol0
+    v[..., d0:d0 + m] = reference / u
+    lo, hi = observation_bounds(scn, "scaled", -np.inf * u, np.inf * u)
+    np.clip(v, lo, hi, out=v)
+    return out
+
+# %% ../nbs/05_env.ipynb #6b9f0c52
 def mean_variance_reward(
     dW, # P&L of a step (or of a path), any shape
     risk_aversion: float, # kappa >= 0
@@ -95,105 +197,200 @@ def mean_variance_reward(
     "Kolm & Ritter (2019) reward dW - (kappa / 2) dW^2, broadcast over `dW` (exactly dW when kappa = 0)."
     return dW - 0.5 * risk_aversion * dW * dW
 
+# %% ../nbs/05_env.ipynb #3f8d6e21
+def risk_penalty(
+    dW, # the option's and the hedge's P&L of the step, (n,)
+    cost, # the step's trading cost, closing cost included, (n,)
+    close, # the part of `cost` paid at maturity after the step's P&L (0 before the last step), (n,) or scalar
+    wealth, # the P&L so far when the step's trade is made, (n,)
+    cost_mean: float, # c-bar: the expected total cost of a path
+    risk: str = "path", # "path": the path variance's share of the step; "hedge": dW^2 alone
+):
+    "Step $t$'s share $p_t$ of the path P&L's variance (see above): summed over a path, $E\\sum p_t + \\bar c^2 = E(W + \\bar c)^2$."
+    pen = dW * dW
+    if risk == "hedge": return pen
+    co, m = cost - close, cost_mean
+    return pen + co * (co - 2.0 * (wealth + m)) + close * (close - 2.0 * (wealth - co + dW + m))
+
+def closing_cost(
+    paths: ScenarioPaths, # the episode's paths
+    holdings: np.ndarray, # the holdings traded to on date `j`, (n, m)
+    j: int, # the hedging date
+):
+    "What liquidating `holdings` at maturity costs, discounted, (n,), if `j` is the last hedging date; else 0."
+    J = paths.n_decisions
+    return paths.discount[J] * paths.scenario.costs(-holdings, paths.prices[:, J]) if j == J - 1 else 0.0
+
+# %% ../nbs/05_env.ipynb #0e4b7f19
+def shaped_reward(
+    dW, # the option's and the hedge's P&L of the step, (n,)
+    cost, # the step's trading cost, closing cost included, (n,)
+    close, # the part of `cost` paid at maturity (`closing_cost`)
+    wealth, # the P&L so far when the step's trade is made, (n,)
+    cost_mean: float, # c-bar: the expected total cost of a path (`expected_cost`)
+    risk_aversion: float, # kappa >= 0
+    first: bool, # the path's first step: c-bar^2 is added to its penalty
+):
+    "The risk-shaped reward $\\Delta W_t - c_t - \\frac\\kappa2 p_t$ (`risk_penalty`), whose return has expectation $E[W] - \\frac\\kappa2 E(W + \\bar c)^2$."
+    pen = risk_penalty(dW, cost, close, wealth, cost_mean)
+    if first: pen = pen + cost_mean ** 2
+    return dW - cost - 0.5 * risk_aversion * pen
+
+_COST_MEANS: dict[str, float] = {}
+
+def expected_cost(
+    scn: Scenario, # the hedging problem
+    n_paths: int = 2000, # paths of the estimate
+    seed: int = 0, # the estimate's seed (fixed: the reward is a function of the scenario)
+) -> float:
+    "The delta hedge's (`reference_holdings`) mean total trading cost, discounted: the shaped reward's default c-bar; cached per scenario."
+    key = repr((scn, n_paths, seed))
+    if key not in _COST_MEANS:
+        p = simulate_scenario(scn, n_paths, seed=seed, marks=False)
+        ro, h = Rollout(p, record=False), reference_holdings(p)
+        for j in range(scn.n_decisions): ro.step(h[:, j])
+        _COST_MEANS[key] = float(ro.cost.mean())
+    return _COST_MEANS[key]
+
 # %% ../nbs/05_env.ipynb #2a99d63d
+def _check_seed(seed, message: str) -> int:
+    "One seed: an int >= 0, else a ValueError starting with `message`."
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0: raise ValueError(f"{message}, got {seed!r}")
+    return int(seed)
+
 def _reset_args(seed, options, known: dict[str, str]) -> dict:
     "Check `reset`'s `seed` (None or an int >= 0) and `options` (None or a dict of `known` keys, name -> meaning, with ints >= 0)."
-    if seed is not None and (isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0):
-        raise ValueError(f"seed must be None or an integer >= 0 (one seed for every path), got {seed!r}")
+    if seed is not None: _check_seed(seed, "seed must be None or an integer >= 0 (one seed for every path)")
     if options is None: return {}
     if not isinstance(options, dict): raise ValueError(f"options must be a dict or None, got {type(options).__name__}")
     bad = [repr(k) for k in options if k not in known]
     if bad: raise ValueError(f"options: unknown key {', '.join(bad)}; known: {'; '.join(f'{k} ({v})' for k, v in known.items())}")
     return {k: check_int(f"options[{k!r}]", v, 0) for k, v in options.items()}
 
+def _batch_seed(base: int, k: int) -> np.random.SeedSequence:
+    "Seed of batch `k` of the stream seeded `base`: child `k` of the base seed (`spawn_seeds(base, k + 1)[k]`)."
+    return np.random.SeedSequence(base, spawn_key=(k,))
+
+# %% ../nbs/05_env.ipynb #5d7c2e88
+def action_grid(
+    levels: list[np.ndarray], # per instrument, its levels
+) -> np.ndarray:
+    "Every combination of the instruments' levels, (prod of the level counts, m), read-only; the first instrument varies slowest."
+    if math.prod(len(l) for l in levels) > 1_000_000: raise ValueError(f"n_levels ** n_instruments = {math.prod(len(l) for l in levels)} discrete actions is too many")
+    grid = np.stack(np.meshgrid(*levels, indexing="ij"), axis=-1).reshape(-1, len(levels))
+    grid.flags.writeable = False
+    return grid
+
+def delta_targets(
+    a: np.ndarray, # normalised actions, (n, m); clipped to [-1, 1]
+    reference: np.ndarray, # the delta hedge, (n, m)
+    widths: np.ndarray, # the half-widths w, (m,)
+    low: np.ndarray, high: np.ndarray, # the holdings' bounds, (m,) each
+) -> np.ndarray:
+    "Holdings (n, m) of normalised actions: reference + widths * a, clipped to [low, high]."
+    return np.clip(reference + widths * np.clip(a, -1.0, 1.0), low, high)
+
+# %% ../nbs/05_env.ipynb #9a4d1e26
+def _action_index(action, n_actions: int) -> int:
+    "One discrete action: an integer in [0, n_actions) (a numpy integer or a one-element integer array too); booleans and floats refused."
+    msg = f"action must be an integer in [0, {n_actions}), got"
+    if isinstance(action, (bool, np.bool_)): raise ValueError(f"{msg} {action!r}")
+    try: a = operator.index(action)
+    except TypeError:
+        x = np.asarray(action)
+        if x.size != 1 or x.dtype.kind not in "iu": raise ValueError(f"{msg} {action!r}") from None
+        a = int(x.reshape(()))
+    if not 0 <= a < n_actions: raise ValueError(f"{msg} {a}")
+    return a
+
+def _action_values(action, m: int, what: str) -> list[float]:
+    "One continuous action's m finite numbers, as floats (a few floats: cheaper in Python than in numpy)."
+    x = action if type(action) is np.ndarray else np.asarray(action)
+    if x.dtype.kind not in "iuf": raise ValueError(f"action must hold numbers ({what}), got {reprlib.repr(action)}")
+    if x.shape != (m,): raise ValueError(f"action must have shape ({m},), got {x.shape}")
+    vals = x.tolist()
+    for v in vals:
+        if not math.isfinite(v): raise ValueError(f"action must be finite, got {v}")
+    return vals
+
+# %% ../nbs/05_env.ipynb #4b6f0a93
+def _action_indices(actions, n: int, n_actions: int) -> np.ndarray:
+    "A batch of n discrete actions: integers in [0, n_actions), (n,)."
+    a = np.asarray(actions)
+    if a.shape != (n,) or a.dtype.kind not in "iu": raise ValueError(f"actions must be integers of shape ({n},), got {a.dtype} of shape {a.shape}")
+    if a.min() < 0 or a.max() >= n_actions: raise ValueError(f"actions must lie in [0, {n_actions}), got {a.min() if a.min() < 0 else a.max()}")
+    return a
+
+def _actions_values(actions, n: int, m: int, what: str) -> np.ndarray:
+    "A batch of n continuous actions: finite numbers, float64 (n, m)."
+    x = np.asarray(actions)
+    if x.dtype.kind not in "iuf": raise ValueError(f"actions must hold numbers ({what}), got an array of {x.dtype}")
+    x = x.astype(np.float64, copy=False)
+    if x.shape != (n, m): raise ValueError(f"actions must have shape ({n}, {m}), got {x.shape}")
+    if not np.isfinite(x).all(): raise ValueError(f"actions must be finite, got {x[~np.isfinite(x)][0]}")
+    return x
+
 # %% ../nbs/05_env.ipynb #527fce7c
 class _Hedging:
-    "What the single-path and batched environments share: options, spaces, the action-to-holdings map, batch seeding."
-    def _setup(self, scenario, reward, risk_aversion, action_type, n_levels, holdings_bounds, marks):
+    "What the single-path and batched environments share: arguments, spaces, the action-to-holdings map, per-batch features, rewards."
+    def _setup(self, scenario, reward, risk_aversion, action_type, n_levels, holdings_bounds, marks, action, observation, action_width, cost_mean):
         scn = self.scenario = _scenario(scenario)
-        self.reward_mode = check_choice("reward", reward, ("pnl", "terminal"))
+        self.reward_mode = check_choice("reward", reward, ("pnl", "terminal", "shaped"))
         self.risk_aversion = float(check_positive("risk_aversion", risk_aversion, allow_zero=True))
         self.action_type = check_choice("action_type", action_type, ("continuous", "discrete"))
+        self.action_mode = check_choice("action", action, ("holdings", "delta"))
+        self.observation_mode = check_choice("observation", observation, ("raw", "scaled"))
         self.n_levels = check_int("n_levels", n_levels, 2)
-        if not (marks is None or isinstance(marks, (bool, np.bool_))): raise ValueError(f"marks must be True, False or None, got {marks!r}")
-        if marks is None: marks = reward == "pnl" and scn.market.model != "heston"
-        self.marks = bool(marks)
-        if reward == "pnl" and self.risk_aversion > 0 and not self.marks and scn.n_decisions > 1:
-            warnings.warn(f"reward='pnl' on a {scn.market.model} book marked only at inception and maturity: the option's P&L "
-                          "arrives in the last step's reward; pass marks=True for daily marks (Heston: 1 to 100 ms per path and "
-                          "date, so keep batch_size small)", UserWarning, stacklevel=3)
+        self.marks = _marks(marks, reward, self.risk_aversion, scn)
+        self.low, self.high = _holdings_bounds(scn, holdings_bounds)
         m = self.n_instruments = len(scn.instruments)
-        if holdings_bounds is None: lo, hi = default_holdings_bounds(scn)
-        else:
-            if not (isinstance(holdings_bounds, (tuple, list)) and len(holdings_bounds) == 2):
-                raise ValueError(f"holdings_bounds must be a pair (low, high) of numbers or of arrays of shape ({m},), got {holdings_bounds!r}")
-            try: lo, hi = (np.broadcast_to(np.asarray(b, np.float64), (m,)).copy() for b in holdings_bounds)
-            except ValueError: raise ValueError(f"holdings_bounds: low and high must be numbers or arrays of shape ({m},), got {holdings_bounds!r}") from None
-            check_finite("holdings_bounds", lo); check_finite("holdings_bounds", hi)
-            if not (lo < hi).all(): raise ValueError(f"holdings_bounds: low must be below high for every instrument, got {lo.tolist()} and {hi.tolist()}")
-        self.low, self.high = lo, hi
-        self._lo, self._hi = lo.tolist(), hi.tolist()
-        self.levels = [np.linspace(l, h, self.n_levels) for l, h in zip(lo, hi)]
-        if action_type == "discrete":
-            if self.n_levels ** m > 1_000_000: raise ValueError(f"n_levels ** n_instruments = {self.n_levels ** m} discrete actions is too many")
-            self.grid = np.stack(np.meshgrid(*self.levels, indexing="ij"), axis=-1).reshape(-1, m)  # (n_levels ** m, m)
-            self.grid.flags.writeable = False
-            self._grid1 = self.grid[:, None, :]  # (n_actions, 1, m): a (1, m) target per action
-            act = spaces.Discrete(len(self.grid))
-        else: act = spaces.Box(lo.astype(np.float32), hi.astype(np.float32), dtype=np.float32)
-        n_opt = sum(i.kind == "option" for i in scn.instruments)
-        inf = np.inf
-        obs_lo = np.array([-inf, 0.0, 0.0, *lo, *[0.0] * n_opt], np.float32)
-        obs_hi = np.array([inf, scn.horizon / scn.trading_days, inf, *hi, *[inf] * n_opt], np.float32)
-        self._J, self._hold = scn.n_decisions, slice(3, 3 + m)
-        self._terminal = reward == "terminal"
-        self._base_seed = None
-        return spaces.Box(obs_lo, obs_hi, dtype=np.float32), act
-
-    def _batch_seed(self, k: int) -> np.random.SeedSequence:
-        "Seed of batch `k`: child `k` of the base seed (`spawn_seeds(base, k + 1)[k]`)."
-        return np.random.SeedSequence(self._base_seed, spawn_key=(k,))
+        self.widths = float(check_positive("action_width", action_width)) * offsetting_units(scn) if action == "delta" else None
+        if cost_mean is not None: cost_mean = float(check_positive("cost_mean", cost_mean, allow_zero=True))
+        self.cost_mean = (expected_cost(scn) if cost_mean is None else cost_mean) if reward == "shaped" else None
+        self._vlo, self._vhi = (self.low, self.high) if action == "holdings" else (-np.ones(m), np.ones(m))  # the action values' range
+        self._lo, self._hi = self._vlo.tolist(), self._vhi.tolist()
+        self._what = "target holdings" if action == "holdings" else "normalised holdings"
+        self.levels = [np.linspace(l, h, self.n_levels) for l, h in zip(self._vlo, self._vhi)]
+        if action_type == "discrete": self.grid = action_grid(self.levels); self._grid1 = self.grid[:, None, :]  # (n_actions, 1, m)
+        act = spaces.Discrete(len(self.grid)) if action_type == "discrete" else spaces.Box(*(b.astype(np.float32) for b in (self._vlo, self._vhi)), dtype=np.float32)
+        self._units, self._pnl_unit = (offsetting_units(scn), pnl_unit(scn)) if observation == "scaled" else (None, None)
+        self._J, self._hold, self._base_seed = scn.n_decisions, slice(3, 3 + m), None
+        return spaces.Box(*observation_bounds(scn, observation, self.low, self.high), dtype=np.float32), act
 
     def _draw_base_seed(self, seed) -> None:
         if seed is not None: self._base_seed = int(seed)
         elif self._base_seed is None: self._base_seed = int(self.np_random.integers(0, 2**62))
 
     def _target(self, action) -> np.ndarray:
-        "Target holdings (1, m) of one action, validated; continuous actions are clipped to the bounds."
-        if self.action_type == "discrete":
-            if isinstance(action, (bool, np.bool_)): raise ValueError(f"action must be an integer in [0, {len(self.grid)}), got {action!r}")
-            try: a = operator.index(action)
-            except TypeError:
-                x = np.asarray(action)
-                if x.size != 1 or x.dtype.kind not in "iu": raise ValueError(f"action must be an integer in [0, {len(self.grid)}), got {action!r}") from None
-                a = int(x.reshape(()))
-            if not 0 <= a < len(self.grid): raise ValueError(f"action must be an integer in [0, {len(self.grid)}), got {a}")
-            return self._grid1[a]
-        x = action if type(action) is np.ndarray else np.asarray(action)
-        if x.dtype.kind not in "iuf": raise ValueError(f"action must hold numbers (target holdings), got {reprlib.repr(action)}")
-        if x.shape != (self.n_instruments,): raise ValueError(f"action must have shape ({self.n_instruments},), got {x.shape}")
-        vals = x.tolist()  # a few floats: cheaper in Python than in numpy
-        for v in vals:
-            if not math.isfinite(v): raise ValueError(f"action must be finite, got {v}")
-        return np.array([[min(max(v, l), h) for v, l, h in zip(vals, self._lo, self._hi)]])
+        "The action values (1, m) of one action, validated; continuous ones clipped to the action space."
+        if self.action_type == "discrete": return self._grid1[_action_index(action, len(self.grid))]
+        return np.array([[min(max(v, l), h) for v, l, h in zip(_action_values(action, self.n_instruments, self._what), self._lo, self._hi)]])
 
     def _targets(self, actions, n: int) -> np.ndarray:
-        "Target holdings (n, m) of a batch of actions, validated; continuous actions are clipped to the bounds."
-        if self.action_type == "discrete":
-            a = np.asarray(actions)
-            if a.shape != (n,) or a.dtype.kind not in "iu": raise ValueError(f"actions must be integers of shape ({n},), got {a.dtype} of shape {a.shape}")
-            if a.min() < 0 or a.max() >= len(self.grid): raise ValueError(f"actions must lie in [0, {len(self.grid)}), got {a.min() if a.min() < 0 else a.max()}")
-            return self.grid[a]
-        x = np.asarray(actions)
-        if x.dtype.kind not in "iuf": raise ValueError(f"actions must hold numbers (target holdings), got an array of {x.dtype}")
-        x = x.astype(np.float64, copy=False)
-        if x.shape != (n, self.n_instruments): raise ValueError(f"actions must have shape ({n}, {self.n_instruments}), got {x.shape}")
-        if not np.isfinite(x).all(): raise ValueError(f"actions must be finite, got {x[~np.isfinite(x)][0]}")
-        return np.clip(x, self.low, self.high)
+        "The action values (n, m) of a batch of actions, validated; continuous ones clipped to the action space."
+        if self.action_type == "discrete": return self.grid[_action_indices(actions, n, len(self.grid))]
+        return np.clip(_actions_values(actions, n, self.n_instruments, self._what), self._vlo, self._vhi)
 
-    def to_holdings(self, action) -> np.ndarray:
-        "The target holdings, (n_instruments,), that one `action` asks for."
-        return self._target(action)[0].copy()
+    def _holdings(self, values: np.ndarray, reference) -> np.ndarray:
+        "Holdings (n, m) of action values (n, m): themselves, or with action='delta' the deviation from `reference` (n, m)."
+        return values if self.widths is None else delta_targets(values, reference, self.widths, self.low, self.high)
+
+    def _prepare(self, paths: ScenarioPaths, time_major: bool = False):
+        "A batch's observations with zero holdings and P&L, and its reference holdings (None when neither the action nor the observation needs them)."
+        ref = reference_holdings(paths) if self.widths is not None or self._units is not None else None
+        return (observation_features(paths, time_major) if ref is None or self._units is None else scaled_features(paths, ref, time_major)), ref
+
+    def _fill(self, rows: np.ndarray, ro: Rollout) -> np.ndarray:
+        "Write the holdings carried in, and the scaled observation's P&L so far, into observation rows, (d,) or (n, d); returns them."
+        h, w = (ro.holdings, ro.pnl) if rows.ndim == 2 else (ro.holdings[0], ro.pnl[0])
+        if self._units is None: rows[..., self._hold] = h; return rows
+        rows[..., self._hold] = h / self._units
+        rows[..., -1] = np.clip(w / self._pnl_unit, -_SCALED_CLIP["pnl"], _SCALED_CLIP["pnl"])
+        return rows
+
+    def _shaped(self, s, pre) -> np.ndarray:
+        "The shaped reward (n,) of step P&L `s`, with `pre` = (closing cost, wealth, first step) taken before the trade."
+        return shaped_reward(s.option + s.hedge, s.cost, pre[0], pre[1], self.cost_mean, self.risk_aversion, pre[2])
 
 # %% ../nbs/05_env.ipynb #53c8ce58
 def episode_image(
@@ -216,6 +413,18 @@ def episode_image(
         if b: img[b * band, :] = 200  # a grey rule between bands
     return img
 
+# %% ../nbs/05_env.ipynb #2d6e9b31
+def _rows(paths: ScenarioPaths, idx) -> ScenarioPaths:
+    "The paths `idx` (a slice or an index array) of a batch, without its daily paths."
+    p = paths
+    return ScenarioPaths(p.scenario, p.days, p.times, p.spot[idx], p.variance[idx], p.book[idx], p.prices[idx], p.discount)
+
+def _stack(batches: list[ScenarioPaths], i: int) -> ScenarioPaths:
+    "Row `i` of each batch, stacked: (len(batches),) paths."
+    p = batches[0]
+    spot, var, book, prices = (np.stack([getattr(b, f)[i] for b in batches]) for f in ("spot", "variance", "book", "prices"))
+    return ScenarioPaths(p.scenario, p.days, p.times, spot, var, book, prices, p.discount)
+
 # %% ../nbs/05_env.ipynb #39af3232
 class HedgingEnv(_Hedging, gym.Env):
     "Hedge one simulated path of a scenario per episode; the shared `Rollout` books the P&L (Kolm & Ritter 2019; Cao et al. 2021)."
@@ -223,25 +432,30 @@ class HedgingEnv(_Hedging, gym.Env):
 
     def __init__(self,
         scenario: Scenario | str | dict = "cao2021-gbm-1m-1d", # a Scenario, a published name (`hedgerl.scenarios.names()`) or a dict
-        reward: str = "pnl", # "pnl": per-step mean-variance reward; "terminal": one reward on the path's P&L
-        risk_aversion: float = 1.0, # kappa >= 0 of the mean-variance reward
-        action_type: str = "continuous", # "continuous" (Box of target holdings) or "discrete" (a grid of them)
+        reward: str = "pnl", # "pnl": per-step mean-variance; "terminal": one reward on the path's P&L; "shaped": `shaped_reward`
+        risk_aversion: float = 1.0, # kappa >= 0 of the mean-variance rewards
+        action_type: str = "continuous", # "continuous" (a Box) or "discrete" (a grid of n_levels per instrument)
         n_levels: int = 31, # levels per instrument of the discrete grid
         holdings_bounds: tuple | None = None, # (low, high), numbers or per instrument; None: `default_holdings_bounds`
         batch_size: int = 1024, # paths simulated at once; one is served per episode
-        marks: bool | None = None, # mark the book on every date; None: for reward="pnl" unless Heston
+        marks: bool | None = None, # mark the book on every date; None: for the per-step rewards unless Heston
         render_mode: str | None = None, # None, "ansi" (a line of text) or "rgb_array" (`episode_image` of the spot and the holding so far)
+        action: str = "holdings", # "holdings": target holdings; "delta": normalised deviations from the delta hedge (`delta_targets`)
+        observation: str = "raw", # "raw" or "scaled" (bounded, of order one)
+        action_width: float = 0.5, # action="delta": the half-width w, in `offsetting_units`
+        cost_mean: float | None = None, # reward="shaped": c-bar; None: `expected_cost`
     ):
-        self.observation_space, self.action_space = self._setup(scenario, reward, risk_aversion, action_type, n_levels, holdings_bounds, marks)
+        self.observation_space, self.action_space = self._setup(scenario, reward, risk_aversion, action_type, n_levels, holdings_bounds,
+                                                                 marks, action, observation, action_width, cost_mean)
         self.batch_size = check_int("batch_size", batch_size, 1)
         self.render_mode = check_choice("render_mode", render_mode, (None, "ansi", "rgb_array"))
         self.paths, self.batch_index, self.path_index = None, -1, -1
-        self._feat, self._ro, self._rows, self._next, self._key = None, None, None, 0, None
+        self._feat, self._ref, self._ro, self._rows, self._eref, self._next, self._key = None, None, None, None, None, 0, None
 
     def _simulate(self, k: int) -> None:
         "Simulate batch `k` and its features."
-        self.paths = simulate_scenario(self.scenario, self.batch_size, seed=self._batch_seed(k), marks=self.marks)
-        self._feat, self.batch_index, self._next, self._key = observation_features(self.paths), k, 0, (self._base_seed, k)
+        self.paths = simulate_scenario(self.scenario, self.batch_size, seed=_batch_seed(self._base_seed, k), marks=self.marks)
+        (self._feat, self._ref), self.batch_index, self._next, self._key = self._prepare(self.paths), k, 0, (self._base_seed, k)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         "Start an episode on the next path of the batch (simulating a batch when needed); `seed` restarts at batch 0; options {'batch': k, 'path': i} start on path i of batch k."
@@ -257,37 +471,40 @@ class HedgingEnv(_Hedging, gym.Env):
             self._next = opts.get("path", 0)
         i = self.path_index = self._next
         self._next += 1
-        p = self.paths
-        one = ScenarioPaths(p.scenario, p.days, p.times, p.spot[i:i + 1], p.variance[i:i + 1], p.book[i:i + 1],
-                            p.prices[i:i + 1], p.discount)
-        self._ro, self._rows, self._held = Rollout(one, record=False), self._feat[i], []
+        self._ro, self._rows, self._held = Rollout(_rows(self.paths, slice(i, i + 1)), record=False), self._feat[i], []
+        self._eref = None if self._ref is None else self._ref[i:i + 1]  # (1, J + 1, m)
         return self._rows[0].copy(), {"batch": self.batch_index, "path": i}
 
     def step(self, action):
-        "Trade to the target holdings of `action`, book the step's P&L, move to the next hedging date."
+        "Trade to the holdings that `action` asks for, book the step's P&L, move to the next hedging date."
         ro = self._ro
         if ro is None: raise ResetNeeded("call reset() before step()")
         if ro.j >= self._J: raise ResetNeeded("the episode has ended (the book matured): call reset() before step()")
-        s = ro.step(self._target(action))
+        j0 = ro.j
+        h = self._holdings(self._target(action), None if self._eref is None else self._eref[:, j0])
+        pre = (closing_cost(ro.paths, h, j0), ro.pnl, j0 == 0) if self.reward_mode == "shaped" else None
+        s = ro.step(h)
         o, g, c = float(s.option[0]), float(s.hedge[0]), float(s.cost[0])
-        dW = o + g - c  # = s.total[0], without two array operations
-        W = float(ro.pnl[0])
-        j = ro.j
+        W, j = float(ro.pnl[0]), ro.j
         done = j == self._J
-        if self._terminal: r = mean_variance_reward(W, self.risk_aversion) if done else 0.0
-        else: r = mean_variance_reward(dW, self.risk_aversion)
-        obs = self._rows[j].copy()
-        obs[self._hold] = ro.holdings[0]
+        if pre is not None: r = float(self._shaped(s, pre)[0])
+        elif self.reward_mode == "terminal": r = mean_variance_reward(W, self.risk_aversion) if done else 0.0
+        else: r = mean_variance_reward(o + g - c, self.risk_aversion)  # o + g - c = s.total[0], without two array operations
+        obs = self._fill(self._rows[j].copy(), ro)
         if self.render_mode == "rgb_array": self._held.append(float(ro.holdings[0, 0]))  # what the picture draws
         return obs, r, done, False, {"option_pnl": o, "hedge_pnl": g, "cost": c, "pnl": W}
+
+    def to_holdings(self, action) -> np.ndarray:
+        "The holdings, (n_instruments,), that one `action` asks for (action='delta': on the current date of the episode)."
+        if self.widths is not None and self._ro is None: raise ResetNeeded("call reset() before to_holdings(): action='delta' deviates from the current delta")
+        ref = None if self.widths is None else self._eref[:, min(self._ro.j, self._J)]
+        return self._holdings(self._target(action), ref)[0].copy()
 
     def render(self) -> str | np.ndarray | None:
         "A one-line description of the current date (render_mode='ansi'), or a picture of the episode so far ('rgb_array')."
         if self.render_mode is None or self._ro is None: return None
-        if self.render_mode == "rgb_array":
-            j, i = self._ro.j, self.path_index
-            return episode_image([self.paths.spot[i, :j + 1], self._held], self._J + 1)
         ro, p, i = self._ro, self.paths, self.path_index
+        if self.render_mode == "rgb_array": return episode_image([p.spot[i, :ro.j + 1], self._held], self._J + 1)
         return (f"batch {self.batch_index} path {i}: date {ro.j}/{self._J} (day {p.days[ro.j]}), spot {p.spot[i, ro.j]:.4f}, "
                 f"holdings {np.round(ro.holdings[0], 6).tolist()}, P&L {ro.pnl[0]:+.6f}")
 
@@ -300,71 +517,134 @@ def _autoreset_mode(mode) -> AutoresetMode:
         raise ValueError(f"autoreset_mode must be AutoresetMode.NEXT_STEP or SAME_STEP (or 'NextStep', 'SameStep'), got {mode!r}")
     return m
 
+def _vector_seeds(seed, n: int) -> int | list[int] | None:
+    "A vector reset's seed, checked: None, an int >= 0, or a list (tuple, array) of `n` of them, one per path."
+    msg = f"seed must be None, an integer >= 0 or a list of num_envs={n} of them"
+    if seed is None: return None
+    if not isinstance(seed, (list, tuple, np.ndarray)): return _check_seed(seed, msg)
+    if len(seed) != n: raise ValueError(f"{msg}, got a list of {len(seed)}")
+    return [_check_seed(s, msg) for s in seed]
+
 # %% ../nbs/05_env.ipynb #f919d8b4
 class BatchedHedgingEnv(_Hedging, VectorEnv):
-    "Hedge `num_envs` simulated paths at once with array operations on one `Rollout`; autoreset (same-step or next-step) with a fresh batch."
-    metadata = {"autoreset_mode": AutoresetMode.SAME_STEP, "render_modes": []}
+    "Hedge `num_envs` simulated paths at once with array operations on one `Rollout`; next-step (or same-step) autoreset."
+    metadata = {"autoreset_mode": AutoresetMode.NEXT_STEP, "render_modes": ["rgb_array"], "render_fps": 1}
 
     def __init__(self,
         num_envs: int = 1024, # paths per batch
         scenario: Scenario | str | dict = "cao2021-gbm-1m-1d", # a Scenario, a published name or a dict
-        reward: str = "pnl", # "pnl" or "terminal", as for `HedgingEnv`
-        risk_aversion: float = 1.0, # kappa >= 0 of the mean-variance reward
+        reward: str = "pnl", # "pnl", "terminal" or "shaped", as for `HedgingEnv`
+        risk_aversion: float = 1.0, # kappa >= 0 of the mean-variance rewards
         action_type: str = "continuous", # "continuous" or "discrete"
         n_levels: int = 31, # levels per instrument of the discrete grid
         holdings_bounds: tuple | None = None, # (low, high); None: `default_holdings_bounds`
-        marks: bool | None = None, # mark the book on every date; None: for reward="pnl" unless Heston
-        render_mode: str | None = None, # only None
-        autoreset_mode: AutoresetMode | str = AutoresetMode.SAME_STEP, # Gymnasium's SAME_STEP or NEXT_STEP (or their string values)
+        marks: bool | None = None, # mark the book on every date; None: for the per-step rewards unless Heston
+        render_mode: str | None = None, # None or "rgb_array" (an `episode_image` per path)
+        autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP, # Gymnasium's NEXT_STEP or SAME_STEP (or their string values)
+        action: str = "holdings", # "holdings" or "delta", as for `HedgingEnv`
+        observation: str = "raw", # "raw" or "scaled"
+        action_width: float = 0.5, # action="delta": the half-width w, in `offsetting_units`
+        cost_mean: float | None = None, # reward="shaped": c-bar; None: `expected_cost`
+        seeding: str = "shared", # what an int seed means: "shared" (one stream of batches) or "per_env" ([s, s + 1, ...])
+        batch_size: int = 1024, # per-path streams: paths simulated at once per path, as `HedgingEnv`'s batch_size
     ):
         self.single_observation_space, self.single_action_space = self._setup(
-            scenario, reward, risk_aversion, action_type, n_levels, holdings_bounds, marks)
+            scenario, reward, risk_aversion, action_type, n_levels, holdings_bounds, marks, action, observation, action_width, cost_mean)
         self.num_envs = n = check_int("num_envs", num_envs, 1)
-        self.render_mode = check_choice("render_mode", render_mode, (None,))
+        self.render_mode = check_choice("render_mode", render_mode, (None, "rgb_array"))
         self.metadata = {**type(self).metadata, "autoreset_mode": _autoreset_mode(autoreset_mode)}
+        self.seeding, self.batch_size = check_choice("seeding", seeding, ("shared", "per_env")), check_int("batch_size", batch_size, 1)
         self.observation_space = batch_space(self.single_observation_space, n)
         self.action_space = batch_space(self.single_action_space, n)
-        self.paths, self.batch_index, self._ro, self._feat, self._ended = None, -1, None, None, False
+        self.paths, self.batch_index, self._ro, self._ended, self._seeds, self._episode, self._cache = None, -1, None, False, None, -1, None
         self._all = np.ones(n, bool); self._all.flags.writeable = False  # the info masks: every path has every key
 
-    def _start(self, k: int) -> np.ndarray:
-        "Simulate batch `k`, start its `Rollout` and return its first observations."
-        self.paths = simulate_scenario(self.scenario, self.num_envs, seed=self._batch_seed(k), marks=self.marks)
-        self._feat = observation_features(self.paths, time_major=True)
-        self._ro, self.batch_index, self._ended = Rollout(self.paths, record=False), k, False
-        return self._feat[0]
+    def _begin(self, paths: ScenarioPaths, feat: np.ndarray, ref, batch: np.ndarray, path: np.ndarray):
+        "Start episodes on `paths` with their time-major features and reference holdings; the first observations and the reset info."
+        self.paths, self._feat, self._ref, self.batch_index = paths, feat, ref, int(batch[0])
+        self._ro, self._ended, self._held = Rollout(paths, record=False), False, []
+        return feat[0], {"batch": batch, "_batch": self._all, "path": path, "_path": self._all}
 
-    def reset(self, *, seed: int | None = None, options: dict | None = None):
-        "Start a fresh batch: batch 0 of `seed`, or the next batch; options {'batch': k} start batch k of the seed."
-        k = _reset_args(seed, options, {"batch": "start batch k of the seed"}).get("batch")
-        super().reset(seed=None if seed is None else int(seed))
-        self._draw_base_seed(seed)
-        return self._start(k if k is not None else 0 if seed is not None else self.batch_index + 1), {}
+    def _shared(self, k: int):
+        "Start batch `k` of the shared stream."
+        paths = simulate_scenario(self.scenario, self.num_envs, seed=_batch_seed(self._base_seed, k), marks=self.marks)
+        return self._begin(paths, *self._prepare(paths, time_major=True), np.full(self.num_envs, k), np.arange(self.num_envs))
+
+    def _own(self, e: int):
+        "Start episode `e` of every path's own stream: row e % batch_size of batch e // batch_size of its seed."
+        (k, p), key = divmod(e, self.batch_size), tuple(self._seeds)
+        if self._cache is None or self._cache[0] != (key, k):
+            batches = [simulate_scenario(self.scenario, self.batch_size, seed=_batch_seed(s, k), marks=self.marks) for s in self._seeds]
+            self._cache = ((key, k), batches, [self._prepare(b) for b in batches])
+        _, batches, prepared = self._cache
+        feat, ref = np.stack([f[p] for f, _ in prepared], axis=1), None if prepared[0][1] is None else np.stack([r[p] for _, r in prepared])
+        self._episode = e
+        return self._begin(_stack(batches, p), feat, ref, np.full(self.num_envs, k), np.full(self.num_envs, p))
+
+    def _next_episodes(self):
+        return self._shared(self.batch_index + 1) if self._seeds is None else self._own(self._episode + 1)
+
+    def reset(self, *, seed: int | list[int] | None = None, options: dict | None = None):
+        "Start fresh episodes: a batch of the shared stream, or each path's own stream's next (see above); options {'batch': k} (and {'path': i} for own streams)."
+        seeds = _vector_seeds(seed, self.num_envs)
+        if isinstance(seeds, int) and self.seeding == "per_env": seeds = [seeds + i for i in range(self.num_envs)]
+        super().reset(seed=seeds if isinstance(seeds, int) else None)
+        if isinstance(seeds, list) or (seeds is None and (self._seeds is not None or self.seeding == "per_env")): return self._reset_own(seeds, options)
+        k = _reset_args(None, options, {"batch": "start batch k of the seed"}).get("batch")
+        self._draw_base_seed(seeds); self._seeds = None
+        return self._shared(k if k is not None else 0 if seeds is not None else self.batch_index + 1)
+
+    def _reset_own(self, seeds: list[int] | None, options):
+        "`reset` with a stream per path, as `HedgingEnv.reset` on each."
+        opts = _reset_args(None, options, {"batch": "start on batch k of each path's seed", "path": "start on path i of the batch"})
+        if opts.get("path", 0) >= self.batch_size: raise ValueError(f"options['path'] must be below batch_size={self.batch_size}, got {opts['path']}")
+        if seeds is not None: self._seeds, self._episode = seeds, -1
+        elif self._seeds is None: self._seeds = self.np_random.integers(0, 2**62, self.num_envs).tolist()
+        k = opts["batch"] if "batch" in opts else 0 if seeds is not None else max(self._episode, 0) // self.batch_size if "path" in opts else None
+        return self._own(self._episode + 1 if k is None else k * self.batch_size + opts.get("path", 0))
 
     def step(self, actions):
-        "Trade every path to its target holdings, book the step's P&L; after the last date, autoreset to a fresh batch."
+        "Trade every path to the holdings its action asks for, book the step's P&L; after the last date, autoreset (see above)."
         ro, n = self._ro, self.num_envs
         if ro is None: raise ResetNeeded("call reset() before step()")
-        if self._ended:  # NEXT_STEP: this step only starts the next batch (the actions are ignored)
-            return self._start(self.batch_index + 1), np.zeros(n), np.zeros(n, bool), np.zeros(n, bool), {}
-        s = ro.step(self._targets(actions, n))
+        if self._ended:  # NEXT_STEP: this step only starts the next episodes (the actions are ignored)
+            obs, info = self._next_episodes()
+            return obs, np.zeros(n), np.zeros(n, bool), np.zeros(n, bool), info
+        j0 = ro.j
+        h = self._holdings(self._targets(actions, n), None if self._ref is None else self._ref[:, j0])
+        pre = (closing_cost(self.paths, h, j0), ro.pnl, j0 == 0) if self.reward_mode == "shaped" else None
+        s = ro.step(h)
         j, W = ro.j, ro.pnl
         done = j == self._J
-        if self._terminal: r = mean_variance_reward(W, self.risk_aversion) if done else np.zeros(n)
+        if pre is not None: r = self._shaped(s, pre)
+        elif self.reward_mode == "terminal": r = mean_variance_reward(W, self.risk_aversion) if done else np.zeros(n)
         else: r = mean_variance_reward(s.total, self.risk_aversion)
         a = self._all
-        info = {"option_pnl": s.option, "hedge_pnl": s.hedge, "cost": s.cost, "pnl": W,
-                "_option_pnl": a, "_hedge_pnl": a, "_cost": a, "_pnl": a}
-        obs = self._feat[j]
-        if not done:
-            obs[:, self._hold] = ro.holdings
-            return obs, r, np.zeros(n, bool), np.zeros(n, bool), info
-        # obs, the maturity row, already holds zero holdings (everything was liquidated)
+        info = {"option_pnl": s.option, "hedge_pnl": s.hedge, "cost": s.cost, "pnl": W, "_option_pnl": a, "_hedge_pnl": a, "_cost": a, "_pnl": a}
+        obs = self._fill(self._feat[j], ro)
+        if self.render_mode == "rgb_array": self._held.append(ro.holdings[:, 0].copy())
+        if not done: return obs, r, np.zeros(n, bool), np.zeros(n, bool), info
         if self.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP:
             self._ended = True
             return obs, r, np.ones(n, bool), np.zeros(n, bool), info
-        return (self._start(self.batch_index + 1), r, np.ones(n, bool), np.zeros(n, bool),
-                {"final_obs": obs, "_final_obs": a, "final_info": info, "_final_info": a})
+        first, reset_info = self._next_episodes()
+        return first, r, np.ones(n, bool), np.zeros(n, bool), {**reset_info, "final_obs": obs, "_final_obs": a, "final_info": info, "_final_info": a}
+
+    def render(self) -> tuple[np.ndarray, ...] | None:
+        "Per path, a picture of its episode so far (`episode_image` of the spot and the first instrument's holding), as the sync mode renders."
+        if self.render_mode is None or self._ro is None: return None
+        j, held = self._ro.j, np.array(self._held).reshape(-1, self.num_envs)
+        return tuple(episode_image([self.paths.spot[i, :j + 1], held[:, i]], self._J + 1) for i in range(self.num_envs))
+
+# %% ../nbs/05_env.ipynb #9f2c7d41
+AGENT_READY = {"action": "delta", "observation": "scaled", "reward": "shaped"}  # hedgerl/Hedging-v0's arguments
+
+def batched_env(
+    num_envs: int = 1, # paths at once
+    **kwargs, # `BatchedHedgingEnv`'s other arguments
+) -> BatchedHedgingEnv:
+    "`gymnasium.make_vec`'s entry point: a `BatchedHedgingEnv` whose int seeds mean what they mean in the sync mode (`seeding='per_env'`)."
+    return BatchedHedgingEnv(num_envs, **{"seeding": "per_env", **kwargs})
 
 # %% ../nbs/05_env.ipynb #fa8df75b
 @functools.cache
@@ -374,16 +654,25 @@ def _sb3_vec_env_class() -> type:
     except ImportError as e: raise ImportError("SB3VecEnv needs stable-baselines3: `pip install hedgerl[rl]`") from e
     return type("SB3VecEnv", (SB3VecEnv, SB3Base), {"__module__": __name__, "__doc__": SB3VecEnv.__doc__})
 
+def _episode_infos(final: np.ndarray, pnl: np.ndarray, returns: np.ndarray, length: int, seconds: float) -> list[dict]:
+    "stable-baselines3's infos at the end of the episodes: per path its terminal observation, P&L and `episode` record."
+    pnl, ret = pnl.tolist(), returns.tolist()
+    return [{"terminal_observation": final[i], "pnl": pnl[i], "episode": {"r": ret[i], "l": length, "t": seconds}, "TimeLimit.truncated": False}
+            for i in range(len(pnl))]
+
+# %% ../nbs/05_env.ipynb #0c6d3e85
 class SB3VecEnv:
-    "A stable-baselines3 `VecEnv` over a `BatchedHedgingEnv` (stable-baselines3 is imported when the first one is made)."
+    "A stable-baselines3 `VecEnv` over a same-step `BatchedHedgingEnv` (stable-baselines3 is imported when the first one is made)."
     def __new__(cls, *args, **kwargs):
         return super().__new__(_sb3_vec_env_class() if cls is SB3VecEnv else cls)
 
     def __init__(self,
-        env: BatchedHedgingEnv | None = None, # the batched environment; None: built from `kwargs`
+        env: BatchedHedgingEnv | None = None, # the batched environment, same-step; None: built from `kwargs`
         **kwargs, # `BatchedHedgingEnv` arguments when `env` is None (num_envs, scenario, reward, ...)
     ):
-        self.env = env if env is not None else BatchedHedgingEnv(**kwargs)
+        self.env = env if env is not None else BatchedHedgingEnv(**{"autoreset_mode": AutoresetMode.SAME_STEP, **kwargs})
+        if self.env.metadata["autoreset_mode"] != AutoresetMode.SAME_STEP:
+            raise ValueError("SB3VecEnv: stable-baselines3 expects the same-step autoreset; build the env with autoreset_mode=AutoresetMode.SAME_STEP")
         super().__init__(self.env.num_envs, self.env.single_observation_space, self.env.single_action_space)
         self._actions, self._returns, self._length, self._t0 = None, np.zeros(self.num_envs), 0, time.perf_counter()
 
@@ -404,10 +693,7 @@ class SB3VecEnv:
         dones = term | trunc
         self._returns += r; self._length += 1
         if not dones.any(): return obs, r.astype(np.float32), dones, [{} for _ in range(self.num_envs)]
-        t = round(time.perf_counter() - self._t0, 6)
-        final, pnl, ret, l = info["final_obs"], info["final_info"]["pnl"].tolist(), self._returns.tolist(), self._length
-        infos = [{"terminal_observation": final[i], "pnl": pnl[i], "episode": {"r": ret[i], "l": l, "t": t}, "TimeLimit.truncated": False}
-                 for i in range(self.num_envs)]
+        infos = _episode_infos(info["final_obs"], info["final_info"]["pnl"], self._returns, self._length, round(time.perf_counter() - self._t0, 6))
         self._returns[:], self._length, self._t0 = 0.0, 0, time.perf_counter()
         return obs, r.astype(np.float32), dones, infos
 
