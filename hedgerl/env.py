@@ -38,6 +38,7 @@ def _scenario(scenario) -> Scenario:
         raise ValueError("scenario: the environments simulate their paths; backtest a historical scenario with hedgerl.backtest")
     return scn
 
+# %% ../nbs/05_env.ipynb #739e16fa
 def _initial_vol(scn: Scenario) -> float:
     "The model's volatility at inception (the square root of its observable variance)."
     p, model = scn.market.params, scn.market.model
@@ -48,6 +49,7 @@ def _option_vega(scn: Scenario, o, sig: float) -> float:
     "Black-Scholes vega of one unit of option `o` at inception, at volatility `sig`."
     return float(bs_greeks(scn.market.s0, o.strike, o.maturity / scn.trading_days, scn.r, sig, scn.q, o.kind).vega)
 
+# %% ../nbs/05_env.ipynb #271d99fc
 def _unit_vega(scn: Scenario, ins, sig: float) -> float:
     "Vega of one unit of an option or variance-swap hedging instrument at inception."
     if ins.kind == "option": return _option_vega(scn, ins.option, sig)
@@ -72,6 +74,7 @@ def offsetting_units(
         units.append(max(Q, book_vega / unit))
     return np.array(units)
 
+# %% ../nbs/05_env.ipynb #94848d8b
 def default_holdings_bounds(
     scn: Scenario, # the hedging problem
     scale: float = 1.5, # multiple of the offsetting holding, positive
@@ -114,6 +117,7 @@ def observation_names(
              + [f"price_{i.name}" for i in scn.instruments if i.kind == "option"])
     return names + ([f"reference_{n}" for n in scn.instrument_names] + ["pnl"] if observation == "scaled" else [])
 
+# %% ../nbs/05_env.ipynb #bede28a0
 def observation_features(
     paths: ScenarioPaths, # simulated paths of a scenario
     time_major: bool = False, # lay out as (J + 1, n_paths, d) instead of (n_paths, J + 1, d)
@@ -164,6 +168,7 @@ def observation_bounds(
     return (np.array([-c["moneyness"], 0.0, 0.0, *(low / u), *[0.0] * n_opt, *[-1.0] * m, -c["pnl"]], np.float32),
             np.array([c["moneyness"], 1.0, c["vol"], *(high / u), *[c["price"]] * n_opt, *[1.0] * m, c["pnl"]], np.float32))
 
+# %% ../nbs/05_env.ipynb #21151dc7
 def pnl_unit(scn: Scenario) -> float:
     "The scaled observation's unit of P&L: the book's Black-Scholes premium at inception, sum of |q| times the price."
     S0, sig, td = scn.market.s0, _initial_vol(scn), scn.trading_days
@@ -212,6 +217,7 @@ def risk_penalty(
     co, m = cost - close, cost_mean
     return pen + co * (co - 2.0 * (wealth + m)) + close * (close - 2.0 * (wealth - co + dW + m))
 
+# %% ../nbs/05_env.ipynb #ef54b57a
 def closing_cost(
     paths: ScenarioPaths, # the episode's paths
     holdings: np.ndarray, # the holdings traded to on date `j`, (n, m)
@@ -236,6 +242,7 @@ def shaped_reward(
     if first: pen = pen + cost_mean ** 2
     return dW - cost - 0.5 * risk_aversion * pen
 
+# %% ../nbs/05_env.ipynb #b1b19aba
 _COST_MEANS: dict[str, float] = {}
 
 def expected_cost(
@@ -258,6 +265,7 @@ def _check_seed(seed, message: str) -> int:
     if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0: raise ValueError(f"{message}, got {seed!r}")
     return int(seed)
 
+# %% ../nbs/05_env.ipynb #0392b11f
 def _reset_args(seed, options, known: dict[str, str]) -> dict:
     "Check `reset`'s `seed` (None or an int >= 0) and `options` (None or a dict of `known` keys, name -> meaning, with ints >= 0)."
     if seed is not None: _check_seed(seed, "seed must be None or an integer >= 0 (one seed for every path)")
@@ -267,9 +275,19 @@ def _reset_args(seed, options, known: dict[str, str]) -> dict:
     if bad: raise ValueError(f"options: unknown key {', '.join(bad)}; known: {'; '.join(f'{k} ({v})' for k, v in known.items())}")
     return {k: check_int(f"options[{k!r}]", v, 0) for k, v in options.items()}
 
+# %% ../nbs/05_env.ipynb #8baba55f
 def _batch_seed(base: int, k: int) -> np.random.SeedSequence:
     "Seed of batch `k` of the stream seeded `base`: child `k` of the base seed (`spawn_seeds(base, k + 1)[k]`)."
     return np.random.SeedSequence(base, spawn_key=(k,))
+
+# %% ../nbs/05_env.ipynb #de04d53f
+_PATH_OPTIONS = {"batch": "start on batch k of the seed", "path": "start on path i of the batch"}
+
+def _start(options: dict, seeded: bool, batch: int, batch_size: int) -> tuple[int, int] | None:
+    "Where a reset of a path stream starts, (batch, path), from its checked `options`: their batch (else 0 after a seed, else the current `batch`) and path; None: the next path."
+    if options.get("path", 0) >= batch_size: raise ValueError(f"options['path'] must be below batch_size={batch_size}, got {options['path']}")
+    if not (seeded or options): return None
+    return options.get("batch", 0 if seeded else max(batch, 0)), options.get("path", 0)
 
 # %% ../nbs/05_env.ipynb #5d7c2e88
 def action_grid(
@@ -281,6 +299,7 @@ def action_grid(
     grid.flags.writeable = False
     return grid
 
+# %% ../nbs/05_env.ipynb #146a84e7
 def delta_targets(
     a: np.ndarray, # normalised actions, (n, m); clipped to [-1, 1]
     reference: np.ndarray, # the delta hedge, (n, m)
@@ -303,6 +322,7 @@ def _action_index(action, n_actions: int) -> int:
     if not 0 <= a < n_actions: raise ValueError(f"{msg} {a}")
     return a
 
+# %% ../nbs/05_env.ipynb #e0d73c8f
 def _action_values(action, m: int, what: str) -> list[float]:
     "One continuous action's m finite numbers, as floats (a few floats: cheaper in Python than in numpy)."
     x = action if type(action) is np.ndarray else np.asarray(action)
@@ -321,6 +341,7 @@ def _action_indices(actions, n: int, n_actions: int) -> np.ndarray:
     if a.min() < 0 or a.max() >= n_actions: raise ValueError(f"actions must lie in [0, {n_actions}), got {a.min() if a.min() < 0 else a.max()}")
     return a
 
+# %% ../nbs/05_env.ipynb #c11694eb
 def _actions_values(actions, n: int, m: int, what: str) -> np.ndarray:
     "A batch of n continuous actions: finite numbers, float64 (n, m)."
     x = np.asarray(actions)
@@ -419,6 +440,7 @@ def _rows(paths: ScenarioPaths, idx) -> ScenarioPaths:
     p = paths
     return ScenarioPaths(p.scenario, p.days, p.times, p.spot[idx], p.variance[idx], p.book[idx], p.prices[idx], p.discount)
 
+# %% ../nbs/05_env.ipynb #f4740ab6
 def _stack(batches: list[ScenarioPaths], i: int) -> ScenarioPaths:
     "Row `i` of each batch, stacked: (len(batches),) paths."
     p = batches[0]
@@ -459,16 +481,14 @@ class HedgingEnv(_Hedging, gym.Env):
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         "Start an episode on the next path of the batch (simulating a batch when needed); `seed` restarts at batch 0; options {'batch': k, 'path': i} start on path i of batch k."
-        opts = _reset_args(seed, options, {"batch": "start on batch k of the seed", "path": "start on path i of the batch"})
-        if opts.get("path", 0) >= self.batch_size: raise ValueError(f"options['path'] must be below batch_size={self.batch_size}, got {opts['path']}")
+        start = _start(_reset_args(seed, options, _PATH_OPTIONS), seed is not None, self.batch_index, self.batch_size)
         super().reset(seed=None if seed is None else int(seed))
         self._draw_base_seed(seed)
-        k = opts["batch"] if "batch" in opts else 0 if seed is not None else max(self.batch_index, 0) if "path" in opts else None
-        if k is None:  # the next path
+        if start is None:  # the next path
             if self.paths is None or self._next == self.batch_size: self._simulate(self.batch_index + 1)
         else:
-            if self._key != (self._base_seed, k): self._simulate(k)
-            self._next = opts.get("path", 0)
+            if self._key != (self._base_seed, start[0]): self._simulate(start[0])
+            self._next = start[1]
         i = self.path_index = self._next
         self._next += 1
         self._ro, self._rows, self._held = Rollout(_rows(self.paths, slice(i, i + 1)), record=False), self._feat[i], []
@@ -517,6 +537,7 @@ def _autoreset_mode(mode) -> AutoresetMode:
         raise ValueError(f"autoreset_mode must be AutoresetMode.NEXT_STEP or SAME_STEP (or 'NextStep', 'SameStep'), got {mode!r}")
     return m
 
+# %% ../nbs/05_env.ipynb #2e6a7879
 def _vector_seeds(seed, n: int) -> int | list[int] | None:
     "A vector reset's seed, checked: None, an int >= 0, or a list (tuple, array) of `n` of them, one per path."
     msg = f"seed must be None, an integer >= 0 or a list of num_envs={n} of them"
@@ -525,8 +546,43 @@ def _vector_seeds(seed, n: int) -> int | list[int] | None:
     if len(seed) != n: raise ValueError(f"{msg}, got a list of {len(seed)}")
     return [_check_seed(s, msg) for s in seed]
 
+# %% ../nbs/05_env.ipynb #2f9a6d48
+class _Streams:
+    "A batched environment's sources of episodes: the shared stream's batches, or a stream per path (`HedgingEnv`'s)."
+    def _begin(self, paths: ScenarioPaths, feat: np.ndarray, ref, batch: np.ndarray, path: np.ndarray):
+        "Start episodes on `paths` with their time-major features and reference holdings; the first observations and the reset info."
+        self.paths, self._feat, self._ref, self.batch_index = paths, feat, ref, int(batch[0])
+        self._ro, self._ended, self._held = Rollout(paths, record=False), False, []
+        return feat[0], {"batch": batch, "_batch": self._all, "path": path, "_path": self._all}
+
+    def _shared(self, k: int):
+        "Start batch `k` of the shared stream."
+        paths = simulate_scenario(self.scenario, self.num_envs, seed=_batch_seed(self._base_seed, k), marks=self.marks)
+        return self._begin(paths, *self._prepare(paths, time_major=True), np.full(self.num_envs, k), np.arange(self.num_envs))
+
+    def _own(self, e: int):
+        "Start episode `e` of every path's own stream: row e % batch_size of batch e // batch_size of its seed."
+        (k, p), key = divmod(e, self.batch_size), tuple(self._seeds)
+        if self._cache is None or self._cache[0] != (key, k):
+            batches = [simulate_scenario(self.scenario, self.batch_size, seed=_batch_seed(s, k), marks=self.marks) for s in self._seeds]
+            self._cache = ((key, k), batches, [self._prepare(b) for b in batches])
+        _, batches, prepared = self._cache
+        feat, ref = np.stack([f[p] for f, _ in prepared], axis=1), None if prepared[0][1] is None else np.stack([r[p] for _, r in prepared])
+        self._episode = e
+        return self._begin(_stack(batches, p), feat, ref, np.full(self.num_envs, k), np.full(self.num_envs, p))
+
+    def _next_episodes(self):
+        return self._shared(self.batch_index + 1) if self._seeds is None else self._own(self._episode + 1)
+
+    def _reset_own(self, seeds: list[int] | None, options):
+        "`reset` with a stream per path, as `HedgingEnv.reset` on each."
+        start = _start(_reset_args(None, options, _PATH_OPTIONS), seeds is not None, max(self._episode, 0) // self.batch_size, self.batch_size)
+        if seeds is not None: self._seeds, self._episode = seeds, -1
+        elif self._seeds is None: self._seeds = self.np_random.integers(0, 2**62, self.num_envs).tolist()
+        return self._own(self._episode + 1 if start is None else start[0] * self.batch_size + start[1])
+
 # %% ../nbs/05_env.ipynb #f919d8b4
-class BatchedHedgingEnv(_Hedging, VectorEnv):
+class BatchedHedgingEnv(_Streams, _Hedging, VectorEnv):
     "Hedge `num_envs` simulated paths at once with array operations on one `Rollout`; next-step (or same-step) autoreset."
     metadata = {"autoreset_mode": AutoresetMode.NEXT_STEP, "render_modes": ["rgb_array"], "render_fps": 1}
 
@@ -559,31 +615,6 @@ class BatchedHedgingEnv(_Hedging, VectorEnv):
         self.paths, self.batch_index, self._ro, self._ended, self._seeds, self._episode, self._cache = None, -1, None, False, None, -1, None
         self._all = np.ones(n, bool); self._all.flags.writeable = False  # the info masks: every path has every key
 
-    def _begin(self, paths: ScenarioPaths, feat: np.ndarray, ref, batch: np.ndarray, path: np.ndarray):
-        "Start episodes on `paths` with their time-major features and reference holdings; the first observations and the reset info."
-        self.paths, self._feat, self._ref, self.batch_index = paths, feat, ref, int(batch[0])
-        self._ro, self._ended, self._held = Rollout(paths, record=False), False, []
-        return feat[0], {"batch": batch, "_batch": self._all, "path": path, "_path": self._all}
-
-    def _shared(self, k: int):
-        "Start batch `k` of the shared stream."
-        paths = simulate_scenario(self.scenario, self.num_envs, seed=_batch_seed(self._base_seed, k), marks=self.marks)
-        return self._begin(paths, *self._prepare(paths, time_major=True), np.full(self.num_envs, k), np.arange(self.num_envs))
-
-    def _own(self, e: int):
-        "Start episode `e` of every path's own stream: row e % batch_size of batch e // batch_size of its seed."
-        (k, p), key = divmod(e, self.batch_size), tuple(self._seeds)
-        if self._cache is None or self._cache[0] != (key, k):
-            batches = [simulate_scenario(self.scenario, self.batch_size, seed=_batch_seed(s, k), marks=self.marks) for s in self._seeds]
-            self._cache = ((key, k), batches, [self._prepare(b) for b in batches])
-        _, batches, prepared = self._cache
-        feat, ref = np.stack([f[p] for f, _ in prepared], axis=1), None if prepared[0][1] is None else np.stack([r[p] for _, r in prepared])
-        self._episode = e
-        return self._begin(_stack(batches, p), feat, ref, np.full(self.num_envs, k), np.full(self.num_envs, p))
-
-    def _next_episodes(self):
-        return self._shared(self.batch_index + 1) if self._seeds is None else self._own(self._episode + 1)
-
     def reset(self, *, seed: int | list[int] | None = None, options: dict | None = None):
         "Start fresh episodes: a batch of the shared stream, or each path's own stream's next (see above); options {'batch': k} (and {'path': i} for own streams)."
         seeds = _vector_seeds(seed, self.num_envs)
@@ -593,15 +624,6 @@ class BatchedHedgingEnv(_Hedging, VectorEnv):
         k = _reset_args(None, options, {"batch": "start batch k of the seed"}).get("batch")
         self._draw_base_seed(seeds); self._seeds = None
         return self._shared(k if k is not None else 0 if seeds is not None else self.batch_index + 1)
-
-    def _reset_own(self, seeds: list[int] | None, options):
-        "`reset` with a stream per path, as `HedgingEnv.reset` on each."
-        opts = _reset_args(None, options, {"batch": "start on batch k of each path's seed", "path": "start on path i of the batch"})
-        if opts.get("path", 0) >= self.batch_size: raise ValueError(f"options['path'] must be below batch_size={self.batch_size}, got {opts['path']}")
-        if seeds is not None: self._seeds, self._episode = seeds, -1
-        elif self._seeds is None: self._seeds = self.np_random.integers(0, 2**62, self.num_envs).tolist()
-        k = opts["batch"] if "batch" in opts else 0 if seeds is not None else max(self._episode, 0) // self.batch_size if "path" in opts else None
-        return self._own(self._episode + 1 if k is None else k * self.batch_size + opts.get("path", 0))
 
     def step(self, actions):
         "Trade every path to the holdings its action asks for, book the step's P&L; after the last date, autoreset (see above)."
@@ -639,6 +661,7 @@ class BatchedHedgingEnv(_Hedging, VectorEnv):
 # %% ../nbs/05_env.ipynb #9f2c7d41
 AGENT_READY = {"action": "delta", "observation": "scaled", "reward": "shaped"}  # hedgerl/Hedging-v0's arguments
 
+# %% ../nbs/05_env.ipynb #e4fd27cf
 def batched_env(
     num_envs: int = 1, # paths at once
     **kwargs, # `BatchedHedgingEnv`'s other arguments
@@ -654,6 +677,7 @@ def _sb3_vec_env_class() -> type:
     except ImportError as e: raise ImportError("SB3VecEnv needs stable-baselines3: `pip install hedgerl[rl]`") from e
     return type("SB3VecEnv", (SB3VecEnv, SB3Base), {"__module__": __name__, "__doc__": SB3VecEnv.__doc__})
 
+# %% ../nbs/05_env.ipynb #962bef60
 def _episode_infos(final: np.ndarray, pnl: np.ndarray, returns: np.ndarray, length: int, seconds: float) -> list[dict]:
     "stable-baselines3's infos at the end of the episodes: per path its terminal observation, P&L and `episode` record."
     pnl, ret = pnl.tolist(), returns.tolist()
