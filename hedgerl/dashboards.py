@@ -21,8 +21,8 @@ from .scenarios import Scenario, Strategy, as_scenario, simulate_scenario
 __all__ = ['DASHBOARD_BASELINES', 'DASHBOARD_GOALS', 'Evaluation', 'evaluate', 'comparison', 'strategy_colors', 'pnl_histogram',
            'path_pnl', 'hedge_ratio', 'holding_minus_delta', 'heatmap', 'trades', 'model_label', 'strategy_choices',
            'experiment_choices', 'headline', 'evaluation_view', 'refresh_figure', 'update_view', 'EvaluationCache',
-           'notebook_extension', 'inline_updates', 'EvaluationDashboard', 'mount', 'page_user', 'evaluation_page',
-           'bench_dashboards']
+           'notebook_extension', 'inline_updates', 'cached_evaluation', 'EvaluationView', 'EvaluationDashboard',
+           'mount', 'page_user', 'evaluation_page', 'bench_dashboards']
 
 # %% ../nbs/22_dashboards.ipynb #52a277a5
 @dataclass
@@ -410,8 +410,59 @@ def inline_updates(obj):
     finally:
         for d in docs: d.unhold()
 
-# %% ../nbs/22_dashboards.ipynb #245b46b7
-class EvaluationDashboard:
+# %% ../nbs/22_dashboards.ipynb #23af53e8
+def cached_evaluation(
+    scenario: str, # a published scenario's name
+    made: dict, # label -> function making the strategy (what `strategy_choices` gives)
+    labels: list[str], # the strategies to evaluate, of `made`
+    n_paths: int, # paths of the evaluation
+    seed: int, # seeds the paths
+    n_boot: int, # bootstrap replicates of the standard errors
+    cache: EvaluationCache | None = None, # evaluations kept by question; None: none kept
+) -> tuple[Evaluation, pd.DataFrame]:
+    "The evaluation of `labels` (made and loaded here) and its comparison table, kept in `cache` for the next page."
+    def compute():
+        ev = evaluate(scenario, {k: made[k]() for k in labels}, n_paths, seed)
+        return ev, comparison(ev, n_boot)
+    key = (scenario, tuple(labels), n_paths, seed, n_boot)
+    return compute() if cache is None else cache.get(key, compute)
+
+# %% ../nbs/22_dashboards.ipynb #f374d5da
+class EvaluationView:
+    "An evaluation on a page, made elsewhere: headline cards, comparison table, figures of a strategy and path."
+    def __init__(self,
+        seed: int = 0, # the seed of the evaluations' paths (said in the status)
+        n_boot: int = 100, # bootstrap replicates of the standard errors
+    ):
+        import panel as pn
+        self.seed, self.n_boot, self.ev, self.table = seed, check_int("n_boot", n_boot, 2), None, None
+        self.focus = pn.widgets.Select(name="Headline and heatmap for", options=[])
+        self.path = pn.widgets.IntSlider(name="Sample path", start=0, end=19, value=0)
+        self.status = pn.pane.Markdown("", sizing_mode="stretch_width")
+        self.body = pn.Column(sizing_mode="stretch_width")
+        self.focus.param.watch(lambda e: self.draw({"focus"}), "value"); self.path.param.watch(lambda e: self.draw({"path"}), "value")
+
+    def show(self, ev: Evaluation, table: pd.DataFrame | None = None) -> None:
+        "Show an evaluation: its table, and the figures for the first learned strategy (else the first that is not delta)."
+        self.ev, self.table = ev, comparison(ev, self.n_boot) if table is None else table
+        first = next((k for k, r in ev.results.items() if r.learned), next((k for k in ev.labels if k != "delta"), ev.labels[0]))
+        self.path.end = ev.n_sample - 1
+        with inline_updates(self.body):
+            self.body.objects = []  # a new evaluation: drawn whole
+            if self.focus.value == first: self.focus.options = ev.labels; self.draw()
+            else: self.focus.param.update(options=ev.labels, value=first)  # one draw, by the watcher
+        self.status.object = f"{ev.scenario.name}: {ev.n_paths:,} paths, seed {self.seed}; standard errors from {self.n_boot} bootstrap replicates."
+
+    def draw(self, changed: set | None = None) -> None:
+        "Draw the body for the chosen strategy and path, or redraw what depends on what `changed` (nothing is evaluated)."
+        if self.ev is None or self.focus.value not in self.ev.results: return
+        args = (self.ev, self.table, self.focus.value, min(self.path.value, self.ev.n_sample - 1))
+        with inline_updates(self.body):
+            if changed and self.body.objects: update_view(self.body[0], *args, changed)
+            else: self.body.objects = [evaluation_view(*args)]
+
+# %% ../nbs/22_dashboards.ipynb #952e2dae
+class EvaluationDashboard(EvaluationView):
     "The evaluation dashboard: choose a scenario and strategies; headline cards, the comparison table and the figures."
     cache: EvaluationCache | None = EvaluationCache() # evaluations kept for the next dashboard (every dashboard of this process); None: none kept
     def __init__(self,
@@ -427,23 +478,19 @@ class EvaluationDashboard:
     ):
         import panel as pn
         from hedgerl import scenarios as lib
-        self.choices, self.n_paths, self.seed, self.n_boot = choices, check_int("n_paths", n_paths, 2), seed, check_int("n_boot", n_boot, 2)
+        self.choices, self.n_paths = choices, check_int("n_paths", n_paths, 2)
+        super().__init__(seed, n_boot)
         names = scenarios or [n for n in lib.names() if lib.get(n).market.model != "historical"]
         self.scenario = pn.widgets.Select(name="Scenario", options=names, value=scenario if scenario in names else names[0])
         self.strategies = pn.widgets.MultiChoice(name="Strategies", options=[], value=[], sizing_mode="stretch_width")
-        self.focus = pn.widgets.Select(name="Headline and heatmap for", options=[])
-        self.path = pn.widgets.IntSlider(name="Sample path", start=0, end=19, value=0)
         self.run = pn.widgets.Button(name="Evaluate", button_type="primary")
         self.experiments = experiments or {}
         self.experiment = pn.widgets.Select(name="Experiment", options=["", *self.experiments], visible=bool(self.experiments), width=200)
-        self.status = pn.pane.Markdown("", sizing_mode="stretch_width")
-        self.body = pn.Column(sizing_mode="stretch_width")
-        self.ev, self.table, self._made = None, None, {}
+        self._made = {}
         self._offer(strategies)
         self.scenario.param.watch(lambda e: self._offer(None), "value")
         self.experiment.param.watch(lambda e: self._choose_experiment(e.new), "value")
         self.run.on_click(self.evaluate_async)
-        self.focus.param.watch(lambda e: self.draw({"focus"}), "value"); self.path.param.watch(lambda e: self.draw({"path"}), "value")
         if evaluation is not None: self.show(evaluation)
 
     def _offer(self, chosen: list[str] | None) -> None:
@@ -462,13 +509,10 @@ class EvaluationDashboard:
         self.strategies.value = [c for c in ("delta", *labels) if c in self._made]
 
     def _compute(self) -> tuple[Evaluation, pd.DataFrame]:
-        "The evaluation of the chosen strategies (made and loaded here) and its comparison table; kept in `self.cache` for the next page."
+        "The evaluation of the chosen strategies and its comparison table (`cached_evaluation`, in `self.cache`)."
         labels = list(self.strategies.value)
-        def compute():
-            ev = evaluate(self.scenario.value, {k: self._made[k]() for k in labels}, self.n_paths, self.seed)
-            return ev, comparison(ev, self.n_boot)
-        key = (self.scenario.value, tuple(labels), self.n_paths, self.seed, self.n_boot)
-        return compute() if self.cache is None else self.cache.get(key, compute)
+        return cached_evaluation(self.scenario.value, self._made, labels, self.n_paths, self.seed, self.n_boot,
+                                 self.cache)
 
     def _ready(self) -> bool:
         if not self.strategies.value: self.status.object = "Choose at least one strategy."; return False
@@ -489,25 +533,6 @@ class EvaluationDashboard:
         try: self.show(*await asyncio.to_thread(self._compute))
         except (ValueError, KeyError) as e: self.status.object = f"**Cannot evaluate:** {e}"
         finally: self.body.loading = False
-
-    def show(self, ev: Evaluation, table: pd.DataFrame | None = None) -> None:
-        "Show an evaluation: its table, and the figures for the first learned strategy (else the first that is not delta)."
-        self.ev, self.table = ev, comparison(ev, self.n_boot) if table is None else table
-        first = next((k for k, r in ev.results.items() if r.learned), next((k for k in ev.labels if k != "delta"), ev.labels[0]))
-        self.path.end = ev.n_sample - 1
-        with inline_updates(self.body):
-            self.body.objects = []  # a new evaluation: drawn whole
-            if self.focus.value == first: self.focus.options = ev.labels; self.draw()
-            else: self.focus.param.update(options=ev.labels, value=first)  # one draw, by the watcher
-        self.status.object = f"{ev.scenario.name}: {ev.n_paths:,} paths, seed {self.seed}; standard errors from {self.n_boot} bootstrap replicates."
-
-    def draw(self, changed: set | None = None) -> None:
-        "Draw the body for the chosen strategy and path, or redraw what depends on what `changed` (nothing is evaluated)."
-        if self.ev is None or self.focus.value not in self.ev.results: return
-        args = (self.ev, self.table, self.focus.value, min(self.path.value, self.ev.n_sample - 1))
-        with inline_updates(self.body):
-            if changed and self.body.objects: update_view(self.body[0], *args, changed)
-            else: self.body.objects = [evaluation_view(*args)]
 
     def panel(self):
         "The whole dashboard, ready to serve (`.servable()`) or to show in a notebook."
