@@ -560,6 +560,19 @@ class StepPnL:
     @property
     def total(self) -> np.ndarray: return self.option + self.hedge - self.cost
 
+# %% ../nbs/04_scenarios.ipynb #c1ab122f
+def _holdings(
+    target, # target holdings, (n_paths, n_instruments); (n_paths,) when there is one instrument
+    n: int, # n_paths
+    m: int, # n_instruments
+) -> np.ndarray:
+    "`target` as a float64 array (n, m), or a `ValueError` saying what is wrong with it."
+    h = np.asarray(target, dtype=np.float64)
+    if h.shape == (n,) and m == 1: h = h[:, None]
+    if h.shape != (n, m): raise ValueError(f"holdings must have shape ({n}, {m}) (n_paths, n_instruments), got {h.shape}")
+    if not np.isfinite(h).all(): raise ValueError(f"holdings must be finite, got {h[~np.isfinite(h)].ravel()[0]}")
+    return h
+
 # %% ../nbs/04_scenarios.ipynb #297ac98f
 class Rollout:
     "Steps a batch of `ScenarioPaths` through the hedging dates: `observe()`, then `step(target_holdings)`, until `done`."
@@ -594,11 +607,7 @@ class Rollout:
         "Trade to `target` holdings (n_paths, n_instruments) on the current date and book the P&L to the next."
         if self.done: raise RuntimeError("the rollout is done: every hedging date has been stepped")
         p, j = self.paths, self.j
-        n, m = self.holdings.shape
-        h = np.asarray(target, dtype=np.float64)
-        if h.shape == (n,) and m == 1: h = h[:, None]
-        if h.shape != (n, m): raise ValueError(f"holdings must have shape ({n}, {m}) (n_paths, n_instruments), got {h.shape}")
-        if not np.isfinite(h).all(): raise ValueError(f"holdings must be finite, got {h[~np.isfinite(h)].ravel()[0]}")
+        h = _holdings(target, *self.holdings.shape)
         costs = p.scenario.costs
         cost = p.discount[j] * costs(h - self.holdings, p.prices[:, j])
         if j == p.n_decisions - 1: cost = cost + p.discount[j + 1] * costs(-h, p.prices[:, j + 1])
