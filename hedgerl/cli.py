@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import os
 import secrets
 import shutil
@@ -17,19 +18,115 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import hedgerl
 from .core import SettingsError, settings
 
 # %% auto #0
-__all__ = ['project_root', 'check_address', 'serve', 'writable_folder', 'build_parser', 'error_line', 'main']
+__all__ = ['error_line', 'missing_extra', 'command', 'build_parser', 'main', 'project_root', 'writable_folder', 'check_address',
+           'serve']
 
-# %% ../nbs/99_cli.ipynb #9e7115c5
+# %% ../nbs/99_cli.ipynb #bbcd966d
+_EXTRAS = {"papermill": "runs", "optuna": "runs", "ipykernel": "runs",
+           "torch": "torch", "tensorboard": "torch", "stable_baselines3": "rl",
+           "bokeh_sampledata": "data", "nbconvert": "reports"}
+_EXPECTED = (ValueError, SettingsError, ImportError, ConnectionError, RuntimeError, KeyError, OSError)
+
+# %% ../nbs/99_cli.ipynb #53cb5a72
+def error_line(e: BaseException) -> str:
+    "One line that says what went wrong (no traceback): the message, the missing package and its extra, the file of an OS error."
+    if isinstance(e, ModuleNotFoundError) and e.name:
+        top = e.name.split(".")[0]
+        return f"{top} is not installed: pip install 'hedgerl[{_EXTRAS[top]}]'" if top in _EXTRAS else f"{top} is not installed: pip install {top}"
+    if isinstance(e, OSError) and e.strerror: msg = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    elif isinstance(e, KeyError) and e.args: msg = str(e.args[0])
+    else: msg = str(e) or type(e).__name__
+    if not isinstance(e, _EXPECTED): msg = f"unexpected {type(e).__name__}: {msg} (HEDGERL_DEBUG=1 shows the traceback; please report it)"
+    return " ".join(msg.split())
+
+# %% ../nbs/99_cli.ipynb #318db96f
+def missing_extra(
+    text: str, # an error message, e.g. a failed run's "ModuleNotFoundError: No module named 'stable_baselines3' ..."
+) -> str:
+    "`; X is not installed: pip install 'hedgerl[EXTRA]'` when `text` reports a module an extra brings; else ''."
+    m = re.search(r"No module named '([\w.]+)'|import of ([\w.]+) halted", text)
+    top = (m[1] or m[2]).split(".")[0] if m else None
+    return f"; {top} is not installed: pip install 'hedgerl[{_EXTRAS[top]}]'" if top in _EXTRAS else ""
+
+# %% ../nbs/99_cli.ipynb #060b3c40
+class _Parser(argparse.ArgumentParser):
+    "An argument parser whose errors are one line that points to `--help`."
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+# %% ../nbs/99_cli.ipynb #3ed5ee57
+_COMMANDS: dict[str, Callable] = {} # subcommand -> the function that adds its parser, in registration order
+
+def command(
+    add: Callable, # `_add_NAME(sub)`: adds subcommand NAME to the subparsers `sub`
+) -> Callable:
+    "Register a subcommand of `hedgerl` (a decorator)."
+    _COMMANDS[add.__name__.removeprefix("_add_")] = add
+    return add
+
+# %% ../nbs/99_cli.ipynb #6035ca9c
+def build_parser() -> argparse.ArgumentParser:
+    "The `hedgerl` argument parser with every registered subcommand."
+    p = _Parser(prog="hedgerl", description="hedgerl: hedging derivatives with reinforcement learning.",
+                                epilog="Run `hedgerl COMMAND --help` for the options of a command.")
+    p.add_argument("--version", action="version", version=f"hedgerl {hedgerl.__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for add in _COMMANDS.values(): add(sub)
+    return p
+
+# %% ../nbs/99_cli.ipynb #e2c5147a
+def main(argv: list[str] | None = None) -> int:
+    "Entry point of the `hedgerl` command; returns the exit status (2 for bad input, 130 when interrupted)."
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(); return 0
+    old = _stop_on_sigterm()
+    try: return args.func(args)
+    except KeyboardInterrupt as e:
+        print(f"hedgerl {args.command}: {str(e) or 'interrupted'}", file=sys.stderr); return 130
+    except Exception as e:
+        if os.environ.get("HEDGERL_DEBUG"): raise
+        print(f"hedgerl {args.command}: error: {error_line(e)}", file=sys.stderr)
+        return 2 if isinstance(e, _EXPECTED) else 1
+    finally:
+        for s, h in old.items(): signal.signal(s, h)
+
+# %% ../nbs/99_cli.ipynb #91ad917f
+def _stop_on_sigterm() -> dict:
+    "SIGTERM and SIGHUP stop a command as Ctrl-C does (what it started is stopped, its run recorded); the old handlers, to restore."
+    if threading.current_thread() is not threading.main_thread(): return {}
+    def stop(signum, frame): raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+    return {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
+
+# %% ../nbs/99_cli.ipynb #522764d0
 def project_root() -> Path | None:
     "The folder of a hedgerl clone (with `nbs/` and `settings.ini`), if this package runs from one."
     root = Path(hedgerl.__file__).resolve().parent.parent
     return root if (root / "nbs").is_dir() and (root / "pyproject.toml").is_file() else None
 
+# %% ../nbs/99_cli.ipynb #00738a61
+def writable_folder(path, flag: str) -> Path:
+    "`path` as an existing (or new) folder this process can write, or a `ValueError` naming the option."
+    p = Path(path).expanduser()
+    try: p.mkdir(parents=True, exist_ok=True)
+    except OSError as e: raise ValueError(f"{flag} {str(p)!r}: cannot create it ({e.strerror})") from None
+    if not os.access(p, os.W_OK | os.X_OK): raise ValueError(f"{flag} {str(p)!r} is not a writable folder")
+    return p
+
+# %% ../nbs/99_cli.ipynb #72ae8ffa
+def _scenario_arg(text: str):
+    "A published scenario name or a YAML/JSON file."
+    from hedgerl.scenarios import Scenario, get
+    return Scenario.from_file(text) if text.endswith((".yaml", ".yml", ".json")) else get(text)
+
+# %% ../nbs/99_cli.ipynb #71952d0e
 def check_address(host: str, port: int, flag: str = "--port") -> tuple[str, int]:
     "A host and port to listen on, checked: a TCP port in 1..65535, a host that resolves, a port that is free there."
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535: raise ValueError(f"{flag} {port}: expected a TCP port in 1..65535")
@@ -41,12 +138,14 @@ def check_address(host: str, port: int, flag: str = "--port") -> tuple[str, int]
         except OSError as e: raise ValueError(f"cannot listen on {host}:{port} ({e.strerror}): pick another {flag}") from None
     return host, port
 
+# %% ../nbs/99_cli.ipynb #bfcefdd9
 def _die_with_parent() -> None:
     "In a child before exec (Linux): get SIGTERM when the hedgerl process ends, even by kill -9."
     import ctypes
     try: ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError): pass
 
+# %% ../nbs/99_cli.ipynb #04703923
 def serve(cmd: list[str], ready, message: str) -> int:
     "Run a server process until Ctrl-C, SIGTERM or SIGHUP (which stop it too); print `message` once `ready()` is true."
     def stop(signum, frame): raise KeyboardInterrupt
@@ -66,10 +165,22 @@ def serve(cmd: list[str], ready, message: str) -> int:
             except subprocess.TimeoutExpired: proc.kill(); proc.wait()
         for s, h in old.items(): signal.signal(s, h)
 
+# %% ../nbs/99_cli.ipynb #1b6cb76b
 def _listening(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=1): return True
     except OSError: return False
+
+# %% ../nbs/99_cli.ipynb #2dd8f0c8
+@command
+def _add_up(sub) -> None:
+    "`hedgerl up`: its arguments (and its handler, `_cmd_up`)."
+    up = sub.add_parser("up", help="start the platform (JupyterLab on nbs/ for now)",
+                        description="Start JupyterLab on the notebooks at 127.0.0.1 and print its URL with a fresh token.")
+    up.add_argument("--host", help="address to listen on (default: [lab] host setting, 127.0.0.1)")
+    up.add_argument("--port", type=int, help="port (default: [lab] port setting, 8888)")
+    up.add_argument("--notebooks", help="folder to serve (default: nbs/ of this clone)")
+    up.set_defaults(func=_cmd_up)
 
 def _cmd_up(args) -> int:
     "Start JupyterLab on the notebooks, on loopback, with a fresh token; print the URL once it answers."
@@ -87,216 +198,7 @@ def _cmd_up(args) -> int:
     print(f"hedgerl: starting JupyterLab on {nbs.resolve()}", flush=True)
     return serve(cmd, lambda: _listening(host, port), f"hedgerl: open http://{host}:{port}/lab?token={token}\nhedgerl: stop with Ctrl-C")
 
-def writable_folder(path, flag: str) -> Path:
-    "`path` as an existing (or new) folder this process can write, or a `ValueError` naming the option."
-    p = Path(path).expanduser()
-    try: p.mkdir(parents=True, exist_ok=True)
-    except OSError as e: raise ValueError(f"{flag} {str(p)!r}: cannot create it ({e.strerror})") from None
-    if not os.access(p, os.W_OK | os.X_OK): raise ValueError(f"{flag} {str(p)!r} is not a writable folder")
-    return p
-
-def _cmd_price(args) -> int:
-    "Print a Black-Scholes price with its Greeks, or an implied volatility."
-    from hedgerl.pricing import bs_greeks, implied_vol
-    if (args.vol is None) == (args.price is None): raise ValueError("give exactly one of --vol (to price) or --price (for the implied volatility)")
-    if args.price is not None:
-        iv = implied_vol(args.price, args.spot, args.strike, args.maturity, args.rate, args.div, kind=args.kind, errors="raise")
-        print(f"implied volatility {iv:.10g}")
-        return 0
-    g = bs_greeks(args.spot, args.strike, args.maturity, args.rate, args.vol, args.div, kind=args.kind)
-    for k in ("price", "delta", "gamma", "vega", "theta", "rho"): print(f"{k:<6} {float(getattr(g, k)):.10g}")
-    return 0
-
-def _cmd_bench(args) -> int:
-    "Run the benchmarks and write JSON results."
-    from hedgerl.bench import run_bench
-    if not args.no_write: writable_folder(args.out, "--out")  # before minutes of measuring
-    if args.suite == "service":  # 50 readers through the hub's proxy, and hedge's throughput (see hedgerl.client.bench_service)
-        from hedgerl.client import bench_service
-        doc = bench_service(out_dir=None if args.no_write else args.out)
-        for r in doc["results"]: print(f"{r['name']:<34} {r['value']:>10} {r.get('unit', ''):<18} goal {r['goal']:<7} {'met' if r['met'] else 'NOT MET'}")
-        if not args.no_write: print(f"hedgerl: results written to {Path(args.out) / 'service.json'}")
-        return 0 if all(r["met"] for r in doc["results"]) else 1
-
-    waits = {"platform": "hedgerl.platform:bench_platform",  # make up, a workspace's start, a gateway cluster, on a throwaway platform
-             "dashboards": "hedgerl.dashboards:bench_dashboards"}  # the evaluation page in Chromium: first render, widget changes
-    if args.suite in waits:
-        import importlib
-        module, fn = waits[args.suite].split(":")
-        doc = getattr(importlib.import_module(module), fn)(None if args.no_write else args.out)
-        for r in doc["results"]: print(f"{r['name']:<30} {r['seconds']:7.2f} s   goal < {r['goal_s']:g} s   {'met' if r['met'] else 'NOT MET'}")
-        if not args.no_write: print(f"hedgerl: results written to {Path(args.out) / (args.suite + '.json')}")
-        return 0 if all(r["met"] for r in doc["results"]) else 1
-    res = run_bench(only=args.only, quick=args.quick, out_dir=None if args.no_write else args.out, suite=args.suite)
-    if not args.no_write: print(f"hedgerl: results written to {Path(args.out) / (args.suite + '.json')}")
-    return 0 if all(r.met for r in res) or args.quick else 1
-
-def _cmd_scenarios(args) -> int:
-    "List the published scenarios, or print one as YAML."
-    from hedgerl.scenarios import NAMED, get
-    if args.show: print(get(args.show).to_yaml(), end=""); return 0
-    w = max(map(len, NAMED))
-    for name, scn in NAMED.items(): print(f"{name:<{w}}  {scn.description}")
-    return 0
-
-def _scenario_arg(text: str):
-    "A published scenario name or a YAML/JSON file."
-    from hedgerl.scenarios import Scenario, get
-    return Scenario.from_file(text) if text.endswith((".yaml", ".yml", ".json")) else get(text)
-
-def _cmd_backtest(args) -> int:
-    "Backtest one baseline on one scenario and print its metrics."
-    from hedgerl.backtest import _check_n_boot, backtest, historical_backtest
-    from hedgerl.baselines import make_baseline
-    _check_n_boot(args.n_boot)  # before the backtest, not after it
-    scn = _scenario_arg(args.scenario)
-    strat = make_baseline(args.strategy)
-    if hasattr(strat, "fit"): strat.fit(scn, n_paths=args.train_paths, seed=args.seed + 1)
-    if args.historical: res = historical_backtest(strat, scn, args.historical)
-    else: res = backtest(strat, scn, n_paths=args.n_paths, seed=args.seed, progress=True)
-    print(res)
-    for k, v in res.summary(n_boot=args.n_boot).items(): print(f"{k:<22} {v:.6g}")
-    return 0
-
-def _cmd_leaderboard(args) -> int:
-    "Run the leaderboard and write reports/leaderboard.{json,md}."
-    from hedgerl.leaderboard import run_leaderboard
-    writable_folder(args.out, "--out")
-    strategies = None
-    if args.strategies:
-        from hedgerl.baselines import BASELINES, make_baseline
-        for n in args.strategies: make_baseline(n)  # fail early on an unknown name
-        strategies = {n: BASELINES[n] for n in args.strategies}
-    client = None
-    if args.dask:
-        from hedgerl.backtest import dask_client
-        client = dask_client()  # the platform's gateway in a workspace, a LocalCluster elsewhere ([dask] cluster)
-    try:
-        learned = None
-        if args.models != "none":
-            from hedgerl.results import saved_agents
-            learned = saved_agents(args.models)
-        recs = run_leaderboard(args.scenarios, strategies, n_paths=args.n_paths, seed=args.seed, train_paths=args.train_paths,
-                               n_boot=args.n_boot, client=client, out_dir=args.out, learned=learned)
-    finally:
-        if client is not None: client.close()  # and its cluster
-    print(f"hedgerl: {len(recs)} results written to {Path(args.out) / 'leaderboard.md'} and leaderboard.json")
-    return 0
-
-def _cmd_results(args) -> int:
-    "Train the recipes, save the models, judge them; exit 1 when a goal is missed (not in --quick)."
-    from hedgerl.results import results_markdown, run_results
-    if not args.no_write: writable_folder(args.out, "--out")
-    rows = run_results(args.only, quick=args.quick, out_dir=None if args.no_write else args.out, seed=args.seed)
-    print(results_markdown(rows), end="")
-    return 0 if args.quick or all(r["met"] for r in rows) else 1
-
-def _cmd_db(args) -> int:
-    "Upgrade the registry database to the newest schema, or show where it stands."
-    from hedgerl.registry import Registry, is_service_url
-    url = args.url if args.url is not None else settings().registry.url
-    if is_service_url(str(url)): raise ValueError(f"the registry here is the hedgerl service ({url}): its database is the service's; run `hedgerl db` where the service runs")
-    reg = Registry(url, create=args.action == "upgrade")  # status never creates a database (a mistyped path is an error)
-
-    if args.action == "upgrade":
-        reg.upgrade()
-    st = reg.status()
-    for k, v in (st.items() if isinstance(st, dict) else vars(st).items()): print(f"{k:<10} {v}")
-    return 0
-
-def _value(text: str):
-    "A command-line value: int, float, true/false, none, JSON (lists, dicts), else the text itself."
-    for conv in (int, float):
-        try: return conv(text)
-        except ValueError: pass
-    low = text.strip().lower()
-    if low in ("true", "false"): return low == "true"
-    if low in ("none", "null"): return None
-    if text.strip().startswith(("[", "{")):
-        try: return json.loads(text)
-        except json.JSONDecodeError: pass
-    return text
-
-def _assignments(items: list[str] | None, flag: str) -> dict:
-    "NAME=VALUE pairs of a repeatable option, as a dict of texts; a malformed one names the option."
-    out = {}
-    for item in items or []:
-        name, eq, value = item.partition("=")
-        if not eq or not name.strip(): raise ValueError(f"{flag} {item!r}: expected NAME=VALUE")
-        out[name.strip()] = value
-    return out
-
-def _space_arg(text: str):
-    "LOW:HIGH, LOW:HIGH:log, or A,B,C (choices)."
-    if ":" in text:
-        parts = text.split(":")
-        if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "log"): raise ValueError(f"--space range {text!r}: expected LOW:HIGH or LOW:HIGH:log")
-        lo, hi = _value(parts[0]), _value(parts[1])
-        return (lo, hi, "log") if len(parts) == 3 else (lo, hi)
-    return [_value(v) for v in text.split(",")]
-
-def _train_kwargs(args) -> dict:
-    "The `hedgerl.runs.train` options shared by train and sweep."
-    params = {k: _value(v) for k, v in _assignments(args.param, "--param").items()}
-    return dict(objective=args.objective, params=params or None, seed=args.seed, device=args.device, valid_paths=args.valid_paths,
-                valid_every=args.valid_every, patience=args.patience, test_paths=args.test_paths, test_seed=args.test_seed,
-                runs_dir=args.runs_dir, registry=args.registry, threads=args.threads)
-
-def _cmd_train(args) -> int:
-    "Train one agent in a papermill run recorded in the registry."
-    from hedgerl.runs import RunFailed, train
-    kw = _train_kwargs(args)
-    try: r = train(args.agent, args.scenario, args.budget, **kw, experiment=args.experiment, name=args.name,
-                   resume=args.resume, notebook=args.notebook, progress=True)  # each validation's metrics as they are logged
-    except RunFailed as e:
-        print(f"hedgerl train: {e}", file=sys.stderr); return 1
-    except KeyboardInterrupt as e:
-        print(f"hedgerl train: {e or 'interrupted'}", file=sys.stderr); return 130
-    m = r["metrics"]
-    print(f"hedgerl: run {r['run_id']} finished: test objective {m.get('test/objective', float('nan')):.6g} "
-          f"(delta hedge {m.get('delta/objective', float('nan')):.6g}); {r['folder']}")
-    return 0
-
-def _cmd_sweep(args) -> int:
-    "Train a grid of configurations in parallel on Dask."
-    from hedgerl.runs import sweep
-    grid = {k: [_value(v) for v in text.split(",")] for k, text in _assignments(args.grid, "--grid").items()}
-    if not grid: raise ValueError("give at least one --grid NAME=V1,V2,...")
-    client = None
-    if args.workers:
-        from hedgerl.backtest import dask_client
-        client = dask_client(n_workers=args.workers)
-    try: res = sweep(grid, args.agent, args.scenario, args.budget, client=client, experiment=args.experiment, **_train_kwargs(args))
-    finally:
-        if client is not None: client.close()  # and its cluster
-
-    import pandas as pd
-    with pd.option_context("display.width", 200, "display.max_columns", 50): print(res.drop(columns=["error"]).to_string(index=False))
-    for _, row in res[res.status != "finished"].iterrows(): print(f"hedgerl sweep: run {row.run_id}: {row.error}", file=sys.stderr)
-    return 0 if (res.status == "finished").all() else 1
-
-def _cmd_tune(args) -> int:
-    "Search an agent's hyperparameters with Optuna; the study is stored in the registry database."
-    from hedgerl.runs import tune
-    space = {k: _space_arg(v) for k, v in _assignments(args.space, "--space").items()} or None
-    params = {k: _value(v) for k, v in _assignments(args.param, "--param").items()}
-    r = tune(args.agent, args.scenario, space, n_trials=args.trials, budget=args.budget, objective=args.objective, params=params,
-             seed=args.seed, valid_paths=args.valid_paths, valid_every=args.valid_every, study=args.study, registry=args.registry,
-             timeout=args.timeout, sampler_seed=args.sampler_seed, threads=args.threads)
-    print(f"hedgerl: study {r['study']!r}: {r['n_trials']} trials ({r['n_complete']} complete) in {r['registry']}")
-    print(f"best validation objective {r['best_value']:.6g} with {json.dumps(r['best_params'])}")
-    return 0
-
-def _cmd_settings(args) -> int:
-    "Print the settings in effect."
-    s = settings()
-    print(f"# from {s.source or 'embedded defaults'}; override any key with HEDGERL_<SECTION>_<KEY>")
-    for sec, vals in s.as_dict().items():
-        print(f"[{sec}]")
-        for k, v in vals.items(): print(f"{k} = {v}")
-    return 0
-
-# %% ../nbs/99_cli.ipynb #a1b2c3d4
+# %% ../nbs/99_cli.ipynb #133441fa
 def _platform_pid(pidfile: Path) -> int | None:
     "The pid of a running `hedgerl hub up` recorded in `pidfile`, or None (a stale file is removed)."
     from hedgerl.platform import _pid_running
@@ -305,6 +207,7 @@ def _platform_pid(pidfile: Path) -> int | None:
     if _pid_running(pid) and b"hedgerl" in Path(f"/proc/{pid}/cmdline").read_bytes(): return pid
     pidfile.unlink(missing_ok=True); return None
 
+# %% ../nbs/99_cli.ipynb #ed7917dc
 def _hub_up(ctx, args) -> int:
     "Start the platform in the foreground; Ctrl-C, SIGTERM or `hedgerl hub down` stops everything it started."
     from hedgerl.platform import Platform, admin_credentials, check_ports, check_workspace_env
@@ -343,6 +246,7 @@ def _hub_up(ctx, args) -> int:
     finally:
         plat.stop(); pidfile.unlink(missing_ok=True)
 
+# %% ../nbs/99_cli.ipynb #1cf6c13e
 def _seed_in_background(ctx) -> None:
     "Record the reference evaluation in a thread if the registry has none (it logs to state/reference.log)."
     from hedgerl.platform import seed_reference
@@ -353,6 +257,7 @@ def _seed_in_background(ctx) -> None:
         except Exception as e: print(f"hedgerl: the reference evaluation failed: {error_line(e)}", file=sys.stderr, flush=True)
     threading.Thread(target=work, daemon=True, name="hedgerl-reference").start()
 
+# %% ../nbs/99_cli.ipynb #851ff5af
 def _hub_down(ctx, args) -> int:
     "Stop a platform that `hedgerl hub up` started (from another terminal); wait until it is gone."
     from hedgerl.platform import _pid_running
@@ -365,6 +270,7 @@ def _hub_down(ctx, args) -> int:
         time.sleep(0.2)
     print(f"hedgerl: the platform (pid {pid}) stopped in {time.monotonic() - t0:.1f} s"); return 0
 
+# %% ../nbs/99_cli.ipynb #5f6dbb8b
 def _hub_admin(ctx, args) -> int:
     "Where the administrator's password is; with --reset, a new one (printed once)."
     from hedgerl.platform import admin_credentials
@@ -373,6 +279,7 @@ def _hub_admin(ctx, args) -> int:
     else: print(f"hedgerl: admin {name!r}: the password is in {ctx.state / 'admin-credentials'} (0600); --reset makes a new one")
     return 0
 
+# %% ../nbs/99_cli.ipynb #c3e75876
 def _hub_status(ctx, args) -> int:
     "Whether the platform runs and its parts answer; status 1 if it does not run."
     from hedgerl.platform import Platform
@@ -381,15 +288,394 @@ def _hub_status(ctx, args) -> int:
     print(f"hub:      {plat.url}/hub/ {'answers' if plat.healthy() else 'does not answer'}")
     return 0 if pid else 1
 
+# %% ../nbs/99_cli.ipynb #0caa4ae0
+@command
+def _add_hub(sub) -> None:
+    "`hedgerl hub`: its arguments (and its handler, `_cmd_hub`)."
+    hb = sub.add_parser("hub", help="the platform: JupyterHub, its proxy, the dask-gateway and the hedgerl service",
+                        description="up: start the platform in the foreground (Ctrl-C stops it); down: stop it from another terminal; "
+                                    "admin: the administrator's password (--reset makes a new one); status: whether it runs.")
+    hb.add_argument("action", choices=("up", "down", "admin", "status"))
+    hb.add_argument("--reset", action="store_true", help="admin: make a new administrator password")
+    hb.add_argument("--no-reference", action="store_true", help="up: do not record the reference evaluation in an empty registry")
+    hb.add_argument("--timeout", type=float, default=90.0, help="down: seconds to wait for the platform to stop (default 90)")
+    hb.set_defaults(func=_cmd_hub)
+
 def _cmd_hub(args) -> int:
     "`hedgerl hub up|down|admin|status`: the platform on this machine."
     from hedgerl.platform import PlatformContext
     return {"up": _hub_up, "down": _hub_down, "admin": _hub_admin, "status": _hub_status}[args.action](PlatformContext(), args)
 
+# %% ../nbs/99_cli.ipynb #ff95edb2
+@command
+def _add_price(sub) -> None:
+    "`hedgerl price`: its arguments (and its handler, `_cmd_price`)."
+    pr = sub.add_parser("price", help="Black-Scholes price and Greeks, or implied volatility",
+                        description="Price a European option (give --vol) or find its implied volatility (give --price).",
+                        epilog="example: hedgerl price --spot 100 --strike 105 --maturity 0.5 --rate 0.03 --vol 0.2 --kind put")
+    for flag, h in (("--spot", "spot price"), ("--strike", "strike"), ("--maturity", "time to maturity in years")):
+        pr.add_argument(flag, type=float, required=True, help=h)
+    pr.add_argument("--rate", type=float, default=0.0, help="risk-free rate, continuous (default 0)")
+    pr.add_argument("--div", type=float, default=0.0, help="dividend yield, continuous (default 0)")
+    pr.add_argument("--vol", type=float, help="volatility, e.g. 0.2 for 20%%")
+    pr.add_argument("--price", type=float, help="option price to invert for the implied volatility")
+    pr.add_argument("--kind", choices=("call", "put"), default="call")
+    pr.set_defaults(func=_cmd_price)
 
-# %% ../nbs/99_cli.ipynb #b8c3f75e
+def _cmd_price(args) -> int:
+    "Print a Black-Scholes price with its Greeks, or an implied volatility."
+    from hedgerl.pricing import bs_greeks, implied_vol
+    if (args.vol is None) == (args.price is None): raise ValueError("give exactly one of --vol (to price) or --price (for the implied volatility)")
+    if args.price is not None:
+        iv = implied_vol(args.price, args.spot, args.strike, args.maturity, args.rate, args.div, kind=args.kind, errors="raise")
+        print(f"implied volatility {iv:.10g}")
+        return 0
+    g = bs_greeks(args.spot, args.strike, args.maturity, args.rate, args.vol, args.div, kind=args.kind)
+    for k in ("price", "delta", "gamma", "vega", "theta", "rho"): print(f"{k:<6} {float(getattr(g, k)):.10g}")
+    return 0
+
+# %% ../nbs/99_cli.ipynb #a8ef8d31
+@command
+def _add_scenarios(sub) -> None:
+    "`hedgerl scenarios`: its arguments (and its handler, `_cmd_scenarios`)."
+    sc = sub.add_parser("scenarios", help="list the published hedging scenarios",
+                        description="List the published scenarios that ship with hedgerl, or print one as YAML (a starting point for your own).")
+    sc.add_argument("--show", metavar="NAME", help="print this scenario's config as YAML")
+    sc.set_defaults(func=_cmd_scenarios)
+
+def _cmd_scenarios(args) -> int:
+    "List the published scenarios, or print one as YAML."
+    from hedgerl.scenarios import NAMED, get
+    if args.show: print(get(args.show).to_yaml(), end=""); return 0
+    w = max(map(len, NAMED))
+    for name, scn in NAMED.items(): print(f"{name:<{w}}  {scn.description}")
+    return 0
+
+# %% ../nbs/99_cli.ipynb #14ce9cd3
+@command
+def _add_backtest(sub) -> None:
+    "`hedgerl backtest`: its arguments (and its handler, `_cmd_backtest`)."
+    bt = sub.add_parser("backtest", help="backtest a baseline strategy on a scenario",
+                        description="Hedge fresh paths of a scenario (a published name or a YAML/JSON file) with a baseline and print every metric.",
+                        epilog="example: hedgerl backtest fixed-band cao2021-gbm-1m-1d --n-paths 100000")
+    bt.add_argument("strategy", help="no-hedge, delta, delta-gamma, delta-gamma-vega, whalley-wilmott, fixed-band")
+    bt.add_argument("scenario", help="published scenario name (hedgerl scenarios) or a .yaml/.json file")
+    bt.add_argument("--n-paths", type=int, default=100_000, help="test paths (default 100000)")
+    bt.add_argument("--seed", type=int, default=2026, help="seed of the test paths (default 2026)")
+    bt.add_argument("--train-paths", type=int, default=20_000, help="training paths for tuned strategies (default 20000)")
+    bt.add_argument("--n-boot", type=int, default=100, help="bootstrap replicates for standard errors (default 100)")
+    bt.add_argument("--historical", metavar="SOURCE", help="roll the book over a real price series instead: bokeh:AAPL or a CSV file")
+    bt.set_defaults(func=_cmd_backtest)
+
+def _cmd_backtest(args) -> int:
+    "Backtest one baseline on one scenario and print its metrics."
+    from hedgerl.backtest import _check_n_boot, backtest, historical_backtest
+    from hedgerl.baselines import make_baseline
+    _check_n_boot(args.n_boot)  # before the backtest, not after it
+    scn = _scenario_arg(args.scenario)
+    strat = make_baseline(args.strategy)
+    if hasattr(strat, "fit"): strat.fit(scn, n_paths=args.train_paths, seed=args.seed + 1)
+    if args.historical: res = historical_backtest(strat, scn, args.historical)
+    else: res = backtest(strat, scn, n_paths=args.n_paths, seed=args.seed, progress=True)
+    print(res)
+    for k, v in res.summary(n_boot=args.n_boot).items(): print(f"{k:<22} {v:.6g}")
+    return 0
+
+# %% ../nbs/99_cli.ipynb #b9a7ac48
+@command
+def _add_leaderboard(sub) -> None:
+    "`hedgerl leaderboard`: its arguments (and its handler, `_cmd_leaderboard`)."
+    lb = sub.add_parser("leaderboard", help="evaluate every strategy on every scenario",
+                        description="Test strategies on the same fresh paths of each scenario; write reports/leaderboard.md and .json.")
+    lb.add_argument("--scenarios", nargs="+", metavar="NAME", help="published scenarios (default: all)")
+    lb.add_argument("--strategies", nargs="+", metavar="NAME", help="baselines (default: every applicable one)")
+    lb.add_argument("--n-paths", type=int, default=100_000, help="test paths per scenario (default 100000)")
+    lb.add_argument("--seed", type=int, default=2026, help="seed of the test paths (default 2026)")
+    lb.add_argument("--train-paths", type=int, default=20_000, help="training paths for tuned strategies (default 20000)")
+    lb.add_argument("--n-boot", type=int, default=100, help="bootstrap replicates (default 100)")
+    lb.add_argument("--dask", action="store_true", help="run on a Dask cluster: the dask-gateway in a workspace, else a local one ([dask] settings)")
+    lb.add_argument("--out", default="reports", help="output folder (default reports)")
+    lb.add_argument("--models", default="reports/models", metavar="DIR",
+                    help="saved agents that join the scenarios they were trained on (default reports/models; 'none' for baselines only)")
+    lb.set_defaults(func=_cmd_leaderboard)
+
+def _cmd_leaderboard(args) -> int:
+    "Run the leaderboard and write reports/leaderboard.{json,md}."
+    from hedgerl.leaderboard import run_leaderboard
+    writable_folder(args.out, "--out")
+    strategies = None
+    if args.strategies:
+        from hedgerl.baselines import BASELINES, make_baseline
+        for n in args.strategies: make_baseline(n)  # fail early on an unknown name
+        strategies = {n: BASELINES[n] for n in args.strategies}
+    client = None
+    if args.dask:
+        from hedgerl.backtest import dask_client
+        client = dask_client()  # the platform's gateway in a workspace, a LocalCluster elsewhere ([dask] cluster)
+    try:
+        learned = None
+        if args.models != "none":
+            from hedgerl.results import saved_agents
+            learned = saved_agents(args.models)
+        recs = run_leaderboard(args.scenarios, strategies, n_paths=args.n_paths, seed=args.seed, train_paths=args.train_paths,
+                               n_boot=args.n_boot, client=client, out_dir=args.out, learned=learned)
+    finally:
+        if client is not None: client.close()  # and its cluster
+    print(f"hedgerl: {len(recs)} results written to {Path(args.out) / 'leaderboard.md'} and leaderboard.json")
+    return 0
+
+# %% ../nbs/99_cli.ipynb #ae0cd97f
+@command
+def _add_results(sub) -> None:
+    "`hedgerl results`: its arguments (and its handler, `_cmd_results`)."
+    rs = sub.add_parser("results", help="train the learned hedges of the published scenarios and judge them",
+                        description="Train every recipe of hedgerl.results (timed), save the models to OUT/models/, test them on 100,000 "
+                                    "fresh paths next to the baselines, write OUT/results.md and .json.")
+    rs.add_argument("--only", nargs="+", metavar="NAME", help="scenarios (or scenario--agent) to run (default: every recipe)")
+    rs.add_argument("--quick", action="store_true", help="smoke size: a twentieth of the budgets, 5,000 test paths")
+    rs.add_argument("--seed", type=int, default=2026, help="seed of the test paths (default 2026)")
+    rs.add_argument("--out", default="reports", help="output folder (default reports)")
+    rs.add_argument("--no-write", action="store_true", help="write nothing")
+    rs.set_defaults(func=_cmd_results)
+
+def _cmd_results(args) -> int:
+    "Train the recipes, save the models, judge them; exit 1 when a goal is missed (not in --quick)."
+    from hedgerl.results import results_markdown, run_results
+    if not args.no_write: writable_folder(args.out, "--out")
+    rows = run_results(args.only, quick=args.quick, out_dir=None if args.no_write else args.out, seed=args.seed)
+    print(results_markdown(rows), end="")
+    return 0 if args.quick or all(r["met"] for r in rows) else 1
+
+# %% ../nbs/99_cli.ipynb #0b66a271
+@command
+def _add_db(sub) -> None:
+    "`hedgerl db`: its arguments (and its handler, `_cmd_db`)."
+    db = sub.add_parser("db", help="the registry database: upgrade or status",
+                        description="Apply the registry's schema migrations (upgrade) or show its revision and tables (status).")
+    db.add_argument("action", choices=("upgrade", "status"))
+    db.add_argument("--url", help="database URL (default: [registry] url setting, HEDGERL_REGISTRY_URL)")
+    db.set_defaults(func=_cmd_db)
+
+def _cmd_db(args) -> int:
+    "Upgrade the registry database to the newest schema, or show where it stands."
+    from hedgerl.registry import Registry, is_service_url
+    url = args.url if args.url is not None else settings().registry.url
+    if is_service_url(str(url)): raise ValueError(f"the registry here is the hedgerl service ({url}): its database is the service's; run `hedgerl db` where the service runs")
+    reg = Registry(url, create=args.action == "upgrade")  # status never creates a database (a mistyped path is an error)
+
+    if args.action == "upgrade":
+        reg.upgrade()
+    st = reg.status()
+    for k, v in (st.items() if isinstance(st, dict) else vars(st).items()): print(f"{k:<10} {v}")
+    return 0
+
+# %% ../nbs/99_cli.ipynb #9ac1ee0c
+@command
+def _add_bench(sub) -> None:
+    "`hedgerl bench`: its arguments (and its handler, `_cmd_bench`)."
+    be = sub.add_parser("bench", help="run the performance benchmarks",
+                        description="Measure hedgerl side by side with references (the machine's floor, QuantLib) and write JSON under reports/bench/.")
+    be.add_argument("--only", nargs="+", metavar="NAME", help="benchmarks to run: simulators, black-scholes (default: all)")
+    be.add_argument("--quick", action="store_true", help="small sizes, to try the command in seconds")
+    be.add_argument("--out", default="reports/bench", help="folder for the JSON results (default reports/bench)")
+    be.add_argument("--suite", default="core", help="results file name (default core); `platform` times make up, a workspace's start and a gateway cluster; `dashboards` the evaluation page in Chromium")
+    be.add_argument("--no-write", action="store_true", help="print only")
+    be.set_defaults(func=_cmd_bench)
+
+def _cmd_bench(args) -> int:
+    "Run the benchmarks and write JSON results."
+    from hedgerl.bench import run_bench
+    if not args.no_write: writable_folder(args.out, "--out")  # before minutes of measuring
+    if args.suite == "service":  # 50 readers through the hub's proxy, and hedge's throughput (see hedgerl.client.bench_service)
+        from hedgerl.client import bench_service
+        doc = bench_service(out_dir=None if args.no_write else args.out)
+        for r in doc["results"]: print(f"{r['name']:<34} {r['value']:>10} {r.get('unit', ''):<18} goal {r['goal']:<7} {'met' if r['met'] else 'NOT MET'}")
+        if not args.no_write: print(f"hedgerl: results written to {Path(args.out) / 'service.json'}")
+        return 0 if all(r["met"] for r in doc["results"]) else 1
+
+    waits = {"platform": "hedgerl.platform:bench_platform",  # make up, a workspace's start, a gateway cluster, on a throwaway platform
+             "dashboards": "hedgerl.dashboards:bench_dashboards"}  # the evaluation page in Chromium: first render, widget changes
+    if args.suite in waits:
+        import importlib
+        module, fn = waits[args.suite].split(":")
+        doc = getattr(importlib.import_module(module), fn)(None if args.no_write else args.out)
+        for r in doc["results"]: print(f"{r['name']:<30} {r['seconds']:7.2f} s   goal < {r['goal_s']:g} s   {'met' if r['met'] else 'NOT MET'}")
+        if not args.no_write: print(f"hedgerl: results written to {Path(args.out) / (args.suite + '.json')}")
+        return 0 if all(r["met"] for r in doc["results"]) else 1
+    res = run_bench(only=args.only, quick=args.quick, out_dir=None if args.no_write else args.out, suite=args.suite)
+    if not args.no_write: print(f"hedgerl: results written to {Path(args.out) / (args.suite + '.json')}")
+    return 0 if all(r.met for r in res) or args.quick else 1
+
+# %% ../nbs/99_cli.ipynb #c7769287
+def _value(text: str):
+    "A command-line value: int, float, true/false, none, JSON (lists, dicts), else the text itself."
+    for conv in (int, float):
+        try: return conv(text)
+        except ValueError: pass
+    low = text.strip().lower()
+    if low in ("true", "false"): return low == "true"
+    if low in ("none", "null"): return None
+    if text.strip().startswith(("[", "{")):
+        try: return json.loads(text)
+        except json.JSONDecodeError: pass
+    return text
+
+# %% ../nbs/99_cli.ipynb #af9b5f9b
+def _assignments(items: list[str] | None, flag: str) -> dict:
+    "NAME=VALUE pairs of a repeatable option, as a dict of texts; a malformed one names the option."
+    out = {}
+    for item in items or []:
+        name, eq, value = item.partition("=")
+        if not eq or not name.strip(): raise ValueError(f"{flag} {item!r}: expected NAME=VALUE")
+        out[name.strip()] = value
+    return out
+
+# %% ../nbs/99_cli.ipynb #834f4ae9
+def _space_arg(text: str):
+    "LOW:HIGH, LOW:HIGH:log, or A,B,C (choices)."
+    if ":" in text:
+        parts = text.split(":")
+        if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "log"): raise ValueError(f"--space range {text!r}: expected LOW:HIGH or LOW:HIGH:log")
+        lo, hi = _value(parts[0]), _value(parts[1])
+        return (lo, hi, "log") if len(parts) == 3 else (lo, hi)
+    return [_value(v) for v in text.split(",")]
+
+# %% ../nbs/99_cli.ipynb #7d323117
+def _run_options(
+    q, # the subcommand's parser
+    budget_help: str, # what --budget counts for this command
+) -> None:
+    "The options of every command that trains: budget, objective, parameters, seeds, validation, registry, threads."
+    q.add_argument("--budget", type=int, help=budget_help)
+    q.add_argument("--objective", metavar="KIND[:PARAM]", help="replace the scenario's risk objective, e.g. es:0.5, cao:1.5, std")
+    q.add_argument("--param", action="append", metavar="NAME=VALUE", help="an agent hyperparameter (repeatable), e.g. --param lr=0.003")
+    q.add_argument("--seed", type=int, help="seed of the agent's weights and training paths (default 0)")
+    q.add_argument("--valid-paths", type=int, help="validation paths (default 2000)")
+    q.add_argument("--valid-every", type=int, help="units between validations and checkpoints (default: the agent's)")
+    q.add_argument("--registry", metavar="URL", help="registry database (default: [registry] url setting, HEDGERL_REGISTRY_URL)")
+    q.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1; 0: torch's default)")
+
+# %% ../nbs/99_cli.ipynb #ecff479e
+def _train_options(q) -> None:
+    "The options of `train` and `sweep` (not `tune`): device, early stopping, test paths, the runs folder."
+    q.add_argument("--device", help="cpu (default), cuda, auto")
+    q.add_argument("--patience", type=int, help="stop after this many validations without improvement")
+    q.add_argument("--test-paths", type=int, help="fresh test paths (default 10000)")
+    q.add_argument("--test-seed", type=int, help="seed of the test paths (default 2026)")
+    q.add_argument("--runs-dir", help="each run writes into a new folder RUNS_DIR/<date>-run<id>-<random>/ (default: runs/ in the [data] folder)")
+
+# %% ../nbs/99_cli.ipynb #3f81c676
+def _train_kwargs(args) -> dict:
+    "The `hedgerl.runs.train` options shared by train and sweep."
+    params = {k: _value(v) for k, v in _assignments(args.param, "--param").items()}
+    return dict(objective=args.objective, params=params or None, seed=args.seed, device=args.device, valid_paths=args.valid_paths,
+                valid_every=args.valid_every, patience=args.patience, test_paths=args.test_paths, test_seed=args.test_seed,
+                runs_dir=args.runs_dir, registry=args.registry, threads=args.threads)
+
+# %% ../nbs/99_cli.ipynb #12c9d82d
+@command
+def _add_train(sub) -> None:
+    "`hedgerl train`: its arguments (and its handler, `_cmd_train`)."
+    tr = sub.add_parser("train", help="train an agent: a papermill run of nbs/runs/train.ipynb, recorded in the registry",
+                        description="Execute the training notebook with papermill into a new folder RUNS_DIR/<date>-run<id>-<random>/ (executed notebook, metrics.json, "
+                                    "model.zip, checkpoint.zip) as one registry run. Ctrl-C saves a checkpoint and marks the run interrupted; "
+                                    "--resume RUN_ID continues it.",
+                        epilog="example: hedgerl train ntb cao2021-gbm-1m-1d --budget 500 --param n_paths=10000")
+    tr.add_argument("agent", nargs="?", help="ntb, deep-hedger, dqn, ppo, sac (from the resumed run with --resume)")
+    tr.add_argument("scenario", nargs="?", help="published scenario name (hedgerl scenarios) or a .yaml/.json file")
+    _run_options(tr, "training units: epochs (deep hedgers) or environment steps (stable-baselines3 agents)")
+    _train_options(tr)
+    tr.add_argument("--experiment", default="train", help="registry experiment (default train)")
+    tr.add_argument("--name", help="run name")
+    tr.add_argument("--resume", type=int, metavar="RUN_ID", help="continue an interrupted or failed run from its checkpoint (same configuration)")
+    tr.add_argument("--notebook", help="template to execute (default nbs/runs/train.ipynb)")
+    tr.set_defaults(func=_cmd_train)
+
+def _cmd_train(args) -> int:
+    "Train one agent in a papermill run recorded in the registry."
+    from hedgerl.runs import RunFailed, train
+    kw = _train_kwargs(args)
+    try: r = train(args.agent, args.scenario, args.budget, **kw, experiment=args.experiment, name=args.name,
+                   resume=args.resume, notebook=args.notebook, progress=True)  # each validation's metrics as they are logged
+    except RunFailed as e:
+        print(f"hedgerl train: {e}{missing_extra(str(e))}", file=sys.stderr); return 1
+    except KeyboardInterrupt as e:
+        print(f"hedgerl train: {e or 'interrupted'}", file=sys.stderr); return 130
+    m = r["metrics"]
+    print(f"hedgerl: run {r['run_id']} finished: test objective {m.get('test/objective', float('nan')):.6g} "
+          f"(delta hedge {m.get('delta/objective', float('nan')):.6g}); {r['folder']}")
+    return 0
+
+# %% ../nbs/99_cli.ipynb #861ee0e0
+@command
+def _add_sweep(sub) -> None:
+    "`hedgerl sweep`: its arguments (and its handler, `_cmd_sweep`)."
+    sw = sub.add_parser("sweep", help="train a grid of configurations in parallel on Dask",
+                        description="Train every combination of the --grid values, each one papermill run (see hedgerl train), on a Dask "
+                                    "local cluster; a failed run does not stop the others. Exit status 1 if any failed.",
+                        epilog="example: hedgerl sweep ntb cao2021-gbm-1m-1d --budget 200 --grid lr=0.003,0.01 --grid seed=0,1")
+    sw.add_argument("agent", nargs="?", help="agent (or vary it with --grid agent=...)")
+    sw.add_argument("scenario", nargs="?", help="scenario (or vary it with --grid scenario=...)")
+    _run_options(sw, "training units of every run")
+    _train_options(sw)
+    sw.add_argument("--grid", action="append", metavar="NAME=V1,V2", help="values of a train option or hyperparameter (repeatable)")
+    sw.add_argument("--workers", type=int, help="Dask workers (default: [dask] n_workers setting)")
+    sw.add_argument("--experiment", default="sweep", help="registry experiment (default sweep)")
+    sw.set_defaults(func=_cmd_sweep)
+
+def _cmd_sweep(args) -> int:
+    "Train a grid of configurations in parallel on Dask."
+    from hedgerl.runs import sweep
+    grid = {k: [_value(v) for v in text.split(",")] for k, text in _assignments(args.grid, "--grid").items()}
+    if not grid: raise ValueError("give at least one --grid NAME=V1,V2,...")
+    client = None
+    if args.workers:
+        from hedgerl.backtest import dask_client
+        client = dask_client(n_workers=args.workers)
+    try: res = sweep(grid, args.agent, args.scenario, args.budget, client=client, experiment=args.experiment, **_train_kwargs(args))
+    finally:
+        if client is not None: client.close()  # and its cluster
+
+    import pandas as pd
+    with pd.option_context("display.width", 200, "display.max_columns", 50): print(res.drop(columns=["error"]).to_string(index=False))
+    for _, row in res[res.status != "finished"].iterrows():
+        print(f"hedgerl sweep: run {row.run_id}: {row.error}{missing_extra(row.error)}", file=sys.stderr)
+    return 0 if (res.status == "finished").all() else 1
+
+# %% ../nbs/99_cli.ipynb #bc4e5e33
+@command
+def _add_tune(sub) -> None:
+    "`hedgerl tune`: its arguments (and its handler, `_cmd_tune`)."
+    tu = sub.add_parser("tune", help="search an agent's hyperparameters with Optuna (study in the registry database)",
+                        description="Optuna search (TPE, median pruning) of the validation objective; each trial trains in this process. "
+                                    "The study is stored in the registry database; the same --study name resumes it.",
+                        epilog="example: hedgerl tune ntb cao2021-gbm-1m-1d --trials 20 --budget 50 --space lr=1e-3:3e-2:log --space hidden=16,32,64")
+    tu.add_argument("agent", help="ntb, deep-hedger, dqn, ppo, sac")
+    tu.add_argument("scenario", help="published scenario name or a .yaml/.json file")
+    _run_options(tu, "training units per trial (default 50)")
+    tu.add_argument("--trials", type=int, default=20, help="trials to run now (default 20)")
+    tu.add_argument("--space", action="append", metavar="NAME=RANGE", help="LOW:HIGH, LOW:HIGH:log or A,B,C (repeatable; default: the agent's)")
+    tu.add_argument("--study", help="study name (default AGENT/SCENARIO); an existing study is resumed")
+    tu.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    tu.add_argument("--sampler-seed", type=int, help="seed of the TPE sampler")
+    tu.set_defaults(func=_cmd_tune, seed=0, valid_paths=2000, budget=50)
+
+def _cmd_tune(args) -> int:
+    "Search an agent's hyperparameters with Optuna; the study is stored in the registry database."
+    from hedgerl.runs import tune
+    space = {k: _space_arg(v) for k, v in _assignments(args.space, "--space").items()} or None
+    params = {k: _value(v) for k, v in _assignments(args.param, "--param").items()}
+    r = tune(args.agent, args.scenario, space, n_trials=args.trials, budget=args.budget, objective=args.objective, params=params,
+             seed=args.seed, valid_paths=args.valid_paths, valid_every=args.valid_every, study=args.study, registry=args.registry,
+             timeout=args.timeout, sampler_seed=args.sampler_seed, threads=args.threads)
+    print(f"hedgerl: study {r['study']!r}: {r['n_trials']} trials ({r['n_complete']} complete) in {r['registry']}")
+    print(f"best validation objective {r['best_value']:.6g} with {json.dumps(r['best_params'])}")
+    return 0
+
+# %% ../nbs/99_cli.ipynb #88a648cb
+@command
 def _add_report(sub) -> None:
-    "`hedgerl report`: its arguments (`build_parser` calls this)."
+    "`hedgerl report`: its arguments (and its handler, `_cmd_report`)."
     rp = sub.add_parser("report", help="an HTML and PDF report of a scenario, a run, an experiment or the leaderboard",
                         description="Execute a report notebook with papermill (hedgerl.reports) and write <name>.html, .pdf and .json (its numbers) "
                                     "into --out-dir: a scenario's baselines, a run's models and parameters, an experiment's runs, or the leaderboard. "
@@ -415,203 +701,19 @@ def _cmd_report(args) -> int:
         if k in out: print(f"{k:<4} {out[k]}")
     return 0
 
-# %% ../nbs/99_cli.ipynb #0d2ab737
-class _Parser(argparse.ArgumentParser):
-    "An argument parser whose errors are one line that points to `--help`."
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
-
-def build_parser() -> argparse.ArgumentParser:
-    "The `hedgerl` argument parser with all subcommands."
-    p = _Parser(prog="hedgerl", description="hedgerl: hedging derivatives with reinforcement learning.",
-                                epilog="Run `hedgerl COMMAND --help` for the options of a command.")
-    p.add_argument("--version", action="version", version=f"hedgerl {hedgerl.__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-
-    up = sub.add_parser("up", help="start the platform (JupyterLab on nbs/ for now)",
-                        description="Start JupyterLab on the notebooks at 127.0.0.1 and print its URL with a fresh token.")
-    up.add_argument("--host", help="address to listen on (default: [lab] host setting, 127.0.0.1)")
-    up.add_argument("--port", type=int, help="port (default: [lab] port setting, 8888)")
-    up.add_argument("--notebooks", help="folder to serve (default: nbs/ of this clone)")
-    up.set_defaults(func=_cmd_up)
-
-    hb = sub.add_parser("hub", help="the platform: JupyterHub, its proxy, the dask-gateway and the hedgerl service",
-                        description="up: start the platform in the foreground (Ctrl-C stops it); down: stop it from another terminal; "
-                                    "admin: the administrator's password (--reset makes a new one); status: whether it runs.")
-    hb.add_argument("action", choices=("up", "down", "admin", "status"))
-    hb.add_argument("--reset", action="store_true", help="admin: make a new administrator password")
-    hb.add_argument("--no-reference", action="store_true", help="up: do not record the reference evaluation in an empty registry")
-    hb.add_argument("--timeout", type=float, default=90.0, help="down: seconds to wait for the platform to stop (default 90)")
-    hb.set_defaults(func=_cmd_hub)
-
-
-    pr = sub.add_parser("price", help="Black-Scholes price and Greeks, or implied volatility",
-                        description="Price a European option (give --vol) or find its implied volatility (give --price).",
-                        epilog="example: hedgerl price --spot 100 --strike 105 --maturity 0.5 --rate 0.03 --vol 0.2 --kind put")
-    for flag, h in (("--spot", "spot price"), ("--strike", "strike"), ("--maturity", "time to maturity in years")):
-        pr.add_argument(flag, type=float, required=True, help=h)
-    pr.add_argument("--rate", type=float, default=0.0, help="risk-free rate, continuous (default 0)")
-    pr.add_argument("--div", type=float, default=0.0, help="dividend yield, continuous (default 0)")
-    pr.add_argument("--vol", type=float, help="volatility, e.g. 0.2 for 20%%")
-    pr.add_argument("--price", type=float, help="option price to invert for the implied volatility")
-    pr.add_argument("--kind", choices=("call", "put"), default="call")
-    pr.set_defaults(func=_cmd_price)
-
-    sc = sub.add_parser("scenarios", help="list the published hedging scenarios",
-                        description="List the published scenarios that ship with hedgerl, or print one as YAML (a starting point for your own).")
-    sc.add_argument("--show", metavar="NAME", help="print this scenario's config as YAML")
-    sc.set_defaults(func=_cmd_scenarios)
-
-    bt = sub.add_parser("backtest", help="backtest a baseline strategy on a scenario",
-                        description="Hedge fresh paths of a scenario (a published name or a YAML/JSON file) with a baseline and print every metric.",
-                        epilog="example: hedgerl backtest fixed-band cao2021-gbm-1m-1d --n-paths 100000")
-    bt.add_argument("strategy", help="no-hedge, delta, delta-gamma, delta-gamma-vega, whalley-wilmott, fixed-band")
-    bt.add_argument("scenario", help="published scenario name (hedgerl scenarios) or a .yaml/.json file")
-    bt.add_argument("--n-paths", type=int, default=100_000, help="test paths (default 100000)")
-    bt.add_argument("--seed", type=int, default=2026, help="seed of the test paths (default 2026)")
-    bt.add_argument("--train-paths", type=int, default=20_000, help="training paths for tuned strategies (default 20000)")
-    bt.add_argument("--n-boot", type=int, default=100, help="bootstrap replicates for standard errors (default 100)")
-    bt.add_argument("--historical", metavar="SOURCE", help="roll the book over a real price series instead: bokeh:AAPL or a CSV file")
-    bt.set_defaults(func=_cmd_backtest)
-
-    lb = sub.add_parser("leaderboard", help="evaluate every strategy on every scenario",
-                        description="Test strategies on the same fresh paths of each scenario; write reports/leaderboard.md and .json.")
-    lb.add_argument("--scenarios", nargs="+", metavar="NAME", help="published scenarios (default: all)")
-    lb.add_argument("--strategies", nargs="+", metavar="NAME", help="baselines (default: every applicable one)")
-    lb.add_argument("--n-paths", type=int, default=100_000, help="test paths per scenario (default 100000)")
-    lb.add_argument("--seed", type=int, default=2026, help="seed of the test paths (default 2026)")
-    lb.add_argument("--train-paths", type=int, default=20_000, help="training paths for tuned strategies (default 20000)")
-    lb.add_argument("--n-boot", type=int, default=100, help="bootstrap replicates (default 100)")
-    lb.add_argument("--dask", action="store_true", help="run on a Dask cluster: the dask-gateway in a workspace, else a local one ([dask] settings)")
-
-    lb.add_argument("--out", default="reports", help="output folder (default reports)")
-    lb.add_argument("--models", default="reports/models", metavar="DIR",
-                    help="saved agents that join the scenarios they were trained on (default reports/models; 'none' for baselines only)")
-    lb.set_defaults(func=_cmd_leaderboard)
-
-    rs = sub.add_parser("results", help="train the learned hedges of the published scenarios and judge them",
-                        description="Train every recipe of hedgerl.results (timed), save the models to OUT/models/, test them on 100,000 "
-                                    "fresh paths next to the baselines, write OUT/results.md and .json.")
-    rs.add_argument("--only", nargs="+", metavar="NAME", help="scenarios (or scenario--agent) to run (default: every recipe)")
-    rs.add_argument("--quick", action="store_true", help="smoke size: a twentieth of the budgets, 5,000 test paths")
-    rs.add_argument("--seed", type=int, default=2026, help="seed of the test paths (default 2026)")
-    rs.add_argument("--out", default="reports", help="output folder (default reports)")
-    rs.add_argument("--no-write", action="store_true", help="write nothing")
-    rs.set_defaults(func=_cmd_results)
-
-    db = sub.add_parser("db", help="the registry database: upgrade or status",
-                        description="Apply the registry's schema migrations (upgrade) or show its revision and tables (status).")
-    db.add_argument("action", choices=("upgrade", "status"))
-    db.add_argument("--url", help="database URL (default: [registry] url setting, HEDGERL_REGISTRY_URL)")
-    db.set_defaults(func=_cmd_db)
-
-    be = sub.add_parser("bench", help="run the performance benchmarks",
-                        description="Measure hedgerl side by side with references (the machine's floor, QuantLib) and write JSON under reports/bench/.")
-    be.add_argument("--only", nargs="+", metavar="NAME", help="benchmarks to run: simulators, black-scholes (default: all)")
-    be.add_argument("--quick", action="store_true", help="small sizes, to try the command in seconds")
-    be.add_argument("--out", default="reports/bench", help="folder for the JSON results (default reports/bench)")
-    be.add_argument("--suite", default="core", help="results file name (default core); `platform` times make up, a workspace's start and a gateway cluster; `dashboards` the evaluation page in Chromium")
-
-    be.add_argument("--no-write", action="store_true", help="print only")
-    be.set_defaults(func=_cmd_bench)
-
-    def run_options(q, budget_help):
-        q.add_argument("--budget", type=int, help=budget_help)
-        q.add_argument("--objective", metavar="KIND[:PARAM]", help="replace the scenario's risk objective, e.g. es:0.5, cao:1.5, std")
-        q.add_argument("--param", action="append", metavar="NAME=VALUE", help="an agent hyperparameter (repeatable), e.g. --param lr=0.003")
-        q.add_argument("--seed", type=int, help="seed of the agent's weights and training paths (default 0)")
-        q.add_argument("--valid-paths", type=int, help="validation paths (default 2000)")
-        q.add_argument("--valid-every", type=int, help="units between validations and checkpoints (default: the agent's)")
-        q.add_argument("--registry", metavar="URL", help="registry database (default: [registry] url setting, HEDGERL_REGISTRY_URL)")
-        q.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1; 0: torch's default)")
-    def train_options(q):
-        q.add_argument("--device", help="cpu (default), cuda, auto")
-        q.add_argument("--patience", type=int, help="stop after this many validations without improvement")
-        q.add_argument("--test-paths", type=int, help="fresh test paths (default 10000)")
-        q.add_argument("--test-seed", type=int, help="seed of the test paths (default 2026)")
-        q.add_argument("--runs-dir", help="each run writes into a new folder RUNS_DIR/<date>-run<id>-<random>/ (default: runs/ in the [data] folder)")
-
-    tr = sub.add_parser("train", help="train an agent: a papermill run of nbs/runs/train.ipynb, recorded in the registry",
-                        description="Execute the training notebook with papermill into a new folder RUNS_DIR/<date>-run<id>-<random>/ (executed notebook, metrics.json, "
-                                    "model.zip, checkpoint.zip) as one registry run. Ctrl-C saves a checkpoint and marks the run interrupted; "
-                                    "--resume RUN_ID continues it.",
-                        epilog="example: hedgerl train ntb cao2021-gbm-1m-1d --budget 500 --param n_paths=10000")
-    tr.add_argument("agent", nargs="?", help="ntb, deep-hedger, dqn, ppo, sac (from the resumed run with --resume)")
-    tr.add_argument("scenario", nargs="?", help="published scenario name (hedgerl scenarios) or a .yaml/.json file")
-    run_options(tr, "training units: epochs (deep hedgers) or environment steps (stable-baselines3 agents)")
-    train_options(tr)
-    tr.add_argument("--experiment", default="train", help="registry experiment (default train)")
-    tr.add_argument("--name", help="run name")
-    tr.add_argument("--resume", type=int, metavar="RUN_ID", help="continue an interrupted or failed run from its checkpoint (same configuration)")
-    tr.add_argument("--notebook", help="template to execute (default nbs/runs/train.ipynb)")
-    tr.set_defaults(func=_cmd_train)
-
-    sw = sub.add_parser("sweep", help="train a grid of configurations in parallel on Dask",
-                        description="Train every combination of the --grid values, each one papermill run (see hedgerl train), on a Dask "
-                                    "local cluster; a failed run does not stop the others. Exit status 1 if any failed.",
-                        epilog="example: hedgerl sweep ntb cao2021-gbm-1m-1d --budget 200 --grid lr=0.003,0.01 --grid seed=0,1")
-    sw.add_argument("agent", nargs="?", help="agent (or vary it with --grid agent=...)")
-    sw.add_argument("scenario", nargs="?", help="scenario (or vary it with --grid scenario=...)")
-    run_options(sw, "training units of every run")
-    train_options(sw)
-    sw.add_argument("--grid", action="append", metavar="NAME=V1,V2", help="values of a train option or hyperparameter (repeatable)")
-    sw.add_argument("--workers", type=int, help="Dask workers (default: [dask] n_workers setting)")
-    sw.add_argument("--experiment", default="sweep", help="registry experiment (default sweep)")
-    sw.set_defaults(func=_cmd_sweep)
-
-    tu = sub.add_parser("tune", help="search an agent's hyperparameters with Optuna (study in the registry database)",
-                        description="Optuna search (TPE, median pruning) of the validation objective; each trial trains in this process. "
-                                    "The study is stored in the registry database; the same --study name resumes it.",
-                        epilog="example: hedgerl tune ntb cao2021-gbm-1m-1d --trials 20 --budget 50 --space lr=1e-3:3e-2:log --space hidden=16,32,64")
-    tu.add_argument("agent", help="ntb, deep-hedger, dqn, ppo, sac")
-    tu.add_argument("scenario", help="published scenario name or a .yaml/.json file")
-    run_options(tu, "training units per trial (default 50)")
-    tu.add_argument("--trials", type=int, default=20, help="trials to run now (default 20)")
-    tu.add_argument("--space", action="append", metavar="NAME=RANGE", help="LOW:HIGH, LOW:HIGH:log or A,B,C (repeatable; default: the agent's)")
-    tu.add_argument("--study", help="study name (default AGENT/SCENARIO); an existing study is resumed")
-    tu.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
-    tu.add_argument("--sampler-seed", type=int, help="seed of the TPE sampler")
-    tu.set_defaults(func=_cmd_tune, seed=0, valid_paths=2000, budget=50)
-
-    _add_report(sub)
+# %% ../nbs/99_cli.ipynb #d33b2bba
+@command
+def _add_settings(sub) -> None:
+    "`hedgerl settings`: its arguments (and its handler, `_cmd_settings`)."
     st = sub.add_parser("settings", help="show the platform settings in effect",
                         description="Print the settings in effect (settings.ini, then HEDGERL_<SECTION>_<KEY> variables).")
     st.set_defaults(func=_cmd_settings)
-    return p
 
-_EXTRAS = {"papermill": "runs", "optuna": "runs", "ipykernel": "runs", "torch": "torch", "tensorboard": "torch", "stable_baselines3": "rl"}
-_EXPECTED = (ValueError, SettingsError, ImportError, ConnectionError, RuntimeError, KeyError, OSError)
-
-def error_line(e: BaseException) -> str:
-    "One line that says what went wrong (no traceback): the message, the missing package and its extra, the file of an OS error."
-    if isinstance(e, ModuleNotFoundError) and e.name:
-        top = e.name.split(".")[0]
-        return f"{top} is not installed: pip install 'hedgerl[{_EXTRAS[top]}]'" if top in _EXTRAS else f"{top} is not installed: pip install {top}"
-    if isinstance(e, OSError) and e.strerror: msg = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
-    elif isinstance(e, KeyError) and e.args: msg = str(e.args[0])
-    else: msg = str(e) or type(e).__name__
-    if not isinstance(e, _EXPECTED): msg = f"unexpected {type(e).__name__}: {msg} (HEDGERL_DEBUG=1 shows the traceback; please report it)"
-    return " ".join(msg.split())
-
-def main(argv: list[str] | None = None) -> int:
-    "Entry point of the `hedgerl` command; returns the exit status (2 for bad input, 130 when interrupted)."
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help(); return 0
-    old = _stop_on_sigterm()
-    try: return args.func(args)
-    except KeyboardInterrupt as e:
-        print(f"hedgerl {args.command}: {str(e) or 'interrupted'}", file=sys.stderr); return 130
-    except Exception as e:
-        if os.environ.get("HEDGERL_DEBUG"): raise
-        print(f"hedgerl {args.command}: error: {error_line(e)}", file=sys.stderr)
-        return 2 if isinstance(e, _EXPECTED) else 1
-    finally:
-        for s, h in old.items(): signal.signal(s, h)
-
-def _stop_on_sigterm() -> dict:
-    "SIGTERM and SIGHUP stop a command as Ctrl-C does (what it started is stopped, its run recorded); the old handlers, to restore."
-    if threading.current_thread() is not threading.main_thread(): return {}
-    def stop(signum, frame): raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
-    return {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
+def _cmd_settings(args) -> int:
+    "Print the settings in effect."
+    s = settings()
+    print(f"# from {s.source or 'embedded defaults'}; override any key with HEDGERL_<SECTION>_<KEY>")
+    for sec, vals in s.as_dict().items():
+        print(f"[{sec}]")
+        for k, v in vals.items(): print(f"{k} = {v}")
+    return 0

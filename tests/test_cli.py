@@ -205,3 +205,26 @@ def test_train_says_what_it_learns_while_it_trains(tmp_path):
     steps = re.findall(r"run 1: step (\d+): train/lr \S+, train/objective \S+, train/seconds \S+, valid/objective (\S+)", p.stderr)
     assert [s for s, _ in steps] == ["10", "20"], p.stderr
     assert "run 1: training ntb on cao2021-gbm-1m-1d" in p.stderr and "hedgerl: run 1 finished: test objective" in p.stdout
+
+
+def _without(modules, tmp_path):
+    "An environment whose Python processes (papermill's kernels too) cannot import `modules`, as if not installed."
+    shim = tmp_path / "shim"; shim.mkdir(exist_ok=True)
+    (shim / "sitecustomize.py").write_text("import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in modules))
+    return {"PYTHONPATH": str(shim), "HEDGERL_DATA_FOLDER": str(tmp_path)}
+
+
+@pytest.mark.parametrize("module, argv, extra", [
+    ("bokeh_sampledata", ["backtest", "delta", "cao2021-gbm-1m-1d", "--historical", "bokeh:AAPL"], "data"),
+    ("papermill", ["train", "ntb", "cao2021-gbm-1m-1d", "--budget", "5", "--registry", "REG"], "runs"),
+    ("optuna", ["tune", "ntb", "cao2021-gbm-1m-1d", "--trials", "1", "--registry", "REG"], "runs"),
+    ("torch", ["train", "deep-hedger", "cao2021-gbm-1m-1d", "--budget", "5", "--registry", "REG"], "torch"),
+    ("stable_baselines3", ["train", "ppo", "cao2021-gbm-1m-1d", "--budget", "5", "--registry", "REG"], "rl"),  # kernel
+])
+def test_a_missing_package_names_its_extra(tmp_path, module, argv, extra):
+    "Without an optional package, the command's last line names the extra that brings it; no traceback."
+    argv = [f"sqlite:///{tmp_path}/r.sqlite" if a == "REG" else a for a in argv]
+    p = run(["hedgerl", *argv], env=_without([module], tmp_path), timeout=300)
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode in (1, 2) and "Traceback" not in p.stderr, p.stderr
+    assert f"hedgerl[{extra}]" in last and last.startswith(f"hedgerl {argv[0]}: "), p.stderr
