@@ -42,18 +42,18 @@ __all__ = ['STATUSES', 'MIGRATIONS', 'utcnow', 'Base', 'Dataset', 'Experiment', 
            'schema_diff', 'connect', 'upgrade', 'downgrade', 'schema_status', 'check_schema', 'Run', 'data_version',
            'ReadCache', 'RegistryBase', 'Registry', 'open_registry']
 
-# %% ../nbs/09_registry.ipynb #ca46497f
+# %% ../nbs/09_registry.ipynb #376daf89
 STATUSES = ("running", "finished", "failed", "interrupted")
 
 def utcnow() -> dt.datetime:
     "The current UTC time, naive (the registry stores naive UTC timestamps on every backend)."
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
 
-# %% ../nbs/09_registry.ipynb #a62519a2
+# %% ../nbs/09_registry.ipynb #eb81e29c
 class Base(DeclarativeBase):
     "Declarative base of the registry tables (the head of the Alembic revisions)."
 
-# %% ../nbs/09_registry.ipynb #8883ecf1
+# %% ../nbs/09_registry.ipynb #832166ad
 class Dataset(Base):
     "A data set, identified by name and content hash."
     __tablename__ = "datasets"
@@ -69,7 +69,7 @@ class Dataset(Base):
     owner: Mapped[str] = mapped_column(String(100))
     created: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
-# %% ../nbs/09_registry.ipynb #0bd5f303
+# %% ../nbs/09_registry.ipynb #cd4500c5
 class Experiment(Base):
     "A named group of runs; the name is unique per owner."
     __tablename__ = "experiments"
@@ -81,7 +81,7 @@ class Experiment(Base):
     shared: Mapped[bool] = mapped_column(Boolean, default=False)
     created: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
-# %% ../nbs/09_registry.ipynb #86969abb
+# %% ../nbs/09_registry.ipynb #98a175db
 class RunRow(Base):
     "One execution: parameters, status, liveness (host, pid, heartbeat) and outputs."
     __tablename__ = "runs"
@@ -103,7 +103,7 @@ class RunRow(Base):
     error: Mapped[str | None] = mapped_column(Text)
     tags: Mapped[Any | None] = mapped_column(JSON) # r0002
 
-# %% ../nbs/09_registry.ipynb #259dc734
+# %% ../nbs/09_registry.ipynb #4084d9b8
 class Model(Base):
     "A trained model artifact; `version` counts up per (owner, name)."
     __tablename__ = "models"
@@ -121,7 +121,7 @@ class Model(Base):
     shared: Mapped[bool] = mapped_column(Boolean, default=False)
     created: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
-# %% ../nbs/09_registry.ipynb #42fedf53
+# %% ../nbs/09_registry.ipynb #aa4422c2
 class Evaluation(Base):
     "The score of a strategy (optionally a registered model or a run's agent) on a scenario."
     __tablename__ = "evaluations"
@@ -138,7 +138,7 @@ class Evaluation(Base):
     shared: Mapped[bool] = mapped_column(Boolean, default=False)
     created: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
-# %% ../nbs/09_registry.ipynb #6d322c3e
+# %% ../nbs/09_registry.ipynb #faf0da26
 class RunMetric(Base):
     "One logged value of a run: `(step, key, value)` at a time."
     __tablename__ = "run_metrics"
@@ -150,7 +150,7 @@ class RunMetric(Base):
     value: Mapped[float | None] = mapped_column(Float)
     timestamp: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
-# %% ../nbs/09_registry.ipynb #5441562d
+# %% ../nbs/09_registry.ipynb #b299229c
 class SavedScenario(Base):
     "A user's scenario config (JSON, checked by its writer), private unless shared; the name is unique per owner. (r0003)"
     __tablename__ = "scenarios"
@@ -163,34 +163,34 @@ class SavedScenario(Base):
     shared: Mapped[bool] = mapped_column(Boolean, default=False)
     created: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
-# %% ../nbs/09_registry.ipynb #20254fe6
+# %% ../nbs/09_registry.ipynb #21e6f43f
 MIGRATIONS = Path(core.__file__).parent / "migrations" # the Alembic scripts, exported from nbs/09a_migrations.ipynb
 _SCHEMA_LOCK = 7316150219 # PostgreSQL advisory lock key held while the registry's schema changes
 
-# %% ../nbs/09_registry.ipynb #48668e47
+# %% ../nbs/09_registry.ipynb #52ff090f
 class SchemaError(RuntimeError):
     "The registry database is not at the schema this hedgerl expects."
 
-# %% ../nbs/09_registry.ipynb #95fc8ed6
+# %% ../nbs/09_registry.ipynb #9f439883
 class RegistryUnavailable(ConnectionError):
     "The registry database cannot be reached."
 
-# %% ../nbs/09_registry.ipynb #3f91f067
+# %% ../nbs/09_registry.ipynb #bf1b8b37
 class ArtifactError(ValueError):
     "A registered artifact is missing or no longer matches the checksum recorded with it."
 
-# %% ../nbs/09_registry.ipynb #e6a59087
+# %% ../nbs/09_registry.ipynb #72b757cf
 class NameTaken(ValueError):
     "A name that must be unique per owner (a saved scenario's) is already theirs."
 
-# %% ../nbs/09_registry.ipynb #53567679
+# %% ../nbs/09_registry.ipynb #e0f145f4
 def _json_default(o):
     if hasattr(o, "tolist"): return o.tolist() # numpy scalars and arrays
     if isinstance(o, (dt.date, dt.datetime)): return o.isoformat()
     if isinstance(o, Path): return str(o)
     raise TypeError(f"cannot store {type(o).__name__} as JSON: {o!r}")
 
-# %% ../nbs/09_registry.ipynb #980a28b3
+# %% ../nbs/09_registry.ipynb #e83ff8f3
 def _no_nul(o, where: str = "value") -> None:
     "A `ValueError` if a JSON value holds a NUL character anywhere: PostgreSQL stores `\\u0000` in json but cannot read it back (every later query of the column fails)."
     if isinstance(o, str):
@@ -200,15 +200,15 @@ def _no_nul(o, where: str = "value") -> None:
     elif isinstance(o, (list, tuple)):
         for v in o: _no_nul(v, where)
 
-# %% ../nbs/09_registry.ipynb #019a54f4
+# %% ../nbs/09_registry.ipynb #1950343a
 def _dumps(o) -> str: _no_nul(o); return json.dumps(o, default=_json_default)
 
-# %% ../nbs/09_registry.ipynb #81d1fbdd
+# %% ../nbs/09_registry.ipynb #b58a1a55
 def is_service_url(url) -> bool:
     "Whether `url` is the hedgerl service's http(s) address (the platform's registry) rather than a database URL."
     return isinstance(url, str) and re.match(r"(?i)https?://", url.strip()) is not None
 
-# %% ../nbs/09_registry.ipynb #8bc5e826
+# %% ../nbs/09_registry.ipynb #2d62e475
 def registry_url(url: str | None = None) -> sa.URL:
     "Parse and check a registry URL (default `settings().registry.url`); errors name the setting."
     raw = settings().registry.url if url is None else url
@@ -226,13 +226,13 @@ def registry_url(url: str | None = None) -> sa.URL:
         u = u.set(database=str(Path(u.database).expanduser()))
     return u
 
-# %% ../nbs/09_registry.ipynb #5112f95c
+# %% ../nbs/09_registry.ipynb #cb1d3be6
 def sqlite_file(url: sa.URL) -> Path | None:
     "The database file of a SQLite URL (None for other backends and in-memory databases)."
     if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:" or url.database.startswith("file:"): return None
     return Path(url.database)
 
-# %% ../nbs/09_registry.ipynb #7be79295
+# %% ../nbs/09_registry.ipynb #d19a5d1f
 def make_engine(url: sa.URL) -> sa.Engine:
     "An engine for the registry: JSON that understands numpy; SQLite in WAL mode, with a busy timeout, `BEGIN IMMEDIATE` to write and plain `BEGIN` on `read_only(engine)`."
     if url.get_backend_name() != "sqlite": return sa.create_engine(url, json_serializer=_dumps, pool_pre_ping=True)
@@ -247,12 +247,12 @@ def make_engine(url: sa.URL) -> sa.Engine:
     def _on_begin(conn): conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("hedgerl_read") else "BEGIN IMMEDIATE")
     return eng
 
-# %% ../nbs/09_registry.ipynb #f15a94db
+# %% ../nbs/09_registry.ipynb #032cdfec
 def read_only(engine: sa.Engine) -> sa.Engine:
     "The same engine (same pool) for transactions that only read: on SQLite they take no write lock."
     return engine.execution_options(hedgerl_read=True)
 
-# %% ../nbs/09_registry.ipynb #2523527f
+# %% ../nbs/09_registry.ipynb #2a7d78d6
 def alembic_config(engine: sa.Engine, connection: sa.Connection | None = None) -> Config:
     "Alembic configuration built in code: the packaged `hedgerl/migrations` scripts and this engine's URL."
     cfg = Config()
@@ -261,7 +261,7 @@ def alembic_config(engine: sa.Engine, connection: sa.Connection | None = None) -
     cfg.attributes["connection"] = connection
     return cfg
 
-# %% ../nbs/09_registry.ipynb #9632ce9d
+# %% ../nbs/09_registry.ipynb #92322b92
 def run_alembic_env(context) -> None:
     "Body of `hedgerl/migrations/env.py`: run the migrations on the connection given in the config (or on its URL)."
     conn = context.config.attributes.get("connection")
@@ -271,23 +271,23 @@ def run_alembic_env(context) -> None:
         eng.dispose()
     else: _migrate(context, conn)
 
-# %% ../nbs/09_registry.ipynb #b80cd776
+# %% ../nbs/09_registry.ipynb #f53a8932
 def _migrate(context, conn):
     context.configure(connection=conn, target_metadata=Base.metadata, render_as_batch=True)
     with context.begin_transaction(): context.run_migrations()
 
-# %% ../nbs/09_registry.ipynb #13affe8f
+# %% ../nbs/09_registry.ipynb #75aac5f8
 def _registry_objects(obj, name, type_, reflected, compare_to) -> bool:
     "Alembic `include_object` filter: a table found in the database but not in `Base.metadata` belongs to someone else."
     return not (type_ == "table" and reflected and compare_to is None and name not in Base.metadata.tables)
 
-# %% ../nbs/09_registry.ipynb #8ab1798f
+# %% ../nbs/09_registry.ipynb #c0842c0e
 def schema_diff(engine: sa.Engine) -> list:
     "Differences between the registry's tables and the ORM schema (Alembic autogenerate); [] when they agree. Other tables are ignored."
     with engine.connect() as conn:
         return compare_metadata(MigrationContext.configure(conn, opts={"include_object": _registry_objects}), Base.metadata)
 
-# %% ../nbs/09_registry.ipynb #0c3ef554
+# %% ../nbs/09_registry.ipynb #ce85d6e3
 def connect(
     engine: sa.Engine, # the registry's engine
     create: bool = True, # make the folder of a missing SQLite file (SQLite then creates the file)
@@ -303,7 +303,7 @@ def connect(
     try: return engine.connect()  # a file that is not SQLite fails here (the connect hook's PRAGMAs)
     except sa.exc.DatabaseError as e: raise RegistryUnavailable(f"cannot connect to {where}: {e.orig}") from None
 
-# %% ../nbs/09_registry.ipynb #ca524758
+# %% ../nbs/09_registry.ipynb #cf24704c
 def _alembic(engine: sa.Engine, create: bool, fn: Callable, *args) -> None:
     "Run an Alembic command in one transaction; on PostgreSQL under an advisory lock, so concurrent first uses create the schema once."
     with connect(engine, create) as conn, conn.begin():
@@ -311,7 +311,7 @@ def _alembic(engine: sa.Engine, create: bool, fn: Callable, *args) -> None:
             conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK})")
         fn(alembic_config(engine, conn), *args)
 
-# %% ../nbs/09_registry.ipynb #7cf982a8
+# %% ../nbs/09_registry.ipynb #5b97cb44
 def upgrade(
     engine: sa.Engine, # the registry's engine
     revision: str = "head", # the Alembic revision to reach
@@ -320,7 +320,7 @@ def upgrade(
     "Migrate the registry database up to `revision` (what `hedgerl db upgrade` runs)."
     _alembic(engine, create, command.upgrade, revision)
 
-# %% ../nbs/09_registry.ipynb #163738b0
+# %% ../nbs/09_registry.ipynb #98ea4fc4
 def downgrade(
     engine: sa.Engine, # the registry's engine
     revision: str, # the Alembic revision to reach; `base` drops every table
@@ -329,7 +329,7 @@ def downgrade(
     "Migrate the registry database down to `revision` (`base` drops every table)."
     _alembic(engine, create, command.downgrade, revision)
 
-# %% ../nbs/09_registry.ipynb #65b83875
+# %% ../nbs/09_registry.ipynb #bcd52ceb
 def schema_status(
     engine: sa.Engine, # the registry's engine
     create: bool = True, # create a missing SQLite file (False: `RegistryUnavailable`)
@@ -344,7 +344,7 @@ def schema_status(
     return dict(url=engine.url.render_as_string(), current=current, head=head, up_to_date=current == head,
                 tables=tables)
 
-# %% ../nbs/09_registry.ipynb #51cce184
+# %% ../nbs/09_registry.ipynb #e16a2f26
 def check_schema(
     engine: sa.Engine, # the registry's engine
     create: bool = True, # bring an EMPTY database to the head schema (never an old one)
@@ -479,14 +479,14 @@ class ReadCache:
             while self._d and (len(self._d) > self.size or self._bytes > self.max_bytes): self._bytes -= self._d.popitem(last=False)[1][3]
         return value
 
-# %% ../nbs/09_registry.ipynb #271a5ee9
+# %% ../nbs/09_registry.ipynb #a00bd6cc
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""): h.update(chunk)
     return h.hexdigest()
 
-# %% ../nbs/09_registry.ipynb #9680b1bf
+# %% ../nbs/09_registry.ipynb #b397ca26
 def _pid_alive(pid: int) -> bool:
     "Whether process `pid` exists on this host and is not a zombie."
     try: os.kill(pid, 0)
@@ -495,10 +495,10 @@ def _pid_alive(pid: int) -> bool:
     try: return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError): return True
 
-# %% ../nbs/09_registry.ipynb #728cc77c
+# %% ../nbs/09_registry.ipynb #e39f8bc4
 def _frame(rows, columns) -> pd.DataFrame: return pd.DataFrame([dict(r._mapping) for r in rows], columns=columns)
 
-# %% ../nbs/09_registry.ipynb #a6140fc9
+# %% ../nbs/09_registry.ipynb #a3e851a9
 def _storable(col, v) -> bool:
     "Whether `v` could be a value of column `col` on every backend: PostgreSQL's INTEGER has 32 bits, no text holds NUL or lone surrogates."
     if isinstance(v, str):
@@ -510,12 +510,12 @@ def _storable(col, v) -> bool:
         return -2**bits <= v < 2**bits
     return True
 
-# %% ../nbs/09_registry.ipynb #04566e6a
+# %% ../nbs/09_registry.ipynb #8abc7925
 def _equal(col, v):
     "`col == v`, or a condition no row meets when `v` cannot be stored there (rather than the database's error)."
     return col == v if _storable(col, v) else sa.false()
 
-# %% ../nbs/09_registry.ipynb #038a75ab
+# %% ../nbs/09_registry.ipynb #cdbde87d
 class RegistryBase:
     "A registry handle: its database URL and engine, the user it acts as, its read cache."
     def __init__(self,
@@ -557,7 +557,7 @@ class RegistryBase:
         "Whether the schema was found current (`check_schema` has nothing left to do)."
         return self._ready
 
-# %% ../nbs/09_registry.ipynb #f4c5191e
+# %% ../nbs/09_registry.ipynb #a9a73b91
 class _Schema:
     "`Registry`'s schema methods: the module's `upgrade`, `downgrade`, `schema_status`, `check_schema` on its engine."
     def _connect(self) -> sa.Connection:
@@ -582,7 +582,7 @@ class _Schema:
         check_schema(self.engine, self.create)
         self._ready = True
 
-# %% ../nbs/09_registry.ipynb #4c53739a
+# %% ../nbs/09_registry.ipynb #ded29807
 class _Transactions:
     "`Registry`'s transactions: a read session, a retried write, and the read cache."
     def _session(self) -> Session:
@@ -618,7 +618,7 @@ class _Transactions:
         if self.url.get_backend_name() != "sqlite" or not self.ready: return None
         return self._reads.peek((self.user, self.admin, key), data_version(self.engine, self._watch))
 
-# %% ../nbs/09_registry.ipynb #77e65d0b
+# %% ../nbs/09_registry.ipynb #eb8253ab
 class _Ownership:
     "`Registry`'s access rules: which rows a user reads, and who may change one."
     def _visible(self, table, user: str | None, admin: bool = True):
@@ -639,7 +639,7 @@ class _Ownership:
         ok = set(s.scalars(sa.select(RunRow.id).where(RunRow.id.in_([i for i in run_ids if _storable(RunRow.id, i)]), self._visible(RunRow, user))))
         if missing := [i for i in run_ids if i not in ok]: raise KeyError(f"no run {missing} visible to user {user or self.user!r}")
 
-# %% ../nbs/09_registry.ipynb #b9ff8517
+# %% ../nbs/09_registry.ipynb #5db8dcb6
 class _RunWrites:
     "`Registry`'s runs: start one, attach to one, reap the dead."
     def start_run(self,
@@ -698,9 +698,9 @@ class _RunWrites:
             return done
         return self._write(write) if dead else []
 
-# %% ../nbs/09_registry.ipynb #78bcbbd7
+# %% ../nbs/09_registry.ipynb #33719fde
 class _ModelWrites:
-    "`Registry`'s writes of results: models, evaluations and data sets."
+    "`Registry`'s writes of models."
     def register_model(self,
         run: Run | int | None, # the run that trained it (or None)
         algorithm: str, # e.g. "ppo", "deep-hedging"
@@ -725,6 +725,9 @@ class _ModelWrites:
             return dict(id=m.id, name=name, version=v, checksum=checksum, artifact=str(p))
         return self._write(write, retry_integrity=True)
 
+# %% ../nbs/09_registry.ipynb #38f0eba1
+class _EvaluationWrites:
+    "`Registry`'s writes of scores and data sets."
     def record_evaluation(self,
         scenario: str, # scenario name
         strategy: str, # strategy name
@@ -766,7 +769,7 @@ class _ModelWrites:
             s.add(d); s.flush(); return d.id
         return self._write(write, retry_integrity=True)
 
-# %% ../nbs/09_registry.ipynb #3d59fa5a
+# %% ../nbs/09_registry.ipynb #04de0e12
 class _ModelReads:
     "`Registry`'s reads of one model (and its file) and of data sets."
     def model(self,
@@ -796,7 +799,7 @@ class _ModelReads:
         with self._session() as s: rows = s.execute(q).all()
         return _frame(rows, [c.name for c in Dataset.__table__.columns])
 
-# %% ../nbs/09_registry.ipynb #c46a1ba6
+# %% ../nbs/09_registry.ipynb #f07fa66e
 class _Scenarios:
     "`Registry`'s saved scenarios and sharing."
     def save_scenario(self,
@@ -844,7 +847,7 @@ class _Scenarios:
         self._write(write)
         return self.get(kind, id)
 
-# %% ../nbs/09_registry.ipynb #cee25724
+# %% ../nbs/09_registry.ipynb #d9ba4c3f
 class _Find:
     "`Registry`'s listings: one SQL query per page, filtered, sorted and limited in the database."
     _KINDS = {"run": RunRow, "model": Model, "evaluation": Evaluation, "scenario": SavedScenario} # what `find`, `get` and `share` take
@@ -905,7 +908,7 @@ class _Find:
         if not rows: raise KeyError(f"no {kind} {id} visible to user {self.user!r} in {self.url.render_as_string()}")
         return rows[0]
 
-# %% ../nbs/09_registry.ipynb #84565260
+# %% ../nbs/09_registry.ipynb #57e598a8
 class _Frames:
     "`Registry`'s listings as data frames, for notebooks."
     def _frame_of(self, kind: str, filters: dict, sort: str, user: str | None) -> pd.DataFrame:
@@ -941,7 +944,7 @@ class _Frames:
         "Saved scenarios visible to `user`, oldest first."
         return self._frame_of("scenario", dict(name=name, owner=owner), "id", user)
 
-# %% ../nbs/09_registry.ipynb #92ede258
+# %% ../nbs/09_registry.ipynb #18825de4
 class _Metrics:
     "`Registry`'s training curves: one run's metrics, several runs side by side."
     def metrics(self,
@@ -982,9 +985,9 @@ class _Metrics:
         for run_id, k, v, _ in vals: rows[run_id][k] = v # the metric logged last wins within a step
         return pd.DataFrame.from_dict(rows, orient="index").reindex(run_ids).rename_axis("run_id")
 
-# %% ../nbs/09_registry.ipynb #72422845
-class Registry(RegistryBase, _Schema, _Transactions, _Ownership, _RunWrites, _ModelWrites, _ModelReads, _Scenarios,
-               _Find, _Frames, _Metrics):
+# %% ../nbs/09_registry.ipynb #cdd1736b
+class Registry(RegistryBase, _Schema, _Transactions, _Ownership, _RunWrites, _ModelWrites, _EvaluationWrites,
+               _ModelReads, _Scenarios, _Find, _Frames, _Metrics):
     "The experiment registry on a SQLite or PostgreSQL database."
 
 # %% ../nbs/09_registry.ipynb #12ca1a43
