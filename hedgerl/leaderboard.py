@@ -78,6 +78,29 @@ def paired_improvement(scn: Scenario, base, other, n_boot: int, seed: int) -> tu
     se = metrics.standard_error(stat, base.pnl, base.premium, other.pnl, other.premium, n_boot=n_boot, seed=seed)
     return float(value), float(se)
 
+# %% ../nbs/08_leaderboard.ipynb #fb16a8cf
+def _fit(strat: Strategy, scn: Scenario, train_paths: int, train_seed: int) -> dict | None:
+    "Fit `strat` on `scn` if it tunes a parameter; what the record's `fit` says (None for a strategy with nothing to fit)."
+    t0 = time.perf_counter()
+    if hasattr(strat, "fit") and not getattr(strat, "learned", False):
+        strat.fit(scn, n_paths=train_paths, seed=train_seed)
+        return {"train_paths": train_paths, "train_seed": train_seed, "fit_seconds": round(time.perf_counter() - t0, 2),
+                **{k: float(getattr(strat, k)) for k in ("width", "risk_aversion") if getattr(strat, k, None) is not None}}
+    if getattr(strat, "learned", False) and getattr(strat, "log", None) is not None:  # an agent: how it was trained
+        return {"train_seconds": round(strat.log.seconds, 1), "trained": f"{strat.log.units} {strat.unit}",
+                "agent": strat.kind, "params": strat.params, "seed": strat.seed}
+    return None
+
+# %% ../nbs/08_leaderboard.ipynb #3d371a2c
+def _record(scn: Scenario, name: str, res, base, fit: dict | None, n_boot: int, seed: int) -> dict:
+    "The leaderboard record of strategy `name`'s backtest `res` on `scn`, against delta hedging's `base`."
+    m = res.summary(n_boot=n_boot)
+    obj, obj_se = m.pop("objective"), m.pop("objective_se")
+    imp, imp_se = (0.0, 0.0) if name == "delta" else paired_improvement(scn, base, res, n_boot, seed)
+    return {"scenario": scn.name, "strategy": name, "learned": res.learned, "n_paths": res.n_paths, "seed": seed,
+            "objective": obj, "objective_se": obj_se, "objective_label": scn.objective.label,
+            "improvement_vs_delta_pct": imp, "improvement_vs_delta_pct_se": imp_se, "fit": fit, "metrics": m}
+
 # %% ../nbs/08_leaderboard.ipynb #4c805ea4
 def evaluate_scenario(
     scenario, # a Scenario, a published name, a config file or a dict (see `hedgerl.scenarios.as_scenario`)
@@ -101,26 +124,9 @@ def evaluate_scenario(
         strategies = {**strategies, a.name: a}
     results, fits = {}, {}
     for name, strat in [(name, _make(name, s)) for name, s in strategies.items()]:  # made first: a bad factory fails before any run
-        t0 = time.perf_counter()
-        if hasattr(strat, "fit") and not getattr(strat, "learned", False):
-            strat.fit(scn, n_paths=train_paths, seed=train_seed)
-            fits[name] = {"train_paths": train_paths, "train_seed": train_seed, "fit_seconds": round(time.perf_counter() - t0, 2),
-                          **{k: float(getattr(strat, k)) for k in ("width", "risk_aversion") if getattr(strat, k, None) is not None}}
-        elif getattr(strat, "learned", False) and getattr(strat, "log", None) is not None:  # an agent: how it was trained
-            fits[name] = {"train_seconds": round(strat.log.seconds, 1), "trained": f"{strat.log.units} {strat.unit}",
-                          "agent": strat.kind, "params": strat.params, "seed": strat.seed}
+        fits[name] = _fit(strat, scn, train_paths, train_seed)
         results[name] = backtest(strat, scn, n_paths=n_paths, seed=seed, client=client, record_holdings=n_paths <= 200_000)
-    base = results["delta"]
-    out = []
-    for name, res in results.items():
-        m = res.summary(n_boot=n_boot)
-        obj, obj_se = m.pop("objective"), m.pop("objective_se")
-        imp, imp_se = (0.0, 0.0) if name == "delta" else paired_improvement(scn, base, res, n_boot, seed)
-        out.append({"scenario": scn.name, "strategy": name, "learned": res.learned, "n_paths": res.n_paths, "seed": seed,
-                    "objective": obj, "objective_se": obj_se, "objective_label": scn.objective.label,
-                    "improvement_vs_delta_pct": imp, "improvement_vs_delta_pct_se": imp_se,
-                    "fit": fits.get(name), "metrics": m})
-    return out
+    return [_record(scn, name, res, results["delta"], fits[name], n_boot, seed) for name, res in results.items()]
 
 # %% ../nbs/08_leaderboard.ipynb #0294af78
 def _by_scenario(records) -> dict[str, list[dict]]:
