@@ -80,7 +80,7 @@ def paired_improvement(scn: Scenario, base, other, n_boot: int, seed: int) -> tu
 
 # %% ../nbs/08_leaderboard.ipynb #fb16a8cf
 def _fit(strat: Strategy, scn: Scenario, train_paths: int, train_seed: int) -> dict | None:
-    "Fit `strat` on `scn` if it tunes a parameter; what the record's `fit` says (None for a strategy with nothing to fit)."
+    "Fit `strat` on `scn` if it tunes a parameter; the record's `fit` (None: nothing to fit)."
     t0 = time.perf_counter()
     if hasattr(strat, "fit") and not getattr(strat, "learned", False):
         strat.fit(scn, n_paths=train_paths, seed=train_seed)
