@@ -107,12 +107,16 @@ def judge(recipe: Recipe, agent: Agent, n_paths: int = 100_000, seed: int = 2026
             "test_seed": seed, "objective_label": scn.objective.label, "results": out, "checks": checks, "met": all(checks.values())}
 
 # %% ../nbs/14_results.ipynb #ac1ffb7e
-def results_markdown(rows: list[dict]) -> str:
+def results_markdown(
+    rows: list[dict], # rows of `reports/results.json` (`judge`'s)
+    header: bool = True, # with the title and the sentence on the test paths; False: the table alone
+) -> str:
     "The results as a Markdown table."
     lines = ["# Learned hedges of the published scenarios", "",
              f"Trained on one CPU thread (two where the recipe says so); tested on {rows[0]['n_paths']:,} fresh paths (seed {rows[0]['test_seed']}) next to the "
              "baselines, the same paths for all; ± is one bootstrap standard error.", "",
              "| scenario | agent | trained | seconds (threads) | objective | agent | delta | fixed band | goal | met |", "|---|---|---|---|---|---|---|---|---|---|"]
+    if not header: lines = lines[4:]
     f = lambda r: f"{r['objective']:.4g} ± {r['objective_se']:.2g}"
     for r in rows:
         x = r["results"]

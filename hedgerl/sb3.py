@@ -7,8 +7,9 @@ __all__ = ['N_FEATURES', 'band_features', 'band_edges', 'band_targets', 'risk_pe
            'PPOAgent', 'DQNAgent', 'export_sb3', 'train_best_sb3']
 
 # %% ../nbs/12b_sb3.ipynb #350bd556
-from .agents.sb3 import N_FEATURES, DQNAgent, PPOAgent, SACAgent, SB3Agent, band_edges, band_features, band_targets
-from .agents.sb3 import band_vec_env, export_sb3, risk_penalty, train_best_sb3
+from .agents.sb3 import N_FEATURES, DQNAgent, PPOAgent, SACAgent, SB3Agent
+from .agents.sb3 import band_edges, band_features, band_targets, band_vec_env, export_sb3, risk_penalty
+from .agents.sb3 import train_best_sb3
 
-_all_ = ["N_FEATURES", "band_features", "band_edges", "band_targets", "risk_penalty", "band_vec_env", "SB3Agent", "SACAgent",
-         "PPOAgent", "DQNAgent", "export_sb3", "train_best_sb3"]
+_all_ = ["N_FEATURES", "band_features", "band_edges", "band_targets", "risk_penalty", "band_vec_env", "SB3Agent",
+         "SACAgent", "PPOAgent", "DQNAgent", "export_sb3", "train_best_sb3"]

@@ -140,6 +140,7 @@ def _band_vec_env_class() -> type:
 
     return BandVecEnv
 
+# %% ../../nbs/12_sb3.ipynb #04929ea3
 def band_vec_env(
     scenario, # a simulated Scenario hedged with its underlying
     n_envs: int = 64, # paths hedged at once
@@ -164,16 +165,101 @@ def band_vec_env(
 # %% ../../nbs/12_sb3.ipynb #b6b8fe02
 @functools.cache
 def _stop_callback_class() -> type:
-    "A stable-baselines3 callback (imported on first use) that ends `learn` at the next step once `stop` is set; `stopped` says it did."
+    "An SB3 callback (imported on first use): moves `fit`'s bar every step; ends `learn` once `stop` is set."
     from stable_baselines3.common.callbacks import BaseCallback
 
     class StopCallback(BaseCallback):
-        def __init__(self, stop): super().__init__(); self.stop, self.stopped = stop, False
+        def __init__(self, stop, progress=None):
+            super().__init__(); self.stop, self.progress, self.stopped = stop, progress, False
         def _on_step(self) -> bool:
+            if self.progress is not None: self.progress(self.training_env.num_envs)  # fit's bar moves every step
             self.stopped = bool(self.stop)
             return not self.stopped
 
     return StopCallback
+
+# %% ../../nbs/12_sb3.ipynb #a0bfd8e3
+def _check_sb3(kind: str, params: dict, scenario) -> None:
+    "Refuse an SB3 agent's hyperparameters of the wrong range, or a scenario the band action cannot hedge, naming them."
+    p, scn = params, scenario
+    check_int("n_envs", p["n_envs"], 1); check_int("hidden", p["hidden"], 1); check_int("layers", p["layers"], 1)
+    check_positive("learning_rate", p["learning_rate"])
+    for k in ("width", "kappa", "cost_mean", "lr_final"):
+        if p[k] is not None: check_positive(k, p[k], allow_zero=k in ("kappa", "cost_mean"))
+    check_choice("drift", p["drift"], ("expected", "sampled")); check_choice("risk", p["risk"], ("path", "hedge"))
+    if scn.market.model == "historical" or len(scn.instruments) != 1 or scn.instruments[0].kind != "underlying":
+        raise ValueError(f"{kind}: hedges simulated scenarios with the underlying alone; {scn.name!r} does not fit")
+    if scn.costs.proportional == 0 and scn.costs.quadratic == 0 and scn.costs.fixed == 0:
+        raise ValueError(f"{kind}: the band action needs trading costs; scenario {scn.name!r} has none "
+                         "(delta hedging is optimal)")
+
+# %% ../../nbs/12_sb3.ipynb #07b9c065
+def _calibrate_band(scenario, seed: int, cal: dict) -> None:
+    "Fill in `cal`'s missing band unit w0, kappa and mean cost from the fitted fixed band (`seed`'s own streams)."
+    c = cal
+    if None not in c.values(): return
+    if c["width"] is None:
+        band = FixedBand().fit(scenario, n_paths=20_000, seed=np.random.SeedSequence(seed, spawn_key=(31,)))
+        c["width"] = max(float(band.width), 0.01)
+    res = backtest(FixedBand(c["width"]), scenario, n_paths=20_000, seed=np.random.SeedSequence(seed, spawn_key=(37,)))
+    if c["kappa"] is None:
+        c["kappa"] = scenario.objective.param / float(res.pnl.std()) if scenario.objective.kind == "cao" else 1.0
+    if c["cost_mean"] is None: c["cost_mean"] = float(res.cost.mean())
+
+# %% ../../nbs/12_sb3.ipynb #ae5f13ca
+def _split_sb3_state(
+    state: bytes, # an SB3 agent's state.bin: its calibration as a JSON line, then SB3's zip
+    keys, # the calibration's keys
+) -> tuple[dict, bytes]:
+    "The calibration and SB3's zip of an SB3 agent's state; a `ValueError` if it has no valid calibration line."
+    head, sep, body = state.partition(b"\n")
+    try: cal = json.loads(head)
+    except ValueError: cal = None
+    numbers = isinstance(cal, dict) and all(isinstance(v, (int, float)) for v in cal.values())
+    if not sep or not numbers or set(cal) != set(keys):
+        raise ValueError("not a stable-baselines3 agent's state (no calibration line)")
+    return cal, body
+
+# %% ../../nbs/12_sb3.ipynb #59ba471a
+def _load_sb3_model(
+    algo: str, # "PPO", "SAC" or "DQN"
+    body: bytes, # SB3's zip
+    env, # the environment to attach
+    device: str, # where to put it
+    net_arch: list, # the network the agent's params make
+):
+    "SB3's model from its zip; a `ValueError` if SB3 cannot load it or its network is not `net_arch`."
+    import stable_baselines3 as sb3
+    try: model = getattr(sb3, algo).load(io.BytesIO(body), env=env, device=device)
+    except Exception as e:
+        raise ValueError(f"stable-baselines3 cannot load it as a {algo} model ({type(e).__name__}: {e})") from None
+    arch = model.policy_kwargs.get("net_arch")
+    if arch != net_arch:
+        raise ValueError(f"its network {arch} is not the params' hidden={net_arch[0]}, layers={len(net_arch)}")
+    return model
+
+# %% ../../nbs/12_sb3.ipynb #b441078c
+def _sb3_train_state(model) -> bytes:
+    "What an exact resume needs besides an SB3 model: environment, last observations, random generators, replay buffer."
+    torch = import_torch()
+    m = model
+    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate(),
+           "action_space": m.action_space.np_random.bit_generator.state}
+    if torch.cuda.is_available(): rng["cuda"] = torch.cuda.get_rng_state_all()
+    last = {k: getattr(m, k, None) for k in ("_last_obs", "_last_episode_starts", "_last_original_obs")}
+    return pickle.dumps({"env": m.get_env().get_state(), "last": last, "rng": rng, "replay_buffer": getattr(m, "replay_buffer", None)})
+
+def _set_sb3_train_state(model, state: bytes) -> None:
+    "Put an SB3 model (and the random generators) back where `_sb3_train_state` found them."
+    torch = import_torch()
+    s, m = pickle.loads(state), model
+    m.get_env().set_state(s["env"])
+    for k, v in s["last"].items(): setattr(m, k, v)
+    if s["replay_buffer"] is not None: m.replay_buffer = s["replay_buffer"]; m.replay_buffer.device = m.device
+    r = s["rng"]
+    torch.set_rng_state(r["torch"]); np.random.set_state(r["numpy"]); random.setstate(r["random"])
+    m.action_space.np_random.bit_generator.state = r["action_space"]
+    if "cuda" in r and torch.cuda.is_available(): torch.cuda.set_rng_state_all(r["cuda"])
 
 # %% ../../nbs/12_sb3.ipynb #11eba764
 class SB3Agent(Agent):
@@ -185,20 +271,7 @@ class SB3Agent(Agent):
     common = dict(n_envs=64, width=None, kappa=None, cost_mean=None, risk="path", drift="expected", hidden=64, layers=2,
                   learning_rate=3e-4, lr_final=None, gamma=1.0)
 
-    def _check_params(self):
-        p = self.params
-        check_int("n_envs", p["n_envs"], 1); check_int("hidden", p["hidden"], 1); check_int("layers", p["layers"], 1)
-        check_positive("learning_rate", p["learning_rate"])
-        if p["width"] is not None: check_positive("width", p["width"])
-        if p["kappa"] is not None: check_positive("kappa", p["kappa"], allow_zero=True)
-        if p["cost_mean"] is not None: check_positive("cost_mean", p["cost_mean"], allow_zero=True)
-        if p["lr_final"] is not None: check_positive("lr_final", p["lr_final"])
-        check_choice("drift", p["drift"], ("expected", "sampled")); check_choice("risk", p["risk"], ("path", "hedge"))
-        scn = self.scenario
-        if scn.market.model == "historical" or len(scn.instruments) != 1 or scn.instruments[0].kind != "underlying":
-            raise ValueError(f"{self.kind}: hedges simulated scenarios with the underlying alone; {scn.name!r} does not fit")
-        if scn.costs.proportional == 0 and scn.costs.quadratic == 0 and scn.costs.fixed == 0:
-            raise ValueError(f"{self.kind}: the band action needs trading costs; scenario {scn.name!r} has none (delta hedging is optimal)")
+    def _check_params(self): _check_sb3(self.kind, self.params, self.scenario)
 
     def _build(self):
         self.cal = {k: self.params[k] for k in ("width", "kappa", "cost_mean")}
@@ -208,17 +281,6 @@ class SB3Agent(Agent):
     def width(self) -> float | None: return self.cal["width"]
     @property
     def kappa(self) -> float | None: return self.cal["kappa"]
-
-    def _calibrate(self):
-        "The band unit w0, kappa and the mean cost from the fitted fixed band, where not given."
-        c = self.cal
-        if None not in c.values(): return
-        if c["width"] is None:
-            band = FixedBand().fit(self.scenario, n_paths=20_000, seed=np.random.SeedSequence(self.seed, spawn_key=(31,)))
-            c["width"] = max(float(band.width), 0.01)
-        res = backtest(FixedBand(c["width"]), self.scenario, n_paths=20_000, seed=np.random.SeedSequence(self.seed, spawn_key=(37,)))
-        if c["kappa"] is None: c["kappa"] = self.scenario.objective.param / float(res.pnl.std()) if self.scenario.objective.kind == "cao" else 1.0
-        if c["cost_mean"] is None: c["cost_mean"] = float(res.cost.mean())
 
     def _env(self):
         p, c = self.params, self.cal
@@ -231,7 +293,7 @@ class SB3Agent(Agent):
     def _ensure(self):
         if self.model is not None: return
         import stable_baselines3 as sb3
-        self._calibrate()
+        _calibrate_band(self.scenario, self.seed, self.cal)
         p = self.params
         self.model = getattr(sb3, self.algo)("MlpPolicy", self._env(), learning_rate=p["learning_rate"], gamma=p["gamma"], seed=self.seed,
                                             device=self.device, verbose=0, policy_kwargs=dict(net_arch=[p["hidden"]] * p["layers"], **self._policy_kwargs()),
@@ -244,7 +306,7 @@ class SB3Agent(Agent):
         p, m = self.params, self.model
         lr0, lr1 = p["learning_rate"], p["lr_final"]
         stair = units if lr1 is None else max(1, (self._budget or units) // 20)
-        cb, done = _stop_callback_class()(self._stop), 0
+        cb, done = _stop_callback_class()(self._stop, getattr(self, "_progress", None)), 0
         while done < units and not self._stop:  # between two stairs the state is consistent: a stop ends the block here
             n = min(stair, units - done)
             if lr1 is not None:
@@ -260,40 +322,14 @@ class SB3Agent(Agent):
         return json.dumps(self.cal).encode() + b"\n" + buf.getvalue()
 
     def _set_state(self, state: bytes):
-        import stable_baselines3 as sb3
-        head, sep, body = state.partition(b"\n")
-        try: cal = json.loads(head)
-        except ValueError: cal = None
-        if not sep or not isinstance(cal, dict) or set(cal) != set(self.cal) or not all(isinstance(v, (int, float)) for v in cal.values()):
-            raise ValueError("not a stable-baselines3 agent's state (no calibration line)")
-        self.cal = cal
-        try: model = getattr(sb3, self.algo).load(io.BytesIO(body), env=self._env(), device=self.device)
-        except Exception as e: raise ValueError(f"stable-baselines3 cannot load it as a {self.algo} model ({type(e).__name__}: {e})") from None
-        arch, want = model.policy_kwargs.get("net_arch"), [self.params["hidden"]] * self.params["layers"]
-        if arch != want: raise ValueError(f"its network {arch} is not the params' hidden={self.params['hidden']}, layers={self.params['layers']}")
-        self.model = model
+        self.cal, body = _split_sb3_state(state, self.cal)
+        arch = [self.params["hidden"]] * self.params["layers"]
+        self.model = _load_sb3_model(self.algo, body, self._env(), self.device, arch)
 
-    def _get_train_state(self) -> bytes:
-        "What an exact resume needs besides the model: the environment, the last observations, the random generators, the replay buffer."
-        torch = import_torch()
+    def _get_train_state(self) -> bytes:  # what an exact resume needs besides the model
         self._ensure()
-        m = self.model
-        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate(),
-               "action_space": m.action_space.np_random.bit_generator.state}
-        if torch.cuda.is_available(): rng["cuda"] = torch.cuda.get_rng_state_all()
-        last = {k: getattr(m, k, None) for k in ("_last_obs", "_last_episode_starts", "_last_original_obs")}
-        return pickle.dumps({"env": m.get_env().get_state(), "last": last, "rng": rng, "replay_buffer": getattr(m, "replay_buffer", None)})
-
-    def _set_train_state(self, state: bytes):
-        torch = import_torch()
-        s, m = pickle.loads(state), self.model
-        m.get_env().set_state(s["env"])
-        for k, v in s["last"].items(): setattr(m, k, v)
-        if s["replay_buffer"] is not None: m.replay_buffer = s["replay_buffer"]; m.replay_buffer.device = m.device
-        r = s["rng"]
-        torch.set_rng_state(r["torch"]); np.random.set_state(r["numpy"]); random.setstate(r["random"])
-        m.action_space.np_random.bit_generator.state = r["action_space"]
-        if "cuda" in r and torch.cuda.is_available(): torch.cuda.set_rng_state_all(r["cuda"])
+        return _sb3_train_state(self.model)
+    def _set_train_state(self, state: bytes): _set_sb3_train_state(self.model, state)
 
     def band(self, obs: Observation) -> tuple[np.ndarray, np.ndarray]:
         "The band (lower, upper), (n,) each, that the policy sets on a batch of observations: one `predict` for the batch."
@@ -307,6 +343,7 @@ class SB3Agent(Agent):
         out = np.zeros_like(obs.holdings); out[:, 0] = np.clip(obs.holdings[:, 0], *self.band(obs))
         return out
 
+# %% ../../nbs/12_sb3.ipynb #0d52cc5a
 class SACAgent(SB3Agent):
     "Soft actor-critic (Haarnoja et al. 2018) on the band action."
     kind, algo = "sac", "SAC"
@@ -316,6 +353,7 @@ class SACAgent(SB3Agent):
         return dict(batch_size=p["batch_size"], buffer_size=p["buffer_size"], learning_starts=p["learning_starts"],
                     gradient_steps=p["gradient_steps"], train_freq=p["train_freq"])
 
+# %% ../../nbs/12_sb3.ipynb #b58d6406
 class PPOAgent(SB3Agent):
     "Proximal policy optimisation (Schulman et al. 2017) on the band action: one episode per environment per rollout."
     kind, algo = "ppo", "PPO"
@@ -327,6 +365,7 @@ class PPOAgent(SB3Agent):
                     ent_coef=p["ent_coef"], clip_range=p["clip_range"], target_kl=p["target_kl"])
     def _policy_kwargs(self): return {"log_std_init": self.params["log_std_init"]}
 
+# %% ../../nbs/12_sb3.ipynb #6383e53e
 class DQNAgent(SB3Agent):
     "Deep Q-learning (Mnih et al. 2015) on a 5 x 5 grid of band actions."
     kind, algo, discrete = "dqn", "DQN", True
@@ -361,7 +400,7 @@ def train_best_sb3(
     progress: bool = True, # a progress bar
     threads: int = 1, # torch threads while training
 ) -> PPOAgent:
-    "The best SB3 agent's recipe: PPO on the band action with the path-variance reward (216.3% on cao2021-gbm-1m-1d in 2.5-3 minutes)."
+    "The best SB3 agent's recipe: PPO on the band action with the path-variance reward (see `reports/results.json`)."
     torch = import_torch()
     agent = PPOAgent(scenario, seed=seed, device="cpu")
     old = torch.get_num_threads(); torch.set_num_threads(check_int("threads", threads, 1))
