@@ -27,13 +27,13 @@ from .core import SettingsError, settings
 __all__ = ['error_line', 'missing_extra', 'command', 'build_parser', 'main', 'project_root', 'writable_folder', 'check_address',
            'serve']
 
-# %% ../nbs/99_cli.ipynb #bbcd966d
+# %% ../nbs/99_cli.ipynb #fb956cd5
 _EXTRAS = {"papermill": "runs", "optuna": "runs", "ipykernel": "runs",
            "torch": "torch", "tensorboard": "torch", "stable_baselines3": "rl",
            "bokeh_sampledata": "data", "nbconvert": "reports"}
 _EXPECTED = (ValueError, SettingsError, ImportError, ConnectionError, RuntimeError, KeyError, OSError)
 
-# %% ../nbs/99_cli.ipynb #53cb5a72
+# %% ../nbs/99_cli.ipynb #1c508f5c
 def error_line(e: BaseException) -> str:
     "One line that says what went wrong (no traceback): the message, the missing package and its extra, the file of an OS error."
     if isinstance(e, ModuleNotFoundError) and e.name:
@@ -45,7 +45,7 @@ def error_line(e: BaseException) -> str:
     if not isinstance(e, _EXPECTED): msg = f"unexpected {type(e).__name__}: {msg} (HEDGERL_DEBUG=1 shows the traceback; please report it)"
     return " ".join(msg.split())
 
-# %% ../nbs/99_cli.ipynb #318db96f
+# %% ../nbs/99_cli.ipynb #37e9e3be
 def missing_extra(
     text: str, # an error message, e.g. a failed run's "ModuleNotFoundError: No module named 'stable_baselines3' ..."
 ) -> str:
@@ -54,13 +54,13 @@ def missing_extra(
     top = (m[1] or m[2]).split(".")[0] if m else None
     return f"; {top} is not installed: pip install 'hedgerl[{_EXTRAS[top]}]'" if top in _EXTRAS else ""
 
-# %% ../nbs/99_cli.ipynb #060b3c40
+# %% ../nbs/99_cli.ipynb #ac846c9d
 class _Parser(argparse.ArgumentParser):
     "An argument parser whose errors are one line that points to `--help`."
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
-# %% ../nbs/99_cli.ipynb #3ed5ee57
+# %% ../nbs/99_cli.ipynb #d153517c
 _COMMANDS: dict[str, Callable] = {} # subcommand -> the function that adds its parser, in registration order
 
 def command(
@@ -70,7 +70,7 @@ def command(
     _COMMANDS[add.__name__.removeprefix("_add_")] = add
     return add
 
-# %% ../nbs/99_cli.ipynb #6035ca9c
+# %% ../nbs/99_cli.ipynb #2caa2cdf
 def build_parser() -> argparse.ArgumentParser:
     "The `hedgerl` argument parser with every registered subcommand."
     p = _Parser(prog="hedgerl", description="hedgerl: hedging derivatives with reinforcement learning.",
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in _COMMANDS.values(): add(sub)
     return p
 
-# %% ../nbs/99_cli.ipynb #e2c5147a
+# %% ../nbs/99_cli.ipynb #9ed36249
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `hedgerl` command; returns the exit status (2 for bad input, 130 when interrupted)."
     parser = build_parser()
@@ -98,20 +98,20 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for s, h in old.items(): signal.signal(s, h)
 
-# %% ../nbs/99_cli.ipynb #91ad917f
+# %% ../nbs/99_cli.ipynb #149a7455
 def _stop_on_sigterm() -> dict:
     "SIGTERM and SIGHUP stop a command as Ctrl-C does (what it started is stopped, its run recorded); the old handlers, to restore."
     if threading.current_thread() is not threading.main_thread(): return {}
     def stop(signum, frame): raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
     return {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
 
-# %% ../nbs/99_cli.ipynb #522764d0
+# %% ../nbs/99_cli.ipynb #418d0e08
 def project_root() -> Path | None:
     "The folder of a hedgerl clone (with `nbs/` and `settings.ini`), if this package runs from one."
     root = Path(hedgerl.__file__).resolve().parent.parent
     return root if (root / "nbs").is_dir() and (root / "pyproject.toml").is_file() else None
 
-# %% ../nbs/99_cli.ipynb #00738a61
+# %% ../nbs/99_cli.ipynb #e28109ed
 def writable_folder(path, flag: str) -> Path:
     "`path` as an existing (or new) folder this process can write, or a `ValueError` naming the option."
     p = Path(path).expanduser()
@@ -120,13 +120,13 @@ def writable_folder(path, flag: str) -> Path:
     if not os.access(p, os.W_OK | os.X_OK): raise ValueError(f"{flag} {str(p)!r} is not a writable folder")
     return p
 
-# %% ../nbs/99_cli.ipynb #72ae8ffa
+# %% ../nbs/99_cli.ipynb #0c208345
 def _scenario_arg(text: str):
     "A published scenario name or a YAML/JSON file."
     from hedgerl.scenarios import Scenario, get
     return Scenario.from_file(text) if text.endswith((".yaml", ".yml", ".json")) else get(text)
 
-# %% ../nbs/99_cli.ipynb #71952d0e
+# %% ../nbs/99_cli.ipynb #61a17e96
 def check_address(host: str, port: int, flag: str = "--port") -> tuple[str, int]:
     "A host and port to listen on, checked: a TCP port in 1..65535, a host that resolves, a port that is free there."
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535: raise ValueError(f"{flag} {port}: expected a TCP port in 1..65535")
@@ -138,14 +138,14 @@ def check_address(host: str, port: int, flag: str = "--port") -> tuple[str, int]
         except OSError as e: raise ValueError(f"cannot listen on {host}:{port} ({e.strerror}): pick another {flag}") from None
     return host, port
 
-# %% ../nbs/99_cli.ipynb #bfcefdd9
+# %% ../nbs/99_cli.ipynb #a7f772d8
 def _die_with_parent() -> None:
     "In a child before exec (Linux): get SIGTERM when the hedgerl process ends, even by kill -9."
     import ctypes
     try: ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError): pass
 
-# %% ../nbs/99_cli.ipynb #04703923
+# %% ../nbs/99_cli.ipynb #b15ed71a
 def serve(cmd: list[str], ready, message: str) -> int:
     "Run a server process until Ctrl-C, SIGTERM or SIGHUP (which stop it too); print `message` once `ready()` is true."
     def stop(signum, frame): raise KeyboardInterrupt
@@ -165,13 +165,13 @@ def serve(cmd: list[str], ready, message: str) -> int:
             except subprocess.TimeoutExpired: proc.kill(); proc.wait()
         for s, h in old.items(): signal.signal(s, h)
 
-# %% ../nbs/99_cli.ipynb #1b6cb76b
+# %% ../nbs/99_cli.ipynb #053ddd08
 def _listening(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=1): return True
     except OSError: return False
 
-# %% ../nbs/99_cli.ipynb #2dd8f0c8
+# %% ../nbs/99_cli.ipynb #9d2b01a7
 @command
 def _add_up(sub) -> None:
     "`hedgerl up`: its arguments (and its handler, `_cmd_up`)."
@@ -198,7 +198,7 @@ def _cmd_up(args) -> int:
     print(f"hedgerl: starting JupyterLab on {nbs.resolve()}", flush=True)
     return serve(cmd, lambda: _listening(host, port), f"hedgerl: open http://{host}:{port}/lab?token={token}\nhedgerl: stop with Ctrl-C")
 
-# %% ../nbs/99_cli.ipynb #133441fa
+# %% ../nbs/99_cli.ipynb #c6f939a2
 def _platform_pid(pidfile: Path) -> int | None:
     "The pid of a running `hedgerl hub up` recorded in `pidfile`, or None (a stale file is removed)."
     from hedgerl.platform import _pid_running
@@ -207,7 +207,7 @@ def _platform_pid(pidfile: Path) -> int | None:
     if _pid_running(pid) and b"hedgerl" in Path(f"/proc/{pid}/cmdline").read_bytes(): return pid
     pidfile.unlink(missing_ok=True); return None
 
-# %% ../nbs/99_cli.ipynb #ed7917dc
+# %% ../nbs/99_cli.ipynb #c70b6332
 def _hub_up(ctx, args) -> int:
     "Start the platform in the foreground; Ctrl-C, SIGTERM or `hedgerl hub down` stops everything it started."
     from hedgerl.platform import Platform, admin_credentials, check_ports, check_workspace_env
@@ -246,7 +246,7 @@ def _hub_up(ctx, args) -> int:
     finally:
         plat.stop(); pidfile.unlink(missing_ok=True)
 
-# %% ../nbs/99_cli.ipynb #1cf6c13e
+# %% ../nbs/99_cli.ipynb #9e694c4d
 def _seed_in_background(ctx) -> None:
     "Record the reference evaluation in a thread if the registry has none (it logs to state/reference.log)."
     from hedgerl.platform import seed_reference
@@ -257,7 +257,7 @@ def _seed_in_background(ctx) -> None:
         except Exception as e: print(f"hedgerl: the reference evaluation failed: {error_line(e)}", file=sys.stderr, flush=True)
     threading.Thread(target=work, daemon=True, name="hedgerl-reference").start()
 
-# %% ../nbs/99_cli.ipynb #851ff5af
+# %% ../nbs/99_cli.ipynb #0712a26c
 def _hub_down(ctx, args) -> int:
     "Stop a platform that `hedgerl hub up` started (from another terminal); wait until it is gone."
     from hedgerl.platform import _pid_running
@@ -270,7 +270,7 @@ def _hub_down(ctx, args) -> int:
         time.sleep(0.2)
     print(f"hedgerl: the platform (pid {pid}) stopped in {time.monotonic() - t0:.1f} s"); return 0
 
-# %% ../nbs/99_cli.ipynb #5f6dbb8b
+# %% ../nbs/99_cli.ipynb #b9f6cdfc
 def _hub_admin(ctx, args) -> int:
     "Where the administrator's password is; with --reset, a new one (printed once)."
     from hedgerl.platform import admin_credentials
@@ -279,7 +279,7 @@ def _hub_admin(ctx, args) -> int:
     else: print(f"hedgerl: admin {name!r}: the password is in {ctx.state / 'admin-credentials'} (0600); --reset makes a new one")
     return 0
 
-# %% ../nbs/99_cli.ipynb #c3e75876
+# %% ../nbs/99_cli.ipynb #adbe74e1
 def _hub_status(ctx, args) -> int:
     "Whether the platform runs and its parts answer; status 1 if it does not run."
     from hedgerl.platform import Platform
@@ -288,7 +288,7 @@ def _hub_status(ctx, args) -> int:
     print(f"hub:      {plat.url}/hub/ {'answers' if plat.healthy() else 'does not answer'}")
     return 0 if pid else 1
 
-# %% ../nbs/99_cli.ipynb #0caa4ae0
+# %% ../nbs/99_cli.ipynb #ec9652a5
 @command
 def _add_hub(sub) -> None:
     "`hedgerl hub`: its arguments (and its handler, `_cmd_hub`)."
@@ -306,7 +306,7 @@ def _cmd_hub(args) -> int:
     from hedgerl.platform import PlatformContext
     return {"up": _hub_up, "down": _hub_down, "admin": _hub_admin, "status": _hub_status}[args.action](PlatformContext(), args)
 
-# %% ../nbs/99_cli.ipynb #ff95edb2
+# %% ../nbs/99_cli.ipynb #a3064940
 @command
 def _add_price(sub) -> None:
     "`hedgerl price`: its arguments (and its handler, `_cmd_price`)."
@@ -334,7 +334,7 @@ def _cmd_price(args) -> int:
     for k in ("price", "delta", "gamma", "vega", "theta", "rho"): print(f"{k:<6} {float(getattr(g, k)):.10g}")
     return 0
 
-# %% ../nbs/99_cli.ipynb #a8ef8d31
+# %% ../nbs/99_cli.ipynb #fd73536f
 @command
 def _add_scenarios(sub) -> None:
     "`hedgerl scenarios`: its arguments (and its handler, `_cmd_scenarios`)."
@@ -351,7 +351,7 @@ def _cmd_scenarios(args) -> int:
     for name, scn in NAMED.items(): print(f"{name:<{w}}  {scn.description}")
     return 0
 
-# %% ../nbs/99_cli.ipynb #14ce9cd3
+# %% ../nbs/99_cli.ipynb #819779fe
 @command
 def _add_backtest(sub) -> None:
     "`hedgerl backtest`: its arguments (and its handler, `_cmd_backtest`)."
@@ -381,7 +381,7 @@ def _cmd_backtest(args) -> int:
     for k, v in res.summary(n_boot=args.n_boot).items(): print(f"{k:<22} {v:.6g}")
     return 0
 
-# %% ../nbs/99_cli.ipynb #b9a7ac48
+# %% ../nbs/99_cli.ipynb #597f19f7
 @command
 def _add_leaderboard(sub) -> None:
     "`hedgerl leaderboard`: its arguments (and its handler, `_cmd_leaderboard`)."
@@ -424,7 +424,7 @@ def _cmd_leaderboard(args) -> int:
     print(f"hedgerl: {len(recs)} results written to {Path(args.out) / 'leaderboard.md'} and leaderboard.json")
     return 0
 
-# %% ../nbs/99_cli.ipynb #ae0cd97f
+# %% ../nbs/99_cli.ipynb #1cff05dd
 @command
 def _add_results(sub) -> None:
     "`hedgerl results`: its arguments (and its handler, `_cmd_results`)."
@@ -446,7 +446,7 @@ def _cmd_results(args) -> int:
     print(results_markdown(rows), end="")
     return 0 if args.quick or all(r["met"] for r in rows) else 1
 
-# %% ../nbs/99_cli.ipynb #0b66a271
+# %% ../nbs/99_cli.ipynb #b7e6d190
 @command
 def _add_db(sub) -> None:
     "`hedgerl db`: its arguments (and its handler, `_cmd_db`)."
@@ -469,7 +469,7 @@ def _cmd_db(args) -> int:
     for k, v in (st.items() if isinstance(st, dict) else vars(st).items()): print(f"{k:<10} {v}")
     return 0
 
-# %% ../nbs/99_cli.ipynb #9ac1ee0c
+# %% ../nbs/99_cli.ipynb #6f75f0e4
 @command
 def _add_bench(sub) -> None:
     "`hedgerl bench`: its arguments (and its handler, `_cmd_bench`)."
@@ -506,7 +506,7 @@ def _cmd_bench(args) -> int:
     if not args.no_write: print(f"hedgerl: results written to {Path(args.out) / (args.suite + '.json')}")
     return 0 if all(r.met for r in res) or args.quick else 1
 
-# %% ../nbs/99_cli.ipynb #c7769287
+# %% ../nbs/99_cli.ipynb #a2365d2e
 def _value(text: str):
     "A command-line value: int, float, true/false, none, JSON (lists, dicts), else the text itself."
     for conv in (int, float):
@@ -520,7 +520,7 @@ def _value(text: str):
         except json.JSONDecodeError: pass
     return text
 
-# %% ../nbs/99_cli.ipynb #af9b5f9b
+# %% ../nbs/99_cli.ipynb #58550168
 def _assignments(items: list[str] | None, flag: str) -> dict:
     "NAME=VALUE pairs of a repeatable option, as a dict of texts; a malformed one names the option."
     out = {}
@@ -530,7 +530,7 @@ def _assignments(items: list[str] | None, flag: str) -> dict:
         out[name.strip()] = value
     return out
 
-# %% ../nbs/99_cli.ipynb #834f4ae9
+# %% ../nbs/99_cli.ipynb #b91ba87c
 def _space_arg(text: str):
     "LOW:HIGH, LOW:HIGH:log, or A,B,C (choices)."
     if ":" in text:
@@ -540,7 +540,7 @@ def _space_arg(text: str):
         return (lo, hi, "log") if len(parts) == 3 else (lo, hi)
     return [_value(v) for v in text.split(",")]
 
-# %% ../nbs/99_cli.ipynb #7d323117
+# %% ../nbs/99_cli.ipynb #eb941e02
 def _run_options(
     q, # the subcommand's parser
     budget_help: str, # what --budget counts for this command
@@ -555,7 +555,7 @@ def _run_options(
     q.add_argument("--registry", metavar="URL", help="registry database (default: [registry] url setting, HEDGERL_REGISTRY_URL)")
     q.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1; 0: torch's default)")
 
-# %% ../nbs/99_cli.ipynb #ecff479e
+# %% ../nbs/99_cli.ipynb #8aac3a2a
 def _train_options(q) -> None:
     "The options of `train` and `sweep` (not `tune`): device, early stopping, test paths, the runs folder."
     q.add_argument("--device", help="cpu (default), cuda, auto")
@@ -564,7 +564,7 @@ def _train_options(q) -> None:
     q.add_argument("--test-seed", type=int, help="seed of the test paths (default 2026)")
     q.add_argument("--runs-dir", help="each run writes into a new folder RUNS_DIR/<date>-run<id>-<random>/ (default: runs/ in the [data] folder)")
 
-# %% ../nbs/99_cli.ipynb #3f81c676
+# %% ../nbs/99_cli.ipynb #6176849c
 def _train_kwargs(args) -> dict:
     "The `hedgerl.runs.train` options shared by train and sweep."
     params = {k: _value(v) for k, v in _assignments(args.param, "--param").items()}
@@ -572,7 +572,7 @@ def _train_kwargs(args) -> dict:
                 valid_every=args.valid_every, patience=args.patience, test_paths=args.test_paths, test_seed=args.test_seed,
                 runs_dir=args.runs_dir, registry=args.registry, threads=args.threads)
 
-# %% ../nbs/99_cli.ipynb #12c9d82d
+# %% ../nbs/99_cli.ipynb #fe2be9c5
 @command
 def _add_train(sub) -> None:
     "`hedgerl train`: its arguments (and its handler, `_cmd_train`)."
@@ -606,7 +606,7 @@ def _cmd_train(args) -> int:
           f"(delta hedge {m.get('delta/objective', float('nan')):.6g}); {r['folder']}")
     return 0
 
-# %% ../nbs/99_cli.ipynb #861ee0e0
+# %% ../nbs/99_cli.ipynb #55c41a51
 @command
 def _add_sweep(sub) -> None:
     "`hedgerl sweep`: its arguments (and its handler, `_cmd_sweep`)."
@@ -642,7 +642,7 @@ def _cmd_sweep(args) -> int:
         print(f"hedgerl sweep: run {row.run_id}: {row.error}{missing_extra(row.error)}", file=sys.stderr)
     return 0 if (res.status == "finished").all() else 1
 
-# %% ../nbs/99_cli.ipynb #bc4e5e33
+# %% ../nbs/99_cli.ipynb #d8d53bc8
 @command
 def _add_tune(sub) -> None:
     "`hedgerl tune`: its arguments (and its handler, `_cmd_tune`)."
@@ -672,7 +672,7 @@ def _cmd_tune(args) -> int:
     print(f"best validation objective {r['best_value']:.6g} with {json.dumps(r['best_params'])}")
     return 0
 
-# %% ../nbs/99_cli.ipynb #88a648cb
+# %% ../nbs/99_cli.ipynb #035cd9dc
 @command
 def _add_report(sub) -> None:
     "`hedgerl report`: its arguments (and its handler, `_cmd_report`)."
@@ -701,7 +701,7 @@ def _cmd_report(args) -> int:
         if k in out: print(f"{k:<4} {out[k]}")
     return 0
 
-# %% ../nbs/99_cli.ipynb #d33b2bba
+# %% ../nbs/99_cli.ipynb #92d068bf
 @command
 def _add_settings(sub) -> None:
     "`hedgerl settings`: its arguments (and its handler, `_cmd_settings`)."
