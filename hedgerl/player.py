@@ -215,7 +215,7 @@ def player_widgets(
     scenario: str, # the scenario chosen first (the first offered if it is not one of them)
     speed: float, # steps a second when playing
 ) -> dict:
-    "The player's Panel widgets by attribute: scenario, strategy, buttons, playing, speed, status, alert, numbers, why, table."
+    "The player's Panel widgets by the attribute each becomes."
     import panel as pn
     buttons = (("New episode", "primary"), ("Reset", "default"), ("Step", "default"))
     return dict(
