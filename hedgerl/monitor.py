@@ -20,7 +20,8 @@ from .dashboards import _figure, page_user, strategy_colors
 
 # %% auto #0
 __all__ = ['MONITORED', 'TRAINING_PARAMS', 'RUN_COLUMNS', 'MAX_TENSORBOARD', 'run_label', 'training_runs', 'MetricFeed',
-           'RunCharts', 'tensorboard_zip', 'tensorboard_route', 'run_table', 'TrainingMonitor', 'training_page']
+           'RunCharts', 'tensorboard_zip', 'tensorboard_route', 'run_table', 'first_runs', 'run_details',
+           'monitor_status', 'TrainingMonitor', 'training_page']
 
 # %% ../nbs/24_monitor.ipynb #2cb22e19
 MONITORED = {"valid/objective": "validation objective", "train/objective": "training objective", "train/lr": "learning rate"} # metric key -> chart title
@@ -188,6 +189,41 @@ def run_table(
                      "validation objective": lv[1] if lv else None, "best": best.get(r.id), "heartbeat (s ago)": hb if r.status == "running" else None})
     return pd.DataFrame(rows, columns=["run", "status", "owner", "started", "last step", "validation objective", "best", "heartbeat (s ago)"])
 
+# %% ../nbs/24_monitor.ipynb #4502aa38
+def first_runs(
+    runs: pd.DataFrame, # the runs on offer (`training_runs`), newest first
+    asked: list[int] | None = None, # the runs asked for
+) -> list[int]:
+    "The runs a monitor shows first: those asked for that it offers, else the newest running one, else the newest."
+    running = runs[runs.status == "running"]
+    asked = [int(i) for i in asked or [] if int(i) in set(runs.id)]  # runs it cannot see are not asked for
+    return asked or list((running if len(running) else runs).id[:1].astype(int))
+
+# %% ../nbs/24_monitor.ipynb #aa9cda11
+def run_details(
+    row: dict, # a run of `training_runs`
+    tensorboard=None, # run id -> the URL of its TensorBoard logs; None: no link
+) -> str:
+    "A run's parameters, its error if it failed, and the link to its TensorBoard logs, as Markdown."
+    out = _params_markdown(row)
+    if row["error"] if "error" in row else None: out += f"\n\n  error: `{str(row['error'])[:300]}`"
+    if tensorboard is not None and isinstance(row["outputs"], dict) and row["outputs"].get("folder"):
+        out += f"  \n[TensorBoard logs of run {row['id']} (zip of the event files)]({tensorboard(row['id'])})"
+    return out
+
+# %% ../nbs/24_monitor.ipynb #c074ef49
+def monitor_status(
+    runs: pd.DataFrame, # the runs on offer (`training_runs`)
+    points: int, # points charted so far
+    period: float, # seconds between looks at the registry
+) -> str:
+    "The monitor's status line: the runs visible and running, the points shown, when it last looked."
+    n_run, when = int((runs.status == "running").sum()), f"updated {time.strftime('%H:%M:%S')} (every {period:g} s)"
+    if not len(runs):
+        return ("No training runs visible to you yet: start one (`hedgerl train` in a workspace, or "
+                f"`POST api/v1/trainings`) and it shows here; {when}")
+    return f"{len(runs)} training runs visible to you, {n_run} running; {points} points shown; {when}"
+
 # %% ../nbs/24_monitor.ipynb #25fc97c5
 class TrainingMonitor:
     "The training monitor: choose runs; their metrics charted live, their status, parameters and TensorBoard logs."
@@ -207,10 +243,7 @@ class TrainingMonitor:
         self.grid = pn.GridBox(ncols=3, sizing_mode="stretch_width")
         self.runs, self.points, self.ticks, self.best, self._cb = training_runs(registry, self.limit), 0, 0, {}, None
         self.choice.options = dict(zip(self.runs.label, self.runs.id.astype(int)))
-        running = self.runs[self.runs.status == "running"]
-        asked = [int(i) for i in runs or [] if int(i) in set(self.runs.id)]  # runs it cannot see are not asked for
-        first = asked or list((running if len(running) else self.runs).id[:1].astype(int))
-        self.select(first)
+        self.select(first_runs(self.runs, runs))
         self.choice.param.watch(lambda e: self.select(e.new), "value")
 
     def select(self, ids: list[int]) -> None:
@@ -242,19 +275,10 @@ class TrainingMonitor:
         self.runs = runs  # statuses, heartbeats, outputs (a folder once the run has one)
         chosen = self.runs[self.runs.id.isin(self.choice.value)]
         self.table.object = run_table(chosen, self.charts.last, self.best)
-        self.details.object = "\n\n".join(self._details(r) for r in chosen.to_dict("records")) or "Choose one or more training runs."
-        n_run, when = int((self.runs.status == "running").sum()), f"updated {time.strftime('%H:%M:%S')} (every {self.period:g} s)"
-        self.status.object = (f"{len(self.runs)} training runs visible to you, {n_run} running; {self.points} points shown; {when}" if len(self.runs) else
-                              f"No training runs visible to you yet: start one (`hedgerl train` in a workspace, or `POST api/v1/trainings`) and it shows here; {when}")
+        details = [run_details(r, self.tensorboard) for r in chosen.to_dict("records")]
+        self.details.object = "\n\n".join(details) or "Choose one or more training runs."
+        self.status.object = monitor_status(self.runs, self.points, self.period)
         return added
-
-    def _details(self, row: dict) -> str:
-        "A run's parameters, its error if it failed, and the link to its TensorBoard logs."
-        out = _params_markdown(row)
-        if row["error"] if "error" in row else None: out += f"\n\n  error: `{str(row['error'])[:300]}`"
-        if self.tensorboard is not None and isinstance(row["outputs"], dict) and row["outputs"].get("folder"):
-            out += f"  \n[TensorBoard logs of run {row['id']} (zip of the event files)]({self.tensorboard(row['id'])})"
-        return out
 
     def poll(self) -> int:
         "One look at the registry, shown (what the periodic callback does, here in the caller's thread); the points added."
