@@ -19,12 +19,12 @@ from .core import Agent, _read_archive, book_value0
 from ..backtest import backtest
 from ..baselines import FixedBand, book_greeks
 from ..core import check_choice, check_int, check_positive, import_torch
-from ..env import BatchedHedgingEnv, _sb3_vec_env_class
+from ..env import BatchedHedgingEnv, _sb3_vec_env_class, closing_cost, risk_penalty
 from ..scenarios import Observation, simulate_scenario
 
 # %% auto #0
-__all__ = ['N_FEATURES', 'band_features', 'band_edges', 'band_targets', 'risk_penalty', 'band_vec_env', 'SB3Agent', 'SACAgent',
-           'PPOAgent', 'DQNAgent', 'export_sb3', 'train_best_sb3']
+__all__ = ['N_FEATURES', 'band_features', 'band_edges', 'band_targets', 'band_vec_env', 'SB3Agent', 'SACAgent', 'PPOAgent',
+           'DQNAgent', 'export_sb3', 'train_best_sb3', 'risk_penalty']
 
 # %% ../../nbs/12_sb3.ipynb #f8ddc1be
 N_FEATURES = 7
@@ -56,19 +56,7 @@ def band_targets(actions: np.ndarray, holdings: np.ndarray, delta: np.ndarray, w
     return np.clip(holdings, *band_edges(actions, delta, width, discrete))
 
 # %% ../../nbs/12_sb3.ipynb #1c3f59bf
-def risk_penalty(
-    dW, # the option's and the hedge's P&L of the step, (n,)
-    cost, # the step's trading cost, closing cost included, (n,)
-    close, # the part of `cost` paid at maturity after the step's P&L (0 before the last step), (n,) or scalar
-    wealth, # the P&L so far when the step's trade is made, (n,)
-    cost_mean: float, # c-bar: the expected total cost of a path
-    risk: str = "path", # "path": the path variance's share of the step; "hedge": dW^2 alone
-):
-    "Step $t$'s share $p_t$ of the path P&L's variance (see above): summed over a path, $E\\sum p_t + \\bar c^2 = E(W + \\bar c)^2$."
-    pen = dW * dW
-    if risk == "hedge": return pen
-    co, m = cost - close, cost_mean
-    return pen + co * (co - 2.0 * (wealth + m)) + close * (close - 2.0 * (wealth - co + dW + m))
+_all_ = ["risk_penalty"]  # its home is `hedgerl.env` (the agent-ready environment's shaped reward uses it too)
 
 # %% ../../nbs/12_sb3.ipynb #700f2c0c
 @functools.cache
@@ -117,8 +105,7 @@ def _band_vec_env_class() -> type:
             # E[dW | state, action] to first order in dt: the hedge's excess over delta earns the stock's excess drift
             self._mean = (h - self._delta) * self.env.paths.spot[:, ro.j] * self.env.paths.discount[ro.j] * self._growth
             self._wealth = ro.pnl  # the P&L so far, before this step's trade
-            p, J = self.env.paths, ro.j + 1
-            self._close = p.discount[J] * p.scenario.costs(-self._actions, p.prices[:, J]) if J == p.n_decisions else 0.0
+            self._close = closing_cost(self.env.paths, self._actions, ro.j)
 
         def step_wait(self):
             _, _, term, trunc, info = self.env.step(self._actions)
