@@ -155,24 +155,28 @@ def portfolio_widgets(
     names: list[str], # the base scenarios offered
     base: str, # the base chosen first (the first offered if it is not one of them): its book is the first book
 ) -> dict:
-    "The portfolio's Panel widgets by attribute: base, book, new, add, remove, hedges, alert, totals, greeks, run, focus, status, body."
+    "The portfolio's Panel widgets by the attribute each becomes (the book's table and fields, the results' panes)."
     import panel as pn
     base = base if base in names else names[0]
     return dict(
         base=pn.widgets.Select(name="Base scenario (market, costs, calendar, objective)", options=names, value=base),
-        book=pn.widgets.Tabulator(_table(lib.get(base).book), show_index=False, selectable="checkbox", layout="fit_columns",
-                                  editors={"kind": {"type": "list", "values": ["call", "put"]}, "strike": {"type": "number"},
-                                           "maturity": {"type": "number", "step": 1}, "quantity": {"type": "number"}},
-                                  sizing_mode="stretch_width"),
+        book=pn.widgets.Tabulator(
+            _table(lib.get(base).book), show_index=False, selectable="checkbox", layout="fit_columns",
+            editors={"kind": {"type": "list", "values": ["call", "put"]}, "strike": {"type": "number"},
+                     "maturity": {"type": "number", "step": 1}, "quantity": {"type": "number"}},
+            sizing_mode="stretch_width"),
         new={"kind": pn.widgets.Select(name="Kind", options=["call", "put"], value="put", width=90),
              "strike": pn.widgets.FloatInput(name="Strike", value=95.0, width=110),
              "maturity": pn.widgets.IntInput(name="Maturity (days)", value=20, width=120),
              "quantity": pn.widgets.FloatInput(name="Quantity (+ bought, - sold)", value=1.0, width=170)},
         add=pn.widgets.Button(name="Add option"), remove=pn.widgets.Button(name="Remove selected"),
-        hedges=pn.widgets.CheckBoxGroup(name="Hedging instruments", options=list(HEDGES), value=base_hedges(base), inline=True),
+        hedges=pn.widgets.CheckBoxGroup(name="Hedging instruments", options=list(HEDGES), value=base_hedges(base),
+                                        inline=True),
         alert=pn.pane.Alert("", alert_type="danger", visible=False, sizing_mode="stretch_width"),
-        totals=pn.pane.HTML("", sizing_mode="stretch_width"), greeks=pn.pane.DataFrame(None, sizing_mode="stretch_width"),
-        run=pn.widgets.Button(name="Backtest", button_type="primary"), focus=pn.widgets.Select(name="Headline for", options=[]),
+        totals=pn.pane.HTML("", sizing_mode="stretch_width"),
+        greeks=pn.pane.DataFrame(None, sizing_mode="stretch_width"),
+        run=pn.widgets.Button(name="Backtest", button_type="primary"),
+        focus=pn.widgets.Select(name="Headline for", options=[]),
         status=pn.pane.Markdown("", sizing_mode="stretch_width"), body=pn.Column(sizing_mode="stretch_width"),
     )
 
@@ -185,7 +189,7 @@ def backtest_book(
     n_boot: int, # bootstrap replicates of the standard errors
     cache: EvaluationCache | None = None, # backtests kept by question; None: none kept
 ) -> tuple[Evaluation, pd.DataFrame]:
-    "Every strategy of `made` hedging the same paths of `scn`, and the comparison table (no widget: a worker thread may run it)."
+    "Every strategy of `made` hedging the same paths of `scn`, and the comparison table (a worker thread may run it)."
     def compute():
         ev = evaluate(scn, {k: f() for k, f in made.items()}, n_paths, seed)
         return ev, comparison(ev, n_boot)
@@ -269,7 +273,7 @@ class Portfolio(PortfolioBook):
         self.focus.param.watch(lambda e: self.draw(), "value")
 
     def refresh(self) -> Scenario | None:
-        "The book's scenario, value and Greeks (`PortfolioBook.refresh`); the status says whether the backtest below is still this book's."
+        "The book's scenario, value and Greeks (`PortfolioBook.refresh`); the status: is the backtest this book's?"
         held, scn = self._holding, super().refresh()
         if held or scn is None: return scn
         if self.ev is None: self.status.object = f"**Backtest** hedges {self.n_paths:,} paths of this book with every strategy that applies."
