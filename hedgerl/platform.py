@@ -23,8 +23,8 @@ from .core import Settings, load_settings, settings
 
 # %% auto #0
 __all__ = ['PLATFORM_GOALS', 'secret', 'checkout', 'PlatformContext', 'config_files', 'load_config_dir', 'set_hub_password',
-           'admin_credentials', 'check_workspace_env', 'platform_ports', 'check_ports', 'Platform', 'seed_reference',
-           'HubClient', 'bench_platform']
+           'admin_credentials', 'check_workspace_env', 'platform_ports', 'check_ports', 'wait_urls', 'hub_log_tail',
+           'end_orphans', 'Platform', 'seed_reference', 'HubClient', 'bench_platform']
 
 # %% ../nbs/15_platform.ipynb #0dc0945c
 def secret(
@@ -90,6 +90,7 @@ def config_files(
     if not files: raise ValueError(f"{folder}: no config files")
     return files
 
+# %% ../nbs/15_platform.ipynb #215978d9
 def load_config_dir(
     c, # a traitlets `Config` (in jupyterhub_config.py: `get_config()`)
     folder: str | Path, # hub/jupyterhub_config.d or dask/gateway_config.d
@@ -168,6 +169,7 @@ def platform_ports(s: Settings) -> list[tuple[str, str, int]]:
             ("[hub] port + 2 (the hub's API)", "127.0.0.1", h.port + 2), ("[gateway] port", "127.0.0.1", s.gateway.port),
             ("[service] port", s.service.host, s.service.port)]
 
+# %% ../nbs/15_platform.ipynb #c0498f86
 def check_ports(s: Settings) -> None:
     "A `ValueError` naming the setting if two platform ports clash, one is out of range, or one is taken."
     seen = {}
@@ -189,12 +191,14 @@ def _die_with_parent() -> None:
     try: ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError): pass
 
+# %% ../nbs/15_platform.ipynb #5f1af178
 def _subreaper() -> None:
     "Make this process the reaper of its orphaned descendants (Linux): what a hub that dies leaves behind becomes ours to stop."
     import ctypes
     try: ctypes.CDLL(None, use_errno=True).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
     except (OSError, AttributeError): pass
 
+# %% ../nbs/15_platform.ipynb #c90034eb
 def _children() -> list[int]:
     "Pids of this process's live children (with `_subreaper`, also the orphans of its descendants)."
     me, out = os.getpid(), []
@@ -205,12 +209,60 @@ def _children() -> list[int]:
         if int(fields[1]) == me and fields[0] != "Z": out.append(int(p.name))
     return out
 
+# %% ../nbs/15_platform.ipynb #74e67ee3
 def _pid_running(pid: int) -> bool:
     try: os.kill(pid, 0)
     except ProcessLookupError: return False
     except PermissionError: return True
     try: return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError): return True
+
+# %% ../nbs/15_platform.ipynb #95edebdf
+def wait_urls(
+    base: str, # the hub's URL
+    paths: dict, # what -> its path under `base`
+    timeout: float = 30, # seconds to wait for them all
+) -> list[str]:
+    "Wait until every path answers 200 through `base`; what did not within `timeout`."
+    t0, left = time.monotonic(), dict(paths)
+    while left and time.monotonic() - t0 < timeout:
+        for what, path in list(left.items()):
+            try:
+                with urllib.request.urlopen(base + path, timeout=2) as r:
+                    if r.status == 200: del left[what]
+            except OSError: pass
+        if left: time.sleep(0.3)
+    return list(left)
+
+# %% ../nbs/15_platform.ipynb #50a85ab9
+def hub_log_tail(
+    log: Path, # the hub's log
+    n: int = 15, # lines when it has no errors
+) -> str:
+    "The hub's last errors (JupyterHub's `[C`/`[E` lines), else the last `n` lines of its log."
+    try: lines = log.read_text(errors="replace").splitlines()
+    except OSError: return "(no log)"
+    errors = [l for l in lines if re.match(r"^\[[CE] \d{4}-", l)]
+    return "\n".join(errors[-5:] if errors else lines[-n:])
+
+# %% ../nbs/15_platform.ipynb #c8463bd9
+def end_orphans(
+    left: list[int], # pids of this process's children the hub left running
+    grace: float = 10, # seconds each signal has to end them
+) -> None:
+    "SIGTERM, then SIGKILL, what the hub left running (it exited without stopping its proxy or services), and reap it."
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in left:
+            try: os.kill(pid, sig)
+            except ProcessLookupError: pass
+        t0 = time.monotonic()
+        while left and time.monotonic() - t0 < grace:
+            for pid in list(left):
+                try:
+                    if os.waitpid(pid, os.WNOHANG)[0]: left.remove(pid)
+                except ChildProcessError: left.remove(pid)
+            time.sleep(0.1)
+        if not left: return
 
 # %% ../nbs/15_platform.ipynb #18e06d19
 class Platform:
@@ -244,21 +296,10 @@ class Platform:
     SERVICES = {"the hedgerl service": "/services/hedgerl/api/v1/health", "the dask-gateway": "/services/dask-gateway/api/health"}
     def wait_services(self, timeout: float = 30) -> list[str]:
         "Wait until the hub's services answer through the proxy; the ones that did not within `timeout` (the hub serves without them)."
-        t0, left = time.monotonic(), dict(self.SERVICES)
-        while left and time.monotonic() - t0 < timeout:
-            for what, path in list(left.items()):
-                try:
-                    with urllib.request.urlopen(self.url + path, timeout=2) as r:
-                        if r.status == 200: del left[what]
-                except OSError: pass
-            if left: time.sleep(0.3)
-        return list(left)
+        return wait_urls(self.url, self.SERVICES, timeout)
     def tail(self, n: int = 15) -> str:
         "The hub's last errors (JupyterHub's `[C`/`[E` lines), else the last `n` lines of its log."
-        try: lines = self.log.read_text(errors="replace").splitlines()
-        except OSError: return "(no log)"
-        errors = [l for l in lines if re.match(r"^\[[CE] \d{4}-", l)]
-        return "\n".join(errors[-5:] if errors else lines[-n:])
+        return hub_log_tail(self.log, n)
     def stop(self, timeout: float = 60) -> None:
         "SIGTERM the hub (it stops the proxy, its services and the workspaces) and wait; SIGKILL after `timeout`."
         if self.proc is None: return
@@ -266,22 +307,7 @@ class Platform:
             self.proc.terminate()
             try: self.proc.wait(timeout)
             except subprocess.TimeoutExpired: self.proc.kill(); self.proc.wait()
-        self._end_orphans()
-    def _end_orphans(self, grace: float = 10) -> None:
-        "SIGTERM, then SIGKILL, what the hub left running (it exited without stopping its proxy or services), and reap it."
-        left = [p for p in _children() if p != self.proc.pid]
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in left:
-                try: os.kill(pid, sig)
-                except ProcessLookupError: pass
-            t0 = time.monotonic()
-            while left and time.monotonic() - t0 < grace:
-                for pid in list(left):
-                    try:
-                        if os.waitpid(pid, os.WNOHANG)[0]: left.remove(pid)
-                    except ChildProcessError: left.remove(pid)
-                time.sleep(0.1)
-            if not left: return
+        end_orphans([p for p in _children() if p != self.proc.pid])
 
 # %% ../nbs/15_platform.ipynb #f4945a82
 def seed_reference(
@@ -368,6 +394,7 @@ def _free_port(n: int = 1) -> int:
         except OSError: continue
     raise RuntimeError("no free ports")
 
+# %% ../nbs/15_platform.ipynb #1cbe04ee
 def _up(env: dict, out: Path, timeout: float = 120) -> tuple[subprocess.Popen, float]:
     "`hedgerl hub up` as `make up` runs it; the process and the seconds until it said the platform is up."
     t0, f = time.monotonic(), open(out, "w")
