@@ -153,6 +153,13 @@ def _html_table(scenario: str, rows: list[dict]) -> str:
 # %% ../nbs/08_leaderboard.ipynb #3a94e713
 class Leaderboard(list):
     "The records of `run_leaderboard` (a list of dicts, as in `leaderboard.json`), shown as tables and drawn by `plot`."
+    @classmethod
+    def read(cls,
+        path: str | Path = "reports/leaderboard.json", # a file `run_leaderboard` (or `hedgerl leaderboard`) wrote
+    ) -> Leaderboard:
+        "The leaderboard saved in `path`."
+        return cls(json.loads(Path(path).read_text()))
+
     def _repr_html_(self) -> str:
         "One HTML table per scenario, best objective first."
         return "".join(_html_table(s, rows) for s, rows in _by_scenario(self).items()) or "<p>(empty leaderboard)</p>"
