@@ -31,14 +31,23 @@ __all__ = ['error_line', 'missing_extra', 'command', 'build_parser', 'main', 'pr
 _EXTRAS = {"papermill": "runs", "optuna": "runs", "ipykernel": "runs",
            "torch": "torch", "tensorboard": "torch", "stable_baselines3": "rl",
            "bokeh_sampledata": "data", "nbconvert": "reports"}
+# the extra of a command whose packages another extra brings too (`hedgerl report` needs papermill *and* nbconvert)
+_COMMAND_EXTRAS = {"report": ("reports", {"papermill", "ipykernel", "nbconvert", "bokeh", "panel"}),
+                   "hub": ("platform", {"jupyterhub", "nativeauthenticator", "jupyterhub_idle_culler", "dask_gateway",
+                                        "dask_gateway_server", "fastapi", "httpx", "uvicorn", "voila", "papermill"})}
 _EXPECTED = (ValueError, SettingsError, ImportError, ConnectionError, RuntimeError, KeyError, OSError)
 
 # %% ../nbs/99_cli.ipynb #1c508f5c
-def error_line(e: BaseException) -> str:
+def error_line(
+    e: BaseException, # what the command raised
+    command: str | None = None, # the command that failed: a missing package names that command's extra first
+) -> str:
     "One line that says what went wrong (no traceback): the message, the missing package and its extra, the file of an OS error."
     if isinstance(e, ModuleNotFoundError) and e.name:
         top = e.name.split(".")[0]
-        return f"{top} is not installed: pip install 'hedgerl[{_EXTRAS[top]}]'" if top in _EXTRAS else f"{top} is not installed: pip install {top}"
+        extra, mods = _COMMAND_EXTRAS.get(command, (None, ()))
+        extra = extra if top in mods else _EXTRAS.get(top)
+        return f"{top} is not installed: pip install " + (f"'hedgerl[{extra}]'" if extra else top)
     if isinstance(e, OSError) and e.strerror: msg = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
     elif isinstance(e, KeyError) and e.args: msg = str(e.args[0])
     else: msg = str(e) or type(e).__name__
@@ -93,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hedgerl {args.command}: {str(e) or 'interrupted'}", file=sys.stderr); return 130
     except Exception as e:
         if os.environ.get("HEDGERL_DEBUG"): raise
-        print(f"hedgerl {args.command}: error: {error_line(e)}", file=sys.stderr)
+        print(f"hedgerl {args.command}: error: {error_line(e, args.command)}", file=sys.stderr)
         return 2 if isinstance(e, _EXPECTED) else 1
     finally:
         for s, h in old.items(): signal.signal(s, h)

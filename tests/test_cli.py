@@ -217,13 +217,14 @@ def _without(modules, tmp_path):
 @pytest.mark.parametrize("module, argv, extra", [
     ("bokeh_sampledata", ["backtest", "delta", "cao2021-gbm-1m-1d", "--historical", "bokeh:AAPL"], "data"),
     ("papermill", ["train", "ntb", "cao2021-gbm-1m-1d", "--budget", "5", "--registry", "REG"], "runs"),
+    ("papermill", ["report", "derman-kamal-1m-daily", "--no-pdf", "--n-paths", "200", "--out-dir", "OUT"], "reports"),
     ("optuna", ["tune", "ntb", "cao2021-gbm-1m-1d", "--trials", "1", "--registry", "REG"], "runs"),
     ("torch", ["train", "deep-hedger", "cao2021-gbm-1m-1d", "--budget", "5", "--registry", "REG"], "torch"),
     ("stable_baselines3", ["train", "ppo", "cao2021-gbm-1m-1d", "--budget", "5", "--registry", "REG"], "rl"),  # kernel
 ])
 def test_a_missing_package_names_its_extra(tmp_path, module, argv, extra):
     "Without an optional package, the command's last line names the extra that brings it; no traceback."
-    argv = [f"sqlite:///{tmp_path}/r.sqlite" if a == "REG" else a for a in argv]
+    argv = [{"REG": f"sqlite:///{tmp_path}/r.sqlite", "OUT": str(tmp_path / "out")}.get(a, a) for a in argv]
     p = run(["hedgerl", *argv], env=_without([module], tmp_path), timeout=300)
     last = p.stderr.strip().splitlines()[-1]
     assert p.returncode in (1, 2) and "Traceback" not in p.stderr, p.stderr
