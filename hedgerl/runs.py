@@ -82,18 +82,20 @@ def train_config(
     make_agent(agent, resolve_scenario(base, obj), seed=cfg["seed"], device="cpu", **cfg["params"])  # unknown agent or hyperparameter: ValueError
     return json.loads(json.dumps({"agent": agent, "scenario": cfg.pop("scenario"), "budget": cfg.pop("budget"), **cfg}))  # as stored
 
-# %% ../nbs/13_runs.ipynb #9da68abd
+# %% ../nbs/13_runs.ipynb #b920ec3f
 def template_path() -> Path:
     "The training template `train.ipynb`, shipped in the package (`hedgerl/templates/`: the repository's `nbs/runs/`)."
     p = Path(hedgerl.__file__).resolve().parent / "templates" / "train.ipynb"
     if not p.is_file(): raise FileNotFoundError(f"hedgerl's training template is not in {p.parent}: reinstall hedgerl (pip install --force-reinstall hedgerl) or pass notebook=PATH")
     return p
 
+# %% ../nbs/13_runs.ipynb #49646986
 class RunFailed(RuntimeError):
     "A training run's notebook raised; the run is marked failed and its partial notebook kept."
     def __init__(self, message: str, run_id: int, notebook: Path):
         super().__init__(message); self.run_id, self.notebook = run_id, notebook
 
+# %% ../nbs/13_runs.ipynb #dcacf87e
 def _kernel_manager_class(made: list, log):
     "A kernel manager class that records its instances in `made` (we may need to interrupt the kernel) and sends the kernel's stderr to `log`."
     from jupyter_client.manager import AsyncKernelManager
@@ -105,6 +107,7 @@ def _kernel_manager_class(made: list, log):
             return await super()._async_launch_kernel(kernel_cmd, **{**kw, "stderr": log})
     return KernelManager
 
+# %% ../nbs/13_runs.ipynb #a4ed8ece
 class _Interrupts:
     "While active (main thread only): the first SIGINT/SIGTERM interrupts the kernel, a second one raises `KeyboardInterrupt` here."
     def __init__(self, made: list):
@@ -121,6 +124,7 @@ class _Interrupts:
     def __exit__(self, *exc):
         for s, h in self.old.items(): signal.signal(s, h)
 
+# %% ../nbs/13_runs.ipynb #8ceecfd4
 def _execute(notebook: Path, output: Path, parameters: dict, timeout: float | None) -> bool:
     "Execute `notebook` into `output` with papermill (the kernel's log into `kernel.log` beside it); True if it was interrupted (Ctrl-C/SIGTERM)."
     import papermill as pm
@@ -160,11 +164,12 @@ def metrics_printer(
     finally:
         stop.set(); t.join(every + 10); show(True)
 
-# %% ../nbs/13_runs.ipynb #1e2d7bbe
+# %% ../nbs/13_runs.ipynb #54fbfb06
 def _registry(registry):
     "A `Registry` on a database, or a `RemoteRegistry` when the URL is the hedgerl service's (a workspace on the platform)."
     return open_registry(registry)
 
+# %% ../nbs/13_runs.ipynb #3b0d01a5
 def runs_root(
     runs_dir: str | Path | None = None, # None: `<[data] folder>/runs`
 ) -> Path:
@@ -176,6 +181,7 @@ def runs_root(
     if not root.is_dir() or not os.access(root, os.W_OK | os.X_OK): raise ValueError(f"{what} is not a writable folder")
     return root.resolve()
 
+# %% ../nbs/13_runs.ipynb #3d7690db
 def new_run_folder(
     root: Path, # from `runs_root`
     run_id: int, # the registry run the folder belongs to
@@ -185,6 +191,7 @@ def new_run_folder(
     folder.mkdir()  # FileExistsError rather than writing into another run's folder
     return folder
 
+# %% ../nbs/13_runs.ipynb #676ee9e9
 def _resumed_config(reg: Registry, resume: int, given: dict) -> tuple[dict, Path]:
     "The configuration of run `resume` (any option given must agree with it) and its checkpoint."
     runs = reg.runs()
@@ -204,10 +211,12 @@ def _resumed_config(reg: Registry, resume: int, given: dict) -> tuple[dict, Path
     if not ckpt.is_file(): raise ValueError(f"cannot resume run {resume}: it left no checkpoint at {ckpt} (stopped before training began); start a new run")
     return cfg, ckpt
 
+# %% ../nbs/13_runs.ipynb #341ed964
 def _check_run_options(threads, timeout) -> None:
     check_int("threads", threads, 0)
     if timeout is not None: check_positive("timeout", timeout)
 
+# %% ../nbs/13_runs.ipynb #8d3f0b3f
 def train(
     agent: str | None = None, # an agent of `hedgerl.agents.AGENTS` (taken from the resumed run when resuming)
     scenario=None, # a published scenario name, a .yaml/.json file, a dict or a `Scenario`
@@ -247,10 +256,12 @@ def train(
     with metrics_printer(reg, run.id, lambda line: print(line, file=sys.stderr, flush=True)) if progress else nullcontext():
         return _execute_run(run, reg, template, cfg, ckpt, folder, threads, timeout, held.pending)
 
+# %% ../nbs/13_runs.ipynb #32e1c5d3
 def _interrupted(run_id: int, ckpt: Path) -> str:
     if ckpt.is_file(): return f"run {run_id} interrupted; its checkpoint is {ckpt}; resume with `hedgerl train --resume {run_id}`"
     return f"run {run_id} interrupted before its first checkpoint (nothing to resume: start it again)"
 
+# %% ../nbs/13_runs.ipynb #6a311484
 class _HeldSignals:
     "Within it (main thread only) SIGINT, SIGTERM and SIGHUP are held; `pending` is the first that came, to deliver once it is safe."
     def __enter__(self):
@@ -262,6 +273,7 @@ class _HeldSignals:
     def __exit__(self, *exc):
         for s, h in self.old.items(): signal.signal(s, h)
 
+# %% ../nbs/13_runs.ipynb #4cdcaafa
 def _run_folder(run, root: Path) -> Path:
     "A new folder for `run`, recorded in its row (a resume finds it from any directory); the run failed if it cannot be made."
     try: folder = new_run_folder(root, run.id)
@@ -269,6 +281,7 @@ def _run_folder(run, root: Path) -> Path:
     run.set_outputs({"folder": str(folder), "notebook": str(folder / "train.ipynb")})
     return folder
 
+# %% ../nbs/13_runs.ipynb #cf21bec5
 def _execute_run(run, reg: Registry, template: Path, cfg: dict, ckpt: Path | None, folder: Path, threads: int, timeout, pending=None) -> dict:
     "The body of `train` once its run and folder are recorded: the notebook executed in the folder, the run closed with what it left."
     out_nb, ckpt_out = folder / "train.ipynb", folder / "checkpoint.zip"
@@ -309,10 +322,11 @@ def load_model(
     return agent
 
 
-# %% ../nbs/13_runs.ipynb #1c7eb039
+# %% ../nbs/13_runs.ipynb #36ceb04c
 _CONFIG_ARGS = ("agent", "scenario", "budget", *TRAIN_DEFAULTS)
 _TRAIN_ARGS = tuple(inspect.signature(train).parameters) # a grid may vary any of them (even `notebook`)
 
+# %% ../nbs/13_runs.ipynb #d4c509f3
 def grid_cells(
     grid: dict, # name -> list of values
 ) -> list[dict]:
@@ -322,6 +336,7 @@ def grid_cells(
         if not isinstance(v, (list, tuple)) or not v: raise ValueError(f"grid[{k!r}] must be a non-empty list of values, got {v!r}")
     return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
 
+# %% ../nbs/13_runs.ipynb #310eb689
 def _cell_kwargs(cell: dict, common: dict) -> dict:
     "train() arguments of one cell: grid keys that are not `train` options are the agent's hyperparameters."
     kw = {**common, **{k: v for k, v in cell.items() if k in _TRAIN_ARGS}}
@@ -329,6 +344,7 @@ def _cell_kwargs(cell: dict, common: dict) -> dict:
     if hp: kw["params"] = {**(kw.get("params") or {}), **hp}
     return kw
 
+# %% ../nbs/13_runs.ipynb #6c7d688e
 def _sweep_cell(kwargs: dict) -> dict:
     "One sweep cell on a worker: `train`, its outcome as a flat record (never raises)."
     try:
@@ -339,6 +355,7 @@ def _sweep_cell(kwargs: dict) -> dict:
     except RunFailed as e: return {"run_id": e.run_id, "status": "failed", "folder": str(e.notebook.parent), "error": str(e)}
     except BaseException as e: return {"run_id": None, "status": "failed", "error": f"{type(e).__name__}: {e}"}
 
+# %% ../nbs/13_runs.ipynb #320b1321
 def sweep(
     grid: dict, # name -> list of values: `train` arguments or the agent's hyperparameters
     agent: str | None = None, # fixed arguments of every cell (unless the grid varies them)
@@ -408,12 +425,13 @@ def optuna_storage(
                            f"optuna {optuna.__version__} needs {head}: use the Optuna version that created them")
     return storage
 
-# %% ../nbs/13_runs.ipynb #69c89814
+# %% ../nbs/13_runs.ipynb #cccab1e6
 DEFAULT_SPACES = {
     "ntb": {"lr": (1e-3, 3e-2, "log"), "hidden": [16, 32, 64], "layers": [2, 3, 4]},
     "deep-hedger": {"lr": (1e-3, 3e-2, "log"), "hidden": [16, 32, 64], "layers": [2, 3, 4]},
 }
 
+# %% ../nbs/13_runs.ipynb #d71b7f5f
 def _check_space(agent: str, space: dict | None) -> dict:
     from hedgerl.agents import agent_class
     known = agent_class(agent).defaults  # unknown agent: ValueError
@@ -432,12 +450,14 @@ def _check_space(agent: str, space: dict | None) -> dict:
         else: raise ValueError(f"tune: space[{k!r}] must be (low, high), (low, high, 'log') or a list of choices, got {spec!r}")
     return out
 
+# %% ../nbs/13_runs.ipynb #90aea63b
 def _suggest(trial, name: str, spec):
     if isinstance(spec, list): return trial.suggest_categorical(name, spec)
     lo, hi, log = spec[0], spec[1], len(spec) == 3
     if isinstance(lo, int) and isinstance(hi, int) and not isinstance(lo, bool): return trial.suggest_int(name, lo, hi, log=log)
     return trial.suggest_float(name, float(lo), float(hi), log=log)
 
+# %% ../nbs/13_runs.ipynb #fa2d3397
 class _TrialReporter:
     "What `Agent.fit` logs to (in place of a registry run): reports the validation curve to Optuna and prunes."
     def __init__(self, trial): self.trial = trial
@@ -447,6 +467,7 @@ class _TrialReporter:
         self.trial.report(float(metrics["valid/objective"]), int(step))
         if self.trial.should_prune(): raise optuna.TrialPruned(f"pruned at {step} units")
 
+# %% ../nbs/13_runs.ipynb #b54117b4
 def tune(
     agent: str, # an agent of `hedgerl.agents.AGENTS`
     scenario, # a published scenario name, a .yaml/.json file, a dict or a `Scenario`
@@ -501,4 +522,3 @@ def tune(
     if not done: raise RuntimeError(f"tune: no trial of study {name!r} completed")
     return {"study": name, "best_params": st.best_params, "best_value": st.best_value, "n_trials": len(st.trials),
             "n_complete": len(done), "registry": reg.address()}
-
