@@ -54,6 +54,7 @@ class Error(BaseModel):
 
 ERRORS = {s: {"model": Error} for s in (400, 401, 403, 404, 409, 413, 429, 503)} # the error answers every endpoint may give
 
+# %% ../nbs/19_catalog.ipynb #a6ae21dc
 def unprocessable(
     loc: list, # where: ["body", "model_id"], ["query", "scenario"], ...
     msg: str, # what is wrong
@@ -71,6 +72,7 @@ def _hide(msg: str, request: Request) -> str:
     where = reg.address() if isinstance(reg, Registry) else ""
     return msg.replace(f" in {where}", "").replace(where, "the registry database") if where else msg
 
+# %% ../nbs/19_catalog.ipynb #ffaa15f0
 class CatalogRoute(APIRoute):
     "A catalog endpoint: bodies over `max_body` refused (413); the registry's exceptions answered as JSON with their status."
     max_body: int = 1 << 20 # bytes
@@ -109,6 +111,7 @@ def _utc(t: dt.datetime) -> dt.datetime:
     "A registry timestamp (naive UTC) as an aware one: RFC 3339 text with its offset, as JSON Schema's date-time wants."
     return t if t.tzinfo is not None else t.replace(tzinfo=dt.timezone.utc)
 
+# %% ../nbs/19_catalog.ipynb #dec014a6
 Timestamp = Annotated[dt.datetime, AfterValidator(_utc)] # a UTC time, sent with its offset
 Id = Annotated[int, Field(ge=1, le=2**63 - 1)]
 IdPath = Annotated[int, PathParam(ge=1, le=2**63 - 1, description="the row's id")]
@@ -116,14 +119,17 @@ Text = Annotated[str | None, Query(min_length=1, max_length=200)]
 Limit = Annotated[int, Query(ge=1, le=500, description="at most this many items (500 at most)")]
 Offset = Annotated[int, Query(ge=0, le=2**31 - 1, description="items skipped before the page")]
 
+# %% ../nbs/19_catalog.ipynb #65363373
 class Body(BaseModel):
     "A request body: strict types, no unknown fields."
     model_config = ConfigDict(extra="forbid", strict=True)
 
+# %% ../nbs/19_catalog.ipynb #514b4ce3
 class Share(Body):
     "PATCH of a run, model, evaluation or saved scenario of one's own."
     shared: bool # True: readable by every user; False: private again
 
+# %% ../nbs/19_catalog.ipynb #af94ea57
 class RunItem(BaseModel):
     "A run: what it ran (params), where (host, pid, notebook), how it went (status, outputs, error)."
     id: int
@@ -159,6 +165,7 @@ class ModelItem(BaseModel):
     shared: bool
     created: Timestamp
 
+# %% ../nbs/19_catalog.ipynb #f530358a
 class EvaluationItem(BaseModel):
     "A recorded score of a strategy on a scenario (lower objectives are better); arena scores carry no seed."
     id: int
@@ -174,6 +181,7 @@ class EvaluationItem(BaseModel):
     shared: bool
     created: Timestamp
 
+# %% ../nbs/19_catalog.ipynb #4b2b05d8
 T = TypeVar("T")
 
 class Page(BaseModel, Generic[T]):
@@ -188,10 +196,12 @@ def sorts(*fields: str):
     "The `sort` values a list takes: each field ascending, or descending with a leading `-`."
     return Literal[tuple(x for f in fields for x in (f, f"-{f}"))]
 
+# %% ../nbs/19_catalog.ipynb #9a6105f5
 def item(cls: type[BaseModel], row: dict) -> BaseModel:
     "A registry row as the response model `cls` (strict JSON values: NaN as null, datetimes as ISO text)."
     return cls(**jsonable(row))
 
+# %% ../nbs/19_catalog.ipynb #c871bf58
 def page(cls: type[BaseModel], found: tuple[list[dict], int], limit: int, offset: int) -> Page:
     "`Registry.find`'s rows and total as a `Page` of `cls`."
     rows, total = found
@@ -226,6 +236,7 @@ def config_error(
         except (KeyError, IndexError, TypeError): found = False; break
     return unprocessable([*at, *path], msg, x) if found else unprocessable([*at, *path], msg)
 
+# %% ../nbs/19_catalog.ipynb #8946102b
 def check_config(config: dict, at: tuple = ("body",)) -> scenario_lib.Scenario:
     "The checked `Scenario` of a config, or the 422 naming what is wrong with it."
     try: return scenario_lib.as_scenario(config)
@@ -248,10 +259,12 @@ class ScenarioInfo(BaseModel):
     created: Timestamp | None = None
     error: str | None = None # a saved config this hedgerl cannot read, and why
 
+# %% ../nbs/19_catalog.ipynb #97b71a74
 class ScenarioDetail(ScenarioInfo):
     "One scenario with its normalised config (the YAML schema, every default filled in)."
     config: dict[str, Any] | None = None
 
+# %% ../nbs/19_catalog.ipynb #e652c4c7
 class ScenarioList(BaseModel):
     "The scenarios a caller can use."
     total: int
@@ -263,12 +276,14 @@ def scenario_summary(s: scenario_lib.Scenario) -> dict:
     return dict(market=s.market.model, objective=s.objective.label, horizon=s.horizon, n_decisions=s.n_decisions,
                 instruments=s.instrument_names, description=s.description)
 
+# %% ../nbs/19_catalog.ipynb #00d2056a
 def published_scenario(name: str, detail: bool = False) -> ScenarioInfo:
     "A published scenario as the API shows it."
     s = scenario_lib.get(name)
     return (ScenarioDetail if detail else ScenarioInfo)(name=name, source="published", **scenario_summary(s),
                                                          **({"config": jsonable(s.to_dict())} if detail else {}))
 
+# %% ../nbs/19_catalog.ipynb #cd681e29
 def saved_scenario(row: dict, detail: bool = False) -> ScenarioInfo:
     "A saved scenario (a registry row) as the API shows it; a config this hedgerl cannot read gets its reason in `error`."
     info = dict(name=row["name"], source="saved", id=row["id"], owner=row["owner"], shared=row["shared"], created=row["created"])
@@ -294,6 +309,7 @@ def saved_row(
     if not rows: raise KeyError(f"no scenario {ref!r} visible to user {reg.user!r}" + (f" (owner {owner!r})" if owner else ""))
     raise HTTPException(409, f"scenario {ref!r}: {len(rows)} users share a scenario of that name ({', '.join(r['owner'] for r in rows)}): pass owner=")
 
+# %% ../nbs/19_catalog.ipynb #dd1ad6f7
 def resolve_scenario(
     reg: Registry, # the caller's registry
     ref: str, # a published name, or a saved scenario's id or name
@@ -327,6 +343,7 @@ class SaveScenario(Body):
     description: Annotated[str, Field(max_length=10_000)] | None = None
     shared: bool = False
 
+# %% ../nbs/19_catalog.ipynb #dcd63021
 def _checked_for_saving(body: SaveScenario) -> dict:
     "The normalised config to store for `body` (its name the saved name); a 422 or 409 for what cannot be saved."
     if body.name in scenario_lib.NAMED: raise HTTPException(409, f"name {body.name!r} is a published scenario's: choose another")
@@ -388,6 +405,7 @@ class Parameter(BaseModel):
     required: bool = False
     doc: str | None = None
 
+# %% ../nbs/19_catalog.ipynb #e3a4c6f1
 class BaselineInfo(BaseModel):
     "A classical hedging strategy of `hedgerl.baselines`."
     name: str
@@ -397,6 +415,7 @@ class BaselineInfo(BaseModel):
     fitted: bool # it can pick its parameter on training paths (`fit`)
     applicable: bool | None = None # to the scenario asked about
 
+# %% ../nbs/19_catalog.ipynb #9b2fffbf
 class Strategies(BaseModel):
     "The baselines and the models a caller can use as strategies."
     baselines: list[BaselineInfo]
@@ -411,11 +430,13 @@ def _comments(fn) -> dict[str, str]:
     head = src[:src.find("):") if "):" in src else len(src)]
     return {m[1]: m[2].strip() for m in re.finditer(r"^\s*(\w+)\s*(?::[^#\n]*)?(?:=[^#\n]*)?,?\s*#\s*(.+)$", head, re.M)}
 
+# %% ../nbs/19_catalog.ipynb #79491cf3
 @functools.lru_cache(maxsize=1)
 def _instruments() -> dict[str, str]:
     "What each baseline needs, from the table in `make_baseline`'s docstring."
     return {m[1]: m[2].strip() for m in re.finditer(r"^\s*\|\s*([\w-]+)\s*\|([^|]+)\|", make_baseline.__doc__ or "", re.M) if m[1] != "name"}
 
+# %% ../nbs/19_catalog.ipynb #b58ea265
 def baseline_info(name: str, scenario: scenario_lib.Scenario | None = None) -> BaselineInfo:
     "Baseline `name` as `GET strategies` lists it (whether it applies to `scenario` when one is given)."
     from hedgerl.leaderboard import applicable
@@ -448,6 +469,7 @@ def _alias(name: str, value, alias: str, other):
         raise unprocessable(["query", alias], f"{alias}={other!r} and {name}={value!r} disagree: give one", other)
     return value if value is not None else other
 
+# %% ../nbs/19_catalog.ipynb #532c5793
 def _run_routes(r: APIRouter, reg) -> None:
     "GET runs, GET and PATCH runs/{id}."
     @r.get("/runs", response_model=Page[RunItem], tags=["runs"])
@@ -538,6 +560,7 @@ class CommittedEntry(BaseModel):
     metrics: dict[str, Any] = {}
     fit: Any = None
 
+# %% ../nbs/19_catalog.ipynb #21be1934
 class SharedEntry(BaseModel):
     "A shared evaluation of the registry."
     evaluation_id: int
@@ -559,10 +582,12 @@ class Board(BaseModel):
     committed: list[CommittedEntry]
     shared: list[SharedEntry]
 
+# %% ../nbs/19_catalog.ipynb #fa00ee56
 class Leaderboard(BaseModel):
     "The leaderboard, per scenario."
     scenarios: list[Board]
 
+# %% ../nbs/19_catalog.ipynb #7a8a245d
 _committed_cache: dict = {}
 
 def committed_leaderboard(
@@ -583,6 +608,7 @@ def _by_objective(entries: list) -> list:
     "Best (lowest objective) first; entries without one last."
     return sorted(entries, key=lambda e: (e.objective is None, e.objective if e.objective is not None else 0.0))
 
+# %% ../nbs/19_catalog.ipynb #474159f0
 def shared_entry(row: dict) -> SharedEntry:
     "A registry evaluation as a leaderboard entry."
     m = row.get("metrics") if isinstance(row.get("metrics"), dict) else {}
@@ -591,6 +617,7 @@ def shared_entry(row: dict) -> SharedEntry:
                        objective=jsonable(row["objective"]), objective_se=jsonable(se) if isinstance(se, (int, float)) else None,
                        n_paths=row["n_paths"], arena=isinstance(m.get("arena"), str), created=row["created"])
 
+# %% ../nbs/19_catalog.ipynb #6d6980ea
 def leaderboard(
     reg: Registry, # the caller's registry
     scenario: str | None = None, # one scenario; None: all
@@ -691,10 +718,12 @@ class RankEntry(BaseModel):
     objective_se: float | None = None
     improvement_vs_delta_pct: float | None = None
 
+# %% ../nbs/19_catalog.ipynb #83f7ee43
 class Submit(Body):
     "POST leaderboard/submissions: a model the caller can see."
     model_id: Id
 
+# %% ../nbs/19_catalog.ipynb #d65fe510
 class Submission(BaseModel):
     "A model's arena score and its place beside the baselines and the shared models, on the same held-out paths."
     evaluation_id: int
@@ -719,6 +748,7 @@ def arena_scores(reg: Registry, scenario: str, tag: str, n_paths: int) -> list[d
     latest = {r["model_id"]: r for r in rows if isinstance(r["metrics"], dict) and r["metrics"].get("arena") == tag}
     return list(latest.values())
 
+# %% ../nbs/19_catalog.ipynb #33b12d78
 def ranking(baselines: list[dict], scores: list[dict]) -> list[RankEntry]:
     "The baselines' records and the arena's evaluations, ranked best first."
     m = lambda r, k: jsonable(r["metrics"].get(k)) if isinstance(r["metrics"].get(k), (int, float)) else None
@@ -737,6 +767,7 @@ def _record(reg: Registry, arena: Arena, m: dict, scn, tag: str, rec: dict) -> i
     return reg.record_evaluation(scn.name, f"{m['name']} v{m['version']}", rec["objective"], jsonable(metrics), n_paths=arena.n_paths, seed=None,
                                  model=m["id"], shared=True)
 
+# %% ../nbs/19_catalog.ipynb #3072adfa
 def submit(
     reg: Registry, # the caller's registry
     arena: Arena, # the test sets

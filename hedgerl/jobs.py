@@ -37,8 +37,8 @@ __all__ = ['KINDS', 'JOB_TAG', 'ACTIVE', 'RESTARTED', 'STOPPED', 'log', 'Count',
            'TrainingRequest', 'Progress', 'JobOut', 'BacktestJob', 'TrainingJob', 'JobList', 'MetricRow', 'JobMetrics',
            'Problem', 'job_scenario', 'job_strategy', 'backtest_report', 'TrackedClient', 'fitted', 'summarised',
            'run_backtest', 'user_folder', 'training_process', 'spawn_training', 'stop_process', 'Job', 'job_gauges',
-           'paths_limit', 'run_training', 'recover_jobs', 'JobManager', 'Caller', 'job_manager', 'job_row', 'job_view',
-           'read_job', 'stop_job', 'list_jobs', 'metric_events', 'JobsRoute', 'router', 'main']
+           'paths_limit', 'run_training', 'recover_jobs', 'JobQueue', 'JobManager', 'Caller', 'job_manager', 'job_row',
+           'job_view', 'read_job', 'stop_job', 'list_jobs', 'metric_events', 'JobsRoute', 'router', 'main']
 
 # %% ../nbs/18_jobs.ipynb #94fb8d62
 KINDS = ("backtests", "trainings") # the registry experiments of jobs (and their URL paths)
@@ -54,6 +54,7 @@ Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
 ScenarioRef = Name | dict[str, Any] # a published scenario's name, or a config in the YAML schema
 RunName = Annotated[str, Field(max_length=200, pattern=r"^[^\x00-\x1f\x7f]*$")] # a run's name: no control characters
 
+# %% ../nbs/18_jobs.ipynb #73d44e12
 class StrategyRef(Body):
     "A baseline by name with its parameters, or a registered model (visible to the caller) by id."
     baseline: Name | None = None
@@ -119,6 +120,7 @@ class Progress(BaseModel):
     done: int
     total: int
 
+# %% ../nbs/18_jobs.ipynb #55fe6d00
 class JobOut(BaseModel):
     "A job as the API shows it: its run's record, and its state in the service."
     id: int
@@ -133,6 +135,7 @@ class JobOut(BaseModel):
     error: str | None = None # why it failed (or was interrupted)
     reason: str | None = None # who or what stopped it, when it was stopped
 
+# %% ../nbs/18_jobs.ipynb #ce9af591
 class BacktestJob(JobOut):
     "A backtest job; once finished, its summary metrics with their standard errors (`<key>_se`)."
     progress: Progress | None = None # while it runs
@@ -140,6 +143,7 @@ class BacktestJob(JobOut):
     summary: dict[str, float | None] | None = None # `BacktestResult.summary(n_boot)`; NaN as null
     report: str | None = None # the text `hedgerl backtest` prints for the same inputs
 
+# %% ../nbs/18_jobs.ipynb #5c278db9
 class TrainingJob(JobOut):
     "A training job: its folder and notebook once it started, its test metrics once finished, its checkpoint when stopped."
     folder: str | None = None
@@ -156,12 +160,14 @@ class JobList(BaseModel):
     limit: int
     offset: int
 
+# %% ../nbs/18_jobs.ipynb #f0feb195
 class MetricRow(BaseModel):
     step: int
     key: str
     value: float | None = None
     timestamp: str | None = None
 
+# %% ../nbs/18_jobs.ipynb #b9af8ee4
 class JobMetrics(BaseModel):
     "GET trainings/{id}/metrics: the values logged after step `after`, oldest first."
     id: int
@@ -170,6 +176,7 @@ class JobMetrics(BaseModel):
     last_step: int | None = None
     items: list[MetricRow]
 
+# %% ../nbs/18_jobs.ipynb #f62c5e5e
 class Problem(BaseModel):
     "Every error: `detail` says what was wrong (the field and the bad value, the limit, ...)."
     detail: str | list[Any]
@@ -221,10 +228,12 @@ class TrackedClient:
     def map(self, *args, **kwargs): return self._track(self.client.map(*args, **kwargs))
     def gather(self, futures): return self.client.gather(futures)
 
+# %% ../nbs/18_jobs.ipynb #a5397e58
 def fitted(strategy, scenario, n_paths: int, seed: int):
     "A tuned baseline fitted as `hedgerl backtest` fits it (a Dask task)."
     return strategy.fit(scenario, n_paths=n_paths, seed=seed)
 
+# %% ../nbs/18_jobs.ipynb #7a737bf4
 def summarised(result, n_boot: int) -> dict:
     "`result.summary(n_boot)` (a Dask task: a million paths' bootstrap takes a core for seconds), on fresh copies of its arrays."
     import dataclasses
@@ -271,6 +280,7 @@ def _die_with_parent(parent: int) -> None:
     except (OSError, AttributeError): pass
     if os.getppid() != parent: sys.exit(f"hedgerl.jobs: the service (pid {parent}) is gone")
 
+# %% ../nbs/18_jobs.ipynb #2eeb6add
 def training_process(
     task: dict, # registry (URL), user, run_id, root, template, config, checkpoint, threads, service_pid
 ) -> int:
@@ -304,6 +314,7 @@ async def spawn_training(
     proc.stdin.write(json.dumps(task).encode()); await proc.stdin.drain(); proc.stdin.close()
     return proc
 
+# %% ../nbs/18_jobs.ipynb #a48430d9
 async def stop_process(proc, grace: float = 60.0) -> int:
     "Stop a training process: SIGINT, again after `grace` s, SIGKILL 10 s later; its exit status."
     for sig, wait in ((signal.SIGINT, grace), (signal.SIGINT, 10.0), (signal.SIGKILL, None)):
@@ -391,6 +402,7 @@ def _alive(pid) -> bool:
     try: return Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError): return True
 
+# %% ../nbs/18_jobs.ipynb #d2bc789e
 def recover_jobs(
     registry: Registry, # the service's registry
     reason: str = RESTARTED, # what the closed runs say
@@ -409,23 +421,16 @@ def recover_jobs(
             closed.append(int(r["id"]))
     return closed
 
-# %% ../nbs/18_jobs.ipynb #13ea9ce4
-class JobManager:
-    "The service's jobs: submitted, queued for a slot of their kind, run (backtests on Dask, trainings in processes), stopped."
+# %% ../nbs/18_jobs.ipynb #831c4d2b
+class JobQueue:
+    "The jobs of one service process, whatever they do: recorded as runs, queued for a slot of their kind, closed."
     def __init__(self,
-        registry: Registry, # the service's registry
         metrics=None, # the service's Prometheus registry (`app.state.metrics`) for the job gauges
-        data_folder: str | Path | None = None, # trainings write under `<data_folder>/users/<name>/runs`; None: [data] folder
-        dask: Callable | None = None, # makes the Dask client, once; None: `hedgerl.backtest.dask_client`
-        template: str | Path | None = None, # the training notebook; None: `hedgerl.runs.template_path()`
         running: dict | None = None, # jobs of each kind that run at once; the rest wait (queued)
         max_jobs: int | None = None, max_paths: int | None = None, # per-user limits; None: the [service] settings
-        grace: float = 60.0, # seconds a stopped training has to reach its checkpoint before it is stopped harder
         beat: float = 600.0, # seconds between heartbeats of the live jobs' runs (the registry reaps a run silent for an hour)
     ):
-        self.registry, self.data_folder = registry, Path(data_folder if data_folder is not None else settings().data.folder)
-        self._make_client, self._client, self._client_lock = dask, None, threading.Lock()
-        self.template, self.grace, self.beat, self.jobs, self.stopping = template, grace, beat, {}, False
+        self.beat, self.jobs, self.stopping = beat, {}, False
         self.running = {"backtests": 2, "trainings": max(1, (os.cpu_count() or 2) // 2), **(running or {})}
         self._max_jobs, self._max_paths = max_jobs, max_paths
         self.queued_gauge, self.running_gauge = job_gauges(metrics)
@@ -435,14 +440,6 @@ class JobManager:
     def max_jobs(self) -> int: return self._max_jobs or settings().service.max_jobs
     @property
     def max_paths(self) -> int: return self._max_paths or settings().service.max_paths
-
-    def client(self):
-        "The service's Dask client, made on first use and shared (a new one if it was closed)."
-        with self._client_lock:
-            if self._client is None or self._client.status in ("closing", "closed"):
-                from hedgerl.backtest import dask_client
-                self._client = (self._make_client or dask_client)()
-            return self._client
 
     def _count(self) -> None:
         for kind in KINDS:
@@ -470,7 +467,7 @@ class JobManager:
         return job
 
     async def _run(self, job: Job) -> None:
-        "A job's life: wait for a slot, run its body, close its run (finished, failed, or interrupted with the reason)."
+        "A job's life: wait for a slot, run its body (`_backtest`, `_training`), close its run (failed, interrupted)."
         try:
             async with self._slots[job.kind]:
                 if job.reason is None:
@@ -490,6 +487,33 @@ class JobManager:
             await asyncio.sleep(self.beat)
             for j in list(self.jobs.values()):
                 with contextlib.suppress(Exception): await asyncio.to_thread(j.run.log, 0)  # no values: the heartbeat only
+
+# %% ../nbs/18_jobs.ipynb #09af75b9
+class JobManager(JobQueue):
+    "The service's jobs: submitted, queued for a slot of their kind, run (backtests on Dask, trainings in processes), stopped."
+    def __init__(self,
+        registry: Registry, # the service's registry
+        metrics=None, # the service's Prometheus registry (`app.state.metrics`) for the job gauges
+        data_folder: str | Path | None = None, # trainings write under `<data_folder>/users/<name>/runs`; None: [data] folder
+        dask: Callable | None = None, # makes the Dask client, once; None: `hedgerl.backtest.dask_client`
+        template: str | Path | None = None, # the training notebook; None: `hedgerl.runs.template_path()`
+        running: dict | None = None, # jobs of each kind that run at once; the rest wait (queued)
+        max_jobs: int | None = None, max_paths: int | None = None, # per-user limits; None: the [service] settings
+        grace: float = 60.0, # seconds a stopped training has to reach its checkpoint before it is stopped harder
+        beat: float = 600.0, # seconds between heartbeats of the live jobs' runs (the registry reaps a run silent for an hour)
+    ):
+        super().__init__(metrics, running, max_jobs, max_paths, beat)
+        self.registry, self.data_folder = registry, Path(data_folder if data_folder is not None else settings().data.folder)
+        self._make_client, self._client, self._client_lock = dask, None, threading.Lock()
+        self.template, self.grace = template, grace
+
+    def client(self):
+        "The service's Dask client, made on first use and shared (a new one if it was closed)."
+        with self._client_lock:
+            if self._client is None or self._client.status in ("closing", "closed"):
+                from hedgerl.backtest import dask_client
+                self._client = (self._make_client or dask_client)()
+            return self._client
 
     async def _backtest(self, job: Job) -> None:
         client = await asyncio.to_thread(self.client)
@@ -530,6 +554,7 @@ class Caller:
     reader: Registry
     jobs: JobManager
 
+# %% ../nbs/18_jobs.ipynb #23e719e6
 def job_manager(app) -> JobManager:
     "The app's `JobManager` (`app.state.jobs`), made on first use if the app's lifespan did not make it; 503 without a registry."
     if (m := getattr(app.state, "jobs", None)) is None:
@@ -546,6 +571,7 @@ def job_row(c: Caller, kind: str, id: int) -> dict:
     if row is None or JOB_TAG not in (row.get("tags") or []): raise HTTPException(404, f"no {kind[:-1]} {id} visible to user {c.name!r}")
     return row
 
+# %% ../nbs/18_jobs.ipynb #51a03fde
 _NOT_METRICS = ("folder", "notebook", "checkpoint", "reason")
 
 def job_view(kind: str, row: dict, job: Job | None, last_step: int | None = None) -> JobOut:
@@ -567,6 +593,7 @@ async def read_job(c: Caller, kind: str, id: int) -> JobOut:
     steps = (await asyncio.to_thread(c.reader.metrics, id)).step if kind == "trainings" else ()
     return job_view(kind, row, c.jobs.jobs.get(id), int(steps.max()) if len(steps) else None)
 
+# %% ../nbs/18_jobs.ipynb #376978e8
 async def stop_job(c: Caller, kind: str, id: int, response: Response, wait: float = 10.0) -> JobOut:
     "DELETE: stop the caller's job and wait up to `wait` s for its run to close: 200 when it did, 202 while it is still stopping."
     row = await asyncio.to_thread(job_row, c, kind, id)
@@ -577,6 +604,7 @@ async def stop_job(c: Caller, kind: str, id: int, response: Response, wait: floa
     response.status_code = 202 if id in c.jobs.jobs else 200
     return await read_job(c, kind, id)
 
+# %% ../nbs/18_jobs.ipynb #84d54a88
 async def list_jobs(c: Caller, kind: str, status: str | None, limit: int, offset: int) -> JobList:
     "A page of the jobs of `kind` the caller reads, newest first, optionally of one status."
     rows = await asyncio.to_thread(c.reader.runs, experiment=kind)
@@ -622,6 +650,7 @@ Limit = Annotated[int, Query(ge=1, le=500)]
 Offset = Annotated[int, Query(ge=0, le=2**31 - 1)]
 AfterQuery = Annotated[int | None, Query(ge=-1, le=2**31 - 1, description="only steps after this one")]
 
+# %% ../nbs/18_jobs.ipynb #c8497c9b
 class JobsRoute(RegistryRoute):
     "A jobs endpoint: bodies over `max_body` 413, the registry's errors as JSON, a malformed body's 422 as JSON even when it quotes a NaN (as null)."
     max_body: int = 1 << 20
@@ -634,6 +663,7 @@ class JobsRoute(RegistryRoute):
                 return JSONResponse({"detail": jsonable(jsonable_encoder(e.errors()))}, 422)
         return checked
 
+# %% ../nbs/18_jobs.ipynb #9019bbc3
 def _bad(field: str, e: Exception) -> HTTPException:
     "A 422 naming `field` for a `ValueError` of the library (409 for a model file that no longer matches its checksum)."
     from hedgerl.registry import ArtifactError

@@ -34,7 +34,7 @@ __all__ = ['API', 'DATETIME_COLUMNS', 'Name', 'Int32', 'Id', 'IdPath', 'jsonable
            'account_owns', 'read_artifact', 'Body', 'StartRun', 'LogMetrics', 'RunOutputs', 'FailRun', 'RegisterModel',
            'RecordEvaluation', 'BodyTooLarge', 'error_status', 'unknown_query', 'RegistryRoute', 'seal_sqlite',
            'service_registry', 'hub_user_name', 'registry_router', 'service_error', 'ServiceClient', 'RemoteRun',
-           'RemoteRegistry']
+           'RemoteReader', 'RemoteRegistry']
 
 # %% ../nbs/17_remote.ipynb #5db812e6
 API = "api/v1/registry" # where the registry's endpoints live under the service's URL (`/services/hedgerl/`)
@@ -50,10 +50,12 @@ def jsonable(x):
     if isinstance(x, float) and not math.isfinite(x): return None
     return x
 
+# %% ../nbs/17_remote.ipynb #96bf929b
 def frame_payload(df: pd.DataFrame) -> dict:
     "A registry frame as the service sends it: its columns, and its rows as records."
     return {"columns": [str(c) for c in df.columns], "rows": jsonable(df.to_dict("records"))}
 
+# %% ../nbs/17_remote.ipynb #0c198e42
 def payload_frame(payload: dict) -> pd.DataFrame:
     "The frame back from `frame_payload`'s JSON, timestamps parsed: the dtypes of `Registry`'s own frames."
     as_time = lambda k, v: dt.datetime.fromisoformat(v) if k in DATETIME_COLUMNS and isinstance(v, str) else v
@@ -73,6 +75,7 @@ def account_owns(
     try: return st.st_uid == pwd.getpwnam(user).pw_uid
     except KeyError: return False
 
+# %% ../nbs/17_remote.ipynb #bc99d7c3
 def read_artifact(
     path: str | Path, # absolute path of the file
     user: str, # who it is read for
@@ -104,10 +107,12 @@ Name = Annotated[str, Field(min_length=1, max_length=200)] # experiment, run and
 Int32 = Annotated[int, Field(ge=-2**31, le=2**31 - 1)]
 Id = Annotated[int, Field(ge=1, le=2**63 - 1)]
 
+# %% ../nbs/17_remote.ipynb #acd517fe
 class Body(BaseModel):
     "A request body: strict types, no unknown fields."
     model_config = ConfigDict(extra="forbid", strict=True)
 
+# %% ../nbs/17_remote.ipynb #b59fafcf
 class StartRun(Body):
     "POST runs: `Registry.start_run`'s arguments, with where the client's process runs (the reaper watches it)."
     experiment: Name
@@ -120,15 +125,18 @@ class StartRun(Body):
     host: Annotated[str, Field(min_length=1, max_length=255)] | None = None
     pid: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
 
+# %% ../nbs/17_remote.ipynb #7b84f943
 class LogMetrics(Body):
     "POST runs/{id}/metrics: one step's values (`Run.log`)."
     step: Int32
     metrics: dict[Name, float | None] = Field(max_length=1000)
 
+# %% ../nbs/17_remote.ipynb #8a25082b
 class RunOutputs(Body):
     "POST runs/{id}/outputs (`Run.set_outputs`), and the body of finish and interrupt."
     outputs: dict | None = None
 
+# %% ../nbs/17_remote.ipynb #05057866
 class FailRun(RunOutputs):
     "POST runs/{id}/fail: the error text (`Run.fail`)."
     error: Annotated[str, Field(max_length=1_000_000)]
@@ -145,6 +153,7 @@ class RegisterModel(Body):
     name: Annotated[str, Field(min_length=1, max_length=300)] | None = None
     shared: bool = False
 
+# %% ../nbs/17_remote.ipynb #f8b5081d
 class RecordEvaluation(Body):
     "POST evaluations: `Registry.record_evaluation`'s arguments."
     scenario: Name
@@ -161,6 +170,7 @@ class RecordEvaluation(Body):
 class BodyTooLarge(ValueError):
     "A request body over the router's limit."
 
+# %% ../nbs/17_remote.ipynb #b145bfc3
 def _capped(receive, limit: int):
     "An ASGI `receive` that raises `BodyTooLarge` once more than `limit` body bytes have come."
     seen = 0
@@ -172,6 +182,7 @@ def _capped(receive, limit: int):
         return message
     return capped
 
+# %% ../nbs/17_remote.ipynb #2a9430a8
 def error_status(e: BaseException) -> int | None:
     "The HTTP status of a registry exception (None: not the registry's, let it through)."
     if isinstance(e, BodyTooLarge) or isinstance(e.__cause__, BodyTooLarge): return 413
@@ -185,6 +196,7 @@ def _query_names(dependant) -> set[str]:
     "The query parameters an endpoint takes: its own and its dependencies'."
     return {p.alias for p in dependant.query_params}.union(*(_query_names(d) for d in dependant.dependencies))
 
+# %% ../nbs/17_remote.ipynb #2d6b82b8
 def unknown_query(route: APIRoute, request: Request) -> JSONResponse | None:
     "A 422 naming each query parameter `route` does not take, in FastAPI's shape; None when every one is known."
     if (known := getattr(route, "_query_known", None)) is None: known = route._query_known = frozenset(_query_names(route.dependant))
@@ -329,6 +341,7 @@ def hub_user_name(user) -> str:
     if not isinstance(name, str) or not name: raise PermissionError("no authenticated hub user")
     return name
 
+# %% ../nbs/17_remote.ipynb #d4a9919d
 def registry_router(
     user_dependency: Callable, # FastAPI dependency giving the authenticated hub user (`hedgerl.service.hub_user`: `.name`, `.kind`)
     registry: Registry | str | None = None, # the service's registry or its database URL; None: the `[registry] url` setting of this process
@@ -438,20 +451,38 @@ class RemoteRun(Run):
 
     def __repr__(self): return f"RemoteRun(id={self.id}, experiment={self.experiment!r}, name={self.name!r})"
 
-# %% ../nbs/17_remote.ipynb #adebb39c
+# %% ../nbs/17_remote.ipynb #cb987e34
 def _as_row(d: dict) -> dict:
     "A row of the service's JSON with its timestamps parsed, like `Registry`'s."
     return {k: dt.datetime.fromisoformat(v) if k in DATETIME_COLUMNS and isinstance(v, str) else v for k, v in d.items()}
 
-class RemoteRegistry(ServiceClient):
-    "`Registry`'s methods for training and backtests, through the hedgerl service: every call runs as the token's hub user."
+# %% ../nbs/17_remote.ipynb #e8c8a627
+def _save_checked(
+    chunks, # the file's bytes in pieces (a streamed response's `iter_bytes()`)
+    dest: Path, # where it goes: written whole, or not at all
+    checksum: str, # the sha256 it must have
+    what: str, # names the file in the error
+) -> Path:
+    "Write `chunks` to a partial file beside `dest`, moved there if its sha256 is `checksum` (else `ArtifactError`)."
+    part, h = dest.with_name(f".{dest.name}.{os.getpid()}.part"), hashlib.sha256()
+    with open(part, "wb") as f:
+        for chunk in chunks: h.update(chunk); f.write(chunk)
+    if h.hexdigest() != checksum:
+        part.unlink(missing_ok=True)
+        raise ArtifactError(f"{what} does not match its recorded checksum (sha256 {checksum[:12]}...)")
+    os.replace(part, dest)
+    return dest
+
+# %% ../nbs/17_remote.ipynb #aafa5064
+class RemoteReader(ServiceClient):
+    "`Registry`'s reads through the hedgerl service as the token's hub user: runs, metrics, models, evaluations, files."
     def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 60.0, client=None,
                  cache: str | Path | None = None, # where other users' model files are downloaded; None: `<[data] cache>/models`
                  ):
         super().__init__(url, token, timeout, client)
         self.cache, self._user = Path(cache) if cache is not None else settings().data.cache / "models", None
 
-    def __repr__(self): return f"RemoteRegistry({self.url!r})"
+    def __repr__(self): return f"{type(self).__name__}({self.url!r})"
 
     @property
     def user(self) -> str:
@@ -489,6 +520,29 @@ class RemoteRegistry(ServiceClient):
         "Recorded evaluations visible to this user, oldest first."
         return self._frame("/evaluations", user, scenario=scenario, strategy=strategy, run_id=run_id, model_id=model_id)
 
+    def model(self, model_id: int) -> dict:
+        "The model's row (see `Registry.model`)."
+        return _as_row(self._call("GET", f"/models/{int(model_id)}").json())
+
+    def model_file(self, model_id: int) -> Path:
+        "The model's file checked against its recorded checksum: one's own in place, another's (shared) downloaded into `cache`."
+        m = self.model(model_id)
+        p = Path(m["artifact"])
+        if m["owner"] == self.user:
+            try:
+                if p.is_file() and _sha256(p) == m["checksum"]: return p
+            except OSError: pass  # not readable here (another machine's path): fetch it
+        dest = self.cache / m["checksum"] / p.name
+        if dest.is_file() and _sha256(dest) == m["checksum"]: return dest
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        r = self._call("GET", f"/models/{int(model_id)}/file", stream=True)
+        what = f"model {model_id}: the file downloaded from {self.url}"
+        try: return _save_checked(r.iter_bytes(), dest, m["checksum"], what)
+        finally: r.close()
+
+# %% ../nbs/17_remote.ipynb #43f89133
+class RemoteRegistry(RemoteReader):
+    "`Registry`'s methods for training and backtests, through the hedgerl service: every call runs as the token's hub user."
     def start_run(self, experiment: str, params: dict | None = None, name: str | None = None, notebook: str | None = None,
                   shared: bool = False, tags: list | None = None, description: str | None = None) -> RemoteRun:
         "Open a running run (see `Registry.start_run`); this process's host and pid go with it, for the reaper."
@@ -518,30 +572,3 @@ class RemoteRegistry(ServiceClient):
                     seed=None if seed is None else int(seed), run_id=run.id if isinstance(run, Run) else run,
                     model_id=model["id"] if isinstance(model, dict) else model, shared=shared)
         return self._call("POST", "/evaluations", body).json()["id"]
-
-    def model(self, model_id: int) -> dict:
-        "The model's row (see `Registry.model`)."
-        return _as_row(self._call("GET", f"/models/{int(model_id)}").json())
-
-    def model_file(self, model_id: int) -> Path:
-        "The model's file checked against its recorded checksum: one's own in place, another's (shared) downloaded into `cache`."
-        m = self.model(model_id)
-        p = Path(m["artifact"])
-        if m["owner"] == self.user:
-            try:
-                if p.is_file() and _sha256(p) == m["checksum"]: return p
-            except OSError: pass  # not readable here (another machine's path): fetch it
-        dest = self.cache / m["checksum"] / p.name
-        if dest.is_file() and _sha256(dest) == m["checksum"]: return dest
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        part, h = dest.with_name(f".{dest.name}.{os.getpid()}.part"), hashlib.sha256()
-        r = self._call("GET", f"/models/{int(model_id)}/file", stream=True)
-        try:
-            with open(part, "wb") as f:
-                for chunk in r.iter_bytes(): h.update(chunk); f.write(chunk)
-        finally: r.close()
-        if h.hexdigest() != m["checksum"]:
-            part.unlink(missing_ok=True)
-            raise ArtifactError(f"model {model_id}: the file downloaded from {self.url} does not match its recorded checksum (sha256 {m['checksum'][:12]}...)")
-        os.replace(part, dest)
-        return dest
