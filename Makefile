@@ -23,7 +23,7 @@ help:
 	@echo "make test-slow  the heavy notebook cells and tests that make test leaves out (CI runs both)"
 	@echo "make bench   run the performance benchmarks and write reports/bench/"
 	@echo "make export  regenerate hedgerl/ from nbs/ and clean the notebooks"
-	@echo "make readme  execute nbs/index.ipynb and render README.md from it"
+	@echo "make readme  execute nbs/index.ipynb and render README.md from it (cells tagged remove-input show their output only)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -68,7 +68,8 @@ export: install
 readme: install
 	$(BIN)/jupyter nbconvert --to notebook --execute --inplace nbs/index.ipynb
 	$(BIN)/nbdev-clean --fname nbs/index.ipynb
-	$(BIN)/jupyter nbconvert --to markdown --stdout nbs/index.ipynb > README.md
+	$(BIN)/jupyter nbconvert --to markdown --stdout --TagRemovePreprocessor.remove_input_tags=remove-input \
+	  nbs/index.ipynb > README.md
 
 bench: install
 	$(BIN)/hedgerl bench

@@ -9,7 +9,8 @@ __all__ = []
 __version__ = "0.0.1"
 
 # %% ../nbs/05a_init.ipynb #2b1e6336
-_ENVS = {"hedgerl/Hedging-v0": {"action": "delta", "observation": "scaled", "reward": "shaped"},  # = hedgerl.env.AGENT_READY
+# = hedgerl.env.AGENT_READY
+_ENVS = {"hedgerl/Hedging-v0": {"action": "delta", "observation": "scaled", "reward": "shaped"},
          "hedgerl/HedgingRaw-v0": {}}
 
 def _register_envs() -> None:
@@ -17,6 +18,7 @@ def _register_envs() -> None:
     from gymnasium.envs.registration import register, registry
     for env_id, kwargs in _ENVS.items():
         if env_id not in registry:
-            register(id=env_id, entry_point="hedgerl.env:HedgingEnv", vector_entry_point="hedgerl.env:batched_env", kwargs=kwargs)
+            register(id=env_id, entry_point="hedgerl.env:HedgingEnv", vector_entry_point="hedgerl.env:batched_env",
+                     kwargs=kwargs)
 
 _register_envs()

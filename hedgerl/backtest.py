@@ -29,12 +29,50 @@ def _check_n_boot(n_boot) -> int:
     "`n_boot` as an int: 0 (or None) for no bootstrap, else the number of bootstrap replicates, at least 2."
     if n_boot is None: return 0
     if isinstance(n_boot, (bool, np.bool_)) or not isinstance(n_boot, (int, np.integer)) or n_boot < 0 or n_boot == 1:
-        raise ValueError(f"n_boot must be 0 (no standard errors) or an integer >= 2 (bootstrap replicates; one cannot give a spread), got {n_boot!r}")
+        raise ValueError(f"n_boot must be 0 (no standard errors) or an integer >= 2 (bootstrap replicates; one cannot "
+                         f"give a spread), got {n_boot!r}")
     return int(n_boot)
+
+# %% ../nbs/07_backtest.ipynb #2e0cf74b
+class _ResultDisplay:
+    "What a notebook shows of a `BacktestResult`: an HTML summary and a picture."
+
+    def _repr_html_(self) -> str:
+        """In a notebook: the headline metrics as a table (no bootstrap: instant); `summary(n_boot=...)` has them all
+        with errors."""
+        import html
+        m = self.summary()
+        rows = [(self.scenario.objective.label, m["objective"]), ("mean P&L", m["mean"]), ("sd P&L", m["std"]),
+                ("ES 95%", m["es_95"]),
+                ("mean cost", m["cost_mean"])] + ([("mean turnover",
+                                                    m["turnover_mean"])] if "turnover_mean" in m else [])
+        body = "".join(f"<tr><td>{html.escape(k)}</td><td style='text-align:right'>{v:.4g}</td></tr>" for k, v in rows)
+        return (f"<b>{html.escape(self.strategy)}</b> on <b>{html.escape(self.scenario.name)}</b>, {self.n_paths:,} "
+                f"paths"
+                f"<table>{body}</table>")
+
+    def plot(self, bins: int = 60, instrument: int = 0):
+        """A matplotlib figure: the terminal P&L distribution and, when holdings were recorded, the holding of
+        `instrument` per date (median, 5–95% band)."""
+        import matplotlib.pyplot as plt
+        fig, axes = plt.subplots(1, 1 + (self.holdings is not None), figsize=(10 if self.holdings is not None else 5,
+                                                                              3.5), squeeze=False)
+        ax = axes[0, 0]
+        ax.hist(self.pnl, bins=bins, color="tab:blue", alpha=0.8); ax.set(title=f"{self.strategy}: terminal P&L",
+                                                                          xlabel="P&L", ylabel="paths")
+        if self.holdings is not None:
+            h, ax = self.holdings[:, :, instrument], axes[0, 1]
+            lo, mid, hi = np.percentile(h, [5, 50, 95], axis=0)
+            ax.fill_between(np.arange(h.shape[1]), lo, hi, alpha=0.3, color="tab:orange"); ax.plot(mid,
+                    color="tab:orange")
+            ax.set(title=f"holding of {self.scenario.instrument_names[instrument]}", xlabel="hedging date",
+                   ylabel="units")
+        fig.tight_layout()
+        return fig
 
 # %% ../nbs/07_backtest.ipynb #9b4f0189
 @dataclass
-class BacktestResult:
+class BacktestResult(_ResultDisplay):
     "Per-path outcome of hedging a scenario with a strategy; metrics are pure functions of it."
     scenario: Scenario
     strategy: str # the strategy's name
@@ -58,10 +96,12 @@ class BacktestResult:
 
     def objective_se(self, n_boot: int = 200, seed: int = 0) -> float:
         "Bootstrap standard error of `objective` from `n_boot` >= 2 replicates."
-        return float(metrics.standard_error(lambda p, c: self.scenario.objective(p, c), self.pnl, self.premium, n_boot=n_boot, seed=seed))
+        return float(metrics.standard_error(lambda p, c: self.scenario.objective(p, c), self.pnl, self.premium,
+                                            n_boot=n_boot, seed=seed))
 
     def summary(self, n_boot: int | None = None) -> dict:
-        "Every metric of this result in one flat dict, with `<key>_se` bootstrap errors when `n_boot` >= 2 (None or 0: none)."
+        """Every metric of this result in one flat dict, with `<key>_se` bootstrap errors when `n_boot` >= 2 (None or
+        0: none)."""
         n_boot = _check_n_boot(n_boot)
         sold = bool((self.premium > 0).all())  # cao_y0 is in % of a premium received: NaN for a bought book
         m = metrics.summary(self.pnl, premium=self.premium if sold else None, costs=self.cost, n_boot=n_boot or None)
@@ -70,47 +110,27 @@ class BacktestResult:
         if n_boot: out["objective_se"] = self.objective_se(n_boot)
         attribution = metrics.pnl_attribution(self.option_pnl, self.hedge_pnl, self.cost, total=self.pnl)
         out.update({k: v for k, v in attribution.items() if k.endswith("mean")})
-        if self.holdings is not None: out["turnover_mean"] = float(metrics.turnover(self.holdings, instruments=True).mean())
+        if self.holdings is not None: out["turnover_mean"] = float(metrics.turnover(self.holdings,
+                                                                                    instruments=True).mean())
         return out
 
     def __repr__(self):
         try: objective = f"{self.objective:.4g}"
         except ValueError: objective = "n/a"  # e.g. a standard deviation of one path
         return (f"BacktestResult({self.strategy!r} on {self.scenario.name!r}: {self.n_paths:,} paths, "
-                f"objective {objective} ({self.scenario.objective.label}), mean P&L {self.pnl.mean():.4g}, sd {self.pnl.std():.4g})")
-
-    def _repr_html_(self) -> str:
-        "In a notebook: the headline metrics as a table (no bootstrap: instant); `summary(n_boot=...)` has them all with errors."
-        import html
-        m = self.summary()
-        rows = [(self.scenario.objective.label, m["objective"]), ("mean P&L", m["mean"]), ("sd P&L", m["std"]), ("ES 95%", m["es_95"]),
-                ("mean cost", m["cost_mean"])] + ([("mean turnover", m["turnover_mean"])] if "turnover_mean" in m else [])
-        body = "".join(f"<tr><td>{html.escape(k)}</td><td style='text-align:right'>{v:.4g}</td></tr>" for k, v in rows)
-        return (f"<b>{html.escape(self.strategy)}</b> on <b>{html.escape(self.scenario.name)}</b>, {self.n_paths:,} paths"
-                f"<table>{body}</table>")
-
-    def plot(self, bins: int = 60, instrument: int = 0):
-        "A matplotlib figure: the terminal P&L distribution and, when holdings were recorded, the holding of `instrument` per date (median, 5–95% band)."
-        import matplotlib.pyplot as plt
-        fig, axes = plt.subplots(1, 1 + (self.holdings is not None), figsize=(10 if self.holdings is not None else 5, 3.5), squeeze=False)
-        ax = axes[0, 0]
-        ax.hist(self.pnl, bins=bins, color="tab:blue", alpha=0.8); ax.set(title=f"{self.strategy}: terminal P&L", xlabel="P&L", ylabel="paths")
-        if self.holdings is not None:
-            h, ax = self.holdings[:, :, instrument], axes[0, 1]
-            lo, mid, hi = np.percentile(h, [5, 50, 95], axis=0)
-            ax.fill_between(np.arange(h.shape[1]), lo, hi, alpha=0.3, color="tab:orange"); ax.plot(mid, color="tab:orange")
-            ax.set(title=f"holding of {self.scenario.instrument_names[instrument]}", xlabel="hedging date", ylabel="units")
-        fig.tight_layout()
-        return fig
+                f"objective {objective} ({self.scenario.objective.label}), mean P&L {self.pnl.mean():.4g}, sd "
+                f"{self.pnl.std():.4g})")
 
 # %% ../nbs/07_backtest.ipynb #287f0d20
 def _check_strategy(strategy):
     if not (callable(getattr(strategy, "act", None)) and callable(getattr(strategy, "reset", None))):
-        raise ValueError(f"strategy must implement the Strategy interface (reset(scenario) and act(observation)), got {type(strategy).__name__}")
+        raise ValueError(f"strategy must implement the Strategy interface (reset(scenario) and act(observation)), got "
+                         f"{type(strategy).__name__}")
 
 def _check_flag(name: str, x, none: bool = False):
     "`x` unchanged if it is True or False (or None with `none`), else a ValueError naming `name`."
-    if not (isinstance(x, (bool, np.bool_)) or none and x is None): raise ValueError(f"{name} must be True or False{' or None' * none}, got {x!r}")
+    if not (isinstance(x, (bool, np.bool_)) or none and x is None): raise ValueError(
+            f"{name} must be True or False{' or None' * none}, got {x!r}")
     return x
 
 # %% ../nbs/07_backtest.ipynb #e978a925
@@ -128,7 +148,8 @@ def _run_chunk(strategy: Strategy, scenario: Scenario, n: int, seed, antithetic:
 def _combine(parts: list[dict], scenario, strategy, seed, extra=None) -> BacktestResult:
     cat = {k: np.concatenate([p[k] for p in parts]) for k in ("pnl", "cost", "option_pnl", "hedge_pnl", "premium")}
     hold = np.concatenate([p["holdings"] for p in parts]) if parts[0]["holdings"] is not None else None
-    return BacktestResult(scenario, getattr(strategy, "name", type(strategy).__name__), bool(getattr(strategy, "learned", False)),
+    return BacktestResult(scenario, getattr(strategy, "name", type(strategy).__name__), bool(getattr(strategy,
+            "learned", False)),
                           seed, holdings=hold, extra=extra or {}, **cat)
 
 # %% ../nbs/07_backtest.ipynb #14bba135
@@ -143,12 +164,14 @@ def backtest(
     record_holdings: bool | None = None, # keep holdings per date; None: when n_paths <= 200,000
     progress: bool = False, # progress bar over chunks
 ) -> BacktestResult:
-    "Hedge `n_paths` fresh paths of `scenario` with `strategy`; identical results serially and on Dask for the same seed."
+    """Hedge `n_paths` fresh paths of `scenario` with `strategy`; identical results serially and on Dask for the same
+    seed."""
     scenario = as_scenario(scenario); _check_strategy(strategy)
     n_paths, chunk_size = check_int("n_paths", n_paths, 2), check_int("chunk_size", chunk_size)
     _check_flag("antithetic", antithetic); _check_flag("record_holdings", record_holdings, none=True)
     if scenario.market.model == "historical":
-        raise ValueError(f"scenario {scenario.name!r} is historical: backtest it with historical_backtest(strategy, scenario), on {scenario.market.params['source']}")
+        raise ValueError(f"scenario {scenario.name!r} is historical: backtest it with historical_backtest(strategy, "
+                         f"scenario), on {scenario.market.params['source']}")
     if seed is None: seed = int(np.random.SeedSequence().entropy % 2**63)
     record = n_paths <= 200_000 if record_holdings is None else bool(record_holdings)
     sizes = [min(chunk_size, n_paths - i) for i in range(0, n_paths, chunk_size)]
@@ -171,9 +194,11 @@ def local_cluster(n_workers: int | None = None, threads_per_worker: int | None =
     import dask
     from distributed import LocalCluster
     s = settings().dask
-    env = {k: v for k, v in dask.config.get("distributed.nanny.pre-spawn-environ", {}).items() if k != "MALLOC_TRIM_THRESHOLD_"}
+    env = {k: v for k, v in dask.config.get("distributed.nanny.pre-spawn-environ",
+                                            {}).items() if k != "MALLOC_TRIM_THRESHOLD_"}
     with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
-        return LocalCluster(n_workers=n_workers or s.n_workers, threads_per_worker=threads_per_worker or s.threads_per_worker,
+        return LocalCluster(n_workers=n_workers or s.n_workers,
+                            threads_per_worker=threads_per_worker or s.threads_per_worker,
                             processes=True, **{"dashboard_address": None, **kwargs})
 
 # %% ../nbs/07_backtest.ipynb #fbcaa650
@@ -190,7 +215,8 @@ def _closing_client(cluster):
 def _worker_environ() -> dict:
     "What a gateway cluster's workers take from the client's environment: the hedgerl settings and the hub's API."
     import os
-    return {k: v for k, v in os.environ.items() if k.startswith("HEDGERL_") or k in ("JUPYTERHUB_API_URL", "JUPYTERHUB_API_TOKEN")}
+    return {k: v for k, v in os.environ.items() if k.startswith("HEDGERL_") or k in ("JUPYTERHUB_API_URL",
+                                                                                     "JUPYTERHUB_API_TOKEN")}
 
 # %% ../nbs/07_backtest.ipynb #32e69ae7
 def _environ_plugin(environ: dict):
@@ -206,7 +232,8 @@ def _environ_plugin(environ: dict):
 _GATEWAY = "[dask] cluster = gateway"
 
 def _gateway_cluster(threads_per_worker: int, **options):
-    "A new cluster from the dask-gateway at `[dask] gateway_address` (or DASK_GATEWAY__ADDRESS), as the user of JUPYTERHUB_API_TOKEN."
+    """A new cluster from the dask-gateway at `[dask] gateway_address` (or DASK_GATEWAY__ADDRESS), as the user of
+    JUPYTERHUB_API_TOKEN."""
     import os
     import dask
     try:
@@ -214,9 +241,11 @@ def _gateway_cluster(threads_per_worker: int, **options):
         from dask_gateway import Gateway, JupyterHubAuth
     except ImportError: raise ImportError(f"{_GATEWAY} needs dask-gateway: pip install 'hedgerl[platform]'") from None
     address = settings().dask.gateway_address or dask.config.get("gateway.address", None)
-    if not address: raise ValueError(f"{_GATEWAY} but no gateway address: set [dask] gateway_address (HEDGERL_DASK_GATEWAY_ADDRESS) or DASK_GATEWAY__ADDRESS (a hub workspace has it)")
+    if not address: raise ValueError(f"{_GATEWAY} but no gateway address: set [dask] gateway_address "
+            f"(HEDGERL_DASK_GATEWAY_ADDRESS) or DASK_GATEWAY__ADDRESS (a hub workspace has it)")
     token = os.environ.get("JUPYTERHUB_API_TOKEN")
-    if not token: raise ValueError(f"{_GATEWAY} but JUPYTERHUB_API_TOKEN is not set: the gateway knows users by their hub token (a workspace has one; elsewhere make one on the hub's token page)")
+    if not token: raise ValueError(f"{_GATEWAY} but JUPYTERHUB_API_TOKEN is not set: the gateway knows users by their "
+                                   f"hub token (a workspace has one; elsewhere make one on the hub's token page)")
     where = f"the Dask gateway at {address} ([dask] gateway_address / DASK_GATEWAY__ADDRESS, {_GATEWAY})"
     gateway = Gateway(address, auth=JupyterHubAuth(token))
     try:
@@ -224,15 +253,18 @@ def _gateway_cluster(threads_per_worker: int, **options):
         except ValueError as e: raise ConnectionError(f"{where} is not a dask-gateway: {str(e)[:200]}") from None
         if "worker_threads" in opts: opts.worker_threads = threads_per_worker
         unknown = set(options) - set(opts)
-        if unknown: raise ValueError(f"{where} offers no cluster option {', '.join(sorted(unknown))}; it offers {', '.join(opts) or 'none'}")
+        if unknown: raise ValueError(f"{where} offers no cluster option {', '.join(sorted(unknown))}; it offers "
+                                     f"{', '.join(opts) or 'none'}")
         opts.update(options)
         try: return gateway.new_cluster(opts, shutdown_on_close=True)
         except ValueError as e: raise ValueError(f"{where} refused a cluster: {e}") from None
-    except (OSError, aiohttp.ClientConnectionError) as e: raise ConnectionError(f"{where} is unreachable: {e}") from None
+    except (OSError, aiohttp.ClientConnectionError) as e: raise ConnectionError(
+            f"{where} is unreachable: {e}") from None
     except aiohttp.ClientResponseError as e:
         if e.status in (401, 403):
             raise PermissionError(f"{where} refused the hub token in JUPYTERHUB_API_TOKEN ({e.status} {e.message}): "
-                                  "a user needs the scope access:services!service=dask-gateway (the hub's group researchers)") from None
+                                  "a user needs the scope access:services!service=dask-gateway (the hub's group "
+                                  "researchers)") from None
         raise ConnectionError(f"{where} answered {e.status} {e.message}") from None
     finally:  # (the cluster has a Gateway of its own)
         gateway.close()
@@ -245,62 +277,77 @@ def dask_client(
     timeout: float = 120, # seconds to wait for a gateway cluster's workers
     **kwargs, # more `local_cluster` arguments, or the gateway's cluster options
 ):
-    "A `distributed.Client` on a new cluster of its own: through the dask-gateway when `[dask] cluster = gateway`, a `local_cluster` otherwise. Closing the client (or leaving its `with` block) shuts the cluster down."
+    """A `distributed.Client` on a new cluster of its own: through the dask-gateway when `[dask] cluster = gateway`, a
+    `local_cluster` otherwise. Closing the client (or leaving its `with` block) shuts the cluster down."""
     import warnings
     s = settings().dask
     n_workers = s.n_workers if n_workers is None else check_int("n_workers", n_workers)
-    threads_per_worker = s.threads_per_worker if threads_per_worker is None else check_int("threads_per_worker", threads_per_worker)
+    threads_per_worker = s.threads_per_worker if threads_per_worker is None else check_int("threads_per_worker",
+            threads_per_worker)
     if s.cluster != "gateway": return _closing_client(local_cluster(n_workers, threads_per_worker, **kwargs))
     check_positive("timeout", timeout)
     cluster = _gateway_cluster(threads_per_worker, **kwargs)
     client = _closing_client(cluster)
     try:
         client.register_plugin(_environ_plugin(_worker_environ()), name="hedgerl-environ")
-        with warnings.catch_warnings(record=True) as said:  # a request over the cluster's limit is cut down with a warning
+        # a request over the cluster's limit is cut down with a warning
+        with warnings.catch_warnings(record=True) as said:
             warnings.simplefilter("always")
             cluster.scale(n_workers)
         for w in said:
-            if "exceed" in str(w.message): raise ValueError(f"n_workers = {n_workers}: the Dask gateway says {w.message}")
+            if "exceed" in str(w.message): raise ValueError(f"n_workers = {n_workers}: the Dask gateway says "
+                                                            f"{w.message}")
         client.wait_for_workers(n_workers, timeout=timeout)
     except BaseException as e:
         client.close()
-        if isinstance(e, TimeoutError): raise TimeoutError(f"the Dask gateway's cluster {cluster.name} did not get {n_workers} workers in {timeout} s ({_GATEWAY})") from None
+        if isinstance(e, TimeoutError): raise TimeoutError(f"the Dask gateway's cluster {cluster.name} did not get "
+                                                           f"{n_workers} workers in {timeout} s ({_GATEWAY})") from None
         raise
     return client
 
 # %% ../nbs/07_backtest.ipynb #546430ce
 def _read_csv_prices(p: Path) -> tuple[np.ndarray, np.ndarray]:
-    "Prices and dates of a CSV file with a date column and a close (or price) column, checked line by line; dates must increase."
+    """Prices and dates of a CSV file with a date column and a close (or price) column, checked line by line; dates
+    must increase."""
     with p.open(newline="") as f: rows = [r for r in csv.reader(f) if r]
     if len(rows) < 2: raise ValueError(f"{p}: no rows")
     cols = {c.strip().lower(): i for i, c in enumerate(rows[0])}
     pi = next((cols[c] for c in ("adj_close", "adj close", "close", "price") if c in cols), None)
     di = next((cols[c] for c in ("date", "time", "day") if c in cols), None)
-    if pi is None or di is None: raise ValueError(f"{p}: needs a date column and a close (or price) column, found {rows[0]}")
+    if pi is None or di is None: raise ValueError(f"{p}: needs a date column and a close (or price) column, found "
+                                                  f"{rows[0]}")
     prices, dates = np.empty(len(rows) - 1), np.empty(len(rows) - 1, "datetime64[D]")
     for i, row in enumerate(rows[1:]):
-        if len(row) != len(rows[0]): raise ValueError(f"{p}, row {i + 1}: {len(row)} value{'s' * (len(row) != 1)} for {len(rows[0])} columns")
+        if len(row) != len(rows[0]): raise ValueError(f"{p}, row {i + 1}: {len(row)} value{'s' * (len(row) != 1)} for "
+                                                      f"{len(rows[0])} columns")
         try: prices[i], dates[i] = float(row[pi]), np.datetime64(row[di].strip()[:10], "D")
-        except ValueError: raise ValueError(f"{p}, row {i + 1}: expected a date and a price, got {row[di]!r} and {row[pi]!r}") from None
+        except ValueError: raise ValueError(f"{p}, row {i + 1}: expected a date and a price, got {row[di]!r} and "
+                                            f"{row[pi]!r}") from None
     check_positive(f"{p} prices", prices)
     back = np.flatnonzero(np.diff(dates) <= np.timedelta64(0, "D"))
-    if back.size: raise ValueError(f"{p}, row {back[0] + 2}: dates must increase, {dates[back[0] + 1]} follows {dates[back[0]]}")
+    if back.size: raise ValueError(f"{p}, row {back[0] + 2}: dates must increase, {dates[back[0] + 1]} follows "
+                                   f"{dates[back[0]]}")
     return prices, dates
 
 # %% ../nbs/07_backtest.ipynb #577439ef
 def load_prices(source: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    "Daily prices and dates, oldest first, from `bokeh:TICKER` (bokeh-sampledata, via `hedgerl.data`) or a CSV file with date and close columns."
-    if not isinstance(source, (str, Path)): raise ValueError(f"price source must be 'bokeh:TICKER' or a CSV file, got {type(source).__name__}")
+    """Daily prices and dates, oldest first, from `bokeh:TICKER` (bokeh-sampledata, via `hedgerl.data`) or a CSV file
+    with date and close columns."""
+    if not isinstance(source, (str, Path)): raise ValueError(f"price source must be 'bokeh:TICKER' or a CSV file, got "
+                                                             f"{type(source).__name__}")
     if isinstance(source, str) and source.startswith("bokeh:"):
         df = data.sample_prices(source)
         return df["adj_close"].to_numpy(np.float64), df.index.to_numpy().astype("datetime64[D]")
-    if not Path(source).is_file(): raise ValueError(f"price source {str(source)!r} is neither bokeh:TICKER nor an existing CSV file")
+    if not Path(source).is_file(): raise ValueError(f"price source {str(source)!r} is neither bokeh:TICKER nor an "
+                                                    f"existing CSV file")
     return _read_csv_prices(Path(source))
 
 # %% ../nbs/07_backtest.ipynb #2b9a65e0
 def trailing_vol(prices: np.ndarray, window: int = 20, trading_days: int = 252) -> np.ndarray:
-    "Close-to-close realised volatility over the previous `window` returns, annualised (`hedgerl.data.realised_vol`); NaN until `window` returns exist."
-    return data.realised_vol(pd.Series(np.asarray(prices, dtype=np.float64)), window, "close-to-close", trading_days).to_numpy()
+    """Close-to-close realised volatility over the previous `window` returns, annualised (`hedgerl.data.realised_vol`);
+    NaN until `window` returns exist."""
+    return data.realised_vol(pd.Series(np.asarray(prices, dtype=np.float64)), window, "close-to-close",
+                             trading_days).to_numpy()
 
 # %% ../nbs/07_backtest.ipynb #97e66be5
 def historical_paths(
@@ -311,19 +358,23 @@ def historical_paths(
     stride: int = 1, # days between window starts
     source: str = "series", # a label for the data, kept in the scenario
 ) -> tuple[ScenarioPaths, np.ndarray]:
-    "Rolling windows (two at least) of a real price series as `ScenarioPaths` valued at the trailing realised volatility, and each window's start (date or index)."
+    """Rolling windows (two at least) of a real price series as `ScenarioPaths` valued at the trailing realised
+    volatility, and each window's start (date or index)."""
     scenario = as_scenario(scenario)
     prices = np.asarray(prices)
     if prices.dtype.kind not in "iuf": raise ValueError(f"prices must be numbers, got an array of {prices.dtype}")
     if prices.ndim != 1: raise ValueError(f"prices must be 1-D, got shape {prices.shape}")
     prices = check_positive("prices", prices.astype(np.float64))
-    if dates is not None and np.shape(dates) != prices.shape: raise ValueError(f"dates must match prices: {np.shape(dates)} dates for {prices.shape} prices")
+    if dates is not None and np.shape(dates) != prices.shape: raise ValueError(
+            f"dates must match prices: {np.shape(dates)} dates for {prices.shape} prices")
     vol_window, stride = check_int("vol_window", vol_window, 2), check_int("stride", stride)
     M = scenario.horizon
     starts = np.arange(vol_window, len(prices) - M, stride)
     if len(starts) < 2:
-        raise ValueError(f"the series has {len(prices)} prices: too short for a {vol_window}-day volatility window and a {M}-day book "
-                         f"({len(starts)} window{'s' * (len(starts) != 1)} with stride {stride}; the statistics need two)")
+        raise ValueError(f"the series has {len(prices)} prices: too short for a {vol_window}-day volatility window and "
+                         f"a {M}-day book "
+                         f"({len(starts)} window{'s' * (len(starts) != 1)} with stride {stride}; the statistics need "
+                         f"two)")
     s0 = scenario.market.s0
     scn = scenario.replace(market=Market("historical", {"source": source, "s0": s0}), name=f"{scenario.name}@{source}")
     idx = np.append(scn.decision_days, M)
@@ -332,7 +383,8 @@ def historical_paths(
     sig = trailing_vol(prices, vol_window, scn.trading_days)[starts[:, None] + np.arange(M + 1)]
     book, px = _book_and_prices(scn, daily, sig**2, None, idx, sigma=sig[:, idx])
     if scn.objective.kind == "cao" and not (book[:, 0] < 0).all():
-        raise ValueError(f"objective: cao is the hedging cost in % of the premium received, but the book is bought on {(book[:, 0] >= 0).sum()} "
+        raise ValueError(f"objective: cao is the hedging cost in % of the premium received, but the book is bought on "
+                         f"{(book[:, 0] >= 0).sum()} "
                          f"of {len(book)} windows; use es, std, entropic or mean_variance")
     times = idx / scn.trading_days
     sp = ScenarioPaths(scn, idx, times, daily[:, idx], sig[:, idx] ** 2, book, px, np.exp(-scn.r * times))
@@ -342,7 +394,8 @@ def historical_paths(
 def historical_backtest(
     strategy: Strategy, # anything with reset(scenario) and act(observation)
     scenario, # book, instruments, costs, calendar: a Scenario, a published name, a config file or a dict
-    prices=None, # a price array, or a source for `load_prices`; None: a historical scenario's market.params.source, else bokeh:AAPL
+    # a price array, or a source for `load_prices`; None: a historical scenario's market.params.source, else bokeh:AAPL
+    prices=None,
     vol_window: int = 20, # returns in the trailing volatility estimate
     stride: int = 1, # days between window starts
     record_holdings: bool = True,
@@ -350,7 +403,8 @@ def historical_backtest(
     "Roll the scenario's book over windows of a real price series and hedge each window with `strategy`."
     _check_strategy(strategy); _check_flag("record_holdings", record_holdings)
     scenario = as_scenario(scenario)
-    if prices is None: prices = scenario.market.params["source"] if scenario.market.model == "historical" else "bokeh:AAPL"
+    if prices is None: prices = scenario.market.params[
+            "source"] if scenario.market.model == "historical" else "bokeh:AAPL"
     dates, source = None, "series"
     if isinstance(prices, (str, Path)): source = str(prices); prices, dates = load_prices(prices)
     paths, starts = historical_paths(scenario, prices, dates, vol_window, stride, source)

@@ -27,7 +27,8 @@ def model_vol(
     option: Option, # the option to value: its strike and maturity matter for SABR and Heston
     obs: Observation, # the paths' state on a hedging date (spot, observed variance)
 ) -> np.ndarray:
-    "Black-Scholes vol for `option` per path, (n_paths,): GBM sigma, Merton total variance rate, SABR Hagan at K, Heston expected mean variance, historical observed."
+    """Black-Scholes vol for `option` per path, (n_paths,): GBM sigma, Merton total variance rate, SABR Hagan at K,
+    Heston expected mean variance, historical observed."""
     m, p = scenario.market.model, scenario.market.params
     tau = (option.maturity - obs.day) / scenario.trading_days
     n = obs.n_paths
@@ -48,7 +49,8 @@ def option_greeks(
     obs: Observation, # the paths' state on a hedging date
     vol=None, # a volatility overriding `model_vol`: a float or (n_paths,) array
 ) -> Greeks:
-    "Black-Scholes price and Greeks of one unit of `option` on each path, (n_paths,) each; all zero once it has expired."
+    """Black-Scholes price and Greeks of one unit of `option` on each path, (n_paths,) each; all zero once it has
+    expired."""
     tau = (option.maturity - obs.day) / scenario.trading_days
     if tau <= 0: return Greeks(*(np.zeros(obs.n_paths) for _ in range(6)))
     sig = model_vol(scenario, option, obs) if vol is None else vol
@@ -78,7 +80,8 @@ def _param(name: str, x, allow_zero: bool = False) -> float:
 def _grid(name: str, x, allow_zero: bool = False) -> np.ndarray:
     "Values of a parameter to fit over: a non-empty 1-D sequence of numbers, positive (non-negative with `allow_zero`)."
     g = np.asarray(x)
-    if g.dtype.kind not in "iuf" or g.ndim != 1: raise ValueError(f"{name} must be a 1-D sequence of numbers, got {reprlib.repr(x)}")
+    if g.dtype.kind not in "iuf" or g.ndim != 1: raise ValueError(f"{name} must be a 1-D sequence of numbers, got "
+                                                                  f"{reprlib.repr(x)}")
     if g.size == 0: raise ValueError(f"{name} is empty: give at least one value to try")
     return check_positive(name, g.astype(np.float64), allow_zero=allow_zero)
 
@@ -90,7 +93,8 @@ def _index(scenario: Scenario, kind: str) -> list[int]:
 def _underlying(scenario: Scenario, who: str) -> int:
     "Index of the underlying among the hedging instruments, or an error naming what the scenario has."
     u = _index(scenario, "underlying")
-    if not u: raise ValueError(f"{who} needs the underlying among the hedging instruments; the scenario has: {', '.join(scenario.instrument_names)}")
+    if not u: raise ValueError(f"{who} needs the underlying among the hedging instruments; the scenario has: "
+                               f"{', '.join(scenario.instrument_names)}")
     return u[0]
 
 # %% ../nbs/06_baselines.ipynb #f05be175
@@ -123,14 +127,16 @@ class DeltaHedge(Strategy):
 
 # %% ../nbs/06_baselines.ipynb #4f3979f3
 _ZETA_HALF = -1.4603545088095868  # Riemann zeta(1/2)
-DERMAN_KAMAL_ERROR = abs(_ZETA_HALF) / (math.pi * math.sqrt(2.0))  # relative error of the rule's SD is at most about this / sqrt(N)
+# relative error of the rule's SD is at most about this / sqrt(N)
+DERMAN_KAMAL_ERROR = abs(_ZETA_HALF) / (math.pi * math.sqrt(2.0))
 
 def derman_kamal_sd(
     vega, # the option's vega per 1.00 of volatility (times |quantity|)
     sigma, # volatility
     n_rebalances, # hedging dates N
 ):
-    "Derman & Kamal (1999) standard deviation of the P&L of an option delta-hedged N times: sqrt(pi/4) vega sigma / sqrt(N)."
+    """Derman & Kamal (1999) standard deviation of the P&L of an option delta-hedged N times: sqrt(pi/4) vega sigma /
+    sqrt(N)."""
     return math.sqrt(math.pi / 4) * np.asarray(vega) * sigma / np.sqrt(check_positive("n_rebalances", n_rebalances))
 
 # %% ../nbs/06_baselines.ipynb #c255fb23
@@ -146,13 +152,15 @@ def sd_se(
 
 # %% ../nbs/06_baselines.ipynb #b30dc67d
 class DeltaGamma(DeltaHedge):
-    "Neutralise the book's gamma with the first listed option among the hedging instruments, then delta with the underlying."
+    """Neutralise the book's gamma with the first listed option among the hedging instruments, then delta with the
+    underlying."""
     name = "delta-gamma"
     _n_options = 1 # listed options used, the first ones among the instruments
     def reset(self, scenario: Scenario) -> None:
         super().reset(scenario)
         self._k = _index(scenario, "option")
-        if not self._k: raise ValueError(f"{self.name} needs a listed option among the hedging instruments (kind='option'); the scenario has: {', '.join(scenario.instrument_names)}")
+        if not self._k: raise ValueError(f"{self.name} needs a listed option among the hedging instruments "
+                                         f"(kind='option'); the scenario has: {', '.join(scenario.instrument_names)}")
 
     def _solve(self, obs: Observation, bk: Greeks, gk: list[Greeks]) -> np.ndarray:
         "Units of the listed options, (n_paths, n_options used)."
@@ -172,17 +180,20 @@ class DeltaGamma(DeltaHedge):
 
 # %% ../nbs/06_baselines.ipynb #f4b9cec7
 class DeltaGammaVega(DeltaGamma):
-    "Neutralise the book's gamma and vega with the first two listed options (two maturities), then delta with the underlying."
+    """Neutralise the book's gamma and vega with the first two listed options (two maturities), then delta with the
+    underlying."""
     name = "delta-gamma-vega"
     _n_options = 2
     def reset(self, scenario: Scenario) -> None:
         DeltaHedge.reset(self, scenario)
         self._k = _index(scenario, "option")
         if len(self._k) < 2:
-            raise ValueError(f"{self.name} needs two listed options among the hedging instruments (kind='option'), the scenario has {len(self._k)}: {', '.join(scenario.instrument_names)}")
+            raise ValueError(f"{self.name} needs two listed options among the hedging instruments (kind='option'), the "
+                             f"scenario has {len(self._k)}: {', '.join(scenario.instrument_names)}")
         o1, o2 = (scenario.instruments[k].option for k in self._k[:2])
         if o1.maturity == o2.maturity:
-            raise ValueError(f"{self.name} needs two option maturities: both hedging options expire in {o1.maturity} days, and then vega = S^2 sigma tau gamma for both")
+            raise ValueError(f"{self.name} needs two option maturities: both hedging options expire in {o1.maturity} "
+                             f"days, and then vega = S^2 sigma tau gamma for both")
 
     def _solve(self, obs: Observation, bk: Greeks, gk: list[Greeks]) -> np.ndarray:
         (g1, v1), (g2, v2) = (gk[0].gamma, gk[0].vega), (gk[1].gamma, gk[1].vega)
@@ -234,7 +245,8 @@ class _Band(DeltaHedge):
 
 # %% ../nbs/06_baselines.ipynb #3435ba66
 class WhalleyWilmott(_Band):
-    "Whalley & Wilmott (1997) no-transaction band around the delta hedge, H = (3/2 e^{-r tau} lambda S Gamma^2 / gamma)^{1/3}."
+    """Whalley & Wilmott (1997) no-transaction band around the delta hedge, H = (3/2 e^{-r tau} lambda S Gamma^2 /
+    gamma)^{1/3}."""
     name = "whalley-wilmott"
     _param = "risk_aversion"
     def __init__(
@@ -246,7 +258,8 @@ class WhalleyWilmott(_Band):
 
     def half_width(self, obs: Observation, gamma: np.ndarray):
         s = obs.scenario
-        return np.cbrt(1.5 * math.exp(-s.r * obs.tau) * s.costs.proportional * obs.spot * gamma * gamma / self.risk_aversion)
+        return np.cbrt(1.5 * math.exp(
+                -s.r * obs.tau) * s.costs.proportional * obs.spot * gamma * gamma / self.risk_aversion)
 
     def fit(
         self,
@@ -271,7 +284,8 @@ class FixedBand(_Band):
         self.width = None if width is None else _param("width", width, allow_zero=True)
 
     def reset(self, scenario: Scenario) -> None:
-        if self.width is None: raise ValueError("FixedBand has no width: pass FixedBand(width=...) or call .fit(scenario) first")
+        if self.width is None: raise ValueError("FixedBand has no width: pass FixedBand(width=...) or call "
+                                                ".fit(scenario) first")
         super().reset(scenario)
 
     def half_width(self, obs: Observation, gamma: np.ndarray): return self.width
@@ -320,5 +334,6 @@ def make_baseline(
         raise ValueError(f"unknown baseline {name!r}; {hint}known: {', '.join(BASELINES)}")
     known = list(inspect.signature(BASELINES[name]).parameters)
     bad = [repr(k) for k in kwargs if k not in known]
-    if bad: raise ValueError(f"{name}: unknown parameter {', '.join(bad)}; {'known: ' + ', '.join(known) if known else 'it takes none'}")
+    if bad: raise ValueError(f"{name}: unknown parameter {', '.join(bad)}; "
+                             f"{'known: ' + ', '.join(known) if known else 'it takes none'}")
     return BASELINES[name](**kwargs)

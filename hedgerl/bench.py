@@ -70,9 +70,12 @@ def bench_simulators(
                     "heston": lambda: heston.simulate(n_paths, n_steps, dt, seed=seed)}, rounds)
     floor_rate = n / t["floor"]
     ref = "numpy floor: standard_normal + exp into an existing buffer"
-    detail = dict(n_paths=n_paths, n_steps=n_steps, dtype="float64", rounds=rounds, best_s={k: round(v, 4) for k, v in t.items()})
-    return [BenchResult(f"GBM paths {n_paths:,} x {n_steps}", "path-steps/s", n / t["gbm"], ref, floor_rate, 0.8, detail),
-            BenchResult(f"Heston QE paths {n_paths:,} x {n_steps}", "path-steps/s", n / t["heston"], ref, floor_rate, 0.25, detail)]
+    detail = dict(n_paths=n_paths, n_steps=n_steps, dtype="float64", rounds=rounds, best_s={k: round(v, 4) for k,
+            v in t.items()})
+    return [BenchResult(f"GBM paths {n_paths:,} x {n_steps}", "path-steps/s", n / t["gbm"], ref, floor_rate, 0.8,
+                        detail),
+            BenchResult(f"Heston QE paths {n_paths:,} x {n_steps}", "path-steps/s", n / t["heston"], ref, floor_rate,
+                        0.25, detail)]
 
 # %% ../nbs/90_bench.ipynb #c23d6c4f
 def _ql_sample(S, K, days, r, sigma, q):
@@ -84,8 +87,10 @@ def _ql_sample(S, K, days, r, sigma, q):
     for i in range(len(S)):
         spot = ql.SimpleQuote(float(S[i]))
         proc = ql.BlackScholesMertonProcess(ql.QuoteHandle(spot), flat(q[i]), flat(r[i]),
-                                            ql.BlackVolTermStructureHandle(ql.BlackConstantVol(today, ql.NullCalendar(), float(sigma[i]), dc)))
-        opt = ql.VanillaOption(ql.PlainVanillaPayoff(ql.Option.Call, float(K[i])), ql.EuropeanExercise(today + int(days[i])))
+                                            ql.BlackVolTermStructureHandle(ql.BlackConstantVol(today, ql.NullCalendar(),
+                                                    float(sigma[i]), dc)))
+        opt = ql.VanillaOption(ql.PlainVanillaPayoff(ql.Option.Call, float(K[i])),
+                               ql.EuropeanExercise(today + int(days[i])))
         opt.setPricingEngine(ql.AnalyticEuropeanEngine(proc))
         out.append((opt, spot))
     return out
@@ -99,7 +104,8 @@ def bench_black_scholes(
 ) -> BenchResult:
     "Black-Scholes price + all Greeks per second, hedgerl (vectorised) against QuantLib's analytic engine per option."
     try: import QuantLib  # noqa: F401
-    except ImportError as e: raise ImportError("the Black-Scholes benchmark compares with QuantLib: pip install QuantLib") from e
+    except ImportError as e: raise ImportError("the Black-Scholes benchmark compares with QuantLib: pip install "
+                                               "QuantLib") from e
     rng = as_generator(seed)
     n = check_int("n_options", n_options); m = min(check_int("n_quantlib", n_quantlib), n)
     days = rng.integers(7, 730, n)
@@ -145,7 +151,8 @@ def bench_env(
         batched.reset(seed=seed)
         for a in aN: batched.step(a)
     t = best_times({"single": run_single, "batched": run_batched}, rounds)
-    detail = dict(scenario=scenario, num_envs=num_envs, single_steps=single_steps, batched_steps=batched_steps, rounds=rounds,
+    detail = dict(scenario=scenario, num_envs=num_envs, single_steps=single_steps, batched_steps=batched_steps,
+                  rounds=rounds,
                   best_s={k: round(v, 4) for k, v in t.items()})
     return BenchResult(f"Batched env {num_envs:,} paths", "path-steps/s", batched_steps * num_envs / t["batched"],
                        "single-path HedgingEnv", single_steps / t["single"], 100.0, detail)
@@ -164,15 +171,18 @@ def bench_dask_backtest(
     from hedgerl.backtest import backtest, local_cluster
     from hedgerl.baselines import DeltaHedge
     n = check_int("n_paths", n_paths)
-    run = lambda client: backtest(DeltaHedge(), scenario, n_paths=n, seed=seed, chunk_size=chunk_size, client=client, record_holdings=False)
+    run = lambda client: backtest(DeltaHedge(), scenario, n_paths=n, seed=seed, chunk_size=chunk_size, client=client,
+                                  record_holdings=False)
     with local_cluster(n_workers=n_workers, threads_per_worker=1) as cluster, Client(cluster) as client:
         client.run(lambda: __import__("hedgerl.baselines"))  # warm the workers' imports outside the timing
         out = {}
-        t = best_times({"serial": lambda: out.__setitem__("serial", run(None)), "dask": lambda: out.__setitem__("dask", run(client))}, rounds)
+        t = best_times({"serial": lambda: out.__setitem__("serial", run(None)), "dask": lambda: out.__setitem__("dask",
+                run(client))}, rounds)
     same = bool(np.array_equal(out["serial"].pnl, out["dask"].pnl))
     detail = dict(n_paths=n, scenario=scenario, n_workers=n_workers, chunk_size=chunk_size, rounds=rounds,
                   best_s={k: round(v, 3) for k, v in t.items()}, identical_results=same)
-    return BenchResult(f"Backtest {n:,} paths on Dask ({n_workers} workers)", "paths/s", n / t["dask"], "the same backtest serially",
+    return BenchResult(f"Backtest {n:,} paths on Dask ({n_workers} workers)", "paths/s", n / t["dask"],
+                       "the same backtest serially",
                        n / t["serial"], 1.6, detail)
 
 # %% ../nbs/90_bench.ipynb #4751b3ea
@@ -180,7 +190,8 @@ BENCHMARKS: dict[str, Callable[[bool], list[BenchResult]]] = {
     "simulators": lambda quick: bench_simulators(*((4_000, 50, 1) if quick else (100_000, 252, 3))),
     "black-scholes": lambda quick: [bench_black_scholes(*((20_000, 100, 1) if quick else (1_000_000, 2_000, 3)))],
     "env": lambda quick: [bench_env(*((1_024, 500, 10, "cao2021-gbm-1m-1d", 1) if quick else ()))],
-    "dask-backtest": lambda quick: [bench_dask_backtest(*((20_000,) if quick else (1_000_000,)), rounds=1 if quick else 3)],
+    "dask-backtest": lambda quick: [bench_dask_backtest(*((20_000,) if quick else (1_000_000,)),
+                                                        rounds=1 if quick else 3)],
 }
 
 # %% ../nbs/90_bench.ipynb #fa43540d

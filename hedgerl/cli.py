@@ -42,7 +42,8 @@ def error_line(
     e: BaseException, # what the command raised
     command: str | None = None, # the command that failed: a missing package names that command's extra first
 ) -> str:
-    "One line that says what went wrong (no traceback): the message, the missing package and its extra, the file of an OS error."
+    """One line that says what went wrong (no traceback): the message, the missing package and its extra, the file of
+    an OS error."""
     if isinstance(e, ModuleNotFoundError) and e.name:
         top = e.name.split(".")[0]
         extra, mods = _COMMAND_EXTRAS.get(command, (None, ()))
@@ -51,7 +52,8 @@ def error_line(
     if isinstance(e, OSError) and e.strerror: msg = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
     elif isinstance(e, KeyError) and e.args: msg = str(e.args[0])
     else: msg = str(e) or type(e).__name__
-    if not isinstance(e, _EXPECTED): msg = f"unexpected {type(e).__name__}: {msg} (HEDGERL_DEBUG=1 shows the traceback; please report it)"
+    if not isinstance(e, _EXPECTED): msg = (f"unexpected {type(e).__name__}: {msg} (HEDGERL_DEBUG=1 shows the "
+                                            f"traceback; please report it)")
     return " ".join(msg.split())
 
 # %% ../nbs/99_cli.ipynb #37e9e3be
@@ -109,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
 
 # %% ../nbs/99_cli.ipynb #149a7455
 def _stop_on_sigterm() -> dict:
-    "SIGTERM and SIGHUP stop a command as Ctrl-C does (what it started is stopped, its run recorded); the old handlers, to restore."
+    """SIGTERM and SIGHUP stop a command as Ctrl-C does (what it started is stopped, its run recorded); the old
+    handlers, to restore."""
     if threading.current_thread() is not threading.main_thread(): return {}
     def stop(signum, frame): raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
     return {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
@@ -138,13 +141,15 @@ def _scenario_arg(text: str):
 # %% ../nbs/99_cli.ipynb #61a17e96
 def check_address(host: str, port: int, flag: str = "--port") -> tuple[str, int]:
     "A host and port to listen on, checked: a TCP port in 1..65535, a host that resolves, a port that is free there."
-    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535: raise ValueError(f"{flag} {port}: expected a TCP port in 1..65535")
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535: raise ValueError(
+            f"{flag} {port}: expected a TCP port in 1..65535")
     if not host or any(c.isspace() for c in host): raise ValueError(f"--host {host!r}: expected a host name or address")
     try: family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
     except (socket.gaierror, UnicodeError) as e: raise ValueError(f"--host {host!r}: cannot resolve it ({e})") from None
     with socket.socket(family, socket.SOCK_STREAM) as s:
         try: s.bind((host, port))
-        except OSError as e: raise ValueError(f"cannot listen on {host}:{port} ({e.strerror}): pick another {flag}") from None
+        except OSError as e: raise ValueError(
+                f"cannot listen on {host}:{port} ({e.strerror}): pick another {flag}") from None
     return host, port
 
 # %% ../nbs/99_cli.ipynb #a7f772d8
@@ -162,7 +167,8 @@ def serve(cmd: list[str], ready, message: str) -> int:
     proc = subprocess.Popen(cmd, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
     try:
         while proc.poll() is None and not ready(): time.sleep(0.2)
-        if proc.returncode is not None: raise RuntimeError(f"{Path(cmd[0]).name} exited with status {proc.returncode} before it served (its log is above)")
+        if proc.returncode is not None: raise RuntimeError(f"{Path(cmd[0]).name} exited with status {proc.returncode} "
+                                                           f"before it served (its log is above)")
         print(message, flush=True)
         return proc.wait()
     except KeyboardInterrupt:
@@ -185,7 +191,8 @@ def _listening(host: str, port: int) -> bool:
 def _add_up(sub) -> None:
     "`hedgerl up`: its arguments (and its handler, `_cmd_up`)."
     up = sub.add_parser("up", help="start the platform (JupyterLab on nbs/ for now)",
-                        description="Start JupyterLab on the notebooks at 127.0.0.1 and print its URL with a fresh token.")
+                        description="Start JupyterLab on the notebooks at 127.0.0.1 and print its URL with a fresh "
+                        "token.")
     up.add_argument("--host", help="address to listen on (default: [lab] host setting, 127.0.0.1)")
     up.add_argument("--port", type=int, help="port (default: [lab] port setting, 8888)")
     up.add_argument("--notebooks", help="folder to serve (default: nbs/ of this clone)")
@@ -195,17 +202,21 @@ def _cmd_up(args) -> int:
     "Start JupyterLab on the notebooks, on loopback, with a fresh token; print the URL once it answers."
     root = project_root()
     nbs = Path(args.notebooks) if args.notebooks else (root / "nbs" if root else None)
-    if nbs is None or not nbs.is_dir(): raise ValueError("no notebooks folder: run from a hedgerl clone or pass --notebooks PATH")
+    if nbs is None or not nbs.is_dir(): raise ValueError("no notebooks folder: run from a hedgerl clone or pass "
+                                                         "--notebooks PATH")
     s = settings()
     host, port = check_address(args.host or s.lab.host, s.lab.port if args.port is None else args.port)
     jupyter = shutil.which("jupyter", path=str(Path(sys.executable).parent)) or shutil.which("jupyter")
-    if jupyter is None: raise ValueError("JupyterLab is not installed here: pip install jupyterlab (make up installs it)")
+    if jupyter is None: raise ValueError("JupyterLab is not installed here: pip install jupyterlab (make up installs "
+                                         "it)")
     token = os.environ.get("HEDGERL_LAB_TOKEN") or secrets.token_urlsafe(24)
-    cmd = [jupyter, "lab", "--no-browser", f"--ServerApp.ip={host}", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
+    cmd = [jupyter, "lab", "--no-browser", f"--ServerApp.ip={host}", f"--ServerApp.port={port}",
+           "--ServerApp.port_retries=0",
            f"--ServerApp.root_dir={nbs.resolve()}", f"--IdentityProvider.token={token}"]
     if hasattr(os, "geteuid") and os.geteuid() == 0: cmd.append("--allow-root")
     print(f"hedgerl: starting JupyterLab on {nbs.resolve()}", flush=True)
-    return serve(cmd, lambda: _listening(host, port), f"hedgerl: open http://{host}:{port}/lab?token={token}\nhedgerl: stop with Ctrl-C")
+    return serve(cmd, lambda: _listening(host, port), f"hedgerl: open http://{host}:{port}/lab?token={token}\nhedgerl: "
+                 f"stop with Ctrl-C")
 
 # %% ../nbs/99_cli.ipynb #c6f939a2
 def _platform_pid(pidfile: Path) -> int | None:
@@ -223,12 +234,14 @@ def _hub_up(ctx, args) -> int:
 
     from hedgerl.registry import Registry
     import logging; logging.getLogger("alembic").setLevel(logging.WARNING)  # the schema checks below are not news
-    if threading.current_thread() is threading.main_thread():  # Ctrl-C stops it even if started where SIGINT is ignored (`&` in a script)
+    # Ctrl-C stops it even if started where SIGINT is ignored (`&` in a script)
+    if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
     pidfile, plat = ctx.state / "platform.pid", Platform(ctx)
 
-    if (pid := _platform_pid(pidfile)): raise ValueError(f"the platform is already running (pid {pid}, {plat.url}/hub/): `make down` stops it")
+    if (pid := _platform_pid(pidfile)): raise ValueError(f"the platform is already running (pid {pid}, "
+                                                         f"{plat.url}/hub/): `make down` stops it")
     proxy = ctx.bin.parent / "node" / "node_modules" / ".bin" / "configurable-http-proxy"
     if not proxy.exists(): raise ValueError(f"configurable-http-proxy is not installed at {proxy}: run `make install`")
     check_ports(ctx.settings)
@@ -238,13 +251,18 @@ def _hub_up(ctx, args) -> int:
     pidfile.write_text(f"{os.getpid()}\n")
     t0 = time.monotonic()
     try:
-        print(f"hedgerl: starting the hub, its proxy, the dask-gateway and the hedgerl service (log: {plat.log})", flush=True)
+        print(f"hedgerl: starting the hub, its proxy, the dask-gateway and the hedgerl service (log: {plat.log})",
+              flush=True)
         plat.start()
         print(f"hedgerl: the platform is up in {time.monotonic() - t0:.1f} s: open {plat.url}/hub/", flush=True)
-        if new: print(f"hedgerl: first login: user {name!r}, password {password!r} (shown once; kept in {ctx.state / 'admin-credentials'})\n"
-                      f"hedgerl: users sign up at {plat.url}/hub/signup; approve them at {plat.url}/hub/authorize", flush=True)
-        else: print(f"hedgerl: admin {name!r}: password in {ctx.state / 'admin-credentials'} (`hedgerl hub admin --reset` makes a new one)", flush=True)
-        for what in plat.wait_services(): print(f"hedgerl: warning: {what} does not answer; the hub serves without it (log: {plat.log})", file=sys.stderr, flush=True)
+        if new: print(f"hedgerl: first login: user {name!r}, password {password!r} (shown once; kept in "
+                      f"{ctx.state / 'admin-credentials'})\n"
+                      f"hedgerl: users sign up at {plat.url}/hub/signup; approve them at {plat.url}/hub/authorize",
+                      flush=True)
+        else: print(f"hedgerl: admin {name!r}: password in {ctx.state / 'admin-credentials'} (`hedgerl hub admin "
+                    f"--reset` makes a new one)", flush=True)
+        for what in plat.wait_services(): print(f"hedgerl: warning: {what} does not answer; the hub serves without it "
+                                                f"(log: {plat.log})", file=sys.stderr, flush=True)
         print("hedgerl: stop with Ctrl-C, or `make down` from another terminal", flush=True)
 
         if not args.no_reference: _seed_in_background(ctx)
@@ -263,7 +281,8 @@ def _seed_in_background(ctx) -> None:
         try:
             n = seed_reference(ctx.settings.registry.url, ctx.root)
             if n: print(f"hedgerl: recorded a shared reference evaluation ({n} strategies) in the registry", flush=True)
-        except Exception as e: print(f"hedgerl: the reference evaluation failed: {error_line(e)}", file=sys.stderr, flush=True)
+        except Exception as e: print(f"hedgerl: the reference evaluation failed: {error_line(e)}", file=sys.stderr,
+                                     flush=True)
     threading.Thread(target=work, daemon=True, name="hedgerl-reference").start()
 
 # %% ../nbs/99_cli.ipynb #0712a26c
@@ -271,11 +290,13 @@ def _hub_down(ctx, args) -> int:
     "Stop a platform that `hedgerl hub up` started (from another terminal); wait until it is gone."
     from hedgerl.platform import _pid_running
     pid = _platform_pid(ctx.state / "platform.pid")
-    if pid is None: print(f"hedgerl: the platform is not running (no live pid in {ctx.state / 'platform.pid'})"); return 0
+    if pid is None: print(
+            f"hedgerl: the platform is not running (no live pid in {ctx.state / 'platform.pid'})"); return 0
     os.kill(pid, signal.SIGTERM)
     t0 = time.monotonic()
     while _pid_running(pid):
-        if time.monotonic() - t0 > args.timeout: raise RuntimeError(f"the platform (pid {pid}) did not stop within {args.timeout:.0f} s")
+        if time.monotonic() - t0 > args.timeout: raise RuntimeError(f"the platform (pid {pid}) did not stop within "
+                                                                    f"{args.timeout:.0f} s")
         time.sleep(0.2)
     print(f"hedgerl: the platform (pid {pid}) stopped in {time.monotonic() - t0:.1f} s"); return 0
 
@@ -284,8 +305,10 @@ def _hub_admin(ctx, args) -> int:
     "Where the administrator's password is; with --reset, a new one (printed once)."
     from hedgerl.platform import admin_credentials
     name, password, new = admin_credentials(ctx, reset=args.reset)
-    if new: print(f"hedgerl: admin {name!r}: new password {password!r} (kept in {ctx.state / 'admin-credentials'}, 0600)")
-    else: print(f"hedgerl: admin {name!r}: the password is in {ctx.state / 'admin-credentials'} (0600); --reset makes a new one")
+    if new: print(f"hedgerl: admin {name!r}: new password {password!r} (kept in {ctx.state / 'admin-credentials'}, "
+                  f"0600)")
+    else: print(f"hedgerl: admin {name!r}: the password is in {ctx.state / 'admin-credentials'} (0600); --reset makes "
+                f"a new one")
     return 0
 
 # %% ../nbs/99_cli.ipynb #adbe74e1
@@ -302,26 +325,33 @@ def _hub_status(ctx, args) -> int:
 def _add_hub(sub) -> None:
     "`hedgerl hub`: its arguments (and its handler, `_cmd_hub`)."
     hb = sub.add_parser("hub", help="the platform: JupyterHub, its proxy, the dask-gateway and the hedgerl service",
-                        description="up: start the platform in the foreground (Ctrl-C stops it); down: stop it from another terminal; "
-                                    "admin: the administrator's password (--reset makes a new one); status: whether it runs.")
+                        description="up: start the platform in the foreground (Ctrl-C stops it); down: stop it from "
+                        "another terminal; "
+                                    "admin: the administrator's password (--reset makes a new one); status: whether it "
+                        "runs.")
     hb.add_argument("action", choices=("up", "down", "admin", "status"))
     hb.add_argument("--reset", action="store_true", help="admin: make a new administrator password")
-    hb.add_argument("--no-reference", action="store_true", help="up: do not record the reference evaluation in an empty registry")
-    hb.add_argument("--timeout", type=float, default=90.0, help="down: seconds to wait for the platform to stop (default 90)")
+    hb.add_argument("--no-reference", action="store_true", help="up: do not record the reference evaluation in an "
+                    "empty registry")
+    hb.add_argument("--timeout", type=float, default=90.0, help="down: seconds to wait for the platform to stop "
+                    "(default 90)")
     hb.set_defaults(func=_cmd_hub)
 
 def _cmd_hub(args) -> int:
     "`hedgerl hub up|down|admin|status`: the platform on this machine."
     from hedgerl.platform import PlatformContext
-    return {"up": _hub_up, "down": _hub_down, "admin": _hub_admin, "status": _hub_status}[args.action](PlatformContext(), args)
+    return {"up": _hub_up, "down": _hub_down, "admin": _hub_admin,
+            "status": _hub_status}[args.action](PlatformContext(), args)
 
 # %% ../nbs/99_cli.ipynb #a3064940
 @command
 def _add_price(sub) -> None:
     "`hedgerl price`: its arguments (and its handler, `_cmd_price`)."
     pr = sub.add_parser("price", help="Black-Scholes price and Greeks, or implied volatility",
-                        description="Price a European option (give --vol) or find its implied volatility (give --price).",
-                        epilog="example: hedgerl price --spot 100 --strike 105 --maturity 0.5 --rate 0.03 --vol 0.2 --kind put")
+                        description="Price a European option (give --vol) or find its implied volatility (give "
+                        "--price).",
+                        epilog="example: hedgerl price --spot 100 --strike 105 --maturity 0.5 --rate 0.03 --vol 0.2 "
+                        "--kind put")
     for flag, h in (("--spot", "spot price"), ("--strike", "strike"), ("--maturity", "time to maturity in years")):
         pr.add_argument(flag, type=float, required=True, help=h)
     pr.add_argument("--rate", type=float, default=0.0, help="risk-free rate, continuous (default 0)")
@@ -334,9 +364,11 @@ def _add_price(sub) -> None:
 def _cmd_price(args) -> int:
     "Print a Black-Scholes price with its Greeks, or an implied volatility."
     from hedgerl.pricing import bs_greeks, implied_vol
-    if (args.vol is None) == (args.price is None): raise ValueError("give exactly one of --vol (to price) or --price (for the implied volatility)")
+    if (args.vol is None) == (args.price is None): raise ValueError("give exactly one of --vol (to price) or --price "
+                                                                    "(for the implied volatility)")
     if args.price is not None:
-        iv = implied_vol(args.price, args.spot, args.strike, args.maturity, args.rate, args.div, kind=args.kind, errors="raise")
+        iv = implied_vol(args.price, args.spot, args.strike, args.maturity, args.rate, args.div, kind=args.kind,
+                         errors="raise")
         print(f"implied volatility {iv:.10g}")
         return 0
     g = bs_greeks(args.spot, args.strike, args.maturity, args.rate, args.vol, args.div, kind=args.kind)
@@ -348,7 +380,8 @@ def _cmd_price(args) -> int:
 def _add_scenarios(sub) -> None:
     "`hedgerl scenarios`: its arguments (and its handler, `_cmd_scenarios`)."
     sc = sub.add_parser("scenarios", help="list the published hedging scenarios",
-                        description="List the published scenarios that ship with hedgerl, or print one as YAML (a starting point for your own).")
+                        description="List the published scenarios that ship with hedgerl, or print one as YAML (a "
+                        "starting point for your own).")
     sc.add_argument("--show", metavar="NAME", help="print this scenario's config as YAML")
     sc.set_defaults(func=_cmd_scenarios)
 
@@ -365,15 +398,18 @@ def _cmd_scenarios(args) -> int:
 def _add_backtest(sub) -> None:
     "`hedgerl backtest`: its arguments (and its handler, `_cmd_backtest`)."
     bt = sub.add_parser("backtest", help="backtest a baseline strategy on a scenario",
-                        description="Hedge fresh paths of a scenario (a published name or a YAML/JSON file) with a baseline and print every metric.",
+                        description="Hedge fresh paths of a scenario (a published name or a YAML/JSON file) with a "
+                        "baseline and print every metric.",
                         epilog="example: hedgerl backtest fixed-band cao2021-gbm-1m-1d --n-paths 100000")
     bt.add_argument("strategy", help="no-hedge, delta, delta-gamma, delta-gamma-vega, whalley-wilmott, fixed-band")
     bt.add_argument("scenario", help="published scenario name (hedgerl scenarios) or a .yaml/.json file")
     bt.add_argument("--n-paths", type=int, default=100_000, help="test paths (default 100000)")
     bt.add_argument("--seed", type=int, default=2026, help="seed of the test paths (default 2026)")
-    bt.add_argument("--train-paths", type=int, default=20_000, help="training paths for tuned strategies (default 20000)")
+    bt.add_argument("--train-paths", type=int, default=20_000,
+                    help="training paths for tuned strategies (default 20000)")
     bt.add_argument("--n-boot", type=int, default=100, help="bootstrap replicates for standard errors (default 100)")
-    bt.add_argument("--historical", metavar="SOURCE", help="roll the book over a real price series instead: bokeh:AAPL or a CSV file")
+    bt.add_argument("--historical", metavar="SOURCE", help="roll the book over a real price series instead: bokeh:AAPL "
+                    "or a CSV file")
     bt.set_defaults(func=_cmd_backtest)
 
 def _cmd_backtest(args) -> int:
@@ -395,17 +431,21 @@ def _cmd_backtest(args) -> int:
 def _add_leaderboard(sub) -> None:
     "`hedgerl leaderboard`: its arguments (and its handler, `_cmd_leaderboard`)."
     lb = sub.add_parser("leaderboard", help="evaluate every strategy on every scenario",
-                        description="Test strategies on the same fresh paths of each scenario; write reports/leaderboard.md and .json.")
+                        description="Test strategies on the same fresh paths of each scenario; write "
+                        "reports/leaderboard.md and .json.")
     lb.add_argument("--scenarios", nargs="+", metavar="NAME", help="published scenarios (default: all)")
     lb.add_argument("--strategies", nargs="+", metavar="NAME", help="baselines (default: every applicable one)")
     lb.add_argument("--n-paths", type=int, default=100_000, help="test paths per scenario (default 100000)")
     lb.add_argument("--seed", type=int, default=2026, help="seed of the test paths (default 2026)")
-    lb.add_argument("--train-paths", type=int, default=20_000, help="training paths for tuned strategies (default 20000)")
+    lb.add_argument("--train-paths", type=int, default=20_000,
+                    help="training paths for tuned strategies (default 20000)")
     lb.add_argument("--n-boot", type=int, default=100, help="bootstrap replicates (default 100)")
-    lb.add_argument("--dask", action="store_true", help="run on a Dask cluster: the dask-gateway in a workspace, else a local one ([dask] settings)")
+    lb.add_argument("--dask", action="store_true", help="run on a Dask cluster: the dask-gateway in a workspace, else "
+                    "a local one ([dask] settings)")
     lb.add_argument("--out", default="reports", help="output folder (default reports)")
     lb.add_argument("--models", default="reports/models", metavar="DIR",
-                    help="saved agents that join the scenarios they were trained on (default reports/models; 'none' for baselines only)")
+                    help="saved agents that join the scenarios they were trained on (default reports/models; 'none' "
+                    "for baselines only)")
     lb.set_defaults(func=_cmd_leaderboard)
 
 def _cmd_leaderboard(args) -> int:
@@ -426,7 +466,8 @@ def _cmd_leaderboard(args) -> int:
         if args.models != "none":
             from hedgerl.results import saved_agents
             learned = saved_agents(args.models)
-        recs = run_leaderboard(args.scenarios, strategies, n_paths=args.n_paths, seed=args.seed, train_paths=args.train_paths,
+        recs = run_leaderboard(args.scenarios, strategies, n_paths=args.n_paths, seed=args.seed,
+                               train_paths=args.train_paths,
                                n_boot=args.n_boot, client=client, out_dir=args.out, learned=learned)
     finally:
         if client is not None: client.close()  # and its cluster
@@ -438,9 +479,11 @@ def _cmd_leaderboard(args) -> int:
 def _add_results(sub) -> None:
     "`hedgerl results`: its arguments (and its handler, `_cmd_results`)."
     rs = sub.add_parser("results", help="train the learned hedges of the published scenarios and judge them",
-                        description="Train every recipe of hedgerl.results (timed), save the models to OUT/models/, test them on 100,000 "
+                        description="Train every recipe of hedgerl.results (timed), save the models to OUT/models/, "
+                        "test them on 100,000 "
                                     "fresh paths next to the baselines, write OUT/results.md and .json.")
-    rs.add_argument("--only", nargs="+", metavar="NAME", help="scenarios (or scenario--agent) to run (default: every recipe)")
+    rs.add_argument("--only", nargs="+", metavar="NAME", help="scenarios (or scenario--agent) to run (default: every "
+                    "recipe)")
     rs.add_argument("--quick", action="store_true", help="smoke size: a twentieth of the budgets, 5,000 test paths")
     rs.add_argument("--seed", type=int, default=2026, help="seed of the test paths (default 2026)")
     rs.add_argument("--out", default="reports", help="output folder (default reports)")
@@ -460,7 +503,8 @@ def _cmd_results(args) -> int:
 def _add_db(sub) -> None:
     "`hedgerl db`: its arguments (and its handler, `_cmd_db`)."
     db = sub.add_parser("db", help="the registry database: upgrade or status",
-                        description="Apply the registry's schema migrations (upgrade) or show its revision and tables (status).")
+                        description="Apply the registry's schema migrations (upgrade) or show its revision and tables "
+                        "(status).")
     db.add_argument("action", choices=("upgrade", "status"))
     db.add_argument("--url", help="database URL (default: [registry] url setting, HEDGERL_REGISTRY_URL)")
     db.set_defaults(func=_cmd_db)
@@ -469,8 +513,10 @@ def _cmd_db(args) -> int:
     "Upgrade the registry database to the newest schema, or show where it stands."
     from hedgerl.registry import Registry, is_service_url
     url = args.url if args.url is not None else settings().registry.url
-    if is_service_url(str(url)): raise ValueError(f"the registry here is the hedgerl service ({url}): its database is the service's; run `hedgerl db` where the service runs")
-    reg = Registry(url, create=args.action == "upgrade")  # status never creates a database (a mistyped path is an error)
+    if is_service_url(str(url)): raise ValueError(f"the registry here is the hedgerl service ({url}): its database is "
+                                                  f"the service's; run `hedgerl db` where the service runs")
+    # status never creates a database (a mistyped path is an error)
+    reg = Registry(url, create=args.action == "upgrade")
 
     if args.action == "upgrade":
         reg.upgrade()
@@ -483,11 +529,14 @@ def _cmd_db(args) -> int:
 def _add_bench(sub) -> None:
     "`hedgerl bench`: its arguments (and its handler, `_cmd_bench`)."
     be = sub.add_parser("bench", help="run the performance benchmarks",
-                        description="Measure hedgerl side by side with references (the machine's floor, QuantLib) and write JSON under reports/bench/.")
-    be.add_argument("--only", nargs="+", metavar="NAME", help="benchmarks to run: simulators, black-scholes (default: all)")
+                        description="Measure hedgerl side by side with references (the machine's floor, QuantLib) and "
+                        "write JSON under reports/bench/.")
+    be.add_argument("--only", nargs="+", metavar="NAME", help="benchmarks to run: simulators, black-scholes (default: "
+                    "all)")
     be.add_argument("--quick", action="store_true", help="small sizes, to try the command in seconds")
     be.add_argument("--out", default="reports/bench", help="folder for the JSON results (default reports/bench)")
-    be.add_argument("--suite", default="core", help="results file name (default core); `platform` times make up, a workspace's start and a gateway cluster; `dashboards` the evaluation page in Chromium")
+    be.add_argument("--suite", default="core", help="results file name (default core); `platform` times make up, a "
+                    "workspace's start and a gateway cluster; `dashboards` the evaluation page in Chromium")
     be.add_argument("--no-write", action="store_true", help="print only")
     be.set_defaults(func=_cmd_bench)
 
@@ -495,20 +544,25 @@ def _cmd_bench(args) -> int:
     "Run the benchmarks and write JSON results."
     from hedgerl.bench import run_bench
     if not args.no_write: writable_folder(args.out, "--out")  # before minutes of measuring
-    if args.suite == "service":  # 50 readers through the hub's proxy, and hedge's throughput (see hedgerl.client.bench_service)
+    # 50 readers through the hub's proxy, and hedge's throughput (see hedgerl.client.bench_service)
+    if args.suite == "service":
         from hedgerl.client import bench_service
         doc = bench_service(out_dir=None if args.no_write else args.out)
-        for r in doc["results"]: print(f"{r['name']:<34} {r['value']:>10} {r.get('unit', ''):<18} goal {r['goal']:<7} {'met' if r['met'] else 'NOT MET'}")
+        for r in doc["results"]: print(f"{r['name']:<34} {r['value']:>10} {r.get('unit', ''):<18} goal {r['goal']:<7} "
+                                       f"{'met' if r['met'] else 'NOT MET'}")
         if not args.no_write: print(f"hedgerl: results written to {Path(args.out) / 'service.json'}")
         return 0 if all(r["met"] for r in doc["results"]) else 1
 
-    waits = {"platform": "hedgerl.platform:bench_platform",  # make up, a workspace's start, a gateway cluster, on a throwaway platform
-             "dashboards": "hedgerl.dashboards:bench_dashboards"}  # the evaluation page in Chromium: first render, widget changes
+    # make up, a workspace's start, a gateway cluster, on a throwaway platform
+    waits = {"platform": "hedgerl.platform:bench_platform",
+             # the evaluation page in Chromium: first render, widget changes
+             "dashboards": "hedgerl.dashboards:bench_dashboards"}
     if args.suite in waits:
         import importlib
         module, fn = waits[args.suite].split(":")
         doc = getattr(importlib.import_module(module), fn)(None if args.no_write else args.out)
-        for r in doc["results"]: print(f"{r['name']:<30} {r['seconds']:7.2f} s   goal < {r['goal_s']:g} s   {'met' if r['met'] else 'NOT MET'}")
+        for r in doc["results"]: print(f"{r['name']:<30} {r['seconds']:7.2f} s   goal < {r['goal_s']:g} s   "
+                                       f"{'met' if r['met'] else 'NOT MET'}")
         if not args.no_write: print(f"hedgerl: results written to {Path(args.out) / (args.suite + '.json')}")
         return 0 if all(r["met"] for r in doc["results"]) else 1
     res = run_bench(only=args.only, quick=args.quick, out_dir=None if args.no_write else args.out, suite=args.suite)
@@ -544,7 +598,8 @@ def _space_arg(text: str):
     "LOW:HIGH, LOW:HIGH:log, or A,B,C (choices)."
     if ":" in text:
         parts = text.split(":")
-        if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "log"): raise ValueError(f"--space range {text!r}: expected LOW:HIGH or LOW:HIGH:log")
+        if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "log"): raise ValueError(
+                f"--space range {text!r}: expected LOW:HIGH or LOW:HIGH:log")
         lo, hi = _value(parts[0]), _value(parts[1])
         return (lo, hi, "log") if len(parts) == 3 else (lo, hi)
     return [_value(v) for v in text.split(",")]
@@ -556,12 +611,15 @@ def _run_options(
 ) -> None:
     "The options of every command that trains: budget, objective, parameters, seeds, validation, registry, threads."
     q.add_argument("--budget", type=int, help=budget_help)
-    q.add_argument("--objective", metavar="KIND[:PARAM]", help="replace the scenario's risk objective, e.g. es:0.5, cao:1.5, std")
-    q.add_argument("--param", action="append", metavar="NAME=VALUE", help="an agent hyperparameter (repeatable), e.g. --param lr=0.003")
+    q.add_argument("--objective", metavar="KIND[:PARAM]", help="replace the scenario's risk objective, e.g. es:0.5, "
+                   "cao:1.5, std")
+    q.add_argument("--param", action="append", metavar="NAME=VALUE",
+                   help="an agent hyperparameter (repeatable), e.g. --param lr=0.003")
     q.add_argument("--seed", type=int, help="seed of the agent's weights and training paths (default 0)")
     q.add_argument("--valid-paths", type=int, help="validation paths (default 2000)")
     q.add_argument("--valid-every", type=int, help="units between validations and checkpoints (default: the agent's)")
-    q.add_argument("--registry", metavar="URL", help="registry database (default: [registry] url setting, HEDGERL_REGISTRY_URL)")
+    q.add_argument("--registry", metavar="URL", help="registry database (default: [registry] url setting, "
+                   "HEDGERL_REGISTRY_URL)")
     q.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1; 0: torch's default)")
 
 # %% ../nbs/99_cli.ipynb #8aac3a2a
@@ -571,23 +629,29 @@ def _train_options(q) -> None:
     q.add_argument("--patience", type=int, help="stop after this many validations without improvement")
     q.add_argument("--test-paths", type=int, help="fresh test paths (default 10000)")
     q.add_argument("--test-seed", type=int, help="seed of the test paths (default 2026)")
-    q.add_argument("--runs-dir", help="each run writes into a new folder RUNS_DIR/<date>-run<id>-<random>/ (default: runs/ in the [data] folder)")
+    q.add_argument("--runs-dir", help="each run writes into a new folder RUNS_DIR/<date>-run<id>-<random>/ (default: "
+                   "runs/ in the [data] folder)")
 
 # %% ../nbs/99_cli.ipynb #6176849c
 def _train_kwargs(args) -> dict:
     "The `hedgerl.runs.train` options shared by train and sweep."
     params = {k: _value(v) for k, v in _assignments(args.param, "--param").items()}
-    return dict(objective=args.objective, params=params or None, seed=args.seed, device=args.device, valid_paths=args.valid_paths,
-                valid_every=args.valid_every, patience=args.patience, test_paths=args.test_paths, test_seed=args.test_seed,
+    return dict(objective=args.objective, params=params or None, seed=args.seed, device=args.device,
+                valid_paths=args.valid_paths,
+                valid_every=args.valid_every, patience=args.patience, test_paths=args.test_paths,
+                test_seed=args.test_seed,
                 runs_dir=args.runs_dir, registry=args.registry, threads=args.threads)
 
 # %% ../nbs/99_cli.ipynb #fe2be9c5
 @command
 def _add_train(sub) -> None:
     "`hedgerl train`: its arguments (and its handler, `_cmd_train`)."
-    tr = sub.add_parser("train", help="train an agent: a papermill run of nbs/runs/train.ipynb, recorded in the registry",
-                        description="Execute the training notebook with papermill into a new folder RUNS_DIR/<date>-run<id>-<random>/ (executed notebook, metrics.json, "
-                                    "model.zip, checkpoint.zip) as one registry run. Ctrl-C saves a checkpoint and marks the run interrupted; "
+    tr = sub.add_parser("train", help="train an agent: a papermill run of nbs/runs/train.ipynb, recorded in the "
+                        "registry",
+                        description="Execute the training notebook with papermill into a new folder "
+                        "RUNS_DIR/<date>-run<id>-<random>/ (executed notebook, metrics.json, "
+                                    "model.zip, checkpoint.zip) as one registry run. Ctrl-C saves a checkpoint and "
+                        "marks the run interrupted; "
                                     "--resume RUN_ID continues it.",
                         epilog="example: hedgerl train ntb cao2021-gbm-1m-1d --budget 500 --param n_paths=10000")
     tr.add_argument("agent", nargs="?", help="ntb, deep-hedger, dqn, ppo, sac (from the resumed run with --resume)")
@@ -596,7 +660,8 @@ def _add_train(sub) -> None:
     _train_options(tr)
     tr.add_argument("--experiment", default="train", help="registry experiment (default train)")
     tr.add_argument("--name", help="run name")
-    tr.add_argument("--resume", type=int, metavar="RUN_ID", help="continue an interrupted or failed run from its checkpoint (same configuration)")
+    tr.add_argument("--resume", type=int, metavar="RUN_ID", help="continue an interrupted or failed run from its "
+                    "checkpoint (same configuration)")
     tr.add_argument("--notebook", help="template to execute (default nbs/runs/train.ipynb)")
     tr.set_defaults(func=_cmd_train)
 
@@ -605,7 +670,8 @@ def _cmd_train(args) -> int:
     from hedgerl.runs import RunFailed, train
     kw = _train_kwargs(args)
     try: r = train(args.agent, args.scenario, args.budget, **kw, experiment=args.experiment, name=args.name,
-                   resume=args.resume, notebook=args.notebook, progress=True)  # each validation's metrics as they are logged
+                   # each validation's metrics as they are logged
+                   resume=args.resume, notebook=args.notebook, progress=True)
     except RunFailed as e:
         print(f"hedgerl train: {e}{missing_extra(str(e))}", file=sys.stderr); return 1
     except KeyboardInterrupt as e:
@@ -620,14 +686,17 @@ def _cmd_train(args) -> int:
 def _add_sweep(sub) -> None:
     "`hedgerl sweep`: its arguments (and its handler, `_cmd_sweep`)."
     sw = sub.add_parser("sweep", help="train a grid of configurations in parallel on Dask",
-                        description="Train every combination of the --grid values, each one papermill run (see hedgerl train), on a Dask "
-                                    "local cluster; a failed run does not stop the others. Exit status 1 if any failed.",
-                        epilog="example: hedgerl sweep ntb cao2021-gbm-1m-1d --budget 200 --grid lr=0.003,0.01 --grid seed=0,1")
+                        description="Train every combination of the --grid values, each one papermill run (see hedgerl "
+                        "train), on a Dask "
+            "local cluster; a failed run does not stop the others. Exit status 1 if any failed.",
+                        epilog="example: hedgerl sweep ntb cao2021-gbm-1m-1d --budget 200 --grid lr=0.003,0.01 --grid "
+                        "seed=0,1")
     sw.add_argument("agent", nargs="?", help="agent (or vary it with --grid agent=...)")
     sw.add_argument("scenario", nargs="?", help="scenario (or vary it with --grid scenario=...)")
     _run_options(sw, "training units of every run")
     _train_options(sw)
-    sw.add_argument("--grid", action="append", metavar="NAME=V1,V2", help="values of a train option or hyperparameter (repeatable)")
+    sw.add_argument("--grid", action="append", metavar="NAME=V1,V2",
+                    help="values of a train option or hyperparameter (repeatable)")
     sw.add_argument("--workers", type=int, help="Dask workers (default: [dask] n_workers setting)")
     sw.add_argument("--experiment", default="sweep", help="registry experiment (default sweep)")
     sw.set_defaults(func=_cmd_sweep)
@@ -641,12 +710,14 @@ def _cmd_sweep(args) -> int:
     if args.workers:
         from hedgerl.backtest import dask_client
         client = dask_client(n_workers=args.workers)
-    try: res = sweep(grid, args.agent, args.scenario, args.budget, client=client, experiment=args.experiment, **_train_kwargs(args))
+    try: res = sweep(grid, args.agent, args.scenario, args.budget, client=client, experiment=args.experiment,
+                     **_train_kwargs(args))
     finally:
         if client is not None: client.close()  # and its cluster
 
     import pandas as pd
-    with pd.option_context("display.width", 200, "display.max_columns", 50): print(res.drop(columns=["error"]).to_string(index=False))
+    with pd.option_context("display.width", 200, "display.max_columns",
+                           50): print(res.drop(columns=["error"]).to_string(index=False))
     for _, row in res[res.status != "finished"].iterrows():
         print(f"hedgerl sweep: run {row.run_id}: {row.error}{missing_extra(row.error)}", file=sys.stderr)
     return 0 if (res.status == "finished").all() else 1
@@ -656,14 +727,17 @@ def _cmd_sweep(args) -> int:
 def _add_tune(sub) -> None:
     "`hedgerl tune`: its arguments (and its handler, `_cmd_tune`)."
     tu = sub.add_parser("tune", help="search an agent's hyperparameters with Optuna (study in the registry database)",
-                        description="Optuna search (TPE, median pruning) of the validation objective; each trial trains in this process. "
+                        description="Optuna search (TPE, median pruning) of the validation objective; each trial "
+                        "trains in this process. "
                                     "The study is stored in the registry database; the same --study name resumes it.",
-                        epilog="example: hedgerl tune ntb cao2021-gbm-1m-1d --trials 20 --budget 50 --space lr=1e-3:3e-2:log --space hidden=16,32,64")
+                        epilog="example: hedgerl tune ntb cao2021-gbm-1m-1d --trials 20 --budget 50 --space "
+                        "lr=1e-3:3e-2:log --space hidden=16,32,64")
     tu.add_argument("agent", help="ntb, deep-hedger, dqn, ppo, sac")
     tu.add_argument("scenario", help="published scenario name or a .yaml/.json file")
     _run_options(tu, "training units per trial (default 50)")
     tu.add_argument("--trials", type=int, default=20, help="trials to run now (default 20)")
-    tu.add_argument("--space", action="append", metavar="NAME=RANGE", help="LOW:HIGH, LOW:HIGH:log or A,B,C (repeatable; default: the agent's)")
+    tu.add_argument("--space", action="append", metavar="NAME=RANGE",
+                    help="LOW:HIGH, LOW:HIGH:log or A,B,C (repeatable; default: the agent's)")
     tu.add_argument("--study", help="study name (default AGENT/SCENARIO); an existing study is resumed")
     tu.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
     tu.add_argument("--sampler-seed", type=int, help="seed of the TPE sampler")
@@ -674,8 +748,10 @@ def _cmd_tune(args) -> int:
     from hedgerl.runs import tune
     space = {k: _space_arg(v) for k, v in _assignments(args.space, "--space").items()} or None
     params = {k: _value(v) for k, v in _assignments(args.param, "--param").items()}
-    r = tune(args.agent, args.scenario, space, n_trials=args.trials, budget=args.budget, objective=args.objective, params=params,
-             seed=args.seed, valid_paths=args.valid_paths, valid_every=args.valid_every, study=args.study, registry=args.registry,
+    r = tune(args.agent, args.scenario, space, n_trials=args.trials, budget=args.budget, objective=args.objective,
+             params=params,
+             seed=args.seed, valid_paths=args.valid_paths, valid_every=args.valid_every, study=args.study,
+             registry=args.registry,
              timeout=args.timeout, sampler_seed=args.sampler_seed, threads=args.threads)
     print(f"hedgerl: study {r['study']!r}: {r['n_trials']} trials ({r['n_complete']} complete) in {r['registry']}")
     print(f"best validation objective {r['best_value']:.6g} with {json.dumps(r['best_params'])}")
@@ -686,17 +762,24 @@ def _cmd_tune(args) -> int:
 def _add_report(sub) -> None:
     "`hedgerl report`: its arguments (and its handler, `_cmd_report`)."
     rp = sub.add_parser("report", help="an HTML and PDF report of a scenario, a run, an experiment or the leaderboard",
-                        description="Execute a report notebook with papermill (hedgerl.reports) and write <name>.html, .pdf and .json (its numbers) "
-                                    "into --out-dir: a scenario's baselines, a run's models and parameters, an experiment's runs, or the leaderboard. "
+                        description="Execute a report notebook with papermill (hedgerl.reports) and write <name>.html, "
+                        ".pdf and .json (its numbers) "
+                                    "into --out-dir: a scenario's baselines, a run's models and parameters, an "
+                        "experiment's runs, or the leaderboard. "
                                     "The PDF is printed by the installed Chromium; nothing is downloaded.",
-                        epilog="examples: hedgerl report cao2021-gbm-1m-1d; hedgerl report 12; hedgerl report my-experiment; hedgerl report leaderboard")
-    rp.add_argument("target", help="a published scenario (hedgerl scenarios) or .yaml/.json file, a run id, an experiment name, or 'leaderboard'")
+                        epilog="examples: hedgerl report cao2021-gbm-1m-1d; hedgerl report 12; hedgerl report "
+                        "my-experiment; hedgerl report leaderboard")
+    rp.add_argument("target", help="a published scenario (hedgerl scenarios) or .yaml/.json file, a run id, an "
+                    "experiment name, or 'leaderboard'")
     rp.add_argument("--out-dir", default="reports", help="folder of the report's files (default reports)")
-    rp.add_argument("--n-paths", type=int, default=10_000, help="test paths, the same for every strategy (default 10000)")
+    rp.add_argument("--n-paths", type=int, default=10_000, help="test paths, the same for every strategy (default "
+                    "10000)")
     rp.add_argument("--seed", type=int, default=2026, help="seed of the test paths (default 2026)")
-    rp.add_argument("--registry", metavar="URL", help="registry of runs and experiments (default: the [registry] url setting)")
+    rp.add_argument("--registry", metavar="URL", help="registry of runs and experiments (default: the [registry] url "
+                    "setting)")
     rp.add_argument("--leaderboard", metavar="FILE", help="leaderboard file (default reports/leaderboard.json)")
-    rp.add_argument("--chromium", metavar="PATH", help="Chromium that prints the PDF (default $HEDGERL_CHROMIUM or /usr/bin/chromium)")
+    rp.add_argument("--chromium", metavar="PATH", help="Chromium that prints the PDF (default $HEDGERL_CHROMIUM or "
+                    "/usr/bin/chromium)")
     rp.add_argument("--no-pdf", action="store_true", help="write the HTML only")
     rp.set_defaults(func=_cmd_report)
 
@@ -704,7 +787,8 @@ def _cmd_report(args) -> int:
     "Write the report of args.target; print where its files are."
     from hedgerl.reports import report
     writable_folder(args.out_dir, "--out-dir")
-    out = report(args.target, out_dir=args.out_dir, registry=args.registry, n_paths=args.n_paths, seed=args.seed, pdf=not args.no_pdf,
+    out = report(args.target, out_dir=args.out_dir, registry=args.registry, n_paths=args.n_paths, seed=args.seed,
+                 pdf=not args.no_pdf,
                  leaderboard=args.leaderboard, chromium=args.chromium)
     for k in ("html", "pdf"):
         if k in out: print(f"{k:<4} {out[k]}")
@@ -715,7 +799,8 @@ def _cmd_report(args) -> int:
 def _add_settings(sub) -> None:
     "`hedgerl settings`: its arguments (and its handler, `_cmd_settings`)."
     st = sub.add_parser("settings", help="show the platform settings in effect",
-                        description="Print the settings in effect (settings.ini, then HEDGERL_<SECTION>_<KEY> variables).")
+                        description="Print the settings in effect (settings.ini, then HEDGERL_<SECTION>_<KEY> "
+                        "variables).")
     st.set_defaults(func=_cmd_settings)
 
 def _cmd_settings(args) -> int:

@@ -55,7 +55,8 @@ def _choice(*opts: str) -> Callable[[str], str]:
 
 # %% ../nbs/00_core.ipynb #9bad2a0f
 def _url(v: str) -> str:
-    if not _URL_RE.match(v): raise ValueError("expected a database URL such as sqlite:///path or postgresql+psycopg://user@host/db")
+    if not _URL_RE.match(v): raise ValueError("expected a database URL such as sqlite:///path or "
+                                              "postgresql+psycopg://user@host/db")
     return v
 
 def _sqlite_path(url: str, base: Path) -> str:
@@ -77,7 +78,8 @@ def _host(v: str) -> str:
 def _text(v: str) -> str: return v
 
 def _username(v: str) -> str:
-    if not re.fullmatch(r"[a-z][a-z0-9_-]{0,30}", v): raise ValueError("expected a user name: a lowercase letter, then up to 30 lowercase letters, digits, _ or -")
+    if not re.fullmatch(r"[a-z][a-z0-9_-]{0,30}", v): raise ValueError(
+            "expected a user name: a lowercase letter, then up to 30 lowercase letters, digits, _ or -")
     return v
 
 # %% ../nbs/00_core.ipynb #acff8053
@@ -85,13 +87,17 @@ def _username(v: str) -> str:
 SETTINGS_SCHEMA: dict[str, dict[str, tuple[str, Callable[[str], Any]]]] = {
     "data": {"folder": ("~/.hedgerl", Path), "cache": ("${data:folder}/cache", Path)},
     "registry": {"url": ("sqlite:///${data:folder}/registry.sqlite", _url)},
-    "service": {"host": ("127.0.0.1", _host), "port": ("8765", _port), "max_jobs": ("4", _positive), "max_paths": ("1000000", _positive),
-                "max_states": ("10000", _positive), "max_simulations": ("10", _positive), "simulation_idle": ("1800", _positive),
+    "service": {"host": ("127.0.0.1", _host), "port": ("8765", _port), "max_jobs": ("4", _positive),
+                "max_paths": ("1000000", _positive),
+                "max_states": ("10000", _positive), "max_simulations": ("10", _positive), "simulation_idle": ("1800",
+                        _positive),
                 "dashboard_paths": ("10000", _positive)},
 
-    "hub": {"host": ("127.0.0.1", _host), "port": ("8000", _port), "deployment": ("local", _choice("local", "kubernetes", "slurm")),
+    "hub": {"host": ("127.0.0.1", _host), "port": ("8000", _port), "deployment": ("local", _choice("local",
+            "kubernetes", "slurm")),
             "state": ("${data:folder}/hub", Path), "db_url": ("sqlite:///${hub:state}/jupyterhub.sqlite", _url),
-            "profiles": ("hub/profiles.yaml", Path), "idle_timeout": ("3600", _positive), "admin": ("admin", _username)},
+            "profiles": ("hub/profiles.yaml", Path), "idle_timeout": ("3600", _positive), "admin": ("admin",
+                    _username)},
     "gateway": {"port": ("8989", _port), "idle_timeout": ("1800", _positive)},
 
     "lab": {"host": ("127.0.0.1", _host), "port": ("8888", _port)},
@@ -131,7 +137,8 @@ class Settings(Mapping):
 
 # %% ../nbs/00_core.ipynb #e01d5c87
 # environment variables hedgerl reads that are not settings keys
-OTHER_VARIABLES = {"HEDGERL_SETTINGS": "path of the settings file", "HEDGERL_OFFLINE": "1: market data from the cache only",
+OTHER_VARIABLES = {"HEDGERL_SETTINGS": "path of the settings file",
+                   "HEDGERL_OFFLINE": "1: market data from the cache only",
                    "HEDGERL_LAB_TOKEN": "token for `hedgerl up`'s JupyterLab (default: a fresh random one)"}
 
 def _package_root() -> Path:
@@ -196,7 +203,8 @@ def _parse_setting(
 # %% ../nbs/00_core.ipynb #5260e4cf
 def load_settings(
     path: str | Path | None = None, # settings file; None: `find_settings_file()`; "" for the embedded defaults only
-    environ: Mapping[str, str] | None = None, # environment for `HEDGERL_<SECTION>_<KEY>` overrides (default `os.environ`)
+    # environment for `HEDGERL_<SECTION>_<KEY>` overrides (default `os.environ`)
+    environ: Mapping[str, str] | None = None,
 ) -> Settings:
     "Read, override from the environment, interpolate and check the platform settings."
     env = os.environ if environ is None else environ
@@ -213,7 +221,8 @@ def load_settings(
             if var in env: cp[s][k], origin[s, k] = env[var], var
     stray = sorted(v for v in env if v.startswith("HEDGERL_") and v not in known and v not in OTHER_VARIABLES)
     if stray: warnings.warn(f"unknown hedgerl setting variables ignored: {', '.join(stray)}", stacklevel=2)
-    base = path.resolve().parent if path is not None else _package_root()  # embedded defaults: as if in a settings.ini beside the package
+    # embedded defaults: as if in a settings.ini beside the package
+    base = path.resolve().parent if path is not None else _package_root()
 
     out = {s: {k: _parse_setting(cp, origin, s, k, base) for k in keys} for s, keys in SETTINGS_SCHEMA.items()}
     return Settings(out, path)
@@ -254,16 +263,19 @@ def check_finite(name: str, x):
 
 # %% ../nbs/00_core.ipynb #198891d3
 def check_positive(name: str, x, allow_zero: bool = False):
-    "Raise `ValueError` naming `name` unless every element of `x` is finite and > 0 (>= 0 with `allow_zero`); return `x`."
+    """Raise `ValueError` naming `name` unless every element of `x` is finite and > 0 (>= 0 with `allow_zero`); return
+    `x`."""
     check_finite(name, x)
     a = as_numpy(x)
     bad = a < 0 if allow_zero else a <= 0
-    if bad.any(): raise ValueError(f"{name} must be {'non-negative' if allow_zero else 'positive'}, got {_first_bad(a, bad)}")
+    if bad.any(): raise ValueError(f"{name} must be {'non-negative' if allow_zero else 'positive'}, got "
+                                   f"{_first_bad(a, bad)}")
     return x
 
 # %% ../nbs/00_core.ipynb #68aad5c9
 def check_in_range(name: str, x, lo: float, hi: float, closed: bool = True):
-    "Raise `ValueError` naming `name` unless every element of `x` lies in [lo, hi] (open interval with `closed=False`); return `x`."
+    """Raise `ValueError` naming `name` unless every element of `x` lies in [lo, hi] (open interval with
+    `closed=False`); return `x`."""
     check_finite(name, x)
     a = as_numpy(x)
     bad = ((a < lo) | (a > hi)) if closed else ((a <= lo) | (a >= hi))
@@ -298,7 +310,8 @@ def broadcast_shape(**args) -> tuple:
 def as_generator(seed=None) -> np.random.Generator:
     "A numpy `Generator` (PCG64) from `seed`: None, an int >= 0, a `SeedSequence` or a `Generator` (returned as is)."
     if isinstance(seed, np.random.Generator): return seed
-    if isinstance(seed, (bool, np.bool_)) or not (seed is None or isinstance(seed, (int, np.integer, np.random.SeedSequence))):
+    if isinstance(seed, (bool, np.bool_)) or not (seed is None or isinstance(seed, (int, np.integer,
+                                                                                    np.random.SeedSequence))):
         raise ValueError(f"seed must be None, a non-negative int, a SeedSequence or a Generator, got {seed!r}")
     if isinstance(seed, (int, np.integer)) and seed < 0: raise ValueError(f"seed must be >= 0, got {seed}")
     return np.random.default_rng(seed)
@@ -306,7 +319,8 @@ def as_generator(seed=None) -> np.random.Generator:
 # %% ../nbs/00_core.ipynb #4d18e1c5
 def spawn_seeds(seed, n: int) -> list[np.random.SeedSequence]:
     "`n` independent child seed sequences of `seed` (an int or `SeedSequence`), deterministic for a given seed."
-    if isinstance(seed, np.random.Generator): raise ValueError("spawn_seeds needs an int or SeedSequence seed, not a Generator")
+    if isinstance(seed, np.random.Generator): raise ValueError("spawn_seeds needs an int or SeedSequence seed, not a "
+                                                               "Generator")
     if not isinstance(seed, np.random.SeedSequence): as_generator(seed)  # validates
     ss = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
     return ss.spawn(check_int("n", n))
@@ -317,23 +331,27 @@ def import_torch():
     try:
         import torch
     except ImportError as e:
-        raise ImportError("this needs PyTorch: `pip install torch==2.13.0` (a CPU build) or `pip install hedgerl[torch]`") from e
+        raise ImportError("this needs PyTorch: `pip install torch==2.13.0` (a CPU build) or `pip install "
+                          "hedgerl[torch]`") from e
     return torch
 
 # %% ../nbs/00_core.ipynb #8851fbca
 def resolve_device(device: str | None = None) -> str:
-    "Resolve `device` ('auto', 'cpu', 'cuda', 'cuda:N', 'mps'; None: the `[compute] device` setting) to a concrete torch device name."
+    """Resolve `device` ('auto', 'cpu', 'cuda', 'cuda:N', 'mps'; None: the `[compute] device` setting) to a concrete
+    torch device name."""
     device = settings().compute.device if device is None else str(device)
     if not _DEVICE_RE.match(device): raise ValueError(f"device must be auto, cpu, mps, cuda or cuda:N, got {device!r}")
     if device == "cpu": return "cpu"
     torch = import_torch()
     if device == "auto": return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available(): raise ValueError(f"device={device!r} but torch sees no CUDA device")
+    if device.startswith("cuda") and not torch.cuda.is_available(): raise ValueError(
+            f"device={device!r} but torch sees no CUDA device")
     return device
 
 # %% ../nbs/00_core.ipynb #f8982ac9
 def torch_generator(seed=None, device: str = "cpu"):
-    "A torch `Generator` on `device` seeded from `seed` (None, int, `SeedSequence` or numpy `Generator`), reproducible like `as_generator`."
+    """A torch `Generator` on `device` seeded from `seed` (None, int, `SeedSequence` or numpy `Generator`),
+    reproducible like `as_generator`."""
     torch = import_torch()
     g = torch.Generator(device=device)
     if isinstance(seed, np.random.Generator): g.manual_seed(int(seed.integers(2**63)))
@@ -343,7 +361,8 @@ def torch_generator(seed=None, device: str = "cpu"):
 
 # %% ../nbs/00_core.ipynb #ed250350
 def torch_float_dtype(*xs):
-    "The dtype to compute on `xs` in torch: the widest floating dtype of the tensors among them, float64 if none is floating."
+    """The dtype to compute on `xs` in torch: the widest floating dtype of the tensors among them, float64 if none is
+    floating."""
     torch = import_torch()
     floats = [x.dtype for x in xs if isinstance(x, torch.Tensor) and x.is_floating_point()]
     return functools.reduce(torch.promote_types, floats) if floats else torch.float64
@@ -351,7 +370,8 @@ def torch_float_dtype(*xs):
 # %% ../nbs/00_core.ipynb #e1957003
 @dataclass(frozen=True)
 class Paths:
-    "Market paths: `spot` (and `variance` where the model has one) shaped `(n_paths, n_steps + 1)`, on the grid `times` (years)."
+    """Market paths: `spot` (and `variance` where the model has one) shaped `(n_paths, n_steps + 1)`, on the grid
+    `times` (years)."""
     spot: Any # spot prices, (n_paths, n_steps + 1); numpy array or torch tensor
     dt: float # time step in years
     times: Any # observation times in years, (n_steps + 1,)
@@ -359,9 +379,11 @@ class Paths:
     extra: dict = field(default_factory=dict) # other per-path series a model exposes (e.g. SABR's `vol`)
 
     def __post_init__(self):
-        if self.spot.ndim != 2: raise ValueError(f"spot must be 2-D (n_paths, n_steps + 1), got shape {tuple(self.spot.shape)}")
+        if self.spot.ndim != 2: raise ValueError(f"spot must be 2-D (n_paths, n_steps + 1), got shape "
+                                                 f"{tuple(self.spot.shape)}")
         if tuple(self.times.shape) != (self.spot.shape[1],):
-            raise ValueError(f"times must have shape ({self.spot.shape[1]},) to match spot {tuple(self.spot.shape)}, got {tuple(self.times.shape)}")
+            raise ValueError(f"times must have shape ({self.spot.shape[1]},) to match spot {tuple(self.spot.shape)}, "
+                             f"got {tuple(self.times.shape)}")
         for k, v in [("variance", self.variance), *self.extra.items()]:
             if v is not None and tuple(v.shape) != tuple(self.spot.shape):
                 raise ValueError(f"{k} must have the shape of spot {tuple(self.spot.shape)}, got {tuple(v.shape)}")
@@ -379,4 +401,5 @@ class Paths:
         return np.diff(np.log(s if s.dtype.kind == "f" else s.astype(np.float64)), axis=1)
     def __repr__(self):
         kinds = ["spot"] + (["variance"] if self.variance is not None else []) + list(self.extra)
-        return f"Paths(n_paths={self.n_paths}, n_steps={self.n_steps}, dt={self.dt:.6g}, series={kinds}, dtype={self.spot.dtype})"
+        return (f"Paths(n_paths={self.n_paths}, n_steps={self.n_steps}, dt={self.dt:.6g}, series={kinds}, "
+                f"dtype={self.spot.dtype})")

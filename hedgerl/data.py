@@ -99,7 +99,8 @@ def sample_prices(
     check_choice("ticker", t, SAMPLE_TICKERS)
     try: from bokeh_sampledata import stocks
     except ImportError as e:  # an optional dependency: name the extra that brings it
-        raise ImportError("sample prices (bokeh:TICKER) need the bokeh-sampledata package: pip install 'hedgerl[data]'") from e
+        raise ImportError(
+                "sample prices (bokeh:TICKER) need the bokeh-sampledata package: pip install 'hedgerl[data]'") from e
     df = as_price_frame(pd.DataFrame(getattr(stocks, t)), f"bokeh-sampledata {t}")
     if start is not None or end is not None:
         s, e = date_range(df.index[0] if start is None else start, df.index[-1] if end is None else end)
@@ -107,13 +108,15 @@ def sample_prices(
     return df
 
 # %% ../nbs/10_data.ipynb #d44b11ce
-NYSE_SPECIAL_CLOSURES = pd.DatetimeIndex(["2001-09-11", "2001-09-12", "2001-09-13", "2001-09-14", "2004-06-11", "2007-01-02",
+NYSE_SPECIAL_CLOSURES = pd.DatetimeIndex(["2001-09-11", "2001-09-12", "2001-09-13", "2001-09-14", "2004-06-11",
+                                          "2007-01-02",
                                           "2012-10-29", "2012-10-30", "2018-12-05", "2025-01-09"])
 
 class NYSEHolidays(AbstractHolidayCalendar):
     "Regular NYSE holidays (special closures are in `NYSE_SPECIAL_CLOSURES`)."
     rules = [Holiday("New Year's Day", month=1, day=1, observance=sunday_to_monday),
-             Holiday("Martin Luther King Jr. Day", month=1, day=1, offset=pd.DateOffset(weekday=MO(3)), start_date="1998-01-01"),
+             Holiday("Martin Luther King Jr. Day", month=1, day=1, offset=pd.DateOffset(weekday=MO(3)),
+                     start_date="1998-01-01"),
              USPresidentsDay, GoodFriday, USMemorialDay,
              Holiday("Juneteenth", month=6, day=19, observance=nearest_workday, start_date="2022-01-01"),
              Holiday("Independence Day", month=7, day=4, observance=nearest_workday), USLaborDay, USThanksgivingDay,
@@ -150,7 +153,8 @@ def write_cache(
     df: pd.DataFrame, # the frame to store (its index is kept)
     meta: dict, # JSON-able metadata, e.g. {"covered": [[start, end], ...]}
 ):
-    "Store `df` and `meta` in the parquet file `path`, atomically; an unwritable cache is a `ValueError` naming the setting."
+    """Store `df` and `meta` in the parquet file `path`, atomically; an unwritable cache is a `ValueError` naming the
+    setting."""
     import pyarrow as pa, pyarrow.parquet as pq
     path = Path(path)
     table = pa.Table.from_pandas(df, preserve_index=True)
@@ -162,7 +166,8 @@ def write_cache(
         os.replace(tmp, path)
     except OSError as e:
         if tmp.exists(): tmp.unlink()
-        raise ValueError(f"cannot write the data cache file {path} ({e.strerror or e}): make the folder writable or set "
+        raise ValueError(f"cannot write the data cache file {path} ({e.strerror or e}): make the folder writable or "
+                         f"set "
                          f"[data] cache (environment HEDGERL_DATA_CACHE) to a writable folder") from None
 
 # %% ../nbs/10_data.ipynb #8606f235
@@ -184,12 +189,14 @@ def read_cache(
     try: df = table.to_pandas()
     except Exception as e: return bad(f"cannot convert ({type(e).__name__}: {e})")
     if sorted(df.columns) != sorted(columns): return bad(f"columns {list(df.columns)}, expected {list(columns)}")
-    if date_index and not (isinstance(df.index, pd.DatetimeIndex) and df.index.is_monotonic_increasing and df.index.is_unique):
+    if date_index and not (isinstance(df.index, pd.DatetimeIndex) and df.index.is_monotonic_increasing
+                           and df.index.is_unique):
         return bad("index is not a sorted, unique DatetimeIndex")
     if not isinstance(meta.get("covered"), list): return bad("metadata lacks the covered ranges")
     try: ranges = [(pd.Timestamp(s), pd.Timestamp(e)) for s, e in meta["covered"]]
     except (TypeError, ValueError): return bad(f"malformed covered ranges {meta['covered']!r}")
-    if any(pd.isna(s) or pd.isna(e) or s > e for s, e in ranges): return bad(f"malformed covered ranges {meta['covered']!r}")
+    if any(pd.isna(s) or pd.isna(e) or s > e for s, e in ranges): return bad(
+            f"malformed covered ranges {meta['covered']!r}")
     return df[list(columns)], meta
 
 # %% ../nbs/10_data.ipynb #9ea0195e
@@ -237,15 +244,19 @@ def _yf_history(ticker: str, start: pd.Timestamp, end: pd.Timestamp, timeout: fl
     rng = f"{start.date()}..{end.date()}"
     try:
         with _quiet_yfinance():
-            h = yf.Ticker(ticker).history(start=start.strftime("%Y-%m-%d"), end=(end + pd.Timedelta(days=1)).strftime("%Y-%m-%d"),
-                                          interval="1d", auto_adjust=False, actions=False, timeout=timeout, raise_errors=True)
+            h = yf.Ticker(ticker).history(start=start.strftime("%Y-%m-%d"),
+                                          end=(end + pd.Timedelta(days=1)).strftime("%Y-%m-%d"),
+                                          interval="1d", auto_adjust=False, actions=False, timeout=timeout,
+                                          raise_errors=True)
     except YFTzMissingError as e:
         raise UnknownTicker(f"Yahoo Finance does not know ticker {ticker!r} (no data for {rng}): {e}") from None
     except YFPricesMissingError:
         h = None
     except (OSError, YFException) as e:
-        raise DataUnavailable(f"{ticker} {rng}: not cached and not reachable ({type(e).__name__}: {str(e)[:200]})") from None
-    if h is None or len(h) == 0: return as_price_frame(pd.DataFrame(columns=list(PRICE_COLUMNS), index=pd.DatetimeIndex([], name="date")))
+        raise DataUnavailable(
+                f"{ticker} {rng}: not cached and not reachable ({type(e).__name__}: {str(e)[:200]})") from None
+    if h is None or len(h) == 0: return as_price_frame(pd.DataFrame(columns=list(PRICE_COLUMNS),
+                                                                    index=pd.DatetimeIndex([], name="date")))
     return as_price_frame(h, f"Yahoo Finance {ticker}")
 
 # %% ../nbs/10_data.ipynb #40514dd4
@@ -265,11 +276,13 @@ def daily_prices(
 ) -> pd.DataFrame:
     "Daily OHLC, adjusted close and volume of `ticker` on [start, end], from the cache or Yahoo Finance."
     check_choice("source", source, ("yahoo", "bokeh"))
-    if isinstance(ticker, str) and ticker.lower().startswith("bokeh:"): source, ticker = "bokeh", ticker.split(":", 1)[1]
+    if isinstance(ticker, str) and ticker.lower().startswith("bokeh:"): source, ticker = "bokeh", ticker.split(":",
+            1)[1]
     ticker = check_ticker(ticker)
     s, e = date_range(start, end)
     check_positive("timeout", timeout)
-    if not len(trading_calendar(s, e)): raise ValueError(f"empty date range: start={s.date()} to end={e.date()} holds no NYSE trading day")
+    if not len(trading_calendar(s, e)): raise ValueError(f"empty date range: start={s.date()} to end={e.date()} holds "
+                                                         f"no NYSE trading day")
     if source == "bokeh": return sample_prices(ticker, s, e)
     path = cache_path("prices", ticker, cache_dir)
     hit = read_cache(path, PRICE_COLUMNS)
@@ -279,13 +292,16 @@ def daily_prices(
     if gaps:
         where = f"{path}" + (" (corrupt, ignored)" if path.exists() and hit is None else "")
         if _offline(offline):
-            raise DataUnavailable(f"{ticker} {s.date()}..{e.date()}: not cached (missing {_iso(gaps)} in {where}) and offline mode is on")
-        frames = ([] if df is None else [df]) + [x for x in (_yf_history(ticker, a, b, timeout) for a, b in gaps) if len(x)]
+            raise DataUnavailable(f"{ticker} {s.date()}..{e.date()}: not cached (missing {_iso(gaps)} in {where}) and "
+                                  f"offline mode is on")
+        frames = ([] if df is None else [df]) + [x for x in (_yf_history(ticker, a, b, timeout) for a,
+                                                             b in gaps) if len(x)]
         if frames:
             df = pd.concat(frames); df = df[~df.index.duplicated(keep="last")].sort_index()
             covered = _merge_ranges(covered + [(a, min(b, yesterday)) for a, b in gaps if a <= yesterday])
             try: write_cache(path, df, {"kind": "prices", "ticker": ticker, "covered": _iso(covered)})
-            except ValueError as err: warnings.warn(f"{err}; the prices are returned uncached", RuntimeWarning, stacklevel=2)
+            except ValueError as err: warnings.warn(f"{err}; the prices are returned uncached", RuntimeWarning,
+                                                    stacklevel=2)
     out = df.loc[s:e].copy() if df is not None else None
     if out is None or out.empty: raise DataUnavailable(f"no prices for {ticker} in {s.date()}..{e.date()}")
     return out
@@ -306,7 +322,8 @@ def store_prices(
     hit = read_cache(path, PRICE_COLUMNS)
     old, covered = (hit[0], [tuple(r) for r in hit[1]["covered"]]) if hit else (df.iloc[:0], [])
     new = pd.concat([old, df.loc[s:e]]); new = new[~new.index.duplicated(keep="last")].sort_index()
-    write_cache(path, new, {"kind": "prices", "ticker": check_ticker(ticker), "covered": _iso(_merge_ranges(covered + [(s, e)]))})
+    write_cache(path, new, {"kind": "prices", "ticker": check_ticker(ticker),
+                            "covered": _iso(_merge_ranges(covered + [(s, e)]))})
     return path
 
 # %% ../nbs/10_data.ipynb #82e6b56c
@@ -342,7 +359,8 @@ class OptionChain:
     ticker: str
     expiry: pd.Timestamp
     snapshot: pd.Timestamp
-    calls: pd.DataFrame # one row per strike: contractSymbol, strike, lastPrice, bid, ask, volume, openInterest, impliedVolatility
+    # one row per strike: contractSymbol, strike, lastPrice, bid, ask, volume, openInterest, impliedVolatility
+    calls: pd.DataFrame
     puts: pd.DataFrame
 
 # %% ../nbs/10_data.ipynb #0aa28af6
@@ -367,7 +385,8 @@ def store_option_chain(
     snapshot=None, # the date quoted (default: today)
     cache_dir=None, # cache folder (default `settings().data.cache`)
 ) -> Path:
-    "Add one option-chain snapshot to the cache of `ticker` (replacing one of the same day and expiry); return the file."
+    """Add one option-chain snapshot to the cache of `ticker` (replacing one of the same day and expiry); return the
+    file."""
     snap = pd.Timestamp.today().normalize() if snapshot is None else pd.Timestamp(snapshot).normalize()
     exp = pd.Timestamp(expiry).normalize()
     path = cache_path("options", ticker, cache_dir)
@@ -375,7 +394,8 @@ def store_option_chain(
     old = _read_chains(path)
     if old is not None: new = pd.concat([old[(old.expiry != exp) | (old.snapshot != snap)], new], ignore_index=True)
     new = new.sort_values(["snapshot", "expiry", "type", "strike"], kind="stable").reset_index(drop=True)
-    write_cache(path, new, {"kind": "options", "ticker": check_ticker(ticker), "covered": _iso([(d, d) for d in sorted(set(new.snapshot))])})
+    write_cache(path, new, {"kind": "options", "ticker": check_ticker(ticker), "covered": _iso([(d,
+            d) for d in sorted(set(new.snapshot))])})
     return path
 
 # %% ../nbs/10_data.ipynb #2a580817
@@ -390,12 +410,15 @@ def _yf_chain(ticker: str, expiry):
             expiries = list(t.options)
             if not expiries: raise UnknownTicker(f"Yahoo Finance has no option expiries for ticker {ticker!r}")
             exp = expiries[0] if expiry is None else str(pd.Timestamp(expiry).date())
-            if exp not in expiries: raise DataUnavailable(f"{ticker} has no options expiring {exp}; listed: {', '.join(expiries[:12])}")
+            if exp not in expiries: raise DataUnavailable(f"{ticker} has no options expiring {exp}; listed: "
+                                                          f"{', '.join(expiries[:12])}")
             ch = t.option_chain(exp)
     except (OSError, YFException) as e:
-        raise DataUnavailable(f"{ticker} option chain {expiry.date() if expiry is not None else '(nearest expiry)'}: not cached and not reachable "
+        raise DataUnavailable(f"{ticker} option chain {expiry.date() if expiry is not None else '(nearest expiry)'}: "
+                              f"not cached and not reachable "
                               f"({type(e).__name__}: {str(e)[:200]})") from None
-    if ch.calls is None or (ch.calls.empty and ch.puts.empty): raise DataUnavailable(f"{ticker} option chain {exp}: empty answer")
+    if ch.calls is None or (ch.calls.empty and ch.puts.empty): raise DataUnavailable(
+            f"{ticker} option chain {exp}: empty answer")
     return pd.Timestamp(exp), ch.calls, ch.puts
 
 # %% ../nbs/10_data.ipynb #3ef7330c
@@ -418,10 +441,12 @@ def option_chain(
             sel = sel[sel.expiry == (sel.expiry.min() if exp is None else exp)]
             return _as_chain(ticker, sel)
     if _offline(offline):
-        raise DataUnavailable(f"{ticker} option chain {'(nearest expiry)' if exp is None else exp.date()}: not cached in {path} and offline mode is on")
+        raise DataUnavailable(f"{ticker} option chain {'(nearest expiry)' if exp is None else exp.date()}: not cached "
+                              f"in {path} and offline mode is on")
     e, calls, puts = _yf_chain(ticker, exp)
     store_option_chain(calls, puts, ticker, e, today, cache_dir)
-    return _as_chain(ticker, pd.concat([_chain_frame(calls, "call", e, today), _chain_frame(puts, "put", e, today)], ignore_index=True))
+    return _as_chain(ticker, pd.concat([_chain_frame(calls, "call", e, today), _chain_frame(puts, "put", e, today)],
+                                       ignore_index=True))
 
 # %% ../nbs/10_data.ipynb #eac9089a
 def _as_chain(ticker, sel) -> OptionChain:
@@ -446,7 +471,9 @@ class PriceReport:
         "ISO dates of the issues of one `check`."
         return [str(d.date()) for d in self.issues.loc[self.issues.check == check, "date"]]
     def __repr__(self):
-        return f"PriceReport({self.n_rows} rows, column {self.column!r}: " + (", ".join(f"{k} {v}" for k, v in self.summary.items()) or "no issues") + ")"
+        return f"PriceReport({self.n_rows} rows, column {self.column!r}: " + (", ".join(f"{k} {v}" for k,
+                                                                                        v in self.summary.items())
+                                                                                        or "no issues") + ")"
 
 # %% ../nbs/10_data.ipynb #e3dfed3a
 def _round_ratio(x: np.ndarray, tol: float) -> np.ndarray:
@@ -465,13 +492,15 @@ def validate_prices(
     z: float = 8.0, # robust z-score above which a log return is an outlier
     calendar: bool = True, # report NYSE trading days with no row
 ) -> PriceReport:
-    "Check a price frame for missing days, bad prices, duplicated dates, split-like jumps and outliers; report, never drop."
+    """Check a price frame for missing days, bad prices, duplicated dates, split-like jumps and outliers; report, never
+    drop."""
     check_positive("jump", jump); check_positive("tol", tol); check_positive("z", z)
     if isinstance(df, pd.Series): df, column = df.to_frame(df.name or "close"), df.name or "close"
     column = column or "close"
     if column not in df: raise ValueError(f"column {column!r} is not in the frame; it has {list(df.columns)}")
     rows = []
-    add = lambda dates, check, col, vals, detail: rows.extend((d, check, col, float(v), detail) for d, v in zip(dates, vals))
+    add = lambda dates, check, col, vals, detail: rows.extend((d, check, col, float(v), detail) for d, v in zip(dates,
+            vals))
     idx = pd.DatetimeIndex(df.index)
     dup = idx.duplicated(keep="first")
     add(idx[dup], "duplicate_date", "", np.full(dup.sum(), np.nan), "date appears more than once")
@@ -494,7 +523,9 @@ def validate_prices(
     big = np.abs(np.log(ratio)) >= np.log(jump)
     k = _round_ratio(ratio, tol)
     if column == "close" and "open" in df:
-        with np.errstate(divide="ignore", invalid="ignore"): ko = _round_ratio(p[:-1] / df["open"].to_numpy(dtype="float64")[1:], tol)
+        with np.errstate(divide="ignore", invalid="ignore"): ko = _round_ratio(p[:
+                                                                                 -1] / df["open"].to_numpy(
+                                                                                         dtype="float64")[1:], tol)
         k = np.where(np.isnan(k), ko, k)
     split = big & ~np.isnan(k)
     add(idx[1:][split], "split_like", column, ratio[split], "previous close / close near a round split ratio")
@@ -504,7 +535,8 @@ def validate_prices(
         zs = np.where(ok, np.abs(r - med) / mad, 0.0) if mad > 0 else np.zeros_like(r)
         out = (zs > z) & ~split
         add(idx[1:][out], "outlier", column, r[out], f"|robust z| > {z:g}")
-    issues = pd.DataFrame(rows, columns=["date", "check", "column", "value", "detail"]).sort_values(["date", "check"], kind="stable")
+    issues = pd.DataFrame(rows, columns=["date", "check", "column", "value", "detail"]).sort_values(["date", "check"],
+            kind="stable")
     return PriceReport(issues.reset_index(drop=True), len(df), column)
 
 # %% ../nbs/10_data.ipynb #0deb34ad
@@ -529,14 +561,17 @@ def realised_vol(
     check_choice("method", method, VOL_METHODS)
     window, trading_days = check_int("window", window, 2), check_int("trading_days", trading_days)
     if method == "close-to-close":
-        p = prices if isinstance(prices, pd.Series) else prices[column or ("adj_close" if "adj_close" in prices else "close")]
+        p = prices if isinstance(prices, pd.Series) else prices[column or ("adj_close" if "adj_close" in prices
+                                                                           else "close")]
         x = np.log(p / p.shift(1)) ** 2
     else:
         need = ["high", "low"] + (["open", "close"] if method == "garman-klass" else [])
         if isinstance(prices, pd.Series) or not set(need) <= set(prices.columns):
             raise ValueError(f"method {method!r} needs columns {need}")
         hl = np.log(prices["high"] / prices["low"]) ** 2
-        x = hl / (4 * math.log(2)) if method == "parkinson" else 0.5 * hl - (2 * math.log(2) - 1) * np.log(prices["close"] / prices["open"]) ** 2
+        x = hl / (4 * math.log(2)) if method == "parkinson" else 0.5 * hl - (2 * math.log(2)
+                                                                             - 1) * np.log(prices["close"] / prices[
+                                                                                     "open"]) ** 2
     return np.sqrt(x.rolling(window).mean() * trading_days).rename(f"vol_{method}_{window}")
 
 # %% ../nbs/10_data.ipynb #ce9ee17c
@@ -566,7 +601,8 @@ def dataset_info(
 ) -> dict:
     "A record for a dataset registry: name, source, start, end, content_hash, n_rows, meta."
     if not isinstance(name, str) or not name.strip(): raise ValueError(f"name must be a non-empty string, got {name!r}")
-    if not isinstance(source, str) or not source.strip(): raise ValueError(f"source must be a non-empty string, got {source!r}")
+    if not isinstance(source, str) or not source.strip(): raise ValueError(
+            f"source must be a non-empty string, got {source!r}")
     if not isinstance(df, pd.DataFrame) or df.empty: raise ValueError("df must be a non-empty DataFrame")
     idx = pd.DatetimeIndex(df.index)
     m = {"columns": [str(c) for c in df.columns], "frequency": "daily", **(meta or {})}

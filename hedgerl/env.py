@@ -35,7 +35,8 @@ def _scenario(scenario) -> Scenario:
     "Resolve a `Scenario`, a published name, a config file or a dict (`as_scenario`) to a simulated `Scenario`."
     scn = as_scenario(scenario)
     if scn.market.model == "historical":
-        raise ValueError("scenario: the environments simulate their paths; backtest a historical scenario with hedgerl.backtest")
+        raise ValueError("scenario: the environments simulate their paths; backtest a historical scenario with "
+                         "hedgerl.backtest")
     return scn
 
 # %% ../nbs/05_env.ipynb #739e16fa
@@ -53,14 +54,16 @@ def _option_vega(scn: Scenario, o, sig: float) -> float:
 def _unit_vega(scn: Scenario, ins, sig: float) -> float:
     "Vega of one unit of an option or variance-swap hedging instrument at inception."
     if ins.kind == "option": return _option_vega(scn, ins.option, sig)
-    kappa = scn.market.params["kappa"]  # variance swap: d value / d sigma = 2 sigma (1 - exp(-kappa T)) / kappa under Heston
+    # variance swap: d value / d sigma = 2 sigma (1 - exp(-kappa T)) / kappa under Heston
+    kappa = scn.market.params["kappa"]
     return 2 * sig * -math.expm1(-kappa * ins.maturity / scn.trading_days) / kappa
 
 # %% ../nbs/05_env.ipynb #3b7e9f40
 def offsetting_units(
     scn: Scenario, # the hedging problem
 ) -> np.ndarray:
-    "Per instrument, the holding that offsets the book at inception, (m,): Q of the underlying; of options and variance swaps, the book's vega (at least Q)."
+    """Per instrument, the holding that offsets the book at inception, (m,): Q of the underlying; of options and
+    variance swaps, the book's vega (at least Q)."""
     sig = _initial_vol(scn)
     Q = sum(abs(o.quantity) for o in scn.book)
     book_vega = sum(abs(o.quantity) * _option_vega(scn, o, sig) for o in scn.book)
@@ -69,7 +72,8 @@ def offsetting_units(
         if ins.kind == "underlying": units.append(Q); continue
         unit = _unit_vega(scn, ins, sig)
         if not unit * 1e6 * Q > book_vega:  # False for NaN too
-            raise ValueError(f"holdings_bounds: instruments[{k}] ({ins.name}) has almost no vega at inception, so offsetting the book's "
+            raise ValueError(f"holdings_bounds: instruments[{k}] ({ins.name}) has almost no vega at inception, so "
+                             f"offsetting the book's "
                              f"would take over a million units; pass holdings_bounds=(low, high)")
         units.append(max(Q, book_vega / unit))
     return np.array(units)
@@ -89,21 +93,28 @@ def _holdings_bounds(scn: Scenario, holdings_bounds) -> tuple[np.ndarray, np.nda
     if holdings_bounds is None: return default_holdings_bounds(scn)
     m = len(scn.instruments)
     if not (isinstance(holdings_bounds, (tuple, list)) and len(holdings_bounds) == 2):
-        raise ValueError(f"holdings_bounds must be a pair (low, high) of numbers or of arrays of shape ({m},), got {holdings_bounds!r}")
+        raise ValueError(f"holdings_bounds must be a pair (low, high) of numbers or of arrays of shape ({m},), got "
+                         f"{holdings_bounds!r}")
     try: lo, hi = (np.broadcast_to(np.asarray(b, np.float64), (m,)).copy() for b in holdings_bounds)
-    except ValueError: raise ValueError(f"holdings_bounds: low and high must be numbers or arrays of shape ({m},), got {holdings_bounds!r}") from None
+    except ValueError: raise ValueError(f"holdings_bounds: low and high must be numbers or arrays of shape ({m},), got "
+                                        f"{holdings_bounds!r}") from None
     check_finite("holdings_bounds", lo); check_finite("holdings_bounds", hi)
-    if not (lo < hi).all(): raise ValueError(f"holdings_bounds: low must be below high for every instrument, got {lo.tolist()} and {hi.tolist()}")
+    if not (lo < hi).all(): raise ValueError(f"holdings_bounds: low must be below high for every instrument, got "
+                                             f"{lo.tolist()} and {hi.tolist()}")
     return lo, hi
 
 # %% ../nbs/05_env.ipynb #4e8a1c70
 def _marks(marks, reward: str, risk_aversion: float, scn: Scenario) -> bool:
-    "Whether to mark the book daily: `marks`, or by default for the per-step rewards unless Heston; warns when a per-step penalty would see the option's P&L only at maturity."
-    if not (marks is None or isinstance(marks, (bool, np.bool_))): raise ValueError(f"marks must be True, False or None, got {marks!r}")
+    """Whether to mark the book daily: `marks`, or by default for the per-step rewards unless Heston; warns when a
+    per-step penalty would see the option's P&L only at maturity."""
+    if not (marks is None or isinstance(marks, (bool, np.bool_))): raise ValueError(
+            f"marks must be True, False or None, got {marks!r}")
     if marks is None: marks = reward != "terminal" and scn.market.model != "heston"
     if reward != "terminal" and risk_aversion > 0 and not marks and scn.n_decisions > 1:
-        warnings.warn(f"reward={reward!r} on a {scn.market.model} book marked only at inception and maturity: the option's P&L "
-                      "arrives in the last step's reward; pass marks=True for daily marks (Heston: 1 to 100 ms per path and "
+        warnings.warn(f"reward={reward!r} on a {scn.market.model} book marked only at inception and maturity: the "
+                      f"option's P&L "
+                      "arrives in the last step's reward; pass marks=True for daily marks (Heston: 1 to 100 ms per "
+                      "path and "
                       "date, so keep batch_size small)", UserWarning, stacklevel=4)
     return bool(marks)
 
@@ -122,7 +133,8 @@ def observation_features(
     paths: ScenarioPaths, # simulated paths of a scenario
     time_major: bool = False, # lay out as (J + 1, n_paths, d) instead of (n_paths, J + 1, d)
 ) -> np.ndarray:
-    "Raw observations on every date of `paths` with zero holdings, float32: (n_paths, J + 1, d), or (J + 1, n_paths, d)."
+    """Raw observations on every date of `paths` with zero holdings, float32: (n_paths, J + 1, d), or (J + 1, n_paths,
+    d)."""
     scn = paths.scenario
     m = len(scn.instruments)
     opts = [k for k, i in enumerate(scn.instruments) if i.kind == "option"]
@@ -139,40 +151,47 @@ def observation_features(
 def reference_holdings(
     paths: ScenarioPaths, # simulated paths of a scenario
 ) -> np.ndarray:
-    "The delta hedge on every date, (n_paths, J + 1, m): minus the book's delta (`hedgerl.baselines.book_greeks`) in the underlying, 0 elsewhere and at maturity."
-    from hedgerl.baselines import book_greeks  # a later module, which imports nothing of this one: the delta is the baselines'
+    """The delta hedge on every date, (n_paths, J + 1, m): minus the book's delta (`hedgerl.baselines.book_greeks`) in
+    the underlying, 0 elsewhere and at maturity."""
+    # a later module, which imports nothing of this one: the delta is the baselines'
+    from hedgerl.baselines import book_greeks
     scn, (n, J1), m = paths.scenario, paths.spot.shape, len(paths.scenario.instruments)
     ref = np.zeros((n, J1, m))
     u = [k for k, i in enumerate(scn.instruments) if i.kind == "underlying"]
     if not u: return ref
     for j in range(J1 - 1):
-        obs = Observation(scn, j, int(paths.days[j]), (scn.horizon - paths.days[j]) / scn.trading_days, paths.spot[:, j],
+        obs = Observation(scn, j, int(paths.days[j]), (scn.horizon - paths.days[j]) / scn.trading_days, paths.spot[:,
+                j],
                           paths.variance[:, j], np.zeros((n, m)), paths.prices[:, j], paths.book[:, j])
         ref[:, j, u[0]] = -book_greeks(scn, obs).delta
     return ref
 
 # %% ../nbs/05_env.ipynb #8f1a6c34
-_SCALED_CLIP = {"moneyness": 5.0, "vol": 5.0, "price": 5.0, "pnl": 10.0}  # the scaled observation's bounds (see the table)
+# the scaled observation's bounds (see the table)
+_SCALED_CLIP = {"moneyness": 5.0, "vol": 5.0, "price": 5.0, "pnl": 10.0}
 
 def observation_bounds(
     scn: Scenario, # the hedging problem
     observation: str, # "raw" or "scaled"
     low: np.ndarray, high: np.ndarray, # the holdings' bounds, (m,) each
 ) -> tuple[np.ndarray, np.ndarray]:
-    "The observation box's (low, high), float32 (d,) each: the raw one unbounded where the market is, the scaled one bounded everywhere."
+    """The observation box's (low, high), float32 (d,) each: the raw one unbounded where the market is, the scaled one
+    bounded everywhere."""
     m, n_opt, T = len(scn.instruments), sum(i.kind == "option" for i in scn.instruments), scn.horizon / scn.trading_days
     if observation == "raw":
         return (np.array([-np.inf, 0.0, 0.0, *low, *[0.0] * n_opt], np.float32),
                 np.array([np.inf, T, np.inf, *high, *[np.inf] * n_opt], np.float32))
     c, u = _SCALED_CLIP, offsetting_units(scn)
     return (np.array([-c["moneyness"], 0.0, 0.0, *(low / u), *[0.0] * n_opt, *[-1.0] * m, -c["pnl"]], np.float32),
-            np.array([c["moneyness"], 1.0, c["vol"], *(high / u), *[c["price"]] * n_opt, *[1.0] * m, c["pnl"]], np.float32))
+            np.array([c["moneyness"], 1.0, c["vol"], *(high / u), *[c["price"]] * n_opt, *[1.0] * m, c["pnl"]],
+                     np.float32))
 
 # %% ../nbs/05_env.ipynb #21151dc7
 def pnl_unit(scn: Scenario) -> float:
     "The scaled observation's unit of P&L: the book's Black-Scholes premium at inception, sum of |q| times the price."
     S0, sig, td = scn.market.s0, _initial_vol(scn), scn.trading_days
-    return sum(abs(o.quantity) * float(bs_price(S0, o.strike, o.maturity / td, scn.r, sig, scn.q, o.kind)) for o in scn.book)
+    return sum(abs(o.quantity) * float(bs_price(S0, o.strike, o.maturity / td, scn.r, sig, scn.q,
+                                                o.kind)) for o in scn.book)
 
 # %% ../nbs/05_env.ipynb #7a2d9e15
 def scaled_features(
@@ -180,7 +199,8 @@ def scaled_features(
     reference: np.ndarray, # `reference_holdings(paths)`, (n_paths, J + 1, m)
     time_major: bool = False, # lay out as (J + 1, n_paths, d) instead of (n_paths, J + 1, d)
 ) -> np.ndarray:
-    "Scaled observations on every date with zero holdings and P&L, float32, clipped into `observation_bounds`: (n_paths, J + 1, d) or time-major."
+    """Scaled observations on every date with zero holdings and P&L, float32, clipped into `observation_bounds`:
+    (n_paths, J + 1, d) or time-major."""
     scn, raw = paths.scenario, observation_features(paths)
     m, d0 = len(scn.instruments), raw.shape[2]
     T, vol0, u = scn.horizon / scn.trading_days, _initial_vol(scn), offsetting_units(scn)
@@ -211,7 +231,8 @@ def risk_penalty(
     cost_mean: float, # c-bar: the expected total cost of a path
     risk: str = "path", # "path": the path variance's share of the step; "hedge": dW^2 alone
 ):
-    "Step $t$'s share $p_t$ of the path P&L's variance (see above): summed over a path, $E\\sum p_t + \\bar c^2 = E(W + \\bar c)^2$."
+    """Step $t$'s share $p_t$ of the path P&L's variance (see above): summed over a path, $E\\sum p_t + \\bar c^2 = E(W
+    + \\bar c)^2$."""
     pen = dW * dW
     if risk == "hedge": return pen
     co, m = cost - close, cost_mean
@@ -237,7 +258,8 @@ def shaped_reward(
     risk_aversion: float, # kappa >= 0
     first: bool, # the path's first step: c-bar^2 is added to its penalty
 ):
-    "The risk-shaped reward $\\Delta W_t - c_t - \\frac\\kappa2 p_t$ (`risk_penalty`), whose return has expectation $E[W] - \\frac\\kappa2 E(W + \\bar c)^2$."
+    """The risk-shaped reward $\\Delta W_t - c_t - \\frac\\kappa2 p_t$ (`risk_penalty`), whose return has expectation
+    $E[W] - \\frac\\kappa2 E(W + \\bar c)^2$."""
     pen = risk_penalty(dW, cost, close, wealth, cost_mean)
     if first: pen = pen + cost_mean ** 2
     return dW - cost - 0.5 * risk_aversion * pen
@@ -250,7 +272,8 @@ def expected_cost(
     n_paths: int = 2000, # paths of the estimate
     seed: int = 0, # the estimate's seed (fixed: the reward is a function of the scenario)
 ) -> float:
-    "The delta hedge's (`reference_holdings`) mean total trading cost, discounted: the shaped reward's default c-bar; cached per scenario."
+    """The delta hedge's (`reference_holdings`) mean total trading cost, discounted: the shaped reward's default c-bar;
+    cached per scenario."""
     key = repr((scn, n_paths, seed))
     if key not in _COST_MEANS:
         p = simulate_scenario(scn, n_paths, seed=seed, marks=False)
@@ -262,17 +285,21 @@ def expected_cost(
 # %% ../nbs/05_env.ipynb #2a99d63d
 def _check_seed(seed, message: str) -> int:
     "One seed: an int >= 0, else a ValueError starting with `message`."
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0: raise ValueError(f"{message}, got {seed!r}")
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int,
+                                                                   np.integer)) or seed < 0: raise ValueError(
+                                                                           f"{message}, got {seed!r}")
     return int(seed)
 
 # %% ../nbs/05_env.ipynb #0392b11f
 def _reset_args(seed, options, known: dict[str, str]) -> dict:
-    "Check `reset`'s `seed` (None or an int >= 0) and `options` (None or a dict of `known` keys, name -> meaning, with ints >= 0)."
+    """Check `reset`'s `seed` (None or an int >= 0) and `options` (None or a dict of `known` keys, name -> meaning,
+    with ints >= 0)."""
     if seed is not None: _check_seed(seed, "seed must be None or an integer >= 0 (one seed for every path)")
     if options is None: return {}
     if not isinstance(options, dict): raise ValueError(f"options must be a dict or None, got {type(options).__name__}")
     bad = [repr(k) for k in options if k not in known]
-    if bad: raise ValueError(f"options: unknown key {', '.join(bad)}; known: {'; '.join(f'{k} ({v})' for k, v in known.items())}")
+    if bad: raise ValueError(f"options: unknown key {', '.join(bad)}; known: "
+                             f"{'; '.join(f'{k} ({v})' for k, v in known.items())}")
     return {k: check_int(f"options[{k!r}]", v, 0) for k, v in options.items()}
 
 # %% ../nbs/05_env.ipynb #8baba55f
@@ -284,8 +311,10 @@ def _batch_seed(base: int, k: int) -> np.random.SeedSequence:
 _PATH_OPTIONS = {"batch": "start on batch k of the seed", "path": "start on path i of the batch"}
 
 def _start(options: dict, seeded: bool, batch: int, batch_size: int) -> tuple[int, int] | None:
-    "Where a reset of a path stream starts, (batch, path), from its checked `options`: their batch (else 0 after a seed, else the current `batch`) and path; None: the next path."
-    if options.get("path", 0) >= batch_size: raise ValueError(f"options['path'] must be below batch_size={batch_size}, got {options['path']}")
+    """Where a reset of a path stream starts, (batch, path), from its checked `options`: their batch (else 0 after a
+    seed, else the current `batch`) and path; None: the next path."""
+    if options.get("path", 0) >= batch_size: raise ValueError(f"options['path'] must be below batch_size={batch_size}, "
+                                                              f"got {options['path']}")
     if not (seeded or options): return None
     return options.get("batch", 0 if seeded else max(batch, 0)), options.get("path", 0)
 
@@ -293,8 +322,10 @@ def _start(options: dict, seeded: bool, batch: int, batch_size: int) -> tuple[in
 def action_grid(
     levels: list[np.ndarray], # per instrument, its levels
 ) -> np.ndarray:
-    "Every combination of the instruments' levels, (prod of the level counts, m), read-only; the first instrument varies slowest."
-    if math.prod(len(l) for l in levels) > 1_000_000: raise ValueError(f"n_levels ** n_instruments = {math.prod(len(l) for l in levels)} discrete actions is too many")
+    """Every combination of the instruments' levels, (prod of the level counts, m), read-only; the first instrument
+    varies slowest."""
+    if math.prod(len(l) for l in levels) > 1_000_000: raise ValueError(
+            f"n_levels ** n_instruments = {math.prod(len(l) for l in levels)} discrete actions is too many")
     grid = np.stack(np.meshgrid(*levels, indexing="ij"), axis=-1).reshape(-1, len(levels))
     grid.flags.writeable = False
     return grid
@@ -311,7 +342,8 @@ def delta_targets(
 
 # %% ../nbs/05_env.ipynb #9a4d1e26
 def _action_index(action, n_actions: int) -> int:
-    "One discrete action: an integer in [0, n_actions) (a numpy integer or a one-element integer array too); booleans and floats refused."
+    """One discrete action: an integer in [0, n_actions) (a numpy integer or a one-element integer array too); booleans
+    and floats refused."""
     msg = f"action must be an integer in [0, {n_actions}), got"
     if isinstance(action, (bool, np.bool_)): raise ValueError(f"{msg} {action!r}")
     try: a = operator.index(action)
@@ -337,8 +369,10 @@ def _action_values(action, m: int, what: str) -> list[float]:
 def _action_indices(actions, n: int, n_actions: int) -> np.ndarray:
     "A batch of n discrete actions: integers in [0, n_actions), (n,)."
     a = np.asarray(actions)
-    if a.shape != (n,) or a.dtype.kind not in "iu": raise ValueError(f"actions must be integers of shape ({n},), got {a.dtype} of shape {a.shape}")
-    if a.min() < 0 or a.max() >= n_actions: raise ValueError(f"actions must lie in [0, {n_actions}), got {a.min() if a.min() < 0 else a.max()}")
+    if a.shape != (n,) or a.dtype.kind not in "iu": raise ValueError(f"actions must be integers of shape ({n},), got "
+                                                                     f"{a.dtype} of shape {a.shape}")
+    if a.min() < 0 or a.max() >= n_actions: raise ValueError(f"actions must lie in [0, {n_actions}), got "
+                                                             f"{a.min() if a.min() < 0 else a.max()}")
     return a
 
 # %% ../nbs/05_env.ipynb #c11694eb
@@ -353,8 +387,10 @@ def _actions_values(actions, n: int, m: int, what: str) -> np.ndarray:
 
 # %% ../nbs/05_env.ipynb #527fce7c
 class _Hedging:
-    "What the single-path and batched environments share: arguments, spaces, the action-to-holdings map, per-batch features, rewards."
-    def _setup(self, scenario, reward, risk_aversion, action_type, n_levels, holdings_bounds, marks, action, observation, action_width, cost_mean):
+    """What the single-path and batched environments share: arguments, spaces, the action-to-holdings map, per-batch
+    features, rewards."""
+    def _setup(self, scenario, reward, risk_aversion, action_type, n_levels, holdings_bounds, marks, action,
+               observation, action_width, cost_mean):
         scn = self.scenario = _scenario(scenario)
         self.reward_mode = check_choice("reward", reward, ("pnl", "terminal", "shaped"))
         self.risk_aversion = float(check_positive("risk_aversion", risk_aversion, allow_zero=True))
@@ -365,16 +401,21 @@ class _Hedging:
         self.marks = _marks(marks, reward, self.risk_aversion, scn)
         self.low, self.high = _holdings_bounds(scn, holdings_bounds)
         m = self.n_instruments = len(scn.instruments)
-        self.widths = float(check_positive("action_width", action_width)) * offsetting_units(scn) if action == "delta" else None
+        self.widths = float(check_positive("action_width", action_width)) * offsetting_units(
+                scn) if action == "delta" else None
         if cost_mean is not None: cost_mean = float(check_positive("cost_mean", cost_mean, allow_zero=True))
         self.cost_mean = (expected_cost(scn) if cost_mean is None else cost_mean) if reward == "shaped" else None
-        self._vlo, self._vhi = (self.low, self.high) if action == "holdings" else (-np.ones(m), np.ones(m))  # the action values' range
+        # the action values' range
+        self._vlo, self._vhi = (self.low, self.high) if action == "holdings" else (-np.ones(m), np.ones(m))
         self._lo, self._hi = self._vlo.tolist(), self._vhi.tolist()
         self._what = "target holdings" if action == "holdings" else "normalised holdings"
         self.levels = [np.linspace(l, h, self.n_levels) for l, h in zip(self._vlo, self._vhi)]
-        if action_type == "discrete": self.grid = action_grid(self.levels); self._grid1 = self.grid[:, None, :]  # (n_actions, 1, m)
-        act = spaces.Discrete(len(self.grid)) if action_type == "discrete" else spaces.Box(*(b.astype(np.float32) for b in (self._vlo, self._vhi)), dtype=np.float32)
-        self._units, self._pnl_unit = (offsetting_units(scn), pnl_unit(scn)) if observation == "scaled" else (None, None)
+        # (n_actions, 1, m)
+        if action_type == "discrete": self.grid = action_grid(self.levels); self._grid1 = self.grid[:, None, :]
+        act = spaces.Discrete(len(self.grid)) if action_type == "discrete" else spaces.Box(*(b.astype(np.float32)
+                for b in (self._vlo, self._vhi)), dtype=np.float32)
+        self._units, self._pnl_unit = (offsetting_units(scn), pnl_unit(scn)) if observation == "scaled" else (None,
+                None)
         self._J, self._hold, self._base_seed = scn.n_decisions, slice(3, 3 + m), None
         return spaces.Box(*observation_bounds(scn, observation, self.low, self.high), dtype=np.float32), act
 
@@ -385,7 +426,8 @@ class _Hedging:
     def _target(self, action) -> np.ndarray:
         "The action values (1, m) of one action, validated; continuous ones clipped to the action space."
         if self.action_type == "discrete": return self._grid1[_action_index(action, len(self.grid))]
-        return np.array([[min(max(v, l), h) for v, l, h in zip(_action_values(action, self.n_instruments, self._what), self._lo, self._hi)]])
+        return np.array([[min(max(v, l), h) for v, l, h in zip(_action_values(action, self.n_instruments, self._what),
+                                                               self._lo, self._hi)]])
 
     def _targets(self, actions, n: int) -> np.ndarray:
         "The action values (n, m) of a batch of actions, validated; continuous ones clipped to the action space."
@@ -393,16 +435,20 @@ class _Hedging:
         return np.clip(_actions_values(actions, n, self.n_instruments, self._what), self._vlo, self._vhi)
 
     def _holdings(self, values: np.ndarray, reference) -> np.ndarray:
-        "Holdings (n, m) of action values (n, m): themselves, or with action='delta' the deviation from `reference` (n, m)."
+        """Holdings (n, m) of action values (n, m): themselves, or with action='delta' the deviation from `reference`
+        (n, m)."""
         return values if self.widths is None else delta_targets(values, reference, self.widths, self.low, self.high)
 
     def _prepare(self, paths: ScenarioPaths, time_major: bool = False):
-        "A batch's observations with zero holdings and P&L, and its reference holdings (None when neither the action nor the observation needs them)."
+        """A batch's observations with zero holdings and P&L, and its reference holdings (None when neither the action
+        nor the observation needs them)."""
         ref = reference_holdings(paths) if self.widths is not None or self._units is not None else None
-        return (observation_features(paths, time_major) if ref is None or self._units is None else scaled_features(paths, ref, time_major)), ref
+        return (observation_features(paths, time_major) if ref is None or self._units is None
+                else scaled_features(paths, ref, time_major)), ref
 
     def _fill(self, rows: np.ndarray, ro: Rollout) -> np.ndarray:
-        "Write the holdings carried in, and the scaled observation's P&L so far, into observation rows, (d,) or (n, d); returns them."
+        """Write the holdings carried in, and the scaled observation's P&L so far, into observation rows, (d,) or (n,
+        d); returns them."""
         h, w = (ro.holdings, ro.pnl) if rows.ndim == 2 else (ro.holdings[0], ro.pnl[0])
         if self._units is None: rows[..., self._hold] = h; return rows
         rows[..., self._hold] = h / self._units
@@ -410,7 +456,8 @@ class _Hedging:
         return rows
 
     def _shaped(self, s, pre) -> np.ndarray:
-        "The shaped reward (n,) of step P&L `s`, with `pre` = (closing cost, wealth, first step) taken before the trade."
+        """The shaped reward (n,) of step P&L `s`, with `pre` = (closing cost, wealth, first step) taken before the
+        trade."""
         return shaped_reward(s.option + s.hedge, s.cost, pre[0], pre[1], self.cost_mean, self.risk_aversion, pre[2])
 
 # %% ../nbs/05_env.ipynb #53c8ce58
@@ -420,7 +467,8 @@ def episode_image(
     colours: list | None = None, # an RGB triple per band; None: blue, orange, green, ...
     height: int = 120, width: int = 240, # the image's size in pixels
 ) -> np.ndarray:
-    "A small picture of an episode: each series as a line in its own horizontal band of a white image, (height, width, 3) uint8."
+    """A small picture of an episode: each series as a line in its own horizontal band of a white image, (height,
+    width, 3) uint8."""
     colours = colours or [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
     img, band = np.full((height, width, 3), 255, np.uint8), height // max(len(series), 1)
     for b, (y, c) in enumerate(zip(series, colours * len(series))):
@@ -438,49 +486,84 @@ def episode_image(
 def _rows(paths: ScenarioPaths, idx) -> ScenarioPaths:
     "The paths `idx` (a slice or an index array) of a batch, without its daily paths."
     p = paths
-    return ScenarioPaths(p.scenario, p.days, p.times, p.spot[idx], p.variance[idx], p.book[idx], p.prices[idx], p.discount)
+    return ScenarioPaths(p.scenario, p.days, p.times, p.spot[idx], p.variance[idx], p.book[idx], p.prices[idx],
+                         p.discount)
 
 # %% ../nbs/05_env.ipynb #f4740ab6
 def _stack(batches: list[ScenarioPaths], i: int) -> ScenarioPaths:
     "Row `i` of each batch, stacked: (len(batches),) paths."
     p = batches[0]
-    spot, var, book, prices = (np.stack([getattr(b, f)[i] for b in batches]) for f in ("spot", "variance", "book", "prices"))
+    spot, var, book, prices = (np.stack([getattr(b, f)[i] for b in batches]) for f in ("spot", "variance", "book",
+                                                                                       "prices"))
     return ScenarioPaths(p.scenario, p.days, p.times, spot, var, book, prices, p.discount)
 
+# %% ../nbs/05_env.ipynb #86b92325
+class _EpisodeViews:
+    "What an episode of `HedgingEnv` shows: the holdings an action asks for, and its rendering."
+
+    def to_holdings(self, action) -> np.ndarray:
+        """The holdings, (n_instruments,), that one `action` asks for (action='delta': on the current date of the
+        episode)."""
+        if self.widths is not None and self._ro is None: raise ResetNeeded(
+                "call reset() before to_holdings(): action='delta' deviates from the current delta")
+        ref = None if self.widths is None else self._eref[:, min(self._ro.j, self._J)]
+        return self._holdings(self._target(action), ref)[0].copy()
+
+    def render(self) -> str | np.ndarray | None:
+        """A one-line description of the current date (render_mode='ansi'), or a picture of the episode so far
+        ('rgb_array')."""
+        if self.render_mode is None or self._ro is None: return None
+        ro, p, i = self._ro, self.paths, self.path_index
+        if self.render_mode == "rgb_array": return episode_image([p.spot[i, :ro.j + 1], self._held], self._J + 1)
+        return (f"batch {self.batch_index} path {i}: date {ro.j}/{self._J} (day {p.days[ro.j]}), spot "
+                f"{p.spot[i, ro.j]:.4f}, "
+                f"holdings {np.round(ro.holdings[0], 6).tolist()}, P&L {ro.pnl[0]:+.6f}")
+
 # %% ../nbs/05_env.ipynb #39af3232
-class HedgingEnv(_Hedging, gym.Env):
-    "Hedge one simulated path of a scenario per episode; the shared `Rollout` books the P&L (Kolm & Ritter 2019; Cao et al. 2021)."
-    metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 1}  # fps only for Gymnasium's checker (and recorders): a frame a date
+class HedgingEnv(_EpisodeViews, _Hedging, gym.Env):
+    """Hedge one simulated path of a scenario per episode; the shared `Rollout` books the P&L (Kolm & Ritter 2019; Cao
+    et al. 2021)."""
+    # fps only for Gymnasium's checker (and recorders): a frame a date
+    metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 1}
 
     def __init__(self,
-        scenario: Scenario | str | dict = "cao2021-gbm-1m-1d", # a Scenario, a published name (`hedgerl.scenarios.names()`) or a dict
-        reward: str = "pnl", # "pnl": per-step mean-variance; "terminal": one reward on the path's P&L; "shaped": `shaped_reward`
+        # a Scenario, a published name (`hedgerl.scenarios.names()`) or a dict
+        scenario: Scenario | str | dict = "cao2021-gbm-1m-1d",
+        # "pnl": per-step mean-variance; "terminal": one reward on the path's P&L; "shaped": `shaped_reward`
+        reward: str = "pnl",
         risk_aversion: float = 1.0, # kappa >= 0 of the mean-variance rewards
         action_type: str = "continuous", # "continuous" (a Box) or "discrete" (a grid of n_levels per instrument)
         n_levels: int = 31, # levels per instrument of the discrete grid
         holdings_bounds: tuple | None = None, # (low, high), numbers or per instrument; None: `default_holdings_bounds`
         batch_size: int = 1024, # paths simulated at once; one is served per episode
         marks: bool | None = None, # mark the book on every date; None: for the per-step rewards unless Heston
-        render_mode: str | None = None, # None, "ansi" (a line of text) or "rgb_array" (`episode_image` of the spot and the holding so far)
-        action: str = "holdings", # "holdings": target holdings; "delta": normalised deviations from the delta hedge (`delta_targets`)
+        # None, "ansi" (a line of text) or "rgb_array" (`episode_image` of the spot and the holding so far)
+        render_mode: str | None = None,
+        # "holdings": target holdings; "delta": normalised deviations from the delta hedge (`delta_targets`)
+        action: str = "holdings",
         observation: str = "raw", # "raw" or "scaled" (bounded, of order one)
         action_width: float = 0.5, # action="delta": the half-width w, in `offsetting_units`
         cost_mean: float | None = None, # reward="shaped": c-bar; None: `expected_cost`
     ):
-        self.observation_space, self.action_space = self._setup(scenario, reward, risk_aversion, action_type, n_levels, holdings_bounds,
+        self.observation_space, self.action_space = self._setup(scenario, reward, risk_aversion, action_type, n_levels,
+                                                                holdings_bounds,
                                                                  marks, action, observation, action_width, cost_mean)
         self.batch_size = check_int("batch_size", batch_size, 1)
         self.render_mode = check_choice("render_mode", render_mode, (None, "ansi", "rgb_array"))
         self.paths, self.batch_index, self.path_index = None, -1, -1
-        self._feat, self._ref, self._ro, self._rows, self._eref, self._next, self._key = None, None, None, None, None, 0, None
+        self._feat, self._ref, self._ro, self._rows, self._eref = None, None, None, None, None
+        self._next, self._key = 0, None
 
     def _simulate(self, k: int) -> None:
         "Simulate batch `k` and its features."
-        self.paths = simulate_scenario(self.scenario, self.batch_size, seed=_batch_seed(self._base_seed, k), marks=self.marks)
-        (self._feat, self._ref), self.batch_index, self._next, self._key = self._prepare(self.paths), k, 0, (self._base_seed, k)
+        self.paths = simulate_scenario(self.scenario, self.batch_size, seed=_batch_seed(self._base_seed, k),
+                                       marks=self.marks)
+        (self._feat, self._ref), self.batch_index, self._next, self._key = self._prepare(self.paths), k, 0, (
+                self._base_seed, k)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
-        "Start an episode on the next path of the batch (simulating a batch when needed); `seed` restarts at batch 0; options {'batch': k, 'path': i} start on path i of batch k."
+        """Start an episode on the next path of the batch (simulating a batch when needed); `seed` restarts at batch 0;
+        options {'batch': k, 'path': i} start on path i of batch k."""
         start = _start(_reset_args(seed, options, _PATH_OPTIONS), seed is not None, self.batch_index, self.batch_size)
         super().reset(seed=None if seed is None else int(seed))
         self._draw_base_seed(seed)
@@ -509,32 +592,21 @@ class HedgingEnv(_Hedging, gym.Env):
         done = j == self._J
         if pre is not None: r = float(self._shaped(s, pre)[0])
         elif self.reward_mode == "terminal": r = mean_variance_reward(W, self.risk_aversion) if done else 0.0
-        else: r = mean_variance_reward(o + g - c, self.risk_aversion)  # o + g - c = s.total[0], without two array operations
+        # o + g - c = s.total[0], without two array operations
+        else: r = mean_variance_reward(o + g - c, self.risk_aversion)
         obs = self._fill(self._rows[j].copy(), ro)
         if self.render_mode == "rgb_array": self._held.append(float(ro.holdings[0, 0]))  # what the picture draws
         return obs, r, done, False, {"option_pnl": o, "hedge_pnl": g, "cost": c, "pnl": W}
 
-    def to_holdings(self, action) -> np.ndarray:
-        "The holdings, (n_instruments,), that one `action` asks for (action='delta': on the current date of the episode)."
-        if self.widths is not None and self._ro is None: raise ResetNeeded("call reset() before to_holdings(): action='delta' deviates from the current delta")
-        ref = None if self.widths is None else self._eref[:, min(self._ro.j, self._J)]
-        return self._holdings(self._target(action), ref)[0].copy()
-
-    def render(self) -> str | np.ndarray | None:
-        "A one-line description of the current date (render_mode='ansi'), or a picture of the episode so far ('rgb_array')."
-        if self.render_mode is None or self._ro is None: return None
-        ro, p, i = self._ro, self.paths, self.path_index
-        if self.render_mode == "rgb_array": return episode_image([p.spot[i, :ro.j + 1], self._held], self._J + 1)
-        return (f"batch {self.batch_index} path {i}: date {ro.j}/{self._J} (day {p.days[ro.j]}), spot {p.spot[i, ro.j]:.4f}, "
-                f"holdings {np.round(ro.holdings[0], 6).tolist()}, P&L {ro.pnl[0]:+.6f}")
-
 # %% ../nbs/05_env.ipynb #2a0e9cc5
 def _autoreset_mode(mode) -> AutoresetMode:
-    "Gymnasium's `AutoresetMode` from itself or its string value; SAME_STEP and NEXT_STEP only (all paths end together)."
+    """Gymnasium's `AutoresetMode` from itself or its string value; SAME_STEP and NEXT_STEP only (all paths end
+    together)."""
     try: m = AutoresetMode(mode)
     except (ValueError, TypeError): m = None
     if m not in (AutoresetMode.SAME_STEP, AutoresetMode.NEXT_STEP):
-        raise ValueError(f"autoreset_mode must be AutoresetMode.NEXT_STEP or SAME_STEP (or 'NextStep', 'SameStep'), got {mode!r}")
+        raise ValueError(f"autoreset_mode must be AutoresetMode.NEXT_STEP or SAME_STEP (or 'NextStep', 'SameStep'), "
+                         f"got {mode!r}")
     return m
 
 # %% ../nbs/05_env.ipynb #2e6a7879
@@ -550,7 +622,8 @@ def _vector_seeds(seed, n: int) -> int | list[int] | None:
 class _Streams:
     "A batched environment's sources of episodes: the shared stream's batches, or a stream per path (`HedgingEnv`'s)."
     def _begin(self, paths: ScenarioPaths, feat: np.ndarray, ref, batch: np.ndarray, path: np.ndarray):
-        "Start episodes on `paths` with their time-major features and reference holdings; the first observations and the reset info."
+        """Start episodes on `paths` with their time-major features and reference holdings; the first observations and
+        the reset info."""
         self.paths, self._feat, self._ref, self.batch_index = paths, feat, ref, int(batch[0])
         self._ro, self._ended, self._held = Rollout(paths, record=False), False, []
         return feat[0], {"batch": batch, "_batch": self._all, "path": path, "_path": self._all}
@@ -558,16 +631,19 @@ class _Streams:
     def _shared(self, k: int):
         "Start batch `k` of the shared stream."
         paths = simulate_scenario(self.scenario, self.num_envs, seed=_batch_seed(self._base_seed, k), marks=self.marks)
-        return self._begin(paths, *self._prepare(paths, time_major=True), np.full(self.num_envs, k), np.arange(self.num_envs))
+        return self._begin(paths, *self._prepare(paths, time_major=True), np.full(self.num_envs, k),
+                           np.arange(self.num_envs))
 
     def _own(self, e: int):
         "Start episode `e` of every path's own stream: row e % batch_size of batch e // batch_size of its seed."
         (k, p), key = divmod(e, self.batch_size), tuple(self._seeds)
         if self._cache is None or self._cache[0] != (key, k):
-            batches = [simulate_scenario(self.scenario, self.batch_size, seed=_batch_seed(s, k), marks=self.marks) for s in self._seeds]
+            batches = [simulate_scenario(self.scenario, self.batch_size, seed=_batch_seed(s, k),
+                                         marks=self.marks) for s in self._seeds]
             self._cache = ((key, k), batches, [self._prepare(b) for b in batches])
         _, batches, prepared = self._cache
-        feat, ref = np.stack([f[p] for f, _ in prepared], axis=1), None if prepared[0][1] is None else np.stack([r[p] for _, r in prepared])
+        feat, ref = np.stack([f[p] for f, _ in prepared], axis=1), None if prepared[0][1] is None else np.stack([r[p]
+                for _, r in prepared])
         self._episode = e
         return self._begin(_stack(batches, p), feat, ref, np.full(self.num_envs, k), np.full(self.num_envs, p))
 
@@ -576,14 +652,28 @@ class _Streams:
 
     def _reset_own(self, seeds: list[int] | None, options):
         "`reset` with a stream per path, as `HedgingEnv.reset` on each."
-        start = _start(_reset_args(None, options, _PATH_OPTIONS), seeds is not None, max(self._episode, 0) // self.batch_size, self.batch_size)
+        start = _start(_reset_args(None, options, _PATH_OPTIONS), seeds is not None, max(self._episode,
+                                                                                         0) // self.batch_size,
+                                                                                         self.batch_size)
         if seeds is not None: self._seeds, self._episode = seeds, -1
         elif self._seeds is None: self._seeds = self.np_random.integers(0, 2**62, self.num_envs).tolist()
         return self._own(self._episode + 1 if start is None else start[0] * self.batch_size + start[1])
 
+# %% ../nbs/05_env.ipynb #92e3bb4a
+class _BatchedViews:
+    "What `BatchedHedgingEnv` shows: a picture of each path's episode so far."
+
+    def render(self) -> tuple[np.ndarray, ...] | None:
+        """Per path, a picture of its episode so far (`episode_image` of the spot and the first instrument's holding),
+        as the sync mode renders."""
+        if self.render_mode is None or self._ro is None: return None
+        j, held = self._ro.j, np.array(self._held).reshape(-1, self.num_envs)
+        return tuple(episode_image([self.paths.spot[i, :j + 1], held[:, i]], self._J + 1) for i in range(self.num_envs))
+
 # %% ../nbs/05_env.ipynb #f919d8b4
-class BatchedHedgingEnv(_Streams, _Hedging, VectorEnv):
-    "Hedge `num_envs` simulated paths at once with array operations on one `Rollout`; next-step (or same-step) autoreset."
+class BatchedHedgingEnv(_BatchedViews, _Streams, _Hedging, VectorEnv):
+    """Hedge `num_envs` simulated paths at once with array operations on one `Rollout`; next-step (or same-step)
+    autoreset."""
     metadata = {"autoreset_mode": AutoresetMode.NEXT_STEP, "render_modes": ["rgb_array"], "render_fps": 1}
 
     def __init__(self,
@@ -596,37 +686,45 @@ class BatchedHedgingEnv(_Streams, _Hedging, VectorEnv):
         holdings_bounds: tuple | None = None, # (low, high); None: `default_holdings_bounds`
         marks: bool | None = None, # mark the book on every date; None: for the per-step rewards unless Heston
         render_mode: str | None = None, # None or "rgb_array" (an `episode_image` per path)
-        autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP, # Gymnasium's NEXT_STEP or SAME_STEP (or their string values)
+        # Gymnasium's NEXT_STEP or SAME_STEP (or their string values)
+        autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
         action: str = "holdings", # "holdings" or "delta", as for `HedgingEnv`
         observation: str = "raw", # "raw" or "scaled"
         action_width: float = 0.5, # action="delta": the half-width w, in `offsetting_units`
         cost_mean: float | None = None, # reward="shaped": c-bar; None: `expected_cost`
-        seeding: str = "shared", # what an int seed means: "shared" (one stream of batches) or "per_env" ([s, s + 1, ...])
+        # what an int seed means: "shared" (one stream of batches) or "per_env" ([s, s + 1, ...])
+        seeding: str = "shared",
         batch_size: int = 1024, # per-path streams: paths simulated at once per path, as `HedgingEnv`'s batch_size
     ):
         self.single_observation_space, self.single_action_space = self._setup(
-            scenario, reward, risk_aversion, action_type, n_levels, holdings_bounds, marks, action, observation, action_width, cost_mean)
+            scenario, reward, risk_aversion, action_type, n_levels, holdings_bounds, marks, action, observation,
+            action_width, cost_mean)
         self.num_envs = n = check_int("num_envs", num_envs, 1)
         self.render_mode = check_choice("render_mode", render_mode, (None, "rgb_array"))
         self.metadata = {**type(self).metadata, "autoreset_mode": _autoreset_mode(autoreset_mode)}
-        self.seeding, self.batch_size = check_choice("seeding", seeding, ("shared", "per_env")), check_int("batch_size", batch_size, 1)
+        self.seeding = check_choice("seeding", seeding, ("shared", "per_env"))
+        self.batch_size = check_int("batch_size", batch_size, 1)
         self.observation_space = batch_space(self.single_observation_space, n)
         self.action_space = batch_space(self.single_action_space, n)
-        self.paths, self.batch_index, self._ro, self._ended, self._seeds, self._episode, self._cache = None, -1, None, False, None, -1, None
+        self.paths, self.batch_index, self._ro, self._ended = None, -1, None, False
+        self._seeds, self._episode, self._cache = None, -1, None
         self._all = np.ones(n, bool); self._all.flags.writeable = False  # the info masks: every path has every key
 
     def reset(self, *, seed: int | list[int] | None = None, options: dict | None = None):
-        "Start fresh episodes: a batch of the shared stream, or each path's own stream's next (see above); options {'batch': k} (and {'path': i} for own streams)."
+        """Start fresh episodes: a batch of the shared stream, or each path's own stream's next (see above); options
+        {'batch': k} (and {'path': i} for own streams)."""
         seeds = _vector_seeds(seed, self.num_envs)
         if isinstance(seeds, int) and self.seeding == "per_env": seeds = [seeds + i for i in range(self.num_envs)]
         super().reset(seed=seeds if isinstance(seeds, int) else None)
-        if isinstance(seeds, list) or (seeds is None and (self._seeds is not None or self.seeding == "per_env")): return self._reset_own(seeds, options)
+        own = seeds is None and (self._seeds is not None or self.seeding == "per_env")
+        if isinstance(seeds, list) or own: return self._reset_own(seeds, options)
         k = _reset_args(None, options, {"batch": "start batch k of the seed"}).get("batch")
         self._draw_base_seed(seeds); self._seeds = None
         return self._shared(k if k is not None else 0 if seeds is not None else self.batch_index + 1)
 
     def step(self, actions):
-        "Trade every path to the holdings its action asks for, book the step's P&L; after the last date, autoreset (see above)."
+        """Trade every path to the holdings its action asks for, book the step's P&L; after the last date, autoreset
+        (see above)."""
         ro, n = self._ro, self.num_envs
         if ro is None: raise ResetNeeded("call reset() before step()")
         if self._ended:  # NEXT_STEP: this step only starts the next episodes (the actions are ignored)
@@ -642,7 +740,8 @@ class BatchedHedgingEnv(_Streams, _Hedging, VectorEnv):
         elif self.reward_mode == "terminal": r = mean_variance_reward(W, self.risk_aversion) if done else np.zeros(n)
         else: r = mean_variance_reward(s.total, self.risk_aversion)
         a = self._all
-        info = {"option_pnl": s.option, "hedge_pnl": s.hedge, "cost": s.cost, "pnl": W, "_option_pnl": a, "_hedge_pnl": a, "_cost": a, "_pnl": a}
+        info = {"option_pnl": s.option, "hedge_pnl": s.hedge, "cost": s.cost, "pnl": W, "_option_pnl": a,
+                "_hedge_pnl": a, "_cost": a, "_pnl": a}
         obs = self._fill(self._feat[j], ro)
         if self.render_mode == "rgb_array": self._held.append(ro.holdings[:, 0].copy())
         if not done: return obs, r, np.zeros(n, bool), np.zeros(n, bool), info
@@ -650,13 +749,8 @@ class BatchedHedgingEnv(_Streams, _Hedging, VectorEnv):
             self._ended = True
             return obs, r, np.ones(n, bool), np.zeros(n, bool), info
         first, reset_info = self._next_episodes()
-        return first, r, np.ones(n, bool), np.zeros(n, bool), {**reset_info, "final_obs": obs, "_final_obs": a, "final_info": info, "_final_info": a}
-
-    def render(self) -> tuple[np.ndarray, ...] | None:
-        "Per path, a picture of its episode so far (`episode_image` of the spot and the first instrument's holding), as the sync mode renders."
-        if self.render_mode is None or self._ro is None: return None
-        j, held = self._ro.j, np.array(self._held).reshape(-1, self.num_envs)
-        return tuple(episode_image([self.paths.spot[i, :j + 1], held[:, i]], self._J + 1) for i in range(self.num_envs))
+        return first, r, np.ones(n, bool), np.zeros(n, bool), {**reset_info, "final_obs": obs, "_final_obs": a,
+                                                               "final_info": info, "_final_info": a}
 
 # %% ../nbs/05_env.ipynb #9f2c7d41
 AGENT_READY = {"action": "delta", "observation": "scaled", "reward": "shaped"}  # hedgerl/Hedging-v0's arguments
@@ -666,7 +760,8 @@ def batched_env(
     num_envs: int = 1, # paths at once
     **kwargs, # `BatchedHedgingEnv`'s other arguments
 ) -> BatchedHedgingEnv:
-    "`gymnasium.make_vec`'s entry point: a `BatchedHedgingEnv` whose int seeds mean what they mean in the sync mode (`seeding='per_env'`)."
+    """`gymnasium.make_vec`'s entry point: a `BatchedHedgingEnv` whose int seeds mean what they mean in the sync mode
+    (`seeding='per_env'`)."""
     return BatchedHedgingEnv(num_envs, **{"seeding": "per_env", **kwargs})
 
 # %% ../nbs/05_env.ipynb #fa8df75b
@@ -681,12 +776,14 @@ def _sb3_vec_env_class() -> type:
 def _episode_infos(final: np.ndarray, pnl: np.ndarray, returns: np.ndarray, length: int, seconds: float) -> list[dict]:
     "stable-baselines3's infos at the end of the episodes: per path its terminal observation, P&L and `episode` record."
     pnl, ret = pnl.tolist(), returns.tolist()
-    return [{"terminal_observation": final[i], "pnl": pnl[i], "episode": {"r": ret[i], "l": length, "t": seconds}, "TimeLimit.truncated": False}
+    return [{"terminal_observation": final[i], "pnl": pnl[i], "episode": {"r": ret[i], "l": length, "t": seconds},
+             "TimeLimit.truncated": False}
             for i in range(len(pnl))]
 
 # %% ../nbs/05_env.ipynb #0c6d3e85
 class SB3VecEnv:
-    "A stable-baselines3 `VecEnv` over a same-step `BatchedHedgingEnv` (stable-baselines3 is imported when the first one is made)."
+    """A stable-baselines3 `VecEnv` over a same-step `BatchedHedgingEnv` (stable-baselines3 is imported when the first
+    one is made)."""
     def __new__(cls, *args, **kwargs):
         return super().__new__(_sb3_vec_env_class() if cls is SB3VecEnv else cls)
 
@@ -694,16 +791,20 @@ class SB3VecEnv:
         env: BatchedHedgingEnv | None = None, # the batched environment, same-step; None: built from `kwargs`
         **kwargs, # `BatchedHedgingEnv` arguments when `env` is None (num_envs, scenario, reward, ...)
     ):
-        self.env = env if env is not None else BatchedHedgingEnv(**{"autoreset_mode": AutoresetMode.SAME_STEP, **kwargs})
+        self.env = env if env is not None else BatchedHedgingEnv(**{"autoreset_mode": AutoresetMode.SAME_STEP,
+                                                                    **kwargs})
         if self.env.metadata["autoreset_mode"] != AutoresetMode.SAME_STEP:
-            raise ValueError("SB3VecEnv: stable-baselines3 expects the same-step autoreset; build the env with autoreset_mode=AutoresetMode.SAME_STEP")
+            raise ValueError("SB3VecEnv: stable-baselines3 expects the same-step autoreset; build the env with "
+                             "autoreset_mode=AutoresetMode.SAME_STEP")
         super().__init__(self.env.num_envs, self.env.single_observation_space, self.env.single_action_space)
         self._actions, self._returns, self._length, self._t0 = None, np.zeros(self.num_envs), 0, time.perf_counter()
 
     def reset(self) -> np.ndarray:
-        "Observations (num_envs, d) of a fresh batch (seeded by the last `seed()`, with the options of the last `set_options()`, if any)."
+        """Observations (num_envs, d) of a fresh batch (seeded by the last `seed()`, with the options of the last
+        `set_options()`, if any)."""
         opts = self._options[0]
-        if any(o != opts for o in self._options): raise ValueError("options: every path of the batch resets together, so set_options needs the same options for all")
+        if any(o != opts for o in self._options): raise ValueError("options: every path of the batch resets together, "
+                                                                   "so set_options needs the same options for all")
         obs, _ = self.env.reset(seed=self._seeds[0], options=opts or None)
         self._reset_seeds(); self._reset_options()
         self._returns[:], self._length, self._t0 = 0.0, 0, time.perf_counter()
@@ -717,7 +818,8 @@ class SB3VecEnv:
         dones = term | trunc
         self._returns += r; self._length += 1
         if not dones.any(): return obs, r.astype(np.float32), dones, [{} for _ in range(self.num_envs)]
-        infos = _episode_infos(info["final_obs"], info["final_info"]["pnl"], self._returns, self._length, round(time.perf_counter() - self._t0, 6))
+        infos = _episode_infos(info["final_obs"], info["final_info"]["pnl"], self._returns, self._length,
+                               round(time.perf_counter() - self._t0, 6))
         self._returns[:], self._length, self._t0 = 0.0, 0, time.perf_counter()
         return obs, r.astype(np.float32), dones, infos
 
@@ -727,7 +829,8 @@ class SB3VecEnv:
         if indices is None: return self.num_envs
         return 1 if isinstance(indices, (int, np.integer)) else len(list(indices))
 
-    def get_attr(self, attr_name: str, indices=None) -> list[Any]: return [getattr(self.env, attr_name)] * self._n(indices)
+    def get_attr(self, attr_name: str, indices=None) -> list[Any]: return [getattr(self.env,
+                                                                                   attr_name)] * self._n(indices)
     def set_attr(self, attr_name: str, value: Any, indices=None) -> None: setattr(self.env, attr_name, value)
     def env_method(self, method_name: str, *method_args, indices=None, **method_kwargs) -> list[Any]:
         return [getattr(self.env, method_name)(*method_args, **method_kwargs)] * self._n(indices)

@@ -35,25 +35,30 @@ def applicable(name: str, scenario: Scenario) -> bool:
 
 # %% ../nbs/08_leaderboard.ipynb #174df343
 def _strategy_specs(strategies) -> dict:
-    "`strategies` as a dict name -> strategy, factory or baseline name, checked: a dict of those, or a list of baseline names."
+    """`strategies` as a dict name -> strategy, factory or baseline name, checked: a dict of those, or a list of
+    baseline names."""
     if isinstance(strategies, (list, tuple)):
         for i, n in enumerate(strategies):
             if not isinstance(n, str): raise ValueError(f"strategies[{i}] must be a baseline name, got {n!r}")
         strategies = {n: n for n in strategies}
     if not isinstance(strategies, dict):
-        raise ValueError(f"strategies must be a dict (name -> strategy, factory or baseline name) or a list of baseline names, got {type(strategies).__name__}")
+        raise ValueError(f"strategies must be a dict (name -> strategy, factory or baseline name) or a list of "
+                         f"baseline names, got {type(strategies).__name__}")
     for name, s in strategies.items():
         if not isinstance(name, str): raise ValueError(f"strategies: names must be text, got {name!r}")
         if isinstance(s, str): make_baseline(s)
         elif not callable(s) and not hasattr(s, "act"):
-            raise ValueError(f"strategies[{name!r}] must be a strategy, a factory that makes one, or a baseline name, got {type(s).__name__}")
+            raise ValueError(f"strategies[{name!r}] must be a strategy, a factory that makes one, or a baseline name, "
+                             f"got {type(s).__name__}")
     return strategies
 
 def _make(name: str, s) -> Strategy:
     "The strategy that spec `s` stands for (a baseline name or a factory is called)."
-    strat = make_baseline(s) if isinstance(s, str) else s() if isinstance(s, type) or (callable(s) and not hasattr(s, "act")) else s
+    strat = make_baseline(s) if isinstance(s, str) else s() if isinstance(s, type) or (callable(s) and not hasattr(s,
+            "act")) else s
     if not (callable(getattr(strat, "act", None)) and callable(getattr(strat, "reset", None))):
-        raise ValueError(f"strategies[{name!r}] made {type(strat).__name__}, not a strategy with reset(scenario) and act(observation)")
+        raise ValueError(f"strategies[{name!r}] made {type(strat).__name__}, not a strategy with reset(scenario) and "
+                         f"act(observation)")
     return strat
 
 # %% ../nbs/08_leaderboard.ipynb #5d5edfaf
@@ -61,12 +66,16 @@ def _check_run(n_paths, n_boot, train_paths, learned, **seeds) -> None:
     "Checks of a leaderboard run's sizes, seeds and agents, before anything is fitted or simulated."
     check_int("n_paths", n_paths, 2); check_int("train_paths", train_paths, 2)
     if isinstance(n_boot, (bool, np.bool_)) or not isinstance(n_boot, (int, np.integer)) or n_boot < 2:
-        raise ValueError(f"n_boot must be an integer >= 2 (the leaderboard reports bootstrap standard errors), got {n_boot!r}")
+        raise ValueError(f"n_boot must be an integer >= 2 (the leaderboard reports bootstrap standard errors), got "
+                         f"{n_boot!r}")
     for k, v in seeds.items(): check_int(k, v, 0)
-    if not isinstance(learned, (list, tuple, type(None))): raise ValueError(f"learned must be a list of trained agents, got {type(learned).__name__}")
+    if not isinstance(learned, (list, tuple, type(None))): raise ValueError(
+            f"learned must be a list of trained agents, got {type(learned).__name__}")
     for i, a in enumerate(learned or []):
-        if not (hasattr(a, "act") and isinstance(getattr(a, "scenario", None), Scenario) and isinstance(getattr(a, "name", None), str)):
-            raise ValueError(f"learned[{i}] must be a trained agent (a strategy with its name and the scenario it was trained on), got {type(a).__name__}")
+        if not (hasattr(a, "act") and isinstance(getattr(a, "scenario", None), Scenario) and isinstance(getattr(a,
+                "name", None), str)):
+            raise ValueError(f"learned[{i}] must be a trained agent (a strategy with its name and the scenario it was "
+                             f"trained on), got {type(a).__name__}")
 
 # %% ../nbs/08_leaderboard.ipynb #e2cbc07c
 def paired_improvement(scn: Scenario, base, other, n_boot: int, seed: int) -> tuple[float, float]:
@@ -85,7 +94,8 @@ def _fit(strat: Strategy, scn: Scenario, train_paths: int, train_seed: int) -> d
     if hasattr(strat, "fit") and not getattr(strat, "learned", False):
         strat.fit(scn, n_paths=train_paths, seed=train_seed)
         return {"train_paths": train_paths, "train_seed": train_seed, "fit_seconds": round(time.perf_counter() - t0, 2),
-                **{k: float(getattr(strat, k)) for k in ("width", "risk_aversion") if getattr(strat, k, None) is not None}}
+                **{k: float(getattr(strat, k)) for k in ("width", "risk_aversion") if getattr(strat, k,
+                        None) is not None}}
     if getattr(strat, "learned", False) and getattr(strat, "log", None) is not None:  # an agent: how it was trained
         return {"train_seconds": round(strat.log.seconds, 1), "trained": f"{strat.log.units} {strat.unit}",
                 "agent": strat.kind, "params": strat.params, "seed": strat.seed}
@@ -104,28 +114,33 @@ def _record(scn: Scenario, name: str, res, base, fit: dict | None, n_boot: int, 
 # %% ../nbs/08_leaderboard.ipynb #4c805ea4
 def evaluate_scenario(
     scenario, # a Scenario, a published name, a config file or a dict (see `hedgerl.scenarios.as_scenario`)
-    strategies: dict | list | None = None, # name -> strategy, factory or baseline name; or a list of baseline names; None: every applicable baseline
+    # name -> strategy, factory or baseline name; or a list of baseline names; None: every applicable baseline
+    strategies: dict | list | None = None,
     n_paths: int = 100_000, # test paths, at least 2
     seed: int = 2026, # seed of the test paths (the same for every strategy)
     train_paths: int = 20_000, # training paths for strategies with a fit(...) method
     train_seed: int = 7, # seed of the training paths
     n_boot: int = 100, # bootstrap replicates for standard errors, at least 2
     client=None, # optional dask.distributed Client
-    learned: list[Strategy] | None = None, # trained agents (each carries its `scenario`): those trained on this scenario join in
+    # trained agents (each carries its `scenario`): those trained on this scenario join in
+    learned: list[Strategy] | None = None,
 ) -> list[dict]:
     "Test every strategy on the same fresh paths of one scenario; records with metrics and standard errors."
     scn = as_scenario(scenario)
     _check_run(n_paths, n_boot, train_paths, learned, seed=seed, train_seed=train_seed)
-    strategies = {n: BASELINES[n] for n in BASELINES if applicable(n, scn)} if strategies is None else _strategy_specs(strategies)
+    strategies = {n: BASELINES[n] for n in BASELINES if applicable(n,
+            scn)} if strategies is None else _strategy_specs(strategies)
     if "delta" not in strategies: strategies = {"delta": BASELINES["delta"], **strategies}
     for a in learned or []:
         if a.scenario.name != scn.name: continue
         if a.name in strategies: raise ValueError(f"learned: two strategies named {a.name!r} on {scn.name}")
         strategies = {**strategies, a.name: a}
     results, fits = {}, {}
-    for name, strat in [(name, _make(name, s)) for name, s in strategies.items()]:  # made first: a bad factory fails before any run
+    # made first: a bad factory fails before any run
+    for name, strat in [(name, _make(name, s)) for name, s in strategies.items()]:
         fits[name] = _fit(strat, scn, train_paths, train_seed)
-        results[name] = backtest(strat, scn, n_paths=n_paths, seed=seed, client=client, record_holdings=n_paths <= 200_000)
+        results[name] = backtest(strat, scn, n_paths=n_paths, seed=seed, client=client,
+                                 record_holdings=n_paths <= 200_000)
     return [_record(scn, name, res, results["delta"], fits[name], n_boot, seed) for name, res in results.items()]
 
 # %% ../nbs/08_leaderboard.ipynb #0294af78
@@ -142,7 +157,8 @@ def _html_table(scenario: str, rows: list[dict]) -> str:
     head = "".join(f"<th>{h}</th>" for h in ("strategy", "learned", "objective", "vs delta", "ES 95%", "mean cost"))
     body = []
     for r in rows:
-        imp = "—" if r["strategy"] == "delta" else f"{r['improvement_vs_delta_pct']:+.1f}% ± {r['improvement_vs_delta_pct_se']:.1f}"
+        imp = "—" if r["strategy"] == "delta" else (f"{r['improvement_vs_delta_pct']:+.1f}% ± "
+                                                    f"{r['improvement_vs_delta_pct_se']:.1f}")
         cells = (e(r["strategy"]), "yes" if r["learned"] else "no", f"{r['objective']:.4g} ± {r['objective_se']:.2g}",
                  imp, f"{r['metrics']['es_95']:.4f}", f"{r['metrics'].get('cost_mean', 0.0):.4f}")
         body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
@@ -196,21 +212,27 @@ def to_markdown(records: list[dict]) -> str:
     for scn in dict.fromkeys(r["scenario"] for r in records):
         rows = sorted((r for r in records if r["scenario"] == scn), key=lambda r: r["objective"])
         r0 = rows[0]
-        lines += [f"## {scn}", "", f"Objective: {r0['objective_label']}; {r0['n_paths']:,} test paths, seed {r0['seed']}.", "",
+        lines += [f"## {scn}", "", f"Objective: {r0['objective_label']}; {r0['n_paths']:,} test paths, seed "
+                  f"{r0['seed']}.", "",
                   "| strategy | learned | objective | vs delta | mean P&L | SD P&L | ES 95% | mean cost | turnover |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             m = r["metrics"]
-            imp = "—" if r["strategy"] == "delta" else f"{r['improvement_vs_delta_pct']:+.1f}% ± {r['improvement_vs_delta_pct_se']:.1f}"
-            lines.append(f"| {r['strategy']} | {'yes' if r['learned'] else 'no'} | {r['objective']:.4g} ± {r['objective_se']:.2g} | {imp} | "
-                         f"{m['mean']:.4f} | {m['std']:.4f} | {m['es_95']:.4f} | {m.get('cost_mean', 0.0):.4f} | {m.get('turnover_mean', float('nan')):.2f} |")
+            imp = "—" if r["strategy"] == "delta" else (f"{r['improvement_vs_delta_pct']:+.1f}% ± "
+                                                        f"{r['improvement_vs_delta_pct_se']:.1f}")
+            lines.append(f"| {r['strategy']} | {'yes' if r['learned'] else 'no'} | {r['objective']:.4g} ± "
+                         f"{r['objective_se']:.2g} | {imp} | "
+                         f"{m['mean']:.4f} | {m['std']:.4f} | {m['es_95']:.4f} | {m.get('cost_mean', 0.0):.4f} | "
+                         f"{m.get('turnover_mean', float('nan')):.2f} |")
         lines.append("")
     return "\n".join(lines)
 
 # %% ../nbs/08_leaderboard.ipynb #630a7e66
 def run_leaderboard(
-    scenarios: list | None = None, # published names (or anything `as_scenario` takes; one may be given alone); default: all published
-    strategies: dict | list | None = None, # name -> strategy, factory or baseline name, or a list of baseline names; default: the applicable baselines
+    # published names (or anything `as_scenario` takes; one may be given alone); default: all published
+    scenarios: list | None = None,
+    # name -> strategy, factory or baseline name, or a list of baseline names; default: the applicable baselines
+    strategies: dict | list | None = None,
     n_paths: int = 100_000, # test paths per scenario, at least 2
     seed: int = 2026, # test seed (the same for every strategy)
     train_paths: int = 20_000, # training paths for fitted strategies
@@ -223,7 +245,8 @@ def run_leaderboard(
     "Strategies on scenarios, as a `Leaderboard`, written to `leaderboard.json` and `.md`; arguments checked first."
     if isinstance(scenarios, (str, Path, Scenario, dict)): scenarios = [scenarios]
     if scenarios is None: scenarios = names()
-    if not isinstance(scenarios, (list, tuple)): raise ValueError(f"scenarios must be a list of scenario names, got {type(scenarios).__name__}")
+    if not isinstance(scenarios, (list, tuple)): raise ValueError(f"scenarios must be a list of scenario names, got "
+                                                                  f"{type(scenarios).__name__}")
     if not scenarios: raise ValueError("scenarios is empty: name at least one (None: every published scenario)")
     scns = [as_scenario(s) for s in scenarios]
     twice = next((s.name for i, s in enumerate(scns) if s.name in [t.name for t in scns[:i]]), None)
@@ -236,7 +259,8 @@ def run_leaderboard(
         out.mkdir(parents=True, exist_ok=True)
     records = Leaderboard()
     for s in tqdm(scns, desc="leaderboard", disable=not progress):
-        records += evaluate_scenario(s, strategies, n_paths=n_paths, seed=seed, train_paths=train_paths, n_boot=n_boot, client=client, learned=learned)
+        records += evaluate_scenario(s, strategies, n_paths=n_paths, seed=seed, train_paths=train_paths, n_boot=n_boot,
+                                     client=client, learned=learned)
     if out is not None:
         (out / "leaderboard.json").write_text(json.dumps(records, indent=1, default=float) + "\n")
         (out / "leaderboard.md").write_text(to_markdown(records) + "\n")

@@ -27,7 +27,8 @@ def _paths(name: str, x, axis: int = -1, min_paths: int = 1) -> np.ndarray:
         raise ValueError(f"axis must be an integer in [{-a.ndim}, {a.ndim}) for {name} of shape {shape}, got {axis!r}")
     a = np.moveaxis(a, axis, -1)
     if a.shape[-1] < min_paths:
-        raise ValueError(f"{name} must have at least {min_paths} path{'s' * (min_paths > 1)} on axis {axis}, got shape {shape}")
+        raise ValueError(f"{name} must have at least {min_paths} path{'s' * (min_paths > 1)} on axis {axis}, got shape "
+                         f"{shape}")
     return a
 
 # %% ../nbs/03_metrics.ipynb #5f14bdfb
@@ -45,7 +46,8 @@ def _per_path(name: str, x, shape: tuple) -> np.ndarray:
     "`x` (a scalar or per-path array) broadcast to the P&L's `shape`, or a `ValueError` naming it."
     a = as_numpy(check_finite(name, x), float)
     try: return np.broadcast_to(a, shape)
-    except ValueError: raise ValueError(f"{name} of shape {a.shape} does not broadcast to the P&L's shape {shape}") from None
+    except ValueError: raise ValueError(
+            f"{name} of shape {a.shape} does not broadcast to the P&L's shape {shape}") from None
 
 # %% ../nbs/03_metrics.ipynb #95b90887
 def mean(
@@ -113,19 +115,22 @@ def standard_error(
     arrs = [_paths(f"arrays[{i}]", a, min_paths=2) for i, a in enumerate(arrays)]
     n = arrs[0].shape[-1]
     if any(a.shape[-1] != n for a in arrs):
-        raise ValueError(f"arrays must share the number of paths on their last axis, got shapes {[a.shape for a in arrs]}")
+        raise ValueError(f"arrays must share the number of paths on their last axis, got shapes "
+                         f"{[a.shape for a in arrs]}")
     rng = as_generator(seed)
     batch = int(np.clip(_BOOT_BLOCK // max(sum(a.size for a in arrs), 1), 1, n_boot))  # empty (0, n) arrays: one batch
     reps = []
     from tqdm import tqdm  # a million paths take seconds: say so, after 2 s, where someone watches
-    for start in tqdm(range(0, n_boot, batch), desc=f"bootstrap ({n_boot} resamples of {n:,} paths)", unit="batch", delay=2.0,
+    for start in tqdm(range(0, n_boot, batch), desc=f"bootstrap ({n_boot} resamples of {n:,} paths)", unit="batch",
+                      delay=2.0,
                       leave=False, disable=None if progress is None else not progress):
         b = min(batch, n_boot - start)
         idx = rng.integers(0, n, size=(b, n))
         out = stat(*(a[..., idx] for a in arrs), **kwargs)
         for v in (out.values() if isinstance(out, dict) else (out,)):
             if np.shape(v)[-1:] != (b,):
-                raise ValueError(f"stat must reduce the last (paths) axis and keep the others: a batch of {b} resamples gave shape {np.shape(v)}")
+                raise ValueError(f"stat must reduce the last (paths) axis and keep the others: a batch of {b} "
+                                 f"resamples gave shape {np.shape(v)}")
         reps.append(out)
     sd = lambda vals: np.concatenate([np.asarray(v) for v in vals], axis=-1).std(-1, ddof=1)
     return {k: sd([r[k] for r in reps]) for k in reps[0]} if isinstance(reps[0], dict) else sd(reps)
@@ -158,7 +163,8 @@ def expected_shortfall(
     level: float = 0.95, # confidence level alpha in (0, 1)
     axis: int = -1, # the path axis
 ):
-    "Expected shortfall (CVaR): the mean loss in the worst (1 - level) fraction of paths, fractional-weight estimator of Acerbi & Tasche (2002)."
+    """Expected shortfall (CVaR): the mean loss in the worst (1 - level) fraction of paths, fractional-weight estimator
+    of Acerbi & Tasche (2002)."""
     return _var_es(_paths("pnl", pnl, axis), _level(level))[1]
 
 cvar = expected_shortfall
@@ -169,7 +175,8 @@ def entropic_risk(
     risk_aversion: float = 1.0, # lambda >= 0; 0 gives the limit -mean
     axis: int = -1, # the path axis
 ):
-    "Entropic risk (1/risk_aversion) log E[exp(-risk_aversion pnl)], a loss, computed without overflow (Föllmer & Schied 2002)."
+    """Entropic risk (1/risk_aversion) log E[exp(-risk_aversion pnl)], a loss, computed without overflow (Föllmer &
+    Schied 2002)."""
     lam = _risk_aversion(risk_aversion)
     a = _paths("pnl", pnl, axis)
     mu = a.mean(-1)
@@ -201,11 +208,14 @@ def turnover(
     instruments: bool = False, # True: the last axis indexes instruments, whose turnovers are summed
 ):
     "Units traded per path, sum |trades| including the opening trade from 0 and the closing trade back to 0."
-    if not isinstance(instruments, (bool, np.bool_)): raise ValueError(f"instruments must be True or False, got {instruments!r}")
+    if not isinstance(instruments, (bool, np.bool_)): raise ValueError(
+            f"instruments must be True or False, got {instruments!r}")
     h = as_numpy(check_finite("holdings", holdings), float)
     axis = -2 if instruments else -1
     if h.ndim < -axis or h.shape[axis] == 0:
-        raise ValueError(f"holdings must be shaped {'(..., n_steps, n_instruments)' if instruments else '(..., n_steps)'} with n_steps >= 1, got shape {h.shape}")
+        raise ValueError(f"holdings must be shaped "
+                         f"{'(..., n_steps, n_instruments)' if instruments else '(..., n_steps)'} with n_steps >= 1, "
+                         f"got shape {h.shape}")
     t = np.abs(np.diff(h, axis=axis, prepend=0.0, append=0.0)).sum(axis)
     return t.sum(-1) if instruments else t
 
@@ -222,7 +232,8 @@ def total_cost(
     shape = tuple(np.shape(like))
     if c.shape == shape: return c
     if c.shape[:-1] == shape: return c.sum(-1)
-    raise ValueError(f"costs must be shaped like the P&L {shape} (per-path totals) or {shape} + (n_steps,) (per step), got {c.shape}")
+    raise ValueError(f"costs must be shaped like the P&L {shape} (per-path totals) or {shape} + (n_steps,) (per step), "
+                     f"got {c.shape}")
 
 # %% ../nbs/03_metrics.ipynb #0f719a5e
 def pnl_attribution(
@@ -245,7 +256,8 @@ def pnl_attribution(
         if gap > 1e-9 * max(1.0, np.abs(o).max(initial=0.0), np.abs(h).max(initial=0.0)):
             raise ValueError(f"total must equal option_pnl + hedge_pnl - costs, largest gap {gap:.3g}")
     out = {}
-    for k, name, v in (("option", "option_pnl", o), ("hedge", "hedge_pnl", h), ("cost", "costs", c), ("total", "total", t)):
+    for k, name, v in (("option", "option_pnl", o), ("hedge", "hedge_pnl", h), ("cost", "costs", c), ("total", "total",
+            t)):
         v = _paths(name, v, axis, min_paths=2)
         out[f"{k}_mean"], out[f"{k}_std"] = v.mean(-1), v.std(-1, ddof=1)
     return out
@@ -291,6 +303,7 @@ def summary(
     out = {"mean": f.pop("mean"), "mean_se": a.std(-1, ddof=1) / math.sqrt(a.shape[-1]), **f}
     if n_boot is not None:
         names = list(extra)
-        se = standard_error(lambda p, *e: _figures(p, **dict(zip(names, e)), **opts), a, *extra.values(), n_boot=n_boot, seed=seed)
+        se = standard_error(lambda p, *e: _figures(p, **dict(zip(names, e)), **opts), a, *extra.values(), n_boot=n_boot,
+                            seed=seed)
         out.update({f"{k}_se": v for k, v in se.items() if k != "mean"})
     return {k: float(v) if np.ndim(v) == 0 else v for k, v in out.items()}

@@ -49,7 +49,8 @@ class _TorchOps:
 
 # %% ../nbs/01_pricing.ipynb #26b086fe
 def _bs_formula(xp, S, K, T, r, sigma, q, w: float, greeks: bool):
-    "Black-Scholes-Merton price (and price, delta, gamma, vega, theta, rho) by the one shared d1/d2 formula; `w` = +1 call, -1 put."
+    """Black-Scholes-Merton price (and price, delta, gamma, vega, theta, rho) by the one shared d1/d2 formula; `w` = +1
+    call, -1 put."""
     sqT = xp.sqrt(T); vs = sigma * sqT
     Sd = S * xp.exp(-q * T); Kd = K * xp.exp(-r * T)
     d1 = xp.log(Sd / Kd) / vs + 0.5 * vs
@@ -98,7 +99,8 @@ def bs_price(
     q=0.0, # continuous dividend yield
     kind="call", # "call" or "put"
 ):
-    "Black-Scholes-Merton price of a European option, broadcast over all arguments (numpy arrays, scalars or torch tensors)."
+    """Black-Scholes-Merton price of a European option, broadcast over all arguments (numpy arrays, scalars or torch
+    tensors)."""
     return _run(S, K, T, r, sigma, q, kind, greeks=False)
 
 # %% ../nbs/01_pricing.ipynb #c3ca8485
@@ -139,7 +141,8 @@ def _iv_newton(x, target, tol: float, max_iter: int):
     """Solve log b(x, s) = target for s by Newton's method safeguarded by a bracket (x <= 0, 1-D arrays);
     returns (s, converged): `converged` is False where `max_iter` steps did not reach the relative tolerance `tol`."""
     # start: exact for x = 0 (b = 2N(s/2) - 1), the deep-OTM asymptote otherwise
-    s = np.maximum(2.0 * ndtri(np.minimum(0.5 * (np.exp(target) + 1.0), 1 - 1e-16)), np.abs(x) / np.sqrt(np.maximum(-2.0 * target, 1e-300)))
+    s = np.maximum(2.0 * ndtri(np.minimum(0.5 * (np.exp(target) + 1.0), 1 - 1e-16)),
+                   np.abs(x) / np.sqrt(np.maximum(-2.0 * target, 1e-300)))
     s = np.where(np.isfinite(s) & (s > 0), s, 1.0)
     lo = np.zeros_like(s); hi = np.full_like(s, np.inf)
     act = np.arange(s.size)
@@ -162,7 +165,8 @@ def _iv_newton(x, target, tol: float, max_iter: int):
 # %% ../nbs/01_pricing.ipynb #262a80a7
 def implied_vol(
     price, S, K, T, r, q=0.0, kind="call",
-    errors="nan", # where no volatility is found (price outside the no-arbitrage bounds, or no convergence): "nan" or "raise"
+    # where no volatility is found (price outside the no-arbitrage bounds, or no convergence): "nan" or "raise"
+    errors="nan",
     tol=1e-15, # relative tolerance on sigma * sqrt(T), finite and > 0
     max_iter=100, # Newton steps at most, an integer >= 1
 ):
@@ -189,14 +193,17 @@ def implied_vol(
     if errors == "raise" and not (ok | at_intrinsic).all():
         i = np.flatnonzero(~(ok | at_intrinsic))[0]
         lo_b, hi_b = df[i] * np.sqrt(F[i] * K[i]) * np.array([intrinsic[i], np.exp(0.5 * x[i])])
-        raise ValueError(f"price {P[i]!r} is outside the no-arbitrage bounds ({lo_b:.6g}, {hi_b:.6g}) for kind={kind!r}, S={S[i]!r}, K={K[i]!r}, T={T[i]!r}")
+        raise ValueError(f"price {P[i]!r} is outside the no-arbitrage bounds ({lo_b:.6g}, {hi_b:.6g}) for "
+                         f"kind={kind!r}, S={S[i]!r}, K={K[i]!r}, T={T[i]!r}")
     idx = np.flatnonzero(ok)
     s[idx], conv = _iv_newton(-np.abs(x[idx]), np.log(bo[idx]), tol, max_iter)
     if not conv.all():
         i = idx[~conv]; s[i] = np.nan
         where = f"price={P[i[0]]!r}, S={S[i[0]]!r}, K={K[i[0]]!r}, T={T[i[0]]!r}"
-        if errors == "raise": raise ValueError(f"implied_vol did not converge in max_iter={max_iter} steps to tol={tol:g} for {where}")
-        warnings.warn(f"implied_vol: {i.size} of {b.size} volatilities did not converge in max_iter={max_iter} steps to tol={tol:g} "
+        if errors == "raise": raise ValueError(f"implied_vol did not converge in max_iter={max_iter} steps to "
+                                               f"tol={tol:g} for {where}")
+        warnings.warn(f"implied_vol: {i.size} of {b.size} volatilities did not converge in max_iter={max_iter} steps "
+                      f"to tol={tol:g} "
                       f"(the first at {where}); they are NaN", RuntimeWarning, stacklevel=2)
     return (s / np.sqrt(T)).reshape(shape)[()]
 
@@ -221,7 +228,8 @@ def _heston_log_cf(u, T, v0, kappa, theta, xi, rho):
 
 # %% ../nbs/01_pricing.ipynb #5418261f
 def heston_cf(u, T, v0, kappa, theta, xi, rho):
-    "Characteristic function E[exp(iu X_T)] of X_T = log(S_T / F_T) under Heston, in the stable form of Albrecher et al. (2007)."
+    """Characteristic function E[exp(iu X_T)] of X_T = log(S_T / F_T) under Heston, in the stable form of Albrecher et
+    al. (2007)."""
     return np.exp(_heston_log_cf(u, T, v0, kappa, theta, xi, rho))
 
 # %% ../nbs/01_pricing.ipynb #df12d85c
@@ -230,7 +238,8 @@ def _heston_mean_variance(T, v0, kappa, theta):
     x = kappa * T
     small = x < 1e-3
     xs = np.where(small, 1.0, x)
-    a = np.where(small, 0.5 * x * (1 - x / 3 * (1 - x / 4 * (1 - x / 5))), (xs + np.expm1(-xs)) / xs)  # 1 - (1 - e^{-x}) / x
+    # 1 - (1 - e^{-x}) / x
+    a = np.where(small, 0.5 * x * (1 - x / 3 * (1 - x / 4 * (1 - x / 5))), (xs + np.expm1(-xs)) / xs)
     return theta * a + v0 * (1.0 - a)
 
 # %% ../nbs/01_pricing.ipynb #a8b11504
@@ -238,7 +247,8 @@ def _heston_cv_integrand(s, k, T, v0, kappa, theta, xi, rho, w):
     "Lewis's integrand less its Black-Scholes value at total variance `w`, in the variable s = u sqrt(w)."
     sw = np.sqrt(w); u = s / sw; a = u * u + 0.25
     lh = _heston_log_cf(u - 0.5j, T, v0, kappa, theta, xi, rho)
-    # Re e^{iuk} [phi(u - i/2) - phi_BS(u - i/2)], phi_BS(u - i/2) = e^{-w a / 2}: an absolute error of rounding is all we need
+    # Re e^{iuk} [phi(u - i/2) - phi_BS(u - i/2)], phi_BS(u - i/2) = e^{-w a / 2}: an absolute error of rounding is all
+    # we need
     return (np.exp(lh + 1j * u * k).real - np.exp(-0.5 * w * a) * np.cos(u * k)) / (a * sw)
 
 # %% ../nbs/01_pricing.ipynb #671500f6
@@ -246,7 +256,8 @@ def heston_price(
     S, K, T, r, v0, kappa, theta, xi, rho, q=0.0, kind="call",
     epsabs=1e-10, # absolute error asked of the normalised integral: a price error below epsabs D sqrt(F K) / pi
 ):
-    "Heston (1993) price of a European option by Lewis's (2001) integral with a Black-Scholes control variate, broadcast over all arguments."
+    """Heston (1993) price of a European option by Lewis's (2001) integral with a Black-Scholes control variate,
+    broadcast over all arguments."""
     w = _sign(kind)
     for n, v in (("S", S), ("K", K), ("T", T), ("kappa", kappa), ("theta", theta), ("xi", xi)): check_positive(n, v)
     check_positive("v0", v0, allow_zero=True)
@@ -264,8 +275,10 @@ def heston_price(
                             epsabs=epsabs, epsrel=0.0, norm="max", limit=500, full_output=True)
     scale = df * np.sqrt(F * K) / np.pi
     if info.status != 0:
-        warnings.warn(f"heston_price: the Fourier integral did not converge to epsabs={epsabs:.0e}; by its error estimate "
-                      f"prices may be off by up to {err * scale.max():.1e} (very short maturity with variance near 0, or strikes "
+        warnings.warn(f"heston_price: the Fourier integral did not converge to epsabs={epsabs:.0e}; by its error "
+                      f"estimate "
+                      f"prices may be off by up to {err * scale.max():.1e} (very short maturity with variance near 0, "
+                      f"or strikes "
                       f"far from the money)", RuntimeWarning, stacklevel=2)
     call = _bs_formula(_NumpyOps, S, K, T, r, np.sqrt(wbar / T), q, 1.0, False) - scale * I
     call = np.clip(call, df * np.maximum(F - K, 0.0), df * F)   # the no-arbitrage bounds

@@ -85,7 +85,8 @@ class Experiment(Base):
 class RunRow(Base):
     "One execution: parameters, status, liveness (host, pid, heartbeat) and outputs."
     __tablename__ = "runs"
-    __table_args__ = (sa.CheckConstraint("status IN ('running', 'finished', 'failed', 'interrupted')", name="ck_runs_status"),)
+    __table_args__ = (sa.CheckConstraint("status IN ('running', 'finished', 'failed', 'interrupted')",
+                                         name="ck_runs_status"),)
     id: Mapped[int] = mapped_column(primary_key=True)
     experiment_id: Mapped[int] = mapped_column(ForeignKey("experiments.id"), index=True)
     name: Mapped[str | None] = mapped_column(String(200))
@@ -152,7 +153,8 @@ class RunMetric(Base):
 
 # %% ../nbs/09_registry.ipynb #b299229c
 class SavedScenario(Base):
-    "A user's scenario config (JSON, checked by its writer), private unless shared; the name is unique per owner. (r0003)"
+    """A user's scenario config (JSON, checked by its writer), private unless shared; the name is unique per owner.
+    (r0003)"""
     __tablename__ = "scenarios"
     __table_args__ = (sa.UniqueConstraint("owner", "name", name="uq_scenarios_owner_name"),)
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -192,7 +194,8 @@ def _json_default(o):
 
 # %% ../nbs/09_registry.ipynb #e83ff8f3
 def _no_nul(o, where: str = "value") -> None:
-    "A `ValueError` if a JSON value holds a NUL character anywhere: PostgreSQL stores `\\u0000` in json but cannot read it back (every later query of the column fails)."
+    """A `ValueError` if a JSON value holds a NUL character anywhere: PostgreSQL stores `\\u0000` in json but cannot
+    read it back (every later query of the column fails)."""
     if isinstance(o, str):
         if "\x00" in o: raise ValueError(f"{where}: text with a NUL character (\\u0000) cannot be stored")
     elif isinstance(o, dict):
@@ -215,36 +218,45 @@ def registry_url(url: str | None = None) -> sa.URL:
     hint = "setting [registry] url (environment HEDGERL_REGISTRY_URL)"
     if is_service_url(raw):
         raise SettingsError(f"{hint}: {str(raw)!r} is the hedgerl service, not a database: open it with "
-                            f"hedgerl.registry.open_registry(url) (a RemoteRegistry), or give a sqlite:/// or postgresql+psycopg:// URL")
+                            f"hedgerl.registry.open_registry(url) (a RemoteRegistry), or give a sqlite:/// or "
+                            f"postgresql+psycopg:// URL")
     try: u = sa.make_url(str(raw))
-    except ArgumentError: raise SettingsError(f"{hint}: malformed database URL {str(raw)!r}; expected e.g. sqlite:///path/registry.sqlite or postgresql+psycopg://user@host/db") from None
-    if u.drivername in ("postgresql", "postgres"): u = u.set(drivername="postgresql+psycopg")  # the driver hedgerl installs
-    if u.get_backend_name() not in ("sqlite", "postgresql") or u.drivername not in ("sqlite", "sqlite+pysqlite", "postgresql+psycopg"):
+    except ArgumentError: raise SettingsError(f"{hint}: malformed database URL {str(raw)!r}; expected e.g. "
+            f"sqlite:///path/registry.sqlite or postgresql+psycopg://user@host/db") from None
+    # the driver hedgerl installs
+    if u.drivername in ("postgresql", "postgres"): u = u.set(drivername="postgresql+psycopg")
+    if u.get_backend_name() not in ("sqlite", "postgresql") or u.drivername not in ("sqlite", "sqlite+pysqlite",
+                                                                                    "postgresql+psycopg"):
         raise SettingsError(f"{hint}: unsupported database type {u.drivername!r} in {u.render_as_string()!r}; "
                             f"the registry runs on sqlite:///PATH or postgresql+psycopg://USER@HOST/DB")
-    if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:" and not u.database.startswith("file:"):
+    if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:" and not u.database.startswith(
+            "file:"):
         u = u.set(database=str(Path(u.database).expanduser()))
     return u
 
 # %% ../nbs/09_registry.ipynb #cb1d3be6
 def sqlite_file(url: sa.URL) -> Path | None:
     "The database file of a SQLite URL (None for other backends and in-memory databases)."
-    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:" or url.database.startswith("file:"): return None
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:" or url.database.startswith(
+            "file:"): return None
     return Path(url.database)
 
 # %% ../nbs/09_registry.ipynb #d19a5d1f
 def make_engine(url: sa.URL) -> sa.Engine:
-    "An engine for the registry: JSON that understands numpy; SQLite in WAL mode, with a busy timeout, `BEGIN IMMEDIATE` to write and plain `BEGIN` on `read_only(engine)`."
+    """An engine for the registry: JSON that understands numpy; SQLite in WAL mode, with a busy timeout, `BEGIN
+    IMMEDIATE` to write and plain `BEGIN` on `read_only(engine)`."""
     if url.get_backend_name() != "sqlite": return sa.create_engine(url, json_serializer=_dumps, pool_pre_ping=True)
     eng = sa.create_engine(url, json_serializer=_dumps, connect_args={"timeout": 60})
     @event.listens_for(eng, "connect")
     def _on_connect(dbapi_conn, _):
         dbapi_conn.isolation_level = None # let the "begin" hook below open transactions
         cur = dbapi_conn.cursor()
-        for p in ("journal_mode=WAL", "busy_timeout=60000", "foreign_keys=ON", "synchronous=NORMAL"): cur.execute(f"PRAGMA {p}")
+        for p in ("journal_mode=WAL", "busy_timeout=60000", "foreign_keys=ON",
+                  "synchronous=NORMAL"): cur.execute(f"PRAGMA {p}")
         cur.close()
     @event.listens_for(eng, "begin")
-    def _on_begin(conn): conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("hedgerl_read") else "BEGIN IMMEDIATE")
+    def _on_begin(conn): conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("hedgerl_read")
+                                              else "BEGIN IMMEDIATE")
     return eng
 
 # %% ../nbs/09_registry.ipynb #032cdfec
@@ -283,9 +295,11 @@ def _registry_objects(obj, name, type_, reflected, compare_to) -> bool:
 
 # %% ../nbs/09_registry.ipynb #c0842c0e
 def schema_diff(engine: sa.Engine) -> list:
-    "Differences between the registry's tables and the ORM schema (Alembic autogenerate); [] when they agree. Other tables are ignored."
+    """Differences between the registry's tables and the ORM schema (Alembic autogenerate); [] when they agree. Other
+    tables are ignored."""
     with engine.connect() as conn:
-        return compare_metadata(MigrationContext.configure(conn, opts={"include_object": _registry_objects}), Base.metadata)
+        return compare_metadata(MigrationContext.configure(conn, opts={"include_object": _registry_objects}),
+                                Base.metadata)
 
 # %% ../nbs/09_registry.ipynb #ce85d6e3
 def connect(
@@ -299,13 +313,15 @@ def connect(
         if not create:
             raise RegistryUnavailable(f"{where} does not exist: check the path, or create it with `hedgerl db upgrade`")
         try: f.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e: raise RegistryUnavailable(f"cannot create the folder of {where}: {e.strerror}: {e.filename}") from None
+        except OSError as e: raise RegistryUnavailable(f"cannot create the folder of {where}: {e.strerror}: "
+                                                       f"{e.filename}") from None
     try: return engine.connect()  # a file that is not SQLite fails here (the connect hook's PRAGMAs)
     except sa.exc.DatabaseError as e: raise RegistryUnavailable(f"cannot connect to {where}: {e.orig}") from None
 
 # %% ../nbs/09_registry.ipynb #cf24704c
 def _alembic(engine: sa.Engine, create: bool, fn: Callable, *args) -> None:
-    "Run an Alembic command in one transaction; on PostgreSQL under an advisory lock, so concurrent first uses create the schema once."
+    """Run an Alembic command in one transaction; on PostgreSQL under an advisory lock, so concurrent first uses create
+    the schema once."""
     with connect(engine, create) as conn, conn.begin():
         if engine.url.get_backend_name() == "postgresql":
             conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK})")
@@ -355,9 +371,12 @@ def check_schema(
         upgrade(engine, create=create); st = schema_status(engine, create)
     known = {r.revision for r in ScriptDirectory.from_config(alembic_config(engine)).walk_revisions()}
     if st["current"] is not None and st["current"] not in known:
-        raise SchemaError(f"the database {st['url']} has Alembic revision {st['current']!r} in its alembic_version table, which is "
-                          f"not a hedgerl revision: another application manages its schema there (a plain Optuna storage does; "
-                          f"give Optuna `hedgerl.runs.optuna_storage()` instead) - use a separate database or remove that table")
+        raise SchemaError(f"the database {st['url']} has Alembic revision {st['current']!r} in its alembic_version "
+                          f"table, which is "
+                          f"not a hedgerl revision: another application manages its schema there (a plain Optuna "
+                          f"storage does; "
+                          f"give Optuna `hedgerl.runs.optuna_storage()` instead) - use a separate database or remove "
+                          f"that table")
     if not st["up_to_date"]:
         raise SchemaError(f"the registry database {st['url']} is at schema revision {st['current'] or 'none (empty)'}, "
                           f"this hedgerl needs {st['head']}: run `hedgerl db upgrade`")
@@ -372,22 +391,26 @@ class Run:
         step: int, # training step (or any increasing integer)
         **metrics: float, # namespaced keys (`train/loss`, `eval/objective`) and their values
     ) -> None:
-        "Append metrics for `step` and refresh the heartbeat (reviving a run reaped for a stale one), in one transaction."
+        """Append metrics for `step` and refresh the heartbeat (reviving a run reaped for a stale one), in one
+        transaction."""
         now = utcnow()
         def write(s: Session):
             self.registry._check_owner(s, RunRow, self.id, "run")
-            s.add_all([RunMetric(run_id=self.id, step=int(step), key=k, value=None if v is None else float(v), timestamp=now)
+            s.add_all([RunMetric(run_id=self.id, step=int(step), key=k, value=None if v is None else float(v),
+                                 timestamp=now)
                        for k, v in metrics.items()])
             s.execute(sa.update(RunRow).where(RunRow.id == self.id).values(heartbeat=now))
             # alive after all: undo a reaping for a stale heartbeat (a long step on another host)
-            s.execute(sa.update(RunRow).where(RunRow.id == self.id, RunRow.status == "failed", RunRow.error.like("reaped: no heartbeat%"))
+            s.execute(sa.update(RunRow).where(RunRow.id == self.id, RunRow.status == "failed",
+                                              RunRow.error.like("reaped: no heartbeat%"))
                       .values(status="running", error=None, ended=None))
         self.registry._write(write)
 
     def set_outputs(self,
         outputs: dict, # merged into what the run has stored (a key given again is replaced)
     ) -> None:
-        "Record outputs while the run is running (its folder, say, so that a killed run can still be found and resumed)."
+        """Record outputs while the run is running (its folder, say, so that a killed run can still be found and
+        resumed)."""
         self._update(outputs=outputs)
 
     def _update(self, outputs: dict | None = None, **values):
@@ -399,7 +422,8 @@ class Run:
         self.registry._write(write)
 
     def _close(self, status: str, outputs=None, error: str | None = None):
-        self._update(outputs, status=status, ended=utcnow(), heartbeat=utcnow(), **({} if error is None else {"error": error}))
+        self._update(outputs, status=status, ended=utcnow(), heartbeat=utcnow(),
+                     **({} if error is None else {"error": error}))
     def finish(self, outputs: dict | None = None) -> None:
         "Mark the run finished, storing its `outputs` (final scores, paths of artifacts)."
         self._close("finished", outputs)
@@ -440,7 +464,8 @@ def data_version(
     engine: sa.Engine, # the registry's engine
     watch: dict, # where the SQLite watcher connection is kept (shared by the handles of one engine)
 ):
-    "A token that changes whenever anything is committed to the database; None where there is none (an in-memory one, a standby)."
+    """A token that changes whenever anything is committed to the database; None where there is none (an in-memory one,
+    a standby)."""
     if engine.url.get_backend_name() != "sqlite":
         try:
             with engine.connect() as c: return c.exec_driver_sql("SELECT pg_current_wal_insert_lsn()").scalar()
@@ -452,11 +477,13 @@ def data_version(
 
 # %% ../nbs/09_registry.ipynb #bebfbd10
 class ReadCache:
-    "Values computed from a database, each kept while the database's `data_version` is unchanged, for at most `ttl` seconds."
+    """Values computed from a database, each kept while the database's `data_version` is unchanged, for at most `ttl`
+    seconds."""
     def __init__(self,
         ttl: float = 2.0, # seconds a value is kept at most
         size: int = 4096, # values kept at most
-        max_bytes: int = 64 << 20, # bytes of `bytes` values kept at most (a caller paging through everything fills no memory)
+        # bytes of `bytes` values kept at most (a caller paging through everything fills no memory)
+        max_bytes: int = 64 << 20,
     ):
         self.ttl, self.size, self.max_bytes, self._lock = ttl, size, max_bytes, threading.Lock()
         self._d, self._bytes, self._version = collections.OrderedDict(), 0, None
@@ -464,10 +491,12 @@ class ReadCache:
     def peek(self, key, version):
         "The value kept for `key` under `version` within `ttl`; None if there is none."
         with self._lock: hit = self._d.get(key)
-        return hit[2] if hit is not None and version is not None and hit[0] == version and time.monotonic() - hit[1] < self.ttl else None
+        return hit[2] if hit is not None and version is not None and hit[0] == version and time.monotonic() - hit[
+                1] < self.ttl else None
 
     def get(self, key, version, compute: Callable):
-        "`compute()`'s value for `key`, from the cache when stored under `version` within `ttl` (values are shared: never mutate one)."
+        """`compute()`'s value for `key`, from the cache when stored under `version` within `ttl` (values are shared:
+        never mutate one)."""
         if (value := self.peek(key, version)) is not None: return value
         now, value = time.monotonic(), compute()
         if version is None: return value
@@ -476,7 +505,9 @@ class ReadCache:
             if version != self._version: self._d.clear(); self._bytes, self._version = 0, version  # the rest is stale
             if (old := self._d.pop(key, None)) is not None: self._bytes -= old[3]
             self._d[key] = (version, now, value, weight); self._bytes += weight
-            while self._d and (len(self._d) > self.size or self._bytes > self.max_bytes): self._bytes -= self._d.popitem(last=False)[1][3]
+            while self._d and (len(
+                    self._d) > self.size or self._bytes > self.max_bytes): self._bytes -= self._d.popitem(last=False)[
+                            1][3]
         return value
 
 # %% ../nbs/09_registry.ipynb #a00bd6cc
@@ -500,7 +531,8 @@ def _frame(rows, columns) -> pd.DataFrame: return pd.DataFrame([dict(r._mapping)
 
 # %% ../nbs/09_registry.ipynb #a3e851a9
 def _storable(col, v) -> bool:
-    "Whether `v` could be a value of column `col` on every backend: PostgreSQL's INTEGER has 32 bits, no text holds NUL or lone surrogates."
+    """Whether `v` could be a value of column `col` on every backend: PostgreSQL's INTEGER has 32 bits, no text holds
+    NUL or lone surrogates."""
     if isinstance(v, str):
         try: v.encode("utf-8")
         except UnicodeEncodeError: return False
@@ -520,7 +552,8 @@ class RegistryBase:
     "A registry handle: its database URL and engine, the user it acts as, its read cache."
     def __init__(self,
         url: str | None = None, # SQLAlchemy URL; None: `settings().registry.url`
-        user: str | None = None, # owner of what this handle writes, and whose private records it sees (default: login name)
+        # owner of what this handle writes, and whose private records it sees (default: login name)
+        user: str | None = None,
         heartbeat_timeout: float = 3600.0, # seconds without a heartbeat after which a running run is reaped
         create: bool = True, # bring an EMPTY database to the head schema on first use (never an old one)
     ):
@@ -534,20 +567,24 @@ class RegistryBase:
         self.admin = False # reads see every user's rows (`as_user(..., admin=True)`); writes stay the owner's
         self._reads, self._watch = ReadCache(), {}  # shared with the `as_user` handles
 
-    def __repr__(self): return f"Registry({self.url.render_as_string()!r}, user={self.user!r}{', admin=True' if self.admin else ''})"
+    def __repr__(self): return (f"Registry({self.url.render_as_string()!r}, "
+                                f"user={self.user!r}{', admin=True' if self.admin else ''})")
 
     def as_user(self,
         user: str, # the user the new handle acts as
-        admin: bool = False, # an administrator: its reads see every user's rows, private ones too; its writes stay owner-only
+        # an administrator: its reads see every user's rows, private ones too; its writes stay owner-only
+        admin: bool = False,
     ) -> Registry:
-        "A handle on the same database acting as `user`, sharing this one's engine (what the hedgerl service opens per request)."
+        """A handle on the same database acting as `user`, sharing this one's engine (what the hedgerl service opens
+        per request)."""
         if not isinstance(user, str) or not user: raise ValueError(f"user must be a non-empty string, got {user!r}")
         if not isinstance(admin, bool): raise ValueError(f"admin must be True or False, got {admin!r}")
         other = copy.copy(self); other.user, other.admin = user, admin
         return other
 
     def address(self,
-        hide_password: bool = True, # False only to hand the URL to another process of the same user (a papermill kernel)
+        # False only to hand the URL to another process of the same user (a papermill kernel)
+        hide_password: bool = True,
     ) -> str:
         "The registry's URL as text: what another process passes to `open_registry` to reach the same registry."
         return self.url.render_as_string(hide_password=hide_password)
@@ -561,7 +598,8 @@ class RegistryBase:
 class _Schema:
     "`Registry`'s schema methods: the module's `upgrade`, `downgrade`, `schema_status`, `check_schema` on its engine."
     def _connect(self) -> sa.Connection:
-        "A connection, or `RegistryUnavailable` naming the database; a missing SQLite file is created only when `create`."
+        """A connection, or `RegistryUnavailable` naming the database; a missing SQLite file is created only when
+        `create`."""
         return connect(self.engine, self.create)
 
     def upgrade(self, revision: str = "head") -> None:
@@ -591,13 +629,16 @@ class _Transactions:
         return self._Read()
 
     def _write(self, fn: Callable[[Session], Any], retries: int = 8, retry_integrity: bool = False):
-        "Run `fn(session)` in one transaction, retrying when the database is busy (or on a lost insert race); a value the database refuses is a `ValueError`."
+        """Run `fn(session)` in one transaction, retrying when the database is busy (or on a lost insert race); a value
+        the database refuses is a `ValueError`."""
         self.check_schema()
         for attempt in range(retries):
             try:
                 with self._Session() as s, s.begin(): return fn(s)
-            except DataError as e:  # e.g. text with NUL on PostgreSQL, a number out of a column's range: the value's fault, nothing written
-                raise ValueError(f"the registry database refused a value: {str(e.orig).strip().splitlines()[0]}") from None
+            # e.g. text with NUL on PostgreSQL, a number out of a column's range: the value's fault, nothing written
+            except DataError as e:
+                raise ValueError(
+                        f"the registry database refused a value: {str(e.orig).strip().splitlines()[0]}") from None
             except (OperationalError, IntegrityError) as e:
                 if attempt == retries - 1 or (isinstance(e, IntegrityError) and not retry_integrity): raise
                 time.sleep(0.05 * 2 ** attempt)
@@ -609,12 +650,14 @@ class _Transactions:
         key, # what is read (hashable); this handle's user and admin flag are added to it
         compute: Callable, # computes it from the database
     ):
-        "`compute()`, or its value from the last time while nothing was committed since (by anyone) and for at most 2 s: for repeated reads."
+        """`compute()`, or its value from the last time while nothing was committed since (by anyone) and for at most 2
+        s: for repeated reads."""
         self.check_schema()  # (an empty database is created first: that is a write)
         return self._reads.get((self.user, self.admin, key), data_version(self.engine, self._watch), compute)
 
     def cache_hit(self, key):
-        "What `cached(key, ...)` holds now, where checking costs no network round trip (SQLite): for an event loop; else None."
+        """What `cached(key, ...)` holds now, where checking costs no network round trip (SQLite): for an event loop;
+        else None."""
         if self.url.get_backend_name() != "sqlite" or not self.ready: return None
         return self._reads.peek((self.user, self.admin, key), data_version(self.engine, self._watch))
 
@@ -622,22 +665,27 @@ class _Transactions:
 class _Ownership:
     "`Registry`'s access rules: which rows a user reads, and who may change one."
     def _visible(self, table, user: str | None, admin: bool = True):
-        "Rows of `table` that `user` (None: this handle's) reads: their own and shared ones; every row for this handle when it is an admin's."
+        """Rows of `table` that `user` (None: this handle's) reads: their own and shared ones; every row for this
+        handle when it is an admin's."""
         if user is None and admin and self.admin: return sa.true()
         return sa.or_(table.owner == (user or self.user), table.shared.is_(True))
 
     def _check_owner(self, s: Session, table, id_: int, what: str) -> None:
-        "Before a write: `KeyError` if row `id_` of `table` is not visible to this handle's user, `PermissionError` if it is someone else's."
+        """Before a write: `KeyError` if row `id_` of `table` is not visible to this handle's user, `PermissionError`
+        if it is someone else's."""
         row = s.execute(sa.select(table.owner, table.shared).where(_equal(table.id, int(id_)))).first()
         if row is None or (row.owner != self.user and not row.shared and not self.admin):
             raise KeyError(f"no {what} {id_} visible to user {self.user!r} in {self.url.render_as_string()}")
         if row.owner != self.user:
             why = "shared, read-only" if row.shared else "private; an admin reads it, only its owner writes"
-            raise PermissionError(f"{what} {id_} belongs to {row.owner!r} ({why}): only its owner can change it, not {self.user!r}")
+            raise PermissionError(f"{what} {id_} belongs to {row.owner!r} ({why}): only its owner can change it, not "
+                                  f"{self.user!r}")
 
     def _check_visible(self, s: Session, run_ids, user):
-        ok = set(s.scalars(sa.select(RunRow.id).where(RunRow.id.in_([i for i in run_ids if _storable(RunRow.id, i)]), self._visible(RunRow, user))))
-        if missing := [i for i in run_ids if i not in ok]: raise KeyError(f"no run {missing} visible to user {user or self.user!r}")
+        ok = set(s.scalars(sa.select(RunRow.id).where(RunRow.id.in_([i for i in run_ids if _storable(RunRow.id, i)]),
+                                                      self._visible(RunRow, user))))
+        if missing := [i for i in run_ids if i not in ok]: raise KeyError(
+                f"no run {missing} visible to user {user or self.user!r}")
 
 # %% ../nbs/09_registry.ipynb #5db8dcb6
 class _RunWrites:
@@ -651,7 +699,8 @@ class _RunWrites:
         tags: list | None = None, # free-form labels
         description: str | None = None, # the experiment's description, when it is created
         host: str | None = None, # host of the process that runs it (None: this one's); the reaper checks its pid there
-        pid: int | None = None, # pid of that process (None: this one's); what the hedgerl service records for its clients
+        # pid of that process (None: this one's); what the hedgerl service records for its clients
+        pid: int | None = None,
     ) -> Run:
         "Open a running run (reaping dead ones first); use it as a context manager."
         self.reap()
@@ -661,8 +710,10 @@ class _RunWrites:
                 exp = Experiment(name=experiment, description=description, owner=self.user, shared=shared)
                 with s.begin_nested(): s.add(exp); s.flush()
             now = utcnow()
-            row = RunRow(experiment_id=exp.id, name=name, params=params or {}, status="running", started=now, owner=self.user,
-                         shared=shared, host=host or socket.gethostname(), pid=os.getpid() if pid is None else int(pid), heartbeat=now,
+            row = RunRow(experiment_id=exp.id, name=name, params=params or {}, status="running", started=now,
+                         owner=self.user,
+                         shared=shared, host=host or socket.gethostname(), pid=os.getpid() if pid is None else int(pid),
+                         heartbeat=now,
                          notebook=None if notebook is None else str(notebook), tags=tags)
             s.add(row); s.flush()
             return row.id
@@ -671,7 +722,8 @@ class _RunWrites:
     def run(self,
         id: int, # id of a run visible to this handle's user
     ) -> Run:
-        "A handle on an existing run, e.g. to log to a run that another process started (`hedgerl.runs.train` and its notebook)."
+        """A handle on an existing run, e.g. to log to a run that another process started (`hedgerl.runs.train` and its
+        notebook)."""
         with self._session() as s:
             row = s.execute(sa.select(RunRow.id, RunRow.name, Experiment.name.label("experiment"))
                             .join(Experiment, RunRow.experiment_id == Experiment.id)
@@ -680,15 +732,19 @@ class _RunWrites:
         return Run(self, row.id, row.experiment, row.name)
 
     def reap(self) -> list[int]:
-        "Mark failed every running run whose process is gone (on this host) or whose heartbeat is stale; return their ids."
+        """Mark failed every running run whose process is gone (on this host) or whose heartbeat is stale; return their
+        ids."""
         host, now = socket.gethostname(), utcnow()
         stale = now - dt.timedelta(seconds=self.heartbeat_timeout)
         with self._session() as s:
-            running = s.execute(sa.select(RunRow.id, RunRow.host, RunRow.pid, RunRow.heartbeat).where(RunRow.status == "running")).all()
+            running = s.execute(sa.select(RunRow.id, RunRow.host, RunRow.pid,
+                                          RunRow.heartbeat).where(RunRow.status == "running")).all()
         dead = {}
         for id_, h, pid, hb in running:
-            if h == host and pid is not None and not _pid_alive(pid): dead[id_] = f"reaped: process {pid} on {h} is gone"
-            elif hb is None or hb < stale: dead[id_] = f"reaped: no heartbeat from {h}:{pid} since {hb} (timeout {self.heartbeat_timeout:g} s)"
+            if h == host and pid is not None and not _pid_alive(pid): dead[
+                    id_] = f"reaped: process {pid} on {h} is gone"
+            elif hb is None or hb < stale: dead[id_] = (f"reaped: no heartbeat from {h}:{pid} since {hb} (timeout "
+                                                        f"{self.heartbeat_timeout:g} s)")
         def write(s: Session):
             done = []
             for id_, why in dead.items():
@@ -709,16 +765,19 @@ class _ModelWrites:
         config: dict | None = None, # configuration needed to rebuild it
         name: str | None = None, # model name (default `algorithm/scenario`); versions count up per (owner, name)
         shared: bool = False, # visible to every user
-        checksum: str | None = None, # the file's sha256 when the caller has just computed it (the hedgerl service does); None: computed here
+        # the file's sha256 when the caller has just computed it (the hedgerl service does); None: computed here
+        checksum: str | None = None,
     ) -> dict:
-        "Record a model artifact with its checksum under the next version of its name; return its row. The run must be this user's."
+        """Record a model artifact with its checksum under the next version of its name; return its row. The run must
+        be this user's."""
         p = Path(artifact_path).expanduser().resolve()
         if not p.is_file(): raise FileNotFoundError(f"artifact_path {str(p)!r} is not a file")
         checksum, name = checksum or _sha256(p), name or f"{algorithm}/{scenario}"
         run_id = run.id if isinstance(run, Run) else run
         def write(s: Session):
             if run_id is not None: self._check_owner(s, RunRow, run_id, "run")
-            v = (s.scalar(sa.select(sa.func.max(Model.version)).where(Model.owner == self.user, Model.name == name)) or 0) + 1
+            v = (s.scalar(sa.select(sa.func.max(Model.version)).where(Model.owner == self.user,
+                                                                      Model.name == name)) or 0) + 1
             m = Model(run_id=run_id, algorithm=algorithm, scenario=scenario, name=name, version=v, artifact=str(p),
                       checksum=checksum, config=config or {}, owner=self.user, shared=shared)
             s.add(m); s.flush()
@@ -739,13 +798,17 @@ class _EvaluationWrites:
         model: dict | int | None = None, # registered model evaluated (row from `register_model` or id)
         shared: bool = False, # visible to every user
     ) -> int:
-        "Record one evaluation; return its id. Its run must be this user's; its model, one this user can see (a shared one too)."
+        """Record one evaluation; return its id. Its run must be this user's; its model, one this user can see (a
+        shared one too)."""
         e = Evaluation(scenario=scenario, strategy=strategy, objective=float(objective), metrics=metrics or {},
-                       n_paths=n_paths, seed=None if seed is None else int(seed), run_id=run.id if isinstance(run, Run) else run,
+                       n_paths=n_paths, seed=None if seed is None else int(seed), run_id=run.id if isinstance(run,
+                               Run) else run,
                        model_id=model["id"] if isinstance(model, dict) else model, owner=self.user, shared=shared)
         def write(s: Session):
             if e.run_id is not None: self._check_owner(s, RunRow, e.run_id, "run")
-            if e.model_id is not None and s.scalar(sa.select(Model.id).where(_equal(Model.id, e.model_id), self._visible(Model, None, admin=False))) is None:
+            if e.model_id is not None and s.scalar(sa.select(Model.id).where(_equal(Model.id, e.model_id),
+                                                                             self._visible(Model, None,
+                                                                                     admin=False))) is None:
                 raise KeyError(f"no model {e.model_id} visible to user {self.user!r} in {self.url.render_as_string()}")
             s.add(e); s.flush(); return e.id
         return self._write(write)
@@ -776,19 +839,23 @@ class _ModelReads:
         model_id: int, # id of a model visible to this handle's user
     ) -> dict:
         "The model's row (id, name, version, artifact, checksum, owner, ...); `KeyError` if this user cannot see it."
-        with self._session() as s: m = s.execute(sa.select(*Model.__table__.columns).where(_equal(Model.id, int(model_id)), self._visible(Model, None))).first()
-        if m is None: raise KeyError(f"no model {model_id} visible to user {self.user!r} in {self.url.render_as_string()}")
+        with self._session() as s: m = s.execute(sa.select(*Model.__table__.columns).where(_equal(Model.id,
+                int(model_id)), self._visible(Model, None))).first()
+        if m is None: raise KeyError(f"no model {model_id} visible to user {self.user!r} in "
+                                     f"{self.url.render_as_string()}")
         return dict(m._mapping)
 
     def model_file(self,
         model_id: int, # id of a model visible to this handle's user
     ) -> Path:
-        "The model's file, checked against the checksum recorded at registration (`ArtifactError` when missing or changed)."
+        """The model's file, checked against the checksum recorded at registration (`ArtifactError` when missing or
+        changed)."""
         m = self.model(model_id)
         what, p = f"model {m['id']} ({m['name']} v{m['version']})", Path(m["artifact"])
         if not p.is_file(): raise ArtifactError(f"{what}: its file {m['artifact']} is missing")
         if (now := _sha256(p)) != m["checksum"]:
-            raise ArtifactError(f"{what}: {m['artifact']} no longer matches the checksum recorded at registration (sha256 {m['checksum'][:12]}..., "
+            raise ArtifactError(f"{what}: {m['artifact']} no longer matches the checksum recorded at registration "
+                                f"(sha256 {m['checksum'][:12]}..., "
                                 f"now {now[:12]}...): the file was replaced or corrupted; restore it or retrain")
         return p
 
@@ -808,15 +875,20 @@ class _Scenarios:
         description: str | None = None, # what it is for
         shared: bool = False, # readable by every user
     ) -> dict:
-        "Save a scenario config of this user's under `name`; its row. `NameTaken` if they already have one of that name."
-        if not isinstance(name, str) or not name.strip() or len(name) > 200: raise ValueError(f"name must be text of 1 to 200 characters, got {name!r}")
-        if not isinstance(config, dict): raise ValueError(f"config must be a dict (a scenario's fields), got {type(config).__name__}")
+        """Save a scenario config of this user's under `name`; its row. `NameTaken` if they already have one of that
+        name."""
+        if not isinstance(name, str) or not name.strip() or len(name) > 200: raise ValueError(
+                f"name must be text of 1 to 200 characters, got {name!r}")
+        if not isinstance(config, dict): raise ValueError(f"config must be a dict (a scenario's fields), got "
+                                                          f"{type(config).__name__}")
         for f, v in (("name", name), ("description", description)):
             if v is not None and not (isinstance(v, str) and _storable(SavedScenario.description, v)):
                 raise ValueError(f"{f} must be text without NUL characters or lone surrogates, got {v!r}")
-        taken = lambda i: NameTaken(f"name {name!r}: user {self.user!r} already has a saved scenario of that name (id {i}); choose another or delete it")
+        taken = lambda i: NameTaken(f"name {name!r}: user {self.user!r} already has a saved scenario of that name (id "
+                                    f"{i}); choose another or delete it")
         def write(s: Session):
-            if (i := s.scalar(sa.select(SavedScenario.id).where(SavedScenario.owner == self.user, SavedScenario.name == name))) is not None: raise taken(i)
+            if (i := s.scalar(sa.select(SavedScenario.id).where(SavedScenario.owner == self.user,
+                    SavedScenario.name == name))) is not None: raise taken(i)
             row = SavedScenario(name=name, config=config, description=description, owner=self.user, shared=bool(shared))
             s.add(row); s.flush(); return row.id
         try: id_ = self._write(write)
@@ -826,7 +898,8 @@ class _Scenarios:
     def delete_scenario(self,
         scenario_id: int, # a saved scenario of this user's
     ) -> None:
-        "Delete a saved scenario of this user's (`KeyError` if they cannot see it, `PermissionError` if it is another's)."
+        """Delete a saved scenario of this user's (`KeyError` if they cannot see it, `PermissionError` if it is
+        another's)."""
         def write(s: Session):
             self._check_owner(s, SavedScenario, scenario_id, "scenario")
             s.execute(sa.delete(SavedScenario).where(SavedScenario.id == int(scenario_id)))
@@ -837,7 +910,8 @@ class _Scenarios:
         id: int, # a row of this user's
         shared: bool = True, # False makes it private again
     ) -> dict:
-        "Share or unshare a row of this user's; its row. Another's is a `KeyError` if private to them, a `PermissionError` if shared."
+        """Share or unshare a row of this user's; its row. Another's is a `KeyError` if private to them, a
+        `PermissionError` if shared."""
         check_choice("kind", kind, tuple(self._KINDS))
         if not isinstance(shared, bool): raise ValueError(f"shared must be True or False, got {shared!r}")
         table = self._KINDS[kind]
@@ -850,36 +924,46 @@ class _Scenarios:
 # %% ../nbs/09_registry.ipynb #d9ba4c3f
 class _Find:
     "`Registry`'s listings: one SQL query per page, filtered, sorted and limited in the database."
-    _KINDS = {"run": RunRow, "model": Model, "evaluation": Evaluation, "scenario": SavedScenario} # what `find`, `get` and `share` take
+    # what `find`, `get` and `share` take
+    _KINDS = {"run": RunRow, "model": Model, "evaluation": Evaluation, "scenario": SavedScenario}
 
     def _listing(self, kind: str, user: str | None) -> tuple[sa.Select, dict, list[str]]:
-        "The select of the `kind` rows `user` (None: this handle's) reads, its filters (name -> column or condition maker), its sortable columns."
+        """The select of the `kind` rows `user` (None: this handle's) reads, its filters (name -> column or condition
+        maker), its sortable columns."""
         check_choice("kind", kind, tuple(self._KINDS))
         table = self._KINDS[kind]
         if kind == "run":
             cols = {"id": RunRow.id, "experiment": Experiment.name, **{c: getattr(RunRow, c) for c in (
-                    "name", "status", "owner", "shared", "started", "ended", "heartbeat", "host", "pid", "notebook", "params", "outputs", "tags", "error")}}
-            q = sa.select(*(c.label(k) for k, c in cols.items())).join(Experiment, RunRow.experiment_id == Experiment.id)
-            extra = {"scenario": RunRow.params["scenario"].as_string(), "agent": RunRow.params["agent"].as_string()}  # what `hedgerl train` records
+                    "name", "status", "owner", "shared", "started", "ended", "heartbeat", "host", "pid", "notebook",
+                    "params", "outputs", "tags", "error")}}
+            q = sa.select(*(c.label(k) for k, c in cols.items())).join(Experiment,
+                                                                       RunRow.experiment_id == Experiment.id)
+            # what `hedgerl train` records
+            extra = {"scenario": RunRow.params["scenario"].as_string(), "agent": RunRow.params["agent"].as_string()}
         else:
             cols = {c.name: getattr(table, c.name) for c in table.__table__.columns}
             q, extra = sa.select(*cols.values()), {}
         if kind in ("model", "evaluation"):  # the experiment of the run that made it
-            extra["experiment"] = lambda v: table.run_id.in_(sa.select(RunRow.id).join(Experiment, RunRow.experiment_id == Experiment.id).where(_equal(Experiment.name, v)))
+            extra["experiment"] = lambda v: table.run_id.in_(sa.select(RunRow.id).join(Experiment,
+                    RunRow.experiment_id == Experiment.id).where(_equal(Experiment.name, v)))
         plain = [k for k, c in cols.items() if not isinstance(c.type, sa.JSON)]  # what may be sorted and filtered on
         equal = lambda c: lambda v: _equal(c, v)
-        filters = {**{k: equal(cols[k]) for k in plain}, **{k: equal(c) if isinstance(c, sa.ColumnElement) else c for k, c in extra.items()}}
+        filters = {**{k: equal(cols[k]) for k in plain}, **{k: equal(c) if isinstance(c, sa.ColumnElement) else c for k,
+                                                            c in extra.items()}}
         return q.where(self._visible(table, user)), filters, plain
 
     def find(self,
         kind: str, # "run", "model", "evaluation" or "scenario" (a saved one)
-        filters: dict | None = None, # name -> the value it must equal (None: any): a column, a run's `scenario`/`agent` (its params), a model's or evaluation's `experiment`
+        # name -> the value it must equal (None: any): a column, a run's `scenario`/`agent` (its params), a model's or
+        # evaluation's `experiment`
+        filters: dict | None = None,
         sort: str | None = None, # a column to order by, `-column` for descending; None: `-id` (newest first)
         limit: int | None = None, # at most this many rows; None: every one
         offset: int = 0, # rows skipped before the page
         user: str | None = None, # whose view (default this handle's user): their rows plus shared ones
     ) -> tuple[list[dict], int]:
-        "A page of the `kind` rows `user` reads, filtered, sorted and paged in the database; the rows (dicts) and how many match in all."
+        """A page of the `kind` rows `user` reads, filtered, sorted and paged in the database; the rows (dicts) and how
+        many match in all."""
         q, known, sortable = self._listing(kind, user)
         bad = [repr(k) for k in (filters or {}) if k not in known]
         if bad: raise ValueError(f"{kind} filters: unknown {', '.join(bad)}; known: {', '.join(known)}")
@@ -887,12 +971,17 @@ class _Find:
         if not isinstance(key, str) or key.removeprefix("-") not in sortable:
             raise ValueError(f"sort {sort!r}: expected one of {', '.join(sortable)} (a leading - sorts descending)")
         for name, v in (("limit", limit), ("offset", offset)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0): raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+            if v is not None and (isinstance(v, bool) or not isinstance(v,
+                                                                        int)
+                                                                        or v < 0): raise ValueError(
+                                                                                f"{name} must be an integer >= 0, got "
+                                                                                f"{v!r}")
         for k, v in (filters or {}).items():
             if v is not None: q = q.where(known[k](v))
         table, desc = self._KINDS[kind], key.startswith("-")
         col = q.selected_columns[key.lstrip("-")]
-        order = [col.desc() if desc else col.asc()] + ([] if key.lstrip("-") == "id" else [table.id.desc() if desc else table.id.asc()])
+        order = [col.desc() if desc else col.asc()] + ([] if key.lstrip("-") == "id" else [table.id.desc() if desc
+                else table.id.asc()])
         if kind == "run": self.reap()
         with self._session() as s:
             total = s.scalar(sa.select(sa.func.count()).select_from(q.order_by(None).subquery()))
@@ -923,7 +1012,8 @@ class _Frames:
     ) -> pd.DataFrame:
         "Runs visible to `user`, newest first."
         if status is not None: check_choice("status", status, STATUSES)
-        return self._frame_of("run", dict(experiment=experiment, status=status, id=None if run_id is None else int(run_id)), "-id", user)
+        return self._frame_of("run", dict(experiment=experiment, status=status,
+                                          id=None if run_id is None else int(run_id)), "-id", user)
 
     def models(self, algorithm: str | None = None, scenario: str | None = None, name: str | None = None,
                user: str | None = None, # whose view: their models plus shared ones
@@ -936,7 +1026,8 @@ class _Frames:
                     user: str | None = None, # whose view: their evaluations plus shared ones
                     ) -> pd.DataFrame:
         "Recorded evaluations visible to `user`, oldest first."
-        return self._frame_of("evaluation", dict(scenario=scenario, strategy=strategy, run_id=run_id, model_id=model_id), "id", user)
+        return self._frame_of("evaluation", dict(scenario=scenario, strategy=strategy, run_id=run_id,
+                                                 model_id=model_id), "id", user)
 
     def scenarios(self, name: str | None = None, owner: str | None = None,
                   user: str | None = None, # whose view: their saved scenarios plus shared ones
@@ -974,10 +1065,12 @@ class _Metrics:
             last = (sa.select(RunMetric.run_id, RunMetric.key, sa.func.max(RunMetric.step).label("step"))
                     .where(RunMetric.run_id.in_(run_ids)).group_by(RunMetric.run_id, RunMetric.key).subquery())
             vals = s.execute(sa.select(RunMetric.run_id, RunMetric.key, RunMetric.value, RunMetric.id)
-                             .join(last, sa.and_(RunMetric.run_id == last.c.run_id, RunMetric.key == last.c.key, RunMetric.step == last.c.step))
+                             .join(last, sa.and_(RunMetric.run_id == last.c.run_id, RunMetric.key == last.c.key,
+                                                 RunMetric.step == last.c.step))
                              .order_by(RunMetric.id)).all()
-            info = s.execute(sa.select(RunRow.id, Experiment.name.label("experiment"), RunRow.name, RunRow.status, RunRow.outputs)
-                             .join(Experiment, RunRow.experiment_id == Experiment.id).where(RunRow.id.in_(run_ids))).all()
+            info = s.execute(sa.select(RunRow.id, Experiment.name.label("experiment"), RunRow.name, RunRow.status,
+                                       RunRow.outputs)
+                    .join(Experiment, RunRow.experiment_id == Experiment.id).where(RunRow.id.in_(run_ids))).all()
         rows = {r.id: dict(experiment=r.experiment, name=r.name, status=r.status) for r in info}
         for r in info:
             for k, v in (r.outputs or {}).items():
@@ -992,15 +1085,21 @@ class Registry(RegistryBase, _Schema, _Transactions, _Ownership, _RunWrites, _Mo
 
 # %% ../nbs/09_registry.ipynb #12ca1a43
 def open_registry(
-    url=None, # a database URL, the hedgerl service's http(s) URL, or a registry (returned as it is); None: `settings().registry.url`
-    **kwargs, # options of `Registry` (user, heartbeat_timeout, create) or of `hedgerl.remote.RemoteRegistry` (token, timeout)
+    # a database URL, the hedgerl service's http(s) URL, or a registry (returned as it is); None:
+    # `settings().registry.url`
+    url=None,
+    # options of `Registry` (user, heartbeat_timeout, create) or of `hedgerl.remote.RemoteRegistry` (token, timeout)
+    **kwargs,
 ):
-    "The registry at `url`: a `Registry` on a database, a `RemoteRegistry` on the hedgerl service (the platform's boundary)."
+    """The registry at `url`: a `Registry` on a database, a `RemoteRegistry` on the hedgerl service (the platform's
+    boundary)."""
     if url is not None and not isinstance(url, (str, sa.URL)):
-        if kwargs: raise TypeError(f"open_registry: options are for a URL, not for an open registry: {', '.join(kwargs)}")
+        if kwargs: raise TypeError(f"open_registry: options are for a URL, not for an open registry: "
+                                   f"{', '.join(kwargs)}")
         return url
     raw = settings().registry.url if url is None else url
     if is_service_url(raw):
-        from hedgerl.remote import RemoteRegistry  # the service's client, loaded only for a service URL (it needs httpx)
+        # the service's client, loaded only for a service URL (it needs httpx)
+        from hedgerl.remote import RemoteRegistry
         return RemoteRegistry(raw.strip(), **kwargs)
     return Registry(raw, **kwargs)

@@ -40,7 +40,8 @@ def _number(where: str, x, positive=False, nonneg=False) -> float:
 
 # %% ../nbs/04_scenarios.ipynb #f158dcc9
 def _build(cls, x, where: str):
-    "`x`, a `cls` or a mapping of its fields, as a checked `cls`; every error names its field path, starting at `where`."
+    """`x`, a `cls` or a mapping of its fields, as a checked `cls`; every error names its field path, starting at
+    `where`."""
     if isinstance(x, cls): return x
     names = [f.name for f in fields(cls)]
     if not isinstance(x, dict):
@@ -57,9 +58,11 @@ def _build(cls, x, where: str):
 
 # %% ../nbs/04_scenarios.ipynb #ab4cbaae
 def _build_list(cls, xs, where: str, empty: str) -> tuple:
-    "`xs`, a list of `cls` or of mappings of its fields, as a tuple of checked `cls` (errors name `where[i]`); `empty` is the error for none."
+    """`xs`, a list of `cls` or of mappings of its fields, as a tuple of checked `cls` (errors name `where[i]`);
+    `empty` is the error for none."""
     if not isinstance(xs, (list, tuple)):
-        raise ValueError(f"{where}: expected a list of mappings with {', '.join(f.name for f in fields(cls))}, got {_show(xs)}")
+        raise ValueError(f"{where}: expected a list of mappings with {', '.join(f.name for f in fields(cls))}, got "
+                         f"{_show(xs)}")
     if not xs: raise ValueError(empty)
     return tuple(_build(cls, x, f"{where}[{i}]") for i, x in enumerate(xs))
 
@@ -70,7 +73,8 @@ def _model_fields(model: str) -> tuple[list[str], list[str]]:
     "Required and optional parameter names of market `model`."
     if model == "historical": return ["source"], ["s0"]
     fs = fields(MODELS[model])
-    return [f.name for f in fs if f.default is dataclasses.MISSING], [f.name for f in fs if f.default is not dataclasses.MISSING]
+    return [f.name for f in fs if f.default is dataclasses.MISSING], [f.name for f in fs
+                                                                      if f.default is not dataclasses.MISSING]
 
 # %% ../nbs/04_scenarios.ipynb #26186685
 @dataclass(frozen=True)
@@ -88,14 +92,16 @@ class Market:
         if p is None: raise ValueError(f"market.params is required for {self.model}: {need}")
         if not isinstance(p, dict): raise ValueError(f"market.params: expected a mapping with {need}, got {_show(p)}")
         bad = [repr(k) for k in p if k not in req + opt]
-        if bad: raise ValueError(f"market.params: unknown field {', '.join(bad)} for {self.model}; known: {', '.join(req + opt)}")
+        if bad: raise ValueError(f"market.params: unknown field {', '.join(bad)} for {self.model}; known: "
+                                 f"{', '.join(req + opt)}")
         missing = [repr(k) for k in req if k not in p]
         if missing: raise ValueError(f"market.params: missing {', '.join(missing)} for {self.model}; required: {need}")
         for k, v in p.items():
             if k not in ("source", "martingale"): _number(f"market.params.{k}", v)
         if self.model == "historical":
             if not isinstance(p["source"], str) or not p["source"]:
-                raise ValueError(f"market.params.source must be text, 'bokeh:TICKER' or a CSV path, got {_show(p['source'])}")
+                raise ValueError(f"market.params.source must be text, 'bokeh:TICKER' or a CSV path, got "
+                                 f"{_show(p['source'])}")
             if "s0" in p: _number("market.params.s0", p["s0"], positive=True)
         else:
             try: MODELS[self.model](**p)
@@ -133,12 +139,16 @@ class Instrument:
     def __post_init__(self):
         check_choice("instrument.kind", self.kind, ("underlying", "option", "variance_swap"))
         if self.kind == "option":
-            if self.option is None: raise ValueError("instrument.option is required for kind='option': a mapping with kind, strike and maturity")
+            if self.option is None: raise ValueError("instrument.option is required for kind='option': a mapping with "
+                                                     "kind, strike and maturity")
             object.__setattr__(self, "option", _build(Option, self.option, "instrument.option"))
-        elif self.option is not None: raise ValueError(f"instrument.option is only for kind='option', not {self.kind!r}")
-        if self.kind == "variance_swap": object.__setattr__(self, "maturity", check_int("instrument.maturity", self.maturity, 1))
+        elif self.option is not None: raise ValueError(
+                f"instrument.option is only for kind='option', not {self.kind!r}")
+        if self.kind == "variance_swap": object.__setattr__(self, "maturity", check_int("instrument.maturity",
+                                                                                        self.maturity, 1))
         elif self.maturity is not None:
-            raise ValueError(f"instrument.maturity is only for kind='variance_swap', not {self.kind!r} (an option's maturity is option.maturity)")
+            raise ValueError(f"instrument.maturity is only for kind='variance_swap', not {self.kind!r} (an option's "
+                             f"maturity is option.maturity)")
 
     @property
     def name(self) -> str:
@@ -155,7 +165,8 @@ class Costs:
     _own = "costs"
 
     def __post_init__(self):
-        for f in ("proportional", "quadratic", "fixed"): object.__setattr__(self, f, _number(f"costs.{f}", getattr(self, f), nonneg=True))
+        for f in ("proportional", "quadratic", "fixed"): object.__setattr__(self, f, _number(f"costs.{f}", getattr(self,
+                f), nonneg=True))
 
     def __call__(self, trades: np.ndarray, prices: np.ndarray) -> np.ndarray:
         "Cost of `trades` (n_paths, n_instruments) at `prices`, summed over instruments: (n_paths,)."
@@ -168,26 +179,33 @@ class Costs:
 
 # %% ../nbs/04_scenarios.ipynb #dc750a14
 OBJECTIVES = ("cao", "es", "entropic", "std", "mean_variance")
-_DEFAULT_PARAM = {"cao": 1.5, "entropic": 1.0, "mean_variance": 1.0, "std": 0.0}  # es has none: its level must be chosen
+# es has none: its level must be chosen
+_DEFAULT_PARAM = {"cao": 1.5, "entropic": 1.0, "mean_variance": 1.0, "std": 0.0}
 
 @dataclass(frozen=True)
 class Objective:
-    "The risk objective on terminal P&L: cao (Y(0) = E[C] + c SD[C], % of premium), es (expected shortfall), entropic, std, mean_variance."
+    """The risk objective on terminal P&L: cao (Y(0) = E[C] + c SD[C], % of premium), es (expected shortfall),
+    entropic, std, mean_variance."""
     kind: str = "cao"
-    param: float | None = None # cao: c (None: 1.5); es: the level in (0, 1), required; entropic, mean_variance: risk aversion (1.0); std: unused
+    # cao: c (None: 1.5); es: the level in (0, 1), required; entropic, mean_variance: risk aversion (1.0); std: unused
+    param: float | None = None
     _own = "objective"
 
     def __post_init__(self):
         check_choice("objective.kind", self.kind, OBJECTIVES)
-        if self.param is None and self.kind == "es": raise ValueError("objective.param is required for es: the level in (0, 1), as in es:0.5")
-        object.__setattr__(self, "param", _number("objective.param", _DEFAULT_PARAM[self.kind] if self.param is None else self.param))
-        if self.kind == "es" and not 0 < self.param < 1: raise ValueError(f"objective.param (the ES level) must lie in (0, 1), got {self.param}")
+        if self.param is None and self.kind == "es": raise ValueError("objective.param is required for es: the level "
+                                                                      "in (0, 1), as in es:0.5")
+        object.__setattr__(self, "param", _number("objective.param",
+                                                  _DEFAULT_PARAM[self.kind] if self.param is None else self.param))
+        if self.kind == "es" and not 0 < self.param < 1: raise ValueError(
+                f"objective.param (the ES level) must lie in (0, 1), got {self.param}")
         if self.kind in ("cao", "entropic", "mean_variance") and self.param < 0:
             raise ValueError(f"objective.param must be non-negative for {self.kind}, got {self.param}")
 
     @classmethod
     def parse(cls, text: str) -> "Objective":
-        "The objective written as text 'kind' or 'kind:param', e.g. 'cao', 'es:0.5' (also `objective: es:0.5` in a YAML config)."
+        """The objective written as text 'kind' or 'kind:param', e.g. 'cao', 'es:0.5' (also `objective: es:0.5` in a
+        YAML config)."""
         kind, sep, param = str(text).partition(":")
         if not sep: return cls(kind.strip())
         try: value = float(param)
@@ -195,7 +213,8 @@ class Objective:
         return cls(kind.strip(), value)
 
     def __call__(self, pnl: np.ndarray, premium):
-        "The objective's value (lower is better) for terminal P&L `pnl` (paths on the last axis) of a book sold for `premium`."
+        """The objective's value (lower is better) for terminal P&L `pnl` (paths on the last axis) of a book sold for
+        `premium`."""
         if self.kind == "cao": return metrics.cao_objective(pnl, premium, c=self.param)
         if self.kind == "es": return metrics.expected_shortfall(pnl, level=self.param)
         if self.kind == "entropic": return metrics.entropic_risk(pnl, risk_aversion=self.param)
@@ -204,28 +223,36 @@ class Objective:
 
     @property
     def label(self) -> str:
-        return {"cao": f"Y(0) = E[C] + {self.param:g} SD[C], % of premium", "es": f"ES at {self.param:g}", "std": "SD of P&L",
-                "entropic": f"entropic risk, aversion {self.param:g}", "mean_variance": f"mean-variance, aversion {self.param:g}"}[self.kind]
+        return {"cao": f"Y(0) = E[C] + {self.param:g} SD[C], % of premium", "es": f"ES at {self.param:g}",
+                "std": "SD of P&L",
+                "entropic": f"entropic risk, aversion {self.param:g}",
+                "mean_variance": f"mean-variance, aversion {self.param:g}"}[self.kind]
 
 # %% ../nbs/04_scenarios.ipynb #7eb045dc
 def _check_scenario(s) -> None:
     "Checks across the fields of a built `Scenario`, each error naming its field."
     for i, o in enumerate(s.book):
-        if o.quantity == 0: raise ValueError(f"book[{i}].quantity must be non-zero (negative: sold, positive: bought), got 0")
+        if o.quantity == 0: raise ValueError(f"book[{i}].quantity must be non-zero (negative: sold, positive: bought), "
+                                             f"got 0")
     if s.rebalance_every > s.horizon:
         raise ValueError(f"rebalance_every={s.rebalance_every} is longer than the book's maturity of {s.horizon} days")
     for i, ins in enumerate(s.instruments):
         if ins.kind == "option" and ins.option.maturity < s.horizon:
-            raise ValueError(f"instruments[{i}] expires after {ins.option.maturity} days, before the book's maturity of {s.horizon} days")
+            raise ValueError(f"instruments[{i}] expires after {ins.option.maturity} days, before the book's maturity "
+                             f"of {s.horizon} days")
         if ins.kind == "variance_swap":
-            if s.market.model != "heston": raise ValueError(f"instruments[{i}]: a variance swap needs the heston market, not {s.market.model}")
-            if ins.maturity < s.horizon: raise ValueError(f"instruments[{i}] (variance swap) ends before the book's maturity")
+            if s.market.model != "heston": raise ValueError(f"instruments[{i}]: a variance swap needs the heston "
+                                                            f"market, not {s.market.model}")
+            if ins.maturity < s.horizon: raise ValueError(f"instruments[{i}] (variance swap) ends before the book's "
+                                                          f"maturity")
     # Cao's objective is in % of the premium received. A book without a long option always sells for one; price the
     # others at inception (`_premium0`, with the valuation below; historical windows are checked in hedgerl.backtest).
     if s.objective.kind == "cao" and any(o.quantity > 0 for o in s.book) and s.market.model != "historical":
-        p, long = _premium0(s), ", ".join(f"book[{i}].quantity={o.quantity:g}" for i, o in enumerate(s.book) if o.quantity > 0)
-        if not p > 0: raise ValueError(f"objective: cao is the hedging cost in % of the premium received, but this book ({long}) "
-                                       f"is bought, worth {-p:.4g} at inception; use es, std, entropic or mean_variance")
+        p, long = _premium0(s), ", ".join(f"book[{i}].quantity={o.quantity:g}" for i,
+                                          o in enumerate(s.book) if o.quantity > 0)
+        if not p > 0: raise ValueError(f"objective: cao is the hedging cost in % of the premium received, but this "
+                                       f"book ({long}) "
+                f"is bought, worth {-p:.4g} at inception; use es, std, entropic or mean_variance")
 
 # %% ../nbs/04_scenarios.ipynb #0a95f7d8
 class _StrictLoader(yaml.SafeLoader):
@@ -251,9 +278,11 @@ def _read_config(p: Path):
     kind = "JSON" if p.suffix.lower() == ".json" else "YAML"
     try:
         text = p.read_text(encoding="utf-8")
-        d = json.loads(text, object_pairs_hook=_json_object) if kind == "JSON" else yaml.load(text, Loader=_StrictLoader)
+        d = json.loads(text, object_pairs_hook=_json_object) if kind == "JSON" else yaml.load(text,
+                Loader=_StrictLoader)
     except (ValueError, yaml.YAMLError) as e: raise ValueError(f"{p}: not valid {kind}: {e}") from None
-    if d is None: raise ValueError(f"{p}: the file is empty; a scenario is a mapping of its fields (see `hedgerl scenarios --show NAME`)")
+    if d is None: raise ValueError(f"{p}: the file is empty; a scenario is a mapping of its fields (see `hedgerl "
+                                   f"scenarios --show NAME`)")
     return d
 
 # %% ../nbs/04_scenarios.ipynb #f672be02
@@ -276,12 +305,15 @@ class Scenario:
     def __post_init__(self):
         put = lambda k, v: object.__setattr__(self, k, v)
         for f in ("name", "description"):
-            if not isinstance(getattr(self, f), str): raise ValueError(f"{f} must be text, got {_show(getattr(self, f))}")
+            if not isinstance(getattr(self, f), str): raise ValueError(
+                    f"{f} must be text, got {_show(getattr(self, f))}")
         put("market", _build(Market, self.market, "market"))
         put("book", _build_list(Option, self.book, "book", "book must hold at least one option"))
-        put("instruments", _build_list(Instrument, self.instruments, "instruments", "instruments must name at least one hedging instrument"))
+        put("instruments", _build_list(Instrument, self.instruments, "instruments",
+                                       "instruments must name at least one hedging instrument"))
         put("costs", _build(Costs, self.costs, "costs"))
-        put("objective", Objective.parse(self.objective) if isinstance(self.objective, str) else _build(Objective, self.objective, "objective"))
+        put("objective", Objective.parse(self.objective) if isinstance(self.objective, str) else _build(Objective,
+                self.objective, "objective"))
         for f in ("r", "q"): put(f, _number(f, getattr(self, f)))
         put("trading_days", check_int("trading_days", self.trading_days, 1))
         put("rebalance_every", check_int("rebalance_every", self.rebalance_every, 1))
@@ -309,7 +341,8 @@ class Scenario:
     def to_yaml(self) -> str: return yaml.safe_dump(self.to_dict(), sort_keys=False)
     @classmethod
     def from_file(cls, path: str | Path) -> "Scenario":
-        "Read a scenario from a .yaml/.yml or .json file, checked whole before anything runs; errors start with the file's name."
+        """Read a scenario from a .yaml/.yml or .json file, checked whole before anything runs; errors start with the
+        file's name."""
         p = Path(path)
         d = _read_config(p)
         try: return cls.from_dict(d)
@@ -324,7 +357,8 @@ def _cao(model: str, months: int, every: int) -> Scenario:
     return Scenario(name=f"cao2021-{model}-{months}m-{every}d", market=Market(model, params),
                     book=(Option("call", 100.0, days, -1.0),), trading_days=250, rebalance_every=every,
                     costs=Costs(proportional=0.01), objective=Objective("cao", 1.5),
-                    description=f"Cao, Chen, Hull, Poulos (2021): short ATM call, {days} days, {model.upper()}, rebalanced every {every} day(s), 1% cost")
+                    description=f"Cao, Chen, Hull, Poulos (2021): short ATM call, {days} days, {model.upper()}, "
+                    f"rebalanced every {every} day(s), 1% cost")
 
 # %% ../nbs/04_scenarios.ipynb #3e65c547
 def _named() -> dict[str, Scenario]:
@@ -334,15 +368,20 @@ def _named() -> dict[str, Scenario]:
             for every in (1, 2, 3, 5):
                 s = _cao(model, months, every); out[s.name] = s
     out["buehler2019-heston"] = Scenario(
-        name="buehler2019-heston", market=Market("heston", {"mu": 0.0, "v0": 0.04, "kappa": 1.0, "theta": 0.04, "xi": 2.0, "rho": -0.7}),
-        book=(Option("call", 100.0, 30, -1.0),), instruments=(Instrument("underlying"), Instrument("variance_swap", maturity=30)),
+        name="buehler2019-heston", market=Market("heston", {"mu": 0.0, "v0": 0.04, "kappa": 1.0, "theta": 0.04,
+                                                            "xi": 2.0, "rho": -0.7}),
+        book=(Option("call", 100.0, 30, -1.0),), instruments=(Instrument("underlying"), Instrument("variance_swap",
+                maturity=30)),
         trading_days=365, objective=Objective("es", 0.5),
-        description="Buehler, Gonon, Teichmann, Wood (2019): Heston, short ATM call, 30 daily dates, stock + variance swap, ES at 50%")
+        description="Buehler, Gonon, Teichmann, Wood (2019): Heston, short ATM call, 30 daily dates, stock + variance "
+                    "swap, ES at 50%")
     for months, days in ((1, 20), (3, 60)):
         n = f"derman-kamal-{months}m-daily"
-        out[n] = Scenario(name=n, market=Market("gbm", {"mu": 0.0, "sigma": 0.2}), book=(Option("call", 100.0, days, -1.0),),
+        out[n] = Scenario(name=n, market=Market("gbm", {"mu": 0.0, "sigma": 0.2}), book=(Option("call", 100.0, days,
+                -1.0),),
                           trading_days=250, objective=Objective("std", 0.0),
-                          description=f"Derman and Kamal (1999): short ATM call, {days} days, no cost, daily delta hedging is optimal")
+                          description=f"Derman and Kamal (1999): short ATM call, {days} days, no cost, daily delta "
+                          f"hedging is optimal")
     return out
 
 NAMED: dict[str, Scenario] = _named()
@@ -365,13 +404,16 @@ def get(name: str) -> Scenario:
 def as_scenario(
     scenario, # a `Scenario`, a published name, a .yaml/.yml/.json file (text or `Path`), or a dict config
 ) -> Scenario:
-    "The checked `Scenario` that `scenario` stands for: what every entry point (backtest, environments, baselines, leaderboard) accepts."
+    """The checked `Scenario` that `scenario` stands for: what every entry point (backtest, environments, baselines,
+    leaderboard) accepts."""
     if isinstance(scenario, Scenario): return scenario
     if isinstance(scenario, dict): return Scenario.from_dict(scenario)
-    if isinstance(scenario, Path) or (isinstance(scenario, str) and scenario.lower().endswith((".yaml", ".yml", ".json"))):
+    if isinstance(scenario, Path) or (isinstance(scenario, str) and scenario.lower().endswith((".yaml", ".yml",
+            ".json"))):
         return Scenario.from_file(scenario)
     if isinstance(scenario, str): return get(scenario)
-    raise ValueError(f"scenario must be a Scenario, a published name, a .yaml/.json file or a dict, got {type(scenario).__name__}")
+    raise ValueError(f"scenario must be a Scenario, a published name, a .yaml/.json file or a dict, got "
+                     f"{type(scenario).__name__}")
 
 # %% ../nbs/04_scenarios.ipynb #6b74b9c6
 def sabr_implied_vol(F, K, tau, alpha, nu, rho):
@@ -404,7 +446,8 @@ def variance_swap_value(accrued, v, tau, kappa, theta):
 
 # %% ../nbs/04_scenarios.ipynb #6bc570f2
 def _valuer(scn: Scenario):
-    "A function price(option, day, S, state) -> values for the scenario's market model; state carries variance/vol paths."
+    """A function price(option, day, S, state) -> values for the scenario's market model; state carries variance/vol
+    paths."""
     m, p, r, q = scn.market.model, scn.market.params, scn.r, scn.q
     def value(opt: Option, day: int, S, state: dict):
         tau = (opt.maturity - day) / scn.trading_days
@@ -413,14 +456,16 @@ def _valuer(scn: Scenario):
             return pay
         if m == "gbm": return bs_price(S, opt.strike, tau, r, p["sigma"], q, opt.kind)
         if m == "historical": return bs_price(S, opt.strike, tau, r, state["sigma"], q, opt.kind)
-        if m == "merton": return merton_price(S, opt.strike, tau, r, p["sigma"], p["lam"], p["mu_j"], p["sigma_j"], q, opt.kind)
+        if m == "merton": return merton_price(S, opt.strike, tau, r, p["sigma"], p["lam"], p["mu_j"], p["sigma_j"], q,
+                                              opt.kind)
         if m == "sabr":
             F = S * math.exp((r - q) * tau)
             iv = sabr_implied_vol(F, opt.strike, tau, state["vol"], p["nu"], p["rho"])
             return bs_price(S, opt.strike, tau, r, iv, q, opt.kind)
         v = state["variance"]
         if np.ndim(S) and np.all(S == S.flat[0]) and np.all(v == v.flat[0]):  # every path at the same state (inception)
-            one = heston_price(S.flat[0], opt.strike, tau, r, v.flat[0], p["kappa"], p["theta"], p["xi"], p["rho"], q, opt.kind)
+            one = heston_price(S.flat[0], opt.strike, tau, r, v.flat[0], p["kappa"], p["theta"], p["xi"], p["rho"], q,
+                               opt.kind)
             return np.full(np.shape(S), one)
         return heston_price(S, opt.strike, tau, r, v, p["kappa"], p["theta"], p["xi"], p["rho"], q, opt.kind)
     return value
@@ -453,9 +498,11 @@ class ScenarioPaths:
     def n_decisions(self) -> int: return len(self.days) - 1
     @property
     def growth(self) -> np.ndarray:
-        "Growth of each instrument's value held over each period from dividends, (J, n_instruments): e^(q dt) for the underlying, else 1."
+        """Growth of each instrument's value held over each period from dividends, (J, n_instruments): e^(q dt) for the
+        underlying, else 1."""
         g = np.ones((self.n_decisions, self.prices.shape[2]))
-        g[:, [k for k, i in enumerate(self.scenario.instruments) if i.kind == "underlying"]] = np.exp(self.scenario.q * np.diff(self.times))[:, None]
+        g[:, [k for k, i in enumerate(self.scenario.instruments)
+              if i.kind == "underlying"]] = np.exp(self.scenario.q * np.diff(self.times))[:, None]
         return g
 
     @property
@@ -465,7 +512,8 @@ class ScenarioPaths:
 
 # %% ../nbs/04_scenarios.ipynb #69981846
 def _book_and_prices(scn: Scenario, daily_spot, daily_var, daily_vol, idx, sigma=None, marks=True):
-    "Book values and instrument prices on the decision dates `idx` from daily series (book NaN between inception and maturity without `marks`)."
+    """Book values and instrument prices on the decision dates `idx` from daily series (book NaN between inception and
+    maturity without `marks`)."""
     value = _valuer(scn)
     n, J1 = daily_spot.shape[0], len(idx)
     book = np.zeros((n, J1)); prices = np.empty((n, J1, len(scn.instruments)))
@@ -503,7 +551,8 @@ def simulate_scenario(
     "Simulate the scenario's market daily and value book and hedging instruments on the hedging dates."
     if marks is None: marks = scn.market.model != "heston"
     if scn.market.model == "historical":
-        raise ValueError("historical scenarios are not simulated: use hedgerl.backtest.historical_paths on a price series")
+        raise ValueError("historical scenarios are not simulated: use hedgerl.backtest.historical_paths on a price "
+                         "series")
     model = MODELS[scn.market.model](**scn.market.params)
     daily = model.simulate(n_paths, scn.horizon, scn.dt, seed=seed, antithetic=antithetic)
     idx = np.append(scn.decision_days, scn.horizon)
@@ -512,7 +561,8 @@ def simulate_scenario(
     else: var_daily, vol_daily = np.full(daily.spot.shape, scn.market.params["sigma"] ** 2), None
     book, prices = _book_and_prices(scn, daily.spot, var_daily, vol_daily, idx, marks=marks)
     times = idx / scn.trading_days
-    return ScenarioPaths(scn, idx, times, np.ascontiguousarray(daily.spot[:, idx]), np.ascontiguousarray(var_daily[:, idx]),
+    return ScenarioPaths(scn, idx, times, np.ascontiguousarray(daily.spot[:, idx]), np.ascontiguousarray(var_daily[:,
+            idx]),
                          book, prices, np.exp(-scn.r * times), daily)
 
 # %% ../nbs/04_scenarios.ipynb #7135e9d0
@@ -569,13 +619,15 @@ def _holdings(
     "`target` as a float64 array (n, m), or a `ValueError` saying what is wrong with it."
     h = np.asarray(target, dtype=np.float64)
     if h.shape == (n,) and m == 1: h = h[:, None]
-    if h.shape != (n, m): raise ValueError(f"holdings must have shape ({n}, {m}) (n_paths, n_instruments), got {h.shape}")
+    if h.shape != (n, m): raise ValueError(f"holdings must have shape ({n}, {m}) (n_paths, n_instruments), got "
+                                           f"{h.shape}")
     if not np.isfinite(h).all(): raise ValueError(f"holdings must be finite, got {h[~np.isfinite(h)].ravel()[0]}")
     return h
 
 # %% ../nbs/04_scenarios.ipynb #297ac98f
 class Rollout:
-    "Steps a batch of `ScenarioPaths` through the hedging dates: `observe()`, then `step(target_holdings)`, until `done`."
+    """Steps a batch of `ScenarioPaths` through the hedging dates: `observe()`, then `step(target_holdings)`, until
+    `done`."""
     def __init__(self, paths: ScenarioPaths, record: bool = True):
         self.paths, self.record = paths, record
         n, J, m = paths.n_paths, paths.n_decisions, paths.prices.shape[2]

@@ -55,7 +55,8 @@ def _normal_stream(
 ):
     "Yield `n_steps` buffers of normals, the next one drawn in a worker thread while the caller uses the current one."
     bufs = [np.empty(shape, dtype), np.empty(shape, dtype)]
-    with ThreadPoolExecutor(1) as pool:  # numpy fills `out=` without the GIL; one thread at a time uses `rng`, in step order
+    # numpy fills `out=` without the GIL; one thread at a time uses `rng`, in step order
+    with ThreadPoolExecutor(1) as pool:
         job = pool.submit(_fill_normals, rng, bufs[0], antithetic)
         for i in range(n_steps):
             job.result()
@@ -78,7 +79,8 @@ def _torch_normals(
 
 # %% ../nbs/02_simulators.ipynb #790ebec6
 class MarketModel:
-    "Base of the market simulators: checks parameters and `simulate`'s arguments, seeds, and dispatches to numpy or torch."
+    """Base of the market simulators: checks parameters and `simulate`'s arguments, seeds, and dispatches to numpy or
+    torch."""
 
     def _params(self, finite=(), positive=(), nonneg=(), corr=()):
         "Check the named scalar parameters (finite; > 0; >= 0; in [-1, 1]) and store them as floats."
@@ -108,12 +110,14 @@ class MarketModel:
         "Simulate paths of `n_steps` steps of `dt` years: `Paths` with arrays shaped `(n_paths, n_steps + 1)`."
         n_paths, n_steps = check_int("n_paths", n_paths), check_int("n_steps", n_steps)
         dt = float(check_positive("dt", dt))
-        if not isinstance(antithetic, (bool, np.bool_)): raise ValueError(f"antithetic must be True or False, got {antithetic!r}")
+        if not isinstance(antithetic, (bool, np.bool_)): raise ValueError(
+                f"antithetic must be True or False, got {antithetic!r}")
         check_choice("dtype", dtype, _DTYPES); check_choice("backend", backend, _BACKENDS)
         self._validate(n_steps, dt, bool(antithetic))
         times = dt * np.arange(n_steps + 1)
         if backend == "numpy":
-            if device not in ("auto", "cpu"): raise ValueError(f"device={device!r} needs backend='torch'; the numpy backend runs on the CPU")
+            if device not in ("auto", "cpu"): raise ValueError(f"device={device!r} needs backend='torch'; the numpy "
+                                                               f"backend runs on the CPU")
             rng = as_generator(seed)
             spot, variance, extra = self._simulate_numpy(n_paths, n_steps, dt, rng, bool(antithetic), np.dtype(dtype))
             times = times.astype(dtype)
@@ -121,7 +125,8 @@ class MarketModel:
             torch = import_torch()
             dev = resolve_device(device)
             gen, tdtype = torch_generator(seed, dev), getattr(torch, dtype)
-            spot, variance, extra = self._simulate_torch(torch, n_paths, n_steps, dt, gen, bool(antithetic), tdtype, dev)
+            spot, variance, extra = self._simulate_torch(torch, n_paths, n_steps, dt, gen, bool(antithetic), tdtype,
+                                                         dev)
             times = torch.as_tensor(times, dtype=tdtype, device=dev)
         return Paths(spot=spot, dt=dt, times=times, variance=variance, extra=extra)
 
@@ -155,7 +160,8 @@ class GBM(MarketModel):
         return x.T, None, {}
 
 # %% ../nbs/02_simulators.ipynb #071fad2f
-@numba.njit(cache=True, nogil=True, error_model="numpy")  # nogil: runs beside the next step's draws; no ZeroDivision checks
+# nogil: runs beside the next step's draws; no ZeroDivision checks
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _qe_step(
     v, x, # variance and log-spot at t, (n_paths,)
     vn, xn, # outputs at t + dt, (n_paths,)
@@ -227,16 +233,19 @@ class Heston(MarketModel):
 
     def __post_init__(self):
         self._params(finite=("mu",), positive=("kappa", "theta", "xi", "s0"), nonneg=("v0",), corr=("rho",))
-        if not isinstance(self.martingale, (bool, np.bool_)): raise ValueError(f"martingale must be True or False, got {self.martingale!r}")
+        if not isinstance(self.martingale, (bool, np.bool_)): raise ValueError(
+                f"martingale must be True or False, got {self.martingale!r}")
 
     def _qe_constants(self, dt: float) -> tuple:
-        "(E, c1, c2, theta, mu dt, K0, K1, K2, K3, K4, martingale) of the QE step for step `dt` (gamma1 = gamma2 = 1/2)."
+        """(E, c1, c2, theta, mu dt, K0, K1, K2, K3, K4, martingale) of the QE step for step `dt` (gamma1 = gamma2 =
+        1/2)."""
         k, th, xi, rho = self.kappa, self.theta, self.xi, self.rho
         E = math.exp(-k * dt)
         c1, c2 = xi**2 * E * (1 - E) / k, th * xi**2 * (1 - E)**2 / (2 * k)
         g = 0.5 * dt * (k * rho / xi - 0.5)
         K3 = 0.5 * dt * (1 - rho**2)
-        return (E, c1, c2, th, self.mu * dt, -rho * k * th * dt / xi, g - rho / xi, g + rho / xi, K3, K3, bool(self.martingale))
+        return (E, c1, c2, th, self.mu * dt, -rho * k * th * dt / xi, g - rho / xi, g + rho / xi, K3, K3,
+                bool(self.martingale))
 
     def _simulate_numpy(self, n_paths, n_steps, dt, rng, antithetic, dtype):
         X, V = np.empty((n_steps + 1, n_paths), dtype), np.empty((n_steps + 1, n_paths), dtype)
@@ -292,7 +301,8 @@ class Merton(MarketModel):
         N = torch.poisson(torch.full((n_steps, h), self.lam * dt, dtype=dtype, device=device), generator=gen)
         N = torch.cat([N, N[:, :n_paths - h]], dim=1)
         inc = drift + vol * z[0] + self.mu_j * N + self.sigma_j * N.sqrt() * z[1]
-        X = torch.cat([torch.zeros((1, n_paths), dtype=dtype, device=device), inc.cumsum(0)]).add_(math.log(self.s0)).exp_()
+        X = torch.cat([torch.zeros((1, n_paths), dtype=dtype, device=device),
+                       inc.cumsum(0)]).add_(math.log(self.s0)).exp_()
         X[0] = self.s0
         return X.T, None, {}
 
@@ -335,16 +345,20 @@ class SABR(MarketModel):
 @dataclass(frozen=True, eq=False)
 class Historical(MarketModel):
     "Paths cut from a real price series: random windows of consecutive prices, or a block bootstrap of its log returns."
-    prices: Any = field(repr=False) # prices observed every `dt` years: 1-D array, list, pandas Series or tensor, positive and finite
+    # prices observed every `dt` years: 1-D array, list, pandas Series or tensor, positive and finite
+    prices: Any = field(repr=False)
     dt: float = 1 / 252 # spacing of the prices in years (252 trading days a year)
     method: str = "bootstrap" # "windows" or "bootstrap"
     block: int = 10 # bootstrap block length in steps (returns)
     s0: float = 100.0 # level every path starts at
 
     def __post_init__(self):
-        try: a = np.array(as_numpy(self.prices), dtype=np.float64)  # a copy; not `.values`, which is a method of tensors
-        except (TypeError, ValueError): raise ValueError(f"prices must be a 1-D series of numbers, got {type(self.prices).__name__}") from None
-        if a.ndim != 1 or len(a) < 2: raise ValueError(f"prices must be a 1-D series of at least 2 prices, got shape {a.shape}")
+        # a copy; not `.values`, which is a method of tensors
+        try: a = np.array(as_numpy(self.prices), dtype=np.float64)
+        except (TypeError, ValueError): raise ValueError(f"prices must be a 1-D series of numbers, got "
+                                                         f"{type(self.prices).__name__}") from None
+        if a.ndim != 1 or len(a) < 2: raise ValueError(f"prices must be a 1-D series of at least 2 prices, got shape "
+                                                       f"{a.shape}")
         check_positive("prices", a)
         a.flags.writeable = False
         object.__setattr__(self, "prices", a)
@@ -358,10 +372,13 @@ class Historical(MarketModel):
                                 f"block={self.block}, s0={self.s0})")
 
     def _validate(self, n_steps, dt, antithetic):
-        if not math.isclose(dt, self.dt, rel_tol=1e-9): raise ValueError(f"dt must equal the data's spacing dt={self.dt:.6g}, got {dt:.6g}")
-        if antithetic: raise ValueError("antithetic=True is not available for Historical paths: mirrored real returns are not real returns")
+        if not math.isclose(dt, self.dt, rel_tol=1e-9): raise ValueError(
+                f"dt must equal the data's spacing dt={self.dt:.6g}, got {dt:.6g}")
+        if antithetic: raise ValueError("antithetic=True is not available for Historical paths: mirrored real returns "
+                                        "are not real returns")
         if self.method == "windows" and n_steps + 1 > len(self.prices):
-            raise ValueError(f"n_steps={n_steps} needs windows of {n_steps + 1} prices but the series has only {len(self.prices)}")
+            raise ValueError(f"n_steps={n_steps} needs windows of {n_steps + 1} prices but the series has only "
+                             f"{len(self.prices)}")
 
     def _n_starts(self, n_steps: int) -> tuple:
         "(number of start offsets per path, number of possible offsets) for the method."

@@ -1,4 +1,5 @@
-"""Shared fixtures: the repository root, a helper that runs commands from the project's environment, fresh PostgreSQL databases."""
+"""Shared fixtures: the repository root, a helper that runs commands from the project's environment, fresh PostgreSQL
+databases."""
 import contextlib
 import os
 import secrets
@@ -26,7 +27,8 @@ def run(cmd, env=None, timeout=300, cwd=ROOT, check=False):
     return p
 
 
-PG = dict(host=os.environ.get("HEDGERL_TEST_PG_HOST", "127.0.0.1"), port=int(os.environ.get("HEDGERL_TEST_PG_PORT", "5432")),
+PG = dict(host=os.environ.get("HEDGERL_TEST_PG_HOST", "127.0.0.1"), port=int(os.environ.get("HEDGERL_TEST_PG_PORT",
+        "5432")),
           user=os.environ.get("HEDGERL_TEST_PG_USER", "postgres"))
 
 
@@ -49,7 +51,8 @@ def fresh_pg_database(prefix: str, why: str):
 
 
 def empty_database(request, tmp_path) -> str:
-    "For a fixture parametrised by sqlite/postgresql: a SQLite file, or the `pg_database` fixture's database with its schema wiped."
+    """For a fixture parametrised by sqlite/postgresql: a SQLite file, or the `pg_database` fixture's database with its
+    schema wiped."""
     if request.param == "sqlite": return f"sqlite:///{tmp_path}/registry.sqlite"
     import sqlalchemy as sa
     u = request.getfixturevalue("pg_database")

@@ -69,15 +69,18 @@ class Up:
         self.env, self.url = env, f"http://127.0.0.1:{env['HEDGERL_HUB_PORT']}"
         self.out_path = Path(env["HEDGERL_DATA_FOLDER"]).parent / f"up-{uuid.uuid4().hex[:6]}.out"
         self.out = open(self.out_path, "w")
-        self.proc = subprocess.Popen([str(BIN / "hedgerl"), "hub", "up", *extra], env=env, cwd=ROOT, stdout=self.out, stderr=subprocess.STDOUT,
-                                     preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))  # default: as from a terminal, even under a runner that ignores SIGINT
+        self.proc = subprocess.Popen([str(BIN / "hedgerl"), "hub", "up", *extra], env=env, cwd=ROOT, stdout=self.out,
+                                     stderr=subprocess.STDOUT,
+                                     # default: as from a terminal, even under a runner that ignores SIGINT
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
 
     def text(self) -> str: return self.out_path.read_text()
 
     def wait(self, timeout: float = 120) -> float:
         t0 = time.monotonic()
         while "stop with Ctrl-C" not in self.text():
-            if self.proc.poll() is not None: raise AssertionError(f"hedgerl hub up exited {self.proc.returncode}:\n{self.text()}")
+            if self.proc.poll() is not None: raise AssertionError(f"hedgerl hub up exited "
+                                                                  f"{self.proc.returncode}:\n{self.text()}")
             if time.monotonic() - t0 > timeout: raise AssertionError(f"not up within {timeout} s:\n{self.text()}")
             time.sleep(0.2)
         return time.monotonic() - t0
@@ -105,9 +108,11 @@ class Kernel:
     def run(self, code: str, timeout: float = 300) -> str:
         "Execute `code`; its stdout. An exception in the kernel raises AssertionError with its traceback."
         mid = uuid.uuid4().hex
-        self.ws.send(json.dumps({"header": {"msg_id": mid, "msg_type": "execute_request", "username": "", "session": mid, "version": "5.3"},
+        self.ws.send(json.dumps({"header": {"msg_id": mid, "msg_type": "execute_request", "username": "",
+                                            "session": mid, "version": "5.3"},
                                  "parent_header": {}, "metadata": {}, "channel": "shell",
-                                 "content": {"code": code, "silent": False, "store_history": False, "user_expressions": {}, "allow_stdin": False}}))
+                                 "content": {"code": code, "silent": False, "store_history": False,
+                                             "user_expressions": {}, "allow_stdin": False}}))
         out, err, reply, idle, t0 = [], None, None, False, time.monotonic()
         while reply is None or not idle:  # the reply (shell) may come before the output (iopub): wait for both
             if time.monotonic() - t0 > timeout: raise AssertionError(f"kernel did not answer within {timeout} s")
@@ -127,13 +132,15 @@ class Kernel:
 
 
 def callback_errors(up: "Up") -> list[str]:
-    "The service's failed Panel callbacks, from the hub's log (a page that changes its document outside the lock fails there, not in the browser)."
+    """The service's failed Panel callbacks, from the hub's log (a page that changes its document outside the lock
+    fails there, not in the browser)."""
     log = (Path(up.env["HEDGERL_DATA_FOLDER"]) / "hub" / "hub.log").read_text()
     return [line for line in log.splitlines() if "Exception in callback" in line or "_pending_writes" in line]
 
 
 def platform_processes(env: dict) -> list[str]:
-    "Command lines of live processes that belong to the platform of `env` (its hub, proxy, services, workspaces, clusters)."
+    """Command lines of live processes that belong to the platform of `env` (its hub, proxy, services, workspaces,
+    clusters)."""
     data, hub_api = env["HEDGERL_DATA_FOLDER"], f"127.0.0.1:{int(env['HEDGERL_HUB_PORT']) + 2}/hub/api".encode()
     found = []
     for p in Path("/proc").iterdir():

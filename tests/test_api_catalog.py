@@ -37,7 +37,8 @@ class Catalog:
         from hedgerl.platform import HubClient
         self.up, self.data, self.url = up, data, up.url + API
         self.account = f"kc{secrets.token_hex(3)}"  # A: a system account, so that A's files are A's
-        subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", "--user-group", self.account], check=True, capture_output=True)
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", "--user-group", self.account], check=True,
+                       capture_output=True)
         self.a, ta = approved_user(up, self.account)
         self.b, tb = approved_user(up)
         admin, pw = admin_login(up)
@@ -60,7 +61,8 @@ class Catalog:
     def registry(self, who: str):
         "The registry through the service as `who` (what a workspace's `open_registry()` is)."
         from hedgerl.remote import RemoteRegistry
-        return RemoteRegistry(self.up.url + "/services/hedgerl/", token=self.tokens[who], cache=self.data / f"cache-{who}")
+        return RemoteRegistry(self.up.url + "/services/hedgerl/", token=self.tokens[who],
+                              cache=self.data / f"cache-{who}")
 
     def close(self):
         self.up.stop()
@@ -72,7 +74,8 @@ def _seed(p: Catalog) -> dict:
     ra, rb = p.registry("a"), p.registry("b")
     runs = {}
     for name, agent, shared in (("a-ntb", "ntb", False), ("a-ppo", "ppo", True), ("a-dh", "deep-hedger", False)):
-        with ra.start_run("grid", {"agent": agent, "scenario": SCENARIO, "budget": 1}, name=name, shared=shared) as run: run.log(0, **{"train/loss": 1.0})
+        with ra.start_run("grid", {"agent": agent, "scenario": SCENARIO, "budget": 1}, name=name,
+                          shared=shared) as run: run.log(0, **{"train/loss": 1.0})
         runs[name] = run.id
     with rb.start_run("b-exp", {"agent": "ntb", "scenario": "buehler2019-heston"}, name="b-run") as run: pass
     runs["b-run"] = run.id
@@ -81,7 +84,8 @@ def _seed(p: Catalog) -> dict:
     shutil.copy(MODEL, f)
     for x in (home / "models", f): shutil.chown(x, p.account, p.account)
     model = ra.register_model(runs["a-ntb"], "ntb", SCENARIO, f, name="a-ntb")
-    ev = ra.record_evaluation(SCENARIO, "ntb", 250.0, {"objective_se": 1.0}, n_paths=1000, seed=1, run=runs["a-ntb"], model=model)
+    ev = ra.record_evaluation(SCENARIO, "ntb", 250.0, {"objective_se": 1.0}, n_paths=1000, seed=1, run=runs["a-ntb"],
+                              model=model)
     return {"runs": runs, "model": model, "file": f, "evaluation": ev}
 
 
@@ -124,7 +128,8 @@ def test_scenarios(catalog):
     r = p.post("b", "/scenarios/validate", json=one["config"])
     assert r.status_code == 200 and r.json()["config"] == one["config"]
     r = p.post("b", "/scenarios/validate", json={"market": {"model": "gbm", "params": {"mu": 0.0, "sigma": -0.3}}})
-    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "market", "params", "sigma"] and r.json()["detail"][0]["input"] == -0.3, r.text
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "market", "params",
+            "sigma"] and r.json()["detail"][0]["input"] == -0.3, r.text
 
     cfg = {"market": {"model": "gbm", "params": {"mu": 0.0, "sigma": 0.3}}, "costs": {"proportional": 0.002}}
     r = p.post("a", "/scenarios", json={"name": "a-vol30", "config": cfg})
@@ -150,7 +155,8 @@ def test_strategies(catalog):
     from hedgerl.baselines import BASELINES
     assert [b["name"] for b in s["baselines"]] == list(BASELINES)
     delta = next(b for b in s["baselines"] if b["name"] == "delta")
-    assert delta["parameters"][0]["name"] == "vol" and delta["parameters"][0]["default"] is None and delta["applicable"] is True
+    assert (delta["parameters"][0]["name"] == "vol" and delta["parameters"][0]["default"] is None
+            and delta["applicable"] is True)
     assert [x["id"] for x in s["models"]["items"]] == [m["id"]]
     assert p.get("b", f"/strategies?scenario={SCENARIO}").json()["models"]["total"] == 0  # A's model is private
 
@@ -162,12 +168,15 @@ def test_lists_filter_sort_and_page(catalog):
     assert [x["name"] for x in p.get("b", "/runs").json()["items"]] == ["b-run", "a-ppo"]  # B's and A's shared one
     assert [x["name"] for x in p.get("root", "/runs?sort=name").json()["items"]] == ["a-dh", "a-ntb", "a-ppo", "b-run"]
     assert [x["name"] for x in p.get("root", f"/runs?scenario={SCENARIO}&agent=ntb").json()["items"]] == ["a-ntb"]
-    assert [x["name"] for x in p.get("root", f"/runs?owner={p.a}&sort=-started&status=finished").json()["items"]] == ["a-dh", "a-ppo", "a-ntb"]
+    assert [x["name"] for x in p.get("root", f"/runs?owner={p.a}&sort=-started&status=finished").json()["items"]] == [
+            "a-dh", "a-ppo", "a-ntb"]
     page = p.get("root", "/runs?sort=name&limit=2&offset=2").json()
-    assert ([x["name"] for x in page["items"]], page["total"], page["limit"], page["offset"]) == (["a-ppo", "b-run"], 4, 2, 2)
+    assert ([x["name"] for x in page["items"]], page["total"], page["limit"], page["offset"]) == (["a-ppo", "b-run"], 4,
+            2, 2)
     assert p.get("root", "/runs?experiment=grid&shared=true").json()["total"] == 1
     for bad in ("sort=params", "sort=-secret", "limit=501", "offset=-1", "status=done"):
-        r = p.get("a", f"/runs?{bad}"); assert r.status_code == 422 and r.json()["detail"][0]["loc"][0] == "query", (bad, r.text)
+        r = p.get("a", f"/runs?{bad}"); assert r.status_code == 422 and r.json()["detail"][0]["loc"][0] == "query", (
+                bad, r.text)
     assert p.get("a", "/models?agent=ntb&experiment=grid").json()["items"][0]["id"] == catalog.known["model"]["id"]
     ev = p.get("a", f"/evaluations?scenario={SCENARIO}&strategy=ntb&sort=-objective").json()
     assert [x["id"] for x in ev["items"]] == [catalog.known["evaluation"]] and ev["items"][0]["seed"] == 1
@@ -185,7 +194,8 @@ def test_cross_user_access(catalog):
     assert p.get("b", f"/runs/{runs['a-ppo']}").json()["owner"] == p.a  # shared: readable
     assert p.patch("b", f"/runs/{runs['a-ppo']}", json={"shared": False}).status_code == 403
     assert p.patch("b", f"/runs/{runs['a-ntb']}", json={"shared": True}).status_code == 404
-    assert p.patch("root", f"/runs/{runs['a-ntb']}", json={"shared": True}).status_code == 403  # the admin changes nothing of A's
+    # the admin changes nothing of A's
+    assert p.patch("root", f"/runs/{runs['a-ntb']}", json={"shared": True}).status_code == 403
     for kind, id_ in (("runs", runs["a-ntb"]), ("evaluations", ev)):
         assert p.patch("a", f"/{kind}/{id_}", json={"shared": True}).json()["shared"] is True
         assert p.get("b", f"/{kind}/{id_}").status_code == 200
@@ -222,25 +232,33 @@ def test_submission_ranks_a_committed_model(catalog):
     s = r.json()
     from hedgerl.catalog import ARENA_PATHS
     kinds = [e["kind"] for e in s["ranking"]]
-    assert (s["new"], s["n_paths"], s["ranked"], kinds.count("model"), kinds.count("baseline")) == (True, ARENA_PATHS, 5, 1, 4)
-    assert s["ranking"][s["rank"] - 1]["model_id"] == m["id"] and s["rank"] <= 2  # the NTB agent beats delta and no-hedge
+    assert (s["new"], s["n_paths"], s["ranked"], kinds.count("model"), kinds.count("baseline")) == (True, ARENA_PATHS,
+            5, 1, 4)
+    # the NTB agent beats delta and no-hedge
+    assert s["ranking"][s["rank"] - 1]["model_id"] == m["id"] and s["rank"] <= 2
 
     # the arena's numbers are the library's on the service's secret test paths
     seed = int((p.data / "hub" / "secrets" / "arena_seed").read_text().strip(), 16) % 2**63
     from hedgerl.agents import load_agent
     from hedgerl.leaderboard import evaluate_scenario
-    lib = evaluate_scenario(SCENARIO, {"delta": "delta", "ntb": load_agent(MODEL, device="cpu")}, n_paths=ARENA_PATHS, seed=seed, n_boot=100)
-    assert abs(s["objective"] - lib[1]["objective"]) < 1e-9 and abs(s["improvement_vs_delta_pct"] - lib[1]["improvement_vs_delta_pct"]) < 1e-9
+    lib = evaluate_scenario(SCENARIO, {"delta": "delta", "ntb": load_agent(MODEL, device="cpu")}, n_paths=ARENA_PATHS,
+                            seed=seed, n_boot=100)
+    assert abs(s["objective"] - lib[1]["objective"]) < 1e-9 and abs(s["improvement_vs_delta_pct"]
+                                                                    - lib[1]["improvement_vs_delta_pct"]) < 1e-9
     delta = next(e for e in s["ranking"] if e["strategy"] == "delta")
     assert abs(delta["objective"] - lib[0]["objective"]) < 1e-9  # the baselines on the same paths
     assert all(str(seed) not in t and f"{seed:x}" not in t for t in p.seen)  # the seed is never answered
 
-    ev = p.get("b", f"/evaluations/{s['evaluation_id']}").json()  # recorded shared, linked to the model, without the seed
-    assert (ev["shared"], ev["model_id"], ev["seed"], ev["n_paths"], ev["owner"]) == (True, m["id"], None, ARENA_PATHS, p.a)
+    # recorded shared, linked to the model, without the seed
+    ev = p.get("b", f"/evaluations/{s['evaluation_id']}").json()
+    assert (ev["shared"], ev["model_id"], ev["seed"], ev["n_paths"], ev["owner"]) == (True, m["id"], None, ARENA_PATHS,
+                                                                                      p.a)
     shared = p.get("b", f"/leaderboard?scenario={SCENARIO}").json()["scenarios"][0]["shared"]
     assert [(e["evaluation_id"], e["arena"]) for e in shared] == [(s["evaluation_id"], True)]
 
     assert p.patch("a", f"/models/{m['id']}", json={"shared": True}).json()["shared"] is True
-    again = p.post("b", "/leaderboard/submissions", json={"model_id": m["id"]})  # scored before on this test set: not again
-    assert again.status_code == 200 and again.json()["evaluation_id"] == s["evaluation_id"] and again.json()["new"] is False
+    # scored before on this test set: not again
+    again = p.post("b", "/leaderboard/submissions", json={"model_id": m["id"]})
+    assert (again.status_code == 200 and again.json()["evaluation_id"] == s["evaluation_id"]
+            and again.json()["new"] is False)
     print(f"submission scored in {took:.2f} s ({ARENA_PATHS:,} paths, the baselines included)")

@@ -6,8 +6,9 @@ come raw malformed bodies and random headers. Every answer must be no 5xx, carry
 that operation, and a body that validates against the declared schema; a malformed request must not be accepted (2xx).
 
 Every fault is collected (not only the first) and reported with the request that shows it (a curl command). The default
-run is derandomised and bounded (a few examples per operation and mode, ~60-90 s); the slow run draws fresh examples, many
-more of them, on a platform whose registry is on PostgreSQL. HEDGERL_FUZZ_EXAMPLES overrides the examples per operation."""
+run is derandomised and bounded (a few examples per operation and mode, ~60-90 s); the slow run draws fresh examples,
+many more of them, on a platform whose registry is on PostgreSQL. HEDGERL_FUZZ_EXAMPLES overrides the examples per
+operation."""
 import json
 import os
 import secrets
@@ -54,7 +55,8 @@ class Platform:
         self.schema = schemathesis.openapi.from_dict(self.doc)
         # query parameters the document does not name are ignored, as HTTP APIs commonly do: not sent as "malformed"
         self.schema.config.generation.update(allow_extra_parameters=False)
-        self.schema.config.checks.negative_data_rejection.expected_statuses.append("413")  # a body over the limit is refused too
+        # a body over the limit is refused too
+        self.schema.config.checks.negative_data_rejection.expected_statuses.append("413")
         self.known = seed_objects(self)
 
 
@@ -63,12 +65,14 @@ def seed_objects(p: Platform) -> dict:
     from hedgerl.core import load_settings
     from hedgerl.registry import Registry
     reg = Registry(load_settings(environ=p.up.env).registry.url).as_user(p.name)
-    run = reg.start_run("fuzz", params={"scenario": SCENARIO, "agent": "ppo"}); run.log(1, **{"train/loss": 0.5}); run.finish({"ok": 1})
+    run = reg.start_run("fuzz", params={"scenario": SCENARIO, "agent": "ppo"}); run.log(1,
+            **{"train/loss": 0.5}); run.finish({"ok": 1})
     artifact = sorted((Path(__file__).resolve().parent.parent / "reports" / "models").glob("*.zip"))
     model = reg.register_model(run, "ppo", SCENARIO, artifact[0]) if artifact else None
     ev = reg.record_evaluation(SCENARIO, "ppo", 1.0, {"mean": 0.1}, n_paths=10, seed=1, run=run, model=model)
     known = {"run": [run.id], "model": [model["id"]] if model else [], "evaluation": [ev], "scenario": [SCENARIO]}
-    r = p.http.post(f"{p.url}{API}/simulations", json={"scenario": SCENARIO, "strategy": "delta", "seed": 1}, headers=p.h)
+    r = p.http.post(f"{p.url}{API}/simulations", json={"scenario": SCENARIO, "strategy": "delta", "seed": 1},
+                    headers=p.h)
     if r.status_code == 201 and "id" in r.json(): known["simulation"] = [r.json()["id"]]
     reg.engine.dispose()
     return known
@@ -99,7 +103,8 @@ def path_choices(op, known: dict) -> dict:
         n, route = param.name.lower(), op.path.lower()
         kind = next((k for k in ("simulation", "model", "evaluation", "run", "scenario") if k in n), None)
         if kind is None:  # `{id}` or `{name}`: the resource named before it
-            kind = next((k for k in ("simulation", "model", "evaluation", "scenario", "run", "backtest", "training") if f"/{k}s/{{" in route), None)
+            kind = next((k for k in ("simulation", "model", "evaluation", "scenario", "run", "backtest",
+                                     "training") if f"/{k}s/{{" in route), None)
             kind = "run" if kind in ("backtest", "training") else kind  # jobs are runs
         if known.get(kind): out[param.name] = known[kind]
     return out
@@ -122,35 +127,42 @@ class Fuzz:
         self.failures.setdefault((op_label, title.split("\n")[0], status), f"{text}\n    {curl}")
 
     def call(self, case) -> None:
-        h = self.p.h  # A's token; in negative mode schemathesis itself drops or mangles it where it tests the credentials
+        # A's token; in negative mode schemathesis itself drops or mangles it where it tests the credentials
+        h = self.p.h
         try: response = case.call(base_url=self.p.url, session=self.p.http, headers=h, timeout=60)
         except requests.RequestException as e:
-            self.record(case.operation.label, f"no answer: {type(e).__name__}", 0, str(e)[:300], case.as_curl_command(base_url=self.p.url)); return
+            self.record(case.operation.label, f"no answer: {type(e).__name__}", 0, str(e)[:300],
+                        case.as_curl_command(base_url=self.p.url)); return
         self.calls += 1
         try: case.validate_response(response, checks=CHECKS, headers=h)
         except BaseException as e:  # a Failure, or a FailureGroup of them
             if isinstance(e, (KeyboardInterrupt, SystemExit)): raise
             for f in getattr(e, "exceptions", [e]):
-                if getattr(f, "title", "").startswith("Schema-violating request accepted") and unobservable(case): continue
+                if getattr(f, "title", "").startswith("Schema-violating request accepted") and unobservable(
+                        case): continue
                 self.record(case.operation.label, getattr(f, "title", type(f).__name__), response.status_code,
                             f"{response.status_code} {response.text[:300]}", case.as_curl_command(base_url=self.p.url))
         self.cleanup(case, response)
 
     def cleanup(self, case, response) -> None:
-        "A job or simulation a valid request created is cancelled or deleted at once: the fuzz never fills a limit or the CPU."
+        """A job or simulation a valid request created is cancelled or deleted at once: the fuzz never fills a limit or
+        the CPU."""
         if case.method.upper() != "POST" or response.status_code not in (201, 202): return
         try: created = response.json()
         except ValueError: return
         kind = case.operation.path.rstrip("/").rsplit("/", 1)[-1]
-        if isinstance(created, dict) and "id" in created and kind in ("backtests", "trainings", "simulations", "scenarios"):
+        if isinstance(created, dict) and "id" in created and kind in ("backtests", "trainings", "simulations",
+                                                                      "scenarios"):
             self.p.http.delete(f"{self.p.url}{API}/{kind}/{created['id']}", headers=self.p.h, timeout=60)
 
     def report(self) -> str:
-        return "\n".join(f"- {op}: {title} (HTTP {status})\n    {text}" for (op, title, status), text in sorted(self.failures.items()))
+        return "\n".join(f"- {op}: {title} (HTTP {status})\n    {text}" for (op, title, status),
+                         text in sorted(self.failures.items()))
 
 
 def fuzz_operations(p: Platform, modes, examples: int, derandomize: bool) -> Fuzz:
-    "Every operation of the live document, in each generation mode, `examples` cases each (half of them aimed at real ids where the path has some)."
+    """Every operation of the live document, in each generation mode, `examples` cases each (half of them aimed at real
+    ids where the path has some)."""
     fz = Fuzz(p)
     ops = [r.ok() for r in p.schema.get_all_operations()]
     assert len(ops) >= 10, [o.label for o in ops]
@@ -159,20 +171,24 @@ def fuzz_operations(p: Platform, modes, examples: int, derandomize: bool) -> Fuz
             strategy = op.as_strategy(generation_mode=mode)
             choices = path_choices(op, p.known) if mode == GenerationMode.POSITIVE else {}
             if choices:
-                strategy = st.one_of(strategy, st.fixed_dictionaries({k: st.sampled_from(v) for k, v in choices.items()})
+                strategy = st.one_of(strategy, st.fixed_dictionaries({k: st.sampled_from(v) for k,
+                                                                      v in choices.items()})
                                      .flatmap(lambda pp: op.as_strategy(generation_mode=mode, path_parameters=pp)))
-            @settings(max_examples=examples, deadline=None, database=None, derandomize=derandomize, phases=[Phase.generate],
+            @settings(max_examples=examples, deadline=None, database=None, derandomize=derandomize,
+                      phases=[Phase.generate],
                       suppress_health_check=list(HealthCheck))
             @given(case=strategy)
             def run(case): fz.call(case)
             try: run()
-            except Exception as e:  # hypothesis could not generate for this operation in this mode (e.g. nothing to negate)
+            # hypothesis could not generate for this operation in this mode (e.g. nothing to negate)
+            except Exception as e:
                 if "Unsatisfiable" not in type(e).__name__ and "Unsatisfiable" not in str(e): raise
     return fz
 
 
 def test_the_document_covers_the_api(platform):
-    "The live document lists the issue's resources (as far as they are mounted) and every route answers JSON errors with a detail."
+    """The live document lists the issue's resources (as far as they are mounted) and every route answers JSON errors
+    with a detail."""
     paths = set(platform.doc["paths"])
     for p in ("health", "me", "registry/runs"):
         assert f"{API}/{p}" in paths, sorted(paths)
@@ -182,24 +198,30 @@ def test_the_document_covers_the_api(platform):
 def test_fuzz_follows_the_schema(platform):
     "Schema-valid requests (half of them aimed at A's real objects): no 5xx, declared status codes, bodies valid."
     t0 = time.monotonic()
-    fz = fuzz_operations(platform, [GenerationMode.POSITIVE], int(os.environ.get("HEDGERL_FUZZ_EXAMPLES", 8)), derandomize=True)
+    fz = fuzz_operations(platform, [GenerationMode.POSITIVE], int(os.environ.get("HEDGERL_FUZZ_EXAMPLES", 8)),
+                         derandomize=True)
     print(f"{fz.calls} requests in {time.monotonic() - t0:.1f} s")
     assert not fz.failures, f"{len(fz.failures)} faults in {fz.calls} requests:\n{fz.report()}"
 
 
 def test_fuzz_breaks_the_schema(platform):
-    "Requests that break the schema (types, ranges, missing fields, dropped credentials): refused with a declared 4xx, never a 5xx or a 2xx."
+    """Requests that break the schema (types, ranges, missing fields, dropped credentials): refused with a declared
+    4xx, never a 5xx or a 2xx."""
     t0 = time.monotonic()
-    fz = fuzz_operations(platform, [GenerationMode.NEGATIVE], int(os.environ.get("HEDGERL_FUZZ_EXAMPLES", 6)), derandomize=True)
+    fz = fuzz_operations(platform, [GenerationMode.NEGATIVE], int(os.environ.get("HEDGERL_FUZZ_EXAMPLES", 6)),
+                         derandomize=True)
     print(f"{fz.calls} requests in {time.monotonic() - t0:.1f} s")
     assert not fz.failures, f"{len(fz.failures)} faults in {fz.calls} requests:\n{fz.report()}"
 
 
-JUNK_BODIES = [b"", b"{", b"[]", b"null", b"\xff\xfe\x00", b'{"a": NaN}', b'{"scenario": 1e999}', b"[" * 5000 + b"]" * 5000,
+JUNK_BODIES = [b"", b"{", b"[]", b"null", b"\xff\xfe\x00", b'{"a": NaN}', b'{"scenario": 1e999}',
+               b"[" * 5000 + b"]" * 5000,
                json.dumps({"x": "y" * 100}).encode(), b'{"n_paths": 1, "n_paths": "two"}']
-JUNK_HEADERS = [{"Authorization": ""}, {"Authorization": "token"}, {"Authorization": "Bearer  "}, {"Authorization": "token " + "x" * 5000},
+JUNK_HEADERS = [{"Authorization": ""}, {"Authorization": "token"}, {"Authorization": "Bearer  "},
+                {"Authorization": "token " + "x" * 5000},
                 {"Authorization": "Basic YTpi"}, {"Authorization": "token \u00e9\u00e9"}, {"Accept": "text/html"},
-                {"Accept": "application/xml"}, {"Content-Type": "text/plain"}, {"Content-Type": "application/json; charset=latin-1"},
+                {"Accept": "application/xml"}, {"Content-Type": "text/plain"},
+                {"Content-Type": "application/json; charset=latin-1"},
                 {"X-Forwarded-For": "not-an-ip"}, {"Cookie": "jupyterhub-services=garbage; jupyterhub-session-id=x"}]
 
 
@@ -208,13 +230,15 @@ def _route(path: str, known: dict) -> str:
     import re
     def sub(m):
         n = m[1].lower()
-        kind = next((k for k in ("simulation", "model", "evaluation", "scenario", "run") if k in n or f"/{k}s/{{{m[1]}}}" in path), "run")
+        kind = next((k for k in ("simulation", "model", "evaluation", "scenario",
+                                 "run") if k in n or f"/{k}s/{{{m[1]}}}" in path), "run")
         return str((known.get(kind) or [1])[0])
     return re.sub(r"\{([^}]*)\}", sub, path)
 
 
 def test_malformed_bodies_and_headers(platform):
-    "Raw malformed bodies on every operation that takes one, and odd headers on every operation: a declared status with a JSON detail, never a 5xx."
+    """Raw malformed bodies on every operation that takes one, and odd headers on every operation: a declared status
+    with a JSON detail, never a 5xx."""
     p, bad, n, k = platform, {}, 0, 0
     for path, ops in p.doc["paths"].items():
         url = p.url + _route(path, p.known)
@@ -226,13 +250,19 @@ def test_malformed_bodies_and_headers(platform):
             for headers, body in cases:
                 r = p.http.request(method.upper(), url, headers={**p.h, **headers}, data=body, timeout=60); n += 1
                 if r.status_code >= 500: why = f"{r.status_code} {r.text[:150]!r}"
-                elif not ({str(r.status_code), f"{str(r.status_code)[0]}XX", "default"} & declared): why = f"{r.status_code} not declared {sorted(declared)}"
-                elif r.status_code >= 400 and "detail" not in _json_or_none(r): why = f"{r.status_code} without a JSON detail: {r.text[:150]!r}"
+                elif not ({str(r.status_code), f"{str(r.status_code)[0]}XX",
+                           "default"} & declared): why = f"{r.status_code} not declared {sorted(declared)}"
+                elif r.status_code >= 400 and "detail" not in _json_or_none(
+                        r): why = f"{r.status_code} without a JSON detail: {r.text[:150]!r}"
                 else: why = None
-                if why: bad.setdefault((method.upper(), path, why.split(" ")[0] + (" undeclared" if "not declared" in why else "")), (headers, body, url, why))
-                if method == "post" and r.status_code in (201, 202) and isinstance(_json_or_none(r), dict) and "id" in r.json():
+                if why: bad.setdefault((method.upper(), path,
+                                        why.split(" ")[0] + (" undeclared" if "not declared" in why else "")), (headers,
+                                                body, url, why))
+                if method == "post" and r.status_code in (201, 202) and isinstance(_json_or_none(r),
+                                                                                   dict) and "id" in r.json():
                     p.http.delete(f"{url}/{r.json()['id']}", headers=p.h)
-    lines = [f"- {m} {path}: {why}\n    e.g. curl -X {m} {url!r} {' '.join(repr(f'-H {k}: {v[:40]}') for k, v in h.items())} -d {(b or b'')[:60]!r}"
+    lines = [f"- {m} {path}: {why}\n    e.g. curl -X {m} {url!r} "
+             f"{' '.join(repr(f'-H {k}: {v[:40]}') for k, v in h.items())} -d {(b or b'')[:60]!r}"
              for (m, path, _), (h, b, url, why) in sorted(bad.items())]
     assert not bad, f"{len(bad)} faults in {n} requests:\n" + "\n".join(lines)
 
@@ -249,6 +279,7 @@ def test_fuzz_deep_on_postgresql(tmp_path_factory):
     with fresh_pg_database("hedgerl_fuzz", "the API must be fuzzed with the registry on PostgreSQL") as url:
         up, p = _start(tmp_path_factory, url)
         try:
-            fz = fuzz_operations(p, [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], int(os.environ.get("HEDGERL_FUZZ_EXAMPLES", 100)), derandomize=False)
+            fz = fuzz_operations(p, [GenerationMode.POSITIVE, GenerationMode.NEGATIVE],
+                                 int(os.environ.get("HEDGERL_FUZZ_EXAMPLES", 100)), derandomize=False)
             assert not fz.failures, f"{len(fz.failures)} faults in {fz.calls} requests:\n{fz.report()}"
         finally: up.stop()

@@ -25,7 +25,8 @@ API = "/services/hedgerl/api/v1"
 SCENARIO = "cao2021-gbm-1m-1d"
 MODELS = ROOT / "reports" / "models"
 IDLE = 4  # seconds before an idle simulation expires, on this platform
-LIMITS = {"HEDGERL_SERVICE_MAX_STATES": "3000", "HEDGERL_SERVICE_MAX_SIMULATIONS": "2", "HEDGERL_SERVICE_SIMULATION_IDLE": str(IDLE)}
+LIMITS = {"HEDGERL_SERVICE_MAX_STATES": "3000", "HEDGERL_SERVICE_MAX_SIMULATIONS": "2",
+          "HEDGERL_SERVICE_SIMULATION_IDLE": str(IDLE)}
 
 
 def _platform(data: Path, registry_url: str | None):
@@ -81,7 +82,8 @@ def backtest_states(strategy, n_paths: int = 100, seed: int = 3):
     cols = {k: [] for k in ("spot", "tau", "holdings", "hedge_pnl", "cost")}
     while not ro.done:
         o = ro.observe()
-        for k, v in (("spot", o.spot), ("tau", np.full(n_paths, o.tau)), ("holdings", o.holdings[:, 0]), ("hedge_pnl", o.hedge_pnl), ("cost", o.cost)):
+        for k, v in (("spot", o.spot), ("tau", np.full(n_paths, o.tau)), ("holdings", o.holdings[:, 0]), ("hedge_pnl",
+                o.hedge_pnl), ("cost", o.cost)):
             cols[k].append(v)
         ro.step(res.holdings[:, ro.j])
     np.testing.assert_array_equal(ro.pnl, res.pnl)
@@ -109,20 +111,30 @@ def test_hedge_sees_what_the_caller_may_and_keeps_the_limit(platform):
     from hedgerl.scenarios import get
     states = {"spot": [95.0, 100.0, 105.0], "tau": 0.04, "holdings": [0.3, 0.5, 0.7], "hedge_pnl": 0.1, "cost": 0.02}
     r = call(platform, "POST", "hedge", "b", json={"strategy": {"model": platform.ntb}, "states": states})
-    assert (r.status_code, r.json()["detail"]) == (404, f"strategy.model: no model {platform.ntb} visible to user '{platform.users['b'][0]}'")
-    r = call(platform, "POST", "hedge", "b", json={"strategy": {"model": platform.ppo}, "states": states})  # shared: B may
+    assert (r.status_code, r.json()["detail"]) == (404, f"strategy.model: no model {platform.ntb} visible to user "
+                                                   f"'{platform.users['b'][0]}'")
+    # shared: B may
+    r = call(platform, "POST", "hedge", "b", json={"strategy": {"model": platform.ppo}, "states": states})
     assert r.status_code == 200, r.text
     ppo = load_strategy_file(platform.files / "ppo.zip"); ppo.reset(get(SCENARIO))
-    np.testing.assert_array_equal(np.array(r.json()["holdings"]), hedge_states(ppo, market_states(get(SCENARIO), **states))[0])
-    r = call(platform, "POST", "hedge", "admin", json={"strategy": {"model": platform.ntb}, "states": states})  # an admin sees all
+    np.testing.assert_array_equal(np.array(r.json()["holdings"]), hedge_states(ppo, market_states(get(SCENARIO),
+            **states))[0])
+    # an admin sees all
+    r = call(platform, "POST", "hedge", "admin", json={"strategy": {"model": platform.ntb}, "states": states})
     assert r.status_code == 200, r.text
     ntb = load_strategy_file(platform.files / "ntb.zip"); ntb.reset(get(SCENARIO))
-    np.testing.assert_array_equal(np.array(r.json()["holdings"]), hedge_states(ntb, market_states(get(SCENARIO), **states))[0])
-    assert call(platform, "POST", "hedge", None, json={"strategy": "delta", "scenario": SCENARIO, "states": states}).status_code == 401
-    r = call(platform, "POST", "hedge", json={"strategy": "delta", "scenario": SCENARIO, "states": {"spot": [100.0] * 3001, "tau": 0.08}})
-    assert r.status_code == 429 and r.headers["Retry-After"] == "1" and "limit is 3000 a call ([service] max_states)" in r.json()["detail"]
-    r = call(platform, "POST", "hedge", json={"strategy": "delta", "scenario": SCENARIO, "states": {"spot": [100.0], "tau": 0.05}})
-    assert r.status_code == 422 and r.json()["detail"].startswith("states.tau[0] = 0.05 is not a hedging date of scenario"), r.text
+    np.testing.assert_array_equal(np.array(r.json()["holdings"]), hedge_states(ntb, market_states(get(SCENARIO),
+            **states))[0])
+    assert call(platform, "POST", "hedge", None, json={"strategy": "delta", "scenario": SCENARIO,
+                                                       "states": states}).status_code == 401
+    r = call(platform, "POST", "hedge", json={"strategy": "delta", "scenario": SCENARIO,
+                                              "states": {"spot": [100.0] * 3001, "tau": 0.08}})
+    assert (r.status_code == 429 and r.headers["Retry-After"] == "1"
+            and "limit is 3000 a call ([service] max_states)" in r.json()["detail"])
+    r = call(platform, "POST", "hedge", json={"strategy": "delta", "scenario": SCENARIO, "states": {"spot": [100.0],
+            "tau": 0.05}})
+    assert r.status_code == 422 and r.json()["detail"].startswith("states.tau[0] = 0.05 is not a hedging date of "
+                                                                  "scenario"), r.text
 
 
 def test_a_stepped_simulation_ends_with_the_backtests_pnl(platform):
@@ -136,17 +148,22 @@ def test_a_stepped_simulation_ends_with_the_backtests_pnl(platform):
         r = call(platform, "POST", "simulations", json={"strategy": spec, "scenario": SCENARIO, "seed": 77})
         assert r.status_code == 201, r.text
         sim = r.json()
-        assert r.headers["Location"] == f"{API}/simulations/{sim['id']}" and sim["owner"] == a and sim["state"]["step"] == 0
+        assert (r.headers["Location"] == f"{API}/simulations/{sim['id']}" and sim["owner"] == a
+                and sim["state"]["step"] == 0)
         for j in range(sim["n_steps"]):
             r = call(platform, "POST", f"simulations/{sim['id']}/step")
             assert r.status_code == 200 and r.json()["step"]["step"] == j, r.text
         full = call(platform, "GET", f"simulations/{sim['id']}").json()
-        assert full["state"]["done"] and len(full["history"]) == 20 and full["history"][-1]["pnl"] == full["state"]["pnl"]
-        assert abs(full["state"]["pnl"] - wants[key]) <= (0 if key == "delta" else 1e-12), (full["state"]["pnl"], wants[key])
+        assert full["state"]["done"] and len(full["history"]) == 20 and full["history"][-1]["pnl"] == full["state"][
+                "pnl"]
+        assert abs(full["state"]["pnl"] - wants[key]) <= (0 if key == "delta" else 1e-12), (full["state"]["pnl"],
+                wants[key])
         # B: 404 everywhere, as for an episode that does not exist; the admin may read it, not step or delete it
         for method, path in (("GET", ""), ("POST", "/step"), ("DELETE", "")):
             r = call(platform, method, f"simulations/{sim['id']}{path}", "b")
-            assert (r.status_code, r.json()["detail"]) == (404, f"no simulation {sim['id']} of user '{b}' (expired after {IDLE} s idle, deleted, or never created)")
+            assert (r.status_code, r.json()["detail"]) == (404,
+                                                           f"no simulation {sim['id']} of user '{b}' (expired after "
+                                                           f"{IDLE} s idle, deleted, or never created)")
         assert call(platform, "GET", f"simulations/{sim['id']}", "admin").json()["owner"] == a
         assert call(platform, "POST", f"simulations/{sim['id']}/step", "admin").status_code == 404
         assert call(platform, "POST", f"simulations/{sim['id']}/step").status_code == 409  # finished
@@ -166,8 +183,10 @@ def test_simulations_per_user_and_idle_expiry(platform):
     first, second = new(), new()
     assert first.status_code == second.status_code == 201
     r = new()
-    assert r.status_code == 429 and 1 <= int(r.headers["Retry-After"]) <= IDLE and "has 2 simulations open" in r.json()["detail"], r.text
-    assert [s["id"] for s in call(platform, "GET", "simulations", "c").json()] == [first.json()["id"], second.json()["id"]]
+    assert (r.status_code == 429 and 1 <= int(r.headers["Retry-After"]) <= IDLE
+            and "has 2 simulations open" in r.json()["detail"]), r.text
+    assert [s["id"] for s in call(platform, "GET", "simulations", "c").json()] == [first.json()["id"],
+                                                                                   second.json()["id"]]
     time.sleep(IDLE + 1.5)  # idle: the service's sweep removes both
     assert call(platform, "GET", f"simulations/{first.json()['id']}", "c").status_code == 404
     assert call(platform, "GET", "simulations", "c").json() == []
@@ -192,7 +211,8 @@ def test_a_saved_scenario_is_used_by_name_and_stays_private(platform):
     mine = as_scenario({**cfg, "name": name}); d = DeltaHedge(); d.reset(mine)
     want = hedge_states(d, market_states(mine, **{k: np.broadcast_to(np.asarray(v), 3) for k, v in states.items()}))[0]
     np.testing.assert_allclose(np.array(r.json()["holdings"]), want, rtol=0, atol=1e-12)  # delta at the saved 30% vol
-    r20 = np.array(call(platform, "POST", "hedge", json={"strategy": "delta", "scenario": SCENARIO, "states": states}).json()["holdings"])
+    r20 = np.array(call(platform, "POST", "hedge", json={"strategy": "delta", "scenario": SCENARIO,
+                                                         "states": states}).json()["holdings"])
     assert np.abs(r20 - want).max() > 1e-3  # not the published scenario's 20%
     r = call(platform, "POST", "simulations", json={"scenario": name, "strategy": "delta", "seed": 1})
     assert r.status_code == 201 and r.json()["scenario"] == name, r.text
@@ -208,4 +228,5 @@ def test_a_saved_scenario_is_used_by_name_and_stays_private(platform):
         assert r.status_code == 422 and f"unknown scenario {name!r}" in r.text, (path, r.text)
     sid = call(platform, "GET", f"scenarios/{name}").json()["id"]
     assert call(platform, "PATCH", f"scenarios/{sid}", json={"shared": True}).status_code == 200
-    assert call(platform, "POST", "hedge", who="b", json={"strategy": "delta", "scenario": name, "states": states}).status_code == 200
+    assert call(platform, "POST", "hedge", who="b", json={"strategy": "delta", "scenario": name,
+                                                          "states": states}).status_code == 200

@@ -1,10 +1,10 @@
 """`backtests` and `trainings` of the REST API on a real platform (`hedgerl hub up` on loopback: proxy, hub, gateway and
 the hedgerl service), called through the hub's proxy with real users' tokens: a backtest job prints what `hedgerl
 backtest` prints for the same inputs; a training started through the API is a run of its caller's in the registry with
-its executed notebook, and its Server-Sent Events stream delivers metrics while it runs; DELETE leaves a running training
-interrupted with its checkpoint; another user gets 404 for a private job (an admin reads it, and changes nothing); the
-service killed mid-job (kill -9: the hub starts it again) closes its jobs with the reason, and leaves no training process
-(slow). Once more with the registry on PostgreSQL (slow)."""
+its executed notebook, and its Server-Sent Events stream delivers metrics while it runs; DELETE leaves a running
+training interrupted with its checkpoint; another user gets 404 for a private job (an admin reads it, and changes
+nothing); the service killed mid-job (kill -9: the hub starts it again) closes its jobs with the reason, and leaves no
+training process (slow). Once more with the registry on PostgreSQL (slow)."""
 import json
 import os
 import re
@@ -27,7 +27,8 @@ pytestmark = [pytest.mark.skipif(os.geteuid() != 0 and os.environ.get("CI") != "
 
 API = "/services/hedgerl/api/v1"
 SCENARIO = "cao2021-gbm-1m-1d"
-SMOKE = {"agent": "ntb", "scenario": SCENARIO, "params": {"n_paths": 500}, "valid_paths": 200, "test_paths": 500, "valid_every": 10}
+SMOKE = {"agent": "ntb", "scenario": SCENARIO, "params": {"n_paths": 500}, "valid_paths": 200, "test_paths": 500,
+         "valid_every": 10}
 
 
 def _platform(data: Path, registry_url: str | None):
@@ -87,11 +88,13 @@ def service_pid(p) -> int:
 
 
 def test_backtest_job_prints_what_hedgerl_backtest_prints(platform):
-    body = {"scenario": SCENARIO, "strategy": "fixed-band", "n_paths": 20_000, "seed": 11, "n_boot": 20, "train_paths": 2_000}
+    body = {"scenario": SCENARIO, "strategy": "fixed-band", "n_paths": 20_000, "seed": 11, "n_boot": 20,
+            "train_paths": 2_000}
     r = call(platform, "POST", "backtests", json=body)
     assert r.status_code == 202 and r.headers["Location"] == f"{API}/backtests/{r.json()['id']}", r.text
     job = wait(platform, "backtests", r.json()["id"])
-    cli = subprocess.run([str(BIN / "hedgerl"), "backtest", "fixed-band", SCENARIO, "--n-paths", "20000", "--seed", "11", "--n-boot", "20",
+    cli = subprocess.run([str(BIN / "hedgerl"), "backtest", "fixed-band", SCENARIO, "--n-paths", "20000", "--seed",
+                          "11", "--n-boot", "20",
                           "--train-paths", "2000"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert cli.returncode == 0, cli.stderr
     assert job["status"] == "finished" and job["report"] == cli.stdout, (job, cli.stdout)
@@ -107,7 +110,8 @@ def test_training_job_is_a_run_with_its_notebook_and_streams_its_metrics(platfor
     assert r.status_code == 202, r.text
     tid = r.json()["id"]
     events, running = [], []
-    with requests.get(f"{platform.url}/trainings/{tid}/events", headers={"Authorization": f"token {platform.users['a'][1]}"},
+    with requests.get(f"{platform.url}/trainings/{tid}/events",
+                      headers={"Authorization": f"token {platform.users['a'][1]}"},
                       stream=True, timeout=600) as s:
         assert s.status_code == 200 and s.headers["Content-Type"].startswith("text/event-stream")
         for line in s.iter_lines(decode_unicode=True):
@@ -118,17 +122,21 @@ def test_training_job_is_a_run_with_its_notebook_and_streams_its_metrics(platfor
                     running.append(call(platform, "GET", f"trainings/{tid}").json()["status"])
     steps = [e["data"]["step"] for e in events if e["event"] == "metrics"]
     assert running == ["running", "running"] and steps[:3] == [10, 20, 30] and steps[-1] == 150, events
-    assert "valid/objective" in events[0]["data"]["metrics"] and events[-1] == {"event": "end", "data": {"id": tid, "status": "finished"}}
+    assert "valid/objective" in events[0]["data"]["metrics"] and events[-1] == {"event": "end", "data": {"id": tid,
+            "status": "finished"}}
     job = call(platform, "GET", f"trainings/{tid}").json()
     assert job["status"] == "finished" and job["metrics"]["test/objective"] > 0 and job["last_step"] == 150, job
     assert Path(job["folder"]).parent == platform.data / "users" / platform.users["a"][0] / "runs"
     nb = json.loads(Path(job["notebook"]).read_text())
-    assert any(o.get("name") == "stdout" and f"run {tid}:" in "".join(o["text"]) for c in nb["cells"] for o in c.get("outputs", []))
+    assert any(o.get("name") == "stdout" and f"run {tid}:" in "".join(o["text"]) for c in nb["cells"]
+               for o in c.get("outputs", []))
     reg = registry(platform).as_user(platform.users["a"][0])
     row = reg.runs(run_id=tid).iloc[0]
-    assert (row.experiment, row.status, row.params["agent"], row.outputs["notebook"]) == ("trainings", "finished", "ntb", job["notebook"])
+    assert (row.experiment, row.status, row.params["agent"], row.outputs["notebook"]) == ("trainings", "finished",
+                                                                                          "ntb", job["notebook"])
     models = reg.models()
-    assert list(models[models.run_id == tid].owner) == [platform.users["a"][0]]  # the template registered its model as A
+    # the template registered its model as A
+    assert list(models[models.run_id == tid].owner) == [platform.users["a"][0]]
     m = call(platform, "GET", f"trainings/{tid}/metrics", params={"after": 140}).json()
     assert {i["step"] for i in m["items"]} == {150} and m["last_step"] == 150
     reg.engine.dispose()
@@ -154,7 +162,8 @@ def test_delete_leaves_a_running_training_interrupted_with_its_checkpoint(platfo
 
 def test_another_user_gets_404_and_an_admin_reads_but_changes_nothing(platform):
     b, a = platform.users["b"][0], platform.users["a"][0]
-    for path in (f"backtests/{platform.backtest}", f"trainings/{platform.training}", f"trainings/{platform.training}/metrics",
+    for path in (f"backtests/{platform.backtest}", f"trainings/{platform.training}",
+                 f"trainings/{platform.training}/metrics",
                  f"trainings/{platform.training}/events"):
         r = call(platform, "GET", path, "b")
         assert r.status_code == 404 and r.json()["detail"].endswith(f" visible to user '{b}'"), (path, r.text)
@@ -163,7 +172,8 @@ def test_another_user_gets_404_and_an_admin_reads_but_changes_nothing(platform):
         assert call(platform, "DELETE", path, "b").status_code == 404
         r = call(platform, "DELETE", path, "admin")
         assert r.status_code == 403 and f"belongs to '{a}'" in r.json()["detail"]
-    assert call(platform, "GET", "backtests", "b").json()["total"] == 0 and call(platform, "GET", "backtests", "admin").json()["total"] >= 1
+    assert call(platform, "GET", "backtests", "b").json()["total"] == 0 and call(platform, "GET", "backtests",
+                                                                                 "admin").json()["total"] >= 1
     assert call(platform, "GET", f"backtests/{platform.backtest}", None).status_code == 401
 
 
@@ -171,7 +181,8 @@ def test_another_user_gets_404_and_an_admin_reads_but_changes_nothing(platform):
 def test_the_service_killed_mid_job_closes_its_jobs_with_the_reason(platform):
     from hedgerl.jobs import RESTARTED, STOPPED
     tid = call(platform, "POST", "trainings", json={**SMOKE, "budget": 100_000}).json()["id"]
-    bid = call(platform, "POST", "backtests", json={"scenario": SCENARIO, "strategy": "delta", "n_paths": 1_000_000, "n_boot": 100}).json()["id"]
+    bid = call(platform, "POST", "backtests", json={"scenario": SCENARIO, "strategy": "delta", "n_paths": 1_000_000,
+                                                    "n_boot": 100}).json()["id"]
     t0 = time.monotonic()
     while call(platform, "GET", f"trainings/{tid}").json()["last_step"] is None or \
             call(platform, "GET", f"backtests/{bid}").json()["status"] != "running":
@@ -183,7 +194,8 @@ def test_the_service_killed_mid_job_closes_its_jobs_with_the_reason(platform):
     while True:
         assert time.monotonic() - t0 < 120, platform.up.text()[-3000:]
         try:
-            if requests.get(f"{platform.url}/health", timeout=5).status_code == 200 and service_pid(platform) != old: break
+            if requests.get(f"{platform.url}/health", timeout=5).status_code == 200 and service_pid(
+                    platform) != old: break
         except (requests.RequestException, AssertionError): pass
         time.sleep(1)
     restart_s = time.monotonic() - t0
@@ -193,8 +205,10 @@ def test_the_service_killed_mid_job_closes_its_jobs_with_the_reason(platform):
     assert t["status"] == "interrupted" and t["reason"] in (STOPPED, RESTARTED) and Path(t["checkpoint"]).is_file(), t
     # nothing of the old service is left: no training process or kernel, and no Dask worker of its LocalCluster (the new
     # service makes its own on its first backtest)
-    assert not [l for l in platform_processes(platform.env) if "hedgerl.jobs" in l or "ipykernel" in l or "spawn_main" in l]
+    assert not [l for l in platform_processes(platform.env) if "hedgerl.jobs" in l or "ipykernel" in l
+                or "spawn_main" in l]
     print(f"service restarted by the hub {restart_s:.1f} s after kill -9")
     # the new service runs jobs
-    j = wait(platform, "backtests", call(platform, "POST", "backtests", json={"scenario": SCENARIO, "strategy": "delta", "n_paths": 2_000}).json()["id"])
+    j = wait(platform, "backtests", call(platform, "POST", "backtests", json={"scenario": SCENARIO, "strategy": "delta",
+                                                                              "n_paths": 2_000}).json()["id"])
     assert j["status"] == "finished", j

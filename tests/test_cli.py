@@ -53,7 +53,8 @@ def _free_port():
 def _start_up(port):
     "`hedgerl up` on `port` in a session of its own; (process, URL) once it printed the URL."
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HEDGERL_LAB_PORT": str(port)}
-    proc = subprocess.Popen([str(BIN / "hedgerl"), "up"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen([str(BIN / "hedgerl"), "up"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     url, deadline = None, time.time() + 120
     while url is None and time.time() < deadline and proc.poll() is None:
@@ -124,7 +125,8 @@ def test_leaderboard_writes_markdown_and_json(tmp_path):
 
 def test_scenario_file_with_a_typo_fails_before_running(tmp_path):
     f = tmp_path / "mine.yaml"
-    f.write_text("name: mine\nbook:\n- {kind: call, strike: 100, maturity: 20, quantity: -1}\ncosts: {proportionl: 0.01}\n")
+    f.write_text("name: mine\nbook:\n- {kind: call, strike: 100, maturity: 20, quantity: -1}\ncosts: {proportionl: "
+                 "0.01}\n")
     p = run(["hedgerl", "backtest", "delta", str(f)])
     assert p.returncode == 2 and "costs: unknown field 'proportionl'" in p.stderr
 
@@ -142,35 +144,49 @@ def _bad_invocations(d):
     scn, reg = "cao2021-gbm-1m-1d", ["--registry", f"sqlite:///{d}/r.sqlite"]
     (d / "empty.yaml").write_text("")
     (d / "list.yaml").write_text("- a\n- b\n")
-    (d / "costs.yaml").write_text("name: x\nbook:\n- {kind: call, strike: 100, maturity: 20, quantity: -1}\ncosts: 0.01\n")
+    (d / "costs.yaml").write_text("name: x\nbook:\n- {kind: call, strike: 100, maturity: 20, quantity: -1}\ncosts: "
+                                  "0.01\n")
     (d / "prices.csv").write_text("date,close\n2020-01-02,abc\n")
     price = ["price", "--spot", "100", "--strike", "100", "--maturity", "1"]
     train = ["train", "ntb", scn, "--budget", "5", *reg]
     return [
-        [*price, "--vol", "-0.2"], [*price, "--vol", "nan"], [*price, "--price", "200"], ["price", "--spot", "100", "--strike", "0", "--maturity", "1", "--vol", "0.2"],
+        [*price, "--vol", "-0.2"], [*price, "--vol", "nan"], [*price, "--price", "200"], ["price", "--spot", "100",
+                                                                                          "--strike", "0", "--maturity",
+                                                                                          "1", "--vol", "0.2"],
         [*price], ["price", "--spot", "abc", "--strike", "1", "--maturity", "1", "--vol", "0.2"],
         ["scenarios", "--show", "nope"], ["nosuchcommand"],
         ["backtest", "delta", "nope"], ["backtest", "delt", scn], ["backtest", "delta", scn, "--n-paths", "1"],
         ["backtest", "delta", scn, "--n-paths", "-5"], ["backtest", "delta", scn, "--n-boot", "-1"],
-        ["backtest", "delta", str(d / "empty.yaml")], ["backtest", "delta", str(d / "list.yaml")], ["backtest", "delta", str(d / "costs.yaml")],
-        ["backtest", "delta", str(d / "missing.yaml")], ["backtest", "delta", scn, "--historical", str(d / "prices.csv")],
-        ["backtest", "delta", scn, "--historical", str(d / "nosuch.csv")], ["backtest", "delta", scn, "--historical", "bokeh:NOPE"],
-        ["leaderboard", "--scenarios", "nope"], ["leaderboard", "--out", "/proc/hedgerl-lb"], ["leaderboard", "--strategies", "nope"],
+        ["backtest", "delta", str(d / "empty.yaml")], ["backtest", "delta", str(d / "list.yaml")], ["backtest", "delta",
+                str(d / "costs.yaml")],
+        ["backtest", "delta", str(d / "missing.yaml")], ["backtest", "delta", scn, "--historical",
+                                                         str(d / "prices.csv")],
+        ["backtest", "delta", scn, "--historical", str(d / "nosuch.csv")], ["backtest", "delta", scn, "--historical",
+                                                                            "bokeh:NOPE"],
+        ["leaderboard", "--scenarios", "nope"], ["leaderboard", "--out", "/proc/hedgerl-lb"], ["leaderboard",
+                "--strategies", "nope"],
         ["results", "--only", "nope", "--no-write"], ["results", "--out", "/proc/hedgerl-res"],
-        ["db", "status", "--url", f"sqlite:///{d}/typo/x.sqlite"], ["db", "status", "--url", "mysql://root@127.0.0.1/test"],
-        ["db", "upgrade", "--url", "sqlite:////proc/hedgerl/r.sqlite"], ["db", "status", "--url", str(d / "empty.yaml")],
+        ["db", "status", "--url", f"sqlite:///{d}/typo/x.sqlite"], ["db", "status", "--url",
+                                                                    "mysql://root@127.0.0.1/test"],
+        ["db", "upgrade", "--url", "sqlite:////proc/hedgerl/r.sqlite"], ["db", "status", "--url",
+                                                                         str(d / "empty.yaml")],
         ["db", "status", "--url", f"sqlite:///{d}/costs.yaml"], ["db", "frobnicate"],
-        ["train", "ntb", scn, "--budget", "0", *reg], ["train", "ntb", "nope", "--budget", "5", *reg], ["train", "nope", scn, "--budget", "5", *reg],
-        ["train", "--resume", "99", *reg], ["train", "--resume", "-1", *reg], [*train, "--objective", "foo"], [*train, "--objective", "es:abc"],
-        [*train, "--param", "lr=abc"], [*train, "--param", "lr"], [*train, "--device", "tpu"], [*train, "--threads", "-1"],
+        ["train", "ntb", scn, "--budget", "0", *reg], ["train", "ntb", "nope", "--budget", "5", *reg], ["train", "nope",
+                scn, "--budget", "5", *reg],
+        ["train", "--resume", "99", *reg], ["train", "--resume", "-1", *reg], [*train, "--objective", "foo"], [*train,
+                "--objective", "es:abc"],
+        [*train, "--param", "lr=abc"], [*train, "--param", "lr"], [*train, "--device", "tpu"], [*train, "--threads",
+                "-1"],
         [*train, "--valid-paths", "0"], [*train, "--test-paths", "-1"], [*train, "--notebook", str(d / "nope.ipynb")],
         [*train, "--runs-dir", "/proc/hedgerl-runs"], ["train", "ntb", str(d / "costs.yaml"), "--budget", "5", *reg],
         ["sweep", "ntb", scn, "--budget", "5", "--grid", "lr=", *reg], ["sweep", "ntb", scn, "--budget", "5", *reg],
         ["sweep", "ntb", scn, "--budget", "5", "--grid", "hidden=8,0", *reg],
-        ["tune", "ntb", scn, "--space", "lr=abc", *reg], ["tune", "ntb", scn, "--space", "lr=1:0", *reg], ["tune", "ntb", scn, "--trials", "0", *reg],
+        ["tune", "ntb", scn, "--space", "lr=abc", *reg], ["tune", "ntb", scn, "--space", "lr=1:0", *reg], ["tune",
+                "ntb", scn, "--trials", "0", *reg],
         ["tune", "ntb", scn, "--space", "hidden=8,abc", *reg], ["tune", "ppo", scn, *reg],
         ["bench", "--only", "nope", "--no-write"], ["bench", "--out", "/proc/hedgerl-bench"],
-        ["up", "--port", "0"], ["up", "--port", "99999"], ["up", "--host", "a b"], ["up", "--notebooks", str(d / "nope")],
+        ["up", "--port", "0"], ["up", "--port", "99999"], ["up", "--host", "a b"], ["up", "--notebooks",
+                                                                                    str(d / "nope")],
     ]
 
 
@@ -179,7 +195,8 @@ def test_no_traceback_reaches_a_user(tmp_path, capsys):
     from hedgerl.registry import Registry
     for argv in _bad_invocations(tmp_path):
         code, out, err = _cli(argv, capsys)
-        assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err and " error: " in err, (argv, code, err)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err and " error: " in err, (argv,
+                code, err)
     if (tmp_path / "r.sqlite").exists(): assert len(Registry(f"sqlite:///{tmp_path}/r.sqlite").runs()) == 0
 
 
@@ -188,10 +205,13 @@ def test_unwritable_data_folder_is_named(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HEDGERL_DATA_FOLDER", "/proc/hedgerl-data")
     settings(reload=True)
     try:
-        for argv, msg in ((["db", "upgrade"], "cannot create the folder of the registry database sqlite:////proc/hedgerl-data/registry.sqlite"),
+        for argv, msg in ((["db", "upgrade"], "cannot create the folder of the registry database "
+                           "sqlite:////proc/hedgerl-data/registry.sqlite"),
                           (["train", "ntb", "cao2021-gbm-1m-1d", "--budget", "5"], "HEDGERL_DATA_FOLDER"),
-                          (["train", "ntb", "cao2021-gbm-1m-1d", "--budget", "5", "--registry", f"sqlite:///{tmp_path}/r.sqlite"],
-                           "the runs folder '/proc/hedgerl-data/runs' (setting [data] folder, environment HEDGERL_DATA_FOLDER): cannot create it")):
+                          (["train", "ntb", "cao2021-gbm-1m-1d", "--budget", "5", "--registry",
+                            f"sqlite:///{tmp_path}/r.sqlite"],
+                           "the runs folder '/proc/hedgerl-data/runs' (setting [data] folder, environment "
+                           "HEDGERL_DATA_FOLDER): cannot create it")):
             code, _, err = _cli(argv, capsys)
             assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, (argv, err)
     finally:
@@ -199,12 +219,16 @@ def test_unwritable_data_folder_is_named(tmp_path, capsys, monkeypatch):
 
 
 def test_train_says_what_it_learns_while_it_trains(tmp_path):
-    "hedgerl train prints each validation's metrics as the run logs them (it printed nothing until the end), then the outcome."
-    p = run(["hedgerl", "train", "ntb", "cao2021-gbm-1m-1d", "--budget", "20", "--valid-every", "10", "--registry", f"sqlite:///{tmp_path}/r.sqlite",
+    """hedgerl train prints each validation's metrics as the run logs them (it printed nothing until the end), then the
+    outcome."""
+    p = run(["hedgerl", "train", "ntb", "cao2021-gbm-1m-1d", "--budget", "20", "--valid-every", "10", "--registry",
+             f"sqlite:///{tmp_path}/r.sqlite",
              "--runs-dir", str(tmp_path / "runs")], timeout=600, check=True)
-    steps = re.findall(r"run 1: step (\d+): train/lr \S+, train/objective \S+, train/seconds \S+, valid/objective (\S+)", p.stderr)
+    steps = re.findall(
+            r"run 1: step (\d+): train/lr \S+, train/objective \S+, train/seconds \S+, valid/objective (\S+)", p.stderr)
     assert [s for s, _ in steps] == ["10", "20"], p.stderr
-    assert "run 1: training ntb on cao2021-gbm-1m-1d" in p.stderr and "hedgerl: run 1 finished: test objective" in p.stdout
+    assert ("run 1: training ntb on cao2021-gbm-1m-1d" in p.stderr
+            and "hedgerl: run 1 finished: test objective" in p.stdout)
 
 
 def _without(modules, tmp_path):

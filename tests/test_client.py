@@ -35,7 +35,8 @@ class Users:
 
 @pytest.fixture(scope="module")
 def registry_url():
-    "None (SQLite in the platform's data folder), or a fresh PostgreSQL database under HEDGERL_TEST_API_REGISTRY=postgresql."
+    """None (SQLite in the platform's data folder), or a fresh PostgreSQL database under
+    HEDGERL_TEST_API_REGISTRY=postgresql."""
     if os.environ.get("HEDGERL_TEST_API_REGISTRY", "sqlite") != "postgresql": yield None; return
     from conftest import fresh_pg_database
     with fresh_pg_database("hedgerl_client", "HEDGERL_TEST_API_REGISTRY=postgresql asks for it") as url: yield url
@@ -62,14 +63,16 @@ def users(tmp_path_factory, registry_url):
 @pytest.fixture(scope="module")
 def a_model(users, tmp_path_factory):
     "A learned model registered by A: the committed agent, copied into a file that A's system account owns."
-    subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", users.a], check=True, capture_output=True)
+    subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", users.a], check=True,
+                   capture_output=True)
     d = tmp_path_factory.mktemp("models"); os.chmod(d, 0o755)
     f = d / MODEL.name
     shutil.copy(MODEL, f); shutil.chown(f, users.a)
     from hedgerl.core import load_settings
     from hedgerl.registry import Registry
     reg = Registry(load_settings(environ=users.up.env).registry.url).as_user(users.a)
-    with reg.start_run("client-test", params={"scenario": SCENARIO, "agent": "ntb"}) as run: run.log(1, **{"train/loss": 0.25})
+    with reg.start_run("client-test", params={"scenario": SCENARIO, "agent": "ntb"}) as run: run.log(1,
+            **{"train/loss": 0.25})
     m = reg.register_model(run, "ntb", SCENARIO, f)
     ev = reg.record_evaluation(SCENARIO, "ntb", 230.0, {"mean": -0.1}, n_paths=100, seed=1, run=run, model=m)
     reg.engine.dispose()
@@ -84,8 +87,10 @@ def test_service_and_errors(users):
     from hedgerl.platform import HubClient
     hub = HubClient(users.up.url)
     admin, pw = admin_login(users.up)
-    narrow = hub.token(hub.login(admin, pw), admin, scopes=[f"read:users:name!user={admin}"])  # without the service's scope
-    with pytest.raises(Forbidden, match="may not use the hedgerl service"): HedgerlClient(users.up.url, token=narrow).me()
+    # without the service's scope
+    narrow = hub.token(hub.login(admin, pw), admin, scopes=[f"read:users:name!user={admin}"])
+    with pytest.raises(Forbidden, match="may not use the hedgerl service"): HedgerlClient(users.up.url,
+                                                                                          token=narrow).me()
     with pytest.raises(Forbidden): users.A.metrics()  # needs read:metrics
 
 

@@ -22,7 +22,8 @@ pytestmark = [pytest.mark.skipif(os.geteuid() != 0 and os.environ.get("CI") != "
 SCENARIO = "cao2021-gbm-1m-1d"
 PAGE = "/services/hedgerl/dashboards/evaluation"
 ARTIFACTS = Path(os.environ.get("HEDGERL_TEST_ARTIFACTS", ROOT / "tests" / "artifacts"))
-OPTIONS = "() => [...Bokeh.documents[0].all_models].filter(m => m.constructor.__qualified__ == 'MultiChoice').map(m => m.options)"
+OPTIONS = ("() => [...Bokeh.documents[0].all_models].filter(m => m.constructor.__qualified__ == 'MultiChoice').map(m "
+           "=> m.options)")
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,8 @@ def platform(tmp_path_factory):
         files = data / "models"; files.mkdir()
         shutil.copy(ROOT / "reports" / "models" / f"{SCENARIO}--ntb.zip", files / "ntb.zip")
         reg = Registry(load_settings(environ=up.env).registry.url).as_user(users["a"][0])
-        with reg.start_run("a-sweep", {"agent": "ntb", "scenario": SCENARIO}) as run: pass  # the experiment that made it
+        # the experiment that made it
+        with reg.start_run("a-sweep", {"agent": "ntb", "scenario": SCENARIO}) as run: pass
         model = reg.register_model(run, "ntb", SCENARIO, files / "ntb.zip", name="a/ntb")  # A's, private
         reg.engine.dispose()
         yield up, users, f"a/ntb v1 (model {model['id']})"
@@ -56,13 +58,15 @@ def browser():
         pytest.skip("/usr/bin/chromium is missing")
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
-                              args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+                              args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                    "--disable-component-update"])
         yield b
         b.close()
 
 
 def open_dashboard(browser, up, name, password):
-    "A page of a new browser context, logged in through the hub from the dashboard's URL, once its first evaluation shows."
+    """A page of a new browser context, logged in through the hub from the dashboard's URL, once its first evaluation
+    shows."""
     page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
     page.seen = {"hosts": set(), "errors": []}
     page.on("request", lambda r: page.seen["hosts"].add(r.url.split("/")[2]))
@@ -90,7 +94,8 @@ def test_the_evaluation_dashboard_renders_and_redraws(platform, browser):
     page.screenshot(path=str(ARTIFACTS / "evaluation-delta.png"), full_page=True)
     assert model in page.evaluate(OPTIONS)[0]  # A's own model is offered to A
     # another evaluation, from the button (its work runs in a thread; the page changes after an await, under the lock)
-    page.evaluate("() => { [...Bokeh.documents[0].all_models].find(m => m.constructor.__qualified__ == 'MultiChoice').value = ['delta', 'no-hedge'] }")
+    page.evaluate("() => { [...Bokeh.documents[0].all_models].find(m => m.constructor.__qualified__ == "
+                  "'MultiChoice').value = ['delta', 'no-hedge'] }")
     page.get_by_role("button", name="Evaluate").click()
     focus, deadline = page.get_by_label("Headline and heatmap for"), time.monotonic() + 120
     while focus.locator("option").count() != 2 and time.monotonic() < deadline: page.wait_for_timeout(200)
@@ -110,18 +115,23 @@ def test_another_users_private_model_is_not_offered(platform, browser):
 
 
 def test_an_experiment_in_the_url_opens_its_models_beside_delta(platform, browser):
-    "?experiment=NAME chooses the experiment: its models' scenario and its models beside delta; nobody else is offered it."
+    """?experiment=NAME chooses the experiment: its models' scenario and its models beside delta; nobody else is
+    offered it."""
     up, users, model = platform
-    value = "() => [...Bokeh.documents[0].all_models].filter(m => m.constructor.__qualified__ == 'MultiChoice').map(m => m.value)"
+    value = ("() => [...Bokeh.documents[0].all_models].filter(m => m.constructor.__qualified__ == 'MultiChoice').map(m "
+             "=> m.value)")
     for k, expected in (("a", ["delta", model]), ("b", None)):
         page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
         page.goto(up.url + PAGE + "?experiment=a-sweep")
-        page.fill("input[name=username]", users[k][0]); page.fill("input[name=password]", users[k][1]); page.click("#login_submit")
+        page.fill("input[name=username]", users[k][0]); page.fill("input[name=password]",
+                                                                  users[k][1]); page.click("#login_submit")
         page.wait_for_url(re.compile(f".*{PAGE}\\?experiment=a-sweep$"), timeout=60_000)
         page.wait_for_function("() => window.Bokeh && Bokeh.documents.length > 0", timeout=60_000)
         chosen = page.evaluate(value)[0]
         if expected is not None: assert chosen == expected, chosen
-        else: assert model not in chosen and not any("a-sweep" in v for v in page.locator("select").evaluate_all("ss => ss.flatMap(s => [...s.options].map(o => o.value))")), chosen
+        else: assert model not in chosen and not any("a-sweep" in v
+                                                     for v in page.locator("select").evaluate_all(
+                "ss => ss.flatMap(s => [...s.options].map(o => o.value))")), chosen
         page.context.close()
 
 

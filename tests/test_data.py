@@ -1,4 +1,5 @@
-"""hedgerl.data across processes: the environment switches (HEDGERL_OFFLINE, HEDGERL_DATA_CACHE) and a content hash stable between runs."""
+"""hedgerl.data across processes: the environment switches (HEDGERL_OFFLINE, HEDGERL_DATA_CACHE) and a content hash
+stable between runs."""
 import json
 import sys
 
@@ -19,12 +20,14 @@ def py(code, env=None):
 
 
 def test_content_hash_is_stable_across_processes():
-    code = "from hedgerl.data import sample_prices, dataset_info; print(dataset_info(sample_prices('AAPL'), 'a', 'bokeh:AAPL')['content_hash'])"
+    code = ("from hedgerl.data import sample_prices, dataset_info; print(dataset_info(sample_prices('AAPL'), 'a', "
+            "'bokeh:AAPL')['content_hash'])")
     assert {py(code, {"PYTHONHASHSEED": s}) for s in ("1", "2")} == {AAPL_HASH}
 
 
 def test_environment_cache_and_offline(tmp_path):
-    """Prices stored under HEDGERL_DATA_CACHE are served offline (HEDGERL_OFFLINE=1); a range beyond them is a clear error."""
+    """Prices stored under HEDGERL_DATA_CACHE are served offline (HEDGERL_OFFLINE=1); a range beyond them is a clear
+    error."""
     env = {"HEDGERL_DATA_CACHE": str(tmp_path), "HEDGERL_OFFLINE": "1"}
     code = """
 import json
@@ -37,7 +40,8 @@ print(json.dumps([len(df), err]))
 """
     n, err = json.loads(py(code, env))
     assert n == 21
-    assert "IBM 2003-06-01..2004-01-31: not cached (missing [['2004-01-01', '2004-01-31']]" in err and "offline mode is on" in err
+    assert "IBM 2003-06-01..2004-01-31: not cached (missing [['2004-01-01', '2004-01-31']]" in err and ("offline mode "
+                                                                                                        "is on") in err
     assert (tmp_path / "prices" / "IBM.parquet").is_file()
 
 

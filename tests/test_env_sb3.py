@@ -1,5 +1,5 @@
-"""Plain stable-baselines3 on the registered environment: `PPO("MlpPolicy", make_vec_env("hedgerl/Hedging-v0"))` with SB3's
-defaults learns to hedge better than not hedging (issue 13: on the raw design it ended worse than no hedge)."""
+"""Plain stable-baselines3 on the registered environment: `PPO("MlpPolicy", make_vec_env("hedgerl/Hedging-v0"))` with
+SB3's defaults learns to hedge better than not hedging (issue 13: on the raw design it ended worse than no hedge)."""
 import math
 
 import gymnasium
@@ -13,7 +13,8 @@ N_EVAL, EVAL_SEED = 2000, 2026
 
 def episode_returns(policy, n_paths: int = N_EVAL, seed: int = EVAL_SEED, **kwargs) -> np.ndarray:
     """The return of one episode on each of `n_paths` paths (the batched env's shared stream, batch 0 of `seed`) under
-    `policy(obs) -> actions`, with hedgerl/Hedging-v0's reward; `kwargs` override its arguments (the same paths either way)."""
+`policy(obs) -> actions`, with hedgerl/Hedging-v0's reward; `kwargs` override its arguments (the same paths either
+way)."""
     env = gymnasium.make_vec("hedgerl/Hedging-v0", num_envs=n_paths, seeding="shared", **kwargs)
     obs, _ = env.reset(seed=seed)
     total, done = np.zeros(n_paths), np.zeros(n_paths, bool)
@@ -35,9 +36,9 @@ def test_the_same_paths_and_reward_for_every_action_design():
 
 @pytest.mark.slow
 def test_default_ppo_beats_no_hedge():
-    """SB3's PPO, default hyperparameters, seed 0, 20,480 steps (2.5 rollouts of 4 x 2048) on make_vec_env's 4 copies of the
-    registered environment; evaluated deterministically on 2,000 fresh paths against no hedge on the same paths. The
-    margin: the mean paired difference must exceed 3 standard errors of itself. (About a minute on one core.)"""
+    """SB3's PPO, default hyperparameters, seed 0, 20,480 steps (2.5 rollouts of 4 x 2048) on make_vec_env's 4 copies of
+the registered environment; evaluated deterministically on 2,000 fresh paths against no hedge on the same paths. The
+margin: the mean paired difference must exceed 3 standard errors of itself. (About a minute on one core.)"""
     torch = pytest.importorskip("torch")
     from stable_baselines3 import PPO
     from stable_baselines3.common.env_util import make_vec_env

@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 PORTS = range(18100, 18200)  # this test's range (other platform tests use theirs)
 IDLE = 30  # [gateway] idle_timeout of the test hub, seconds
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the local gateway runs clusters as users' own accounts: needs root")
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the local gateway runs clusters as users' own accounts: "
+                                "needs root")
 
 
 def free_ports(n: int, start: int) -> list[int]:
@@ -78,10 +79,13 @@ def processes_of(user: str) -> list[str]:
 
 
 def make_account(name: str) -> None:
-    "A platform account as hub/jupyterhub_config.d/20-spawner.local.py makes one: own group, in group hedgerl, home 0700."
+    """A platform account as hub/jupyterhub_config.d/20-spawner.local.py makes one: own group, in group hedgerl, home
+    0700."""
     try: grp.getgrnam("hedgerl")
-    except KeyError: subprocess.run(["groupadd", "--system", "hedgerl"], check=True)  # left in place: the platform's group
-    subprocess.run(["useradd", "--create-home", "--user-group", "--groups", "hedgerl", "--shell", "/bin/bash", name], check=True)
+    # left in place: the platform's group
+    except KeyError: subprocess.run(["groupadd", "--system", "hedgerl"], check=True)
+    subprocess.run(["useradd", "--create-home", "--user-group", "--groups", "hedgerl", "--shell", "/bin/bash", name],
+                   check=True)
     os.chmod(pwd.getpwnam(name).pw_dir, 0o700)
 
 
@@ -94,13 +98,15 @@ def delete_account(name: str) -> None:
 
 
 def default_sigint() -> None:
-    "SIGINT as in a terminal: a test run in the background inherits it ignored, and the hub's services that count on the"
+    """SIGINT as in a terminal: a test run in the background inherits it ignored, and the hub's services that count on
+    the"""
     "default (the idle culler) would then wait for their SIGTERM when the hub stops them."
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 class Hub:
-    "The platform's hub from hub/jupyterhub_config.py (plus an admin service for the test), its gateway among its services."
+    """The platform's hub from hub/jupyterhub_config.py (plus an admin service for the test), its gateway among its
+    services."""
     def __init__(self, tmp: Path):
         self.tmp, self.proc = tmp, None
         self.port, _, _ = free_ports(3, PORTS.start)  # proxy, its API (+1), the hub's API (+2)
@@ -123,16 +129,20 @@ class Hub:
 load_subconfig({str(ROOT / 'hub' / 'jupyterhub_config.py')!r})
 import os
 c.JupyterHub.services.append({{"name": "hb-test-admin", "api_token": os.environ["HB_TEST_ADMIN_TOKEN"]}})
-c.JupyterHub.load_roles.append({{"name": "hb-test-admin", "scopes": ["admin:users", "admin:servers", "tokens", "read:groups"], "services": ["hb-test-admin"]}})
+c.JupyterHub.load_roles.append({{"name": "hb-test-admin", "services": ["hb-test-admin"],
+                                 "scopes": ["admin:users", "admin:servers", "tokens", "read:groups"]}})
 """)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("HEDGERL_", "JUPYTERHUB_", "DASK_"))}
         t0 = time.monotonic()
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([str(BIN / "jupyterhub"), "-f", str(config)], cwd=self.tmp, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env={**env, **self.env, "HB_TEST_ADMIN_TOKEN": self.admin_token},
+            self.proc = subprocess.Popen([str(BIN / "jupyterhub"), "-f", str(config)], cwd=self.tmp, stdout=log,
+                                         stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env={**env, **self.env,
+                                                                        "HB_TEST_ADMIN_TOKEN": self.admin_token},
                                          start_new_session=True, preexec_fn=default_sigint)
         def up():
-            if self.proc.poll() is not None: raise AssertionError(f"the hub exited {self.proc.returncode}:\n{self.tail()}")
+            if self.proc.poll() is not None: raise AssertionError(f"the hub exited "
+                                                                  f"{self.proc.returncode}:\n{self.tail()}")
             try: return http("GET", f"{self.gateway}/api/health", timeout=5)[0] == 200
             except OSError: return False  # not listening yet
         wait_for(f"the gateway through the hub's proxy at {self.gateway}\n{self.tail()}", up, 120)
@@ -154,17 +164,20 @@ c.JupyterHub.load_roles.append({{"name": "hb-test-admin", "scopes": ["admin:user
         "Create hub user `name` through the API (an approved sign-up joins `researchers`); a new API token of theirs."
         status, body = http("POST", f"{self.url}/hub/api/users/{name}", self.admin_token)
         assert status in (201, 409), (status, body)
-        status, body = http("POST", f"{self.url}/hub/api/users/{name}/tokens", self.admin_token, body={"note": "test_gateway"})
+        status, body = http("POST", f"{self.url}/hub/api/users/{name}/tokens", self.admin_token,
+                            body={"note": "test_gateway"})
         assert status == 201, (status, body)
         return body["token"]
 
     def workspace_env(self, token: str) -> dict:
         "A workspace's environment as the hub gives it (40-gateway.py's variables) with the user's token."
-        spec = importlib.util.spec_from_file_location("hb_gateway_40", ROOT / "hub" / "jupyterhub_config.d" / "40-gateway.py")
+        spec = importlib.util.spec_from_file_location("hb_gateway_40",
+                                                      ROOT / "hub" / "jupyterhub_config.d" / "40-gateway.py")
         mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
         keep = {k: os.environ[k] for k in ("PATH", "LANG", "LC_ALL") if k in os.environ}
         return {**keep, **mod.workspace_environment(self.ctx), "JUPYTERHUB_API_TOKEN": token,
-                "JUPYTERHUB_API_URL": f"http://127.0.0.1:{self.port + 2}/hub/api", "HEDGERL_DATA_FOLDER": str(self.tmp / "ws-data")}
+                "JUPYTERHUB_API_URL": f"http://127.0.0.1:{self.port + 2}/hub/api",
+                "HEDGERL_DATA_FOLDER": str(self.tmp / "ws-data")}
 
     def clusters(self, token: str) -> dict:
         status, body = http("GET", f"{self.gateway}/api/v1/clusters/", token, scheme="jupyterhub")
@@ -172,19 +185,24 @@ c.JupyterHub.load_roles.append({{"name": "hb-test-admin", "scopes": ["admin:user
         return body
 
 
-def workspace(hub: Hub, token: str | None, code: str, user: str | None = None, env: dict | None = None, **kw) -> subprocess.Popen:
-    "Run `code` with .venv's python as a workspace of `user` (their system account; None: this one) would: `env`, or 40-gateway.py's variables and `token`."
+def workspace(hub: Hub, token: str | None, code: str, user: str | None = None, env: dict | None = None,
+              **kw) -> subprocess.Popen:
+    """Run `code` with .venv's python as a workspace of `user` (their system account; None: this one) would: `env`, or
+    40-gateway.py's variables and `token`."""
     env = dict(env) if env is not None else hub.workspace_env(token)
     if user: env.update(HOME=pwd.getpwnam(user).pw_dir, USER=user)
-    return subprocess.Popen([str(BIN / "python"), "-c", code], env=env, user=user, cwd=env.get("HOME", str(hub.tmp)), text=True,
+    return subprocess.Popen([str(BIN / "python"), "-c", code], env=env, user=user, cwd=env.get("HOME", str(hub.tmp)),
+                            text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
 
 
 def read_line(p: subprocess.Popen, prefix: str, timeout: float) -> str:
-    "The first line of `p`'s output starting with `prefix`; fails with the output so far when `p` ends or `timeout` passes."
+    """The first line of `p`'s output starting with `prefix`; fails with the output so far when `p` ends or `timeout`
+    passes."""
     lines = queue.Queue()
     if not hasattr(p, "reader"):
-        p.reader = threading.Thread(target=lambda: [lines.put(l) for l in iter(p.stdout.readline, "")] + [lines.put(None)], daemon=True)
+        p.reader = threading.Thread(target=lambda: [lines.put(l) for l in iter(p.stdout.readline,
+                                                                               "")] + [lines.put(None)], daemon=True)
         p.lines = lines; p.reader.start()
     seen, t0 = [], time.monotonic()
     while time.monotonic() - t0 < timeout:
@@ -212,7 +230,8 @@ def alive(pid: int) -> bool:
 def hub(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gateway")
     os.chmod(tmp, 0o755)  # the users' workspaces run from here
-    names = {k: f"hb{k}{secrets.token_hex(3)}" for k in ("a", "b", "n", "c")}  # a, b: accounts; n: approved, no account; c: not approved
+    # a, b: accounts; n: approved, no account; c: not approved
+    names = {k: f"hb{k}{secrets.token_hex(3)}" for k in ("a", "b", "n", "c")}
     h = Hub(tmp)
     h.names = names
     try:
@@ -228,29 +247,36 @@ def hub(tmp_path_factory):
 
 
 def test_gateway_serves_and_refuses(hub):
-    "The gateway answers through the hub's proxy; anonymous callers and users outside `researchers` get 401; no system account, or too many workers: the reason."
+    """The gateway answers through the hub's proxy; anonymous callers and users outside `researchers` get 401; no
+    system account, or too many workers: the reason."""
     print(f"hub start to gateway ready: {hub.start_seconds:.1f} s")
     assert http("GET", f"{hub.gateway}/api/v1/clusters/")[0] == 401
-    assert http("GET", f"{hub.gateway}/api/v1/clusters/", hub.tokens["c"], scheme="jupyterhub")[0] == 401  # not approved: no scope
+    # not approved: no scope
+    assert http("GET", f"{hub.gateway}/api/v1/clusters/", hub.tokens["c"], scheme="jupyterhub")[0] == 401
     assert hub.clusters(hub.tokens["a"]) == {}
     p = workspace(hub, hub.tokens["n"], "from hedgerl.backtest import dask_client\n"
                   "try: dask_client()\nexcept ValueError as e: print('REFUSED', e)\n")
     out, _ = p.communicate(timeout=120)
-    assert f"REFUSED the Dask gateway at {hub.gateway}" in out and f"user '{hub.names['n']}' has no system account" in out, out
+    assert (f"REFUSED the Dask gateway at {hub.gateway}" in out
+            and f"user '{hub.names['n']}' has no system account" in out), out
     n = os.cpu_count() + 1  # one worker per core at most (dask/gateway_config.d/20-backend.local.py)
     p = workspace(hub, hub.tokens["a"], f"from hedgerl.backtest import dask_client\n"
-                  f"try: dask_client(n_workers={n})\nexcept ValueError as e: print('REFUSED', e)\n", user=hub.names["a"])
+                  f"try: dask_client(n_workers={n})\nexcept ValueError as e: print('REFUSED', e)\n",
+                  user=hub.names["a"])
     out, _ = p.communicate(timeout=120)
-    assert f"REFUSED n_workers = {n}: the Dask gateway says Scale request of {n} workers would exceed resource limit of {n - 1} workers" in out, out
+    assert (f"REFUSED n_workers = {n}: the Dask gateway says Scale request of {n} workers would exceed resource limit "
+            f"of {n - 1} workers") in out, out
     wait_for("the refused cluster's processes gone", lambda: not processes_of(hub.names["a"]), 60)
     p = workspace(hub, hub.tokens["c"], "from hedgerl.backtest import dask_client\n"
                   "try: dask_client()\nexcept PermissionError as e: print('REFUSED', e)\n")
     out, _ = p.communicate(timeout=120)
-    assert "REFUSED" in out and "refused the hub token in JUPYTERHUB_API_TOKEN (401" in out and "access:services!service=dask-gateway" in out, out
+    assert ("REFUSED" in out and "refused the hub token in JUPYTERHUB_API_TOKEN (401" in out
+            and "access:services!service=dask-gateway" in out), out
     # no secret in the hub's output (the gateway logs there too)
     log = hub.log.read_text(errors="replace")
     key = base64.b64encode(bytes.fromhex(hub.ctx.secret("dask_gateway_encrypt_key"))).decode()
-    for name, value in [("database key", key), ("admin token", hub.admin_token), *((f"token of {k}", t) for k, t in hub.tokens.items())]:
+    for name, value in [("database key", key), ("admin token", hub.admin_token), *((f"token of {k}", t) for k,
+                                                                                   t in hub.tokens.items())]:
         assert value not in log, f"the {name} is in the hub's log"
 
 
@@ -265,12 +291,15 @@ t0 = time.perf_counter()
 client = dask_client(n_workers=2)
 seconds = time.perf_counter() - t0
 with client:
-    workers = client.run(lambda: (os.getuid(), os.environ.get("HEDGERL_DASK_CLUSTER"), os.environ.get("MALLOC_TRIM_THRESHOLD_")))
+    workers = client.run(lambda: (os.getuid(), os.environ.get("HEDGERL_DASK_CLUSTER"),
+                                  os.environ.get("MALLOC_TRIM_THRESHOLD_")))
     d = backtest(DeltaHedge(), "cao2021-gbm-1m-2d", client=client, **kw)
-    with urllib.request.urlopen(client.dashboard_link, timeout=30) as r: page = r.status, "Dask" in r.read().decode(errors="replace")
+    with urllib.request.urlopen(client.dashboard_link, timeout=30) as r:
+        page = r.status, "Dask" in r.read().decode(errors="replace")
     print("READY " + json.dumps({"seconds": seconds, "name": client.cluster.name, "link": client.dashboard_link,
         "workers": sorted(workers.values()), "scheduler_uid": client.run_on_scheduler(os.getuid), "dashboard": page,
-        "equal": {k: bool(np.array_equal(getattr(d, k), getattr(serial, k))) for k in ("pnl", "cost", "option_pnl", "hedge_pnl", "premium", "holdings")}}), flush=True)
+        "equal": {k: bool(np.array_equal(getattr(d, k), getattr(serial, k)))
+                  for k in ("pnl", "cost", "option_pnl", "hedge_pnl", "premium", "holdings")}}), flush=True)
     sys.stdin.readline()  # the test checks user B meanwhile
 print("CLOSED", flush=True)
 """
@@ -282,16 +311,21 @@ def test_user_cluster_end_to_end(hub):
     a, b = hub.names["a"], hub.names["b"]
     scratch_before = scratch(a)  # (a uid used by an earlier account may own some)
     # B's cluster with no client: the gateway shuts it down after [gateway] idle_timeout (checked at the end)
-    status, body = http("POST", f"{hub.gateway}/api/v1/clusters/", hub.tokens["b"], scheme="jupyterhub", body={"cluster_options": {}})
+    status, body = http("POST", f"{hub.gateway}/api/v1/clusters/", hub.tokens["b"], scheme="jupyterhub",
+                        body={"cluster_options": {}})
     assert status == 201, (status, body)
     idle_name, idle_t0 = body["name"], time.monotonic()
 
     # A's real workspace (the hub's spawner): its environment is what A's kernels get, its token the server's own
     assert http("POST", f"{hub.url}/hub/api/users/{a}/server", hub.admin_token)[0] in (201, 202)
-    wait_for("A's workspace ready", lambda: (http("GET", f"{hub.url}/hub/api/users/{a}", hub.admin_token)[1].get("servers", {}).get("", {}) or {}).get("ready"), 120)
-    pid, = subprocess.run(["pgrep", "-u", a, "-f", "jupyterhub-singleuser"], capture_output=True, text=True).stdout.split()
+    wait_for("A's workspace ready", lambda: (http("GET", f"{hub.url}/hub/api/users/{a}",
+                                                  hub.admin_token)[1].get("servers", {}).get("",
+                                                          {}) or {}).get("ready"), 120)
+    pid, = subprocess.run(["pgrep", "-u", a, "-f", "jupyterhub-singleuser"], capture_output=True,
+                          text=True).stdout.split()
     env = dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in kv)
-    assert env["HEDGERL_DASK_CLUSTER"] == "gateway" and env["DASK_GATEWAY__ADDRESS"] == hub.gateway and env["JUPYTERHUB_API_TOKEN"]
+    assert env["HEDGERL_DASK_CLUSTER"] == "gateway" and env["DASK_GATEWAY__ADDRESS"] == hub.gateway and env[
+            "JUPYTERHUB_API_TOKEN"]
     tokens = http("GET", f"{hub.url}/hub/api/users/{a}/tokens", hub.admin_token)[1]["api_tokens"]
     server_token, = [t for t in tokens if t["note"].startswith("Server at")]
     assert "access:services!service=dask-gateway" in server_token["scopes"], server_token["scopes"]
@@ -301,7 +335,8 @@ def test_user_cluster_end_to_end(hub):
         r = json.loads(line[len("READY "):])
         print(f"2-worker gateway cluster in {r['seconds']:.1f} s (goal < 20 s)")
         uid = pwd.getpwnam(a).pw_uid
-        assert r["workers"] == [[uid, "gateway", None]] * 2 and r["scheduler_uid"] == uid  # A's account, A's settings, no malloc trim
+        # A's account, A's settings, no malloc trim
+        assert r["workers"] == [[uid, "gateway", None]] * 2 and r["scheduler_uid"] == uid
         assert all(r["equal"].values()), r["equal"]
         assert r["dashboard"] == [200, True] and r["link"] == f"{hub.gateway}/clusters/{r['name']}/status"
         assert r["seconds"] < 60, r["seconds"]
@@ -312,10 +347,12 @@ def test_user_cluster_end_to_end(hub):
         for method in ("GET", "DELETE"):
             status, _ = http(method, f"{hub.gateway}/api/v1/clusters/{name}", hub.tokens["b"], scheme="jupyterhub")
             assert status in (403, 404), (method, status)
-        probe = workspace(hub, hub.tokens["b"], f"from distributed import Client\ntry: Client('gateway://127.0.0.1:{hub.gateway_port}/{name}', timeout=10)\n"
+        probe = workspace(hub, hub.tokens["b"], f"from distributed import Client\ntry: "
+                          f"Client('gateway://127.0.0.1:{hub.gateway_port}/{name}', timeout=10)\n"
                           "except Exception as e: print('NO', type(e).__name__)\nelse: print('CONNECTED')\n", user=b)
         out, _ = probe.communicate(timeout=120)
-        assert "NO" in out and "CONNECTED" not in out, out  # the scheduler wants the cluster's TLS credentials, which only A gets
+        # the scheduler wants the cluster's TLS credentials, which only A gets
+        assert "NO" in out and "CONNECTED" not in out, out
         assert list(hub.clusters(hub.tokens["a"])) == [name]
         p.stdin.write("\n"); p.stdin.flush()
         read_line(p, "CLOSED", 60)
@@ -325,19 +362,24 @@ def test_user_cluster_end_to_end(hub):
     # closing the client shut A's cluster down: no cluster, no process of A but the workspace
     assert http("DELETE", f"{hub.url}/hub/api/users/{a}/server", hub.admin_token)[0] in (202, 204)
     wait_for("A's cluster and workspace gone", lambda: not hub.clusters(hub.tokens["a"]) and not processes_of(a), 60)
-    wait_for(f"B's idle cluster gone after {IDLE} s", lambda: idle_name not in hub.clusters(hub.tokens["b"]), IDLE * 1.5 + 30)
+    wait_for(f"B's idle cluster gone after {IDLE} s", lambda: idle_name not in hub.clusters(hub.tokens["b"]),
+             IDLE * 1.5 + 30)
     assert time.monotonic() - idle_t0 >= IDLE * 0.9
     wait_for("B's idle cluster's processes gone", lambda: not processes_of(b), 30)
 
     # a cluster left running, then the hub stops: the gateway stops it, nothing of A is left
-    status, body = http("POST", f"{hub.gateway}/api/v1/clusters/", hub.tokens["a"], scheme="jupyterhub", body={"cluster_options": {}})
+    status, body = http("POST", f"{hub.gateway}/api/v1/clusters/", hub.tokens["a"], scheme="jupyterhub",
+                        body={"cluster_options": {}})
     assert status == 201
     left = body["name"]
-    status, body = http("GET", f"{hub.gateway}/api/v1/clusters/{left}?wait", hub.tokens["a"], scheme="jupyterhub", timeout=120)
+    status, body = http("GET", f"{hub.gateway}/api/v1/clusters/{left}?wait", hub.tokens["a"], scheme="jupyterhub",
+                        timeout=120)
     assert status == 200 and body["status"] == "RUNNING", body
-    assert http("POST", f"{hub.gateway}/api/v1/clusters/{left}/scale", hub.tokens["a"], scheme="jupyterhub", body={"count": 1})[0] == 200
+    assert http("POST", f"{hub.gateway}/api/v1/clusters/{left}/scale", hub.tokens["a"], scheme="jupyterhub",
+                body={"count": 1})[0] == 200
     wait_for("A's second cluster running with a worker", lambda: len(processes_of(a)) >= 2, 60)
-    gateway, = subprocess.run(["pgrep", "-P", str(hub.proc.pid), "-f", "dask-gateway-server"], capture_output=True, text=True).stdout.split()
+    gateway, = subprocess.run(["pgrep", "-P", str(hub.proc.pid), "-f", "dask-gateway-server"], capture_output=True,
+                              text=True).stdout.split()
     t0 = time.monotonic()
     hub.stop()
     print(f"hub stopped in {time.monotonic() - t0:.1f} s")

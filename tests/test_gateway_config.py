@@ -42,18 +42,22 @@ def gateway(tmp_path, deployment="local", as_root=True, **env):
 
 
 def module(folder: Path, name: str):
-    spec = importlib.util.spec_from_file_location(f"test_gateway_config_{name.replace('-', '_').replace('.', '_')}", folder / name)
+    spec = importlib.util.spec_from_file_location(f"test_gateway_config_{name.replace('-', '_').replace('.', '_')}",
+                                                  folder / name)
     mod = importlib.util.module_from_spec(spec); sys.modules[spec.name] = mod; spec.loader.exec_module(mod)
     return mod
 
 
 def merged(value, initial=()):
-    "A list (or, with `initial={}`, dict) trait's configured value, whether assigned or merged by several files (a LazyConfigValue)."
-    return value.get_value(list(initial) if isinstance(initial, tuple) else initial) if hasattr(value, "get_value") else value
+    """A list (or, with `initial={}`, dict) trait's configured value, whether assigned or merged by several files (a
+    LazyConfigValue)."""
+    return value.get_value(list(initial) if isinstance(initial, tuple) else initial) if hasattr(value,
+            "get_value") else value
 
 
 def test_common_settings(tmp_path):
-    "Every deployment: hub authentication with the service's scope enforced, the proxy under the hub's prefix, lifetimes."
+    """Every deployment: hub authentication with the service's scope enforced, the proxy under the hub's prefix,
+    lifetimes."""
     c, ctx, names = gateway(tmp_path, gateway_idle_timeout=321, dask_threads_per_worker=1)
     assert names == ["00-base.py", "20-backend.local.py"]
     assert c.DaskGateway.authenticator_class == "dask_gateway_server.auth.JupyterHubAuthenticator"
@@ -110,13 +114,16 @@ def test_local_as_root(tmp_path):
     assert (cc.worker_cores, cc.scheduler_cores, cc.scheduler_memory) == (1, 1, 2**30)
     assert cc.cluster_max_workers == cores and cc.cluster_max_cores == cores + 1
     assert cc.cluster_max_memory == int(0.75 * memory)
-    assert 2**30 <= cc.worker_memory <= 4 * 2**30 and cc.scheduler_memory + cores * cc.worker_memory <= cc.cluster_max_memory
+    assert (2**30 <= cc.worker_memory <= 4 * 2**30
+            and cc.scheduler_memory + cores * cc.worker_memory <= cc.cluster_max_memory)
     assert cc.idle_timeout == 1800.0  # [gateway] idle_timeout's default
-    assert cc.environment == {"DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON": "{'MALLOC_TRIM_THRESHOLD_': None}", "DASK_TEMPORARY_DIRECTORY": "."}
+    assert cc.environment == {"DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON": "{'MALLOC_TRIM_THRESHOLD_': None}",
+                              "DASK_TEMPORARY_DIRECTORY": "."}
     b = backend(config=c)
     assert b.db_url.startswith("sqlite:///") and len(b.db_encrypt_keys) == 1 and b.stop_clusters_on_shutdown
     spec, = b.cluster_options.get_specification()
-    assert spec == {"field": "worker_threads", "label": "Threads per worker", "default": 1, "spec": {"type": "int", "min": 1, "max": cores}}
+    assert spec == {"field": "worker_threads", "label": "Threads per worker", "default": 1, "spec": {"type": "int",
+            "min": 1, "max": cores}}
     o = b.cluster_options
     assert o.get_configuration(o.parse_options({"worker_threads": cores}), None) == {"worker_threads": cores}
     with pytest.raises(ValueError): o.parse_options({"worker_threads": cores + 1})
@@ -128,19 +135,25 @@ def test_local_not_root(tmp_path, caplog):
     from dask_gateway_server.backends.local import UnsafeLocalBackend
     with caplog.at_level(logging.WARNING, logger="DaskGateway"):
         c, _, _ = gateway(tmp_path, as_root=False)
-    assert issubclass(c.DaskGateway.backend_class, UnsafeLocalBackend) and c.DaskGateway.backend_class.__name__ == "SharedAccountBackend"
+    assert issubclass(
+            c.DaskGateway.backend_class,
+            UnsafeLocalBackend) and c.DaskGateway.backend_class.__name__ == "SharedAccountBackend"
     assert "NOT isolated" in caplog.text and pwd.getpwuid(os.getuid()).pw_name in caplog.text
 
 
 def test_accounts(monkeypatch):
-    "Clusters run only as platform accounts (group `hedgerl`), never root; a user without an account gets a clear reason."
+    """Clusters run only as platform accounts (group `hedgerl`), never root; a user without an account gets a clear
+    reason."""
     mod = module(GATEWAY, "20-backend.local.py")
-    assert "has no system account" in mod.account_problem("hb-no-such-user-x") and "start your workspace" in mod.account_problem("hb-no-such-user-x")
+    assert ("has no system account" in mod.account_problem("hb-no-such-user-x")
+            and "start your workspace" in mod.account_problem("hb-no-such-user-x"))
     assert "superuser" in mod.account_problem("root")
     other = pwd.getpwnam("nobody")
-    monkeypatch.setattr(grp, "getgrnam", lambda name: SimpleNamespace(gr_name=name, gr_gid=987654, gr_mem=["hbsomeone"]))
+    monkeypatch.setattr(grp, "getgrnam", lambda name: SimpleNamespace(gr_name=name, gr_gid=987654,
+                                                                      gr_mem=["hbsomeone"]))
     assert "not a platform account" in mod.account_problem(other.pw_name)
-    monkeypatch.setattr(grp, "getgrnam", lambda name: SimpleNamespace(gr_name=name, gr_gid=987654, gr_mem=[other.pw_name]))
+    monkeypatch.setattr(grp, "getgrnam", lambda name: SimpleNamespace(gr_name=name, gr_gid=987654,
+                                                                      gr_mem=[other.pw_name]))
     assert mod.account_problem(other.pw_name) is None
     def missing(name): raise KeyError(name)
     monkeypatch.setattr(grp, "getgrnam", missing)
@@ -148,7 +161,8 @@ def test_accounts(monkeypatch):
 
 
 def test_working_directory_chowns_only_its_files(tmp_path, monkeypatch):
-    "dask-gateway-server 2026.3 chowns the TLS paths one character at a time (\"/\" first): ours chowns exactly its five paths."
+    ("dask-gateway-server 2026.3 chowns the TLS paths one character at a time (\"/\" first): ours chowns exactly its "
+     "five paths.")
     mod = module(GATEWAY, "20-backend.local.py")
     c, _, _ = gateway(tmp_path)
     b = mod.UserAccountBackend(config=c, clusters_directory=str(tmp_path / "clusters"))
@@ -157,26 +171,32 @@ def test_working_directory_chowns_only_its_files(tmp_path, monkeypatch):
     me = pwd.getpwuid(os.getuid()).pw_name
     workdir = b.setup_working_directory(SimpleNamespace(name="c1", username=me, tls_cert=b"cert", tls_key=b"key"))
     assert workdir == str(tmp_path / "clusters" / "c1")
-    assert owned == [workdir, f"{workdir}/.certs", f"{workdir}/logs", f"{workdir}/.certs/dask.crt", f"{workdir}/.certs/dask.pem"]
-    assert Path(workdir, ".certs", "dask.pem").read_bytes() == b"key" and stat.S_IMODE(Path(workdir, ".certs", "dask.pem").stat().st_mode) == 0o600
+    assert owned == [workdir, f"{workdir}/.certs", f"{workdir}/logs", f"{workdir}/.certs/dask.crt",
+                     f"{workdir}/.certs/dask.pem"]
+    assert Path(workdir, ".certs", "dask.pem").read_bytes() == b"key" and stat.S_IMODE(Path(workdir, ".certs",
+            "dask.pem").stat().st_mode) == 0o600
     for bad in (["/"], ["t"], ["/tmp"]):
         with pytest.raises(RuntimeError, match="refusing"): b.set_file_permissions(bad, me)
     assert len(owned) == 5
 
 
 def test_kubernetes(tmp_path):
-    "Kubernetes: the KubeBackend by name (kubernetes_asyncio not needed to load), the hedgerl image, a GPU option, limits."
+    """Kubernetes: the KubeBackend by name (kubernetes_asyncio not needed to load), the hedgerl image, a GPU option,
+    limits."""
     before = set(sys.modules)
     c, ctx, names = gateway(tmp_path, deployment="kubernetes")
     assert names == ["00-base.py", "20-backend.kubernetes.py"]
     assert c.DaskGateway.backend_class == "dask_gateway_server.backends.kubernetes.KubeBackend"
-    assert not any(m.startswith(("kubernetes", "dask_gateway_server.backends.kubernetes")) for m in set(sys.modules) - before)
+    assert not any(m.startswith(("kubernetes", "dask_gateway_server.backends.kubernetes")) for m in set(sys.modules)
+                   - before)
     k = c.KubeClusterConfig
     profiles = (ROOT / "hub" / "profiles.yaml").read_text()
-    assert k.image == "ghcr.io/hedgerl/workspace:latest" and f"image: {k.image}" in profiles and k.scheduler_cmd == ["dask", "scheduler"] and k.worker_cmd == ["dask", "worker"]
+    assert k.image == "ghcr.io/hedgerl/workspace:latest" and f"image: {k.image}" in profiles and k.scheduler_cmd == [
+            "dask", "scheduler"] and k.worker_cmd == ["dask", "worker"]
     assert (k.worker_cores, k.worker_memory, k.cluster_max_workers) == (1, 4 * 2**30, 32)
     assert (k.cluster_max_cores - k.scheduler_cores) // k.worker_cores == 32
-    assert "db_url" not in c.DBBackendBase and not (tmp_path / "state").exists()  # no file state: the chart's CRDs hold it
+    # no file state: the chart's CRDs hold it
+    assert "db_url" not in c.DBBackendBase and not (tmp_path / "state").exists()
     o = c.Backend.cluster_options
     assert o.get_configuration(o.parse_options({"gpu": True, "worker_threads": 2}), None) == {
         "worker_threads": 2, "worker_extra_container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}}
@@ -184,7 +204,8 @@ def test_kubernetes(tmp_path):
 
 
 def test_slurm(tmp_path):
-    "Slurm: the JobQueue SlurmBackend by name, the environment's launcher, every interface, a GPU option (--gres=gpu:1)."
+    """Slurm: the JobQueue SlurmBackend by name, the environment's launcher, every interface, a GPU option
+    (--gres=gpu:1)."""
     from dask_gateway_server.backends.jobqueue.slurm import SlurmBackend, SlurmClusterConfig
     c, ctx, names = gateway(tmp_path, deployment="slurm")
     assert names == ["00-base.py", "20-backend.slurm.py"]
@@ -194,12 +215,16 @@ def test_slurm(tmp_path):
     assert c.Proxy.address == ":18159"
     assert c.DBBackendBase.api_url == f"http://{socket.getfqdn()}:18159/services/dask-gateway/api"
     sc = SlurmClusterConfig(config=c)
-    assert sc.scheduler_cmd == [str(BIN / "dask"), "scheduler"] and sc.cluster_max_workers == 64 and sc.idle_timeout == 1800.0
+    assert (sc.scheduler_cmd == [str(BIN / "dask"), "scheduler"] and sc.cluster_max_workers == 64
+            and sc.idle_timeout == 1800.0)
     b = SlurmBackend(config=c)
-    cmd, env, script = b.get_submit_cmd_env_stdin(SimpleNamespace(config=SlurmClusterConfig(config=c, worker_setup=c.Backend.cluster_options.get_configuration(
-        {"gpu": True, "worker_threads": 2}, None)["worker_setup"]), name="c1", token="t", username=pwd.getpwuid(os.getuid()).pw_name,
+    cmd, env, script = b.get_submit_cmd_env_stdin(SimpleNamespace(config=SlurmClusterConfig(config=c,
+            worker_setup=c.Backend.cluster_options.get_configuration(
+        {"gpu": True, "worker_threads": 2}, None)["worker_setup"]), name="c1", token="t",
+        username=pwd.getpwuid(os.getuid()).pw_name,
         scheduler_address="tls://n1:1", state={}), worker=SimpleNamespace(name="w1"))
-    assert script.splitlines()[:2] == ["#!/bin/sh", "#SBATCH --gres=gpu:1"]  # sbatch reads directives before the first command
+    # sbatch reads directives before the first command
+    assert script.splitlines()[:2] == ["#!/bin/sh", "#SBATCH --gres=gpu:1"]
     assert script.splitlines()[2].startswith(f"{BIN / 'dask'} worker tls://n1:1")
 
 
@@ -220,13 +245,16 @@ def test_hub_service(tmp_path, monkeypatch):
     assert svc["command"] == [str(BIN / "dask-gateway-server"), "-f", str(ROOT / "dask" / "gateway_config.py")]
     assert Path(svc["command"][0]).exists() and Path(svc["command"][2]).is_file()
     env = svc["environment"]
-    assert env["HEDGERL_HUB_STATE"] == str(tmp_path / "state") and env["HEDGERL_GATEWAY_PORT"] == "18159" and env["HEDGERL_HUB_DEPLOYMENT"] == "local"
-    assert env["HEDGERL_DASK_N_WORKERS"] == "3" and "HEDGERL_HUB_DB_URL" not in env  # the hub's overrides, but not its database
+    assert env["HEDGERL_HUB_STATE"] == str(tmp_path / "state") and env["HEDGERL_GATEWAY_PORT"] == "18159" and env[
+            "HEDGERL_HUB_DEPLOYMENT"] == "local"
+    # the hub's overrides, but not its database
+    assert env["HEDGERL_DASK_N_WORKERS"] == "3" and "HEDGERL_HUB_DB_URL" not in env
     key = base64.b64decode(env["DASK_GATEWAY_ENCRYPT_KEYS"])
     assert key == bytes.fromhex((tmp_path / "state" / "secrets" / "dask_gateway_encrypt_key").read_text())
     assert "api_token" not in svc  # the hub makes the service's token and hands it over as JUPYTERHUB_API_TOKEN
     role, = merged(c.JupyterHub.load_roles)
-    assert role["scopes"] == [SCOPE] and role["groups"] == ["researchers"] and not role.get("users") and not role.get("services")
+    assert role["scopes"] == [SCOPE] and role["groups"] == ["researchers"] and not role.get("users") and not role.get(
+            "services")
     assert "load_groups" not in c.JupyterHub  # it would clash with an authenticator that manages groups
 
 
@@ -246,7 +274,8 @@ def test_hub_workspace_environment(tmp_path):
     # a hub listening everywhere: workspaces use loopback, dashboard links are relative to the page
     c, _ = hub_gateway(tmp_path / "all", hub_host="0.0.0.0")
     env = LocalProcessSpawner(config=c).environment
-    assert env["DASK_GATEWAY__ADDRESS"] == "http://127.0.0.1:18150/services/dask-gateway" and env["DASK_GATEWAY__PUBLIC_ADDRESS"] == "/services/dask-gateway"
+    assert env["DASK_GATEWAY__ADDRESS"] == "http://127.0.0.1:18150/services/dask-gateway" and env[
+            "DASK_GATEWAY__PUBLIC_ADDRESS"] == "/services/dask-gateway"
 
 
 def test_hub_token_scopes_merge(tmp_path):
@@ -254,21 +283,26 @@ def test_hub_token_scopes_merge(tmp_path):
     from jupyterhub.spawner import LocalProcessSpawner
     c = Config(); c.Spawner.server_token_scopes = ["access:services!service=hedgerl", "users:activity!user"]
     c, _ = hub_gateway(tmp_path, c=c)
-    assert c.Spawner.server_token_scopes == ["access:services!service=hedgerl", "users:activity!user", "access:servers!server", SCOPE]
+    assert c.Spawner.server_token_scopes == ["access:services!service=hedgerl", "users:activity!user",
+                                             "access:servers!server", SCOPE]
     c = Config(); c.Spawner.server_token_scopes.extend(["access:services!service=hedgerl"])
     c, _ = hub_gateway(tmp_path / "2", c=c)
-    assert set(LocalProcessSpawner(config=c).server_token_scopes) == {"access:services!service=hedgerl", "users:activity!user", "access:servers!server", SCOPE}
+    assert set(LocalProcessSpawner(config=c).server_token_scopes) == {"access:services!service=hedgerl",
+                                                                      "users:activity!user", "access:servers!server",
+                                                                      SCOPE}
     c = Config(); c.Spawner.server_token_scopes = lambda spawner: []
     with pytest.raises(ValueError, match="callable"): hub_gateway(tmp_path / "3", c=c)
 
 
 def test_hub_slurm_and_kubernetes(tmp_path):
-    "Slurm: workspaces on compute nodes reach the login node by name. Kubernetes: the chart runs and registers the gateway."
+    """Slurm: workspaces on compute nodes reach the login node by name. Kubernetes: the chart runs and registers the
+    gateway."""
     from jupyterhub.spawner import LocalProcessSpawner
     c, _ = hub_gateway(tmp_path, deployment="slurm")
     env = LocalProcessSpawner(config=c).environment
     fqdn = socket.getfqdn()
-    assert env["DASK_GATEWAY__ADDRESS"] == f"http://{fqdn}:18150/services/dask-gateway" and env["DASK_GATEWAY__PROXY_ADDRESS"] == f"gateway://{fqdn}:18159"
+    assert env["DASK_GATEWAY__ADDRESS"] == f"http://{fqdn}:18150/services/dask-gateway" and env[
+            "DASK_GATEWAY__PROXY_ADDRESS"] == f"gateway://{fqdn}:18159"
     assert merged(c.JupyterHub.services)[0]["environment"]["HEDGERL_HUB_DEPLOYMENT"] == "slurm"
     c, _ = hub_gateway(tmp_path / "k", deployment="kubernetes")
     assert "services" not in c.JupyterHub and "environment" not in c.Spawner  # hub/kubernetes/values.yaml has them
@@ -276,7 +310,8 @@ def test_hub_slurm_and_kubernetes(tmp_path):
 
 
 def test_whole_hub_folder_has_one_gateway(tmp_path):
-    "Loaded with every other file of hub/jupyterhub_config.d, as the hub does: one dask-gateway service, its scope on workspace tokens."
+    """Loaded with every other file of hub/jupyterhub_config.d, as the hub does: one dask-gateway service, its scope on
+    workspace tokens."""
     from jupyterhub.spawner import LocalProcessSpawner
     ctx = context(tmp_path)
     c = Config()

@@ -1,7 +1,8 @@
-"""The hub of hub/ for real: JupyterHub with the real configurable-http-proxy, started from hub/jupyterhub_config.py in a
-temporary state folder on free ports of 18000-18099, driven over HTTP as a browser does (forms with their _xsrf field,
-cookies, the hub's REST API). Sign-up, approval, login, refusals, metrics, secrets kept out of the logs, workspaces as the
-users' own accounts (root), TensorBoard and Voila through the proxy, the idle culler, PostgreSQL as the hub database."""
+"""The hub of hub/ for real: JupyterHub with the real configurable-http-proxy, started from hub/jupyterhub_config.py in
+a temporary state folder on free ports of 18000-18099, driven over HTTP as a browser does (forms with their _xsrf field,
+cookies, the hub's REST API). Sign-up, approval, login, refusals, metrics, secrets kept out of the logs, workspaces as
+the users' own accounts (root), TensorBoard and Voila through the proxy, the idle culler, PostgreSQL as the hub
+database."""
 import grp
 import html
 import importlib.util
@@ -25,10 +26,13 @@ import requests
 from conftest import BIN, ROOT, fresh_pg_database
 
 CONF = ROOT / "hub" / "jupyterhub_config.d"
-PORTS = range(18000, 18100)  # this test file's range; the hub uses port, +1 (proxy API), +2 (hub API), +3, +4 (services)
+# this test file's range; the hub uses port, +1 (proxy API), +2 (hub API), +3, +4 (services)
+PORTS = range(18000, 18100)
 PASSWORD = "correct-horse-battery-7"
-# workspaces run as system accounts: the hub runs as root here and in CI (where a non-root run fails instead of skipping)
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 and os.environ.get("CI") != "true", reason="needs root (system accounts)")
+# workspaces run as system accounts: the hub runs as root here and in CI (where a non-root run fails instead of
+# skipping)
+pytestmark = pytest.mark.skipif(os.geteuid() != 0 and os.environ.get("CI") != "true",
+                                reason="needs root (system accounts)")
 
 
 def free_base(n: int = 5) -> int:
@@ -48,7 +52,8 @@ def free_base(n: int = 5) -> int:
 
 
 def user_name(tag: str) -> str:
-    "A fresh user name with this file's prefix `ha` and a one-letter tag (they may become system accounts: removed at the end)."
+    """A fresh user name with this file's prefix `ha` and a one-letter tag (they may become system accounts: removed at
+    the end)."""
     assert re.fullmatch(r"[a-z]", tag), tag
     return f"ha{tag}{secrets.token_hex(3)}"
 
@@ -90,10 +95,12 @@ class Hub:
             self.env["HOME"] = self.run_as.pw_dir
         t0 = time.monotonic()
         self.proc = subprocess.Popen([str(BIN / "jupyterhub"), "-f", str(ROOT / "hub" / "jupyterhub_config.py")],
-                                     cwd=self.folder, env=self.env, stdout=open(self.log, "a"), stderr=subprocess.STDOUT,
+                                     cwd=self.folder, env=self.env, stdout=open(self.log, "a"),
+                                     stderr=subprocess.STDOUT,
                                      start_new_session=True, **as_user)
         while time.monotonic() - t0 < timeout:
-            if self.proc.poll() is not None: raise AssertionError(f"the hub exited {self.proc.returncode}:\n{self.tail()}")
+            if self.proc.poll() is not None: raise AssertionError(f"the hub exited "
+                                                                  f"{self.proc.returncode}:\n{self.tail()}")
             try:
                 if requests.get(self.url + "/hub/health", timeout=2).status_code == 200: return time.monotonic() - t0
             except requests.ConnectionError: pass
@@ -135,13 +142,15 @@ class Hub:
     def form(self, s: requests.Session, path: str, fields: dict) -> requests.Response:
         "GET the page (its _xsrf cookie), POST the form back with the _xsrf field; redirects not followed."
         r = s.get(self.url + path); assert r.status_code == 200, (path, r.status_code)
-        if path != "/hub/spawn": assert 'name="_xsrf"' in r.text, f"{path}: the form has no _xsrf field"  # (the spawn page's has none)
+        # (the spawn page's has none)
+        if path != "/hub/spawn": assert 'name="_xsrf"' in r.text, f"{path}: the form has no _xsrf field"
         return s.post(self.url + path, data={**fields, "_xsrf": self.xsrf(s)}, allow_redirects=False)
 
     def signup(self, name: str, password: str = PASSWORD, confirm: str | None = None) -> str:
         "The sign-up page's answer (its message) for this sign-up."
         r = self.form(requests.Session(), "/hub/signup", {"username": name, "signup_password": password,
-                                                          "signup_password_confirmation": password if confirm is None else confirm})
+                                                          "signup_password_confirmation": password if confirm is None
+                                                          else confirm})
         assert r.status_code == 200, r.status_code
         return re.sub(r"\s+", " ", html.unescape(r.text))
 
@@ -185,7 +194,8 @@ class Hub:
         while time.monotonic() - t0 < timeout:
             srv = self.api(s, "GET", f"/users/{name}").json().get("servers", {}).get("")
             if srv and srv.get("ready"): return srv
-            if not srv and time.monotonic() - t0 > 3: raise AssertionError(f"{name}'s workspace stopped while starting:\n{self.tail()}")
+            if not srv and time.monotonic() - t0 > 3: raise AssertionError(
+                    f"{name}'s workspace stopped while starting:\n{self.tail()}")
             time.sleep(0.3)
         raise AssertionError(f"{name}'s workspace not ready in {timeout} s:\n{self.tail()}")
 
@@ -197,11 +207,13 @@ class Hub:
         "Delete the system accounts this test made (only names of `user_name`'s form); those that could not be deleted."
         failed = []
         for name in sorted(self.accounts):
-            if not re.fullmatch(r"ha[a-z][0-9a-f]{6}", name): raise AssertionError(f"refusing to delete the account {name!r}")
+            if not re.fullmatch(r"ha[a-z][0-9a-f]{6}", name): raise AssertionError(
+                    f"refusing to delete the account {name!r}")
             try: pwd.getpwnam(name)
             except KeyError: continue
             p = subprocess.run(["userdel", "-r", name], capture_output=True, text=True)
-            if p.returncode not in (0, 12): failed.append(f"{name}: {p.stderr.strip()}")  # 12: the home could not be removed
+            # 12: the home could not be removed
+            if p.returncode not in (0, 12): failed.append(f"{name}: {p.stderr.strip()}")
         return failed
 
 
@@ -304,7 +316,8 @@ def test_state_and_logs_keep_secrets(hub):
     hub.login("admin", "wrong-admin-password")  # a failed login is logged: never its password
     logs = hub.log.read_text(errors="replace") + (hub.state / "jupyterhub.log").read_text(errors="replace")
     assert "JupyterHub is now running" in (hub.state / "jupyterhub.log").read_text()
-    for name, value in [*secrets_.items(), ("admin password", hub.admin_password), ("a password", "wrong-admin-password")]:
+    for name, value in [*secrets_.items(), ("admin password", hub.admin_password), ("a password",
+                                                                                    "wrong-admin-password")]:
         assert value not in logs, f"{name} is in the hub's log"
 
 
@@ -322,12 +335,15 @@ def test_workspace_as_the_users_own_account(hub):
     assert set(map(int, uids)) == {pw.pw_uid} and pw.pw_uid != 0
     assert grp.getgrgid(pw.pw_gid).gr_name == name and name in grp.getgrnam("hedgerl").gr_mem
     home = Path(pw.pw_dir)
-    assert home == Path("/home") / name and stat.S_IMODE(home.stat().st_mode) == 0o700 and home.stat().st_uid == pw.pw_uid
+    assert (home == Path("/home") / name and stat.S_IMODE(home.stat().st_mode) == 0o700
+            and home.stat().st_uid == pw.pw_uid)
     # the tutorials and the run template, the user's own
     seeded = sorted(p.name for p in (home / "hedgerl").iterdir())
-    assert seeded == ["01_first_hedge.ipynb", "02_baselines_and_backtests.ipynb", "evaluation.ipynb", "player.ipynb", "train.ipynb"]
+    assert seeded == ["01_first_hedge.ipynb", "02_baselines_and_backtests.ipynb", "evaluation.ipynb", "player.ipynb",
+                      "train.ipynb"]
     assert all(p.stat().st_uid == pw.pw_uid for p in (home / "hedgerl").iterdir())
-    assert {json.loads(p.read_text())["metadata"]["kernelspec"]["name"] for p in (home / "hedgerl").iterdir()} == {"hedgerl"}  # the one kernel here
+    assert {json.loads(p.read_text())["metadata"]["kernelspec"]["name"]
+            for p in (home / "hedgerl").iterdir()} == {"hedgerl"}  # the one kernel here
     # ... and what the user's server shows of them; its kernel is the environment's `hedgerl`
     tok = {"Authorization": f"token {hub.token(s, name)}"}
     listing = requests.get(f"{hub.url}/user/{name}/api/contents/hedgerl", headers=tok).json()
@@ -360,8 +376,10 @@ def test_existing_account_outside_the_platform_refused(hub):
     subprocess.run(["useradd", "--create-home", "--user-group", name], check=True, capture_output=True)
     hub.accounts.add(name)
     r = hub.api(s, "POST", f"/users/{name}/server", json={})
-    events = s.get(f"{hub.url}/hub/api/users/{name}/server/progress", headers={"X-XSRFToken": hub.xsrf(s)}, timeout=60).text
-    assert "is not a platform account" in events or "is not a platform account" in r.text, (r.status_code, r.text, events[-800:])
+    events = s.get(f"{hub.url}/hub/api/users/{name}/server/progress", headers={"X-XSRFToken": hub.xsrf(s)},
+                   timeout=60).text
+    assert "is not a platform account" in events or "is not a platform account" in r.text, (r.status_code, r.text,
+            events[-800:])
     assert hub.api(s, "GET", f"/users/{name}").json()["servers"] == {}
 
 
@@ -383,7 +401,8 @@ def test_tensorboard_and_voila_through_the_proxy(hub):
                      "source": "import hedgerl, os\nprint('answer', 6 * 7, os.getuid())"}],
           "metadata": {"kernelspec": {"name": "hedgerl", "display_name": "hedgerl", "language": "python"}},
           "nbformat": 4, "nbformat_minor": 5}
-    assert requests.put(f"{base}/api/contents/hello.ipynb", headers=tok, json={"type": "notebook", "content": nb}).status_code == 201
+    assert requests.put(f"{base}/api/contents/hello.ipynb", headers=tok, json={"type": "notebook",
+                                                                               "content": nb}).status_code == 201
     r = requests.get(f"{base}/voila/render/hello.ipynb", headers=tok, timeout=120)
     assert r.status_code == 200 and f"answer 42 {pwd.getpwnam(name).pw_uid}" in r.text, r.text[-2000:]
 
@@ -409,7 +428,8 @@ def test_postgresql_hub_database(tmp_path):
         with eng.connect() as conn:
             approved = dict(conn.execute(sa.text("select username, is_authorized from users_info")).all())
             groups = conn.execute(sa.text("select g.name from groups g join user_group_map m on m.group_id = g.id "
-                                          "join users u on u.id = m.user_id where u.name = :n"), {"n": name}).scalars().all()
+                                          "join users u on u.id = m.user_id where u.name = :n"),
+                                          {"n": name}).scalars().all()
         eng.dispose()
         assert approved == {"admin": True, name: True} and groups == ["researchers"]
         assert not (tmp_path / "state" / "jupyterhub.sqlite").exists()
@@ -417,7 +437,8 @@ def test_postgresql_hub_database(tmp_path):
 
 @pytest.mark.slow
 def test_not_root_single_account(tmp_path):
-    "A hub started without root: every workspace runs as the hub's account, and the hub says so at start and on its pages."
+    """A hub started without root: every workspace runs as the hub's account, and the hub says so at start and on its
+    pages."""
     import tempfile
     acct = spawner_module().ensure_account(user_name("n"), group="hedgerl")  # any unprivileged account will do
     folder = Path(tempfile.mkdtemp(prefix="ha-nonroot-", dir="/tmp"))  # pytest's own folders are root's (0700)
@@ -429,11 +450,13 @@ def test_not_root_single_account(tmp_path):
             assert "NOT isolated" in html.unescape(s.get(hub.url + "/hub/home").text)
             hub.spawn(s, name)
             pid = hub.server_pid(hub.token(hub.admin(), "admin"), name)
-            uids = next(l for l in Path(f"/proc/{pid}/status").read_text().splitlines() if l.startswith("Uid:")).split()[1:]
+            uids = next(l for l in Path(f"/proc/{pid}/status").read_text().splitlines()
+                        if l.startswith("Uid:")).split()[1:]
             assert set(map(int, uids)) == {acct.pw_uid}
             with pytest.raises(KeyError): pwd.getpwnam(name)  # no account was made for the user
             home = hub.data / "workspaces" / name
-            assert sorted(p.name for p in (home / "hedgerl").iterdir())[-3:] == ["evaluation.ipynb", "player.ipynb", "train.ipynb"]
+            assert sorted(p.name for p in (home / "hedgerl").iterdir())[-3:] == ["evaluation.ipynb", "player.ipynb",
+                                                                                 "train.ipynb"]
             env = dict(l.split("=", 1) for l in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in l)
             assert env["HOME"] == str(home) and env["HEDGERL_DATA_FOLDER"] == str(home / ".hedgerl")
             r = s.get(f"{hub.url}/user/{name}/lab")
@@ -454,9 +477,11 @@ def test_withdrawn_approval_ends_the_session(hub):
 
 @pytest.mark.slow
 def test_gpu_profile_offered_where_a_gpu_is_listed(tmp_path):
-    "With `nvidia-smi -L` listing a GPU the spawn page offers both profiles; the GPU workspace sees the GPU, the CPU one not."
+    """With `nvidia-smi -L` listing a GPU the spawn page offers both profiles; the GPU workspace sees the GPU, the CPU
+    one not."""
     d = tmp_path / "gpubin"; d.mkdir()
-    smi = d / "nvidia-smi"; smi.write_text("#!/bin/sh\n[ \"$1\" = -L ] && echo 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)'\n")
+    smi = d / "nvidia-smi"; smi.write_text("#!/bin/sh\n[ \"$1\" = -L ] && echo 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: "
+                                           "GPU-0)'\n")
     smi.chmod(0o755)
     with running_hub(tmp_path / "hub", path=str(d)) as hub:
         name, s = hub.new_user("g")
@@ -467,10 +492,12 @@ def test_gpu_profile_offered_where_a_gpu_is_listed(tmp_path):
             r = hub.form(s, "/hub/spawn", {"profile": profile})  # the spawn form, as a browser posts it
             assert r.status_code == 302, (r.status_code, r.text[-500:])
             deadline = time.monotonic() + 60
-            while not hub.api(s, "GET", f"/users/{name}").json()["servers"].get("", {}).get("ready") and time.monotonic() < deadline:
+            while not hub.api(s, "GET", f"/users/{name}").json()["servers"].get("",
+                    {}).get("ready") and time.monotonic() < deadline:
                 time.sleep(0.3)
             pid = hub.server_pid(admin_token, name)
             env = dict(l.split("=", 1) for l in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in l)
             assert env["HEDGERL_WORKSPACE_PROFILE"] == profile and env.get("CUDA_VISIBLE_DEVICES") == cuda, profile
             assert hub.api(s, "DELETE", f"/users/{name}/server").status_code in (202, 204)
-            while hub.api(s, "GET", f"/users/{name}").json()["servers"] and time.monotonic() < deadline + 30: time.sleep(0.3)
+            while hub.api(s, "GET", f"/users/{name}").json()[
+                    "servers"] and time.monotonic() < deadline + 30: time.sleep(0.3)

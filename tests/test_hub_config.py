@@ -32,7 +32,8 @@ def load(tmp_path, deployment="local", as_root=True, bin_=None, **env):
 
 def module(name):
     "A config file of the folder as a module (its classes and helpers)."
-    spec = importlib.util.spec_from_file_location(f"test_hub_config_{name.replace('-', '_').replace('.', '_')}", CONF / name)
+    spec = importlib.util.spec_from_file_location(f"test_hub_config_{name.replace('-', '_').replace('.', '_')}",
+                                                  CONF / name)
     mod = importlib.util.module_from_spec(spec); sys.modules[spec.name] = mod; spec.loader.exec_module(mod)
     return mod
 
@@ -60,7 +61,8 @@ def no_gpu_path(tmp_path, monkeypatch):
 
 def test_local_as_root(tmp_path, no_gpu_path):
     c, ctx, names = load(tmp_path)
-    assert names[:4] == ["00-base.py", "05-services.py", "10-auth.py", "20-spawner.local.py"] and "20-spawner.kubernetes.py" not in names
+    assert names[:4] == ["00-base.py", "05-services.py", "10-auth.py",
+                         "20-spawner.local.py"] and "20-spawner.kubernetes.py" not in names
     assert {"50-database.py", "60-culler.py", "70-metrics.py"} <= set(names)
     jh = c.JupyterHub
     # addresses: public proxy, its API on port + 1, the hub's API on port + 2
@@ -74,8 +76,10 @@ def test_local_as_root(tmp_path, no_gpu_path):
     for name in ("proxy_token", "cookie_secret", "prometheus_token"):
         assert stat.S_IMODE((state / "secrets" / name).stat().st_mode) == 0o600
     assert c.ConfigurableHTTPProxy.auth_token == (state / "secrets" / "proxy_token").read_text()
-    assert jh.cookie_secret == bytes.fromhex((state / "secrets" / "cookie_secret").read_text()) and len(jh.cookie_secret) == 32
-    assert jh.pid_file == str(state / "jupyterhub.pid") and c.ConfigurableHTTPProxy.pid_file == str(state / "jupyterhub-proxy.pid")
+    assert (jh.cookie_secret == bytes.fromhex((state / "secrets" / "cookie_secret").read_text())
+            and len(jh.cookie_secret) == 32)
+    assert jh.pid_file == str(state / "jupyterhub.pid") and c.ConfigurableHTTPProxy.pid_file == str(
+            state / "jupyterhub-proxy.pid")
     assert jh.logging_config["handlers"]["file"]["filename"] == str(state / "jupyterhub.log")
     assert jh.db_url == f"sqlite:///{state}/jupyterhub.sqlite"
     # authentication: approval is the allow rule, never allow_all
@@ -88,10 +92,14 @@ def test_local_as_root(tmp_path, no_gpu_path):
     assert jh.spawner_class.__name__ == "WorkspaceSpawner" and c.WorkspaceSpawner.isolate is True
     assert c.Spawner.cmd == [str(ctx.bin / "jupyterhub-singleuser")] and c.Spawner.default_url == "/lab"
     assert [p["slug"] for p in c.WorkspaceSpawner.profiles] == ["cpu"] and c.WorkspaceSpawner.profiles[0]["default"]
-    assert [Path(f).name for f in c.WorkspaceSpawner.seed_files] == ["01_first_hedge.ipynb", "02_baselines_and_backtests.ipynb", "train.ipynb", "evaluation.ipynb", "player.ipynb"]
+    assert [Path(f).name for f in c.WorkspaceSpawner.seed_files] == ["01_first_hedge.ipynb",
+                                                                     "02_baselines_and_backtests.ipynb", "train.ipynb",
+                                                                     "evaluation.ipynb", "player.ipynb"]
     env = c.Spawner.environment.get_value({})
-    assert env["HEDGERL_SETTINGS"] == str(ROOT / "settings.ini") and env["JUPYTER_CONFIG_PATH"] == str(ROOT / "hub" / "workspace")
-    assert (Path(env["JUPYTER_PATH"]) / "voila" / "templates" / "hedgerl" / "index.html.j2").is_file()  # Voila's offline template
+    assert env["HEDGERL_SETTINGS"] == str(ROOT / "settings.ini") and env["JUPYTER_CONFIG_PATH"] == str(
+            ROOT / "hub" / "workspace")
+    # Voila's offline template
+    assert (Path(env["JUPYTER_PATH"]) / "voila" / "templates" / "hedgerl" / "index.html.j2").is_file()
     assert "announcement" not in c.JupyterHub.template_vars.get_value({})
 
 
@@ -103,11 +111,14 @@ def test_services_and_roles(tmp_path, no_gpu_path):
     assert culler["command"][:3] == [str(ctx.bin / "python"), "-m", "jupyterhub_idle_culler"]
     assert "--timeout=1200" in culler["command"] and "--cull-every=300" in culler["command"]
     # only what the culler's README lists for culling servers: no admin:users, no access to servers
-    assert sorted(roles["idle-culler"]["scopes"]) == sorted(["list:users", "read:users:activity", "read:servers", "delete:servers"])
+    assert sorted(roles["idle-culler"]["scopes"]) == sorted(["list:users", "read:users:activity", "read:servers",
+                                                             "delete:servers"])
     assert roles["idle-culler"]["services"] == ["idle-culler"]
     assert c.JupyterHub.authenticate_prometheus is True
-    assert services["prometheus"]["api_token"] == ctx.secret("prometheus_token") and "command" not in services["prometheus"]
-    assert roles["metrics-reader"] == {"name": "metrics-reader", "description": "read /hub/metrics", "scopes": ["read:metrics"],
+    assert services["prometheus"]["api_token"] == ctx.secret("prometheus_token") and "command" not in services[
+            "prometheus"]
+    assert roles["metrics-reader"] == {"name": "metrics-reader", "description": "read /hub/metrics",
+                                       "scopes": ["read:metrics"],
                                        "services": ["prometheus"]}
     assert len(roles) == len(merged(c.JupyterHub.load_roles)), "two roles share a name"
 
@@ -118,7 +129,8 @@ def test_local_with_a_gpu(tmp_path, gpu_path):
     assert (cpu["slug"], cpu["gpu"], cpu["cpu"], cpu["memory"], cpu["default"]) == ("cpu", 0, 2, "4G", True)
     assert (gpu["slug"], gpu["gpu"], gpu["cpu"], gpu["memory"], gpu["default"]) == ("gpu", 1, 8, "32G", False)
     sp = c.JupyterHub.spawner_class(config=c)
-    assert 'value="cpu" checked' in sp.options_form and 'value="gpu"' in sp.options_form and "GPU workspace" in sp.options_form
+    assert ('value="cpu" checked' in sp.options_form and 'value="gpu"' in sp.options_form
+            and "GPU workspace" in sp.options_form)
     assert sp.options_from_form({"profile": ["gpu"]}) == {"profile": "gpu"}
     assert sp.profile["slug"] == "cpu"
     sp.user_options = {"profile": "gpu"}; assert sp.profile["gpu"] == 1
@@ -169,7 +181,8 @@ def test_slurm(tmp_path):
 
     def script(conf):  # as batchspawner renders it (jinja2, the req_* traits without their prefix)
         subvars = {k[4:]: v for k, v in conf.items() if k.startswith("req_")}
-        return jinja2.Template(conf["batch_script"]).render(homedir="/home/u", keepvars="PATH", prologue="", epilogue="",
+        return jinja2.Template(conf["batch_script"]).render(homedir="/home/u", keepvars="PATH", prologue="",
+                                                            epilogue="",
                                                             cmd=" ".join(conf["cmd"]), **subvars)
     g, p = script(gpu), script(cpu)
     for line in ("#SBATCH --gres=gpu:1", "#SBATCH --cpus-per-task=8", "#SBATCH --mem=32G", "#SBATCH --partition=gpu",
@@ -193,17 +206,21 @@ def test_proxy_missing(tmp_path, no_gpu_path):
 
 BAD_PROFILES = [
     ("profiles: [{slug: cpu, display_name: C, memory: 4G}]", r"profiles\[0\]\.cpu: missing"),
-    ("profiles: [{slug: cpu, display_name: C, cpu: 2, memory: 4G}, {slug: gpu, display_name: G, cpu: 8, memory: 32G, gpu: one}]",
+    ("profiles: [{slug: cpu, display_name: C, cpu: 2, memory: 4G}, {slug: gpu, display_name: G, cpu: 8, memory: 32G, "
+     "gpu: one}]",
      r"profiles\[1\]\.gpu: expected an integer >= 0, got 'one'"),
     ("profiles: [{slug: cpu, display_name: C, cpu: 2, memory: 4 GB}]", r"profiles\[0\]\.memory: expected a size"),
-    ("profiles: [{slug: cpu, display_name: C, cpu: -1, memory: 4G}]", r"profiles\[0\]\.cpu: expected a number of cores > 0"),
+    ("profiles: [{slug: cpu, display_name: C, cpu: -1, memory: 4G}]",
+     r"profiles\[0\]\.cpu: expected a number of cores > 0"),
     ("profiles: [{slug: CPU!, display_name: C, cpu: 1, memory: 4G}]", r"profiles\[0\]\.slug"),
     ("profiles: [{slug: a, display_name: A, cpu: 1, memory: 1G}, {slug: a, display_name: B, cpu: 1, memory: 1G}]",
      r"profiles: duplicate slug\(s\) a"),
     ("profiles: [{slug: a, display_name: A, cpu: 1, memory: 1G, gpus: 1}]", r"profiles\[0\]: unknown key\(s\) gpus"),
-    ("profiles: [{slug: a, display_name: A, cpu: 1, memory: 1G, default: true}, {slug: b, display_name: B, cpu: 1, memory: 1G, default: true}]",
+    ("profiles: [{slug: a, display_name: A, cpu: 1, memory: 1G, default: true}, {slug: b, display_name: B, cpu: 1, "
+     "memory: 1G, default: true}]",
      r"more than one profile has default: true"),
-    ("profiles: [{slug: a, display_name: A, cpu: 1, memory: 1G, kubernetes: {image: 3}}]", r"profiles\[0\]\.kubernetes\.image"),
+    ("profiles: [{slug: a, display_name: A, cpu: 1, memory: 1G, kubernetes: {image: 3}}]",
+     r"profiles\[0\]\.kubernetes\.image"),
     ("profiles: []", r"profiles: expected a non-empty list"),
     ("profile: []", r"top level: unknown key\(s\) profile"),
     ("profiles: [a: b", r"not valid YAML"),
@@ -221,8 +238,10 @@ def test_missing_profiles_file(tmp_path, no_gpu_path):
 
 
 def test_only_gpu_profiles_without_a_gpu(tmp_path, no_gpu_path):
-    f = tmp_path / "profiles.yaml"; f.write_text("profiles: [{slug: gpu, display_name: G, cpu: 8, memory: 32G, gpu: 1}]")
-    with pytest.raises(ValueError, match="every profile asks for a GPU and `nvidia-smi -L` lists 0 here"): load(tmp_path, hub_profiles=f)
+    f = tmp_path / "profiles.yaml"; f.write_text(
+            "profiles: [{slug: gpu, display_name: G, cpu: 8, memory: 32G, gpu: 1}]")
+    with pytest.raises(ValueError, match="every profile asks for a GPU and `nvidia-smi -L` lists 0 here"): load(
+            tmp_path, hub_profiles=f)
 
 
 def test_sign_up_rules(tmp_path):
@@ -241,7 +260,8 @@ def test_sign_up_rules(tmp_path):
     assert "user name" in a.signup_problem("hanew", "hanew-password")
     assert a.create_user("root", ok) is None
     site = auth.HedgerlAuthenticator(add_new_table=False, system_accounts="site")
-    assert "no account" in site.signup_problem("ha-nobody-here", ok) and "system account" in site.signup_problem("daemon", ok)
+    assert "no account" in site.signup_problem("ha-nobody-here",
+                                               ok) and "system account" in site.signup_problem("daemon", ok)
     assert auth.HedgerlAuthenticator(add_new_table=False, system_accounts="none").signup_problem("postgres", ok) is None
 
 
@@ -267,17 +287,20 @@ def test_values_yaml():
 
 def test_local_gpus(tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("test_hub_profiles", ROOT / "hub" / "profiles.py")
-    profiles = importlib.util.module_from_spec(spec); sys.modules[spec.name] = profiles; spec.loader.exec_module(profiles)
+    profiles = importlib.util.module_from_spec(spec); sys.modules[spec.name] = profiles; spec.loader.exec_module(
+            profiles)
     d = tmp_path / "bin"; d.mkdir(); smi = d / "nvidia-smi"; monkeypatch.setenv("PATH", str(d))
     assert profiles.local_gpus() == []  # no nvidia-smi at all
     smi.write_text(f"#!/bin/sh\necho '{H100}'\necho '{H100.replace('GPU 0', 'GPU 1')}'\n"); smi.chmod(0o755)
     assert profiles.local_gpus() == [H100, H100.replace("GPU 0", "GPU 1")]
-    smi.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed because it could not communicate with the NVIDIA driver.'\nexit 9\n")
+    smi.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed because it could not communicate with the NVIDIA "
+                   "driver.'\nexit 9\n")
     assert profiles.local_gpus() == []
 
 
 def test_a_managed_service_that_fails_to_start_is_logged_not_fatal():
-    "05-services.py: JupyterHub.start_service reports a managed service that did not start and lets the hub go on (once, however often loaded)."
+    """05-services.py: JupyterHub.start_service reports a managed service that did not start and lets the hub go on
+    (once, however often loaded)."""
     import asyncio, importlib.util, logging
     spec = importlib.util.spec_from_file_location("services05", CONF / "05-services.py")
     mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
@@ -288,5 +311,6 @@ def test_a_managed_service_that_fails_to_start_is_logged_not_fatal():
     mod.keep_serving(FakeHub); assert FakeHub.start_service is patched  # not wrapped twice
     svc = lambda ok, managed: type("S", (), {"ok": ok, "managed": managed})()
     run = lambda s: asyncio.run(FakeHub().start_service("x", s))
-    assert run(svc(True, True)) is True and run(svc(False, True)) is True  # a managed service that failed: the hub goes on
+    # a managed service that failed: the hub goes on
+    assert run(svc(True, True)) is True and run(svc(False, True)) is True
     assert run(svc(False, False)) is False  # an external one: as JupyterHub decides

@@ -19,7 +19,8 @@ from hedgerl.platform import HubClient
 from platform_tools import BIN, ROOT, Kernel, Up, platform_env, platform_processes
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 and os.environ.get("CI") != "true",
-                                reason="the platform's isolation tests need root (workspaces run as the users' own accounts)")
+                                reason="the platform's isolation tests need root (workspaces run as the users' own "
+                                "accounts)")
 
 
 def _userdel(*names):
@@ -31,14 +32,17 @@ def test_make_up_refuses_a_taken_port_in_one_line(tmp_path):
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", int(env["HEDGERL_GATEWAY_PORT"]))); s.listen()
-        p = subprocess.run([str(BIN / "hedgerl"), "hub", "up"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        p = subprocess.run([str(BIN / "hedgerl"), "hub", "up"], env=env, cwd=ROOT, capture_output=True, text=True,
+                           timeout=120)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "[gateway] port: cannot listen on" in p.stderr, p.stderr
 
 
 def test_bad_setting_is_one_line(tmp_path):
     env = {**platform_env(tmp_path / "data"), "HEDGERL_HUB_DEPLOYMENT": "mesos"}
-    p = subprocess.run([str(BIN / "hedgerl"), "hub", "up"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "deployment" in p.stderr and "mesos" in p.stderr, p.stderr
+    p = subprocess.run([str(BIN / "hedgerl"), "hub", "up"], env=env, cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert (p.returncode == 2 and p.stderr.count("\n") == 1 and "deployment" in p.stderr
+            and "mesos" in p.stderr), p.stderr
 
 
 def test_platform_end_to_end(tmp_path):
@@ -78,37 +82,45 @@ def test_platform_end_to_end(tmp_path):
 
         ka, kb = Kernel(url, a, ta), Kernel(url, b, tb)
         try:
-            assert ka.run("import os, pwd; print(pwd.getpwuid(os.getuid()).pw_name, oct(os.stat(os.path.expanduser('~')).st_mode & 0o777))").split() == [a, "0o700"]
+            assert ka.run("import os, pwd; print(pwd.getpwuid(os.getuid()).pw_name, "
+                          "oct(os.stat(os.path.expanduser('~')).st_mode & 0o777))").split() == [a, "0o700"]
             ka.run("open(os.path.expanduser('~/hello.txt'), 'w').write('kept')")
-            assert kb.run(f"import os\ntry: os.listdir('/home/{a}'); print('read')\nexcept PermissionError: print('refused')").strip() == "refused"
+            assert kb.run(f"import os\ntry: os.listdir('/home/{a}'); print('read')\nexcept PermissionError: "
+                          f"print('refused')").strip() == "refused"
 
-            # Dask through the gateway, from A's kernel: 2 workers, a 200,000-path backtest equal bit for bit to the serial one
+            # Dask through the gateway, from A's kernel: 2 workers, a 200,000-path backtest equal bit for bit to the
+            # serial one
             out = ka.run(
                 "import time, numpy as np\n"
                 "from hedgerl.backtest import backtest, dask_client\n"
                 "from hedgerl.baselines import make_baseline\n"
-                "t0 = time.monotonic(); client = dask_client(n_workers=2); client.wait_for_workers(2, timeout=120); dt = time.monotonic() - t0\n"
+                "t0 = time.monotonic(); client = dask_client(n_workers=2); client.wait_for_workers(2, timeout=120); dt "
+                "= time.monotonic() - t0\n"
                 "strat = make_baseline('delta')\n"
                 "par = backtest(strat, 'cao2021-gbm-1m-1d', n_paths=200_000, seed=11, client=client, progress=False)\n"
                 "ser = backtest(strat, 'cao2021-gbm-1m-1d', n_paths=200_000, seed=11, progress=False)\n"
-                "print(type(client.cluster).__module__, client.cluster.name, np.array_equal(par.pnl, ser.pnl), round(dt, 1))", timeout=400)
+                "print(type(client.cluster).__module__, client.cluster.name, np.array_equal(par.pnl, ser.pnl), "
+                "round(dt, 1))", timeout=400)
             module, cluster_name, equal, t_cluster = out.split()
             assert module.startswith("dask_gateway") and equal == "True", out
             timings["gateway_cluster_2_workers_s"] = float(t_cluster)
             # B neither lists nor reaches A's cluster
             out = kb.run("from dask_gateway import Gateway\ng = Gateway()\nprint([c.name for c in g.list_clusters()])\n"
-                         f"try: g.connect('{cluster_name}'); print('connected')\nexcept Exception as e: print('refused', type(e).__name__)")
+                         f"try: g.connect('{cluster_name}'); print('connected')\nexcept Exception as e: "
+                         f"print('refused', type(e).__name__)")
             assert cluster_name not in out.splitlines()[0] and "refused" in out.splitlines()[1], out
 
             # a small training run recorded in the registry through the service, private to A
             out = ka.run("from hedgerl.runs import train\n"
-                         "r = train('ntb', 'cao2021-gbm-1m-1d', 1, params={'n_paths': 500}, test_paths=500, valid_paths=200)\n"
+                         "r = train('ntb', 'cao2021-gbm-1m-1d', 1, params={'n_paths': 500}, test_paths=500, "
+                         "valid_paths=200)\n"
                          "print(r['run_id'], r['status'])", timeout=400)
             run_id, status = out.split()
             assert status == "finished", out
             out = kb.run("from hedgerl.registry import open_registry\nreg = open_registry()\n"
                          f"print({int(run_id)} in set(reg.runs().id))\n"
-                         f"try: reg.run({int(run_id)}).finish(); print('changed')\nexcept Exception as e: print('refused', type(e).__name__)")
+                         f"try: reg.run({int(run_id)}).finish(); print('changed')\nexcept Exception as e: "
+                         f"print('refused', type(e).__name__)")
             assert out.splitlines()[0] == "False" and out.splitlines()[1].startswith("refused"), out
         finally:
             ka.close(); kb.close()
@@ -141,10 +153,12 @@ def test_platform_end_to_end(tmp_path):
         model = next(m for m in models if m["run_id"] == int(run_id))
         f = requests.get(f"{svc}/registry/models/{model['id']}/file", headers={"Authorization": f"token {ta}"})
         assert f.status_code == 200 and f.content[:2] == b"PK"  # the model file, served to its owner
-        assert requests.get(f"{svc}/registry/models/{model['id']}/file", headers={"Authorization": f"token {tb}"}).status_code == 404
+        assert requests.get(f"{svc}/registry/models/{model['id']}/file",
+                            headers={"Authorization": f"token {tb}"}).status_code == 404
 
         # `hedgerl hub down` from another terminal stops it, leaving nothing behind
-        down = subprocess.run([str(BIN / "hedgerl"), "hub", "down"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        down = subprocess.run([str(BIN / "hedgerl"), "hub", "down"], env=env, cwd=ROOT, capture_output=True, text=True,
+                              timeout=120)
         assert down.returncode == 0 and "stopped" in down.stdout, down.stdout + down.stderr
         assert up.proc.wait(30) == 0
         time.sleep(1)
@@ -157,8 +171,9 @@ def test_platform_end_to_end(tmp_path):
 
 
 def test_a_new_user_in_the_browser(tmp_path):
-    """Chromium, as a new user and the admin would: sign up on the form, the admin logs in and clicks Authorize, the user
-    logs in and lands in JupyterLab with the hedgerl kernel and TensorBoard in the launcher; no request leaves 127.0.0.1."""
+    """Chromium, as a new user and the admin would: sign up on the form, the admin logs in and clicks Authorize, the
+user logs in and lands in JupyterLab with the hedgerl kernel and TensorBoard in the launcher; no request leaves
+127.0.0.1."""
     sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
     if not Path("/usr/bin/chromium").exists():
         if os.environ.get("CI") == "true": pytest.fail("/usr/bin/chromium is missing (make services installs it)")
@@ -173,7 +188,8 @@ def test_a_new_user_in_the_browser(tmp_path):
         hosts = set()
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
-                                        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+                                        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                              "--disable-component-update"])
             def page():
                 pg = browser.new_context().new_page()
                 pg.on("request", lambda r: hosts.add(r.url.split("/")[2] if "://" in r.url else r.url))
@@ -207,13 +223,16 @@ def test_a_new_user_in_the_browser(tmp_path):
 
 
 def test_kill_9_of_make_up_leaves_nothing_and_a_second_up_is_refused(tmp_path):
-    "A second `hub up` on the same state is one line; kill -9 of `hub up` takes the hub and everything it started with it; up again works."
+    """A second `hub up` on the same state is one line; kill -9 of `hub up` takes the hub and everything it started
+    with it; up again works."""
     env = platform_env(tmp_path / "data")
     up = Up(env, "--no-reference")
     try:
         up.wait()
-        again = subprocess.run([str(BIN / "hedgerl"), "hub", "up"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
-        assert again.returncode == 2 and "already running" in again.stderr and again.stderr.count("\n") == 1, again.stderr
+        again = subprocess.run([str(BIN / "hedgerl"), "hub", "up"], env=env, cwd=ROOT, capture_output=True, text=True,
+                               timeout=120)
+        assert (again.returncode == 2 and "already running" in again.stderr
+                and again.stderr.count("\n") == 1), again.stderr
         up.proc.kill(); up.proc.wait()
         deadline = time.time() + 60
         while platform_processes(env) and time.time() < deadline: time.sleep(0.5)
@@ -226,10 +245,12 @@ def test_kill_9_of_make_up_leaves_nothing_and_a_second_up_is_refused(tmp_path):
 
 
 def test_a_gateway_that_cannot_start_leaves_the_hub_serving(tmp_path):
-    "The dask-gateway's database is not a database: `hub up` names the gateway, and the hub, its login and the hedgerl service serve on."
+    """The dask-gateway's database is not a database: `hub up` names the gateway, and the hub, its login and the
+    hedgerl service serve on."""
     env = platform_env(tmp_path / "data")
     (tmp_path / "data" / "hub").mkdir(parents=True, mode=0o700)
-    (tmp_path / "data" / "hub" / "dask-gateway.sqlite").mkdir()  # sqlite cannot open a folder: the gateway exits at start
+    # sqlite cannot open a folder: the gateway exits at start
+    (tmp_path / "data" / "hub" / "dask-gateway.sqlite").mkdir()
     up = Up(env, "--no-reference")
     try:
         up.wait(timeout=180)
@@ -243,7 +264,8 @@ def test_a_gateway_that_cannot_start_leaves_the_hub_serving(tmp_path):
 
 
 def test_a_hub_killed_under_make_up_takes_nothing_with_it(tmp_path):
-    "kill -9 of the hub itself (not of `hub up`): `hub up` says the hub exited and ends the proxy and services the hub left behind."
+    """kill -9 of the hub itself (not of `hub up`): `hub up` says the hub exited and ends the proxy and services the
+    hub left behind."""
     env = platform_env(tmp_path / "data")
     up = Up(env, "--no-reference")
     try:
@@ -259,7 +281,8 @@ def test_a_hub_killed_under_make_up_takes_nothing_with_it(tmp_path):
 
 
 def test_ctrl_c_stops_make_up_even_when_started_ignoring_sigint(tmp_path):
-    "`hedgerl hub up &` from a script starts with SIGINT ignored (bash does that to background jobs): Ctrl-C still stops it, and everything."
+    """`hedgerl hub up &` from a script starts with SIGINT ignored (bash does that to background jobs): Ctrl-C still
+    stops it, and everything."""
     env = platform_env(tmp_path / "data")
     up = Up(env, "--no-reference", sigint=signal.SIG_IGN)
     try:

@@ -39,12 +39,14 @@ def platform(tmp_path_factory):
         for k in ("a", "b"):
             name, password = f"p{k}{secrets.token_hex(3)}", secrets.token_urlsafe(12)
             set_hub_password(db, name, password)  # approved, as the admin would
-            users[k] = (name, password, hub.token(hub.login(name, password), name))  # the form login puts them in `researchers`
+            # the form login puts them in `researchers`
+            users[k] = (name, password, hub.token(hub.login(name, password), name))
         from hedgerl.registry import Registry
         files = data / "models"; files.mkdir()
         shutil.copy(ROOT / "reports" / "models" / "cao2021-gbm-1m-1d--ntb.zip", files / "ntb.zip")
         reg = Registry(load_settings(environ=up.env).registry.url).as_user(users["a"][0])
-        reg.register_model(None, "ntb", "cao2021-gbm-1m-1d", files / "ntb.zip", name="a/ntb"); reg.engine.dispose()  # A's, private
+        # A's, private
+        reg.register_model(None, "ntb", "cao2021-gbm-1m-1d", files / "ntb.zip", name="a/ntb"); reg.engine.dispose()
         yield up, users
     finally:
         up.stop(signal.SIGTERM)
@@ -58,7 +60,8 @@ def browser():
         pytest.skip("/usr/bin/chromium is missing")
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
-                              args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+                              args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                    "--disable-component-update"])
         yield b
         b.close()
 
@@ -74,7 +77,8 @@ def open_player(browser, up, name, password):
     page.goto(up.url + PAGE)
     page.fill("input[name=username]", name); page.fill("input[name=password]", password); page.click("#login_submit")
     page.wait_for_url(re.compile(f".*{PAGE}$"), timeout=60_000)  # back from the hub's login
-    page.wait_for_selector("text=then New episode", timeout=60_000)  # the page's session is live (it said "Connecting" before)
+    # the page's session is live (it said "Connecting" before)
+    page.wait_for_selector("text=then New episode", timeout=60_000)
     page.loaded_s = time.monotonic() - t0
     return page
 
@@ -86,7 +90,8 @@ def stepped(page) -> int:
 
 def shown(page) -> dict:
     "The last step's numbers as the page shows them (each value whole in its `data-value`)."
-    return {k: float(page.locator(f"[data-key={k}]").first.get_attribute("data-value")) for k in ("spot", "holdings", "delta", "pnl")}
+    return {k: float(page.locator(f"[data-key={k}]").first.get_attribute("data-value")) for k in ("spot", "holdings",
+            "delta", "pnl")}
 
 
 def table_rows(page) -> int:
@@ -112,7 +117,8 @@ def test_the_player_steps_and_plays_with_the_apis_numbers(platform, browser):
         sim = api.simulation(sid)
         last = sim["history"][-1]
         assert (len(sim["history"]), sim["owner"], sim["strategy"], sim["scenario"]) == (k, name, "delta", SCENARIO)
-        assert shown(page) == {"spot": last["spot"], "holdings": last["holdings"][0], "delta": last["delta"], "pnl": last["pnl"]}
+        assert shown(page) == {"spot": last["spot"], "holdings": last["holdings"][0], "delta": last["delta"],
+                               "pnl": last["pnl"]}
         assert last["holdings"][0] == last["delta"]  # delta hedges to delta
     step_s = (time.monotonic() - t0) / 4
     assert table_rows(page) == 4
@@ -129,7 +135,8 @@ def test_the_player_steps_and_plays_with_the_apis_numbers(platform, browser):
     sim = api.simulation(sid)
     last = sim["history"][-1]
     assert 4 < k < 20 and len(sim["history"]) == k, (k, len(sim["history"]))
-    assert shown(page) == {"spot": last["spot"], "holdings": last["holdings"][0], "delta": last["delta"], "pnl": last["pnl"]}
+    assert shown(page) == {"spot": last["spot"], "holdings": last["holdings"][0], "delta": last["delta"],
+                           "pnl": last["pnl"]}
     assert table_rows(page) == k
     assert page.locator("canvas").count() >= 3  # the three figures
     page.screenshot(path=str(ARTIFACTS / "player-played.png"), full_page=True)
@@ -139,7 +146,8 @@ def test_the_player_steps_and_plays_with_the_apis_numbers(platform, browser):
     with pytest.raises(NotFound):  # another user cannot read the episode
         HedgerlClient(up.url, users["b"][2]).simulation(sid)
     page.context.close()
-    print(f"player: page {page.loaded_s:.1f} s to show after login, {step_s * 1000:.0f} ms from a click on Step to the new numbers; {k} steps after play")
+    print(f"player: page {page.loaded_s:.1f} s to show after login, {step_s * 1000:.0f} ms from a click on Step to the "
+          f"new numbers; {k} steps after play")
 
 
 def test_a_finished_episode_says_so_in_the_page(platform, browser):
@@ -164,7 +172,8 @@ def test_a_finished_episode_says_so_in_the_page(platform, browser):
     assert [r["holdings"][0] for r in mine["delta"]["history"]] == [r["delta"] for r in mine["no-hedge"]["history"]]
     last = page.locator("table.dataframe tbody tr").last.locator("td")
     cells = [last.nth(i).inner_text() for i in range(last.count())]
-    assert cells[-2:] == [f"{mine['delta']['history'][-1][k]:.6f}" for k in ("cost", "pnl")], cells  # delta cost, delta pnl (rounded to 6)
+    # delta cost, delta pnl (rounded to 6)
+    assert cells[-2:] == [f"{mine['delta']['history'][-1][k]:.6f}" for k in ("cost", "pnl")], cells
     assert f"delta <b>{mine['delta']['state']['pnl']:+.4f}</b>" in page.locator("text=P&L so far:").first.inner_html()
     assert page.seen["errors"] == [], page.seen["errors"]
     assert callback_errors(up) == []
@@ -183,7 +192,8 @@ def test_the_player_in_a_workspace_drives_the_api_through_the_hub(platform):
     for _ in range(3): assert p.step(), p.message
     sim = client.simulation(sid)
     assert p.rows == sim["history"] and len(p.rows) == 3 and sim["strategy"] == "whalley-wilmott"
-    assert [r["holdings"][0] for r in client.simulation(p.delta_sim["id"])["history"]] == [r["delta"] for r in p.rows]  # delta beside, on the same path
+    # delta beside, on the same path
+    assert [r["holdings"][0] for r in client.simulation(p.delta_sim["id"])["history"]] == [r["delta"] for r in p.rows]
     assert p.frame["delta pnl"].tolist() == [r["pnl"] for r in p.delta_rows]
     p.close()
     assert sid not in set(client.simulations().get("id", []))  # its episodes end with it

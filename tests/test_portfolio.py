@@ -50,13 +50,15 @@ def browser():
         pytest.skip("/usr/bin/chromium is missing")
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
-                              args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+                              args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                    "--disable-component-update"])
         yield b
         b.close()
 
 
 def open_portfolio(browser, up, name, password):
-    "A page of a new browser context, logged in through the hub from the portfolio's URL, once the page's session is live."
+    """A page of a new browser context, logged in through the hub from the portfolio's URL, once the page's session is
+    live."""
     page = browser.new_context(viewport={"width": 1500, "height": 1100}).new_page()
     page.seen = {"hosts": set(), "errors": []}
     page.on("request", lambda r: page.seen["hosts"].add(r.url.split("/")[2]))
@@ -66,7 +68,8 @@ def open_portfolio(browser, up, name, password):
     page.goto(up.url + PAGE)
     page.fill("input[name=username]", name); page.fill("input[name=password]", password); page.click("#login_submit")
     page.wait_for_url(re.compile(f".*{PAGE}$"), timeout=60_000)  # back from the hub's login
-    page.wait_for_selector("text=paths of this book with every strategy that applies", timeout=60_000)  # live (it said "Connecting" before)
+    # live (it said "Connecting" before)
+    page.wait_for_selector("text=paths of this book with every strategy that applies", timeout=60_000)
     page.loaded_s = time.monotonic() - t0
     return page
 
@@ -77,7 +80,8 @@ def totals(page) -> dict:
 
 
 def shows_totals(page, want: dict, timeout: float = 30) -> dict:
-    "Wait until the page shows the totals `want` (it redraws them after the server's answer); fails with what it showed last."
+    """Wait until the page shows the totals `want` (it redraws them after the server's answer); fails with what it
+    showed last."""
     t0 = time.monotonic()
     while (now := totals(page)) != want:  # read one by one: a value may be the old one while the new arrives
         assert time.monotonic() - t0 < timeout, f"the page shows {now}, not {want}"
@@ -86,7 +90,8 @@ def shows_totals(page, want: dict, timeout: float = 30) -> dict:
 
 
 def expected(book: list[dict]) -> dict:
-    "The total value and delta of `book` on the base's market, from the library (and the value once more from `bs_price`)."
+    """The total value and delta of `book` on the base's market, from the library (and the value once more from
+    `bs_price`)."""
     from hedgerl.portfolio import book_config, book_greeks
     from hedgerl.pricing import bs_price
     g = book_greeks(book_config(BASE, book)).loc["total"]
@@ -148,7 +153,8 @@ def test_a_book_built_in_the_page_is_valued_and_backtested_as_the_library_does(p
     assert cell.startswith(f"{ref['objective']:.4g} ±"), (cell, ref["objective"])
     page.screenshot(path=str(ARTIFACTS / "portfolio-backtest.png"), full_page=True)
 
-    page.locator("select").nth(0).select_option("buehler2019-heston")  # another base: its own book (a short ATM call on Heston)
+    # another base: its own book (a short ATM call on Heston)
+    page.locator("select").nth(0).select_option("buehler2019-heston")
     heston = {"kind": "call", "strike": 100.0, "maturity": 30, "quantity": -1.0}
     from hedgerl.portfolio import book_greeks
     g = book_greeks(book_config("buehler2019-heston", [heston])).loc["total"]
@@ -160,4 +166,5 @@ def test_a_book_built_in_the_page_is_valued_and_backtested_as_the_library_does(p
     assert page.seen["hosts"] == {up.url.split("/")[2]}, page.seen["hosts"]  # nothing from another host
     assert callback_errors(up) == []
     page.context.close()
-    print(f"portfolio: page {page.loaded_s:.1f} s to show after login; Backtest (3 strategies, 5,000 paths) {backtest_s:.1f} s to the results; delta objective {cell}")
+    print(f"portfolio: page {page.loaded_s:.1f} s to show after login; Backtest (3 strategies, 5,000 paths) "
+          f"{backtest_s:.1f} s to the results; delta objective {cell}")

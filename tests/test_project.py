@@ -33,11 +33,13 @@ def test_notebooks_are_clean(tmp_path):
     # nbval runs the tutorials fresh and refuses stored outputs without execution counts (which cleaning removes)
     with_outputs = [str(nb.relative_to(ROOT)) for nb in notebooks if "tutorials" in nb.parts
                     and any(c.get("outputs") for c in json.loads(nb.read_text())["cells"])]
-    assert not with_outputs, f"tutorials must be saved without outputs (jupyter nbconvert --clear-output --inplace): {with_outputs}"
+    assert not with_outputs, (f"tutorials must be saved without outputs (jupyter nbconvert --clear-output --inplace): "
+                              f"{with_outputs}")
 
 
 def test_cell_tags_survive_cleaning(tmp_path):
-    nb = {"cells": [{"cell_type": "code", "execution_count": 3, "id": "a1", "metadata": {"tags": ["parameters"], "scrolled": True},
+    nb = {"cells": [{"cell_type": "code", "execution_count": 3, "id": "a1", "metadata": {"tags": ["parameters"],
+                                                                                         "scrolled": True},
                      "outputs": [], "source": ["n_paths = 100"]}],
           "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"}},
           "nbformat": 4, "nbformat_minor": 5}
@@ -53,8 +55,12 @@ def test_readme_starts_with_the_two_commands_and_follows_index():
     readme = (ROOT / "README.md").read_text()
     lines = [l for l in readme.splitlines() if l.strip()]
     assert lines[0] == "# hedgerl"
-    assert lines[1] == "```bash" and lines[2].startswith("make up ") and lines[3].startswith("make test ") and lines[4] == "```"
-    rendered = run(["jupyter", "nbconvert", "--to", "markdown", "--stdout", str(ROOT / "nbs" / "index.ipynb")], check=True).stdout
+    assert (lines[1] == "```bash" and lines[2].startswith("make up ") and lines[3].startswith("make test ")
+            and lines[4] == "```")
+    # cells tagged remove-input (the ones that read reports/*.json) show their output only, as `make readme` renders
+    rendered = run(["jupyter", "nbconvert", "--to", "markdown", "--stdout",
+                    "--TagRemovePreprocessor.remove_input_tags=remove-input", str(ROOT / "nbs" / "index.ipynb")],
+                   check=True).stdout
     assert rendered == readme, "README.md is not the rendering of nbs/index.ipynb: run `make readme`"
 
 
@@ -73,16 +79,19 @@ def test_numpy_paths_import_without_torch():
             "from hedgerl.simulators import GBM\n"
             "p = GBM(0.0, 0.2).simulate(10, 5, 0.01, seed=1)\n"
             "assert abs(implied_vol(bs_price(100, 100, 1, 0, 0.2), 100, 100, 1, 0) - 0.2) < 1e-12\n"
-            "try:\n    GBM(0.0, 0.2).simulate(10, 5, 0.01, backend='torch')\nexcept ImportError as e:\n    assert 'pip install torch==2.13.0' in str(e)\n"
+            "try:\n    GBM(0.0, 0.2).simulate(10, 5, 0.01, backend='torch')\nexcept ImportError as e:\n    assert 'pip "
+            "install torch==2.13.0' in str(e)\n"
             "else:\n    raise AssertionError('expected ImportError')\n")
     run([sys.executable, "-c", code], check=True)
 
 
 def test_progress_bars_show_in_a_notebook():
-    "tqdm.auto in a kernel draws a widget bar (ipywidgets is a dependency): it warned 'IProgress not found' and drew none."
+    """tqdm.auto in a kernel draws a widget bar (ipywidgets is a dependency): it warned 'IProgress not found' and drew
+    none."""
     import nbformat
     from nbclient import NotebookClient
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("from tqdm.auto import tqdm\nfor _ in tqdm(range(3), desc='work'): pass")])
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("from tqdm.auto import tqdm\nfor _ in "
+                                                                   "tqdm(range(3), desc='work'): pass")])
     NotebookClient(nb, kernel_name="python3", timeout=120).execute()
     out = nb.cells[0].outputs
     assert not any("IProgress not found" in o.get("text", "") for o in out), out

@@ -91,7 +91,8 @@ def test_round_trip_every_table(registry, tmp_path):
     assert (d["name"], d.source, str(d.start), str(d.end), d.content_hash, d.n_rows, d.meta, d.owner) == \
         ("aapl", "bokeh:AAPL", "2000-01-03", "2013-03-01", "h1", 3270, {"freq": "B"}, "alice")
 
-    with reg.start_run("exp", {"lr": 0.001, "layers": [64, 64]}, name="r1", notebook="nbs/train.ipynb", tags=["t"]) as run:
+    with reg.start_run("exp", {"lr": 0.001, "layers": [64, 64]}, name="r1", notebook="nbs/train.ipynb",
+                       tags=["t"]) as run:
         for s in range(5): run.log(s, **{"train/loss": 10.0 - s, "train/reward": float(s)})
         art = tmp_path / "m.pt"; art.write_bytes(b"\x00" * 1000)
         m = reg.register_model(run, "ppo", "gbm", art, {"net": [64]})
@@ -112,7 +113,8 @@ def test_round_trip_every_table(registry, tmp_path):
     mt = reg.metrics(run.id)
     assert len(mt) == 10 and list(reg.metrics(run.id, "train/loss").value) == [10.0, 9.0, 8.0, 7.0, 6.0]
     c = reg.compare([run.id])
-    assert c.loc[run.id, "train/loss"] == 6.0 and c.loc[run.id, "eval/objective"] == 0.25 and c.loc[run.id, "status"] == "finished"
+    assert c.loc[run.id, "train/loss"] == 6.0 and c.loc[run.id, "eval/objective"] == 0.25 and c.loc[run.id,
+            "status"] == "finished"
 
 
 def test_context_manager_closes_the_run(registry):
@@ -174,7 +176,8 @@ print(reg.start_run("race", {}).id)
 
 def test_concurrent_first_use_of_an_empty_database(url):
     "A second process opens an empty registry while the first is creating its schema: created once, neither fails."
-    a, b = (child(FIRST_USE, url, user, mode, stdin=subprocess.PIPE) for user, mode in (("alice", "slow"), ("bob", "fast")))
+    a, b = (child(FIRST_USE, url, user, mode, stdin=subprocess.PIPE) for user, mode in (("alice", "slow"), ("bob",
+            "fast")))
     for p in (a, b): assert p.stdout.readline().strip() == "ready", p.communicate()[1]
     a.stdin.write("go\n"); a.stdin.flush()
     assert a.stdout.readline().strip() == "created", a.communicate()[1]
@@ -231,11 +234,16 @@ def test_upgrade_keeps_data_and_old_schema_is_refused(registry):
     t0 = dt.datetime(2026, 1, 1)
     with reg.engine.begin() as c:
         c.execute(md.tables["experiments"].insert(), dict(id=1, name="old", owner="alice", shared=False, created=t0))
-        c.execute(md.tables["runs"].insert(), dict(id=1, experiment_id=1, name="r", params={"k": [1, 2]}, status="finished",
-                                                    started=t0, ended=t0, owner="alice", shared=False, outputs={"o": 1.5}))
-        c.execute(md.tables["run_metrics"].insert(), [dict(run_id=1, step=s, key="loss", value=s / 2, timestamp=t0) for s in range(3)])
-        c.execute(md.tables["datasets"].insert(), dict(name="d", source="s", content_hash="h", owner="alice", created=t0, meta={"a": 1}))
-    with pytest.raises(SchemaError, match=r"at schema revision r0001, this hedgerl needs r0003: run `hedgerl db upgrade`"):
+        c.execute(md.tables["runs"].insert(), dict(id=1, experiment_id=1, name="r", params={"k": [1, 2]},
+                                                   status="finished",
+                                                    started=t0, ended=t0, owner="alice", shared=False,
+                                                    outputs={"o": 1.5}))
+        c.execute(md.tables["run_metrics"].insert(), [dict(run_id=1, step=s, key="loss", value=s / 2,
+                                                           timestamp=t0) for s in range(3)])
+        c.execute(md.tables["datasets"].insert(), dict(name="d", source="s", content_hash="h", owner="alice",
+                                                       created=t0, meta={"a": 1}))
+    with pytest.raises(SchemaError, match=r"at schema revision r0001, this hedgerl needs r0003: run `hedgerl db "
+                       r"upgrade`"):
         registry(user="alice").runs()
     assert reg.status()["current"] == "r0001" # refused, not migrated behind the user's back
     reg.upgrade()
@@ -267,12 +275,14 @@ def test_private_and_shared_visibility(registry, tmp_path):
 
 
 def test_malformed_url_names_the_setting(monkeypatch):
-    with pytest.raises(SettingsError, match=r"setting \[registry\] url \(environment HEDGERL_REGISTRY_URL\): malformed"):
+    with pytest.raises(
+            SettingsError, match=r"setting \[registry\] url \(environment HEDGERL_REGISTRY_URL\): malformed"):
         Registry("sqlite//no-colon")
     with pytest.raises(SettingsError, match="unsupported database type 'nosuchdb'"):
         Registry("nosuchdb://host/db")
     with pytest.raises(SettingsError, match="unsupported database type 'mysql' .* the registry runs on sqlite"):
-        Registry("mysql://root@127.0.0.1/test")  # MySQL's driver is not even installed: say what is supported, not "No module named MySQLdb"
+        # MySQL's driver is not even installed: say what is supported, not "No module named MySQLdb"
+        Registry("mysql://root@127.0.0.1/test")
     monkeypatch.setenv("HEDGERL_REGISTRY_URL", "registry.sqlite")
     try:
         with pytest.raises(SettingsError, match=r"\[registry\] url .*HEDGERL_REGISTRY_URL"):
@@ -310,12 +320,15 @@ def test_cached_reads_follow_every_write_of_any_process(registry, url):
 
 @pytest.mark.parametrize("bad", ["a\x00b", "\ud800", "x" * 10_000])
 def test_unstorable_query_values_find_nothing(registry, bad):
-    "A filter value no column could hold (NUL, a lone surrogate, longer than any name) matches nothing on every backend;"
-    " PostgreSQL refuses NUL in any statement, so a plain `col == value` there is a 500 in the service (found by the API fuzz)."
+    """A filter value no column could hold (NUL, a lone surrogate, longer than any name) matches nothing on every
+    backend;"""
+    """ PostgreSQL refuses NUL in any statement, so a plain `col == value` there is a 500 in the service (found by the
+    API fuzz)."""
     reg = registry(user="alice")
     with reg.start_run("exp", {"agent": "ppo"}) as run: run.log(0, **{"loss": 1.0})
     assert reg.metrics(run.id, key=bad).empty and len(reg.metrics(run.id, key="loss")) == 1
     assert reg.datasets(name=bad).empty
-    for kind, col in (("run", "experiment"), ("run", "agent"), ("model", "name"), ("evaluation", "strategy"), ("scenario", "name")):
+    for kind, col in (("run", "experiment"), ("run", "agent"), ("model", "name"), ("evaluation", "strategy"),
+                      ("scenario", "name")):
         assert reg.find(kind, {col: bad}) == ([], 0), (kind, col)
     assert reg.runs(experiment=bad).empty and reg.models(scenario=bad).empty and reg.scenarios(owner=bad).empty

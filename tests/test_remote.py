@@ -32,7 +32,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 # --- the hub config file, on a bare Config -------------------------------------------------------------------------
 
 def _config_module():
-    spec = importlib.util.spec_from_file_location("hedgerl_test_35_registry", ROOT / "hub" / "jupyterhub_config.d" / "35-registry.py")
+    spec = importlib.util.spec_from_file_location("hedgerl_test_35_registry",
+                                                  ROOT / "hub" / "jupyterhub_config.d" / "35-registry.py")
     mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
     return mod
 
@@ -40,7 +41,8 @@ def _config_module():
 def _ctx(tmp_path, deployment="local", **env):
     from hedgerl.core import load_settings
     from hedgerl.platform import PlatformContext
-    s = load_settings(ROOT / "settings.ini", environ={"HEDGERL_DATA_FOLDER": str(tmp_path), "HEDGERL_HUB_DEPLOYMENT": deployment, **env})
+    s = load_settings(ROOT / "settings.ini", environ={"HEDGERL_DATA_FOLDER": str(tmp_path),
+                                                      "HEDGERL_HUB_DEPLOYMENT": deployment, **env})
     return PlatformContext(settings=s, root=ROOT, state=tmp_path / "hub", as_root=True)
 
 
@@ -52,12 +54,15 @@ def test_hub_config_points_workspaces_at_the_service(tmp_path):
     c.Spawner.environment.update({"HEDGERL_DATA_FOLDER": "kept"})  # another file's entries survive
     mod.configure(c, _ctx(tmp_path, HEDGERL_SERVICE_PORT="18311"))
     sp = Spawner(config=c)
-    assert sp.environment == {"HEDGERL_DATA_FOLDER": "kept", "HEDGERL_REGISTRY_URL": "http://127.0.0.1:18311/services/hedgerl/"}
+    assert sp.environment == {"HEDGERL_DATA_FOLDER": "kept",
+                              "HEDGERL_REGISTRY_URL": "http://127.0.0.1:18311/services/hedgerl/"}
     # JupyterHub's default server token (activity, access to the user's own server) plus the service
-    assert set(sp.server_token_scopes) == {"users:activity!user", "access:servers!server", "access:services!service=hedgerl"}
+    assert set(sp.server_token_scopes) == {"users:activity!user", "access:servers!server",
+                                           "access:services!service=hedgerl"}
 
     c = Config()
-    c.Spawner.server_token_scopes = ["users:activity!user", "access:services!service=dask-gateway"]  # set by a file before
+    # set by a file before
+    c.Spawner.server_token_scopes = ["users:activity!user", "access:services!service=dask-gateway"]
     mod.configure(c, _ctx(tmp_path))
     assert Spawner(config=c).server_token_scopes == ["users:activity!user", "access:services!service=dask-gateway",
                                                      "access:servers!server", "access:services!service=hedgerl"]
@@ -66,9 +71,11 @@ def test_hub_config_points_workspaces_at_the_service(tmp_path):
     mod.configure(c, _ctx(tmp_path))
     assert "access:services!service=dask-gateway" in Spawner(config=c).server_token_scopes
     c = Config(); c.Spawner.server_token_scopes = lambda spawner: []
-    with pytest.raises(ValueError, match="is a callable: add the hedgerl service's scopes"): mod.configure(c, _ctx(tmp_path))
+    with pytest.raises(ValueError, match="is a callable: add the hedgerl service's scopes"): mod.configure(c,
+            _ctx(tmp_path))
 
-    for deployment, url in (("kubernetes", "http://hub:8765/services/hedgerl/"), ("slurm", f"http://{socket.getfqdn()}:8000/services/hedgerl/")):
+    for deployment, url in (("kubernetes", "http://hub:8765/services/hedgerl/"), ("slurm",
+            f"http://{socket.getfqdn()}:8000/services/hedgerl/")):
         c = Config(); mod.configure(c, _ctx(tmp_path, deployment))
         assert c.Spawner.environment.to_dict()["update"]["HEDGERL_REGISTRY_URL"] == url, deployment
     c = Config(); mod.configure(c, _ctx(tmp_path, HEDGERL_SERVICE_HOST="0.0.0.0"))
@@ -78,7 +85,8 @@ def test_hub_config_points_workspaces_at_the_service(tmp_path):
 # --- a real service, real accounts ---------------------------------------------------------------------------------
 
 APP = textwrap.dedent('''
-    """A hedgerl registry service behind a stand-in for the hub: a token names its user (HD_TOKENS), anything else is 401."""
+    """A hedgerl registry service behind a stand-in for the hub: a token names its user (HD_TOKENS), anything else is
+    401."""
     import json, os
     from fastapi import FastAPI, Header, HTTPException
     from hedgerl.remote import API, registry_router
@@ -89,7 +97,8 @@ APP = textwrap.dedent('''
         return name
     def create() -> FastAPI:
         app = FastAPI()
-        app.include_router(registry_router(hub_user), prefix="/services/hedgerl/" + API)  # [registry] url: HEDGERL_REGISTRY_URL
+        # [registry] url: HEDGERL_REGISTRY_URL
+        app.include_router(registry_router(hub_user), prefix="/services/hedgerl/" + API)
         return app
 ''')
 
@@ -113,7 +122,8 @@ def _free_port() -> int:
 
 def _account(role: str) -> pwd.struct_passwd:
     name = f"hd{role}{secrets.token_hex(3)}"
-    subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", "--user-group", name], check=True, capture_output=True)
+    subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", "--user-group", name], check=True,
+                   capture_output=True)
     pw = pwd.getpwnam(name)
     os.chmod(pw.pw_dir, 0o700)
     return pw
@@ -132,7 +142,8 @@ def accounts():
 
 @pytest.fixture(scope="module")
 def service(accounts):
-    "The service as the platform runs it: its registry a SQLite file in a folder anyone may list (the file's own mode guards it)."
+    """The service as the platform runs it: its registry a SQLite file in a folder anyone may list (the file's own mode
+    guards it)."""
     state = Path(tempfile.mkdtemp(prefix="hd-remote-"))
     state.chmod(0o755)
     (state / "app.py").write_text(APP)
@@ -145,18 +156,23 @@ def service(accounts):
         import httpx
         with _port_lock():
             port = _free_port()
-            proc = subprocess.Popen([str(BIN / "python"), "-m", "uvicorn", "app:create", "--factory", "--app-dir", str(state),
-                                     "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=state)
+            proc = subprocess.Popen([str(BIN / "python"), "-m", "uvicorn", "app:create", "--factory", "--app-dir",
+                                     str(state),
+                                     "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=log,
+                                     stderr=subprocess.STDOUT, cwd=state)
             url = f"http://127.0.0.1:{port}/services/hedgerl/"
             t0 = time.monotonic()
             while True:
-                if proc.poll() is not None: raise AssertionError(f"the service exited {proc.returncode}:\n{(state / 'service.log').read_text()}")
+                if proc.poll() is not None: raise AssertionError(f"the service exited "
+                        f"{proc.returncode}:\n{(state / 'service.log').read_text()}")
                 try:
                     if httpx.get(url + "api/v1/registry", timeout=2).status_code == 401: break
                 except httpx.TransportError: pass
-                if time.monotonic() - t0 > 60: raise AssertionError(f"the service did not answer in 60 s:\n{(state / 'service.log').read_text()}")
+                if time.monotonic() - t0 > 60: raise AssertionError(f"the service did not answer in 60 "
+                                                                    f"s:\n{(state / 'service.log').read_text()}")
                 time.sleep(0.2)
-        yield dict(url=url, db=db, tokens={v: k for k, v in tokens.items()}, started_s=round(time.monotonic() - t0, 2), log=state / "service.log")
+        yield dict(url=url, db=db, tokens={v: k for k, v in tokens.items()}, started_s=round(time.monotonic() - t0, 2),
+                   log=state / "service.log")
     finally:
         if proc is not None:
             proc.terminate()
@@ -167,11 +183,14 @@ def service(accounts):
 
 
 def as_account(pw, service, code: str, *args, timeout=120, env=None) -> dict:
-    "Run `code` in a fresh Python as the account `pw`, with what a workspace has (its token, the service as [registry] url); its JSON."
-    e = {"HOME": pw.pw_dir, "USER": pw.pw_name, "PATH": f"{BIN}:/usr/bin:/bin", "HEDGERL_SETTINGS": str(ROOT / "settings.ini"),
+    """Run `code` in a fresh Python as the account `pw`, with what a workspace has (its token, the service as
+    [registry] url); its JSON."""
+    e = {"HOME": pw.pw_dir, "USER": pw.pw_name, "PATH": f"{BIN}:/usr/bin:/bin",
+         "HEDGERL_SETTINGS": str(ROOT / "settings.ini"),
          "HEDGERL_DATA_FOLDER": f"{pw.pw_dir}/.hedgerl", "HEDGERL_REGISTRY_URL": service["url"],
          "JUPYTERHUB_API_TOKEN": service["tokens"][pw.pw_name], **(env or {})}
-    p = subprocess.run([str(BIN / "python"), "-c", code, *args], user=pw.pw_uid, group=pw.pw_gid, extra_groups=[], umask=0o077,
+    p = subprocess.run([str(BIN / "python"), "-c", code, *args], user=pw.pw_uid, group=pw.pw_gid, extra_groups=[],
+                       umask=0o077,
                        cwd=pw.pw_dir, env=e, capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, f"{pw.pw_name}'s process exited {p.returncode}:\n{p.stdout}\n{p.stderr}"
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -236,7 +255,8 @@ BOB = textwrap.dedent('''
     # past the client: HTTP as B with A's path and checksum, and A's name in the query
     h = {"Authorization": "token " + os.environ["JUPYTERHUB_API_TOKEN"]}
     api = reg.url + API
-    r = httpx.post(f"{api}/models", headers=h, json={"algorithm": "x", "scenario": "s", "artifact_path": a["file"], "checksum": a["checksum"]})
+    r = httpx.post(f"{api}/models", headers=h,
+                   json={"algorithm": "x", "scenario": "s", "artifact_path": a["file"], "checksum": a["checksum"]})
     res["steal_register"] = [r.status_code, r.json()["detail"]]
     r = httpx.get(f"{api}/runs", headers=h, params={"user": a["user"]})
     res["steal_view"] = [r.status_code, r.json()["detail"][0]["loc"]]  # asking for A's view: refused, never answered
@@ -247,7 +267,8 @@ BOB = textwrap.dedent('''
 
 
 def check_boundary(accounts, service) -> None:
-    "A records private and shared rows and a model as her own account; B, as his, reaches none of hers but the shared ones, read-only."
+    """A records private and shared rows and a model as her own account; B, as his, reaches none of hers but the shared
+    ones, read-only."""
     from hedgerl.registry import Registry
     alice, bob = accounts
     a = as_account(alice, service, ALICE)
@@ -261,10 +282,13 @@ def check_boundary(accounts, service) -> None:
     nb = bob.pw_name
     assert b["user"] == nb
     hidden = f"no run {a['private']} visible to user '{nb}'"
-    for k in ("run", "log", "outputs", "finish", "fail", "evaluate_on_run"): assert b[k].startswith("KeyError") and hidden in b[k], (k, b[k])
+    for k in ("run", "log", "outputs", "finish", "fail", "evaluate_on_run"): assert b[k].startswith(
+            "KeyError") and hidden in b[k], (k, b[k])
     assert b["metrics"].startswith("KeyError") and f"visible to user '{nb}'" in b["metrics"]
-    for k in ("model", "model_file", "evaluate_model"): assert b[k].startswith("KeyError") and f"no model {a['model']} visible" in b[k], (k, b[k])
-    for k in ("shared_log", "shared_fail"): assert b[k].startswith("PermissionError") and "(shared, read-only)" in b[k], (k, b[k])
+    for k in ("model", "model_file", "evaluate_model"): assert b[k].startswith(
+            "KeyError") and f"no model {a['model']} visible" in b[k], (k, b[k])
+    for k in ("shared_log", "shared_fail"): assert b[k].startswith("PermissionError") and "(shared, read-only)" in b[
+            k], (k, b[k])
     for k in ("read_file", "read_db"): assert b[k].startswith("PermissionError"), (k, b[k])
     assert b["other_view"].startswith("PermissionError")
     assert set(b["listed"]) >= {a["shared"]} and a["private"] not in b["listed"] and a["model"] not in b["models"], b
@@ -293,7 +317,8 @@ def test_user_b_cannot_reach_user_a_private_rows(accounts, service):
 
 @pytest.mark.slow
 def test_training_template_records_through_the_service(accounts, service):
-    "The acceptance check: nbs/runs/train.ipynb executed by papermill in a kernel of A's, its [registry] url the service."
+    """The acceptance check: nbs/runs/train.ipynb executed by papermill in a kernel of A's, its [registry] url the
+    service."""
     from hedgerl.registry import Registry
     alice, bob = accounts
     out = f"{alice.pw_dir}/.hedgerl/runs/nb"
@@ -302,12 +327,15 @@ def test_training_template_records_through_the_service(accounts, service):
         import papermill as pm
         t0 = time.monotonic()
         os.makedirs({out!r})
-        pm.execute_notebook({str(ROOT / "nbs" / "runs" / "train.ipynb")!r}, {out + ".ipynb"!r}, kernel_name="python3", language="python", progress_bar=False, cwd={out!r},
-                            parameters=dict(agent="ntb", scenario="cao2021-gbm-1m-1d", budget=2, params={{"n_paths": 500, "hidden": 8}},
-                                            valid_paths=200, test_paths=1000, out={out!r}, registry_url=os.environ["HEDGERL_REGISTRY_URL"],
+        pm.execute_notebook({str(ROOT / "nbs" / "runs" / "train.ipynb")!r}, {out + ".ipynb"!r}, kernel_name="python3",
+                            language="python", progress_bar=False, cwd={out!r},
+                            parameters=dict(agent="ntb", scenario="cao2021-gbm-1m-1d", budget=2,
+                                            params={{"n_paths": 500, "hidden": 8}}, valid_paths=200, test_paths=1000,
+                                            out={out!r}, registry_url=os.environ["HEDGERL_REGISTRY_URL"],
                                             experiment="nb-e2e", progress=False))
         m = json.load(open({out + "/metrics.json"!r}))
-        print(json.dumps({{"run_id": m["run_id"], "model_id": m["model_id"], "evaluation_id": m["evaluation_id"], "seconds": round(time.monotonic() - t0, 1)}}))
+        print(json.dumps({{"run_id": m["run_id"], "model_id": m["model_id"], "evaluation_id": m["evaluation_id"],
+                          "seconds": round(time.monotonic() - t0, 1)}}))
     ''')
     r = as_account(alice, service, code, timeout=600)
     reg = Registry(f"sqlite:///{service['db']}", user=alice.pw_name)
@@ -361,7 +389,8 @@ def _free_ports(n: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def hub_service(accounts, tmp_path_factory):
-    "A real JupyterHub and proxy starting the hedgerl service from hub/ (30-service.py, 35-registry.py); both users approved."
+    """A real JupyterHub and proxy starting the hedgerl service from hub/ (30-service.py, 35-registry.py); both users
+    approved."""
     import requests
     from jupyterhub.spawner import Spawner
     from traitlets.config import Config
@@ -373,44 +402,58 @@ def hub_service(accounts, tmp_path_factory):
             port, _, _, service_port = _free_ports(4)
             admin_token = secrets.token_hex(16)
             conf = tmp / "jupyterhub_config.d"; conf.mkdir()
-            (conf / "00-test-base.py").write_text(HUB_BASE % dict(chp=str(CHP), password=secrets.token_hex(8), users=[pw.pw_name for pw in accounts],
+            (conf / "00-test-base.py").write_text(HUB_BASE % dict(chp=str(CHP), password=secrets.token_hex(8),
+                                                                  users=[pw.pw_name for pw in accounts],
                                                                   admin_token=admin_token))
-            for f in ("30-service.py", "35-registry.py"): (conf / f).write_text((ROOT / "hub" / "jupyterhub_config.d" / f).read_text())
-            (tmp / "jupyterhub_config.py").write_text("from pathlib import Path\nfrom hedgerl.platform import PlatformContext, load_config_dir\n"
-                                                      "load_config_dir(get_config(), Path(__file__).parent / 'jupyterhub_config.d', PlatformContext())\n")
-            env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HEDGERL_DATA_FOLDER": str(tmp / "data"),
-                   "HEDGERL_HUB_PORT": str(port), "HEDGERL_SERVICE_PORT": str(service_port), "HEDGERL_SETTINGS": str(ROOT / "settings.ini")}
+            for f in ("30-service.py", "35-registry.py"): (conf / f).write_text((
+                    ROOT / "hub" / "jupyterhub_config.d" / f).read_text())
+            (tmp / "jupyterhub_config.py").write_text("from pathlib import Path\nfrom hedgerl.platform import "
+                                                      "PlatformContext, load_config_dir\n"
+                                                      "load_config_dir(get_config(), Path(__file__).parent / "
+                                                      "'jupyterhub_config.d', PlatformContext())\n")
+            env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+                   "HEDGERL_DATA_FOLDER": str(tmp / "data"),
+                   "HEDGERL_HUB_PORT": str(port), "HEDGERL_SERVICE_PORT": str(service_port),
+                   "HEDGERL_SETTINGS": str(ROOT / "settings.ini")}
             env.pop("HEDGERL_REGISTRY_URL", None)
             # what a workspace is given: the URL from 35-registry.py, as the hub resolves it
             from hedgerl.core import load_settings
             from hedgerl.platform import PlatformContext
             c = Config()
-            _config_module().configure(c, PlatformContext(settings=load_settings(ROOT / "settings.ini", environ=env), root=ROOT, state=tmp / "data" / "hub"))
+            _config_module().configure(c, PlatformContext(settings=load_settings(ROOT / "settings.ini", environ=env),
+                                                          root=ROOT, state=tmp / "data" / "hub"))
             workspace = Spawner(config=c)
             url = f"http://127.0.0.1:{port}"
-            proc = subprocess.Popen([str(BIN / "jupyterhub"), "-f", str(tmp / "jupyterhub_config.py")], cwd=tmp, env=env, stdout=log,
+            proc = subprocess.Popen([str(BIN / "jupyterhub"), "-f", str(tmp / "jupyterhub_config.py")], cwd=tmp,
+                                    env=env, stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True)
-            api = lambda method, path, **kw: requests.request(method, f"{url}/hub/api{path}", headers={"Authorization": f"token {admin_token}"}, timeout=10, **kw)
+            api = lambda method, path, **kw: requests.request(method, f"{url}/hub/api{path}",
+                                                              headers={"Authorization": f"token {admin_token}"},
+                                                              timeout=10, **kw)
             t0 = time.monotonic()
             while True:
-                if proc.poll() is not None: raise AssertionError(f"jupyterhub exited {proc.returncode}:\n{(tmp / 'hub.log').read_text()[-4000:]}")
+                if proc.poll() is not None: raise AssertionError(f"jupyterhub exited "
+                        f"{proc.returncode}:\n{(tmp / 'hub.log').read_text()[-4000:]}")
                 try:
                     if requests.get(f"{url}/services/hedgerl/api/v1/health", timeout=2).status_code == 200: break
                 except requests.ConnectionError: pass
-                if time.monotonic() - t0 > 120: raise AssertionError(f"the hub and the service did not answer in 120 s:\n{(tmp / 'hub.log').read_text()[-4000:]}")
+                if time.monotonic() - t0 > 120: raise AssertionError(f"the hub and the service did not answer in 120 "
+                                                                     f"s:\n{(tmp / 'hub.log').read_text()[-4000:]}")
                 time.sleep(0.2)
         started = round(time.monotonic() - t0, 1)
         names = [pw.pw_name for pw in accounts]
         assert api("POST", "/users", json={"usernames": names}).status_code in (201, 409)
         assert api("POST", "/groups/researchers/users", json={"users": names}).status_code == 200  # approved
-        # a workspace's token: the scopes 35-registry.py asks for (JupyterHub keeps those the user holds; !server needs a server)
+        # a workspace's token: the scopes 35-registry.py asks for (JupyterHub keeps those the user holds; !server needs
+        # a server)
         scopes = [s for s in workspace.server_token_scopes if not s.endswith("!server")]
         tokens = {}
         for n in names:
             r = api("POST", f"/users/{n}/tokens", json={"note": "hd workspace-like", "scopes": scopes})
             assert r.status_code == 201, r.text
             tokens[n] = r.json()["token"]
-        yield dict(url=workspace.environment["HEDGERL_REGISTRY_URL"], proxy=f"{url}/services/hedgerl/", db=tmp / "data" / "registry.sqlite",
+        yield dict(url=workspace.environment["HEDGERL_REGISTRY_URL"], proxy=f"{url}/services/hedgerl/",
+                   db=tmp / "data" / "registry.sqlite",
                    tokens=tokens, api=api, started_s=started, log=tmp / "hub.log",
                    service_port=service_port)
     finally:
@@ -422,33 +465,40 @@ def hub_service(accounts, tmp_path_factory):
 
 
 def test_boundary_through_a_real_hub(accounts, hub_service):
-    "The same checks with the hub's tokens, the platform's service (hedgerl.service's hub_user) and 35-registry.py's URL and scopes."
+    """The same checks with the hub's tokens, the platform's service (hedgerl.service's hub_user) and 35-registry.py's
+    URL and scopes."""
     import requests
-    assert hub_service["url"] == f"http://127.0.0.1:{hub_service['service_port']}/services/hedgerl/"  # 35-registry.py: straight to the service
+    # 35-registry.py: straight to the service
+    assert hub_service["url"] == f"http://127.0.0.1:{hub_service['service_port']}/services/hedgerl/"
     check_boundary(accounts, hub_service)
     alice = accounts[0].pw_name
     h = {"Authorization": f"token {hub_service['tokens'][alice]}"}
-    r = requests.get(f"{hub_service['proxy']}api/v1/registry/runs", headers=h, timeout=10)  # the same API through the proxy
+    # the same API through the proxy
+    r = requests.get(f"{hub_service['proxy']}api/v1/registry/runs", headers=h, timeout=10)
     assert r.status_code == 200 and {row["owner"] for row in r.json()["rows"]} == {alice}
     r = hub_service["api"]("POST", f"/users/{alice}/tokens", json={"scopes": [f"read:users:name!user={alice}"]})
     narrow = r.json()["token"]  # a token of A's without the service's scope
-    r = requests.get(f"{hub_service['proxy']}api/v1/registry/runs", headers={"Authorization": f"token {narrow}"}, timeout=10)
+    r = requests.get(f"{hub_service['proxy']}api/v1/registry/runs", headers={"Authorization": f"token {narrow}"},
+                     timeout=10)
     assert r.status_code == 403 and "detail" in r.json(), r.text
     print(json.dumps({"hub_and_service_up_s": hub_service["started_s"]}))
 
 
 @pytest.mark.slow
 def test_hedgerl_train_records_through_the_service(accounts, service):
-    "The acceptance check: `hedgerl train` as A, whose [registry] url is the service: one run of hers, finished, with its model."
+    """The acceptance check: `hedgerl train` as A, whose [registry] url is the service: one run of hers, finished, with
+    its model."""
     from hedgerl.registry import Registry
     alice, bob = accounts
     code = textwrap.dedent(f'''
         import json, subprocess, time
         t0 = time.monotonic()
-        p = subprocess.run([{str(BIN / "hedgerl")!r}, "train", "ntb", "cao2021-gbm-1m-1d", "--budget", "2", "--param", "n_paths=500",
-                            "--param", "hidden=8", "--valid-paths", "200", "--test-paths", "1000", "--experiment", "cli-e2e"],
+        p = subprocess.run([{str(BIN / "hedgerl")!r}, "train", "ntb", "cao2021-gbm-1m-1d", "--budget", "2",
+                            "--param", "n_paths=500", "--param", "hidden=8", "--valid-paths", "200",
+                            "--test-paths", "1000", "--experiment", "cli-e2e"],
                            capture_output=True, text=True, timeout=500)
-        print(json.dumps({{"rc": p.returncode, "out": p.stdout[-2000:], "err": p.stderr[-2000:], "seconds": round(time.monotonic() - t0, 1)}}))
+        print(json.dumps({{"rc": p.returncode, "out": p.stdout[-2000:], "err": p.stderr[-2000:],
+                          "seconds": round(time.monotonic() - t0, 1)}}))
     ''')
     r = as_account(alice, service, code, timeout=600)
     assert r["rc"] == 0, r
@@ -456,7 +506,8 @@ def test_hedgerl_train_records_through_the_service(accounts, service):
     runs = reg.runs(experiment="cli-e2e")
     assert len(runs) == 1, runs
     row = runs.iloc[0]
-    assert (row.owner, row.status) == (alice.pw_name, "finished") and row.outputs["folder"].startswith(f"{alice.pw_dir}/.hedgerl/runs/")
+    assert (row.owner, row.status) == (alice.pw_name, "finished") and row.outputs["folder"].startswith(
+            f"{alice.pw_dir}/.hedgerl/runs/")
     assert len(reg.metrics(int(row.id))) > 0 and len(reg.models().query("run_id == @row.id")) == 1
     assert int(row.id) not in Registry(reg.url, user=bob.pw_name).runs().id.tolist()
     reg.engine.dispose()

@@ -20,7 +20,8 @@ HEDGERL = Path(sys.executable).parent / "hedgerl"
 SCENARIO = "cao2021-gbm-1m-1d"
 CI = os.environ.get("CI") == "true"
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-FIGURES = ("Figure 1: terminal P&L", "Figure 2: P&L along a path", "Figure 3: hedge ratio against delta", "Figure 4: holding minus delta")
+FIGURES = ("Figure 1: terminal P&L", "Figure 2: P&L along a path", "Figure 3: hedge ratio against delta",
+           "Figure 4: holding minus delta")
 
 
 def need_chromium():
@@ -30,7 +31,8 @@ def need_chromium():
 
 
 def cli(*args, env=None, timeout=600):
-    return subprocess.run([str(HEDGERL), "report", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    return subprocess.run([str(HEDGERL), "report", *args], capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=ROOT)
 
 
 def pdf_text(path):
@@ -57,18 +59,21 @@ def test_the_cli_writes_html_and_pdf_with_the_reports_numbers(scenario_report):
         assert f"report {slug}: {step}" in r.stderr, r.stderr  # progress while it runs
     assert {p.name for p in out.iterdir()} == {f"{slug}.html", f"{slug}.pdf", f"{slug}.json"}
     numbers = json.loads((out / f"{slug}.json").read_text())
-    assert numbers["n_paths"] == 2000 and numbers["seed"] == 5 and list(numbers["table"]) == ["delta", "no-hedge", "whalley-wilmott"]
+    assert numbers["n_paths"] == 2000 and numbers["seed"] == 5 and list(numbers["table"]) == ["delta", "no-hedge",
+            "whalley-wilmott"]
     pages, text = pdf_text(out / f"{slug}.pdf")
     everything = " ".join(text)
     assert 2 <= len(pages) <= 6, len(pages)
     best = min((k for k in numbers["table"] if k != "delta"), key=lambda k: numbers["table"][k]["objective"])
-    assert numbers["focus"] == best == "whalley-wilmott"  # the cards, heatmap and trades are about the best strategy but delta
+    # the cards, heatmap and trades are about the best strategy but delta
+    assert numbers["focus"] == best == "whalley-wilmott"
     assert f"Hedging report: {SCENARIO}" in text[0] and f"Headline: {best}" in text[0] and "Comparison" in everything
     for heading in (*FIGURES, f"Trades of {best} on sample path 0"):
         assert heading in everything, heading
     for label, row in numbers["table"].items():  # the table in the PDF is the report's numbers
         assert f"{row['objective']:.4g} ± {row['objective_se']:.2g}" in everything, (label, row["objective"])
-    # each figure is drawn on canvases, which Chromium prints as images: at least one per figure, on the pages of its heading
+    # each figure is drawn on canvases, which Chromium prints as images: at least one per figure, on the pages of its
+    # heading
     with_figures = [i for i, t in enumerate(text) if any(f in t for f in FIGURES)]
     assert sum(len(pages[i].images) for i in with_figures) >= 4
     assert all(len(pages[i].images) >= 1 for i in with_figures)
@@ -84,13 +89,15 @@ def test_the_html_asks_no_other_host_and_draws_every_figure(scenario_report):
     seen, errors = [], []
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
-                              args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+                              args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                    "--disable-component-update"])
         page = b.new_page()
         page.on("request", lambda r: seen.append(r.url))
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.goto(html.as_uri())
-        page.wait_for_function("() => window.Bokeh && Bokeh.documents.length == 4 && Bokeh.documents.every(d => d.is_idle)", timeout=60_000)
+        page.wait_for_function("() => window.Bokeh && Bokeh.documents.length == 4 && Bokeh.documents.every(d => "
+                               "d.is_idle)", timeout=60_000)
         canvases = page.locator("canvas").count()  # Playwright's CSS locators pierce Bokeh's shadow roots
         b.close()
     assert [u for u in seen if not u.startswith(("file:", "data:", "blob:"))] == []
@@ -142,37 +149,46 @@ def test_failures_are_one_line_with_the_fix(tmp_path):
 
 
 def test_the_templates_ship_in_the_wheel(tmp_path):
-    "A wheel built from this tree carries the templates, and an installed hedgerl finds them in its own folder, not in a clone."
+    """A wheel built from this tree carries the templates, and an installed hedgerl finds them in its own folder, not
+    in a clone."""
     src = tmp_path / "src"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()
     for f in files:
         if f.startswith(("hedgerl/", "nbs/runs/")) or f in ("pyproject.toml", "README.md", "LICENSE"):
             (src / f).parent.mkdir(parents=True, exist_ok=True)
             if (ROOT / f).is_symlink(): (src / f).symlink_to(os.readlink(ROOT / f))
             elif (ROOT / f).is_file(): shutil.copy2(ROOT / f, src / f)
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"), str(src)],
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                        str(tmp_path / "dist"), str(src)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     wheel = next((tmp_path / "dist").glob("hedgerl-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    assert {"hedgerl/templates/report.ipynb", "hedgerl/templates/leaderboard_report.ipynb", "hedgerl/templates/train.ipynb"} <= set(names)
-    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), [n for n in names if "dist-info" in n]  # the wheel carries the licence
+    assert {"hedgerl/templates/report.ipynb", "hedgerl/templates/leaderboard_report.ipynb",
+            "hedgerl/templates/train.ipynb"} <= set(names)
+    # the wheel carries the licence
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), [n for n in names if "dist-info" in n]
     zipfile.ZipFile(wheel).extractall(site := tmp_path / "site")
     assert not (site / "hedgerl" / "templates").is_symlink()
     r = subprocess.run([sys.executable, "-c", "import hedgerl.reports as r, json; p = r.template_path(); "
                         "print(p); print(json.loads(p.read_text())['metadata']['kernelspec']['name'])"],
-                       capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)}, timeout=120)
+                       capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)},
+                       timeout=120)
     assert r.returncode == 0, r.stderr
     path, kernel = r.stdout.split()
     assert Path(path) == site / "hedgerl" / "templates" / "report.ipynb" and kernel == "python3"
 
 
 def test_papermill_runs_the_template_from_its_command_line(tmp_path):
-    "The templates keep their kernelspec and `parameters` cell: papermill's own command runs them and lists their parameters."
+    """The templates keep their kernelspec and `parameters` cell: papermill's own command runs them and lists their
+    parameters."""
     papermill, template = str(Path(sys.executable).parent / "papermill"), str(ROOT / "nbs" / "runs" / "report.ipynb")
     r = subprocess.run([papermill, "--help-notebook", template], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and "n_paths: Unknown type (default 2000)" in r.stdout and "test paths" in r.stdout, r.stdout + r.stderr
-    r = subprocess.run([papermill, template, str(tmp_path / "out.ipynb"), "-p", "n_paths", "500", "-p", "out_json", str(tmp_path / "n.json"),
+    assert (r.returncode == 0 and "n_paths: Unknown type (default 2000)" in r.stdout
+            and "test paths" in r.stdout), r.stdout + r.stderr
+    r = subprocess.run([papermill, template, str(tmp_path / "out.ipynb"), "-p", "n_paths", "500", "-p", "out_json",
+                        str(tmp_path / "n.json"),
                         "--cwd", str(tmp_path), "--no-progress-bar"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "n.json").read_text())["n_paths"] == 500
@@ -215,7 +231,8 @@ def test_a_users_run_report_through_the_service(platform):
         assert got.status_code == 200 and got.headers["content-type"].startswith("text/html"), got.text[:300]
         assert f"Run {run.id}: reports / smoke" in got.text and 'id="Training"' in got.text
         pdf = c.get(f"{api}/report.pdf", headers={"Authorization": f"token {token_a}"})
-        assert pdf.status_code == 200 and pdf.headers["content-type"] == "application/pdf" and pdf.content.startswith(b"%PDF")
+        assert pdf.status_code == 200 and pdf.headers["content-type"] == "application/pdf" and pdf.content.startswith(
+                b"%PDF")
         assert c.get(f"{api}/report.pdf", headers={"Authorization": f"token {token_b}"}).status_code == 404
     from io import BytesIO
     from pypdf import PdfReader

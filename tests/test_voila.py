@@ -17,7 +17,7 @@ from platform_tools import Up, platform_env
 from test_dashboards import ARTIFACTS, browser  # noqa: F401 (the module's Chromium fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.geteuid() != 0 and os.environ.get("CI") != "true",
-                                                   reason="workspaces run as the users' own accounts (root spawns them)"),
+        reason="workspaces run as the users' own accounts (root spawns them)"),
               pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 
@@ -33,15 +33,18 @@ def workspace(tmp_path_factory, browser):  # noqa: F811
         set_hub_password(load_settings(environ=up.env).hub.db_url, name, password)  # approved, as the admin would
         context = browser.new_context(viewport={"width": 1400, "height": 1000})
         page = context.new_page()
-        page.goto(up.url + "/hub/login"); page.fill("input[name=username]", name); page.fill("input[name=password]", password)
+        page.goto(up.url + "/hub/login"); page.fill("input[name=username]", name); page.fill("input[name=password]",
+                password)
         page.click("#login_submit"); page.wait_for_url("**/hub/**")
-        page.goto(up.url + f"/hub/spawn/{name}"); page.wait_for_url(re.compile(f".*/user/{name}/lab.*"), timeout=180_000)
+        page.goto(up.url + f"/hub/spawn/{name}"); page.wait_for_url(re.compile(f".*/user/{name}/lab.*"),
+                                                                    timeout=180_000)
         page.close()
         yield up, name, context
         context.close()
     finally:
         up.stop(signal.SIGTERM)
-        subprocess.run(["pkill", "-u", name], capture_output=True); subprocess.run(["userdel", "-r", name], capture_output=True)
+        subprocess.run(["pkill", "-u", name], capture_output=True); subprocess.run(["userdel", "-r", name],
+                                                                                   capture_output=True)
 
 
 def voila_page(workspace, notebook: str):
@@ -50,7 +53,8 @@ def voila_page(workspace, notebook: str):
     page = context.new_page()
     page.seen = {"hosts": set(), "errors": [], "elsewhere": set()}
     local = up.url.split("/")[2]
-    page.on("request", lambda r: (page.seen["hosts"].add(r.url.split("/")[2]), r.url.split("/")[2] == local or page.seen["elsewhere"].add(r.url)))
+    page.on("request", lambda r: (page.seen["hosts"].add(r.url.split("/")[2]),
+                                  r.url.split("/")[2] == local or page.seen["elsewhere"].add(r.url)))
     page.on("console", lambda m: page.seen["errors"].append(m.text) if m.type == "error" else None)
     page.on("pageerror", lambda e: page.seen["errors"].append(str(e)))
     page.goto(up.url + f"/user/{name}/voila/render/hedgerl/{notebook}", timeout=300_000)
@@ -83,7 +87,8 @@ def test_the_voila_evaluation_renders_offline_and_calls_back(workspace):
 def test_the_voila_player_steps_through_the_service(workspace):
     up = workspace[0]
     page = voila_page(workspace, "player.ipynb")
-    page.wait_for_selector("text=then New episode", timeout=300_000)  # the kernel reached the service with the user's token
+    # the kernel reached the service with the user's token
+    page.wait_for_selector("text=then New episode", timeout=300_000)
     page.locator("button", has_text="New episode").click()
     page.wait_for_selector("text=0 of 20 hedging dates stepped", timeout=60_000)
     for k in (1, 2, 3):

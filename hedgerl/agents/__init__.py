@@ -58,13 +58,16 @@ def load_agent(
     scenario=None, # the scenario it is meant to hedge: refused if it is not the one it was trained on
     device: str | None = None, # where to put it; None: the `[compute] device` setting
 ) -> Agent:
-    "Rebuild a saved agent with its config, weights and training history; a file it cannot use is a `ValueError` saying why."
+    """Rebuild a saved agent with its config, weights and training history; a file it cannot use is a `ValueError`
+    saying why."""
     meta, state = _read_archive(path)
     cfg, where, device = meta["config"], repr(str(path)), resolve_device(device)
     try: scn = Scenario.from_dict(cfg["scenario"])
-    except Exception as e: raise ValueError(f"{where}: 'config.scenario' is not a scenario this hedgerl reads ({e})") from None
+    except Exception as e: raise ValueError(
+            f"{where}: 'config.scenario' is not a scenario this hedgerl reads ({e})") from None
     try: agent = make_agent(cfg["agent"], scn, seed=cfg["seed"], device=device, **cfg["params"])
-    except ValueError as e: raise ValueError(f"{where}: its config does not make a {cfg['agent']} agent of this hedgerl ({e})") from None
+    except ValueError as e: raise ValueError(f"{where}: its config does not make a {cfg['agent']} agent of this "
+                                             f"hedgerl ({e})") from None
     _restore(agent, path, meta, state)
     if scenario is not None: agent.reset(as_scenario(scenario))
     return agent

@@ -90,7 +90,8 @@ class TrainLog:
 
 # %% ../../nbs/11_agents.ipynb #af030820
 class _StopSignals:
-    "While entered (main thread only): the first SIGINT/SIGTERM is recorded as a stop request; a second raises `KeyboardInterrupt`."
+    """While entered (main thread only): the first SIGINT/SIGTERM is recorded as a stop request; a second raises
+    `KeyboardInterrupt`."""
     def __init__(self): self.signal, self.old = None, {}
     def __bool__(self) -> bool: return self.signal is not None
 
@@ -108,42 +109,56 @@ class _StopSignals:
     def __exit__(self, exc_type, exc, tb):
         old, self.old = self.old, {}
         for s, h in old.items(): signal.signal(s, signal.SIG_DFL if h is None else h)  # None: set outside Python
-        if old and self.signal is not None and exc_type is None:  # asked to stop when there was nothing left to stop: pass it on
+        # asked to stop when there was nothing left to stop: pass it on
+        if old and self.signal is not None and exc_type is None:
             signal.raise_signal(signal.Signals[self.signal])
 
 # %% ../../nbs/11_agents.ipynb #87b0f73f
 ARCHIVE_FORMAT = 1 # the version of the saved-agent format that this hedgerl writes (and the newest it reads)
-_LOG_TYPES = {"history": list, "seconds": (int, float), "units": int, "best_valid": (int, float, type(None)), "best_units": int,
+_LOG_TYPES = {"history": list, "seconds": (int, float), "units": int, "best_valid": (int, float, type(None)),
+              "best_units": int,
               "stopped_early": bool}
 
 # %% ../../nbs/11_agents.ipynb #e09742b8
 def _check_meta(meta, where: str, known=None) -> dict:
-    "`meta`, a saved agent's hedgerl.json, if this hedgerl can read it; else a `ValueError` naming `where` and what is wrong."
+    """`meta`, a saved agent's hedgerl.json, if this hedgerl can read it; else a `ValueError` naming `where` and what
+    is wrong."""
     bad = lambda why: ValueError(f"{where} is not a valid saved hedgerl agent: {why}")
     if not isinstance(meta, dict): raise bad("hedgerl.json does not hold an object")
     f = meta.get("format")
     if type(f) is not int or f < 1: raise bad(f"hedgerl.json has no valid 'format' (got {f!r})")
     if f > ARCHIVE_FORMAT:
-        raise ValueError(f"{where} was saved in format {f} (by hedgerl {meta.get('hedgerl', '?')}); this hedgerl ({hedgerl.__version__}) "
+        raise ValueError(f"{where} was saved in format {f} (by hedgerl {meta.get('hedgerl', '?')}); this hedgerl "
+                         f"({hedgerl.__version__}) "
                          f"reads formats up to {ARCHIVE_FORMAT}: upgrade hedgerl to load it")
     for k in ("config", "log"):
-        if not isinstance(meta.get(k), dict): raise bad(f"hedgerl.json has no {k!r} object" if k not in meta else f"{k!r} is not an object")
+        if not isinstance(meta.get(k), dict): raise bad(f"hedgerl.json has no {k!r} object" if k not in meta
+                                                        else f"{k!r} is not an object")
     cfg, log = meta["config"], meta["log"]
     for k, t in (("agent", str), ("params", dict), ("seed", int), ("scenario", dict)):
-        if not isinstance(cfg.get(k), t) or isinstance(cfg.get(k), bool): raise bad(f"'config.{k}' should be of type {t.__name__}, got {cfg.get(k)!r}")
+        if not isinstance(cfg.get(k), t) or isinstance(cfg.get(k),
+                                                       bool): raise bad(
+                                                               f"'config.{k}' should be of type {t.__name__}, got "
+                                                               f"{cfg.get(k)!r}")
     if known is not None and cfg["agent"] not in known:
         raise ValueError(f"{where} holds a {cfg['agent']!r} agent, which this hedgerl ({hedgerl.__version__}) "
                          "does not know; "
                          f"known: {', '.join(known)}")
-    if set(log) != set(_LOG_TYPES): raise bad(f"'log' should have the fields {', '.join(_LOG_TYPES)}; it has {', '.join(log) or 'none'}")
+    if set(log) != set(_LOG_TYPES): raise bad(f"'log' should have the fields {', '.join(_LOG_TYPES)}; it has "
+                                              f"{', '.join(log) or 'none'}")
     for k, t in _LOG_TYPES.items():
-        if not isinstance(log[k], t) or (isinstance(log[k], bool) and t is not bool): raise bad(f"'log.{k}' has the wrong type: {log[k]!r}")
-    if not all(isinstance(h, dict) and isinstance(h.get("units"), int) and isinstance(h.get("valid/objective"), (int, float)) for h in log["history"]):
+        if not isinstance(log[k], t) or (isinstance(log[k], bool)
+                                         and t is not bool): raise bad(f"'log.{k}' has the wrong type: {log[k]!r}")
+    if not all(isinstance(h, dict) and isinstance(h.get("units"), int) and isinstance(h.get("valid/objective"), (int,
+            float)) for h in log["history"]):
         raise bad("'log.history' should be a list of rows with 'units' and 'valid/objective'")
     b = meta.get("budget")
-    if b is not None and (type(b) is not int or b < 1): raise bad(f"'budget' should be a positive int or null, got {b!r}")
+    if b is not None and (type(b) is not int or b < 1): raise bad(f"'budget' should be a positive int or null, got "
+                                                                  f"{b!r}")
     for k, t in (("units", int), ("interrupted", bool), ("fit", dict)):  # checkpoints only
-        if meta.get(k) is not None and not isinstance(meta[k], t): raise bad(f"{k!r} should be of type {t.__name__}, got {meta[k]!r}")
+        if meta.get(k) is not None and not isinstance(meta[k],
+                                                      t): raise bad(f"{k!r} should be of type {t.__name__}, got "
+                                                                    f"{meta[k]!r}")
     return meta
 
 # %% ../../nbs/11_agents.ipynb #1c0613c9
@@ -196,7 +211,8 @@ def _restore(agent: Agent, path, meta: dict, state: bytes) -> None:
     except ImportError: raise
     except Exception as e:  # never torch's advice to load with weights_only=False: this file is not ours
         why = str(e) if isinstance(e, ValueError) else type(e).__name__
-        raise ValueError(f"{str(path)!r}: its state.bin is not a valid {agent.kind} state ({why}); the file is corrupt or was not written by hedgerl") from None
+        raise ValueError(f"{str(path)!r}: its state.bin is not a valid {agent.kind} state ({why}); the file is corrupt "
+                         f"or was not written by hedgerl") from None
     agent.log, agent._budget = _log_from(meta["log"]), meta.get("budget")
 
 # %% ../../nbs/11_agents.ipynb #f92628dc
@@ -216,7 +232,8 @@ def _read_checkpoint(
                          "(train a new run from the saved model instead)")
     old = meta.get("fit") or {}
     changed = [f"{k} was {old[k]!r}, now {v!r}" for k, v in settings.items() if k in old and old[k] != v]
-    if changed: raise ValueError(f"cannot resume from {ckpt}: {'; '.join(changed)} (the run would not continue the same way)")
+    if changed: raise ValueError(f"cannot resume from {ckpt}: {'; '.join(changed)} (the run would not continue the "
+                                 f"same way)")
     return meta, state
 
 # %% ../../nbs/11_agents.ipynb #e2fce99b
@@ -340,7 +357,8 @@ class _Training:
 
     def __exit__(self, exc_type, exc, tb):
         self.close()
-        if isinstance(exc, KeyboardInterrupt) and not hasattr(exc, "checkpoint"):  # not a clean stop: say where the last checkpoint is
+        # not a clean stop: say where the last checkpoint is
+        if isinstance(exc, KeyboardInterrupt) and not hasattr(exc, "checkpoint"):
             raise self.ckpt.stopped(str(exc) or "KeyboardInterrupt") from None
 
     def tick(self, units: int) -> None: self.bar.update(units); self.ticked += units  # within a block
@@ -386,8 +404,21 @@ class _Training:
             if more and a._stop: raise ck.stopped(a._stop.signal)
         self.close()  # before a late signal is passed on (SIGTERM's default ends the process)
 
+# %% ../../nbs/11_agents.ipynb #03074034
+class _Scoring:
+    "An agent's validation: its fixed validation paths and its objective on them."
+
+    def validation_paths(self, n_paths: int) -> ScenarioPaths:
+        "The fixed validation paths (their own seed stream, apart from training's)."
+        return simulate_scenario(self.scenario, n_paths, seed=np.random.SeedSequence(self.seed, spawn_key=(7919,)))
+
+    def score(self, paths: ScenarioPaths) -> float:
+        "The scenario's objective of this agent's hedge on `paths`, through the backtest's accounting."
+        # hedge() calls reset
+        return float(self.scenario.objective(hedge(self, paths, record=False).pnl, paths.premium))
+
 # %% ../../nbs/11_agents.ipynb #1fa6d41a
-class Agent(Strategy):
+class Agent(_Scoring, Strategy):
     "Base of the learned hedges: configuration, training loop, checkpoints, save/load (see above)."
     learned = True
     kind: str = "agent" # name in `hedgerl.agents.AGENTS`
@@ -411,7 +442,8 @@ class Agent(Strategy):
         return json.loads(json.dumps(cfg))  # plain JSON types (lists, not tuples), as stored
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(scenario={self.scenario.name!r}, seed={self.seed}, {self.unit}={self.log.units}, params={self.params})"
+        return (f"{type(self).__name__}(scenario={self.scenario.name!r}, seed={self.seed}, "
+                f"{self.unit}={self.log.units}, params={self.params})")
 
     def reset(self, scenario: Scenario) -> None:
         "Refuse to hedge a different problem than the one trained on (a different objective is fine)."
@@ -420,22 +452,16 @@ class Agent(Strategy):
     # -- hooks of the subclasses
     def _check_params(self) -> None: pass
     def _build(self) -> None: raise NotImplementedError
-    def _begin(self, budget: int) -> None: "Called at the start of `fit` with the total budget (after a resumed state is set)."
+    def _begin(self, budget: int) -> None: """Called at the start of `fit` with the total budget (after a resumed state
+                                           is set)."""
     def _train(self, units: int) -> tuple[int, dict]:
-        "Train up to `units` more units: (units done, metrics). Return early (done < units) only in a consistent state, when `self._stop` is set."
+        """Train up to `units` more units: (units done, metrics). Return early (done < units) only in a consistent
+        state, when `self._stop` is set."""
         raise NotImplementedError
     def _get_state(self) -> bytes: raise NotImplementedError
     def _set_state(self, state: bytes) -> None: raise NotImplementedError
     def _get_train_state(self) -> bytes | None: "What an exact resume needs besides `_get_state` (None: nothing)."
     def _set_train_state(self, state: bytes) -> None: pass
-
-    def validation_paths(self, n_paths: int) -> ScenarioPaths:
-        "The fixed validation paths (their own seed stream, apart from training's)."
-        return simulate_scenario(self.scenario, n_paths, seed=np.random.SeedSequence(self.seed, spawn_key=(7919,)))
-
-    def score(self, paths: ScenarioPaths) -> float:
-        "The scenario's objective of this agent's hedge on `paths`, through the backtest's accounting."
-        return float(self.scenario.objective(hedge(self, paths, record=False).pnl, paths.premium))  # hedge() calls reset
 
     def _archive(self, path, state: bytes, extra: dict | None = None, members: dict | None = None) -> Path:
         meta = {"format": ARCHIVE_FORMAT, "hedgerl": hedgerl.__version__, "config": self.config, "budget": self._budget,
@@ -456,7 +482,8 @@ class Agent(Strategy):
         valid_paths: int = 10_000, # validation paths
         valid_every: int | None = None, # units between validations (and checkpoints), at multiples of it
     ) -> TrainLog:
-        "Train up to `budget` units, validating, logging and checkpointing every `valid_every` units; SIGINT/SIGTERM stop it at a consistent checkpoint."
+        """Train up to `budget` units, validating, logging and checkpointing every `valid_every` units; SIGINT/SIGTERM
+        stop it at a consistent checkpoint."""
         budget = check_int("budget", budget, 1)
         settings = _fit_settings(valid_every or self.valid_every_default, valid_paths, patience)
         self._ckpt = ck = _Checkpoints(self, out)

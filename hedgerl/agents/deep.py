@@ -62,7 +62,8 @@ def _gains_t(held, dH0, dH1, grow):
 
 # %% ../../nbs/11a_agents.deep.ipynb #fa719706
 def torch_pnl(scenario: Scenario, p: TorchPaths, holdings):
-    "Terminal P&L and costs per path for `holdings` (n_paths, J, n_instruments), differentiable; the `Rollout`'s accounting."
+    """Terminal P&L and costs per path for `holdings` (n_paths, J, n_instruments), differentiable; the `Rollout`'s
+    accounting."""
     D, H = p.discount, p.prices
     dH = H * D[None, :, None]
     hedge = _gains_t(holdings, dH[:, :-1], dH[:, 1:], p.grow[None]).sum(dim=(1, 2))
@@ -104,7 +105,8 @@ class NoTransactionBandNet(nn.Module):
         return torch.minimum(torch.maximum(prev, lo), hi)
 
 def _book_bs_t(scenario: Scenario, spot, tau, vol):
-    "The book's Black-Scholes value and its delta hedge (minus the book's delta), in torch, for a book of options on the underlying."
+    """The book's Black-Scholes value and its delta hedge (minus the book's delta), in torch, for a book of options on
+    the underlying."""
     value, hedge = torch.zeros_like(spot), torch.zeros_like(spot)
     for o in scenario.book:
         t_left = torch.clamp(tau - (scenario.horizon - o.maturity) / scenario.trading_days, min=1e-12)
@@ -114,7 +116,8 @@ def _book_bs_t(scenario: Scenario, spot, tau, vol):
 
 # %% ../../nbs/11a_agents.deep.ipynb #fa3cdfc2
 class HedgeMLP(nn.Module):
-    "Buehler et al. (2019) policy: features and previous holdings in, a correction to the reference hedge per instrument out."
+    """Buehler et al. (2019) policy: features and previous holdings in, a correction to the reference hedge per
+    instrument out."""
     def __init__(self, n_features: int, n_instruments: int, hidden: int = 32, layers: int = 3):
         super().__init__()
         mods, d = [], n_features + n_instruments
@@ -123,7 +126,8 @@ class HedgeMLP(nn.Module):
         nn.init.zeros_(self.body[-1].weight); nn.init.zeros_(self.body[-1].bias)  # start at the reference hedge
 
     def forward(self, features, prev_scaled):
-        "Corrections (n, m) in units of each instrument's scale, from features (n, k) and scaled previous holdings (n, m)."
+        """Corrections (n, m) in units of each instrument's scale, from features (n, k) and scaled previous holdings
+        (n, m)."""
         return self.body(torch.cat([features, prev_scaled], dim=-1))
 
 # %% ../../nbs/11a_agents.deep.ipynb #7fa0f205
@@ -139,7 +143,8 @@ def _check_deep(kind: str, scenario: Scenario) -> None:
 
 # %% ../../nbs/11a_agents.deep.ipynb #e2b21824
 class _GradientHedger(Agent):
-    "A torch policy trained by gradient descent on the scenario's objective, new paths each epoch (Buehler et al. 2019)."
+    """A torch policy trained by gradient descent on the scenario's objective, new paths each epoch (Buehler et al.
+    2019)."""
     unit = "epochs"
     def _net(self) -> nn.Module: raise NotImplementedError
     def holdings_t(self, p: TorchPaths): raise NotImplementedError
@@ -149,7 +154,8 @@ class _GradientHedger(Agent):
             torch.manual_seed(self.seed)
             self.net = self._net().to(self.device, torch.float64)
         self.w = torch.zeros((), dtype=torch.float64, device=self.device, requires_grad=True)  # ES: the VaR level
-        self.scale = torch.as_tensor(default_holdings_bounds(self.scenario, scale=1.0)[1], dtype=torch.float64, device=self.device)
+        self.scale = torch.as_tensor(default_holdings_bounds(self.scenario, scale=1.0)[1], dtype=torch.float64,
+                                     device=self.device)
         self._wscale = max(abs(book_value0(self.scenario)), 1e-8)  # the wealth feature's unit
         self.opt = self.sched = self._pending = None
         self._losses = []  # training losses since the last validation
@@ -166,27 +172,32 @@ class _GradientHedger(Agent):
         buf = io.BytesIO()
         torch.save({"net": self.net.state_dict(), "w": self.w.detach(),
                     "opt": None if self.opt is None else self.opt.state_dict(),
-                    "sched": None if self.sched is None else self.sched.state_dict(), "losses": list(self._losses)}, buf)
+                    "sched": None if self.sched is None else self.sched.state_dict(), "losses": list(self._losses)},
+                    buf)
         return buf.getvalue()
 
     def _set_state(self, state: bytes):
         try: s = torch.load(io.BytesIO(state), map_location=self.device, weights_only=True)
         except Exception as e: raise ValueError(f"not a torch file of weights: {type(e).__name__}") from None
-        if not isinstance(s, dict) or not {"net", "w", "opt", "sched"} <= set(s): raise ValueError("not a deep hedger's weights")
+        if not isinstance(s, dict) or not {"net", "w", "opt",
+                                           "sched"} <= set(s): raise ValueError("not a deep hedger's weights")
         try: self.net.load_state_dict(s["net"])
         except RuntimeError as e:
-            raise ValueError(f"the weights do not fit the network of this agent's params ({str(e).splitlines()[-1].strip()})") from None
+            raise ValueError(f"the weights do not fit the network of this agent's params "
+                             f"({str(e).splitlines()[-1].strip()})") from None
         with torch.no_grad(): self.w.copy_(s["w"])
         self._losses = [float(x) for x in s.get("losses", [])]  # the losses of a block cut by a stop, for its mean
         self._pending = {"opt": s["opt"], "sched": s["sched"]} if s["opt"] is not None else None
         if self._pending is not None and self.opt is not None: self._begin(self._budget or 1)
 
     def _epoch_paths(self, epoch: int) -> TorchPaths:
-        sp = simulate_scenario(self.scenario, self.params["n_paths"], seed=np.random.SeedSequence(self.seed, spawn_key=(epoch,)), marks=False)
+        sp = simulate_scenario(self.scenario, self.params["n_paths"], seed=np.random.SeedSequence(self.seed,
+                spawn_key=(epoch,)), marks=False)
         return paths_to_torch(sp, self.device)
 
     def _train(self, units: int) -> tuple[int, dict]:
-        "Up to `units` epochs, fewer once a stop is requested (between epochs the state is consistent); the block's metrics when it is whole."
+        """Up to `units` epochs, fewer once a stop is requested (between epochs the state is consistent); the block's
+        metrics when it is whole."""
         done = 0
         while done < units and not self._stop:
             p = self._epoch_paths(self.log.units + done)
@@ -200,7 +211,8 @@ class _GradientHedger(Agent):
 
 # %% ../../nbs/11a_agents.deep.ipynb #efabcf03
 class DeepHedger(_GradientHedger):
-    "Deep hedger (Buehler et al. 2019): an MLP policy over every hedging instrument, trained on the scenario's risk objective."
+    """Deep hedger (Buehler et al. 2019): an MLP policy over every hedging instrument, trained on the scenario's risk
+    objective."""
     kind, unit = "deep-hedger", "epochs"
     defaults = dict(hidden=32, layers=3, n_paths=10_000, lr=1e-2, lr_min=2e-4, wealth=False, reference=True)
     valid_every_default = 10
@@ -221,14 +233,17 @@ class DeepHedger(_GradientHedger):
         "Network inputs (n, k) and the delta hedge (n,); `account`: discounted hedge gains minus costs so far."
         value, delta = _book_bs_t(self.scenario, S, tau, vol)
         f = [torch.log(S / self.scenario.book[0].strike), tau, vol]
-        if self.params["wealth"]: f.append((disc * value + account) / self._wscale)  # P&L so far (Black-Scholes marks), up to a constant
+        # P&L so far (Black-Scholes marks), up to a constant
+        if self.params["wealth"]: f.append((disc * value + account) / self._wscale)
         return f, delta
 
     def _step(self, S, tau, variance, prev, disc, account):
-        "New holdings (n, m) from spot, time left, variance (n,), the previous holdings (n, m), the discount factor and the account so far."
+        """New holdings (n, m) from spot, time left, variance (n,), the previous holdings (n, m), the discount factor
+        and the account so far."""
         f, delta = self._features(S, tau, self._vol(variance), disc, account)
         ref = torch.zeros_like(prev)
-        if self.params["reference"]: ref[:, 0] = delta  # else the holdings are learned from scratch (delta is only an input)
+        # else the holdings are learned from scratch (delta is only an input)
+        if self.params["reference"]: ref[:, 0] = delta
         return ref + self.net(torch.stack([*f, delta], dim=-1), prev / self.scale) * self.scale
 
     def holdings_t(self, p: TorchPaths):
@@ -239,7 +254,8 @@ class DeepHedger(_GradientHedger):
         dH = p.prices * p.discount[None, :, None]
         out = []
         for j in range(p.spot.shape[1] - 1):
-            if j > 0 and self.params["wealth"]:  # the Rollout's accounting of date j - 1: gains to j, cost of the trade at j - 1
+            # the Rollout's accounting of date j - 1: gains to j, cost of the trade at j - 1
+            if j > 0 and self.params["wealth"]:
                 account = account + _gains_t(prev, dH[:, j - 1], dH[:, j], p.grow[j - 1]).sum(-1) \
                           - _trade_cost_t(self.scenario.costs, prev - before, p.prices[:, j - 1]) * p.discount[j - 1]
             S, v = p.spot[:, j], p.variance[:, j]
@@ -258,12 +274,14 @@ class DeepHedger(_GradientHedger):
 
 # %% ../../nbs/11a_agents.deep.ipynb #c221d6c1
 class NTBHedger(DeepHedger):
-    "Deep hedger with a no-transaction-band network (Imaki et al. 2021): holds the previous position clipped into a learned band around delta."
+    """Deep hedger with a no-transaction-band network (Imaki et al. 2021): holds the previous position clipped into a
+    learned band around delta."""
     kind = "ntb"
     defaults = {**DeepHedger.defaults, "prev": False}
 
     def _net(self) -> nn.Module:
-        return NoTransactionBandNet(self.params["hidden"], self.params["layers"], 3 + bool(self.params["wealth"]) + bool(self.params["prev"]))
+        return NoTransactionBandNet(self.params["hidden"], self.params["layers"],
+                                    3 + bool(self.params["wealth"]) + bool(self.params["prev"]))
 
     def _step(self, S, tau, variance, prev, disc, account):
         f, delta = self._features(S, tau, self._vol(variance), disc, account)

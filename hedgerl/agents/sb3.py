@@ -30,7 +30,8 @@ __all__ = ['N_FEATURES', 'band_features', 'band_edges', 'band_targets', 'band_ve
 N_FEATURES = 7
 
 def band_features(obs: Observation, book0: float) -> tuple[np.ndarray, np.ndarray]:
-    "The agents' observation vectors (n, 7), float32, and the delta hedge (n,), from an `Observation` (see the table above)."
+    """The agents' observation vectors (n, 7), float32, and the delta hedge (n,), from an `Observation` (see the table
+    above)."""
     scn = obs.scenario
     g = book_greeks(scn, obs)
     delta, h = -g.delta, obs.holdings[:, 0]
@@ -45,13 +46,15 @@ def band_features(obs: Observation, book0: float) -> tuple[np.ndarray, np.ndarra
 _GRID = np.linspace(-1.0, 1.0, 5)
 
 def band_edges(actions: np.ndarray, delta: np.ndarray, width: float, discrete: bool) -> tuple[np.ndarray, np.ndarray]:
-    "The band [delta - w0 4^a0, delta + w0 4^a1], (n,) each, of a batch of actions ((n, 2) in [-1, 1], or (n,) grid indices)."
+    """The band [delta - w0 4^a0, delta + w0 4^a1], (n,) each, of a batch of actions ((n, 2) in [-1, 1], or (n,) grid
+    indices)."""
     a = np.asarray(actions)
     if discrete: a = np.stack([_GRID[a // len(_GRID)], _GRID[a % len(_GRID)]], axis=1)
     a = np.clip(a.reshape(-1, 2), -1.0, 1.0)
     return delta - width * 4.0 ** a[:, 0], delta + width * 4.0 ** a[:, 1]
 
-def band_targets(actions: np.ndarray, holdings: np.ndarray, delta: np.ndarray, width: float, discrete: bool) -> np.ndarray:
+def band_targets(actions: np.ndarray, holdings: np.ndarray, delta: np.ndarray, width: float,
+                 discrete: bool) -> np.ndarray:
     "New holdings of the underlying, (n,): the previous ones clipped into the actions' bands."
     return np.clip(holdings, *band_edges(actions, delta, width, discrete))
 
@@ -66,8 +69,10 @@ def _band_vec_env_class() -> type:
     Base = _sb3_vec_env_class()
 
     class BandVecEnv(Base):
-        "The SB3 adapter of a `BatchedHedgingEnv` with the band action, the agents' observations and the risk-shaped reward."
-        def __init__(self, scenario, n_envs: int, width: float, kappa: float, discrete: bool, seed: int = 0, drift: str = "expected",
+        """The SB3 adapter of a `BatchedHedgingEnv` with the band action, the agents' observations and the risk-shaped
+        reward."""
+        def __init__(self, scenario, n_envs: int, width: float, kappa: float, discrete: bool, seed: int = 0,
+                     drift: str = "expected",
                      risk: str = "path", cost_mean: float = 0.0):
             env = BatchedHedgingEnv(num_envs=n_envs, scenario=scenario, reward="pnl", risk_aversion=0.0,
                                    autoreset_mode=AutoresetMode.SAME_STEP)  # step_wait reads the last step's final_info
@@ -77,13 +82,16 @@ def _band_vec_env_class() -> type:
             self._book0 = book_value0(self.env.scenario)
             scn = self.env.scenario
             mu = float(scn.market.params.get("mu", scn.r))
-            self._growth = math.expm1((mu - scn.r) * scn.rebalance_every / scn.trading_days)  # expected excess return of the stock over a step
+            # expected excess return of the stock over a step
+            self._growth = math.expm1((mu - scn.r) * scn.rebalance_every / scn.trading_days)
             self.observation_space = spaces.Box(-np.inf, np.inf, (N_FEATURES,), np.float32)
-            self.action_space = spaces.Discrete(len(_GRID) ** 2) if discrete else spaces.Box(-1.0, 1.0, (2,), np.float32)
+            self.action_space = spaces.Discrete(len(_GRID) ** 2) if discrete else spaces.Box(-1.0, 1.0, (2,),
+                    np.float32)
             self.seed(seed)
 
         def get_state(self) -> dict:
-            "Everything the next steps depend on: the batched environment (paths, positions, accounts, seeds) and this adapter's episode state."
+            """Everything the next steps depend on: the batched environment (paths, positions, accounts, seeds) and
+            this adapter's episode state."""
             return {k: getattr(self, k, None) for k in ("env", "_returns", "_length", "_delta", "_seeds", "_options")}
 
         def set_state(self, state: dict) -> None:
@@ -109,11 +117,13 @@ def _band_vec_env_class() -> type:
 
         def step_wait(self):
             _, _, term, trunc, info = self.env.step(self._actions)
-            step = info if "option_pnl" in info else info["final_info"]  # the last step's accounts come with the autoreset
+            # the last step's accounts come with the autoreset
+            step = info if "option_pnl" in info else info["final_info"]
             dW = step["option_pnl"] + step["hedge_pnl"]
             mean = self._mean if self.drift == "expected" else dW
             pen = risk_penalty(dW, step["cost"], self._close, self._wealth, self.cost_mean, self.risk)
-            if self.risk == "path" and self._length == 0: pen = pen + self.cost_mean ** 2  # so that E[return] = E[W] - kappa/2 Var[W]
+            # so that E[return] = E[W] - kappa/2 Var[W]
+            if self.risk == "path" and self._length == 0: pen = pen + self.cost_mean ** 2
             r = (mean - step["cost"] - 0.5 * self.kappa * pen).astype(np.float32)
             dones = term | trunc
             self._returns += r; self._length += 1
@@ -142,7 +152,8 @@ def band_vec_env(
     "A stable-baselines3 `VecEnv` hedging `n_envs` paths at once with the band action and the risk-shaped reward."
     risk = check_choice("risk", risk, ("path", "hedge"))
     if cost_mean is None:
-        if risk == "path": raise ValueError("cost_mean: risk='path' needs the expected total cost of a path (e.g. the fixed band's)")
+        if risk == "path": raise ValueError("cost_mean: risk='path' needs the expected total cost of a path (e.g. the "
+                                            "fixed band's)")
         cost_mean = 0.0
     return _band_vec_env_class()(scenario, check_int("n_envs", n_envs, 1), float(check_positive("width", width)),
                                  float(check_positive("kappa", kappa, allow_zero=True)), bool(discrete), seed,
@@ -234,7 +245,8 @@ def _sb3_train_state(model) -> bytes:
            "action_space": m.action_space.np_random.bit_generator.state}
     if torch.cuda.is_available(): rng["cuda"] = torch.cuda.get_rng_state_all()
     last = {k: getattr(m, k, None) for k in ("_last_obs", "_last_episode_starts", "_last_original_obs")}
-    return pickle.dumps({"env": m.get_env().get_state(), "last": last, "rng": rng, "replay_buffer": getattr(m, "replay_buffer", None)})
+    return pickle.dumps({"env": m.get_env().get_state(), "last": last, "rng": rng, "replay_buffer": getattr(m,
+            "replay_buffer", None)})
 
 def _set_sb3_train_state(model, state: bytes) -> None:
     "Put an SB3 model (and the random generators) back where `_sb3_train_state` found them."
@@ -248,8 +260,25 @@ def _set_sb3_train_state(model, state: bytes) -> None:
     m.action_space.np_random.bit_generator.state = r["action_space"]
     if "cuda" in r and torch.cuda.is_available(): torch.cuda.set_rng_state_all(r["cuda"])
 
+# %% ../../nbs/12_sb3.ipynb #9279aa98
+class _BandPolicy:
+    "How a trained `SB3Agent` acts: its band around delta and its holdings for an observation."
+
+    def band(self, obs: Observation) -> tuple[np.ndarray, np.ndarray]:
+        """The band (lower, upper), (n,) each, that the policy sets on a batch of observations: one `predict` for the
+        batch."""
+        self._ensure()
+        x, delta = band_features(obs, self._book0)
+        a, _ = self.model.predict(x, deterministic=True)
+        return band_edges(a, delta, self.width, self.discrete)
+
+    def act(self, obs: Observation) -> np.ndarray:
+        "Target holdings for a batch of observations: the previous holdings clipped into the policy's band."
+        out = np.zeros_like(obs.holdings); out[:, 0] = np.clip(obs.holdings[:, 0], *self.band(obs))
+        return out
+
 # %% ../../nbs/12_sb3.ipynb #11eba764
-class SB3Agent(Agent):
+class SB3Agent(_BandPolicy, Agent):
     "A stable-baselines3 algorithm on the band environment, as a hedging `Strategy` (see above)."
     unit = "steps"
     valid_every_default = 50_000
@@ -271,7 +300,8 @@ class SB3Agent(Agent):
 
     def _env(self):
         p, c = self.params, self.cal
-        return band_vec_env(self.scenario, p["n_envs"], c["width"], c["kappa"], self.discrete, seed=self.seed, drift=p["drift"],
+        return band_vec_env(self.scenario, p["n_envs"], c["width"], c["kappa"], self.discrete, seed=self.seed,
+                            drift=p["drift"],
                             risk=p["risk"], cost_mean=c["cost_mean"])
 
     def _algo_kwargs(self) -> dict: return {}
@@ -282,12 +312,16 @@ class SB3Agent(Agent):
         import stable_baselines3 as sb3
         _calibrate_band(self.scenario, self.seed, self.cal)
         p = self.params
-        self.model = getattr(sb3, self.algo)("MlpPolicy", self._env(), learning_rate=p["learning_rate"], gamma=p["gamma"], seed=self.seed,
-                                            device=self.device, verbose=0, policy_kwargs=dict(net_arch=[p["hidden"]] * p["layers"], **self._policy_kwargs()),
+        self.model = getattr(sb3, self.algo)("MlpPolicy", self._env(), learning_rate=p["learning_rate"],
+                                             gamma=p["gamma"], seed=self.seed,
+                                            device=self.device, verbose=0,
+                                            policy_kwargs=dict(net_arch=[p["hidden"]] * p["layers"],
+                                                               **self._policy_kwargs()),
                                             **self._algo_kwargs())
 
     def _train(self, units: int) -> tuple[int, dict]:
-        "Train `units` more environment steps in `learn` calls (with `lr_final`: 20 stairs over the budget, the learning rate decaying geometrically)."
+        """Train `units` more environment steps in `learn` calls (with `lr_final`: 20 stairs over the budget, the
+        learning rate decaying geometrically)."""
         self._ensure()
         from stable_baselines3.common.utils import ConstantSchedule
         p, m = self.params, self.model
@@ -297,7 +331,9 @@ class SB3Agent(Agent):
         while done < units and not self._stop:  # between two stairs the state is consistent: a stop ends the block here
             n = min(stair, units - done)
             if lr1 is not None:
-                m.lr_schedule = ConstantSchedule(lr0 * (lr1 / lr0) ** min(1.0, m.num_timesteps / max(self._budget or units, 1)))
+                m.lr_schedule = ConstantSchedule(lr0 * (lr1 / lr0) ** min(1.0,
+                                                                          m.num_timesteps / max(self._budget or units,
+                                                                                  1)))
             m.learn(n, callback=cb, reset_num_timesteps=False, progress_bar=False)
             if cb.stopped: raise KeyboardInterrupt(f"{self._stop.signal} inside a {self.algo} rollout (dropped)")
             done += n
@@ -318,23 +354,12 @@ class SB3Agent(Agent):
         return _sb3_train_state(self.model)
     def _set_train_state(self, state: bytes): _set_sb3_train_state(self.model, state)
 
-    def band(self, obs: Observation) -> tuple[np.ndarray, np.ndarray]:
-        "The band (lower, upper), (n,) each, that the policy sets on a batch of observations: one `predict` for the batch."
-        self._ensure()
-        x, delta = band_features(obs, self._book0)
-        a, _ = self.model.predict(x, deterministic=True)
-        return band_edges(a, delta, self.width, self.discrete)
-
-    def act(self, obs: Observation) -> np.ndarray:
-        "Target holdings for a batch of observations: the previous holdings clipped into the policy's band."
-        out = np.zeros_like(obs.holdings); out[:, 0] = np.clip(obs.holdings[:, 0], *self.band(obs))
-        return out
-
 # %% ../../nbs/12_sb3.ipynb #0d52cc5a
 class SACAgent(SB3Agent):
     "Soft actor-critic (Haarnoja et al. 2018) on the band action."
     kind, algo = "sac", "SAC"
-    defaults = {**SB3Agent.common, "batch_size": 256, "buffer_size": 300_000, "learning_starts": 5_000, "gradient_steps": 1, "train_freq": 1}
+    defaults = {**SB3Agent.common, "batch_size": 256, "buffer_size": 300_000, "learning_starts": 5_000,
+                "gradient_steps": 1, "train_freq": 1}
     def _algo_kwargs(self):
         p = self.params
         return dict(batch_size=p["batch_size"], buffer_size=p["buffer_size"], learning_starts=p["learning_starts"],
@@ -344,11 +369,13 @@ class SACAgent(SB3Agent):
 class PPOAgent(SB3Agent):
     "Proximal policy optimisation (Schulman et al. 2017) on the band action: one episode per environment per rollout."
     kind, algo = "ppo", "PPO"
-    defaults = {**SB3Agent.common, "n_envs": 256, "batch_size": 1024, "n_epochs": 10, "gae_lambda": 0.95, "ent_coef": 0.0, "clip_range": 0.2,
+    defaults = {**SB3Agent.common, "n_envs": 256, "batch_size": 1024, "n_epochs": 10, "gae_lambda": 0.95,
+                "ent_coef": 0.0, "clip_range": 0.2,
                 "log_std_init": -1.0, "target_kl": None, "lr_final": 3e-5}
     def _algo_kwargs(self):
         p = self.params
-        return dict(n_steps=self.scenario.n_decisions, batch_size=p["batch_size"], n_epochs=p["n_epochs"], gae_lambda=p["gae_lambda"],
+        return dict(n_steps=self.scenario.n_decisions, batch_size=p["batch_size"], n_epochs=p["n_epochs"],
+                    gae_lambda=p["gae_lambda"],
                     ent_coef=p["ent_coef"], clip_range=p["clip_range"], target_kl=p["target_kl"])
     def _policy_kwargs(self): return {"log_std_init": self.params["log_std_init"]}
 
@@ -357,24 +384,29 @@ class DQNAgent(SB3Agent):
     "Deep Q-learning (Mnih et al. 2015) on a 5 x 5 grid of band actions."
     kind, algo, discrete = "dqn", "DQN", True
     defaults = {**SB3Agent.common, "batch_size": 256, "buffer_size": 300_000, "learning_starts": 5_000,
-                "exploration_fraction": 0.1, "exploration_final_eps": 0.01, "target_update_interval": 20_000, "train_freq": 1, "gradient_steps": 1}
+                "exploration_fraction": 0.1, "exploration_final_eps": 0.01, "target_update_interval": 20_000,
+                "train_freq": 1, "gradient_steps": 1}
     def _algo_kwargs(self):
         p = self.params
         return dict(batch_size=p["batch_size"], buffer_size=p["buffer_size"], learning_starts=p["learning_starts"],
                     exploration_fraction=p["exploration_fraction"], exploration_final_eps=p["exploration_final_eps"],
-                    target_update_interval=p["target_update_interval"], train_freq=p["train_freq"], gradient_steps=p["gradient_steps"])
+                    target_update_interval=p["target_update_interval"], train_freq=p["train_freq"],
+                    gradient_steps=p["gradient_steps"])
 
 # %% ../../nbs/12_sb3.ipynb #dc209f82
 def export_sb3(
     archive, # a saved stable-baselines3 agent of hedgerl (`Agent.save`; a registered sac, ppo or dqn model's file)
     out, # where stable-baselines3's own zip goes
 ) -> Path:
-    "The SB3 model inside hedgerl's archive as stable-baselines3's own file (`PPO.load(out)` reads it); nothing is unpickled here."
+    """The SB3 model inside hedgerl's archive as stable-baselines3's own file (`PPO.load(out)` reads it); nothing is
+    unpickled here."""
     meta, state = _read_archive(archive)
     kind = meta["config"]["agent"]
-    if kind not in ("sac", "ppo", "dqn"): raise ValueError(f"{str(archive)!r} is a {kind} agent, not a stable-baselines3 one (sac, ppo, dqn)")
+    if kind not in ("sac", "ppo", "dqn"): raise ValueError(f"{str(archive)!r} is a {kind} agent, not a "
+                                                           f"stable-baselines3 one (sac, ppo, dqn)")
     _, sep, body = state.partition(b"\n")  # the calibration line, then SB3's zip
-    if not sep or not body.startswith(b"PK"): raise ValueError(f"{str(archive)!r}: its state.bin holds no stable-baselines3 model")
+    if not sep or not body.startswith(b"PK"): raise ValueError(f"{str(archive)!r}: its state.bin holds no "
+                                                               f"stable-baselines3 model")
     out = Path(out); out.parent.mkdir(parents=True, exist_ok=True); out.write_bytes(body)
     return out
 
