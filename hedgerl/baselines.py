@@ -14,7 +14,7 @@ import numpy as np
 
 from .core import check_finite, check_int, check_positive
 from .pricing import Greeks, bs_greeks
-from .scenarios import (Observation, Option, Scenario, ScenarioPaths, Strategy, as_scenario, get, hedge,
+from .scenarios import (Observation, Option, Scenario, ScenarioPaths, Strategy, as_scenario, hedge, 
                                sabr_implied_vol, simulate_scenario)
 
 # %% auto #0

@@ -8,9 +8,7 @@ from __future__ import annotations
 import html
 import json
 import time
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -19,7 +17,7 @@ from . import metrics
 from .backtest import backtest
 from .baselines import BASELINES, make_baseline
 from .core import check_int
-from .scenarios import Scenario, Strategy, as_scenario, get, names
+from .scenarios import Scenario, Strategy, as_scenario, names
 
 # %% auto #0
 __all__ = ['applicable', 'paired_improvement', 'evaluate_scenario', 'Leaderboard', 'to_markdown', 'run_leaderboard']

@@ -6,12 +6,10 @@
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from .agents import Agent, load_agent, make_agent
@@ -48,15 +46,21 @@ class Recipe:
 
 RECIPES = [
     Recipe("cao2021-gbm-1m-1d", "ntb", 450, dict(n_paths=10_000, lr=1e-2, lr_min=2e-4, wealth=True, prev=True),
-           goal="Y(0) <= 217% in under 5 minutes of training (peer: 219.0% in 12 min)", max_objective=217.0, max_seconds=300),
-    Recipe("cao2021-gbm-3m-1d", "ntb", 500, dict(n_paths=10_000, lr=1e-2, lr_min=2e-4, wealth=True, prev=True, hidden=64), threads=2,
-           goal="Y(0) <= 177% in under 15 minutes of training on 2 cores (peer: 179.4% in 37 min)", max_objective=177.0, max_seconds=900),
+           goal="Y(0) <= 217% in under 5 minutes of training (peer: 219.0% in 12 min)", max_objective=217.0,
+           max_seconds=300),
+    Recipe("cao2021-gbm-3m-1d", "ntb", 500, dict(n_paths=10_000, lr=1e-2, lr_min=2e-4, wealth=True, prev=True,
+                                                 hidden=64), threads=2,
+           goal="Y(0) <= 177% in under 15 minutes of training on 2 cores (peer: 179.4% in 37 min)", max_objective=177.0,
+           max_seconds=900),
     Recipe("derman-kamal-1m-daily", "deep-hedger", 200, dict(n_paths=10_000, lr=1e-2, lr_min=2e-4, reference=False),
-           goal="P&L SD within 5% of delta hedging's (no costs: delta is optimal); learned from no hedge", vs_delta="sd_within_5pct"),
+           goal="P&L SD within 5% of delta hedging's (no costs: delta is optimal); learned from no hedge",
+           vs_delta="sd_within_5pct"),
     Recipe("buehler2019-heston", "deep-hedger", 200, dict(n_paths=10_000, lr=1e-2, lr_min=2e-4),
-           goal="expected shortfall (50%) with stock + variance swap below delta hedging's with the stock alone", vs_delta="below"),
+           goal="expected shortfall (50%) with stock + variance swap below delta hedging's with the stock alone",
+           vs_delta="below"),
     Recipe("cao2021-gbm-1m-1d", "ppo", 4_000_000, {}, valid_every=400_000,
-           goal="the best stable-baselines3 agent beats the fitted fixed band (Y(0) < 229%)", max_objective=229.0, below_band=True),
+           goal="the best stable-baselines3 agent beats the fitted fixed band (Y(0) < 229%)", max_objective=229.0,
+           below_band=True),
     Recipe("cao2021-gbm-1m-1d", "sac", 2_500_000, {}, valid_every=250_000, goal="reported for comparison (no target)"),
     Recipe("cao2021-gbm-1m-1d", "dqn", 2_000_000, {}, valid_every=200_000, goal="reported for comparison (no target)"),
 ]
@@ -72,7 +76,8 @@ def recipes(only: list[str] | None = None) -> list[Recipe]:
 
 # %% ../nbs/14_results.ipynb #5e86b8d9
 def train_recipe(recipe: Recipe, quick: bool = False, out: str | Path | None = None, progress: bool = True) -> Agent:
-    "Train `recipe`'s agent on `recipe.threads` torch threads (`quick`: a twentieth of the budget and small batches); checkpoints under `out`."
+    """Train `recipe`'s agent on `recipe.threads` torch threads (`quick`: a twentieth of the budget and small batches);
+    checkpoints under `out`."""
     torch = import_torch()
     params, budget = dict(recipe.params), recipe.budget
     if quick:
@@ -82,14 +87,17 @@ def train_recipe(recipe: Recipe, quick: bool = False, out: str | Path | None = N
     agent = make_agent(recipe.agent, recipe.scenario, seed=recipe.seed, device="cpu", **params)
     threads = torch.get_num_threads(); torch.set_num_threads(recipe.threads)
     valid_every = None if recipe.valid_every is None else max(1, recipe.valid_every // (20 if quick else 1))
-    try: agent.fit(budget, out=out, progress=progress, valid_paths=2_000 if quick else 10_000, valid_every=valid_every, patience=recipe.patience)
+    try: agent.fit(budget, out=out, progress=progress, valid_paths=2_000 if quick else 10_000, valid_every=valid_every,
+                   patience=recipe.patience)
     finally: torch.set_num_threads(threads)
     return agent
 
 def judge(recipe: Recipe, agent: Agent, n_paths: int = 100_000, seed: int = 2026, n_boot: int = 100) -> dict:
-    "Test `agent` next to delta hedging (and the fitted band where costs apply) on the same fresh paths; check the recipe's goal."
+    """Test `agent` next to delta hedging (and the fitted band where costs apply) on the same fresh paths; check the
+    recipe's goal."""
     scn = get(recipe.scenario)
-    res = {"agent": backtest(agent, scn, n_paths=n_paths, seed=seed), "delta": backtest(make_baseline("delta"), scn, n_paths=n_paths, seed=seed)}
+    res = {"agent": backtest(agent, scn, n_paths=n_paths, seed=seed), "delta": backtest(make_baseline("delta"), scn,
+                                                                                        n_paths=n_paths, seed=seed)}
     if applicable("fixed-band", scn):
         band = make_baseline("fixed-band"); band.fit(scn, n_paths=20_000, seed=7)
         res["fixed-band"] = backtest(band, scn, n_paths=n_paths, seed=seed)
@@ -102,9 +110,12 @@ def judge(recipe: Recipe, agent: Agent, n_paths: int = 100_000, seed: int = 2026
     if recipe.vs_delta == "sd_within_5pct": checks["sd_vs_delta"] = abs(a["pnl_sd"] / d["pnl_sd"] - 1.0) <= 0.05
     if recipe.vs_delta == "below": checks["below_delta"] = a["objective"] < d["objective"]
     if recipe.below_band: checks["below_band"] = a["objective"] < out["fixed-band"]["objective"]
-    return {"scenario": recipe.scenario, "agent": recipe.agent, "goal": recipe.goal, "params": recipe.params, "seed": recipe.seed,
-            "trained": f"{agent.log.units} {agent.unit}", "train_seconds": round(agent.log.seconds, 1), "threads": recipe.threads, "n_paths": n_paths,
-            "test_seed": seed, "objective_label": scn.objective.label, "results": out, "checks": checks, "met": all(checks.values())}
+    return {"scenario": recipe.scenario, "agent": recipe.agent, "goal": recipe.goal, "params": recipe.params,
+            "seed": recipe.seed,
+            "trained": f"{agent.log.units} {agent.unit}", "train_seconds": round(agent.log.seconds, 1),
+            "threads": recipe.threads, "n_paths": n_paths,
+            "test_seed": seed, "objective_label": scn.objective.label, "results": out, "checks": checks,
+            "met": all(checks.values())}
 
 # %% ../nbs/14_results.ipynb #ac1ffb7e
 def results_markdown(
@@ -113,15 +124,18 @@ def results_markdown(
 ) -> str:
     "The results as a Markdown table."
     lines = ["# Learned hedges of the published scenarios", "",
-             f"Trained on one CPU thread (two where the recipe says so); tested on {rows[0]['n_paths']:,} fresh paths (seed {rows[0]['test_seed']}) next to the "
+             f"Trained on one CPU thread (two where the recipe says so); tested on {rows[0]['n_paths']:,} fresh paths "
+             f"(seed {rows[0]['test_seed']}) next to the "
              "baselines, the same paths for all; ± is one bootstrap standard error.", "",
-             "| scenario | agent | trained | seconds (threads) | objective | agent | delta | fixed band | goal | met |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| scenario | agent | trained | seconds (threads) | objective | agent | delta | fixed band | goal | met |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     if not header: lines = lines[4:]
     f = lambda r: f"{r['objective']:.4g} ± {r['objective_se']:.2g}"
     for r in rows:
         x = r["results"]
         band = f(x["fixed-band"]) if "fixed-band" in x else "—"
-        lines.append(f"| {r['scenario']} | {r['agent']} | {r['trained']} | {r['train_seconds']:.0f} ({r.get('threads', 1)}) | {r['objective_label']} | "
+        lines.append(f"| {r['scenario']} | {r['agent']} | {r['trained']} | {r['train_seconds']:.0f} "
+                     f"({r.get('threads', 1)}) | {r['objective_label']} | "
                      f"{f(x['agent'])} | {f(x['delta'])} | {band} | {r['goal']} | {'yes' if r['met'] else 'NO'} |")
     return "\n".join(lines) + "\n"
 
@@ -146,8 +160,10 @@ def run_results(
         old = []
         if (out / "results.json").is_file() and only:  # keep the other recipes' rows
             keep = {(r.scenario, r.agent) for r in todo}
-            old = [x for x in json.loads((out / "results.json").read_text())["results"] if (x["scenario"], x["agent"]) not in keep]
-        doc = dict(quick=quick, when=datetime.now(timezone.utc).isoformat(timespec="seconds"), machine=machine_info(), results=old + rows)
+            old = [x for x in json.loads((out / "results.json").read_text())["results"] if (x["scenario"],
+                    x["agent"]) not in keep]
+        doc = dict(quick=quick, when=datetime.now(timezone.utc).isoformat(timespec="seconds"), machine=machine_info(),
+                   results=old + rows)
         (out / "results.json").write_text(json.dumps(doc, indent=1, default=float) + "\n")
         (out / "results.md").write_text(results_markdown(old + rows))
     return rows

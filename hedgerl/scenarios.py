@@ -11,15 +11,14 @@ import math
 import reprlib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import yaml
 
 from . import metrics
-from .core import Paths, as_generator, check_choice, check_finite, check_int, check_positive
-from .pricing import bs_greeks, bs_price, heston_price
-from .simulators import GBM, SABR, Heston, Historical, Merton
+from .core import Paths, check_choice, check_finite, check_int, check_positive
+from .pricing import bs_price, heston_price
+from .simulators import GBM, SABR, Heston, Merton
 
 # %% auto #0
 __all__ = ['MODELS', 'OBJECTIVES', 'NAMED', 'Market', 'Option', 'Instrument', 'Costs', 'Objective', 'Scenario', 'names', 'get',

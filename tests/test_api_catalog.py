@@ -162,7 +162,7 @@ def test_strategies(catalog):
 
 
 def test_lists_filter_sort_and_page(catalog):
-    p, runs = catalog, catalog.known["runs"]
+    p = catalog
     r = p.get("a", "/runs").json()
     assert [x["name"] for x in r["items"]] == ["a-dh", "a-ppo", "a-ntb"] and r["total"] == 3  # A's own (B's is private)
     assert [x["name"] for x in p.get("b", "/runs").json()["items"]] == ["b-run", "a-ppo"]  # B's and A's shared one

@@ -7,11 +7,9 @@ nothing); the service killed mid-job (kill -9: the hub starts it again) closes i
 training process (slow). Once more with the registry on PostgreSQL (slow)."""
 import json
 import os
-import re
 import secrets
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace

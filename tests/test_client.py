@@ -8,7 +8,6 @@ import secrets
 import shutil
 import subprocess
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

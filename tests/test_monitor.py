@@ -291,7 +291,7 @@ def test_the_leaderboard_is_the_apis_and_links_to_the_evaluation_dashboard(platf
                [["arena" if e["arena"] else "shared", e["strategy"], fmt(e)] for e in board["shared"]]
     assert shown == expected  # the API's entries, in its order, with its numbers
     model = platform["model"]
-    assert page.locator(f"a.hedgerl-entry:has-text('a/ntb v1')").get_attribute("href").endswith(
+    assert page.locator("a.hedgerl-entry:has-text('a/ntb v1')").get_attribute("href").endswith(
         f"strategies=delta&strategies=a%2Fntb+v1+%28model+{model['id']}%29")  # A's own model: evaluated in one click
     # another scenario, then a click on one of its entries
     page.locator("select").first.select_option("cao2021-gbm-1m-2d")

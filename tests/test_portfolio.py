@@ -115,12 +115,12 @@ def test_a_book_built_in_the_page_is_valued_and_backtested_as_the_library_does(p
     up, (name, password) = platform
     page = open_portfolio(browser, up, name, password)
     call = {"kind": "call", "strike": 100.0, "maturity": 20, "quantity": -1.0}
-    first = shows_totals(page, expected([call]), timeout=0)  # the base's own book: a short ATM call
+    shows_totals(page, expected([call]), timeout=0)  # the base's own book: a short ATM call
     assert page.locator(".tabulator-row").count() == 1
 
     page.locator("button", has_text="Add option").click()  # the fields' defaults: a long put at 95, 20 days
     put = {"kind": "put", "strike": 95.0, "maturity": 20, "quantity": 1.0}
-    shown = shows_totals(page, expected([call, put]))
+    shows_totals(page, expected([call, put]))
     assert page.locator(".tabulator-row").count() == 2
 
     edit_cell(page, 1, "quantity", "2")  # two puts, edited in the table itself

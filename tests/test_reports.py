@@ -4,7 +4,6 @@ line; the templates ship in the wheel; and through the real hub a user gets thei
 gets a 404. Smoke sizes (2,000 paths): minutes, not more."""
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -212,7 +211,7 @@ def test_a_users_run_report_through_the_service(platform):
     from hedgerl.core import load_settings
     from hedgerl.registry import Registry
     up = platform
-    (a, token_a), (b, token_b) = approved_user(up), approved_user(up)
+    (a, token_a), (_, token_b) = approved_user(up), approved_user(up)
     reg = Registry(load_settings(environ=up.env).registry.url).as_user(a)
     with reg.start_run("reports", {"scenario": SCENARIO, "agent": "ntb", "budget": 3}, name="smoke") as run:
         for s in range(3): run.log(s, **{"valid/objective": 250.0 - s})

@@ -212,7 +212,7 @@ def _weights(model_zip: Path) -> dict:
 def reference_run(tmp_path_factory):
     "The uninterrupted run that every interrupted-and-resumed run must reproduce: (weights, metrics)."
     d = tmp_path_factory.mktemp("reference")
-    p = run(["hedgerl", "train", "ntb", SCENARIO, *EXACT, "--registry", f"sqlite:///{d}/r.sqlite", "--runs-dir",
+    run(["hedgerl", "train", "ntb", SCENARIO, *EXACT, "--registry", f"sqlite:///{d}/r.sqlite", "--runs-dir",
              str(d / "runs")],
             timeout=600, check=True)
     folder = next((d / "runs").glob("*-run1-*"))

@@ -20,7 +20,7 @@ from ..backtest import backtest
 from ..baselines import FixedBand, book_greeks
 from ..core import check_choice, check_int, check_positive, import_torch
 from ..env import BatchedHedgingEnv, _sb3_vec_env_class, closing_cost, risk_penalty
-from ..scenarios import Observation, simulate_scenario
+from ..scenarios import Observation
 
 # %% auto #0
 __all__ = ['N_FEATURES', 'band_features', 'band_edges', 'band_targets', 'band_vec_env', 'SB3Agent', 'SACAgent', 'PPOAgent',
