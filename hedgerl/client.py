@@ -40,6 +40,7 @@ def describe_detail(detail) -> str:
         return "; ".join(parts)
     return "" if detail is None else detail if isinstance(detail, str) else json.dumps(detail)
 
+# %% ../nbs/21_client.ipynb #e67b9312
 class HedgerlError(Exception):
     "An error answer of the hedgerl service: `status` (HTTP), `detail` (its JSON `detail`), `method` and `url` of the request."
     def __init__(self, status: int, detail=None, method: str = "", url: str = "", headers: dict | None = None):
@@ -81,6 +82,7 @@ def retry_after_s(
     except (TypeError, ValueError): return None
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
+# %% ../nbs/21_client.ipynb #93b1fbb8
 def error_for(response) -> HedgerlError:
     "The exception for an error `response` (an `httpx.Response`): the class for its status, the JSON detail (or the text)."
     try: detail = response.json().get("detail")
@@ -191,6 +193,7 @@ class ServiceSession:
     def __enter__(self): return self
     def __exit__(self, *exc): self.close()
 
+# %% ../nbs/21_client.ipynb #5df5afb3
 def _json(r):
     "The answer's JSON, or None for an empty one (204)."
     return r.json() if r.content else None
@@ -224,6 +227,7 @@ class ServiceAPI(ServiceSession):
         "The service's Prometheus metrics (text); the token needs the hub's `read:metrics` scope."
         return self.request("GET", self.url + "metrics").text
 
+# %% ../nbs/21_client.ipynb #5aa9b8a0
 class ScenariosAPI(ServiceSession):
     "The published scenarios, users' saved ones, validation of a config; the strategies."
     def scenarios(self, source: str | None = None, owner: str | None = None) -> pd.DataFrame:
@@ -368,6 +372,7 @@ def strategy_ref(
     if isinstance(strategy, str) and params: return {"baseline": strategy, "params": params}
     return strategy
 
+# %% ../nbs/21_client.ipynb #9c36be32
 def states_columns(states) -> dict:
     "Market states as the service takes them: one list per field (a DataFrame's columns, a dict of arrays, or a list of records)."
     if isinstance(states, list): states = pd.DataFrame(states)
@@ -448,6 +453,7 @@ class RawHTTP:
             self.writer.close(); self.writer = None
     async def aclose(self): await self.close()
 
+# %% ../nbs/21_client.ipynb #2db4c5ce
 async def _reader(http, urls: list[str], headers: dict, start: int, until: float, think_s: float, out: dict) -> None:
     import asyncio, httpx
     from urllib.parse import urlsplit
@@ -465,6 +471,7 @@ async def _reader(http, urls: list[str], headers: dict, start: int, until: float
         if not ok: out["errors"].setdefault(f"{url}: {why}", 0); out["errors"][f"{url}: {why}"] += 1
         if think_s: await asyncio.sleep(think_s)
 
+# %% ../nbs/21_client.ipynb #4d782ee4
 def read_load(
     api: str, # the API's base URL (`<hub>/services/hedgerl/api/v1/`)
     token: str, # a hub token

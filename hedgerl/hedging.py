@@ -64,6 +64,7 @@ class StrategySpec(Body):
         if self.model is not None and self.params: raise ValueError("params are for a baseline; a model's parameters are saved with it")
         return self
 
+# %% ../nbs/20_hedging.ipynb #bbc099bb
 def strategy_spec(x) -> StrategySpec:
     "A request's `strategy` (a baseline's name, or a `StrategySpec`) as a `StrategySpec`."
     return StrategySpec(baseline=x) if isinstance(x, str) else x
@@ -174,6 +175,7 @@ def _column(name: str, x, n: int, default=None, positive: bool = False, nonneg: 
         raise ValueError(f"states.{name}[{i}] must be a {what}finite number, got {float(a[i])!r}")
     return a
 
+# %% ../nbs/20_hedging.ipynb #78194eb6
 def _days(scn: Scenario, tau: np.ndarray) -> np.ndarray:
     "The hedging date's trading day of each time to maturity `tau` (years); a `ValueError` naming the first that is not one."
     d = scn.horizon - tau * scn.trading_days
@@ -238,6 +240,7 @@ class _LazyObservation(Observation):
     @prices.setter
     def prices(self, v): self._prices = v
 
+# %% ../nbs/20_hedging.ipynb #4b08abe6
 def _valuation(scn: Scenario, day: int, spot, variance, accrued) -> Callable:
     "A function giving the book's value (n,) and the instruments' prices (n, m) on trading day `day`, as `Rollout` has them."
     def value():
@@ -306,8 +309,10 @@ def _num(x) -> float | None:
     x = float(x)
     return x if math.isfinite(x) else None
 
+# %% ../nbs/20_hedging.ipynb #751e8ecc
 def _utc(t: float) -> dt.datetime: return dt.datetime.fromtimestamp(t, dt.timezone.utc)
 
+# %% ../nbs/20_hedging.ipynb #4f5857e4
 def episode_paths(scenario: Scenario, seed: int) -> ScenarioPaths:
     "The path an episode of `seed` hedges: the first of the paths that `backtest(..., n_paths=2, seed=seed)` hedges."
     p = simulate_scenario(scenario, 2, seed=spawn_seeds(seed, 1)[0])
@@ -372,6 +377,7 @@ class TooMany(Exception):
     "A per-user limit is reached; `retry_after` seconds until it may not be."
     def __init__(self, message: str, retry_after: int): super().__init__(message); self.retry_after = retry_after
 
+# %% ../nbs/20_hedging.ipynb #f7348c35
 def _sweep_loop(ref: weakref.ref) -> None:
     "The body of a store's sweeper thread: it holds the store weakly, and ends when the store is empty or gone."
     while (store := ref()) is not None:
@@ -448,12 +454,14 @@ class Packed(Body):
     "Numbers packed as base64 of little-endian float64 values (a matrix row by row): a batch without JSON's slow text numbers."
     f64: str
 
+# %% ../nbs/20_hedging.ipynb #99aa2754
 def pack(
     a, # numbers: an array, list or number
 ) -> dict:
     "`a` as a packed column, `{\"f64\": base64 of its float64 values}` (row by row), for a request's or an answer's JSON."
     return {"f64": base64.b64encode(np.ascontiguousarray(a, dtype="<f8").tobytes()).decode("ascii")}
 
+# %% ../nbs/20_hedging.ipynb #cf14caf1
 def unpack(
     x, # a packed column (a dict or `Packed`), or anything else (returned as it is)
     where: str = "column", # the field, for messages
@@ -473,6 +481,7 @@ ScenarioRef = Annotated[str, Field(min_length=1, max_length=200)] | dict[str, An
 StrategyRef = StrategySpec | Annotated[str, Field(min_length=1, max_length=100)]
 Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
 
+# %% ../nbs/20_hedging.ipynb #4e1e533c
 class States(Body):
     "Market states, as columns: one list per field (one value per state), or one number for every state."
     spot: Annotated[list[Num], Field(min_length=1)] | Packed # spot of each state
@@ -483,6 +492,7 @@ class States(Body):
     variance: Column | None = None # sabr: the volatility state squared; heston: the variance; historical: trailing vol squared (gbm, merton: fixed)
     accrued_variance: Column | None = None # a variance swap's accrued variance (heston); none: 0 at inception, unknown later
 
+# %% ../nbs/20_hedging.ipynb #505cdb8b
 class HedgeRequest(Body):
     "POST hedge: a strategy, the scenario, and a batch of market states."
     strategy: StrategyRef # a baseline ("delta", or {"baseline": ..., "params": {...}}) or {"model": id}
@@ -490,6 +500,7 @@ class HedgeRequest(Body):
     states: States
     packed: bool = False # answer `holdings` and `delta` as `Packed` (base64 float64), not lists
 
+# %% ../nbs/20_hedging.ipynb #c0aa0987
 class HedgeResult(BaseModel):
     "The strategy's target holdings for each state, and the delta hedge beside them."
     scenario: str
@@ -506,6 +517,7 @@ class NewSimulation(Body):
     scenario: ScenarioRef | None = None # none: a model's own scenario
     seed: Seed | None = None # none: drawn (and answered)
 
+# %% ../nbs/20_hedging.ipynb #d10fe549
 class StepRequest(Body):
     "POST simulations/{id}/step: holdings that override the strategy's on this date (none: the strategy decides)."
     holdings: list[Num] | Num | None = None # one per hedging instrument
@@ -528,6 +540,7 @@ class SimState(BaseModel):
     delta: float | None # the delta hedge on this date (none once done, or without the underlying)
     done: bool
 
+# %% ../nbs/20_hedging.ipynb #94876a37
 class SimStep(BaseModel):
     "One stepped hedging date: the market, the holdings traded to, and the P&L that the step booked (to the next date)."
     step: int
@@ -558,10 +571,12 @@ class SimulationInfo(BaseModel):
     expires_in: float # seconds until it expires if left idle
     state: SimState
 
+# %% ../nbs/20_hedging.ipynb #875bfad7
 class Simulation(SimulationInfo):
     "An episode with its whole history."
     history: list[SimStep]
 
+# %% ../nbs/20_hedging.ipynb #62d30478
 class SimulationStepResult(BaseModel):
     "What POST simulations/{id}/step answers: the date just stepped and the episode's new state."
     id: str
@@ -573,6 +588,7 @@ class ErrorAnswer(BaseModel):
     "An error answer: what is wrong, naming the field and the bad value (for a malformed body, pydantic's list of them)."
     detail: str | list[dict[str, Any]]
 
+# %% ../nbs/20_hedging.ipynb #66570630
 _WHY = {401: "no hub token, or one the hub does not know", 403: "not a hub user allowed to use the service", 404: "no such object the caller can see",
         409: "a conflict: a model's file changed or cannot be loaded; a finished episode", 413: "request body too large",
         422: "a field is malformed or has a bad value (named in `detail`)", 429: "over a per-user limit; `Retry-After` says when to try again",
@@ -638,11 +654,13 @@ def _info(e: Episode, store: SimulationStore, history: bool = False) -> dict:
                expires_in=max(0.0, round(e.used + store.idle - time.monotonic(), 3)), state=e.state())
     return {**out, "history": list(e.history)} if history else out
 
+# %% ../nbs/20_hedging.ipynb #12159d1f
 def _owner(user) -> str:
     "The hub user who owns what `user` creates (another service's token is a 403)."
     try: return hub_user_name(user)
     except PermissionError as e: raise HTTPException(403, str(e)) from None
 
+# %% ../nbs/20_hedging.ipynb #a27f3b18
 def create_simulation(
     store: SimulationStore, # where the episode is kept
     models: ModelCache, # the loaded agents
@@ -663,6 +681,7 @@ def create_simulation(
     except TooMany as t: raise HTTPException(429, str(t), headers={"Retry-After": str(t.retry_after)}) from None
     with e.lock: return Simulation(**_info(e, store, history=True))
 
+# %% ../nbs/20_hedging.ipynb #7c0721ca
 def _simulation_routes(r: APIRouter, user_dependency: Callable, registry: Callable, models: ModelCache, store: SimulationStore) -> None:
     @r.post("/simulations", status_code=201, response_model=Simulation, responses=_errors(404, 409, 413, 422, 429, 503), summary="Start a simulated episode")
     def create(body: NewSimulation, request: Request, response: Response, user=Depends(user_dependency), reg=Depends(registry)) -> Simulation:
@@ -686,11 +705,13 @@ def _find(store: SimulationStore, id: str, user, read: bool = False) -> Episode:
     try: return store.get(id, _owner(user), admin=read and bool(getattr(user, "admin", False)))
     except KeyError as e: raise HTTPException(404, e.args[0]) from None
 
+# %% ../nbs/20_hedging.ipynb #47128cc1
 def read_simulation(store: SimulationStore, id: str, user) -> Simulation:
     "What GET simulations/{id} answers `user`: the episode with every step so far (its owner's; an admin may read any)."
     e = _find(store, id, user, read=True)
     with e.lock: return Simulation(**_info(e, store, history=True))
 
+# %% ../nbs/20_hedging.ipynb #1ced810f
 def step_simulation(store: SimulationStore, id: str, user, holdings=None) -> SimulationStepResult:
     "What POST simulations/{id}/step does for `user`: trade on the current date (the strategy decides, or `holdings`) and book the P&L to the next."
     e = _find(store, id, user)
@@ -699,11 +720,13 @@ def step_simulation(store: SimulationStore, id: str, user, holdings=None) -> Sim
         except ValueError as x: raise HTTPException(409 if e.done else 422, str(x)) from None
         return SimulationStepResult(id=e.id, step=row, state=e.state())
 
+# %% ../nbs/20_hedging.ipynb #9cc24f4d
 def delete_simulation(store: SimulationStore, id: str, user) -> None:
     "What DELETE simulations/{id} does for `user`: remove the episode (its owner only)."
     try: store.delete(id, _owner(user))
     except KeyError as x: raise HTTPException(404, x.args[0]) from None
 
+# %% ../nbs/20_hedging.ipynb #0d4ca8a7
 def _episode_routes(r: APIRouter, user_dependency: Callable, store: SimulationStore) -> None:
     @r.get("/simulations/{id}", response_model=Simulation, responses=_errors(404, 422), summary="An episode and its history")
     def read(id: SimulationId, user=Depends(user_dependency)) -> Simulation:
@@ -787,6 +810,7 @@ def _bench_batch(scn: Scenario, n: int, seed: int, dates: int | None) -> dict:
     return {"spot": paths.spot[rows, j], "tau": (scn.horizon - paths.days[j]) / scn.trading_days, "holdings": rng.uniform(0, 1, (n, len(scn.instruments))),
             "hedge_pnl": rng.normal(0, 1, n), "cost": rng.uniform(0, 0.5, n), **({"variance": paths.variance[rows, j]} if scn.market.model in _STATE_VARIANCE else {})}
 
+# %% ../nbs/20_hedging.ipynb #892bca11
 def _rates(fs: dict, n: int, repeats: int) -> tuple[dict, dict]:
     "States per second of each function of `fs` on a batch of n (medians), and of each against the first (medians of the ratios of calls made one after another): interleaved, so that a busy machine slows them alike."
     for f in fs.values(): f()  # warm-up

@@ -47,6 +47,7 @@ CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-back
 class ChromiumMissing(RuntimeError):
     "No Chromium to print the PDF."
 
+# %% ../nbs/26_reports.ipynb #105820ed
 def find_chromium(
     path: str | None = None, # a Chromium executable; None: $HEDGERL_CHROMIUM, then /usr/bin/chromium, then chromium or google-chrome on the PATH
 ) -> str:
@@ -67,6 +68,7 @@ def _jsonable(x):
     if hasattr(x, "item") and callable(x.item): return x.item()
     return None if isinstance(x, float) and x != x else x
 
+# %% ../nbs/26_reports.ipynb #1f461eaa
 def _baselines(scn) -> dict:
     "The dashboard's baselines that apply to `scn`, as the template's strategies (label -> baseline name)."
     from hedgerl.dashboards import DASHBOARD_BASELINES
@@ -93,6 +95,7 @@ def _run_scenario(run: dict):
     try: return resolve_scenario(p["scenario"], p.get("objective"))
     except (ValueError, KeyError, TypeError, OSError) as e: raise ValueError(f"run {run['id']}: its scenario cannot be made ({e})") from None
 
+# %% ../nbs/26_reports.ipynb #08542fc0
 def run_parameters(
     reg, # the registry, as the user the report is for
     run_id: int, # a run they may read
@@ -129,6 +132,7 @@ def experiment_parameters(
     return dict(scenario_parameters(scn, n_paths, seed), title=f"Experiment {experiment}: {len(runs)} runs",
                 strategies={**_baselines(scn), **learned}, focus=next(iter(learned), None), runs=_jsonable(table.to_dict("records")))
 
+# %% ../nbs/26_reports.ipynb #5a0599a6
 def _try(f, *args):
     try: return f(*args)
     except ValueError: return None
@@ -153,8 +157,10 @@ def resolve_target(
     try: return f"experiment-{_slug(t)}", "report.ipynb", experiment_parameters(reg, t, n_paths, seed)
     except KeyError: raise KeyError(f"{t!r} is no published scenario (hedgerl scenarios), scenario file, run id or experiment of user {reg.user!r}") from None
 
+# %% ../nbs/26_reports.ipynb #820d5687
 def _slug(s: str) -> str: return re.sub(r"[^A-Za-z0-9._-]+", "-", s).strip("-.")[:80] or "report"
 
+# %% ../nbs/26_reports.ipynb #1af869ce
 def _leaderboard_file(path) -> Path:
     "The leaderboard to report: `path`, else reports/leaderboard.json here, else the committed one of this clone."
     found = [Path(path)] if path is not None else [Path("reports/leaderboard.json"), Path(hedgerl.__file__).resolve().parent.parent / "reports" / "leaderboard.json"]
@@ -214,6 +220,7 @@ def _bokeh_outputs(html: str) -> int:
     "How many Bokeh documents the page embeds (each figure shown is one)."
     return html.count('"application/vnd.bokehjs_exec.v0+json"') or len(re.findall(r"data-root-id=", html))
 
+# %% ../nbs/26_reports.ipynb #4638df2b
 def to_pdf(
     html: Path, # a report page
     pdf: Path, # where the PDF goes
@@ -245,6 +252,7 @@ def _print_to_pdf(exe: str, html: Path, pdf: Path, timeout: float) -> Path:
     if r.returncode != 0 or not pdf.is_file(): raise RuntimeError(f"{exe} could not print {html.name} (status {r.returncode}): {r.stderr.strip()[-300:]}")
     return pdf
 
+# %% ../nbs/26_reports.ipynb #60c17a0b
 def pdf_pages(pdf: Path) -> int:
     "How many pages a PDF has (its /Type /Page objects; Chromium writes them uncompressed)."
     return len(re.findall(rb"/Type\s*/Page(?![a-zA-Z])", Path(pdf).read_bytes()))
@@ -325,6 +333,7 @@ def run_fingerprint(reg, run: dict, n_paths: int) -> str:
     what = [run["status"], run["ended"], run["params"], [(m["id"], m["checksum"]) for m in models], n_paths, hedgerl.__version__]
     return hashlib.sha256(json.dumps(_jsonable(what), sort_keys=True).encode()).hexdigest()[:16]
 
+# %% ../nbs/26_reports.ipynb #0dbb21ad
 def _check_models(reg, run_id: int, owns: Callable) -> None:
     "`ArtifactError` unless the file of every model of the run is its owner's and matches its recorded sha256."
     from hedgerl.remote import read_artifact
@@ -332,6 +341,7 @@ def _check_models(reg, run_id: int, owns: Callable) -> None:
         try: read_artifact(m["artifact"], m["owner"], owns, checksum=m["checksum"])[0].close()
         except ArtifactError as e: raise ArtifactError(f"model {m['id']} ({m['name']} v{m['version']}) of run {run_id}: its file {e}") from None
 
+# %% ../nbs/26_reports.ipynb #9f82d4ca
 def owner_copy(m: dict, folder: Path, owns: Callable) -> Path:
     "A copy in `folder` of model row `m`'s file, read only if its owner's account owns it and it matches the recorded sha256."
     from hedgerl.remote import read_artifact
@@ -347,6 +357,7 @@ def _run_target(reg, run_id: int, n_paths: int, folder: Path, owns: Callable) ->
     "`resolve_target` of a run for the service: models read as their owners' files, copied into `folder`."
     return f"run-{run_id}", "report.ipynb", run_parameters(reg, run_id, n_paths, model_file=lambda m: owner_copy(m, folder, owns))
 
+# %% ../nbs/26_reports.ipynb #2709bb8c
 @functools.cache
 def _making():
     "The answer's model while a report is made (one class: both routes declare it)."
@@ -357,6 +368,7 @@ def _making():
         status: str = "running"
     return ReportMaking
 
+# %% ../nbs/26_reports.ipynb #b831855a
 def _report_route(r, reg_dep, kind: str, answer: Callable) -> None:
     "GET runs/{run_id}/report.<kind>: 200 with the file, or 202 while it is made."
     from fastapi import Response
@@ -368,7 +380,6 @@ def _report_route(r, reg_dep, kind: str, answer: Callable) -> None:
     ok = {"content": {MEDIA[kind]: {"schema": {"type": "string", "format": "binary"}}}, "description": f"the run's report ({kind})"}
     r.get(f"/runs/{{run_id}}/report.{kind}", tags=["runs"], response_class=Response, name=f"run_report_{kind}", summary=f"A run's report ({kind.upper()})",
           responses={200: ok, 202: {"model": _making(), "description": "being made"}})(run_report)
-
 
 # %% ../nbs/26_reports.ipynb #4ee71e00
 def router(

@@ -133,11 +133,13 @@ async def caller_model(request: Request, authorization: str | None) -> dict | No
 class LoginRequired(Exception):
     "An anonymous page view: `error_response` answers it with a redirect through the hub's OAuth login."
 
+# %% ../nbs/16_service.ipynb #c3165967
 def page_view(request: Request) -> bool:
     "A browser navigating to a page (not a script, not a fetch): the one case an anonymous request is sent to log in."
     return (request.method in ("GET", "HEAD") and "text/html" in request.headers.get("accept", "")
             and request.headers.get("sec-fetch-mode", "navigate") == "navigate")
 
+# %% ../nbs/16_service.ipynb #1700369f
 async def hub_user(
     request: Request,
     authorization: str | None = Security(_authorization), # `token X` or `Bearer X`; without it, the login cookie
@@ -160,6 +162,7 @@ def state_cookie(auth, state: str) -> str:
     "The name of the cookie that holds one login's state: one per login, so two tabs logging in at once both finish."
     return f"{auth.state_cookie_name}-{state[:12]}"
 
+# %% ../nbs/16_service.ipynb #401c598f
 def login_redirect(request: Request) -> RedirectResponse:
     "A redirect to the hub's OAuth authorize URL with a fresh state and PKCE challenge, kept in a signed cookie of this browser."
     auth, cookies = request.app.state.hub, request.app.state.cookies
@@ -227,12 +230,14 @@ class Health(BaseModel):
     status: str = "ok"
     version: str = hedgerl.__version__
 
+# %% ../nbs/16_service.ipynb #6fae8827
 class Me(BaseModel):
     "The caller, as `api/v1/me` shows them."
     name: str
     groups: list[str]
     admin: bool
 
+# %% ../nbs/16_service.ipynb #eebf368f
 async def health() -> Health:
     "Public: the service is up. No authentication, no data."
     return Health()
@@ -310,6 +315,7 @@ async def metrics_reader(
         raise HTTPException(403, f"{model.get('kind') or 'user'} {model['name']!r} may not read the service's metrics: it needs the read:metrics scope")
     return HubUser.from_hub(model)
 
+# %% ../nbs/16_service.ipynb #88a237fd
 async def metrics(request: Request) -> Response:
     "Prometheus metrics of the service (requests, durations, the process), in the text exposition format."
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -329,13 +335,12 @@ ERROR_RESPONSES = {code: {"model": ErrorBody, "description": what} for code, wha
     (404, "no such object visible to the caller"), (409, "conflict with what is stored"), (413, "request body over the limit"),
     (429, "over a per-user limit; Retry-After says when to try again"), (503, "the hub or the registry is unavailable"))}
 
+# %% ../nbs/16_service.ipynb #9cec08d0
 def caller_registry(request: Request, user: HubUser = Depends(hub_user)):
     "A FastAPI dependency: the service's registry as the calling hub user (ownership is decided in the registry's own queries)."
     reg = getattr(request.app.state, "registry", None)
     if reg is None: raise HTTPException(503, "the service has no registry")
     return reg.as_user(user.name, admin=user.admin)  # an admin reads every user's rows; writes stay the owner's
-
-
 
 # %% ../nbs/16_service.ipynb #8754cc55
 DASHBOARD_PATHS = ("dashboards/", "static/", "components/", "favicon.ico") # under the prefix: the Panel pages and WebSockets, their scripts and icon
@@ -347,6 +352,7 @@ def _cookie_may_open(conn: HTTPConnection) -> bool:
         return origin is not None and urlparse(origin).netloc == conn.headers.get("host")
     return conn.scope.get("method") in ("GET", "HEAD") and conn.headers.get("sec-fetch-site", "same-origin") in ("same-origin", "none")
 
+# %% ../nbs/16_service.ipynb #e9959e93
 _SESSION_ID = re.compile(r"[A-Za-z0-9._-]{1,200}") # what Bokeh's session ids are made of (signed ones have dots)
 
 def _bad_session_id(scope) -> str | None:
@@ -355,6 +361,7 @@ def _bad_session_id(scope) -> str | None:
     ids = [v for k, v in parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True) if k == "bokeh_session_id"]
     return next((v for v in ids if not _SESSION_ID.fullmatch(v)), None)
 
+# %% ../nbs/16_service.ipynb #d55c4195
 async def dashboard_user(conn: HTTPConnection) -> tuple[HubUser | None, int]:
     "The hub user of a dashboard request or WebSocket and 200; or None and 401 (anonymous) or 403 (no access to the service)."
     auth, header = conn.app.state.hub, conn.headers.get("authorization")
@@ -475,6 +482,7 @@ class _NoQuery(logging.Filter):
             a = list(record.args); a[2] = str(a[2]).split("?", 1)[0]; record.args = tuple(a)
         return True
 
+# %% ../nbs/16_service.ipynb #e699033f
 def main() -> None:
     "`python -m hedgerl.service`: serve the app with uvicorn at `service_address()` until stopped."
     import uvicorn
