@@ -23,9 +23,9 @@ from .core import settings
 __all__ = ['ERRORS', 'TIME_COLUMNS', 'ACTIVE', 'BENCH_READS', 'BENCH_MODEL', 'SERVICE_GOALS', 'describe_detail', 'HedgerlError',
            'BadRequest', 'Unauthorized', 'Forbidden', 'NotFound', 'Conflict', 'TooLarge', 'Invalid', 'Unavailable',
            'ServerError', 'TooMany', 'retry_after_s', 'error_for', 'sse_events', 'plain', 'service_url',
-           'ServiceSession', 'listing_frame', 'ServiceAPI', 'ScenariosAPI', 'JobsAPI', 'CatalogAPI', 'strategy_ref',
-           'states_columns', 'HedgingAPI', 'HedgerlClient', 'latency_summary', 'RawHTTP', 'read_load', 'seed_catalog',
-           'bench_service']
+           'ServiceSession', 'listing_frame', 'ServiceAPI', 'ScenariosAPI', 'wait_job', 'BacktestsAPI', 'TrainingsAPI',
+           'JobsAPI', 'CatalogAPI', 'strategy_ref', 'states_columns', 'HedgingAPI', 'HedgerlClient', 'latency_summary',
+           'RawHTTP', 'read_load', 'seed_catalog', 'bench_service']
 
 # %% ../nbs/21_client.ipynb #7a701f06
 def describe_detail(detail) -> str:
@@ -253,11 +253,26 @@ class ScenariosAPI(ServiceSession):
         out = self.get("strategies", scenario=scenario)
         return {"baselines": listing_frame(out["baselines"]), "models": listing_frame(out["models"])}
 
-# %% ../nbs/21_client.ipynb #359409ac
+# %% ../nbs/21_client.ipynb #5ad6e60a
 ACTIVE = ("queued", "running") # a job's statuses before it ends
 
-class JobsAPI(ServiceSession):
-    "Backtest and training jobs: submit, list, read, wait for, cancel; a training's metrics and their live stream."
+def wait_job(
+    get, # job id -> the job (`JobsAPI.backtest` or `JobsAPI.training`)
+    id: int, # the job
+    timeout: float, # seconds before a `TimeoutError`
+    poll: float, # seconds between reads
+) -> dict:
+    "Read the job every `poll` seconds until it is no longer `ACTIVE`; its last state."
+    t0 = time.monotonic()
+    while (job := get(id)).get("status") in ACTIVE:
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError(f"job {id} still {job.get('status')} after {timeout:g} s")
+        time.sleep(poll)
+    return job
+
+# %% ../nbs/21_client.ipynb #02ab6863
+class BacktestsAPI(ServiceSession):
+    "Backtest jobs: submit, list, read, wait for, cancel."
     def submit_backtest(self, scenario: str | dict, strategy: str | int | dict, n_paths: int | None = None, seed: int | None = None,
                         params: dict | None = None, **options) -> dict:
         "Start a backtest (`hedgerl backtest`'s inputs and defaults; `options`: n_boot, train_paths, name, shared); the job (`id`, `status`)."
@@ -274,7 +289,11 @@ class JobsAPI(ServiceSession):
         return self.delete(f"backtests/{int(id)}")
     def wait_backtest(self, id: int, timeout: float = 600, poll: float = 0.5) -> dict:
         "Poll the backtest until it ends; its last state (`TimeoutError` after `timeout` seconds)."
-        return self._wait(self.backtest, id, timeout, poll)
+        return wait_job(self.backtest, id, timeout, poll)
+
+# %% ../nbs/21_client.ipynb #eb1ea5d5
+class TrainingsAPI(ServiceSession):
+    "Training jobs: submit, list, read, wait for, stop; their metrics and the live stream of them."
     def submit_training(self, agent: str, scenario: str | dict, budget: int, params: dict | None = None, seed: int | None = None, **options) -> dict:
         "Start a training run as `hedgerl train` does (`options`: objective, test_paths, valid_paths, name, shared, ...); the job."
         body = {"agent": agent, "scenario": scenario, "budget": budget, "params": params, "seed": seed, **options}
@@ -295,18 +314,16 @@ class JobsAPI(ServiceSession):
         return self.delete(f"trainings/{int(id)}")
     def wait_training(self, id: int, timeout: float = 3600, poll: float = 1.0) -> dict:
         "Poll the training until it ends; its last state."
-        return self._wait(self.training, id, timeout, poll)
+        return wait_job(self.training, id, timeout, poll)
     def stream_training(self, id: int, after: int | None = None) -> Iterator[dict]:
         "The training's events as they come (`sse_events`): `metrics` (`data`: step and metrics) while it runs, then `end`."
         r = self.request("GET", f"trainings/{int(id)}/events", params={"after": after}, stream=True, headers={"Accept": "text/event-stream"})
         try: yield from sse_events(r.iter_lines())
         finally: r.close()
-    def _wait(self, get, id: int, timeout: float, poll: float) -> dict:
-        t0 = time.monotonic()
-        while (job := get(id)).get("status") in ACTIVE:
-            if time.monotonic() - t0 > timeout: raise TimeoutError(f"job {id} still {job.get('status')} after {timeout:g} s")
-            time.sleep(poll)
-        return job
+
+# %% ../nbs/21_client.ipynb #4b75457d
+class JobsAPI(BacktestsAPI, TrainingsAPI):
+    "Backtest and training jobs: submit, list, read, wait for, cancel; a training's metrics and their live stream."
 
 # %% ../nbs/21_client.ipynb #c666620d
 class CatalogAPI(ServiceSession):
