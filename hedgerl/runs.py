@@ -467,6 +467,40 @@ class _TrialReporter:
         self.trial.report(float(metrics["valid/objective"]), int(step))
         if self.trial.should_prune(): raise optuna.TrialPruned(f"pruned at {step} units")
 
+# %% ../nbs/13_runs.ipynb #3ab99104
+def _check_search(
+    agent: str, # the agent searched
+    scn: Scenario, # its scenario
+    space: dict, # a checked search space (`_check_space`)
+    params: dict, # the fixed hyperparameters
+    seed: int, # the agent's seed
+) -> None:
+    "A `ValueError` unless the fixed hyperparameters, every choice and both ends of every range make an agent."
+    from hedgerl.agents import make_agent
+    make_agent(agent, scn, seed=seed, device="cpu", **params)  # bad fixed hyperparameters: ValueError before any trial
+    for k, spec in space.items():  # every choice and both ends of every range must make an agent: refused before a study exists
+        for v in (spec if isinstance(spec, list) else spec[:2]):
+            try: make_agent(agent, scn, seed=seed, device="cpu", **params, **{k: v})
+            except ValueError as e: raise ValueError(f"tune: space[{k!r}] value {v!r}: {e}") from None
+
+# %% ../nbs/13_runs.ipynb #92b3b758
+def _open_study(
+    name: str, # the study's name
+    reg: Registry, # whose database stores it (`optuna_storage`)
+    meta: dict, # what the study searches for (agent, scenario, objective, budget, params, seed): its user attributes
+    sampler_seed: int | None, # seed of the TPE sampler
+):
+    "The Optuna study `name`, made or resumed; a `ValueError` if it was made for another `meta`."
+    import optuna
+    storage = optuna_storage(reg)
+    st = optuna.create_study(study_name=name, storage=storage, direction="minimize", load_if_exists=True,
+                             sampler=optuna.samplers.TPESampler(seed=sampler_seed), pruner=optuna.pruners.MedianPruner(n_startup_trials=3))
+    old = {k: st.user_attrs[k] for k in meta if k in st.user_attrs}
+    if old and (diff := [f"{k}: {old.get(k)!r} -> {json.loads(json.dumps(v))!r}" for k, v in meta.items() if json.loads(json.dumps(v)) != old.get(k)]):
+        raise ValueError(f"tune: study {name!r} was made for another setting ({'; '.join(diff)}): choose another study name")
+    for k, v in meta.items(): st.set_user_attr(k, v)
+    return st
+
 # %% ../nbs/13_runs.ipynb #b54117b4
 def tune(
     agent: str, # an agent of `hedgerl.agents.AGENTS`
@@ -493,22 +527,12 @@ def tune(
     space, params = _check_space(agent, space), dict(params or {})
     if overlap := sorted(set(space) & set(params)): raise ValueError(f"tune: {overlap[0]!r} is both searched (space) and fixed (params)")
     scn = resolve_scenario(scenario, objective)
-    make_agent(agent, scn, seed=seed, device="cpu", **params)  # bad fixed hyperparameters: ValueError before any trial
-    for k, spec in space.items():  # every choice and both ends of every range must make an agent: refused before a study exists
-        for v in (spec if isinstance(spec, list) else spec[:2]):
-            try: make_agent(agent, scn, seed=seed, device="cpu", **params, **{k: v})
-            except ValueError as e: raise ValueError(f"tune: space[{k!r}] value {v!r}: {e}") from None
+    _check_search(agent, scn, space, params, seed)
     n_trials, budget = check_int("n_trials", n_trials, 1), check_int("budget", budget, 1)
     name, reg = study or f"{agent}/{scn.name}", _registry(registry)
-    storage = optuna_storage(reg)
     meta = {"agent": agent, "scenario": scn.name, "objective": {"kind": scn.objective.kind, "param": scn.objective.param},
             "budget": budget, "params": params, "seed": seed}
-    st = optuna.create_study(study_name=name, storage=storage, direction="minimize", load_if_exists=True,
-                             sampler=optuna.samplers.TPESampler(seed=sampler_seed), pruner=optuna.pruners.MedianPruner(n_startup_trials=3))
-    old = {k: st.user_attrs[k] for k in meta if k in st.user_attrs}
-    if old and (diff := [f"{k}: {old.get(k)!r} -> {json.loads(json.dumps(v))!r}" for k, v in meta.items() if json.loads(json.dumps(v)) != old.get(k)]):
-        raise ValueError(f"tune: study {name!r} was made for another setting ({'; '.join(diff)}): choose another study name")
-    for k, v in meta.items(): st.set_user_attr(k, v)
+    st = _open_study(name, reg, meta, sampler_seed)
     def objective_fn(trial):
         hp = {k: _suggest(trial, k, spec) for k, spec in space.items()}
         a = make_agent(agent, scn, seed=seed, device="cpu", **params, **hp)
