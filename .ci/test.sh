@@ -17,6 +17,7 @@ if [ "$mode" = slow ]; then
   stage "notebooks with their slow cells (nbdev-test --flags slow)" "$BIN/nbdev-test" --n-workers 2 --timing --flags slow
   stage "tests/ marked slow (pytest -m slow)" "$BIN/python" -m pytest -n 2 --dist loadfile -m slow tests
 else
+  stage "lint (ruff check: notebooks, tests/, hub/, dask/; pyproject.toml [tool.ruff])" "$BIN/ruff" check
   stage "notebooks (nbdev-test)" "$BIN/nbdev-test" --n-workers 2 --timing
   stage "tests/ (pytest -m 'not slow')" "$BIN/python" -m pytest -n 2 --dist loadfile -m "not slow" tests
   stage "tutorials (pytest --nbval-lax)" "$BIN/python" -m pytest --nbval-lax -p no:cacheprovider nbs/tutorials

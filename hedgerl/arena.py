@@ -42,33 +42,41 @@ def evaluation_link(
     scenario: str, # the scenario
     strategies: list[str], # the labels to choose
 ) -> str:
-    "The evaluation dashboard's URL, relative to a page beside it: `evaluation?scenario=...&strategies=...&strategies=...`."
+    """The evaluation dashboard's URL, relative to a page beside it:
+    `evaluation?scenario=...&strategies=...&strategies=...`."""
     return "evaluation?" + urlencode({"scenario": scenario, "strategies": list(strategies)}, doseq=True)
 
 # %% ../nbs/25_arena.ipynb #5a206a30
-TABLE_COLUMNS = ["list", "rank", "strategy", "kind", "objective", "objective_se", "improvement_vs_delta_pct", "improvement_vs_delta_pct_se",
+TABLE_COLUMNS = ["list", "rank", "strategy", "kind", "objective", "objective_se", "improvement_vs_delta_pct",
+                 "improvement_vs_delta_pct_se",
                  "n_paths", "owner", "model_id", "evaluation_id", "link"]
 
 def board_table(
     board: Board, # one scenario's board (`boards`)
     choices=(), # the labels the evaluation dashboard offers on the scenario; () links nothing
 ) -> pd.DataFrame:
-    "One row per entry: the committed leaderboard's, then the shared evaluations' (the arena's marked), each list in the API's order."
+    """One row per entry: the committed leaderboard's, then the shared evaluations' (the arena's marked), each list in
+    the API's order."""
     rows = []
     for i, e in enumerate(board.committed):
         s = entry_strategies(e.strategy, None, choices)
-        rows.append(dict(list="leaderboard", rank=i + 1, strategy=e.strategy, kind="learned" if e.learned else "baseline", objective=e.objective,
+        rows.append(dict(list="leaderboard", rank=i + 1, strategy=e.strategy,
+                         kind="learned" if e.learned else "baseline", objective=e.objective,
                          objective_se=e.objective_se, improvement_vs_delta_pct=e.improvement_vs_delta_pct,
-                         improvement_vs_delta_pct_se=e.improvement_vs_delta_pct_se, n_paths=e.n_paths, owner=None, model_id=None, evaluation_id=None,
+                         improvement_vs_delta_pct_se=e.improvement_vs_delta_pct_se, n_paths=e.n_paths, owner=None,
+                         model_id=None, evaluation_id=None,
                          link=None if s is None else evaluation_link(board.scenario, s)))
     for i, e in enumerate(board.shared):
         s = entry_strategies(e.strategy, e.model_id, choices)
-        rows.append(dict(list="arena" if e.arena else "shared", rank=i + 1, strategy=e.strategy, kind="model" if e.model_id is not None else "evaluation",
-                         objective=e.objective, objective_se=e.objective_se, improvement_vs_delta_pct=None, improvement_vs_delta_pct_se=None,
+        rows.append(dict(list="arena" if e.arena else "shared", rank=i + 1, strategy=e.strategy,
+                         kind="model" if e.model_id is not None else "evaluation",
+                         objective=e.objective, objective_se=e.objective_se, improvement_vs_delta_pct=None,
+                         improvement_vs_delta_pct_se=None,
                          n_paths=e.n_paths, owner=e.owner, model_id=e.model_id, evaluation_id=e.evaluation_id,
                          link=None if s is None else evaluation_link(board.scenario, s)))
     t = pd.DataFrame(rows, columns=TABLE_COLUMNS)
-    t["link"] = pd.Series([r["link"] for r in rows], index=t.index, dtype=object)  # None where there is none (never NaN)
+    # None where there is none (never NaN)
+    t["link"] = pd.Series([r["link"] for r in rows], index=t.index, dtype=object)
     return t
 
 # %% ../nbs/25_arena.ipynb #a4098e6a
@@ -82,31 +90,41 @@ def board_figure(
     from bokeh.models import ColumnDataSource, HoverTool
     t = table[table.objective.notna()]
     ys = [f"{r.strategy} [{r.list} #{r.rank}]" for r in t.itertuples()]
-    src = ColumnDataSource(dict(y=ys, objective=t.objective.astype(float), lo=(t.objective - t.objective_se.fillna(0)).astype(float),
-                                hi=(t.objective + t.objective_se.fillna(0)).astype(float), color=[KIND_COLORS[k] for k in t.kind],
+    src = ColumnDataSource(dict(y=ys, objective=t.objective.astype(float),
+                                lo=(t.objective - t.objective_se.fillna(0)).astype(float),
+                                hi=(t.objective + t.objective_se.fillna(0)).astype(float),
+                                color=[KIND_COLORS[k] for k in t.kind],
                                 kind=list(t.kind), n_paths=[str(n) for n in t.n_paths]))
     p = _figure("Objective (lower is better)", label, "", y_range=ys[::-1])
     p.height = max(200, 26 * len(ys) + 80)  # a bar per entry
     p.hbar(y="y", right="objective", height=0.7, color="color", source=src)
     p.segment(x0="lo", x1="hi", y0="y", y1="y", color="black", line_width=2, source=src)
-    p.add_tools(HoverTool(tooltips=[("entry", "@y"), ("objective", "@objective{0.0000}"), ("kind", "@kind"), ("test paths", "@n_paths")]))
+    p.add_tools(HoverTool(tooltips=[("entry", "@y"), ("objective", "@objective{0.0000}"), ("kind", "@kind"),
+                                    ("test paths", "@n_paths")]))
     return p
 
 # %% ../nbs/25_arena.ipynb #8348f6d6
 def _num(v, se=None, fmt="{:.4g}") -> str:
     if v is None or (isinstance(v, float) and not np.isfinite(v)): return "—"
-    return fmt.format(v) + ("" if se is None or (isinstance(se, float) and not np.isfinite(se)) else f" ± {fmt.replace('+', '').format(se)}")
+    return fmt.format(v) + ("" if se is None or (isinstance(se,
+                                                            float) and not np.isfinite(se))
+                                                            else f" ± {fmt.replace('+', '').format(se)}")
 
 def board_html(
     table: pd.DataFrame, # `board_table` of one scenario
 ) -> str:
-    "The table as HTML, each linkable strategy a link to its evaluation dashboard (class `hedgerl-entry`); every text escaped."
+    """The table as HTML, each linkable strategy a link to its evaluation dashboard (class `hedgerl-entry`); every text
+    escaped."""
     e = lambda v: html.escape("" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v))
-    head = "".join(f"<th>{h}</th>" for h in ("list", "#", "strategy", "kind", "objective", "vs delta", "test paths", "owner"))
+    head = "".join(
+        f"<th>{h}</th>" for h in ("list", "#", "strategy", "kind", "objective", "vs delta", "test paths", "owner")
+    )
     body = []
     for r in table.itertuples():
-        name = e(r.strategy) if r.link is None else f'<a class="hedgerl-entry" href="{e(r.link)}" title="open in the evaluation dashboard">{e(r.strategy)}</a>'
-        imp = _num(r.improvement_vs_delta_pct, r.improvement_vs_delta_pct_se, "{:+.1f}%") if r.list == "leaderboard" else "—"
+        name = e(r.strategy) if r.link is None else (f'<a class="hedgerl-entry" href="{e(r.link)}" title="open in the '
+                                                     f'evaluation dashboard">{e(r.strategy)}</a>')
+        imp = _num(r.improvement_vs_delta_pct, r.improvement_vs_delta_pct_se,
+                   "{:+.1f}%") if r.list == "leaderboard" else "—"
         cells = [e(r.list), str(r.rank), name, e(r.kind), _num(r.objective, r.objective_se), imp,
                  "—" if pd.isna(r.n_paths) else f"{int(r.n_paths):,}", e(r.owner)]
         body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
@@ -115,7 +133,8 @@ def board_html(
 
 # %% ../nbs/25_arena.ipynb #49c5f547
 class ArenaDashboard:
-    "The leaderboard and arena page: choose a scenario; its entries as bars and as a table linking to the evaluation dashboard."
+    """The leaderboard and arena page: choose a scenario; its entries as bars and as a table linking to the evaluation
+    dashboard."""
     def __init__(self,
         registry, # a `Registry` handle as the viewer
         scenario: str = "cao2021-gbm-1m-1d", # the scenario shown first
@@ -141,7 +160,8 @@ class ArenaDashboard:
         else: self.scenario.param.update(options=names, value=value)  # one draw, by the watcher
 
     def choices(self, scenario: str) -> list[str]:
-        "What the evaluation dashboard offers on `scenario` to the viewer; [] where it offers nothing (unpublished or historical)."
+        """What the evaluation dashboard offers on `scenario` to the viewer; [] where it offers nothing (unpublished or
+        historical)."""
         from hedgerl import scenarios as lib
         if scenario not in lib.NAMED or lib.get(scenario).market.model == "historical": return []
         return list(strategy_choices(lib.get(scenario), self.registry))
@@ -153,14 +173,17 @@ class ArenaDashboard:
         t = board_table(b, self.choices(b.scenario))
         self.figure.object, self.table.object = board_figure(t, b.objective_label or "objective"), board_html(t)
         n = dict(t.list.value_counts())
-        self.status.object = (f"**{b.scenario}**: {b.objective_label or 'objective'}, lower is better. {n.get('leaderboard', 0)} entries on the "
-                              f"committed leaderboard, {n.get('arena', 0)} arena submission(s), {n.get('shared', 0)} other shared evaluation(s). "
+        self.status.object = (f"**{b.scenario}**: {b.objective_label or 'objective'}, lower is better. "
+                              f"{n.get('leaderboard', 0)} entries on the "
+                              f"committed leaderboard, {n.get('arena', 0)} arena submission(s), {n.get('shared', 0)} "
+                              f"other shared evaluation(s). "
                               "Click a strategy to open it beside delta in the evaluation dashboard.")
 
     def panel(self):
         "The whole page."
         import panel as pn
-        return pn.Column(pn.pane.Markdown("## Leaderboard and arena"), pn.Row(self.scenario, self.reload), self.status, self.figure, self.table,
+        return pn.Column(pn.pane.Markdown("## Leaderboard and arena"), pn.Row(self.scenario, self.reload), self.status,
+                         self.figure, self.table,
                          sizing_mode="stretch_width")
 
 # %% ../nbs/25_arena.ipynb #0e75a190
@@ -174,5 +197,6 @@ def leaderboard_page(
         user, admin = page_user()
         if user is None: return pn.pane.Markdown("This page is served by the hedgerl service, behind the hub's login.")
         asked = (pn.state.session_args or {}).get("scenario", [b""])[0].decode("utf-8", "replace")
-        return ArenaDashboard(registry.as_user(user, admin=admin), **({"scenario": asked} if asked else {}), path=path).panel()
+        return ArenaDashboard(registry.as_user(user, admin=admin), **({"scenario": asked} if asked else {}),
+                              path=path).panel()
     return page

@@ -52,7 +52,8 @@ class Error(BaseModel):
     "An error: what was wrong, naming the field and the bad value where there is one."
     detail: str
 
-ERRORS = {s: {"model": Error} for s in (400, 401, 403, 404, 409, 413, 429, 503)} # the error answers every endpoint may give
+# the error answers every endpoint may give
+ERRORS = {s: {"model": Error} for s in (400, 401, 403, 404, 409, 413, 429, 503)}
 
 # %% ../nbs/19_catalog.ipynb #a6ae21dc
 def unprocessable(
@@ -74,7 +75,8 @@ def _hide(msg: str, request: Request) -> str:
 
 # %% ../nbs/19_catalog.ipynb #ffaa15f0
 class CatalogRoute(APIRoute):
-    "A catalog endpoint: bodies over `max_body` refused (413); the registry's exceptions answered as JSON with their status."
+    """A catalog endpoint: bodies over `max_body` refused (413); the registry's exceptions answered as JSON with their
+    status."""
     max_body: int = 1 << 20 # bytes
 
     def get_route_handler(self) -> Callable:
@@ -89,16 +91,20 @@ class CatalogRoute(APIRoute):
             except Exception as e:
                 status = 409 if isinstance(e, NameTaken) else error_status(e)
                 if status is None: raise
-                msg = f"request body over {self.max_body} bytes" if status == 413 else str(e.args[0]) if e.args else type(e).__name__
+                msg = f"request body over {self.max_body} bytes" if status == 413 else str(e.args[
+                        0]) if e.args else type(e).__name__
                 return JSONResponse({"detail": _hide(msg, request)}, status)
         return guarded
 
 # %% ../nbs/19_catalog.ipynb #107d9ece
 def registry_dependency(
-    user_dependency: Callable, # the dependency giving the hub user (`hedgerl.service.hub_user`: `.name`, `.kind`, `.admin`)
+    # the dependency giving the hub user (`hedgerl.service.hub_user`: `.name`, `.kind`, `.admin`)
+    user_dependency: Callable,
 ) -> Callable:
-    "A FastAPI dependency: the service's registry as the calling hub user, reading every user's rows when the hub says they are an admin."
-    async def dependency(request: Request, user=Depends(user_dependency)) -> Registry:  # async: no worker thread for what is at hand
+    """A FastAPI dependency: the service's registry as the calling hub user, reading every user's rows when the hub
+    says they are an admin."""
+    # async: no worker thread for what is at hand
+    async def dependency(request: Request, user=Depends(user_dependency)) -> Registry:
         base = getattr(request.app.state, "registry", None)
         if base is None: raise HTTPException(503, "the service has no registry")
         name = hub_user_name(user)
@@ -215,7 +221,8 @@ async def cached_answer(
 ) -> Response:
     "The JSON answer of a GET: `compute()`'s model, or its bytes from before while nothing was committed since."
     body = reg.cache_hit(key)
-    if body is None: body = await run_in_threadpool(reg.cached, key, lambda: compute().model_dump_json(by_alias=True).encode())
+    if body is None: body = await run_in_threadpool(reg.cached, key,
+                                                    lambda: compute().model_dump_json(by_alias=True).encode())
     return Response(body, media_type="application/json")
 
 # %% ../nbs/19_catalog.ipynb #50805b79
@@ -226,10 +233,12 @@ def config_error(
     config: dict, # the config it was given
     at: tuple = ("body",), # where the config is in the request
 ) -> HTTPException:
-    "A 422 for a config `as_scenario` refused: its message, the field that message names as `loc`, the value there as `input`."
+    """A 422 for a config `as_scenario` refused: its message, the field that message names as `loc`, the value there as
+    `input`."""
     msg = str(e)
     m = _FIELD.match(msg)
-    path = [] if m is None or m[1] == "scenario" else [int(p[1:-1]) if p.startswith("[") else p for p in re.findall(r"[A-Za-z_]\w*|\[\d+\]", m[1])]
+    path = [] if m is None or m[1] == "scenario" else [int(p[1:-1]) if p.startswith("[") else p
+                                                       for p in re.findall(r"[A-Za-z_]\w*|\[\d+\]", m[1])]
     x, found = config, bool(path)
     for p in path:
         try: x = x[p]
@@ -285,16 +294,21 @@ def published_scenario(name: str, detail: bool = False) -> ScenarioInfo:
 
 # %% ../nbs/19_catalog.ipynb #cd681e29
 def saved_scenario(row: dict, detail: bool = False) -> ScenarioInfo:
-    "A saved scenario (a registry row) as the API shows it; a config this hedgerl cannot read gets its reason in `error`."
-    info = dict(name=row["name"], source="saved", id=row["id"], owner=row["owner"], shared=row["shared"], created=row["created"])
+    """A saved scenario (a registry row) as the API shows it; a config this hedgerl cannot read gets its reason in
+    `error`."""
+    info = dict(name=row["name"], source="saved", id=row["id"], owner=row["owner"], shared=row["shared"],
+                created=row["created"])
     try: info.update(scenario_summary(scenario_lib.as_scenario(row["config"])))
     except Exception as e: info["error"] = f"{type(e).__name__}: {e}"
     info["description"] = row.get("description") or info.get("description") or ""
-    return (ScenarioDetail if detail else ScenarioInfo)(**jsonable(info), **({"config": jsonable(row["config"])} if detail else {}))
+    return (ScenarioDetail if detail else ScenarioInfo)(**jsonable(info),
+                                                        **({"config": jsonable(row["config"])} if detail else {}))
 
 # %% ../nbs/19_catalog.ipynb #661f64bf
-SAVED_NAME = r"^[A-Za-z][A-Za-z0-9._-]{0,99}$" # a saved scenario's name: a letter first, then letters, digits, ., _ and -
-ScenarioRef = Annotated[str, PathParam(min_length=1, max_length=200, description="a published name, or a saved scenario's id or name")]
+# a saved scenario's name: a letter first, then letters, digits, ., _ and -
+SAVED_NAME = r"^[A-Za-z][A-Za-z0-9._-]{0,99}$"
+ScenarioRef = Annotated[str, PathParam(min_length=1, max_length=200,
+                                       description="a published name, or a saved scenario's id or name")]
 
 def saved_row(
     reg: Registry, # the caller's registry
@@ -306,8 +320,10 @@ def saved_row(
     rows, _ = reg.find("scenario", {"name": ref, "owner": owner}, sort="id")
     mine = [r for r in rows if r["owner"] == reg.user]
     if mine or len(rows) == 1: return (mine or rows)[0]
-    if not rows: raise KeyError(f"no scenario {ref!r} visible to user {reg.user!r}" + (f" (owner {owner!r})" if owner else ""))
-    raise HTTPException(409, f"scenario {ref!r}: {len(rows)} users share a scenario of that name ({', '.join(r['owner'] for r in rows)}): pass owner=")
+    if not rows: raise KeyError(f"no scenario {ref!r} visible to user {reg.user!r}" + (f" (owner {owner!r})" if owner
+                                                                                       else ""))
+    raise HTTPException(409, f"scenario {ref!r}: {len(rows)} users share a scenario of that name "
+                        f"({', '.join(r['owner'] for r in rows)}): pass owner=")
 
 # %% ../nbs/19_catalog.ipynb #dd1ad6f7
 def resolve_scenario(
@@ -319,7 +335,9 @@ def resolve_scenario(
     if owner is None and ref in scenario_lib.NAMED: return scenario_lib.get(ref)
     row = saved_row(reg, ref, owner)
     try: return scenario_lib.as_scenario(row["config"])
-    except ValueError as e: raise unprocessable(["path", "ref"], f"saved scenario {row['id']} ({row['name']!r} of {row['owner']!r}) is not a scenario this hedgerl reads: {e}", ref) from None
+    except ValueError as e: raise unprocessable(["path", "ref"],
+                                                f"saved scenario {row['id']} ({row['name']!r} of {row['owner']!r}) is "
+                                                f"not a scenario this hedgerl reads: {e}", ref) from None
 
 # %% ../nbs/19_catalog.ipynb #1189b0ae
 def request_config(
@@ -327,12 +345,14 @@ def request_config(
     ref, # a request's `scenario`: a published name, a saved scenario's name or id, or a config dict
     where: str = "scenario", # the request field, for messages
 ):
-    "A published name or a config as given; a saved scenario's name or id as its saved config; a `ValueError` naming `where` for any other name."
+    """A published name or a config as given; a saved scenario's name or id as its saved config; a `ValueError` naming
+    `where` for any other name."""
     if not isinstance(ref, str) or ref in scenario_lib.NAMED: return ref
     try: return saved_row(reg, ref)["config"]
     except KeyError: pass
     try: scenario_lib.get(ref)  # the library's message: the published names it is near
-    except ValueError as e: raise ValueError(f"{where}: {e}; nor is it a saved scenario that user {reg.user!r} can read") from None
+    except ValueError as e: raise ValueError(
+            f"{where}: {e}; nor is it a saved scenario that user {reg.user!r} can read") from None
     raise AssertionError(ref)  # a published name was returned above
 
 # %% ../nbs/19_catalog.ipynb #3fcd7efd
@@ -346,11 +366,14 @@ class SaveScenario(Body):
 # %% ../nbs/19_catalog.ipynb #dcd63021
 def _checked_for_saving(body: SaveScenario) -> dict:
     "The normalised config to store for `body` (its name the saved name); a 422 or 409 for what cannot be saved."
-    if body.name in scenario_lib.NAMED: raise HTTPException(409, f"name {body.name!r} is a published scenario's: choose another")
+    if body.name in scenario_lib.NAMED: raise HTTPException(409,
+                                                            f"name {body.name!r} is a published scenario's: choose "
+                                                            f"another")
     s = check_config({**body.config, "name": body.name}, ("body", "config"))
     src = s.market.params.get("source") if s.market.model == "historical" else None
     if isinstance(src, str) and not src.startswith("bokeh:"):
-        raise unprocessable(["body", "config", "market", "params", "source"], "a saved scenario's historical source must be bokeh:TICKER: "
+        raise unprocessable(["body", "config", "market", "params", "source"],
+                            "a saved scenario's historical source must be bokeh:TICKER: "
                             "the service reads no server file on a user's behalf", src)
     return jsonable(s.to_dict())
 
@@ -358,17 +381,22 @@ def _checked_for_saving(body: SaveScenario) -> dict:
 def _scenario_list(r: APIRouter, reg) -> None:
     "GET scenarios and POST scenarios/validate."
     @r.get("/scenarios", response_model=ScenarioList, tags=["scenarios"])
-    async def scenarios(source: Literal["published", "saved"] | None = None, owner: Text = None, reg: Registry = reg) -> ScenarioList:
+    async def scenarios(source: Literal["published", "saved"] | None = None, owner: Text = None,
+                        reg: Registry = reg) -> ScenarioList:
         "The published scenarios, the caller's saved ones and the ones others share (every saved one for an admin)."
         def read() -> ScenarioList:
             items = [published_scenario(n) for n in scenario_lib.names()] if source != "saved" and owner is None else []
-            if source != "published": items += [saved_scenario(row) for row in reg.find("scenario", {"owner": owner}, sort="id")[0]]
+            if source != "published": items += [saved_scenario(row) for row in reg.find("scenario", {"owner": owner},
+                                                                                        sort="id")[0]]
             return ScenarioList(total=len(items), items=items)
         return await cached_answer(reg, ("scenarios", source, owner), read)
 
     @r.post("/scenarios/validate", response_model=ScenarioDetail, tags=["scenarios"])
-    def validate(config: Annotated[dict[str, Any], BodyParam(description="a scenario config: the fields of the YAML files (`hedgerl scenarios --show NAME`)")]) -> ScenarioDetail:
-        "Check a scenario config as every entry point would: 200 with the normalised config, or 422 naming the field and the bad value."
+    def validate(config: Annotated[dict[str, Any], BodyParam(
+            description="a scenario config: the fields of the YAML files (`hedgerl scenarios --show NAME`)")],
+    ) -> ScenarioDetail:
+        """Check a scenario config as every entry point would: 200 with the normalised config, or 422 naming the field
+        and the bad value."""
         s = check_config(config)
         return ScenarioDetail(name=s.name, source="config", **scenario_summary(s), config=jsonable(s.to_dict()))
 
@@ -384,7 +412,8 @@ def _scenario_one(r: APIRouter, reg) -> None:
     @r.post("/scenarios", status_code=201, response_model=ScenarioDetail, tags=["scenarios"])
     def save(body: SaveScenario, reg: Registry = reg) -> ScenarioDetail:
         "Save a scenario config of one's own (checked first), private unless `shared`."
-        return saved_scenario(reg.save_scenario(body.name, _checked_for_saving(body), body.description, body.shared), detail=True)
+        return saved_scenario(reg.save_scenario(body.name, _checked_for_saving(body), body.description, body.shared),
+                              detail=True)
 
     @r.patch("/scenarios/{ref}", response_model=ScenarioDetail, tags=["scenarios"])
     def share(ref: ScenarioRef, body: Share, reg: Registry = reg) -> ScenarioDetail:
@@ -428,23 +457,29 @@ def _comments(fn) -> dict[str, str]:
     try: src = inspect.getsource(fn)
     except (OSError, TypeError): return {}
     head = src[:src.find("):") if "):" in src else len(src)]
-    return {m[1]: m[2].strip() for m in re.finditer(r"^\s*(\w+)\s*(?::[^#\n]*)?(?:=[^#\n]*)?,?\s*#\s*(.+)$", head, re.M)}
+    return {
+        m[1]: m[2].strip() for m in re.finditer(r"^\s*(\w+)\s*(?::[^#\n]*)?(?:=[^#\n]*)?,?\s*#\s*(.+)$", head, re.M)
+    }
 
 # %% ../nbs/19_catalog.ipynb #79491cf3
 @functools.lru_cache(maxsize=1)
 def _instruments() -> dict[str, str]:
     "What each baseline needs, from the table in `make_baseline`'s docstring."
-    return {m[1]: m[2].strip() for m in re.finditer(r"^\s*\|\s*([\w-]+)\s*\|([^|]+)\|", make_baseline.__doc__ or "", re.M) if m[1] != "name"}
+    return {m[1]: m[2].strip() for m in re.finditer(r"^\s*\|\s*([\w-]+)\s*\|([^|]+)\|", make_baseline.__doc__ or "",
+                                                    re.M) if m[1] != "name"}
 
 # %% ../nbs/19_catalog.ipynb #b58ea265
 def baseline_info(name: str, scenario: scenario_lib.Scenario | None = None) -> BaselineInfo:
     "Baseline `name` as `GET strategies` lists it (whether it applies to `scenario` when one is given)."
     from hedgerl.leaderboard import applicable
     cls, docs = BASELINES[name], _comments(BASELINES[name].__init__)
-    params = [Parameter(name=p.name, default=jsonable(None if p.default is p.empty else p.default), required=p.default is p.empty, doc=docs.get(p.name))
+    params = [Parameter(name=p.name, default=jsonable(None if p.default is p.empty else p.default),
+                        required=p.default is p.empty, doc=docs.get(p.name))
               for p in inspect.signature(cls).parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    return BaselineInfo(name=name, doc=inspect.getdoc(cls) or "", instruments=_instruments().get(name), parameters=params,
-                        fitted=callable(getattr(cls, "fit", None)), applicable=None if scenario is None else applicable(name, scenario))
+    return BaselineInfo(name=name, doc=inspect.getdoc(cls) or "", instruments=_instruments().get(name),
+                        parameters=params,
+                        fitted=callable(getattr(cls, "fit", None)),
+                        applicable=None if scenario is None else applicable(name, scenario))
 
 # %% ../nbs/19_catalog.ipynb #5a71d1b4
 MODEL_SORTS = sorts("id", "created", "name", "version", "algorithm", "scenario", "owner")
@@ -452,12 +487,18 @@ MODEL_SORTS = sorts("id", "created", "name", "version", "algorithm", "scenario",
 def _strategy_routes(r: APIRouter, reg) -> None:
     "GET strategies."
     @r.get("/strategies", response_model=Strategies, tags=["strategies"])
-    def strategies(scenario: Annotated[str | None, Query(min_length=1, max_length=200, description="only what applies to this scenario (a published name, or a saved scenario's id or name)")] = None,
-                   sort: MODEL_SORTS = "-id", limit: Limit = 100, offset: Offset = 0, reg: Registry = reg) -> Strategies:
-        "The baselines (their parameters and defaults) and the models the caller can see; with `scenario`, whether each baseline applies and that scenario's models."
+    def strategies(scenario: Annotated[str | None, Query(min_length=1, max_length=200,
+                                                         description="only what applies to this scenario (a published "
+                                                         "name, or a saved scenario's id or name)")] = None,
+                   sort: MODEL_SORTS = "-id", limit: Limit = 100, offset: Offset = 0,
+                   reg: Registry = reg) -> Strategies:
+        """The baselines (their parameters and defaults) and the models the caller can see; with `scenario`, whether
+        each baseline applies and that scenario's models."""
         scn = None if scenario is None else resolve_scenario(reg, scenario)
-        models = reg.find("model", {"scenario": None if scn is None else scn.name}, sort=sort, limit=limit, offset=offset)
-        return Strategies(baselines=[baseline_info(n, scn) for n in BASELINES], models=page(ModelItem, models, limit, offset))
+        models = reg.find("model", {"scenario": None if scn is None else scn.name}, sort=sort, limit=limit,
+                          offset=offset)
+        return Strategies(baselines=[baseline_info(n, scn) for n in BASELINES], models=page(ModelItem, models, limit,
+                offset))
 
 # %% ../nbs/19_catalog.ipynb #77cb79b7
 RUN_SORTS = sorts("id", "started", "ended", "name", "experiment", "status", "owner")
@@ -473,11 +514,14 @@ def _alias(name: str, value, alias: str, other):
 def _run_routes(r: APIRouter, reg) -> None:
     "GET runs, GET and PATCH runs/{id}."
     @r.get("/runs", response_model=Page[RunItem], tags=["runs"])
-    async def runs(experiment: Text = None, status: Literal[STATUSES] | None = None, scenario: Text = None, agent: Text = None, owner: Text = None,
-             shared: bool | None = None, sort: RUN_SORTS = "-id", limit: Limit = 50, offset: Offset = 0, reg: Registry = reg) -> Page[RunItem]:
+    async def runs(experiment: Text = None, status: Literal[STATUSES] | None = None, scenario: Text = None,
+                   agent: Text = None, owner: Text = None,
+             shared: bool | None = None, sort: RUN_SORTS = "-id", limit: Limit = 50, offset: Offset = 0,
+             reg: Registry = reg) -> Page[RunItem]:
         "Runs the caller may read (their own and shared ones; every one for an admin), newest first by default."
         f = dict(experiment=experiment, status=status, scenario=scenario, agent=agent, owner=owner, shared=shared)
-        return await cached_answer(reg, ("runs", *f.items(), sort, limit, offset), lambda: page(RunItem, reg.find("run", f, sort=sort, limit=limit, offset=offset), limit, offset))
+        return await cached_answer(reg, ("runs", *f.items(), sort, limit, offset), lambda: page(RunItem, reg.find("run",
+                f, sort=sort, limit=limit, offset=offset), limit, offset))
     @r.get("/runs/{run_id}", response_model=RunItem, tags=["runs"])
     async def run(run_id: IdPath, reg: Registry = reg) -> RunItem:
         "One run the caller may read."
@@ -491,13 +535,17 @@ def _run_routes(r: APIRouter, reg) -> None:
 def _model_routes(r: APIRouter, reg) -> None:
     "GET models, GET and PATCH models/{id}."
     @r.get("/models", response_model=Page[ModelItem], tags=["models"])
-    async def models(scenario: Text = None, algorithm: Text = None, agent: Text = None, name: Text = None, owner: Text = None, experiment: Text = None,
+    async def models(scenario: Text = None, algorithm: Text = None, agent: Text = None, name: Text = None,
+                     owner: Text = None, experiment: Text = None,
                run_id: Annotated[int | None, Query(ge=1, le=2**63 - 1)] = None, shared: bool | None = None,
-               sort: MODEL_SORTS = "-id", limit: Limit = 50, offset: Offset = 0, reg: Registry = reg) -> Page[ModelItem]:
+               sort: MODEL_SORTS = "-id", limit: Limit = 50, offset: Offset = 0,
+               reg: Registry = reg) -> Page[ModelItem]:
         "Models the caller may read, newest first by default; `agent` is another name for `algorithm`."
-        f = dict(scenario=scenario, algorithm=_alias("algorithm", algorithm, "agent", agent), name=name, owner=owner, experiment=experiment,
+        f = dict(scenario=scenario, algorithm=_alias("algorithm", algorithm, "agent", agent), name=name, owner=owner,
+                 experiment=experiment,
                  run_id=run_id, shared=shared)
-        return await cached_answer(reg, ("models", *f.items(), sort, limit, offset), lambda: page(ModelItem, reg.find("model", f, sort=sort, limit=limit, offset=offset), limit, offset))
+        return await cached_answer(reg, ("models", *f.items(), sort, limit, offset), lambda: page(ModelItem,
+                reg.find("model", f, sort=sort, limit=limit, offset=offset), limit, offset))
     @r.get("/models/{model_id}", response_model=ModelItem, tags=["models"])
     async def model(model_id: IdPath, reg: Registry = reg) -> ModelItem:
         "One model the caller may read."
@@ -508,7 +556,8 @@ def _model_routes(r: APIRouter, reg) -> None:
         return item(ModelItem, reg.share("model", model_id, body.shared))
 
 # %% ../nbs/19_catalog.ipynb #3bacfb89
-BINARY = {200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}, "description": "the file"}}
+BINARY = {200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+                "description": "the file"}}
 
 def _artifact_route(r: APIRouter, reg, owns: Callable) -> None:
     "GET models/{id}/artifact."
@@ -517,35 +566,45 @@ def _artifact_route(r: APIRouter, reg, owns: Callable) -> None:
         "The model's saved agent: its owner's file, checked against the sha256 recorded at registration."
         m = reg.get("model", model_id)
         try: f, _ = read_artifact(m["artifact"], m["owner"], owns, checksum=m["checksum"])
-        except ArtifactError as e: raise ArtifactError(f"model {m['id']} ({m['name']} v{m['version']}): its file {e}") from None
+        except ArtifactError as e: raise ArtifactError(
+                f"model {m['id']} ({m['name']} v{m['version']}): its file {e}") from None
         def chunks():
             with f: yield from iter(lambda: f.read(1 << 20), b"")
         return StreamingResponse(chunks(), media_type="application/octet-stream", headers={
-            "Content-Disposition": f'attachment; filename="{Path(m["artifact"]).name}"', "X-Checksum-Sha256": m["checksum"]})
+            "Content-Disposition": f'attachment; filename="{Path(m["artifact"]).name}"',
+            "X-Checksum-Sha256": m["checksum"]})
 
 # %% ../nbs/19_catalog.ipynb #0b417150
 def _evaluation_routes(r: APIRouter, reg) -> None:
     "GET evaluations, GET and PATCH evaluations/{id}."
     @r.get("/evaluations", response_model=Page[EvaluationItem], tags=["evaluations"])
-    async def evaluations(scenario: Text = None, strategy: Text = None, agent: Text = None, owner: Text = None, experiment: Text = None,
-                    model_id: Annotated[int | None, Query(ge=1, le=2**63 - 1)] = None, run_id: Annotated[int | None, Query(ge=1, le=2**63 - 1)] = None,
-                    shared: bool | None = None, sort: EVALUATION_SORTS = "-id", limit: Limit = 50, offset: Offset = 0, reg: Registry = reg) -> Page[EvaluationItem]:
+    async def evaluations(scenario: Text = None, strategy: Text = None, agent: Text = None, owner: Text = None,
+                          experiment: Text = None,
+                    model_id: Annotated[int | None, Query(ge=1, le=2**63 - 1)] = None, run_id: Annotated[int | None,
+                            Query(ge=1, le=2**63 - 1)] = None,
+                    shared: bool | None = None, sort: EVALUATION_SORTS = "-id", limit: Limit = 50, offset: Offset = 0,
+                    reg: Registry = reg) -> Page[EvaluationItem]:
         "Evaluations the caller may read, newest first by default; `agent` is another name for `strategy`."
-        f = dict(scenario=scenario, strategy=_alias("strategy", strategy, "agent", agent), owner=owner, experiment=experiment,
+        f = dict(scenario=scenario, strategy=_alias("strategy", strategy, "agent", agent), owner=owner,
+                 experiment=experiment,
                  model_id=model_id, run_id=run_id, shared=shared)
         return await cached_answer(reg, ("evaluations", *f.items(), sort, limit, offset),
-                                   lambda: page(EvaluationItem, reg.find("evaluation", f, sort=sort, limit=limit, offset=offset), limit, offset))
+                                   lambda: page(EvaluationItem, reg.find("evaluation", f, sort=sort, limit=limit,
+                                                                         offset=offset), limit, offset))
     @r.get("/evaluations/{evaluation_id}", response_model=EvaluationItem, tags=["evaluations"])
     async def evaluation(evaluation_id: IdPath, reg: Registry = reg) -> EvaluationItem:
         "One evaluation the caller may read."
-        return await cached_answer(reg, ("evaluation", evaluation_id), lambda: item(EvaluationItem, reg.get("evaluation", evaluation_id)))
+        return await cached_answer(
+            reg, ("evaluation", evaluation_id), lambda: item(EvaluationItem, reg.get("evaluation", evaluation_id))
+        )
     @r.patch("/evaluations/{evaluation_id}", response_model=EvaluationItem, tags=["evaluations"])
     def share_evaluation(evaluation_id: IdPath, body: Share, reg: Registry = reg) -> EvaluationItem:
         "Share or unshare an evaluation of one's own."
         return item(EvaluationItem, reg.share("evaluation", evaluation_id, body.shared))
 
 # %% ../nbs/19_catalog.ipynb #e0c7b6eb
-LEADERBOARD = Path(scenario_lib.__file__).resolve().parent.parent / "reports" / "leaderboard.json" # the committed leaderboard of the checkout
+# the committed leaderboard of the checkout
+LEADERBOARD = Path(scenario_lib.__file__).resolve().parent.parent / "reports" / "leaderboard.json"
 
 class CommittedEntry(BaseModel):
     "A row of the committed leaderboard."
@@ -613,8 +672,10 @@ def shared_entry(row: dict) -> SharedEntry:
     "A registry evaluation as a leaderboard entry."
     m = row.get("metrics") if isinstance(row.get("metrics"), dict) else {}
     se = m.get("objective_se")
-    return SharedEntry(evaluation_id=row["id"], strategy=row["strategy"], owner=row["owner"], model_id=row["model_id"], run_id=row["run_id"],
-                       objective=jsonable(row["objective"]), objective_se=jsonable(se) if isinstance(se, (int, float)) else None,
+    return SharedEntry(evaluation_id=row["id"], strategy=row["strategy"], owner=row["owner"], model_id=row["model_id"],
+                       run_id=row["run_id"],
+                       objective=jsonable(row["objective"]), objective_se=jsonable(se) if isinstance(se, (int,
+                               float)) else None,
                        n_paths=row["n_paths"], arena=isinstance(m.get("arena"), str), created=row["created"])
 
 # %% ../nbs/19_catalog.ipynb #6d6980ea
@@ -623,28 +684,48 @@ def leaderboard(
     scenario: str | None = None, # one scenario; None: all
     path: str | Path = LEADERBOARD, # the committed leaderboard
 ) -> Leaderboard:
-    "The committed leaderboard and the registry's shared evaluations, per scenario (published ones in their order, then the rest)."
+    """The committed leaderboard and the registry's shared evaluations, per scenario (published ones in their order,
+    then the rest)."""
     committed = [r for r in committed_leaderboard(path) if scenario is None or r.get("scenario") == scenario]
     rows = reg.find("evaluation", {"shared": True, "scenario": scenario}, sort="objective")[0]
-    names = list(dict.fromkeys([n for n in scenario_lib.names() if scenario in (None, n)] + [r["scenario"] for r in committed] + [r["scenario"] for r in rows]))
-    label = lambda n: scenario_lib.NAMED[n].objective.label if n in scenario_lib.NAMED else next((r.get("objective_label") for r in committed if r["scenario"] == n), None)
-    boards = [Board(scenario=n, objective_label=label(n), shared=_by_objective([shared_entry(r) for r in rows if r["scenario"] == n]),
-                    committed=_by_objective([CommittedEntry(**jsonable({k: v for k, v in r.items() if k in CommittedEntry.model_fields})) for r in committed if r["scenario"] == n]))
-              for n in names]
+    names = list(dict.fromkeys([n for n in scenario_lib.names() if scenario in (None,
+                                                                                n)] + [r["scenario"]
+                                                                                       for r in committed]
+                                                                                       + [r["scenario"] for r in rows]))
+    label = lambda n: scenario_lib.NAMED[n].objective.label if n in scenario_lib.NAMED else next((r.get(
+            "objective_label") for r in committed if r["scenario"] == n), None)
+    boards = [
+        Board(
+            scenario=n,
+            objective_label=label(n),
+            shared=_by_objective([shared_entry(r) for r in rows if r["scenario"] == n]),
+            committed=_by_objective(
+                [
+                    CommittedEntry(**jsonable({k: v for k, v in r.items() if k in CommittedEntry.model_fields}))
+                    for r in committed
+                    if r["scenario"] == n
+                ]
+            ),
+        )
+        for n in names
+    ]
     return Leaderboard(scenarios=boards)
 
 # %% ../nbs/19_catalog.ipynb #76f9503d
 ARENA_PATHS = 20_000 # test paths per arena score: about a second for a learned model on one core
 
 class Arena:
-    "The hedging arena's test sets: `n_paths` paths of each published scenario from a seed only the service knows, and the baselines' scores on them."
+    """The hedging arena's test sets: `n_paths` paths of each published scenario from a seed only the service knows,
+    and the baselines' scores on them."""
     def __init__(self,
         n_paths: int = ARENA_PATHS, # test paths per scenario
-        seed: int | None = None, # the seed of the test paths; None: the platform secret `arena_seed` (under [hub] state)
+        # the seed of the test paths; None: the platform secret `arena_seed` (under [hub] state)
+        seed: int | None = None,
         n_boot: int = 100, # bootstrap replicates for the standard errors
         train_paths: int = 20_000, # training paths of the baselines that fit a parameter (their own seed)
     ):
-        self.n_paths, self.n_boot, self.train_paths = check_int("n_paths", n_paths, 2), check_int("n_boot", n_boot, 2), check_int("train_paths", train_paths, 2)
+        self.n_paths, self.n_boot, self.train_paths = check_int("n_paths", n_paths, 2), check_int("n_boot", n_boot,
+                2), check_int("train_paths", train_paths, 2)
         self._seed = None if seed is None else check_int("seed", seed, 0)
         self._cache, self._locks, self._lock, self._busy = {}, {}, threading.Lock(), set()
 
@@ -660,7 +741,8 @@ class Arena:
 
     def tag(self, scenario: scenario_lib.Scenario) -> str:
         "The name of `scenario`'s test set: the same for every submission to it, telling nothing of the seed."
-        return hashlib.sha256(f"hedgerl-arena|{self.seed}|{self.n_paths}|{scenario.to_json()}".encode()).hexdigest()[:16]
+        return hashlib.sha256(f"hedgerl-arena|{self.seed}|{self.n_paths}|{scenario.to_json()}".encode()).hexdigest()[
+                :16]
 
     def baselines(self, scenario: scenario_lib.Scenario) -> list[dict]:
         "The applicable baselines' leaderboard records on `scenario`'s test paths (computed once, then kept)."
@@ -669,14 +751,16 @@ class Arena:
         with self._lock: lock = self._locks.setdefault(key, threading.Lock())
         with lock:  # one thread computes them, the others wait for its result
             if key not in self._cache:
-                self._cache[key] = evaluate_scenario(scenario, None, n_paths=self.n_paths, seed=self.seed, train_paths=self.train_paths, n_boot=self.n_boot)
+                self._cache[key] = evaluate_scenario(scenario, None, n_paths=self.n_paths, seed=self.seed,
+                                                     train_paths=self.train_paths, n_boot=self.n_boot)
         return self._cache[key]
 
     def score(self, agent, scenario: scenario_lib.Scenario) -> dict:
         "The leaderboard record of `agent` on `scenario`'s test paths, its improvement over delta paired on them."
         from hedgerl.leaderboard import evaluate_scenario
         key = f"submission:{id(agent)}"
-        recs = evaluate_scenario(scenario, {"delta": "delta", key: agent}, n_paths=self.n_paths, seed=self.seed, n_boot=self.n_boot)
+        recs = evaluate_scenario(scenario, {"delta": "delta", key: agent}, n_paths=self.n_paths, seed=self.seed,
+                                 n_boot=self.n_boot)
         return next(r for r in recs if r["strategy"] == key)
 
 # %% ../nbs/19_catalog.ipynb #c1226c23
@@ -687,14 +771,18 @@ def load_model(
     scenario: scenario_lib.Scenario, # what it must hedge
     owns: Callable = account_owns, # which files a user's account owns (see `read_artifact`)
 ):
-    "The model's agent, loaded without unpickling from a private copy of its owner's file that matches the recorded sha256; a 422 if it cannot hedge `scenario`."
+    """The model's agent, loaded without unpickling from a private copy of its owner's file that matches the recorded
+    sha256; a 422 if it cannot hedge `scenario`."""
     what = f"model {m['id']} ({m['name']} v{m['version']})"
-    try: from hedgerl.hedging import load_strategy_file  # numpy, torch and stable-baselines3 only when a model is scored
+    # numpy, torch and stable-baselines3 only when a model is scored
+    try: from hedgerl.hedging import load_strategy_file
     except ImportError as e: raise HTTPException(503, f"the service cannot load models here ({e})") from None
     try: f, _ = read_artifact(m["artifact"], m["owner"], owns, checksum=m["checksum"])
     except ArtifactError as e: raise ArtifactError(f"{what}: its file {e}") from None
     with f, tempfile.TemporaryDirectory(prefix="hedgerl-arena-") as d:
-        if os.fstat(f.fileno()).st_size > MAX_ARTIFACT: raise unprocessable(["body", "model_id"], f"{what}: its file is over {MAX_ARTIFACT >> 20} MiB", m["id"])
+        if os.fstat(f.fileno()).st_size > MAX_ARTIFACT: raise unprocessable(["body", "model_id"],
+                                                                            f"{what}: its file is over "
+                                                                            f"{MAX_ARTIFACT >> 20} MiB", m["id"])
         p = Path(d) / "agent.zip"
         with open(p, "wb") as out: shutil.copyfileobj(f, out)
         if _sha256(p) != m["checksum"]: raise ArtifactError(f"{what}: its file changed while it was read")
@@ -702,7 +790,8 @@ def load_model(
             agent = load_strategy_file(p, device="cpu")
             agent.reset(scenario)  # refuses another hedging problem than the one it was trained on
         except ImportError as e: raise HTTPException(503, f"the service cannot load {what} here ({e})") from None
-        except (ValueError, FileNotFoundError) as e: raise unprocessable(["body", "model_id"], f"{what}: {str(e).replace(str(p), 'its file')}", m["id"]) from None
+        except (ValueError, FileNotFoundError) as e: raise unprocessable(["body", "model_id"],
+                f"{what}: {str(e).replace(str(p), 'its file')}", m["id"]) from None
     return agent
 
 # %% ../nbs/19_catalog.ipynb #2fbd2e8c
@@ -752,19 +841,25 @@ def arena_scores(reg: Registry, scenario: str, tag: str, n_paths: int) -> list[d
 def ranking(baselines: list[dict], scores: list[dict]) -> list[RankEntry]:
     "The baselines' records and the arena's evaluations, ranked best first."
     m = lambda r, k: jsonable(r["metrics"].get(k)) if isinstance(r["metrics"].get(k), (int, float)) else None
-    entries = [RankEntry(rank=0, strategy=b["strategy"], kind="baseline", objective=jsonable(b["objective"]), objective_se=jsonable(b["objective_se"]),
+    entries = [RankEntry(rank=0, strategy=b["strategy"], kind="baseline", objective=jsonable(b["objective"]),
+                         objective_se=jsonable(b["objective_se"]),
                          improvement_vs_delta_pct=jsonable(b["improvement_vs_delta_pct"])) for b in baselines]
-    entries += [RankEntry(rank=0, strategy=r["strategy"], kind="model", model_id=r["model_id"], evaluation_id=r["id"], owner=r["owner"],
-                          objective=jsonable(r["objective"]), objective_se=m(r, "objective_se"), improvement_vs_delta_pct=m(r, "improvement_vs_delta_pct"))
+    entries += [RankEntry(rank=0, strategy=r["strategy"], kind="model", model_id=r["model_id"], evaluation_id=r["id"],
+                          owner=r["owner"],
+                          objective=jsonable(r["objective"]), objective_se=m(r, "objective_se"),
+                          improvement_vs_delta_pct=m(r, "improvement_vs_delta_pct"))
                 for r in scores]
     return [e.model_copy(update={"rank": i + 1}) for i, e in enumerate(_by_objective(entries))]
 
 # %% ../nbs/19_catalog.ipynb #0503e6a4
 def _record(reg: Registry, arena: Arena, m: dict, scn, tag: str, rec: dict) -> int:
-    "Record an arena score: a shared evaluation of the model, with its standard errors and the test set's tag, without the seed (NaN as null: PostgreSQL's JSON has no NaN)."
-    metrics = {**rec["metrics"], "objective_se": rec["objective_se"], "improvement_vs_delta_pct": rec["improvement_vs_delta_pct"],
+    """Record an arena score: a shared evaluation of the model, with its standard errors and the test set's tag,
+    without the seed (NaN as null: PostgreSQL's JSON has no NaN)."""
+    metrics = {**rec["metrics"], "objective_se": rec["objective_se"],
+               "improvement_vs_delta_pct": rec["improvement_vs_delta_pct"],
                "improvement_vs_delta_pct_se": rec["improvement_vs_delta_pct_se"], "arena": tag}
-    return reg.record_evaluation(scn.name, f"{m['name']} v{m['version']}", rec["objective"], jsonable(metrics), n_paths=arena.n_paths, seed=None,
+    return reg.record_evaluation(scn.name, f"{m['name']} v{m['version']}", rec["objective"], jsonable(metrics),
+                                 n_paths=arena.n_paths, seed=None,
                                  model=m["id"], shared=True)
 
 # %% ../nbs/19_catalog.ipynb #3072adfa
@@ -774,27 +869,34 @@ def submit(
     model_id: int, # a model the caller can read
     owns: Callable = account_owns, # which files a user's account owns
 ) -> Submission:
-    "Score a model on its scenario's arena test set (or find its score there) and rank it beside the baselines and the shared models."
+    """Score a model on its scenario's arena test set (or find its score there) and rank it beside the baselines and
+    the shared models."""
     reg = reg.as_user(reg.user)  # as a user: an admin's wider reads do not make another's private model theirs to score
     m = reg.get("model", model_id)
     if m["scenario"] not in scenario_lib.NAMED:
-        raise unprocessable(["body", "model_id"], f"model {model_id} hedges {m['scenario']!r}, not a published scenario: the arena has test sets for "
+        raise unprocessable(["body", "model_id"], f"model {model_id} hedges {m['scenario']!r}, not a published "
+                            f"scenario: the arena has test sets for "
                             f"the published ones (GET scenarios?source=published)", model_id)
     scn = scenario_lib.get(m["scenario"]); tag = arena.tag(scn)
     done = [r for r in arena_scores(reg, scn.name, tag, arena.n_paths) if r["model_id"] == m["id"]]
     if not done:
         with arena._lock:
-            if reg.user in arena._busy: raise HTTPException(429, f"user {reg.user!r} has a submission being scored: send the next one when it is done", headers={"Retry-After": "5"})
+            if reg.user in arena._busy:
+                raise HTTPException(429, f"user {reg.user!r} has a submission being scored: send the next one when "
+                                    "it is done", headers={"Retry-After": "5"})
             arena._busy.add(reg.user)
-        try: eid = _record(reg, arena, m, scn, tag, arena.score(load_model(m, scn, owns), scn))
+        try: _record(reg, arena, m, scn, tag, arena.score(load_model(m, scn, owns), scn))
         finally:
             with arena._lock: arena._busy.discard(reg.user)
     board = ranking(arena.baselines(scn), arena_scores(reg, scn.name, tag, arena.n_paths))
     mine = next(e for e in board if e.model_id == m["id"])
     ev = reg.get("evaluation", mine.evaluation_id)
-    return Submission(evaluation_id=ev["id"], model_id=m["id"], scenario=scn.name, strategy=ev["strategy"], objective=mine.objective,
-                      objective_se=mine.objective_se, objective_label=scn.objective.label, improvement_vs_delta_pct=mine.improvement_vs_delta_pct,
-                      improvement_vs_delta_pct_se=jsonable(ev["metrics"].get("improvement_vs_delta_pct_se")), n_paths=arena.n_paths,
+    return Submission(evaluation_id=ev["id"], model_id=m["id"], scenario=scn.name, strategy=ev["strategy"],
+                      objective=mine.objective,
+                      objective_se=mine.objective_se, objective_label=scn.objective.label,
+                      improvement_vs_delta_pct=mine.improvement_vs_delta_pct,
+                      improvement_vs_delta_pct_se=jsonable(ev["metrics"].get("improvement_vs_delta_pct_se")),
+                      n_paths=arena.n_paths,
                       rank=mine.rank, ranked=len(board), new=not done, ranking=board)
 
 # %% ../nbs/19_catalog.ipynb #4c523e9d
@@ -804,16 +906,20 @@ def _leaderboard_routes(r: APIRouter, reg, arena: Arena, owns: Callable, path: P
     async def board(scenario: Text = None, reg: Registry = reg) -> Leaderboard:
         "The committed leaderboard and the registry's shared evaluations, per scenario, best first."
         def read() -> Leaderboard:
-            if scenario is not None and scenario not in scenario_lib.NAMED and not any(r.get("scenario") == scenario for r in committed_leaderboard(path)) \
+            if scenario is not None and scenario not in scenario_lib.NAMED and not any(r.get("scenario") == scenario
+                    for r in committed_leaderboard(path)) \
                     and not reg.find("evaluation", {"scenario": scenario, "shared": True}, limit=1)[1]:
-                raise KeyError(f"no scenario {scenario!r} on the leaderboard (published: {', '.join(scenario_lib.names()[:3])}, ...)")
+                raise KeyError(f"no scenario {scenario!r} on the leaderboard (published: "
+                               f"{', '.join(scenario_lib.names()[:3])}, ...)")
             return leaderboard(reg, scenario, path)
         return await cached_answer(reg, ("leaderboard", str(path), scenario), read)
 
     @r.post("/leaderboard/submissions", status_code=201, response_model=Submission, tags=["leaderboard"],
-            responses={200: {"model": Submission, "description": "scored before on this test set: its score and place now"}})
+            responses={200: {"model": Submission, "description": "scored before on this test set: its score and place "
+                             "now"}})
     def submission(body: Submit, response: Response, reg: Registry = reg) -> Submission:
-        "Score a model on its published scenario's held-out test paths and rank it beside the baselines and everyone's shared models."
+        """Score a model on its published scenario's held-out test paths and rank it beside the baselines and
+        everyone's shared models."""
         s = submit(reg, arena, body.model_id, owns)
         if not s.new: response.status_code = 200
         return s
@@ -826,7 +932,8 @@ def router(
     leaderboard_file: str | Path = LEADERBOARD, # the committed leaderboard
     max_body: int = 1 << 20, # largest request body in bytes (413 above it)
 ) -> APIRouter:
-    "The catalog's endpoints (paths relative to `api/v1`): scenarios, strategies, runs, models, evaluations and the leaderboard."
+    """The catalog's endpoints (paths relative to `api/v1`): scenarios, strategies, runs, models, evaluations and the
+    leaderboard."""
     route = type("CatalogRoute", (CatalogRoute,), {"max_body": int(max_body)})
     r = APIRouter(route_class=route, responses=ERRORS)
     reg = Depends(registry_dependency(user_dependency))

@@ -13,7 +13,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import pandas as pd
 
@@ -42,7 +42,8 @@ def describe_detail(detail) -> str:
 
 # %% ../nbs/21_client.ipynb #e67b9312
 class HedgerlError(Exception):
-    "An error answer of the hedgerl service: `status` (HTTP), `detail` (its JSON `detail`), `method` and `url` of the request."
+    """An error answer of the hedgerl service: `status` (HTTP), `detail` (its JSON `detail`), `method` and `url` of the
+    request."""
     def __init__(self, status: int, detail=None, method: str = "", url: str = "", headers: dict | None = None):
         super().__init__(status, detail)
         self.status, self.detail, self.method, self.url, self.headers = status, detail, method, url, dict(headers or {})
@@ -53,16 +54,20 @@ class HedgerlError(Exception):
 # %% ../nbs/21_client.ipynb #30947858
 class BadRequest(HedgerlError, ValueError): "400: the request cannot be served as sent (the detail names the field)."
 class Unauthorized(HedgerlError, PermissionError): "401: no token, or one the hub does not know."
-class Forbidden(HedgerlError, PermissionError): "403: the token lacks the role or scope, or the object is another user's (shared, read-only)."
-class NotFound(HedgerlError, KeyError): "404: no such object visible to the caller (another user's private objects included)."
+class Forbidden(HedgerlError, PermissionError): """403: the token lacks the role or scope, or the object is another
+                                                user's (shared, read-only)."""
+class NotFound(HedgerlError, KeyError): """404: no such object visible to the caller (another user's private objects
+                                        included)."""
 class Conflict(HedgerlError): "409: the object's state forbids it (a finished job cancelled, a name taken)."
 class TooLarge(HedgerlError, ValueError): "413: the body is over the service's limit."
-class Invalid(HedgerlError, ValueError): "422: the body or a parameter is malformed; `detail` names the field and the bad value."
+class Invalid(HedgerlError, ValueError): """422: the body or a parameter is malformed; `detail` names the field and the
+                                         bad value."""
 class Unavailable(HedgerlError, ConnectionError): "502/503/504, or the service could not be reached (`status` 0)."
 class ServerError(HedgerlError): "Any other 5xx: a fault of the service (its log says more)."
 
 class TooMany(HedgerlError):
-    "429: a per-user limit (jobs, paths, states, simulations); `retry_after` is the seconds the service asks to wait (None if it said nothing)."
+    """429: a per-user limit (jobs, paths, states, simulations); `retry_after` is the seconds the service asks to wait
+    (None if it said nothing)."""
     @property
     def retry_after(self) -> float | None: return retry_after_s(self.headers.get("retry-after"))
 
@@ -84,18 +89,21 @@ def retry_after_s(
 
 # %% ../nbs/21_client.ipynb #93b1fbb8
 def error_for(response) -> HedgerlError:
-    "The exception for an error `response` (an `httpx.Response`): the class for its status, the JSON detail (or the text)."
+    """The exception for an error `response` (an `httpx.Response`): the class for its status, the JSON detail (or the
+    text)."""
     try: detail = response.json().get("detail")
     except (ValueError, AttributeError): detail = response.text[:500] or None
     s = response.status_code
     cls = ERRORS.get(s) or (ServerError if s >= 500 else HedgerlError)
-    return cls(s, detail, response.request.method, str(response.request.url), {k.lower(): v for k, v in response.headers.items()})
+    return cls(s, detail, response.request.method, str(response.request.url), {k.lower(): v for k,
+                                                                               v in response.headers.items()})
 
 # %% ../nbs/21_client.ipynb #1fc54ca6
 def sse_events(
     lines: Iterable[str], # the stream's lines, without their line ends (`httpx.Response.iter_lines()`)
 ) -> Iterator[dict]:
-    "Server-Sent Events from a stream's lines: `{'event': ..., 'id': ..., 'data': ...}` each, `data` parsed as JSON where it is JSON."
+    """Server-Sent Events from a stream's lines: `{'event': ..., 'id': ..., 'data': ...}` each, `data` parsed as JSON
+    where it is JSON."""
     ev, data = {}, []
     def flush():
         if not data: return None  # a block without data (a `retry:` alone) dispatches nothing
@@ -120,7 +128,8 @@ def sse_events(
 
 # %% ../nbs/21_client.ipynb #5eeb6cb3
 def plain(x):
-    "`x` as JSON's own types: numpy scalars and arrays, DataFrames (records), Series, dates and paths converted; NaN and infinities as None."
+    """`x` as JSON's own types: numpy scalars and arrays, DataFrames (records), Series, dates and paths converted; NaN
+    and infinities as None."""
     if isinstance(x, pd.DataFrame): return plain(x.to_dict("records"))
     if isinstance(x, pd.Series): return plain(x.tolist())
     if isinstance(x, dict): return {str(k): plain(v) for k, v in x.items()}
@@ -133,7 +142,9 @@ def plain(x):
 
 # %% ../nbs/21_client.ipynb #ace2d944
 def service_url(
-    hub_url: str | None = None, # the hub's URL, or the service's (`.../services/hedgerl/`); None: the [registry] url setting where it is the service's
+    # the hub's URL, or the service's (`.../services/hedgerl/`); None: the [registry] url setting where it is the
+    # service's
+    hub_url: str | None = None,
 ) -> str:
     "The service's base URL, ending in `/`."
     raw = hub_url
@@ -143,7 +154,8 @@ def service_url(
             raise ValueError("hub_url: give the hub's URL (e.g. https://hub.example.org); the [registry] url setting "
                              f"(HEDGERL_REGISTRY_URL) is not the service's here: {raw.split('://')[0]}://...")
     raw = raw.strip()
-    if not re.match(r"(?i)https?://[^/]", raw): raise ValueError(f"hub_url {raw!r}: expected an http(s) URL such as https://hub.example.org")
+    if not re.match(r"(?i)https?://[^/]", raw): raise ValueError(f"hub_url {raw!r}: expected an http(s) URL such as "
+                                                                 f"https://hub.example.org")
     if "/services/" in raw: return raw.rstrip("/") + "/"
     return raw.rstrip("/") + "/services/hedgerl/"
 
@@ -151,7 +163,8 @@ def service_url(
 class ServiceSession:
     "HTTP to the hedgerl service's API with a hub token; error answers raised as `HedgerlError`s."
     def __init__(self,
-        hub_url: str | None = None, # the hub's URL (or the service's); None: the [registry] url setting (set in every workspace)
+        # the hub's URL (or the service's); None: the [registry] url setting (set in every workspace)
+        hub_url: str | None = None,
         token: str | None = None, # a hub API token; None: $JUPYTERHUB_API_TOKEN (set in every workspace)
         client=None, # an `httpx.Client` (a FastAPI `TestClient` in tests); None: a new one
         timeout: float = 60.0, # seconds per request (a new client's)
@@ -161,24 +174,30 @@ class ServiceSession:
         self._token = token if token is not None else os.environ.get("JUPYTERHUB_API_TOKEN")
         if client is None:
             try: import httpx
-            except ImportError: raise ImportError("hedgerl.client needs httpx: pip install 'hedgerl[platform]'") from None
+            except ImportError: raise ImportError(
+                    "hedgerl.client needs httpx: pip install 'hedgerl[platform]'") from None
             client = httpx.Client(timeout=timeout)
         self.http = client
 
     def __repr__(self) -> str: return f"{type(self).__name__}({self.url!r}, token={'set' if self._token else None})"
 
-    def request(self, method: str, path: str, *, body=None, params: dict | None = None, stream: bool = False, headers: dict | None = None):
-        "One call to `<api>/<path>` (an absolute URL as is); the `httpx.Response`, or the error raised. `stream`: the body not read yet."
+    def request(self, method: str, path: str, *, body=None, params: dict | None = None, stream: bool = False,
+                headers: dict | None = None):
+        """One call to `<api>/<path>` (an absolute URL as is); the `httpx.Response`, or the error raised. `stream`: the
+        body not read yet."""
         import httpx
         url = path if re.match(r"(?i)https?://", path) else self.api + path.lstrip("/")
         h = {**({"Authorization": f"token {self._token}"} if self._token else {}), **(headers or {})}
         kw = {"json": plain(body)} if body is not None else {}
-        req = self.http.build_request(method, url, params={k: plain(v) for k, v in (params or {}).items() if v is not None}, headers=h, **kw)
+        req = self.http.build_request(
+            method, url, params={k: plain(v) for k, v in (params or {}).items() if v is not None}, headers=h, **kw
+        )
         tries = 3 if method in ("GET", "HEAD") else 1
         for attempt in range(tries):
             try: r = self.http.send(req, stream=stream); break
             except httpx.TransportError as e:
-                if attempt == tries - 1: raise Unavailable(0, f"cannot reach the hedgerl service: {e}", method, url) from None
+                if attempt == tries - 1: raise Unavailable(0, f"cannot reach the hedgerl service: {e}", method,
+                                                           url) from None
                 time.sleep(0.5 * 2 ** attempt)
         if r.status_code >= 400:
             if stream: r.read()
@@ -202,15 +221,19 @@ def _json(r):
 TIME_COLUMNS = ("started", "ended", "heartbeat", "created", "timestamp", "updated", "expires", "submitted")
 
 def listing_frame(
-    payload, # the service's JSON: a list of rows, or a page `{"items"|"rows": [...], "total": n, ...}` (with `columns` where given)
+    # the service's JSON: a list of rows, or a page `{"items"|"rows": [...], "total": n, ...}` (with `columns` where
+    # given)
+    payload,
     empty: tuple = ("id",), # the columns of an empty listing that names none (so `df.id` works on no rows too)
 ) -> pd.DataFrame:
-    "A listing as a DataFrame: one row per item, ISO timestamps parsed; `attrs` holds the page's `total`, `limit` and `offset` where sent."
+    """A listing as a DataFrame: one row per item, ISO timestamps parsed; `attrs` holds the page's `total`, `limit` and
+    `offset` where sent."""
     rows = payload if isinstance(payload, list) else payload.get("items", payload.get("rows", []))
     cols = None if isinstance(payload, list) else payload.get("columns")
     df = pd.DataFrame(rows, columns=cols) if cols or rows else pd.DataFrame(columns=list(empty))
     for c in df.columns:
-        if c in TIME_COLUMNS and not pd.api.types.is_datetime64_any_dtype(df[c]): df[c] = pd.to_datetime(df[c], errors="coerce", format="ISO8601")
+        if c in TIME_COLUMNS and not pd.api.types.is_datetime64_any_dtype(df[c]): df[c] = pd.to_datetime(df[c],
+                errors="coerce", format="ISO8601")
     if isinstance(payload, dict): df.attrs.update({k: payload[k] for k in ("total", "limit", "offset") if k in payload})
     return df
 
@@ -231,17 +254,21 @@ class ServiceAPI(ServiceSession):
 class ScenariosAPI(ServiceSession):
     "The published scenarios, users' saved ones, validation of a config; the strategies."
     def scenarios(self, source: str | None = None, owner: str | None = None) -> pd.DataFrame:
-        "The scenarios the caller can use (`source`: published or saved): published ones, their own saved ones and others' shared ones."
+        """The scenarios the caller can use (`source`: published or saved): published ones, their own saved ones and
+        others' shared ones."""
         return listing_frame(self.get("scenarios", source=source, owner=owner))
     def scenario(self, ref: str | int, owner: str | None = None) -> dict:
         "One scenario with its normalised config: a published name, or a saved one's id or name (`owner`: whose)."
         return self.get(f"scenarios/{ref}", owner=owner)
     def validate_scenario(self, config: dict) -> dict:
-        "The scenario of a config (the YAML files' schema) with its normalised config; `Invalid` naming the field and the bad value."
+        """The scenario of a config (the YAML files' schema) with its normalised config; `Invalid` naming the field and
+        the bad value."""
         return self.post("scenarios/validate", config)
     def save_scenario(self, name: str, config: dict, shared: bool = False, description: str | None = None) -> dict:
-        "Save a config under `name` (unique among the caller's; private unless `shared`); the saved scenario (its `id`)."
-        return self.post("scenarios", {"name": name, "config": config, "shared": shared, **({"description": description} if description else {})})
+        """Save a config under `name` (unique among the caller's; private unless `shared`); the saved scenario (its
+        `id`)."""
+        return self.post("scenarios", {"name": name, "config": config, "shared": shared,
+                                       **({"description": description} if description else {})})
     def share_scenario(self, ref: str | int, shared: bool = True) -> dict:
         "Share (or unshare) a saved scenario of the caller's."
         return self.patch(f"scenarios/{ref}", {"shared": shared})
@@ -249,7 +276,8 @@ class ScenariosAPI(ServiceSession):
         "Delete a saved scenario of the caller's."
         self.delete(f"scenarios/{ref}")
     def strategies(self, scenario: str | None = None) -> dict:
-        "`baselines` (each with its parameters) and `models` (a page of the models the caller can see), for one scenario or all."
+        """`baselines` (each with its parameters) and `models` (a page of the models the caller can see), for one
+        scenario or all."""
         out = self.get("strategies", scenario=scenario)
         return {"baselines": listing_frame(out["baselines"]), "models": listing_frame(out["models"])}
 
@@ -273,16 +301,20 @@ def wait_job(
 # %% ../nbs/21_client.ipynb #02ab6863
 class BacktestsAPI(ServiceSession):
     "Backtest jobs: submit, list, read, wait for, cancel."
-    def submit_backtest(self, scenario: str | dict, strategy: str | int | dict, n_paths: int | None = None, seed: int | None = None,
+    def submit_backtest(self, scenario: str | dict, strategy: str | int | dict, n_paths: int | None = None,
+                        seed: int | None = None,
                         params: dict | None = None, **options) -> dict:
-        "Start a backtest (`hedgerl backtest`'s inputs and defaults; `options`: n_boot, train_paths, name, shared); the job (`id`, `status`)."
-        body = {"scenario": scenario, "strategy": strategy_ref(strategy, params), "n_paths": n_paths, "seed": seed, **options}
+        """Start a backtest (`hedgerl backtest`'s inputs and defaults; `options`: n_boot, train_paths, name, shared);
+        the job (`id`, `status`)."""
+        body = {"scenario": scenario, "strategy": strategy_ref(strategy, params), "n_paths": n_paths, "seed": seed,
+                **options}
         return self.post("backtests", {k: v for k, v in body.items() if v is not None})
     def backtests(self, status: str | None = None, limit: int | None = None, offset: int | None = None) -> pd.DataFrame:
         "The backtests the caller can read, newest first."
         return listing_frame(self.get("backtests", status=status, limit=limit, offset=offset))
     def backtest(self, id: int) -> dict:
-        "A backtest job: status, progress, and when finished its `summary` metrics with standard errors and the `report` `hedgerl backtest` prints."
+        """A backtest job: status, progress, and when finished its `summary` metrics with standard errors and the
+        `report` `hedgerl backtest` prints."""
         return self.get(f"backtests/{int(id)}")
     def cancel_backtest(self, id: int) -> dict:
         "Cancel a queued or running backtest (its run ends interrupted); the job."
@@ -294,8 +326,10 @@ class BacktestsAPI(ServiceSession):
 # %% ../nbs/21_client.ipynb #eb1ea5d5
 class TrainingsAPI(ServiceSession):
     "Training jobs: submit, list, read, wait for, stop; their metrics and the live stream of them."
-    def submit_training(self, agent: str, scenario: str | dict, budget: int, params: dict | None = None, seed: int | None = None, **options) -> dict:
-        "Start a training run as `hedgerl train` does (`options`: objective, test_paths, valid_paths, name, shared, ...); the job."
+    def submit_training(self, agent: str, scenario: str | dict, budget: int, params: dict | None = None,
+                        seed: int | None = None, **options) -> dict:
+        """Start a training run as `hedgerl train` does (`options`: objective, test_paths, valid_paths, name, shared,
+        ...); the job."""
         body = {"agent": agent, "scenario": scenario, "budget": budget, "params": params, "seed": seed, **options}
         return self.post("trainings", {k: v for k, v in body.items() if v is not None})
     def trainings(self, status: str | None = None, limit: int | None = None, offset: int | None = None) -> pd.DataFrame:
@@ -305,7 +339,8 @@ class TrainingsAPI(ServiceSession):
         "A training job: status, last step; its folder and notebook once started, its test metrics once finished."
         return self.get(f"trainings/{int(id)}")
     def training_metrics(self, id: int, after: int | None = None) -> pd.DataFrame:
-        "The metrics the training logged after step `after` (all for None): step, key, value, timestamp; `attrs`: status, last_step."
+        """The metrics the training logged after step `after` (all for None): step, key, value, timestamp; `attrs`:
+        status, last_step."""
         out = self.get(f"trainings/{int(id)}/metrics", after=after)
         df = listing_frame(out); df.attrs.update({k: out.get(k) for k in ("status", "last_step")})
         return df
@@ -316,8 +351,10 @@ class TrainingsAPI(ServiceSession):
         "Poll the training until it ends; its last state."
         return wait_job(self.training, id, timeout, poll)
     def stream_training(self, id: int, after: int | None = None) -> Iterator[dict]:
-        "The training's events as they come (`sse_events`): `metrics` (`data`: step and metrics) while it runs, then `end`."
-        r = self.request("GET", f"trainings/{int(id)}/events", params={"after": after}, stream=True, headers={"Accept": "text/event-stream"})
+        """The training's events as they come (`sse_events`): `metrics` (`data`: step and metrics) while it runs, then
+        `end`."""
+        r = self.request("GET", f"trainings/{int(id)}/events", params={"after": after}, stream=True,
+                         headers={"Accept": "text/event-stream"})
         try: yield from sse_events(r.iter_lines())
         finally: r.close()
 
@@ -328,7 +365,8 @@ class JobsAPI(BacktestsAPI, TrainingsAPI):
 # %% ../nbs/21_client.ipynb #c666620d
 class CatalogAPI(ServiceSession):
     "Runs, models and evaluations of the registry (listed, read, shared), a model's file, and the leaderboard arena."
-    def _list(self, path: str, sort: str | None, limit: int | None, offset: int | None, pages: bool, filters: dict) -> pd.DataFrame:
+    def _list(self, path: str, sort: str | None, limit: int | None, offset: int | None, pages: bool,
+              filters: dict) -> pd.DataFrame:
         if not pages: return listing_frame(self.get(path, sort=sort, limit=limit, offset=offset, **filters))
         frames, offset, step = [], offset or 0, limit or 500
         while True:
@@ -338,23 +376,31 @@ class CatalogAPI(ServiceSession):
         out = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
         out.attrs = {"total": frames[0].attrs.get("total", len(out)), "offset": 0, "limit": len(out)}
         return out
-    def runs(self, sort: str | None = None, limit: int | None = None, offset: int | None = None, pages: bool = False, **filters) -> pd.DataFrame:
+    def runs(self, sort: str | None = None, limit: int | None = None, offset: int | None = None, pages: bool = False,
+             **filters) -> pd.DataFrame:
         "Runs the caller can see (`experiment`, `status`, `scenario`, `agent`, `owner`, `shared` filters)."
         return self._list("runs", sort, limit, offset, pages, filters)
     def run(self, id: int) -> dict: return self.get(f"runs/{int(id)}")
     def share_run(self, id: int, shared: bool = True) -> dict: return self.patch(f"runs/{int(id)}", {"shared": shared})
-    def models(self, sort: str | None = None, limit: int | None = None, offset: int | None = None, pages: bool = False, **filters) -> pd.DataFrame:
-        "Registered models the caller can see (`scenario`, `algorithm`, `name`, `owner`, `experiment`, `run_id`, `shared` filters)."
+    def models(self, sort: str | None = None, limit: int | None = None, offset: int | None = None, pages: bool = False,
+               **filters) -> pd.DataFrame:
+        """Registered models the caller can see (`scenario`, `algorithm`, `name`, `owner`, `experiment`, `run_id`,
+        `shared` filters)."""
         return self._list("models", sort, limit, offset, pages, filters)
     def model(self, id: int) -> dict: return self.get(f"models/{int(id)}")
-    def share_model(self, id: int, shared: bool = True) -> dict: return self.patch(f"models/{int(id)}", {"shared": shared})
-    def evaluations(self, sort: str | None = None, limit: int | None = None, offset: int | None = None, pages: bool = False, **filters) -> pd.DataFrame:
-        "Recorded evaluations the caller can see (`scenario`, `strategy`, `owner`, `experiment`, `model_id`, `run_id`, `shared` filters)."
+    def share_model(self, id: int, shared: bool = True) -> dict: return self.patch(f"models/{int(id)}",
+                                                                                   {"shared": shared})
+    def evaluations(self, sort: str | None = None, limit: int | None = None, offset: int | None = None,
+                    pages: bool = False, **filters) -> pd.DataFrame:
+        """Recorded evaluations the caller can see (`scenario`, `strategy`, `owner`, `experiment`, `model_id`,
+        `run_id`, `shared` filters)."""
         return self._list("evaluations", sort, limit, offset, pages, filters)
     def evaluation(self, id: int) -> dict: return self.get(f"evaluations/{int(id)}")
-    def share_evaluation(self, id: int, shared: bool = True) -> dict: return self.patch(f"evaluations/{int(id)}", {"shared": shared})
+    def share_evaluation(self, id: int, shared: bool = True) -> dict: return self.patch(f"evaluations/{int(id)}",
+                                                                                        {"shared": shared})
     def download_model(self, id: int, path: str | Path) -> Path:
-        "Save the model's file (the saved agent) at `path` (a folder: under the name the service gives); the file's path."
+        """Save the model's file (the saved agent) at `path` (a folder: under the name the service gives); the file's
+        path."""
         r = self.request("GET", f"models/{int(id)}/artifact", stream=True)
         try:
             p = Path(path)
@@ -368,12 +414,15 @@ class CatalogAPI(ServiceSession):
         finally: r.close()
         return p
     def leaderboard(self, scenario: str | None = None) -> pd.DataFrame:
-        "The leaderboard, one row per entry: `scenario`, `source` (committed, or shared: the registry's), the entry's fields; best first per scenario."
+        """The leaderboard, one row per entry: `scenario`, `source` (committed, or shared: the registry's), the entry's
+        fields; best first per scenario."""
         rows = [{"scenario": b["scenario"], "objective_label": b.get("objective_label"), "source": src, **e}
-                for b in self.get("leaderboard", scenario=scenario)["scenarios"] for src in ("committed", "shared") for e in b.get(src, [])]
+                for b in self.get("leaderboard", scenario=scenario)["scenarios"] for src in ("committed",
+                        "shared") for e in b.get(src, [])]
         return listing_frame(rows)
     def submit_to_leaderboard(self, model_id: int) -> dict:
-        "Score a model on its published scenario's held-out paths (the same for every submission); its score, `rank` and the `ranking`."
+        """Score a model on its published scenario's held-out paths (the same for every submission); its score, `rank`
+        and the `ranking`."""
         return self.post("leaderboard/submissions", {"model_id": int(model_id)})
 
 # %% ../nbs/21_client.ipynb #5350f804
@@ -391,7 +440,8 @@ def strategy_ref(
 
 # %% ../nbs/21_client.ipynb #9c36be32
 def states_columns(states) -> dict:
-    "Market states as the service takes them: one list per field (a DataFrame's columns, a dict of arrays, or a list of records)."
+    """Market states as the service takes them: one list per field (a DataFrame's columns, a dict of arrays, or a list
+    of records)."""
     if isinstance(states, list): states = pd.DataFrame(states)
     if isinstance(states, pd.DataFrame): return {c: states[c].tolist() for c in states.columns}
     return dict(states)
@@ -399,23 +449,30 @@ def states_columns(states) -> dict:
 # %% ../nbs/21_client.ipynb #cc534285
 class HedgingAPI(ServiceSession):
     "Target holdings for a batch of market states; step-by-step simulated episodes."
-    def hedge(self, strategy: str | int | dict, states, scenario: str | dict | None = None, params: dict | None = None) -> pd.DataFrame:
-        "One row per state: the target holding of each instrument, `delta` (the delta hedge), `day`; `attrs`: scenario, strategy, instruments."
-        body = {"strategy": strategy_ref(strategy, params), "states": states_columns(states), **({"scenario": scenario} if scenario is not None else {})}
+    def hedge(self, strategy: str | int | dict, states, scenario: str | dict | None = None,
+              params: dict | None = None) -> pd.DataFrame:
+        """One row per state: the target holding of each instrument, `delta` (the delta hedge), `day`; `attrs`:
+        scenario, strategy, instruments."""
+        body = {"strategy": strategy_ref(strategy, params), "states": states_columns(states),
+                **({"scenario": scenario} if scenario is not None else {})}
         out = self.post("hedge", body)
         df = pd.DataFrame(out["holdings"], columns=out["instruments"])
         df["delta"], df["day"] = out["delta"] if out.get("delta") is not None else None, out["day"]
         df.attrs.update({k: out[k] for k in ("scenario", "strategy", "instruments")})
         return df
-    def create_simulation(self, strategy: str | int | dict, scenario: str | dict | None = None, seed: int | None = None, params: dict | None = None) -> dict:
-        "Start an episode (one path of the scenario's market; a model's own scenario by default); its id, state and terms."
-        body = {"strategy": strategy_ref(strategy, params), **({"scenario": scenario} if scenario is not None else {}), **({"seed": seed} if seed is not None else {})}
+    def create_simulation(self, strategy: str | int | dict, scenario: str | dict | None = None, seed: int | None = None,
+                          params: dict | None = None) -> dict:
+        """Start an episode (one path of the scenario's market; a model's own scenario by default); its id, state and
+        terms."""
+        body = {"strategy": strategy_ref(strategy, params), **({"scenario": scenario} if scenario is not None else {}),
+                **({"seed": seed} if seed is not None else {})}
         return self.post("simulations", body)
     def simulations(self) -> pd.DataFrame:
         "The caller's open episodes."
         return listing_frame(self.get("simulations"))
     def step_simulation(self, id: str, holdings=None) -> dict:
-        "Advance one hedging date (the strategy decides, or `holdings` overrides it): the date stepped (`step`) and the new `state`."
+        """Advance one hedging date (the strategy decides, or `holdings` overrides it): the date stepped (`step`) and
+        the new `state`."""
         return self.post(f"simulations/{id}/step", {} if holdings is None else {"holdings": holdings})
     def simulation(self, id: str) -> dict:
         "The episode with its whole history."
@@ -426,10 +483,12 @@ class HedgingAPI(ServiceSession):
 
 # %% ../nbs/21_client.ipynb #af63a784
 class HedgerlClient(ServiceAPI, ScenariosAPI, JobsAPI, CatalogAPI, HedgingAPI):
-    "The hedgerl REST API (`<hub>/services/hedgerl/api/v1/`) with a hub token: one method per endpoint, errors as `HedgerlError`s."
+    """The hedgerl REST API (`<hub>/services/hedgerl/api/v1/`) with a hub token: one method per endpoint, errors as
+    `HedgerlError`s."""
 
 # %% ../nbs/21_client.ipynb #b6578704
-BENCH_READS = ("runs?limit=50", "models/{model}", "leaderboard?scenario={scenario}", "scenarios") # what the readers cycle through (api/v1 paths)
+# what the readers cycle through (api/v1 paths)
+BENCH_READS = ("runs?limit=50", "models/{model}", "leaderboard?scenario={scenario}", "scenarios")
 
 def latency_summary(seconds: list[float]) -> dict:
     "p50, p95, p99 and max of latencies in milliseconds (nearest-rank percentiles)."
@@ -440,7 +499,8 @@ def latency_summary(seconds: list[float]) -> dict:
 
 # %% ../nbs/21_client.ipynb #cc9421e9
 class RawHTTP:
-    "A minimal HTTP/1.1 keep-alive GET client on asyncio streams: a load generator's client costs far less CPU than the server it measures."
+    """A minimal HTTP/1.1 keep-alive GET client on asyncio streams: a load generator's client costs far less CPU than
+    the server it measures."""
     def __init__(self, url: str, headers: dict):
         from urllib.parse import urlsplit
         u = urlsplit(url)
@@ -454,10 +514,12 @@ class RawHTTP:
                 if self.writer is None: self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
                 self.writer.write(f"GET {path} HTTP/1.1\r\n{self.head}\r\n".encode())
                 head = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-                status, fields = int(head[0].split(" ", 2)[1]), {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in head[1:] if h)}
+                status, fields = int(head[0].split(" ", 2)[1]), {k.strip().lower(): v.strip() for k, _,
+                                                                 v in (h.partition(":") for h in head[1:] if h)}
                 if fields.get("transfer-encoding", "").lower() == "chunked":
                     body = b""
-                    while (n := int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)): body += (await self.reader.readexactly(n + 2))[:-2]
+                    while (n := int((await self.reader.readuntil(b"\r\n")).split(b";")[0],
+                                    16)): body += (await self.reader.readexactly(n + 2))[:-2]
                     await self.reader.readuntil(b"\r\n")
                 else: body = await self.reader.readexactly(int(fields.get("content-length", 0)))
                 if fields.get("connection", "").lower() == "close": await self.close()
@@ -479,7 +541,8 @@ async def _reader(http, urls: list[str], headers: dict, start: int, until: float
         url = urls[i % len(urls)]; i += 1
         t0 = time.perf_counter()
         try:
-            if isinstance(http, RawHTTP): status = (await http.get(urlsplit(url)._replace(scheme="", netloc="").geturl()))[0]
+            if isinstance(http, RawHTTP): status = (await http.get(urlsplit(url)._replace(scheme="",
+                                                                                          netloc="").geturl()))[0]
             else: status = (await http.get(url, headers=headers)).status_code
             ok, why = status == 200, status
         except (httpx.HTTPError, ConnectionError) as e: ok, why = False, type(e).__name__
@@ -511,12 +574,15 @@ def read_load(
         finally: await asyncio.gather(*(h.aclose() for h in https))
     from concurrent.futures import ThreadPoolExecutor
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(1) as ex: ex.submit(asyncio.run, main()).result()  # its own event loop (a notebook's kernel runs one)
+    # its own event loop (a notebook's kernel runs one)
+    with ThreadPoolExecutor(1) as ex: ex.submit(asyncio.run, main()).result()
     wall = time.perf_counter() - t0
     every = [x for v in out["latency"].values() for x in v]
-    return {"clients": clients, "seconds": round(wall, 2), "think_s": think_s, "requests": len(every), "per_s": len(every) / wall,
+    return {"clients": clients, "seconds": round(wall, 2), "think_s": think_s, "requests": len(every),
+            "per_s": len(every) / wall,
             "errors": sum(out["errors"].values()), "error_kinds": out["errors"], **latency_summary(every),
-            "by_path": {u.removeprefix(api): {"requests": len(v), **latency_summary(v)} for u, v in out["latency"].items()}}
+            "by_path": {u.removeprefix(api): {"requests": len(v), **latency_summary(v)} for u,
+                        v in out["latency"].items()}}
 
 # %% ../nbs/21_client.ipynb #011df6c0
 BENCH_MODEL = "cao2021-gbm-1m-1d--ntb.zip" # the committed agent registered for the benchmark (reports/models/)
@@ -530,14 +596,27 @@ def seed_catalog(
     "Register runs, models and evaluations of `scenario` (every third shared); their ids."
     runs, models, evals = [], [], []
     for i in range(n_runs):
-        with registry.start_run("bench", params={"scenario": scenario, "agent": "ntb", "seed": i}, shared=i % 3 == 0) as run:
+        with registry.start_run("bench", params={"scenario": scenario, "agent": "ntb", "seed": i},
+                                shared=i % 3 == 0) as run:
             run.log(1, **{"train/loss": 1.0 / (i + 1)})
         runs.append(run.id)
     for i in range(n_models):
-        models.append(registry.register_model(runs[i], "ntb", scenario, artifact, name=f"bench/ntb-{i % 5}", shared=i % 3 == 0)["id"])
+        models.append(registry.register_model(runs[i], "ntb", scenario, artifact, name=f"bench/ntb-{i % 5}",
+                                              shared=i % 3 == 0)["id"])
     for i in range(n_evaluations):
-        evals.append(registry.record_evaluation(scenario, "ntb", 2.0 + i / n_evaluations, {"mean": -0.1, "std": 0.5}, n_paths=1000,
-                                                seed=i, run=runs[i % n_runs], model=models[i % n_models], shared=i % 3 == 0))
+        evals.append(
+            registry.record_evaluation(
+                scenario,
+                "ntb",
+                2.0 + i / n_evaluations,
+                {"mean": -0.1, "std": 0.5},
+                n_paths=1000,
+                seed=i,
+                run=runs[i % n_runs],
+                model=models[i % n_models],
+                shared=i % 3 == 0,
+            )
+        )
     return {"runs": runs, "models": models, "evaluations": evals}
 
 # %% ../nbs/21_client.ipynb #2bb20f95
@@ -545,14 +624,19 @@ SERVICE_GOALS = {"reads_p95_ms": 200.0, "reads_errors": 0, "hedge_ratio_to_inpro
 
 def _service_results(reads: dict, hedge: dict | None) -> list[dict]:
     "The benchmark's figures beside their goals."
-    out = [{"name": "reads_p95_ms", "value": round(reads["p95_ms"], 1) if reads["p95_ms"] is not None else None, "unit": "ms",
-            "goal": f"< {SERVICE_GOALS['reads_p95_ms']:g}", "met": reads["p95_ms"] is not None and reads["p95_ms"] < SERVICE_GOALS["reads_p95_ms"]},
+    out = [{"name": "reads_p95_ms", "value": round(reads["p95_ms"], 1) if reads["p95_ms"] is not None else None,
+            "unit": "ms",
+            "goal": f"< {SERVICE_GOALS['reads_p95_ms']:g}", "met": reads["p95_ms"] is not None
+            and reads["p95_ms"] < SERVICE_GOALS["reads_p95_ms"]},
            {"name": "reads_errors", "value": reads["errors"], "goal": "0", "met": reads["errors"] == 0}]
     for key, row in ((hedge or {}).get("strategies") or {}).items():
         r = row.get("ratio_to_inprocess")
-        out.append({"name": f"hedge_{key}_ratio_to_inprocess", "value": None if r is None else round(r, 3), "unit": "API / in process",
-                    "goal": f">= {SERVICE_GOALS['hedge_ratio_to_inprocess']:g}", "met": r is not None and r >= SERVICE_GOALS["hedge_ratio_to_inprocess"],
-                    "strategy": row.get("strategy"), **{k: round(v) for k, v in row.items() if k.endswith("states_per_s")}})
+        out.append({"name": f"hedge_{key}_ratio_to_inprocess", "value": None if r is None else round(r, 3),
+                    "unit": "API / in process",
+                    "goal": f">= {SERVICE_GOALS['hedge_ratio_to_inprocess']:g}",
+                    "met": r is not None and r >= SERVICE_GOALS["hedge_ratio_to_inprocess"],
+                    "strategy": row.get("strategy"), **{k: round(v) for k,
+                                                        v in row.items() if k.endswith("states_per_s")}})
     return out
 
 # %% ../nbs/21_client.ipynb #b0431ff9
@@ -565,7 +649,7 @@ def bench_service(
     n_states: int = 10_000, # states per `hedge` call
 ) -> dict:
     "Concurrent reads through the hub's proxy and `hedge` throughput, on a throwaway platform; the figures and goals."
-    import importlib.util, signal, subprocess, tempfile, secrets as _s
+    import importlib.util, signal, tempfile, secrets as _s
     from hedgerl.core import load_settings
     from hedgerl.platform import HubClient, _free_port, _up, set_hub_password
     from hedgerl.registry import Registry
@@ -574,11 +658,13 @@ def bench_service(
     artifact = Path(hedgerl.__file__).resolve().parent.parent / "reports" / "models" / BENCH_MODEL  # the checkout's
     with tempfile.TemporaryDirectory(prefix="hedgerl-bench-") as d:
         hub, gw, svc = _free_port(3), _free_port(), _free_port()
-        env = {**os.environ, "HEDGERL_DATA_FOLDER": d, "HEDGERL_HUB_PORT": str(hub), "HEDGERL_GATEWAY_PORT": str(gw), "HEDGERL_SERVICE_PORT": str(svc)}
+        env = {**os.environ, "HEDGERL_DATA_FOLDER": d, "HEDGERL_HUB_PORT": str(hub), "HEDGERL_GATEWAY_PORT": str(gw),
+               "HEDGERL_SERVICE_PORT": str(svc)}
         proc, _ = _up(env, Path(d) / "up.out")
         try:
             s = load_settings(environ=env)
-            set_hub_password(s.hub.db_url, name, password)  # approved, as the admin would; never spawns, so no system account
+            # approved, as the admin would; never spawns, so no system account
+            set_hub_password(s.hub.db_url, name, password)
             url = f"http://127.0.0.1:{hub}"
             token = HubClient(url).token(HubClient(url).login(name, password), name)
             reg = Registry(s.registry.url).as_user(name)
@@ -590,11 +676,14 @@ def bench_service(
             hedged = None
             if hedge and importlib.util.find_spec("hedgerl.hedging") is not None:
                 from hedgerl.hedging import bench_hedge
-                hedged = bench_hedge(url, token, model=ids["models"][0], model_path=artifact, scenario=scenario, n_states=n_states)
+                hedged = bench_hedge(url, token, model=ids["models"][0], model_path=artifact, scenario=scenario,
+                                     n_states=n_states)
         finally:
             proc.send_signal(signal.SIGINT); proc.wait(90)
-    doc = {"suite": "service", "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": {"cpus": os.cpu_count(), "as_root": os.geteuid() == 0},
+    doc = {"suite": "service", "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": {"cpus": os.cpu_count(),
+                                                                                         "as_root": os.geteuid() == 0},
            "results": _service_results(reads, hedged), "reads": {"paths": paths, **reads}, "hedge": hedged}
     if out_dir is not None:
-        Path(out_dir).mkdir(parents=True, exist_ok=True); (Path(out_dir) / "service.json").write_text(json.dumps(plain(doc), indent=2) + "\n")
+        Path(out_dir).mkdir(parents=True, exist_ok=True); (Path(out_dir) / "service.json").write_text(json.dumps(plain(
+                doc), indent=2) + "\n")
     return doc

@@ -27,14 +27,17 @@ __all__ = ['DASHBOARD_BASELINES', 'DASHBOARD_GOALS', 'Evaluation', 'evaluate', '
 # %% ../nbs/22_dashboards.ipynb #52a277a5
 @dataclass
 class Evaluation:
-    "Strategies hedging the same paths of a scenario: their `BacktestResult`s and, per hedging date, what the plots need."
+    """Strategies hedging the same paths of a scenario: their `BacktestResult`s and, per hedging date, what the plots
+    need."""
     scenario: Scenario
     results: dict[str, BacktestResult] # label -> the strategy's result on the paths (holdings recorded)
     spot: np.ndarray # spot at each hedging date and at maturity, (n_paths, J + 1)
     tau: np.ndarray # years to maturity at each hedging date, (J,)
     delta: np.ndarray # the delta hedge's holding of the underlying at each hedging date, (n_paths, J)
-    running: dict[str, np.ndarray] = field(default_factory=dict) # label -> P&L so far after each date of the sample paths, (n_sample, J + 1)
-    trade_cost: dict[str, np.ndarray] = field(default_factory=dict) # label -> cost of each date's trade on the sample paths, (n_sample, J)
+    # label -> P&L so far after each date of the sample paths, (n_sample, J + 1)
+    running: dict[str, np.ndarray] = field(default_factory=dict)
+    # label -> cost of each date's trade on the sample paths, (n_sample, J)
+    trade_cost: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def n_paths(self) -> int: return self.spot.shape[0]
@@ -45,7 +48,8 @@ class Evaluation:
 
 # %% ../nbs/22_dashboards.ipynb #21d03727
 def _hedge_recorded(strategy: Strategy, paths, n_sample: int) -> tuple[dict, np.ndarray, np.ndarray]:
-    "Step `strategy` over `paths`: its per-path arrays (as `backtest`), and the sample paths' P&L so far and trade costs."
+    """Step `strategy` over `paths`: its per-path arrays (as `backtest`), and the sample paths' P&L so far and trade
+    costs."""
     from hedgerl.scenarios import Rollout
     strategy.reset(paths.scenario)
     ro, J = Rollout(paths), paths.n_decisions
@@ -53,7 +57,8 @@ def _hedge_recorded(strategy: Strategy, paths, n_sample: int) -> tuple[dict, np.
     while not ro.done:
         j, step = ro.j, ro.step(strategy.act(ro.observe()))
         running[:, j + 1] = running[:, j] + step.total[:n_sample]; costs[:, j] = step.cost[:n_sample]
-    arrays = dict(pnl=ro.pnl, cost=ro.cost, option_pnl=ro.option_pnl, hedge_pnl=ro.hedge_pnl, premium=paths.premium, holdings=ro.history)
+    arrays = dict(pnl=ro.pnl, cost=ro.cost, option_pnl=ro.option_pnl, hedge_pnl=ro.hedge_pnl, premium=paths.premium,
+                  holdings=ro.history)
     return arrays, running, costs
 
 # %% ../nbs/22_dashboards.ipynb #f34c8639
@@ -70,7 +75,8 @@ def _delta_holdings(paths) -> np.ndarray:
 
 # %% ../nbs/22_dashboards.ipynb #ed548aee
 def evaluate(
-    scenario, # a `Scenario`, a published name, a file or a config (`hedgerl.scenarios.as_scenario`); simulated markets only
+    # a `Scenario`, a published name, a file or a config (`hedgerl.scenarios.as_scenario`); simulated markets only
+    scenario,
     strategies: dict, # label -> strategy (reset and act)
     n_paths: int = 10_000, # paths, the same for every strategy
     seed: int = 0, # seeds the paths
@@ -80,23 +86,28 @@ def evaluate(
     "Hedge the same `n_paths` paths of `scenario` with each strategy; an `Evaluation` for the dashboard's figures."
     from tqdm.auto import tqdm
     scn = as_scenario(scenario)
-    if scn.market.model == "historical": raise ValueError(f"scenario {scn.name!r} is historical: the evaluation dashboard simulates its paths")
+    if scn.market.model == "historical": raise ValueError(f"scenario {scn.name!r} is historical: the evaluation "
+                                                          f"dashboard simulates its paths")
     n_paths, n_sample = check_int("n_paths", n_paths, 2), check_int("n_sample", n_sample, 1)
     if not strategies: raise ValueError("strategies: give at least one (label -> strategy)")
     paths = simulate_scenario(scn, n_paths, seed=spawn_seeds(seed, 1)[0])  # the seed of `backtest`'s one chunk
     ev = Evaluation(scn, {}, paths.spot, (scn.horizon - paths.days[:-1]) / scn.trading_days, _delta_holdings(paths))
     for label, strat in tqdm(strategies.items(), desc=f"evaluate {scn.name}", disable=not progress):
         arrays, ev.running[label], ev.trade_cost[label] = _hedge_recorded(strat, paths, min(n_sample, n_paths))
-        ev.results[label] = BacktestResult(scn, getattr(strat, "name", label), bool(getattr(strat, "learned", False)), seed, **arrays)
+        ev.results[label] = BacktestResult(
+            scn, getattr(strat, "name", label), bool(getattr(strat, "learned", False)), seed, **arrays
+        )
     return ev
 
 # %% ../nbs/22_dashboards.ipynb #d863609e
 def comparison(
     ev: Evaluation, # what `evaluate` gave
     n_boot: int = 100, # bootstrap replicates for the standard errors
-    base: str | None = None, # the label of the strategy improvements are measured against; None: the first that is a `DeltaHedge`
+    # the label of the strategy improvements are measured against; None: the first that is a `DeltaHedge`
+    base: str | None = None,
 ) -> pd.DataFrame:
-    "One row per strategy: every metric of `BacktestResult.summary` with `_se` columns, and the % improvement over `base`."
+    """One row per strategy: every metric of `BacktestResult.summary` with `_se` columns, and the % improvement over
+    `base`."""
     from hedgerl.leaderboard import paired_improvement
     base = base if base is not None else next((k for k, r in ev.results.items() if r.strategy == DeltaHedge.name), None)
     rows = {}
@@ -116,7 +127,8 @@ def strategy_colors(labels: list[str]) -> dict[str, str]:
 
 def _figure(title: str, x: str, y: str, **kw):
     from bokeh.plotting import figure
-    p = figure(title=title, x_axis_label=x, y_axis_label=y, height=300, sizing_mode="stretch_width", tools="pan,wheel_zoom,box_zoom,reset,save", **kw)
+    p = figure(title=title, x_axis_label=x, y_axis_label=y, height=300, sizing_mode="stretch_width",
+               tools="pan,wheel_zoom,box_zoom,reset,save", **kw)
     p.toolbar.logo = None
     return p
 
@@ -142,7 +154,8 @@ def pnl_histogram(
 # %% ../nbs/22_dashboards.ipynb #f314c600
 def _check_path(ev: Evaluation, path) -> int:
     "`path` as a sample path's index, or a `ValueError` naming the range."
-    if check_int("path", path, 0) >= ev.n_sample: raise ValueError(f"path must be a sample path, 0 to {ev.n_sample - 1}, got {path}")
+    if check_int("path", path, 0) >= ev.n_sample: raise ValueError(f"path must be a sample path, 0 to "
+                                                                   f"{ev.n_sample - 1}, got {path}")
     return int(path)
 
 def path_pnl(
@@ -170,8 +183,10 @@ def hedge_ratio(
     x = np.arange(ev.delta.shape[1])
     p = _figure(f"Holding of {ev.scenario.instrument_names[instrument]}, path {path}", "hedging date", "holding")
     for label in ev.labels:
-        p.step(x, ev.results[label].holdings[path, :, instrument], mode="after", color=colors[label], line_width=2, legend_label=label)
-    if instrument == 0: p.line(x, ev.delta[path], color="black", line_dash="dashed", line_width=1.5, legend_label="delta hedge")
+        p.step(x, ev.results[label].holdings[path, :, instrument], mode="after", color=colors[label], line_width=2,
+               legend_label=label)
+    if instrument == 0: p.line(x, ev.delta[path], color="black", line_dash="dashed", line_width=1.5,
+                               legend_label="delta hedge")
     p.legend.click_policy = "hide"
     return p
 
@@ -182,7 +197,8 @@ def holding_minus_delta(
     bins: int = 24, # log-moneyness bins
     min_count: int = 5, # fewer states in a cell: NaN
 ) -> pd.DataFrame:
-    "Mean holding of the underlying minus delta per (log-moneyness bin, hedging date): columns x (bin centre), tau, diff, count."
+    """Mean holding of the underlying minus delta per (log-moneyness bin, hedging date): columns x (bin centre), tau,
+    diff, count."""
     if label not in ev.results: raise ValueError(f"label must be one of {ev.labels}, got {label!r}")
     K = ev.scenario.book[0].strike
     m = np.log(ev.spot[:, :-1] / K)
@@ -196,7 +212,8 @@ def holding_minus_delta(
     total = np.bincount(cell, weights=diff.ravel(), minlength=bins * m.shape[1])
     with np.errstate(invalid="ignore", divide="ignore"): mean = np.where(count >= min_count, total / count, np.nan)
     centres = (edges[:-1] + edges[1:]) / 2
-    return pd.DataFrame({"x": np.repeat(centres, m.shape[1]), "tau": np.tile(ev.tau, bins), "diff": mean, "count": count})
+    return pd.DataFrame({"x": np.repeat(centres, m.shape[1]), "tau": np.tile(ev.tau, bins), "diff": mean,
+                         "count": count})
 
 # %% ../nbs/22_dashboards.ipynb #87f2f445
 def heatmap(
@@ -204,7 +221,8 @@ def heatmap(
     label: str, # the strategy
     bins: int = 24, # log-moneyness bins
 ):
-    "The `holding_minus_delta` of one strategy as a heatmap over log-moneyness and time to maturity (red: holds more than delta)."
+    """The `holding_minus_delta` of one strategy as a heatmap over log-moneyness and time to maturity (red: holds more
+    than delta)."""
     from bokeh.models import ColorBar, ColumnDataSource, HoverTool, LinearColorMapper
     from bokeh.palettes import RdBu11
     h = holding_minus_delta(ev, label, bins).dropna()
@@ -213,9 +231,19 @@ def heatmap(
     width = float(np.diff(np.unique(h["x"]))[0]) if h["x"].nunique() > 1 else 0.01
     height = float(np.abs(np.diff(ev.tau)).min()) if len(ev.tau) > 1 else 0.01
     p = _figure(f"{label}: holding minus delta", "log-moneyness log(S/K)", "years to maturity")
-    p.rect("x", "tau", width=width, height=height, source=ColumnDataSource(h), fill_color={"field": "diff", "transform": cmap}, line_color=None)
+    p.rect("x", "tau", width=width, height=height, source=ColumnDataSource(h), fill_color={"field": "diff",
+            "transform": cmap}, line_color=None)
     p.add_layout(ColorBar(color_mapper=cmap, title="holding − delta"), "right")
-    p.add_tools(HoverTool(tooltips=[("log(S/K)", "@x{0.000}"), ("tau", "@tau{0.000}"), ("holding − delta", "@diff{0.0000}"), ("states", "@count")]))
+    p.add_tools(
+        HoverTool(
+            tooltips=[
+                ("log(S/K)", "@x{0.000}"),
+                ("tau", "@tau{0.000}"),
+                ("holding − delta", "@diff{0.0000}"),
+                ("states", "@count"),
+            ]
+        )
+    )
     return p
 
 # %% ../nbs/22_dashboards.ipynb #8aa2c72a
@@ -229,7 +257,8 @@ def trades(
     path = _check_path(ev, path)
     h = ev.results[label].holdings[path, :, 0]
     before = np.concatenate([[0.0], h[:-1]])
-    return pd.DataFrame({"date": np.arange(len(h)), "tau": ev.tau, "spot": ev.spot[path, :-1], "held": before, "target": h,
+    return pd.DataFrame({"date": np.arange(len(h)), "tau": ev.tau, "spot": ev.spot[path, :-1], "held": before,
+                         "target": h,
                          "trade": h - before, "delta": ev.delta[path], "cost": ev.trade_cost[label][path, :len(h)],
                          "pnl_so_far": ev.running[label][path, 1:]})
 
@@ -239,12 +268,15 @@ def model_label(m) -> str:
     return f"{m.name} v{m.version} (model {m.id})"
 
 # %% ../nbs/22_dashboards.ipynb #eaa08cf6
-DASHBOARD_BASELINES = ("delta", "no-hedge", "whalley-wilmott", "delta-gamma", "delta-gamma-vega") # fitted ones (fixed-band) are left out
+# fitted ones (fixed-band) are left out
+DASHBOARD_BASELINES = ("delta", "no-hedge", "whalley-wilmott", "delta-gamma", "delta-gamma-vega")
 
 def strategy_choices(
     scenario: Scenario, # what is hedged
     registry=None, # a `Registry` (or `RemoteRegistry`) whose visible models are offered; None: baselines only
-    load=None, # model id -> strategy; None: `hedgerl.runs.load_model` through `registry` (the service passes its own, which reads the owner's file)
+    # model id -> strategy; None: `hedgerl.runs.load_model` through `registry` (the service passes its own, which reads
+    # the owner's file)
+    load=None,
 ) -> dict:
     "Label -> a function making the strategy: the applicable baselines, then the registry's models of `scenario`."
     from hedgerl.baselines import make_baseline
@@ -262,13 +294,15 @@ def strategy_choices(
 def experiment_choices(
     registry, # a `Registry` (or `RemoteRegistry`) as the viewer
 ) -> dict[str, tuple[str, list[str]]]:
-    "Experiment name -> (the scenario of its models, their labels as `strategy_choices` names them), for the models `registry` shows."
+    """Experiment name -> (the scenario of its models, their labels as `strategy_choices` names them), for the models
+    `registry` shows."""
     runs = registry.runs()
     experiment = dict(zip(runs["id"], runs["experiment"]))
     out = {}
     for m in registry.models().itertuples():
         name = experiment.get(m.run_id)
-        if name is None or out.get(name, (m.scenario,))[0] != m.scenario: continue  # a model without a visible run; another scenario
+        # a model without a visible run; another scenario
+        if name is None or out.get(name, (m.scenario,))[0] != m.scenario: continue
         out.setdefault(name, (m.scenario, []))[1].append(model_label(m))
     return out
 
@@ -280,22 +314,26 @@ def _card(title: str, value: float, se: float | None, fmt: str = "{:.3f}", good:
     text = "n/a" if value is None or not np.isfinite(value) else fmt.format(value)
     err = "" if se is None or not np.isfinite(se) else f" ± {fmt.format(se)}"
     return pn.pane.HTML(f"<div class='hedgerl-card'><div style='font-size:0.85em;color:#57606a'>{title}</div>"
-                        f"<div style='font-size:1.6em;font-weight:600;color:{colour}'>{text}<span style='font-size:0.6em;color:#57606a'>{err}</span></div></div>",
-                        styles={"border": "1px solid #d0d7de", "border-radius": "6px", "padding": "8px 14px"}, min_width=200)
+                        f"<div style='font-size:1.6em;font-weight:600;color:{colour}'>{text}<span "
+                        f"style='font-size:0.6em;color:#57606a'>{err}</span></div></div>",
+                        styles={"border": "1px solid #d0d7de", "border-radius": "6px", "padding": "8px 14px"},
+                        min_width=200)
 
 def headline(
     ev: Evaluation, # what `evaluate` gave
     table: pd.DataFrame, # `comparison(ev)`
     label: str, # the strategy the cards are about
 ):
-    "Four cards for `label`: the scenario's objective, ES 95%, mean cost and the improvement over delta, each ± its standard error."
+    """Four cards for `label`: the scenario's objective, ES 95%, mean cost and the improvement over delta, each ± its
+    standard error."""
     import panel as pn
     r = table.loc[label]
     imp = r.get("improvement_vs_delta_pct")
     return pn.Row(_card(ev.scenario.objective.label, r["objective"], r.get("objective_se")),
                   _card("expected shortfall 95%", r["es_95"], r.get("es_95_se")),
                   _card("mean transaction cost", r["cost_mean"], r.get("cost_mean_se"), "{:.4f}"),
-                  _card("improvement over delta", imp, r.get("improvement_vs_delta_pct_se"), "{:+.1f}%", None if imp is None or imp == 0 else imp > 0),
+                  _card("improvement over delta", imp, r.get("improvement_vs_delta_pct_se"), "{:+.1f}%",
+                        None if imp is None or imp == 0 else imp > 0),
                   sizing_mode="stretch_width")
 
 # %% ../nbs/22_dashboards.ipynb #4db25603
@@ -307,21 +345,26 @@ def evaluation_view(
 ):
     "The evaluation dashboard's body for one evaluation: headline cards, comparison table, figures, trades."
     import panel as pn
-    cols = [c for c in ("objective", "es_95", "es_99", "var_95", "mean", "std", "cost_mean", "turnover_mean", "improvement_vs_delta_pct") if c in table]
-    shown = pd.DataFrame({c: [f"{v:.4g} ± {se:.2g}" if np.isfinite(se) else f"{v:.4g}" for v, se in zip(table[c], table.get(f"{c}_se", pd.Series(np.nan, table.index)))]
+    cols = [c for c in ("objective", "es_95", "es_99", "var_95", "mean", "std", "cost_mean", "turnover_mean",
+                        "improvement_vs_delta_pct") if c in table]
+    shown = pd.DataFrame({c: [f"{v:.4g} ± {se:.2g}" if np.isfinite(se) else f"{v:.4g}" for v, se in zip(table[c],
+            table.get(f"{c}_se", pd.Series(np.nan, table.index)))]
                           for c in cols}, index=table.index)
     figs = [pnl_histogram(ev), path_pnl(ev, path), hedge_ratio(ev, path), heatmap(ev, focus)]
     return pn.Column(headline(ev, table, focus), pn.pane.DataFrame(shown, sizing_mode="stretch_width"),
-                     pn.GridBox(*[pn.pane.Bokeh(f, sizing_mode="stretch_width") for f in figs], ncols=2, sizing_mode="stretch_width"),
+                     pn.GridBox(*[pn.pane.Bokeh(f, sizing_mode="stretch_width") for f in figs], ncols=2,
+                                sizing_mode="stretch_width"),
                      pn.pane.Markdown(f"**Trades of {focus} on sample path {path}**"),
-                     pn.pane.DataFrame(trades(ev, focus, path).round(5), index=False, sizing_mode="stretch_width"), sizing_mode="stretch_width")
+                     pn.pane.DataFrame(trades(ev, focus, path).round(5), index=False, sizing_mode="stretch_width"),
+                     sizing_mode="stretch_width")
 
 # %% ../nbs/22_dashboards.ipynb #6ec6682e
 def refresh_figure(
     old, # a Bokeh figure on the page
     new, # one made by the same function with other arguments
 ) -> None:
-    "Give `old` the data, title, glyph sizes and colour ranges of `new`, in place; `ValueError` if their renderers differ."
+    """Give `old` the data, title, glyph sizes and colour ranges of `new`, in place; `ValueError` if their renderers
+    differ."""
     from bokeh.models import ColorMapper
     pairs = list(zip(old.renderers, new.renderers))
     if len(old.renderers) != len(new.renderers) or any(type(a.glyph) is not type(b.glyph) for a, b in pairs):
@@ -329,7 +372,8 @@ def refresh_figure(
     old.title.text = new.title.text
     for a, b in pairs:
         a.data_source.data = dict(b.data_source.data)
-        a.glyph.update(**{k: v for k, v in b.glyph.properties_with_values(include_defaults=False).items() if isinstance(v, (int, float))})
+        a.glyph.update(**{k: v for k, v in b.glyph.properties_with_values(include_defaults=False).items()
+                          if isinstance(v, (int, float))})
     for a, b in zip(old.select(type=ColorMapper), new.select(type=ColorMapper)): a.update(low=b.low, high=b.high)
 
 # %% ../nbs/22_dashboards.ipynb #26cfef68
@@ -359,8 +403,10 @@ def _nbytes(x) -> int:
 
 # %% ../nbs/22_dashboards.ipynb #2e72f949
 class EvaluationCache:
-    "Evaluations and their tables by question, least recently used out first, within `max_bytes`; one computation per question at a time."
-    def __init__(self, max_bytes: int = 512 << 20): # memory budget (a 100,000-path evaluation of 3 strategies is about 100 MB)
+    """Evaluations and their tables by question, least recently used out first, within `max_bytes`; one computation per
+    question at a time."""
+    # memory budget (a 100,000-path evaluation of 3 strategies is about 100 MB)
+    def __init__(self, max_bytes: int = 512 << 20):
         import threading
         from collections import OrderedDict
         self.max_bytes, self.items, self.sizes = max_bytes, OrderedDict(), {}
@@ -384,23 +430,28 @@ class EvaluationCache:
 
 # %% ../nbs/22_dashboards.ipynb #7d397fb0
 def _inline_stylesheets(viewable, root) -> None:
-    "Panel preprocessing hook: every stylesheet a model links from Panel's CDN, inline instead (read from the installed package)."
+    """Panel preprocessing hook: every stylesheet a model links from Panel's CDN, inline instead (read from the
+    installed package)."""
     from bokeh.models import UIElement
     from panel.io.notebook import patch_inline_stylesheets
     for m in root.select({"type": UIElement}): patch_inline_stylesheets(m)
 
 def notebook_extension() -> None:
-    "Load Panel for a notebook or a Voila page that asks no other host: inline scripts and stylesheets, widgets through ipywidgets."
+    """Load Panel for a notebook or a Voila page that asks no other host: inline scripts and stylesheets, widgets
+    through ipywidgets."""
     import panel as pn
     from panel.viewable import Viewable
     pn.extension(inline=True, comms="ipywidgets")
-    if _inline_stylesheets not in Viewable._preprocessing_hooks: Viewable._preprocessing_hooks.append(_inline_stylesheets)
+    if _inline_stylesheets not in Viewable._preprocessing_hooks: Viewable._preprocessing_hooks.append(
+            _inline_stylesheets)
 
 @contextmanager
 def inline_updates(obj):
-    "Hold the pages showing `obj` (a Panel object) while the block changes it; with `notebook_extension`, new models go out with inline stylesheets."
+    """Hold the pages showing `obj` (a Panel object) while the block changes it; with `notebook_extension`, new models
+    go out with inline stylesheets."""
     from panel.viewable import Viewable
-    if _inline_stylesheets not in Viewable._preprocessing_hooks: yield; return  # a served page: Panel resolves (and sends) its own stylesheets
+    # a served page: Panel resolves (and sends) its own stylesheets
+    if _inline_stylesheets not in Viewable._preprocessing_hooks: yield; return
     docs = [d for d in {m.document for m, _ in obj._models.values()} if d is not None and not d.callbacks.hold_value]
     for d in docs: d.hold("combine")  # the changes are sent when the hold ends: after the stylesheets are inline
     try:
@@ -440,58 +491,36 @@ class EvaluationView:
         self.path = pn.widgets.IntSlider(name="Sample path", start=0, end=19, value=0)
         self.status = pn.pane.Markdown("", sizing_mode="stretch_width")
         self.body = pn.Column(sizing_mode="stretch_width")
-        self.focus.param.watch(lambda e: self.draw({"focus"}), "value"); self.path.param.watch(lambda e: self.draw({"path"}), "value")
+        self.focus.param.watch(lambda e: self.draw({"focus"}),
+                               "value"); self.path.param.watch(lambda e: self.draw({"path"}), "value")
 
     def show(self, ev: Evaluation, table: pd.DataFrame | None = None) -> None:
-        "Show an evaluation: its table, and the figures for the first learned strategy (else the first that is not delta)."
+        """Show an evaluation: its table, and the figures for the first learned strategy (else the first that is not
+        delta)."""
         self.ev, self.table = ev, comparison(ev, self.n_boot) if table is None else table
-        first = next((k for k, r in ev.results.items() if r.learned), next((k for k in ev.labels if k != "delta"), ev.labels[0]))
+        first = next(
+            (k for k, r in ev.results.items() if r.learned), next((k for k in ev.labels if k != "delta"), ev.labels[0])
+        )
         self.path.end = ev.n_sample - 1
         with inline_updates(self.body):
             self.body.objects = []  # a new evaluation: drawn whole
             if self.focus.value == first: self.focus.options = ev.labels; self.draw()
             else: self.focus.param.update(options=ev.labels, value=first)  # one draw, by the watcher
-        self.status.object = f"{ev.scenario.name}: {ev.n_paths:,} paths, seed {self.seed}; standard errors from {self.n_boot} bootstrap replicates."
+        self.status.object = (f"{ev.scenario.name}: {ev.n_paths:,} paths, seed {self.seed}; standard errors from "
+                              f"{self.n_boot} bootstrap replicates.")
 
     def draw(self, changed: set | None = None) -> None:
-        "Draw the body for the chosen strategy and path, or redraw what depends on what `changed` (nothing is evaluated)."
+        """Draw the body for the chosen strategy and path, or redraw what depends on what `changed` (nothing is
+        evaluated)."""
         if self.ev is None or self.focus.value not in self.ev.results: return
         args = (self.ev, self.table, self.focus.value, min(self.path.value, self.ev.n_sample - 1))
         with inline_updates(self.body):
             if changed and self.body.objects: update_view(self.body[0], *args, changed)
             else: self.body.objects = [evaluation_view(*args)]
 
-# %% ../nbs/22_dashboards.ipynb #952e2dae
-class EvaluationDashboard(EvaluationView):
-    "The evaluation dashboard: choose a scenario and strategies; headline cards, the comparison table and the figures."
-    cache: EvaluationCache | None = EvaluationCache() # evaluations kept for the next dashboard (every dashboard of this process); None: none kept
-    def __init__(self,
-        choices=strategy_choices, # scenario -> {label: function making the strategy} (`strategy_choices`, or one bound to a registry)
-        scenario: str = "cao2021-gbm-1m-1d", # the scenario shown first
-        strategies: list[str] | None = None, # the strategies shown first; None: every choice
-        n_paths: int = 10_000, # paths of each evaluation
-        seed: int = 0, # seeds the paths
-        n_boot: int = 100, # bootstrap replicates of the standard errors
-        evaluation: Evaluation | None = None, # one already made (of `scenario`): shown without evaluating
-        scenarios: list[str] | None = None, # the scenarios offered; None: the published simulated ones
-        experiments: dict | None = None, # experiment -> (scenario, model labels) offered (`experiment_choices`); None: no experiment select
-    ):
-        import panel as pn
-        from hedgerl import scenarios as lib
-        self.choices, self.n_paths = choices, check_int("n_paths", n_paths, 2)
-        super().__init__(seed, n_boot)
-        names = scenarios or [n for n in lib.names() if lib.get(n).market.model != "historical"]
-        self.scenario = pn.widgets.Select(name="Scenario", options=names, value=scenario if scenario in names else names[0])
-        self.strategies = pn.widgets.MultiChoice(name="Strategies", options=[], value=[], sizing_mode="stretch_width")
-        self.run = pn.widgets.Button(name="Evaluate", button_type="primary")
-        self.experiments = experiments or {}
-        self.experiment = pn.widgets.Select(name="Experiment", options=["", *self.experiments], visible=bool(self.experiments), width=200)
-        self._made = {}
-        self._offer(strategies)
-        self.scenario.param.watch(lambda e: self._offer(None), "value")
-        self.experiment.param.watch(lambda e: self._choose_experiment(e.new), "value")
-        self.run.on_click(self.evaluate_async)
-        if evaluation is not None: self.show(evaluation)
+# %% ../nbs/22_dashboards.ipynb #88dc6087
+class _ExperimentChoice:
+    "The evaluation page's experiment select: the experiments offered, and what choosing one does."
 
     def _offer(self, chosen: list[str] | None) -> None:
         "The strategies on offer for the chosen scenario, and those selected."
@@ -504,9 +533,47 @@ class EvaluationDashboard(EvaluationView):
         "An experiment's models, beside delta, on their scenario."
         if not name: return
         scn, labels = self.experiments[name]
-        if scn not in self.scenario.options: self.status.object = f"Experiment {name}: its models hedge {scn}, which this dashboard does not simulate."; return
+        if scn not in self.scenario.options: self.status.object = (f"Experiment {name}: its models hedge {scn}, which "
+                                                                   f"this dashboard does not simulate."); return
         self.scenario.value = scn  # offers that scenario's strategies
         self.strategies.value = [c for c in ("delta", *labels) if c in self._made]
+
+# %% ../nbs/22_dashboards.ipynb #952e2dae
+class EvaluationDashboard(_ExperimentChoice, EvaluationView):
+    "The evaluation dashboard: choose a scenario and strategies; headline cards, the comparison table and the figures."
+    # evaluations kept for the next dashboard (every dashboard of this process); None: none kept
+    cache: EvaluationCache | None = EvaluationCache()
+    def __init__(self,
+        # scenario -> {label: function making the strategy} (`strategy_choices`, or one bound to a registry)
+        choices=strategy_choices,
+        scenario: str = "cao2021-gbm-1m-1d", # the scenario shown first
+        strategies: list[str] | None = None, # the strategies shown first; None: every choice
+        n_paths: int = 10_000, # paths of each evaluation
+        seed: int = 0, # seeds the paths
+        n_boot: int = 100, # bootstrap replicates of the standard errors
+        evaluation: Evaluation | None = None, # one already made (of `scenario`): shown without evaluating
+        scenarios: list[str] | None = None, # the scenarios offered; None: the published simulated ones
+        # experiment -> (scenario, model labels) offered (`experiment_choices`); None: no experiment select
+        experiments: dict | None = None,
+    ):
+        import panel as pn
+        from hedgerl import scenarios as lib
+        self.choices, self.n_paths = choices, check_int("n_paths", n_paths, 2)
+        super().__init__(seed, n_boot)
+        names = scenarios or [n for n in lib.names() if lib.get(n).market.model != "historical"]
+        self.scenario = pn.widgets.Select(name="Scenario", options=names,
+                                          value=scenario if scenario in names else names[0])
+        self.strategies = pn.widgets.MultiChoice(name="Strategies", options=[], value=[], sizing_mode="stretch_width")
+        self.run = pn.widgets.Button(name="Evaluate", button_type="primary")
+        self.experiments = experiments or {}
+        self.experiment = pn.widgets.Select(name="Experiment", options=["", *self.experiments],
+                                            visible=bool(self.experiments), width=200)
+        self._made = {}
+        self._offer(strategies)
+        self.scenario.param.watch(lambda e: self._offer(None), "value")
+        self.experiment.param.watch(lambda e: self._choose_experiment(e.new), "value")
+        self.run.on_click(self.evaluate_async)
+        if evaluation is not None: self.show(evaluation)
 
     def _compute(self) -> tuple[Evaluation, pd.DataFrame]:
         "The evaluation of the chosen strategies and its comparison table (`cached_evaluation`, in `self.cache`)."
@@ -516,7 +583,8 @@ class EvaluationDashboard(EvaluationView):
 
     def _ready(self) -> bool:
         if not self.strategies.value: self.status.object = "Choose at least one strategy."; return False
-        self.status.object = f"Evaluating {len(self.strategies.value)} strategies on {self.n_paths:,} paths of {self.scenario.value} ..."
+        self.status.object = (f"Evaluating {len(self.strategies.value)} strategies on {self.n_paths:,} paths of "
+                              f"{self.scenario.value} ...")
         return True
 
     def evaluate(self) -> None:
@@ -538,7 +606,8 @@ class EvaluationDashboard(EvaluationView):
         "The whole dashboard, ready to serve (`.servable()`) or to show in a notebook."
         import panel as pn
         controls = pn.Row(self.experiment, self.scenario, self.strategies, self.run, sizing_mode="stretch_width")
-        return pn.Column(pn.pane.Markdown("## Hedging evaluation"), controls, pn.Row(self.focus, self.path), self.status, self.body,
+        return pn.Column(pn.pane.Markdown("## Hedging evaluation"), controls, pn.Row(self.focus, self.path),
+                         self.status, self.body,
                          sizing_mode="stretch_width")
 
 # %% ../nbs/22_dashboards.ipynb #63b0526b
@@ -560,14 +629,17 @@ def mount(
     for r in [r for r in app.router.routes if isinstance(r, Mount) and r.path.startswith("/static")]:
         app.router.routes[app.router.routes.index(r)] = Mount(root + r.path, app=r.app, name=r.name)
     for r in app.router.routes:  # pages, not API operations: out of the OpenAPI document
-        if isinstance(r, APIRoute) and r.path.startswith((f"{root}/dashboards/", f"{root}/components/")): r.include_in_schema = False
+        if isinstance(r, APIRoute) and r.path.startswith((f"{root}/dashboards/",
+                                                          f"{root}/components/")): r.include_in_schema = False
     icon = Path(pn.__file__).parent / "dist" / "images" / "favicon.ico"
-    app.add_api_route(f"{root}/favicon.ico", lambda: FileResponse(icon, media_type="image/x-icon"), include_in_schema=False)  # the pages ask for ../favicon.ico
+    app.add_api_route(f"{root}/favicon.ico", lambda: FileResponse(icon, media_type="image/x-icon"),
+                      include_in_schema=False)  # the pages ask for ../favicon.ico
     return [f"{root}/dashboards/{k}" for k in pages]
 
 # %% ../nbs/22_dashboards.ipynb #b033a2f7
 def page_user():
-    "The hub user of this Panel session, as the service's guard passed it on: (name, admin); (None, False) outside the service."
+    """The hub user of this Panel session, as the service's guard passed it on: (name, admin); (None, False) outside
+    the service."""
     import panel as pn
     h = {k.lower(): v for k, v in (pn.state.headers or {}).items()}
     return h.get("x-hedgerl-user"), h.get("x-hedgerl-admin") == "1"
@@ -578,16 +650,20 @@ def evaluation_page(
     n_paths: int = 10_000, # paths of each evaluation
     load=None, # (registry as the user, model id, scenario) -> strategy; None: `hedgerl.runs.load_model`
 ):
-    "The service's evaluation page: an `EvaluationDashboard` for the session's hub user (their models and shared ones), evaluated once the page has loaded; `?scenario=NAME&strategies=LABEL&strategies=LABEL` or `?experiment=NAME` chooses what it shows first."
+    """The service's evaluation page: an `EvaluationDashboard` for the session's hub user (their models and shared
+ones), evaluated once the page has loaded; `?scenario=NAME&strategies=LABEL&strategies=LABEL` or `?experiment=NAME`
+chooses what it shows first."""
     def page():
         import panel as pn
         user, admin = page_user()
         if user is None: return pn.pane.Markdown("This page is served by the hedgerl service, behind the hub's login.")
         reg = registry.as_user(user, admin=admin)
         choices = lambda scn: strategy_choices(scn, reg, None if load is None else (lambda i: load(reg, i, scn)))
-        asked = lambda k: [v.decode("utf-8", "replace") for v in (pn.state.session_args or {}).get(k, [])]  # the URL's query (the leaderboard's links)
+        # the URL's query (the leaderboard's links)
+        asked = lambda k: [v.decode("utf-8", "replace") for v in (pn.state.session_args or {}).get(k, [])]
         first = {"scenario": asked("scenario")[0]} if asked("scenario") else {}
-        d = EvaluationDashboard(choices, n_paths=n_paths, strategies=asked("strategies") or None, experiments=experiment_choices(reg), **first)
+        d = EvaluationDashboard(choices, n_paths=n_paths, strategies=asked("strategies") or None,
+                                experiments=experiment_choices(reg), **first)
         if asked("experiment") and asked("experiment")[0] in d.experiments: d.experiment.value = asked("experiment")[0]
         pn.state.onload(d.evaluate_async)
         return d.panel()
@@ -612,7 +688,8 @@ def _render_time(page, url: str, timeout_ms: int = 600_000) -> float:
 
 # %% ../nbs/22_dashboards.ipynb #16b4eeb7
 def _change_time(page, change, title: str, text: str) -> float:
-    "Seconds from `change()` (a user's input) to a figure titled `title` in the page and `text` shown, then two frames drawn."
+    """Seconds from `change()` (a user's input) to a figure titled `title` in the page and `text` shown, then two
+    frames drawn."""
     import time
     t0 = time.monotonic()
     change()
@@ -623,25 +700,31 @@ def _change_time(page, change, title: str, text: str) -> float:
 
 # %% ../nbs/22_dashboards.ipynb #90674586
 def _focus_changes(page, labels: list[str], rounds: int) -> list[float]:
-    "Times of `rounds` changes of the strategy the heatmap and trades show, cycling through `labels` (the first not the one shown)."
+    """Times of `rounds` changes of the strategy the heatmap and trades show, cycling through `labels` (the first not
+    the one shown)."""
     select = page.get_by_label("Headline and heatmap for")
     out = []
     for i in range(rounds):
         label = labels[i % len(labels)]
-        out.append(_change_time(page, lambda: select.select_option(label), f"{label}: holding minus delta", f"Trades of {label} on sample path"))
+        out.append(_change_time(page, lambda: select.select_option(label), f"{label}: holding minus delta",
+                                f"Trades of {label} on sample path"))
     return out
 
 def _path_changes(page, label: str, rounds: int) -> list[float]:
     "Times of `rounds` changes of the sample path (the slider set as a drag would), paths 1, 2, ..."
-    js = "v => { const s = [...Bokeh.documents[0].all_models].find(m => m.constructor.__qualified__.endsWith('Slider') && m.title == 'Sample path'); s.value = v; }"
-    return [_change_time(page, lambda v=v: page.evaluate(js, v), f"P&L so far, path {v}", f"Trades of {label} on sample path {v}") for v in range(1, rounds + 1)]
+    js = ("v => { const s = [...Bokeh.documents[0].all_models].find(m => "
+          "m.constructor.__qualified__.endsWith('Slider') && m.title == 'Sample path'); s.value = v; }")
+    return [_change_time(page, lambda v=v: page.evaluate(js, v), f"P&L so far, path {v}",
+                         f"Trades of {label} on sample path {v}") for v in range(1, rounds + 1)]
 
 # %% ../nbs/22_dashboards.ipynb #37f3146f
 def _chromium(playwright):
     "Debian's Chromium, headless, reaching only what the page asks (no component updates, no background requests)."
-    if not Path("/usr/bin/chromium").exists(): raise RuntimeError("the dashboards benchmark needs Debian's chromium: apt-get install chromium (make services installs it)")
+    if not Path("/usr/bin/chromium").exists(): raise RuntimeError("the dashboards benchmark needs Debian's chromium: "
+            "apt-get install chromium (make services installs it)")
     return playwright.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
-                                      args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+                                      args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                            "--disable-component-update"])
 
 # %% ../nbs/22_dashboards.ipynb #84104a97
 def bench_dashboards(
@@ -649,7 +732,8 @@ def bench_dashboards(
     n_paths: int = 100_000, # paths of the page's evaluation
     rounds: int = 5, # widget changes of each kind
 ) -> dict:
-    "Time to the first render of the service's evaluation page (evaluation kept) and to a widget change's updated figures, in Chromium; the figures and goals."
+    """Time to the first render of the service's evaluation page (evaluation kept) and to a widget change's updated
+    figures, in Chromium; the figures and goals."""
     import asyncio, json, os, secrets, signal, tempfile, time
     try: asyncio.get_running_loop()
     except RuntimeError: pass
@@ -657,10 +741,12 @@ def bench_dashboards(
         from concurrent.futures import ThreadPoolExecutor
         with ThreadPoolExecutor(1) as pool: return pool.submit(bench_dashboards, out_dir, n_paths, rounds).result()
     try: from playwright.sync_api import sync_playwright
-    except ImportError: raise RuntimeError("the dashboards benchmark drives a browser: pip install playwright (no browser download; it uses /usr/bin/chromium)") from None
+    except ImportError: raise RuntimeError("the dashboards benchmark drives a browser: pip install playwright (no "
+                                           "browser download; it uses /usr/bin/chromium)") from None
     from hedgerl.core import load_settings
     from hedgerl.platform import _free_port, _up, set_hub_password
-    name, password, page_path = f"bench{secrets.token_hex(3)}", secrets.token_urlsafe(12), "/services/hedgerl/dashboards/evaluation"
+    name, password, page_path = f"bench{secrets.token_hex(3)}", secrets.token_urlsafe(
+            12), "/services/hedgerl/dashboards/evaluation"
     with tempfile.TemporaryDirectory(prefix="hedgerl-bench-") as d, sync_playwright() as pw:
         browser, hub, gw, svc = _chromium(pw), _free_port(3), _free_port(), _free_port()
         env = {**os.environ, "HEDGERL_DATA_FOLDER": d, "HEDGERL_HUB_PORT": str(hub), "HEDGERL_GATEWAY_PORT": str(gw),
@@ -668,8 +754,10 @@ def bench_dashboards(
         proc, _ = _up(env, Path(d) / "up.out")
         try:
             set_hub_password(load_settings(environ=env).hub.db_url, name, password)  # approved, as the admin would
-            url, page = f"http://127.0.0.1:{hub}", browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
-            page.goto(url + "/hub/login"); page.fill("input[name=username]", name); page.fill("input[name=password]", password)
+            url, page = f"http://127.0.0.1:{hub}", browser.new_context(viewport={"width": 1400,
+                                                                                 "height": 1000}).new_page()
+            page.goto(url + "/hub/login"); page.fill("input[name=username]", name); page.fill("input[name=password]",
+                    password)
             page.click("#login_submit"); page.wait_for_url("**/hub/**")
             cold = _render_time(page, url + page_path)  # the first visitor: evaluates
             warm = [_render_time(page, url + page_path) for _ in range(3)]  # later visitors: the evaluation is kept
@@ -677,15 +765,21 @@ def bench_dashboards(
             labels, shown = select.locator("option").all_text_contents(), select.input_value()
             order = [s for s in labels if s != shown] + [shown]  # each change picks another strategy than the one shown
             focus = _focus_changes(page, order, rounds)
-            path = _path_changes(page, order[(rounds - 1) % len(order)], rounds)  # the trades of the strategy chosen last
+            # the trades of the strategy chosen last
+            path = _path_changes(page, order[(rounds - 1) % len(order)], rounds)
         finally:
             browser.close(); proc.send_signal(signal.SIGINT); proc.wait(90)
     med = lambda xs: float(np.median(xs))
     timings = {"first_render_s": med(warm), "widget_change_focus_s": med(focus), "widget_change_path_s": med(path)}
     doc = {"suite": "dashboards", "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": {"cpus": os.cpu_count()},
-           "setup": {"n_paths": n_paths, "strategies": labels, "n_boot": 100, "rounds": rounds, "browser": "chromium (Debian), headless"},
-           "first_visit_with_evaluation_s": round(cold, 2), "samples": {"first_render_s": warm, "widget_change_focus_s": focus, "widget_change_path_s": path},
-           "results": [{"name": k, "seconds": round(v, 3), "goal_s": DASHBOARD_GOALS[k], "met": v < DASHBOARD_GOALS[k]} for k, v in timings.items()]}
+           "setup": {"n_paths": n_paths, "strategies": labels, "n_boot": 100, "rounds": rounds,
+                     "browser": "chromium (Debian), headless"},
+           "first_visit_with_evaluation_s": round(cold, 2), "samples": {"first_render_s": warm,
+                                                                        "widget_change_focus_s": focus,
+                                                                        "widget_change_path_s": path},
+           "results": [{"name": k, "seconds": round(v, 3), "goal_s": DASHBOARD_GOALS[k],
+                        "met": v < DASHBOARD_GOALS[k]} for k, v in timings.items()]}
     if out_dir is not None:
-        Path(out_dir).mkdir(parents=True, exist_ok=True); (Path(out_dir) / "dashboards.json").write_text(json.dumps(doc, indent=2) + "\n")
+        Path(out_dir).mkdir(parents=True, exist_ok=True); (Path(out_dir) / "dashboards.json").write_text(json.dumps(doc,
+                indent=2) + "\n")
     return doc

@@ -108,9 +108,20 @@ def sample_prices(
     return df
 
 # %% ../nbs/10_data.ipynb #d44b11ce
-NYSE_SPECIAL_CLOSURES = pd.DatetimeIndex(["2001-09-11", "2001-09-12", "2001-09-13", "2001-09-14", "2004-06-11",
-                                          "2007-01-02",
-                                          "2012-10-29", "2012-10-30", "2018-12-05", "2025-01-09"])
+NYSE_SPECIAL_CLOSURES = pd.DatetimeIndex(
+    [
+        "2001-09-11",
+        "2001-09-12",
+        "2001-09-13",
+        "2001-09-14",
+        "2004-06-11",
+        "2007-01-02",
+        "2012-10-29",
+        "2012-10-30",
+        "2018-12-05",
+        "2025-01-09",
+    ]
+)
 
 class NYSEHolidays(AbstractHolidayCalendar):
     "Regular NYSE holidays (special closures are in `NYSE_SPECIAL_CLOSURES`)."
@@ -561,17 +572,22 @@ def realised_vol(
     check_choice("method", method, VOL_METHODS)
     window, trading_days = check_int("window", window, 2), check_int("trading_days", trading_days)
     if method == "close-to-close":
-        p = prices if isinstance(prices, pd.Series) else prices[column or ("adj_close" if "adj_close" in prices
-                                                                           else "close")]
+        p = (
+            prices
+            if isinstance(prices, pd.Series)
+            else prices[column or ("adj_close" if "adj_close" in prices else "close")]
+        )
         x = np.log(p / p.shift(1)) ** 2
     else:
         need = ["high", "low"] + (["open", "close"] if method == "garman-klass" else [])
         if isinstance(prices, pd.Series) or not set(need) <= set(prices.columns):
             raise ValueError(f"method {method!r} needs columns {need}")
         hl = np.log(prices["high"] / prices["low"]) ** 2
-        x = hl / (4 * math.log(2)) if method == "parkinson" else 0.5 * hl - (2 * math.log(2)
-                                                                             - 1) * np.log(prices["close"] / prices[
-                                                                                     "open"]) ** 2
+        x = (
+            hl / (4 * math.log(2))
+            if method == "parkinson"
+            else 0.5 * hl - (2 * math.log(2) - 1) * np.log(prices["close"] / prices["open"]) ** 2
+        )
     return np.sqrt(x.rolling(window).mean() * trading_days).rename(f"vol_{method}_{window}")
 
 # %% ../nbs/10_data.ipynb #ce9ee17c

@@ -493,8 +493,9 @@ def _rows(paths: ScenarioPaths, idx) -> ScenarioPaths:
 def _stack(batches: list[ScenarioPaths], i: int) -> ScenarioPaths:
     "Row `i` of each batch, stacked: (len(batches),) paths."
     p = batches[0]
-    spot, var, book, prices = (np.stack([getattr(b, f)[i] for b in batches]) for f in ("spot", "variance", "book",
-                                                                                       "prices"))
+    spot, var, book, prices = (
+        np.stack([getattr(b, f)[i] for b in batches]) for f in ("spot", "variance", "book", "prices")
+    )
     return ScenarioPaths(p.scenario, p.days, p.times, spot, var, book, prices, p.discount)
 
 # %% ../nbs/05_env.ipynb #86b92325
@@ -545,9 +546,9 @@ class HedgingEnv(_EpisodeViews, _Hedging, gym.Env):
         action_width: float = 0.5, # action="delta": the half-width w, in `offsetting_units`
         cost_mean: float | None = None, # reward="shaped": c-bar; None: `expected_cost`
     ):
-        self.observation_space, self.action_space = self._setup(scenario, reward, risk_aversion, action_type, n_levels,
-                                                                holdings_bounds,
-                                                                 marks, action, observation, action_width, cost_mean)
+        self.observation_space, self.action_space = self._setup(
+            scenario, reward, risk_aversion, action_type, n_levels, holdings_bounds, marks, action, observation,
+            action_width, cost_mean)
         self.batch_size = check_int("batch_size", batch_size, 1)
         self.render_mode = check_choice("render_mode", render_mode, (None, "ansi", "rgb_array"))
         self.paths, self.batch_index, self.path_index = None, -1, -1
@@ -652,9 +653,12 @@ class _Streams:
 
     def _reset_own(self, seeds: list[int] | None, options):
         "`reset` with a stream per path, as `HedgingEnv.reset` on each."
-        start = _start(_reset_args(None, options, _PATH_OPTIONS), seeds is not None, max(self._episode,
-                                                                                         0) // self.batch_size,
-                                                                                         self.batch_size)
+        start = _start(
+            _reset_args(None, options, _PATH_OPTIONS),
+            seeds is not None,
+            max(self._episode, 0) // self.batch_size,
+            self.batch_size,
+        )
         if seeds is not None: self._seeds, self._episode = seeds, -1
         elif self._seeds is None: self._seeds = self.np_random.integers(0, 2**62, self.num_envs).tolist()
         return self._own(self._episode + 1 if start is None else start[0] * self.batch_size + start[1])
@@ -791,8 +795,9 @@ class SB3VecEnv:
         env: BatchedHedgingEnv | None = None, # the batched environment, same-step; None: built from `kwargs`
         **kwargs, # `BatchedHedgingEnv` arguments when `env` is None (num_envs, scenario, reward, ...)
     ):
-        self.env = env if env is not None else BatchedHedgingEnv(**{"autoreset_mode": AutoresetMode.SAME_STEP,
-                                                                    **kwargs})
+        self.env = (
+            env if env is not None else BatchedHedgingEnv(**{"autoreset_mode": AutoresetMode.SAME_STEP, **kwargs})
+        )
         if self.env.metadata["autoreset_mode"] != AutoresetMode.SAME_STEP:
             raise ValueError("SB3VecEnv: stable-baselines3 expects the same-step autoreset; build the env with "
                              "autoreset_mode=AutoresetMode.SAME_STEP")

@@ -36,7 +36,8 @@ from .baselines import DeltaHedge, make_baseline
 from .core import settings, spawn_seeds
 from .registry import ArtifactError
 from .remote import Body, Id, RegistryRoute, hub_user_name, jsonable
-from .scenarios import (NAMED, Observation, Rollout, Scenario, ScenarioPaths, Strategy, _valuer, get as get_scenario,
+from .scenarios import (NAMED, Observation, Rollout, Scenario, ScenarioPaths, Strategy, _valuer,
+                               get as get_scenario,
                                simulate_scenario, variance_swap_value)
 
 # %% auto #0
@@ -49,19 +50,25 @@ __all__ = ['MAX_HORIZON', 'MAX_UNITS', 'Num', 'Column', 'ScenarioRef', 'Strategy
            'bench_hedge']
 
 # %% ../nbs/20_hedging.ipynb #2c687e1f
-MAX_HORIZON = 2520 # trading days (ten years of 252): a scenario the API hedges or simulates matures within this (an episode's history grows with it)
+# trading days (ten years of 252): a scenario the API hedges or simulates matures within this (an episode's history
+# grows with it)
+MAX_HORIZON = 2520
 MAX_UNITS = 1e9 # the largest holding of one instrument a request may give (larger ones make the accounts overflow)
 
 class StrategySpec(Body):
     "A hedging strategy: a baseline by name with its parameters, or a registered model the caller can see, by id."
-    baseline: Annotated[str, Field(min_length=1, max_length=100)] | None = None # a name of `hedgerl.baselines.BASELINES`
-    params: dict[Annotated[str, Field(max_length=100)], Any] | None = None # the baseline's parameters, e.g. {"width": 0.05}
+    # a name of `hedgerl.baselines.BASELINES`
+    baseline: Annotated[str, Field(min_length=1, max_length=100)] | None = None
+    # the baseline's parameters, e.g. {"width": 0.05}
+    params: dict[Annotated[str, Field(max_length=100)], Any] | None = None
     model: Id | None = None # a registered model's id
 
     @model_validator(mode="after")
     def _one_kind(self):
-        if (self.baseline is None) == (self.model is None): raise ValueError("give exactly one of baseline (a name) or model (a registered model's id)")
-        if self.model is not None and self.params: raise ValueError("params are for a baseline; a model's parameters are saved with it")
+        if (self.baseline is None) == (self.model is None): raise ValueError(
+                "give exactly one of baseline (a name) or model (a registered model's id)")
+        if self.model is not None and self.params: raise ValueError("params are for a baseline; a model's parameters "
+                                                                    "are saved with it")
         return self
 
 # %% ../nbs/20_hedging.ipynb #bbc099bb
@@ -82,7 +89,8 @@ def request_scenario(
         else: raise ValueError(f"expected a published scenario's name or a config, got {type(x).__name__}")
     except (ValueError, TypeError) as e: raise ValueError(f"{where}: {e}") from None
     if scn.horizon > MAX_HORIZON:
-        raise ValueError(f"{where}: the book matures after {scn.horizon} trading days; the service hedges books of up to {MAX_HORIZON}")
+        raise ValueError(f"{where}: the book matures after {scn.horizon} trading days; the service hedges books of up "
+                         f"to {MAX_HORIZON}")
     return scn
 
 # %% ../nbs/20_hedging.ipynb #136b84f7
@@ -92,33 +100,46 @@ def load_strategy_file(
     path, # a file written by `Agent.save`
     device: str | None = None, # where to put it; None: the `[compute] device` setting
 ):
-    "A saved agent ready to hedge (`act`), loaded without unpickling anything from the file; a `ValueError` says why a file is refused."
+    """A saved agent ready to hedge (`act`), loaded without unpickling anything from the file; a `ValueError` says why
+    a file is refused."""
     from hedgerl.agents import _log_from, _read_archive, load_agent, make_agent, torch
     meta, state = _read_archive(path)
     cfg, where = meta["config"], repr(str(path))
     p = cfg["params"]
-    big = [f"{k}={p[k]!r}" for k, most in (("hidden", 4096), ("layers", 32)) if not (isinstance(p.get(k, 1), int) and 1 <= p.get(k, 1) <= most)]
-    if big: raise ValueError(f"{where}: its network ({', '.join(big)}) is larger than the service loads (hidden <= 4096, layers <= 32)")
-    if cfg["agent"] not in _SB3_KINDS: return load_agent(path, device=device)  # weights only (torch.load(weights_only=True))
+    big = [f"{k}={p[k]!r}" for k, most in (("hidden", 4096), ("layers", 32)) if not (isinstance(p.get(k, 1),
+            int) and 1 <= p.get(k, 1) <= most)]
+    if big: raise ValueError(f"{where}: its network ({', '.join(big)}) is larger than the service loads (hidden <= "
+                             f"4096, layers <= 32)")
+    # weights only (torch.load(weights_only=True))
+    if cfg["agent"] not in _SB3_KINDS: return load_agent(path, device=device)
     # hedging needs the policy alone: one environment and no replay buffer to speak of, whatever the file says
     small = {"n_envs": 1, **({"buffer_size": 1} if "buffer_size" in p else {})}
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # SB3 on a batch size that does not divide one environment's rollout: never trained here
-        agent = make_agent(cfg["agent"], request_scenario(cfg["scenario"], "config.scenario"), seed=cfg["seed"], device=device, **{**p, **small})
+        # SB3 on a batch size that does not divide one environment's rollout: never trained here
+        warnings.simplefilter("ignore")
+        agent = make_agent(cfg["agent"], request_scenario(cfg["scenario"], "config.scenario"), seed=cfg["seed"],
+                           device=device, **{**p, **small})
     head, sep, body = state.partition(b"\n")
     try:
         cal = json.loads(head) if sep else None
-        with zipfile.ZipFile(io.BytesIO(body)) as z: weights = torch.load(io.BytesIO(z.read("policy.pth")), map_location=agent.device, weights_only=True)
-    except Exception as e: raise ValueError(f"{where}: its state is not a {cfg['agent']} agent's ({type(e).__name__})") from None
-    if not isinstance(cal, dict) or set(cal) != set(agent.cal) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in cal.values()):
+        with zipfile.ZipFile(io.BytesIO(body)) as z: weights = torch.load(io.BytesIO(z.read("policy.pth")),
+                                                                          map_location=agent.device, weights_only=True)
+    except Exception as e: raise ValueError(
+            f"{where}: its state is not a {cfg['agent']} agent's ({type(e).__name__})") from None
+    if not isinstance(cal, dict) or set(cal) != set(agent.cal) or not all(isinstance(v, (int,
+                                                                                         float)) and not isinstance(v,
+            bool) for v in cal.values()):
         raise ValueError(f"{where}: its state has no valid calibration line ({', '.join(agent.cal)})")
     agent.cal = {k: float(v) for k, v in cal.items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         agent._ensure()  # a fresh SB3 model on the band environment: every calibration value given, none is fitted
     try: agent.model.policy.load_state_dict(weights)
-    except Exception as e: raise ValueError(f"{where}: its policy's weights do not fit a {cfg['agent']} network of its params ({type(e).__name__})") from None
-    agent.log, agent._budget, agent.params = _log_from(meta["log"]), meta.get("budget"), {**agent.params, **{k: p[k] for k in small}}  # the file's config
+    except Exception as e: raise ValueError(f"{where}: its policy's weights do not fit a {cfg['agent']} network of its "
+                                            f"params ({type(e).__name__})") from None
+    agent.log, agent._budget, agent.params = _log_from(meta["log"]), meta.get("budget"), {**agent.params,
+                                                                                          # the file's config
+                                                                                          **{k: p[k] for k in small}}
     return agent
 
 # %% ../nbs/20_hedging.ipynb #894ddfd2
@@ -127,14 +148,16 @@ class ModelCache:
     def __init__(self, size: int = 16): self.size, self._agents, self._lock = size, OrderedDict(), threading.Lock()
 
     def get(self, registry, model_id: int):
-        "The agent of model `model_id` as `registry`'s user sees it, and the model's row; `KeyError` (unseen), `ArtifactError` (file), `ValueError` (not an agent)."
+        """The agent of model `model_id` as `registry`'s user sees it, and the model's row; `KeyError` (unseen),
+        `ArtifactError` (file), `ValueError` (not an agent)."""
         row = registry.model(model_id)
         key = (row["id"], row["checksum"])
         with self._lock:
             if key in self._agents: self._agents.move_to_end(key); return self._agents[key], row
         path = registry.model_file(model_id)  # checked against the recorded checksum
         data = path.read_bytes()
-        if hashlib.sha256(data).hexdigest() != row["checksum"]: raise ArtifactError(f"model {model_id}: its file changed while it was read")
+        if hashlib.sha256(data).hexdigest() != row["checksum"]: raise ArtifactError(
+                f"model {model_id}: its file changed while it was read")
         with tempfile.TemporaryDirectory() as d:
             copy = os.path.join(d, path.name)
             with open(copy, "wb") as f: f.write(data)
@@ -161,14 +184,17 @@ class MarketStates:
     def n(self) -> int: return self.spot.shape[0]
 
 # %% ../nbs/20_hedging.ipynb #b04e7709
-_STATE_VARIANCE = {"sabr": "the SABR volatility state squared", "heston": "the Heston variance", "historical": "the trailing volatility squared"}
+_STATE_VARIANCE = {"sabr": "the SABR volatility state squared", "heston": "the Heston variance",
+                   "historical": "the trailing volatility squared"}
 
 def _column(name: str, x, n: int, default=None, positive: bool = False, nonneg: bool = False) -> np.ndarray:
-    "`x` (one number, or one per state) as a float array of n, checked finite (and positive, or non-negative); `default` when None."
+    """`x` (one number, or one per state) as a float array of n, checked finite (and positive, or non-negative);
+    `default` when None."""
     if x is None: x = default
     a = np.asarray(x, dtype=np.float64)
     if a.ndim == 0: a = np.full(n, float(a))
-    if a.shape != (n,): raise ValueError(f"states.{name}: expected one number or one per state ({n}), got {a.shape[0] if a.ndim == 1 else a.shape}")
+    if a.shape != (n,): raise ValueError(f"states.{name}: expected one number or one per state ({n}), got "
+                                         f"{a.shape[0] if a.ndim == 1 else a.shape}")
     bad = ~np.isfinite(a) | (a <= 0 if positive else a < 0 if nonneg else False)
     if bad.any():
         i, what = int(np.flatnonzero(bad)[0]), "positive " if positive else "non-negative " if nonneg else ""
@@ -177,15 +203,19 @@ def _column(name: str, x, n: int, default=None, positive: bool = False, nonneg: 
 
 # %% ../nbs/20_hedging.ipynb #78194eb6
 def _days(scn: Scenario, tau: np.ndarray) -> np.ndarray:
-    "The hedging date's trading day of each time to maturity `tau` (years); a `ValueError` naming the first that is not one."
+    """The hedging date's trading day of each time to maturity `tau` (years); a `ValueError` naming the first that is
+    not one."""
     d = scn.horizon - tau * scn.trading_days
     day = np.rint(d)
     bad = (np.abs(d - day) > 1e-6) | (day < 0) | (day >= scn.horizon) | (np.fmod(day, scn.rebalance_every) != 0)
     if bad.any():
         i, k = int(np.flatnonzero(bad)[0]), scn.rebalance_every
-        raise ValueError(f"states.tau[{i}] = {float(tau[i])!r} is not a hedging date of scenario {scn.name!r}: its dates are tau = (horizon - day) / "
-                         f"trading_days = ({scn.horizon} - day) / {scn.trading_days} for day = 0, {k}, {2 * k}, ... before {scn.horizon} "
-                         f"(tau from {scn.horizon / scn.trading_days:.6g} down to {(scn.horizon - (scn.horizon - 1) // k * k) / scn.trading_days:.6g})")
+        raise ValueError(f"states.tau[{i}] = {float(tau[i])!r} is not a hedging date of scenario {scn.name!r}: its "
+                         f"dates are tau = (horizon - day) / "
+                         f"trading_days = ({scn.horizon} - day) / {scn.trading_days} for day = 0, {k}, {2 * k}, ... "
+                         f"before {scn.horizon} "
+                         f"(tau from {scn.horizon / scn.trading_days:.6g} down to "
+                         f"{(scn.horizon - (scn.horizon - 1) // k * k) / scn.trading_days:.6g})")
     return day.astype(np.int64)
 
 # %% ../nbs/20_hedging.ipynb #49ccba7b
@@ -196,32 +226,42 @@ def market_states(
     holdings=None, # carried into the date, (n, m), or (n,) with one instrument; None: nothing held
     hedge_pnl=None, # the hedge's gains so far, discounted to inception: one or (n,); None: 0
     cost=None, # transaction costs paid so far, discounted to inception: one or (n,); None: 0
-    variance=None, # observable variance: one or (n,); needed for sabr, heston and historical markets, fixed by gbm and merton
+    # observable variance: one or (n,); needed for sabr, heston and historical markets, fixed by gbm and merton
+    variance=None,
     accrued_variance=None, # a variance swap's accrued variance: one or (n,); None: 0 at inception, unknown later
 ) -> MarketStates:
     "Check a batch of market states against `scenario` and return it as arrays; each error names its field and state."
     scn, m = scenario, len(scenario.instruments)
     s = np.asarray(spot, dtype=np.float64)
-    if s.ndim != 1 or s.size == 0: raise ValueError(f"states.spot: expected a non-empty list of numbers, got shape {s.shape}")
+    if s.ndim != 1 or s.size == 0: raise ValueError(f"states.spot: expected a non-empty list of numbers, got shape "
+                                                    f"{s.shape}")
     n = s.shape[0]
     s = _column("spot", s, n, positive=True)
     day = _days(scn, _column("tau", tau, n))
     h = np.zeros((n, m)) if holdings is None else np.asarray(holdings, dtype=np.float64)
     if h.shape == (n * m,): h = h.reshape(n, m)  # the rows one after the other (a packed matrix)
-    if h.shape != (n, m): raise ValueError(f"states.holdings: expected {n} rows of {m} ({', '.join(scn.instrument_names)}), got shape {h.shape}")
+    if h.shape != (n, m): raise ValueError(f"states.holdings: expected {n} rows of {m} "
+                                           f"({', '.join(scn.instrument_names)}), got shape {h.shape}")
     bad = ~(np.abs(h) <= MAX_UNITS).all(axis=1)
-    if bad.any(): raise ValueError(f"states.holdings[{int(np.flatnonzero(bad)[0])}] must be finite numbers of at most {MAX_UNITS:g} units")
+    if bad.any(): raise ValueError(f"states.holdings[{int(np.flatnonzero(bad)[0])}] must be finite numbers of at most "
+                                   f"{MAX_UNITS:g} units")
     model, p = scn.market.model, scn.market.params
     if model in _STATE_VARIANCE:
-        if variance is None: raise ValueError(f"states.variance is required for the {model} market of scenario {scn.name!r}: {_STATE_VARIANCE[model]}")
+        if variance is None: raise ValueError(f"states.variance is required for the {model} market of scenario "
+                                              f"{scn.name!r}: {_STATE_VARIANCE[model]}")
         v = _column("variance", variance, n, nonneg=True)
     else:
         fixed = p["sigma"] ** 2
         v = _column("variance", variance, n, default=fixed)
         if variance is not None and not np.allclose(v, fixed, rtol=1e-12, atol=0):
-            raise ValueError(f"states.variance: the {model} market of scenario {scn.name!r} has the fixed variance sigma^2 = {fixed:.6g}; leave it out")
+            raise ValueError(f"states.variance: the {model} market of scenario {scn.name!r} has the fixed variance "
+                             f"sigma^2 = {fixed:.6g}; leave it out")
         v = np.full(n, fixed)
-    acc = np.where(day == 0, 0.0, np.nan) if accrued_variance is None else _column("accrued_variance", accrued_variance, n)
+    acc = (
+        np.where(day == 0, 0.0, np.nan)
+        if accrued_variance is None
+        else _column("accrued_variance", accrued_variance, n)
+    )
     return MarketStates(scn, s, day, h, _column("hedge_pnl", hedge_pnl, n, 0.0), _column("cost", cost, n, 0.0), v, acc)
 
 # %% ../nbs/20_hedging.ipynb #4dcbedf9
@@ -242,19 +282,23 @@ class _LazyObservation(Observation):
 
 # %% ../nbs/20_hedging.ipynb #4b08abe6
 def _valuation(scn: Scenario, day: int, spot, variance, accrued) -> Callable:
-    "A function giving the book's value (n,) and the instruments' prices (n, m) on trading day `day`, as `Rollout` has them."
+    """A function giving the book's value (n,) and the instruments' prices (n, m) on trading day `day`, as `Rollout`
+    has them."""
     def value():
         v, vol = variance, np.sqrt(variance)
         state, price, n = {"variance": v, "vol": vol, "sigma": vol}, _valuer(scn), spot.shape[0]
         if scn.market.model == "heston" and day > 0: book = np.full(n, np.nan)  # marked at inception and maturity only
-        else: book = sum(np.full(n, np.nan) if day >= o.maturity else o.quantity * price(o, day, spot, state) for o in scn.book)
+        else: book = sum(np.full(n, np.nan) if day >= o.maturity else o.quantity * price(o, day, spot,
+                                                                                         state) for o in scn.book)
         prices = np.empty((n, len(scn.instruments)))
         for k, ins in enumerate(scn.instruments):
             if ins.kind == "underlying": prices[:, k] = spot
             elif ins.kind == "option": prices[:, k] = price(ins.option, day, spot, state)
             else:
                 p = scn.market.params
-                prices[:, k] = variance_swap_value(accrued, v, (ins.maturity - day) / scn.trading_days, p["kappa"], p["theta"])
+                prices[:, k] = variance_swap_value(
+                    accrued, v, (ins.maturity - day) / scn.trading_days, p["kappa"], p["theta"]
+                )
         return book, prices
     return value
 
@@ -272,7 +316,8 @@ def observations(
     out = []
     for idx, day in groups:
         s, v = states.spot[idx], states.variance[idx]
-        o = _LazyObservation(scn, day // scn.rebalance_every, day, (scn.horizon - day) / scn.trading_days, s, v, states.holdings[idx],
+        o = _LazyObservation(scn, day // scn.rebalance_every, day, (scn.horizon - day) / scn.trading_days, s, v,
+                             states.holdings[idx],
                              None, None, states.hedge_pnl[idx], states.cost[idx])
         o._value = _valuation(scn, day, s, v, states.accrued_variance[idx])
         out.append((idx, o))
@@ -282,9 +327,11 @@ def observations(
 def hedge_states(
     strategy: Strategy, # already `reset` for the scenario of `states`
     states: MarketStates, # a checked batch
-    delta: DeltaHedge | bool = True, # the delta hedge beside, reset for the scenario (True: a `DeltaHedge` with the model's vol; False: none)
+    # the delta hedge beside, reset for the scenario (True: a `DeltaHedge` with the model's vol; False: none)
+    delta: DeltaHedge | bool = True,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    "Target holdings (n, m) of `strategy` for every state, and the delta hedge's holding of the underlying (n,) or None."
+    """Target holdings (n, m) of `strategy` for every state, and the delta hedge's holding of the underlying (n,) or
+    None."""
     scn = states.scenario
     if delta is True:
         delta = DeltaHedge()
@@ -295,12 +342,14 @@ def hedge_states(
         for idx, obs in observations(states):
             out = np.asarray(strategy.act(obs), dtype=np.float64)
             if out.shape == (obs.n_paths,) and h.shape[1] == 1: out = out[:, None]
-            if out.shape != (obs.n_paths, h.shape[1]): raise RuntimeError(f"strategy {strategy.name!r} gave holdings of shape {out.shape} for {obs.n_paths} states")
+            if out.shape != (obs.n_paths, h.shape[1]): raise RuntimeError(
+                    f"strategy {strategy.name!r} gave holdings of shape {out.shape} for {obs.n_paths} states")
             h[idx] = out
             if d is not None: d[idx] = delta.target(obs)
     if not (np.isfinite(h).all() and (d is None or np.isfinite(d).all())):
         bad = np.flatnonzero(~(np.isfinite(h).all(axis=1) & (True if d is None else np.isfinite(d))))
-        raise ValueError(f"strategy {strategy.name!r} gave no finite holdings for {bad.size} of the states (the first: states[{bad[0]}]); check their values")
+        raise ValueError(f"strategy {strategy.name!r} gave no finite holdings for {bad.size} of the states (the first: "
+                         f"states[{bad[0]}]); check their values")
     return h, d
 
 # %% ../nbs/20_hedging.ipynb #96c52cd4
@@ -317,7 +366,8 @@ def episode_paths(scenario: Scenario, seed: int) -> ScenarioPaths:
     "The path an episode of `seed` hedges: the first of the paths that `backtest(..., n_paths=2, seed=seed)` hedges."
     p = simulate_scenario(scenario, 2, seed=spawn_seeds(seed, 1)[0])
     one = lambda a: np.ascontiguousarray(a[:1])
-    return ScenarioPaths(scenario, p.days, p.times, one(p.spot), one(p.variance), one(p.book), one(p.prices), p.discount)
+    return ScenarioPaths(scenario, p.days, p.times, one(p.spot), one(p.variance), one(p.book), one(p.prices),
+                         p.discount)
 
 # %% ../nbs/20_hedging.ipynb #79d67b62
 @dataclass(eq=False)
@@ -347,28 +397,36 @@ class Episode:
         ro, p = self.rollout, self.rollout.paths
         j = ro.j
         o = None if ro.done else ro.observe()
-        return dict(step=j, day=int(p.days[j]), tau=float((self.scenario.horizon - p.days[j]) / self.scenario.trading_days),
+        return dict(step=j, day=int(p.days[j]), tau=float((self.scenario.horizon
+                                                           - p.days[j]) / self.scenario.trading_days),
                     spot=float(p.spot[0, j]), variance=_num(p.variance[0, j]), holdings=ro.holdings[0].tolist(),
-                    prices=[_num(x) for x in p.prices[0, j]], book=_num(p.book[0, j]), option_pnl=float(ro.option_pnl[0]),
+                    prices=[_num(x) for x in p.prices[0, j]], book=_num(p.book[0, j]),
+                    option_pnl=float(ro.option_pnl[0]),
                     hedge_pnl=float(ro.hedge_pnl[0]), cost=float(ro.cost[0]), pnl=float(ro.pnl[0]),
                     delta=None if o is None else self._delta(o), done=ro.done)
 
     def step(self, holdings=None) -> dict:
-        "Trade on the current date (to `holdings`, else to the strategy's choice) and book the P&L to the next; the step's record."
+        """Trade on the current date (to `holdings`, else to the strategy's choice) and book the P&L to the next; the
+        step's record."""
         ro = self.rollout
-        if ro.done: raise ValueError(f"simulation {self.id} is finished: all {ro.paths.n_decisions} hedging dates have been stepped")
+        if ro.done: raise ValueError(f"simulation {self.id} is finished: all {ro.paths.n_decisions} hedging dates have "
+                                     f"been stepped")
         o = ro.observe()
         with np.errstate(all="ignore"):
             h = np.asarray(self.strategy.act(o) if holdings is None else [holdings], dtype=np.float64).reshape(1, -1)
         m = ro.holdings.shape[1]
-        if h.shape != (1, m): raise ValueError(f"holdings: expected {m} number{'s' * (m > 1)} ({', '.join(self.scenario.instrument_names)}), got {h.shape[1]}")
+        if h.shape != (1, m): raise ValueError(f"holdings: expected {m} number{'s' * (m > 1)} "
+                                               f"({', '.join(self.scenario.instrument_names)}), got {h.shape[1]}")
         if not (np.abs(h) <= MAX_UNITS).all():
-            raise ValueError(f"holdings: the strategy {self.label!r} gave no finite holdings on this date" if holdings is None else
+            raise ValueError(f"holdings: the strategy {self.label!r} gave no finite holdings on this date"
+                             if holdings is None else
                              f"holdings must be finite numbers of at most {MAX_UNITS:g} units, got {h[0].tolist()}")
-        row = dict(step=ro.j, day=o.day, tau=float(o.tau), spot=float(o.spot[0]), variance=_num(o.variance[0]), holdings=h[0].tolist(),
+        row = dict(step=ro.j, day=o.day, tau=float(o.tau), spot=float(o.spot[0]), variance=_num(o.variance[0]),
+                   holdings=h[0].tolist(),
                    delta=self._delta(o), chosen_by="strategy" if holdings is None else "caller")
         s = ro.step(h)
-        row.update(option_pnl=float(s.option[0]), hedge_pnl=float(s.hedge[0]), cost=float(s.cost[0]), pnl=float(ro.pnl[0]))
+        row.update(option_pnl=float(s.option[0]), hedge_pnl=float(s.hedge[0]), cost=float(s.cost[0]),
+                   pnl=float(ro.pnl[0]))
         self.history.append(row)
         return row
 
@@ -421,21 +479,26 @@ class SimulationStore:
             mine = [e for e in self._episodes.values() if e.owner == episode.owner and not self._expired(e, now)]
             if len(mine) >= self.max_per_user:
                 wait = max(1, math.ceil(min(e.used for e in mine) + self.idle - now))
-                raise TooMany(f"user {episode.owner!r} has {len(mine)} simulations open, the limit ([service] max_simulations): "
+                raise TooMany(f"user {episode.owner!r} has {len(mine)} simulations open, the limit ([service] "
+                              f"max_simulations): "
                               f"delete one (DELETE simulations/ID) or wait for the least recently used to expire", wait)
             self._episodes[episode.id] = episode
             if self._sweeper is None:
-                self._sweeper = threading.Thread(target=_sweep_loop, args=(weakref.ref(self),), daemon=True, name="hedgerl-simulations")
+                self._sweeper = threading.Thread(target=_sweep_loop, args=(weakref.ref(self),), daemon=True,
+                                                 name="hedgerl-simulations")
                 self._sweeper.start()
         return episode
 
     def get(self, id: str, user: str, admin: bool = False) -> Episode:
-        "The episode `id` of `user` (any user's for an admin), marked used; `KeyError` for another's, an expired one or none."
+        """The episode `id` of `user` (any user's for an admin), marked used; `KeyError` for another's, an expired one
+        or none."""
         now = time.monotonic()
         with self._lock:
             e = self._episodes.get(id)
             if e is not None and self._expired(e, now): del self._episodes[id]; e = None
-            if e is None or (e.owner != user and not admin): raise KeyError(f"no simulation {id} of user {user!r} (expired after {self.idle:g} s idle, deleted, or never created)")
+            if e is None or (e.owner != user and not admin): raise KeyError(
+                    f"no simulation {id} of user {user!r} (expired after {self.idle:g} s idle, deleted, or never "
+                    f"created)")
             if e.owner == user: e.used = now  # an admin's reading does not keep another's episode alive
         return e
 
@@ -447,18 +510,21 @@ class SimulationStore:
     def of(self, user: str) -> list[Episode]:
         "The open episodes of `user`, oldest first."
         now = time.monotonic()
-        with self._lock: return sorted((e for e in self._episodes.values() if e.owner == user and not self._expired(e, now)), key=lambda e: e.created)
+        with self._lock: return sorted((e for e in self._episodes.values() if e.owner == user and not self._expired(e,
+                now)), key=lambda e: e.created)
 
 # %% ../nbs/20_hedging.ipynb #bdb3fb92
 class Packed(Body):
-    "Numbers packed as base64 of little-endian float64 values (a matrix row by row): a batch without JSON's slow text numbers."
+    """Numbers packed as base64 of little-endian float64 values (a matrix row by row): a batch without JSON's slow text
+    numbers."""
     f64: str
 
 # %% ../nbs/20_hedging.ipynb #99aa2754
 def pack(
     a, # numbers: an array, list or number
 ) -> dict:
-    "`a` as a packed column, `{\"f64\": base64 of its float64 values}` (row by row), for a request's or an answer's JSON."
+    ("`a` as a packed column, `{\"f64\": base64 of its float64 values}` (row by row), for a request's or an answer's "
+     "JSON.")
     return {"f64": base64.b64encode(np.ascontiguousarray(a, dtype="<f8").tobytes()).decode("ascii")}
 
 # %% ../nbs/20_hedging.ipynb #cf14caf1
@@ -466,7 +532,8 @@ def unpack(
     x, # a packed column (a dict or `Packed`), or anything else (returned as it is)
     where: str = "column", # the field, for messages
 ):
-    "A packed column's numbers as a float64 array; anything else unchanged. A `ValueError` naming `where` for a bad one."
+    """A packed column's numbers as a float64 array; anything else unchanged. A `ValueError` naming `where` for a bad
+    one."""
     if isinstance(x, dict) and set(x) == {"f64"}: x = Packed(**x)
     if not isinstance(x, Packed): return x
     try: raw = base64.b64decode(x.f64, validate=True)
@@ -486,11 +553,14 @@ class States(Body):
     "Market states, as columns: one list per field (one value per state), or one number for every state."
     spot: Annotated[list[Num], Field(min_length=1)] | Packed # spot of each state
     tau: Column # years to the book's maturity: a hedging date's, (horizon - day) / trading_days
-    holdings: list[list[Num]] | list[Num] | Packed | None = None # carried into the date, one row per state (or all rows one after the other); none: 0
+    # carried into the date, one row per state (or all rows one after the other); none: 0
+    holdings: list[list[Num]] | list[Num] | Packed | None = None
     hedge_pnl: Column | None = None # the hedge's gains so far, discounted to inception; none: 0
     cost: Column | None = None # transaction costs paid so far, discounted to inception; none: 0
-    variance: Column | None = None # sabr: the volatility state squared; heston: the variance; historical: trailing vol squared (gbm, merton: fixed)
-    accrued_variance: Column | None = None # a variance swap's accrued variance (heston); none: 0 at inception, unknown later
+    # sabr: the volatility state squared; heston: the variance; historical: trailing vol squared (gbm, merton: fixed)
+    variance: Column | None = None
+    # a variance swap's accrued variance (heston); none: 0 at inception, unknown later
+    accrued_variance: Column | None = None
 
 # %% ../nbs/20_hedging.ipynb #505cdb8b
 class HedgeRequest(Body):
@@ -506,8 +576,10 @@ class HedgeResult(BaseModel):
     scenario: str
     strategy: str # the baseline's name, or the model's name, version and kind
     instruments: list[str] # the hedging instruments, the columns of `holdings`
-    holdings: list[list[float]] | Packed # one row per state, in the request's order (packed: the rows one after the other)
-    delta: list[float] | Packed | None # the delta hedge's holding of the underlying per state (none without the underlying)
+    # one row per state, in the request's order (packed: the rows one after the other)
+    holdings: list[list[float]] | Packed
+    # the delta hedge's holding of the underlying per state (none without the underlying)
+    delta: list[float] | Packed | None
     day: list[int] # the trading day of each state's hedging date
 
 # %% ../nbs/20_hedging.ipynb #7c6c55e4
@@ -585,30 +657,37 @@ class SimulationStepResult(BaseModel):
 
 # %% ../nbs/20_hedging.ipynb #f9d3f543
 class ErrorAnswer(BaseModel):
-    "An error answer: what is wrong, naming the field and the bad value (for a malformed body, pydantic's list of them)."
+    """An error answer: what is wrong, naming the field and the bad value (for a malformed body, pydantic's list of
+    them)."""
     detail: str | list[dict[str, Any]]
 
 # %% ../nbs/20_hedging.ipynb #66570630
-_WHY = {401: "no hub token, or one the hub does not know", 403: "not a hub user allowed to use the service", 404: "no such object the caller can see",
-        409: "a conflict: a model's file changed or cannot be loaded; a finished episode", 413: "request body too large",
-        422: "a field is malformed or has a bad value (named in `detail`)", 429: "over a per-user limit; `Retry-After` says when to try again",
+_WHY = {401: "no hub token, or one the hub does not know", 403: "not a hub user allowed to use the service",
+        404: "no such object the caller can see",
+        409: "a conflict: a model's file changed or cannot be loaded; a finished episode",
+        413: "request body too large",
+        422: "a field is malformed or has a bad value (named in `detail`)",
+        429: "over a per-user limit; `Retry-After` says when to try again",
         503: "the service has no registry"}
 
 def _errors(*codes: int) -> dict:
     "The error answers a route declares in the OpenAPI document (401 and 403 always: the guard)."
     out = {c: {"model": ErrorAnswer, "description": _WHY[c]} for c in sorted({401, 403, *codes})}
-    if 429 in out: out[429]["headers"] = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "string"}}}
+    if 429 in out: out[429]["headers"] = {"Retry-After": {"description": "seconds to wait",
+                                                          "schema": {"type": "string"}}}
     return out
 
 # %% ../nbs/20_hedging.ipynb #0376085b
-def _strategy(spec: StrategySpec, scenario_ref, registry: Callable, models: ModelCache) -> tuple[Strategy, Scenario, str, int | None]:
+def _strategy(spec: StrategySpec, scenario_ref, registry: Callable, models: ModelCache) -> tuple[Strategy, Scenario,
+        str, int | None]:
     "The strategy, reset for the scenario, with the scenario, its label and the model id; HTTP errors for the request."
     try:
         if isinstance(scenario_ref, str) and scenario_ref not in NAMED:  # a saved scenario's name or id: its config
             from hedgerl.catalog import request_config
             scenario_ref = request_config(registry(), scenario_ref)
         if spec.model is None:
-            if scenario_ref is None: raise ValueError("scenario: required with a baseline (a published name or a config)")
+            if scenario_ref is None: raise ValueError("scenario: required with a baseline (a published name or a "
+                                                      "config)")
             scn = request_scenario(scenario_ref)
             try: strat = make_baseline(spec.baseline, **(spec.params or {}))
             except (ValueError, TypeError) as e: raise ValueError(f"strategy: {e}") from None
@@ -616,9 +695,12 @@ def _strategy(spec: StrategySpec, scenario_ref, registry: Callable, models: Mode
         else:
             reg = registry()
             try: strat, row = models.get(reg, spec.model)
-            except KeyError: raise HTTPException(404, f"strategy.model: no model {spec.model} visible to user {reg.user!r}") from None
+            except KeyError: raise HTTPException(404, f"strategy.model: no model {spec.model} visible to user "
+                                                 f"{reg.user!r}") from None
             except ArtifactError as e: raise HTTPException(409, f"strategy.model: {e}") from None
-            except ValueError as e: raise HTTPException(409, f"strategy.model: model {spec.model}'s file cannot be loaded as an agent: {e}") from None
+            except ValueError as e: raise HTTPException(409,
+                                                        f"strategy.model: model {spec.model}'s file cannot be loaded "
+                                                        f"as an agent: {e}") from None
             scn = strat.scenario if scenario_ref is None else request_scenario(scenario_ref)
             label = f"{row['name']} v{row['version']} ({strat.kind}, model {row['id']})"
         try: strat.reset(scn)
@@ -627,15 +709,20 @@ def _strategy(spec: StrategySpec, scenario_ref, registry: Callable, models: Mode
     return strat, scn, label, spec.model
 
 # %% ../nbs/20_hedging.ipynb #ec0e218e
-def _hedge_route(r: APIRouter, user_dependency: Callable, registry: Callable, models: ModelCache, max_states: int | None) -> None:
-    @r.post("/hedge", response_model=HedgeResult, responses=_errors(404, 409, 413, 422, 429, 503), summary="Target holdings for a batch of market states")
-    def hedge(body: HedgeRequest, reg=Depends(registry)) -> HedgeResult:
-        "A strategy's target holdings for each market state, and the delta hedge beside them: what the backtest would hold at those states."
+def _hedge_route(r: APIRouter, user_dependency: Callable, registry: Callable, models: ModelCache,
+                 max_states: int | None) -> None:
+    @r.post("/hedge", response_model=HedgeResult, responses=_errors(404, 409, 413, 422, 429, 503),
+            summary="Target holdings for a batch of market states")
+    def hedge(body: HedgeRequest, reg=Depends(registry)) -> HedgeResult:  # noqa: F811 (the route's name, its OpenAPI operation)
+        """A strategy's target holdings for each market state, and the delta hedge beside them: what the backtest would
+        hold at those states."""
         st = body.states
-        n = len(st.spot) if isinstance(st.spot, list) else len(st.spot.f64) * 3 // 32  # base64: 4 characters for 3 bytes, 8 bytes a number
+        # base64: 4 characters for 3 bytes, 8 bytes a number
+        n = len(st.spot) if isinstance(st.spot, list) else len(st.spot.f64) * 3 // 32
         limit = max_states or settings().service.max_states
         if n > limit:
-            raise HTTPException(429, f"states: {n} market states in one call; the limit is {limit} a call ([service] max_states): split the batch",
+            raise HTTPException(429, f"states: {n} market states in one call; the limit is {limit} a call ([service] "
+                                f"max_states): split the batch",
                                 headers={"Retry-After": "1"})
         strat, scn, label, _ = _strategy(strategy_spec(body.strategy), body.scenario, reg, models)
         try:
@@ -649,7 +736,8 @@ def _hedge_route(r: APIRouter, user_dependency: Callable, registry: Callable, mo
 # %% ../nbs/20_hedging.ipynb #eedd2ec1
 def _info(e: Episode, store: SimulationStore, history: bool = False) -> dict:
     "An episode as `SimulationInfo` (and `Simulation` with its `history`) fields."
-    out = dict(id=e.id, owner=e.owner, scenario=e.scenario.name, strategy=e.label, seed=e.seed, instruments=e.scenario.instrument_names,
+    out = dict(id=e.id, owner=e.owner, scenario=e.scenario.name, strategy=e.label, seed=e.seed,
+               instruments=e.scenario.instrument_names,
                n_steps=e.rollout.paths.n_decisions, premium=float(e.rollout.paths.premium[0]), created=_utc(e.created),
                expires_in=max(0.0, round(e.used + store.idle - time.monotonic(), 3)), state=e.state())
     return {**out, "history": list(e.history)} if history else out
@@ -668,10 +756,13 @@ def create_simulation(
     user, # the hub user (`.name`, `.kind`, `.admin`)
     body: NewSimulation, # the request
 ) -> Simulation:
-    "What POST simulations does for `user`: a new episode kept in `store`; errors as `HTTPException`s (the answer's status and detail)."
+    """What POST simulations does for `user`: a new episode kept in `store`; errors as `HTTPException`s (the answer's
+    status and detail)."""
     who = _owner(user)
     strat, scn, label, _ = _strategy(strategy_spec(body.strategy), body.scenario, registry, models)
-    if scn.market.model == "historical": raise HTTPException(422, f"scenario: {scn.name!r} is historical; a simulation needs a simulated market")
+    if scn.market.model == "historical": raise HTTPException(422,
+                                                             f"scenario: {scn.name!r} is historical; a simulation "
+                                                             f"needs a simulated market")
     seed = secrets.randbits(63) if body.seed is None else body.seed
     dh = DeltaHedge()
     try: dh.reset(scn)
@@ -682,9 +773,12 @@ def create_simulation(
     with e.lock: return Simulation(**_info(e, store, history=True))
 
 # %% ../nbs/20_hedging.ipynb #7c0721ca
-def _simulation_routes(r: APIRouter, user_dependency: Callable, registry: Callable, models: ModelCache, store: SimulationStore) -> None:
-    @r.post("/simulations", status_code=201, response_model=Simulation, responses=_errors(404, 409, 413, 422, 429, 503), summary="Start a simulated episode")
-    def create(body: NewSimulation, request: Request, response: Response, user=Depends(user_dependency), reg=Depends(registry)) -> Simulation:
+def _simulation_routes(r: APIRouter, user_dependency: Callable, registry: Callable, models: ModelCache,
+                       store: SimulationStore) -> None:
+    @r.post("/simulations", status_code=201, response_model=Simulation, responses=_errors(404, 409, 413, 422, 429, 503),
+            summary="Start a simulated episode")
+    def create(body: NewSimulation, request: Request, response: Response, user=Depends(user_dependency),
+               reg=Depends(registry)) -> Simulation:
         "A new episode: one simulated path of the scenario, hedged by the strategy one date per step."
         sim = create_simulation(store, models, reg, user, body)
         response.headers["Location"] = f"{request.url.path.rstrip('/')}/{sim.id}"
@@ -713,7 +807,8 @@ def read_simulation(store: SimulationStore, id: str, user) -> Simulation:
 
 # %% ../nbs/20_hedging.ipynb #1ced810f
 def step_simulation(store: SimulationStore, id: str, user, holdings=None) -> SimulationStepResult:
-    "What POST simulations/{id}/step does for `user`: trade on the current date (the strategy decides, or `holdings`) and book the P&L to the next."
+    """What POST simulations/{id}/step does for `user`: trade on the current date (the strategy decides, or `holdings`)
+    and book the P&L to the next."""
     e = _find(store, id, user)
     with e.lock:
         try: row = e.step(holdings)
@@ -728,13 +823,16 @@ def delete_simulation(store: SimulationStore, id: str, user) -> None:
 
 # %% ../nbs/20_hedging.ipynb #0d4ca8a7
 def _episode_routes(r: APIRouter, user_dependency: Callable, store: SimulationStore) -> None:
-    @r.get("/simulations/{id}", response_model=Simulation, responses=_errors(404, 422), summary="An episode and its history")
+    @r.get("/simulations/{id}", response_model=Simulation, responses=_errors(404, 422),
+           summary="An episode and its history")
     def read(id: SimulationId, user=Depends(user_dependency)) -> Simulation:
         "The episode with every step so far (its owner's; an admin may read any)."
         return read_simulation(store, id, user)
 
-    @r.post("/simulations/{id}/step", response_model=SimulationStepResult, responses=_errors(404, 409, 413, 422), summary="Step an episode one hedging date")
-    def step(id: SimulationId, body: Annotated[StepRequest | None, BodyParam()] = None, user=Depends(user_dependency)) -> SimulationStepResult:
+    @r.post("/simulations/{id}/step", response_model=SimulationStepResult, responses=_errors(404, 409, 413, 422),
+            summary="Step an episode one hedging date")
+    def step(id: SimulationId, body: Annotated[StepRequest | None, BodyParam()] = None,
+             user=Depends(user_dependency)) -> SimulationStepResult:
         "Trade on the current date (the strategy decides, or `holdings` overrides) and book the P&L to the next date."
         return step_simulation(store, id, user, None if body is None else body.holdings)
 
@@ -746,30 +844,36 @@ def _episode_routes(r: APIRouter, user_dependency: Callable, store: SimulationSt
 
 # %% ../nbs/20_hedging.ipynb #c7c0268e
 class HedgingRoute(RegistryRoute):
-    "A route of this router: bodies over `max_body` refused (413); a malformed body's 422 as JSON even when it quotes a NaN (as null)."
+    """A route of this router: bodies over `max_body` refused (413); a malformed body's 422 as JSON even when it quotes
+    a NaN (as null)."""
     hidden: str = ""
-    simulations: SimulationStore | None = None # the router's episodes and agents, for in-process callers (`app_simulations`)
+    # the router's episodes and agents, for in-process callers (`app_simulations`)
+    simulations: SimulationStore | None = None
     models: ModelCache | None = None
     def get_route_handler(self) -> Callable:
         handler = super().get_route_handler()
         async def checked(request: Request) -> Response:
             try: return await handler(request)
-            except RequestValidationError as e:  # pydantic quotes the bad input; JSON has no NaN (the service's handler would fail on it)
+            # pydantic quotes the bad input; JSON has no NaN (the service's handler would fail on it)
+            except RequestValidationError as e:
                 return JSONResponse({"detail": jsonable(jsonable_encoder(e.errors()))}, 422)
         return checked
 
 # %% ../nbs/20_hedging.ipynb #d64f189e
 def router(
-    user_dependency: Callable, # the dependency giving the hub user (`hedgerl.service.hub_user`: `.name`, `.kind`, `.admin`)
+    # the dependency giving the hub user (`hedgerl.service.hub_user`: `.name`, `.kind`, `.admin`)
+    user_dependency: Callable,
     max_states: int | None = None, # states per hedge call; None: `[service] max_states` at each request
     max_simulations: int | None = None, # open episodes per user; None: `[service] max_simulations`
     simulation_idle: float | None = None, # seconds before an idle episode expires; None: `[service] simulation_idle`
     models: ModelCache | None = None, # the loaded agents; None: a new cache
 ) -> APIRouter:
-    "The `hedge` and `simulations` endpoints (paths relative to `api/v1`); the episodes live in this router's store (`router.simulations`)."
+    """The `hedge` and `simulations` endpoints (paths relative to `api/v1`); the episodes live in this router's store
+    (`router.simulations`)."""
     limit = max_states or settings().service.max_states
     models, store = models or ModelCache(), SimulationStore(max_simulations, simulation_idle)
-    route = type("HedgingRoute", (HedgingRoute,), {"max_body": max(1 << 20, 512 * limit), "simulations": store, "models": models})
+    route = type("HedgingRoute", (HedgingRoute,), {"max_body": max(1 << 20, 512 * limit), "simulations": store,
+                                                   "models": models})
     r = APIRouter(route_class=route, tags=["hedging"])
 
     def registry(request: Request, user=Depends(user_dependency)) -> Callable:
@@ -777,7 +881,8 @@ def router(
         def open_():
             reg = getattr(request.app.state, "registry", None)
             if reg is None: raise HTTPException(503, "the service has no registry: models cannot be loaded")
-            try: return reg.as_user(hub_user_name(user), admin=getattr(user, "admin", False) is True)  # an admin uses any model
+            # an admin uses any model
+            try: return reg.as_user(hub_user_name(user), admin=getattr(user, "admin", False) is True)
             except PermissionError as e: raise HTTPException(403, str(e)) from None
         return open_
 
@@ -791,9 +896,12 @@ def router(
 def app_simulations(
     app, # a FastAPI app that includes this module's `router`
 ) -> tuple[SimulationStore, ModelCache]:
-    "The episode store and the loaded agents of the `simulations` routes mounted on `app`; `LookupError` if it has none."
+    """The episode store and the loaded agents of the `simulations` routes mounted on `app`; `LookupError` if it has
+    none."""
     todo = list(app.routes)
-    while todo:  # FastAPI 0.16x keeps an included router whole (`original_router`); older ones copy its routes (their class carries the store)
+    # FastAPI 0.16x keeps an included router whole (`original_router`); older ones copy its routes (their class carries
+    # the store)
+    while todo:
         r = todo.pop(0)
         if isinstance(getattr(r, "simulations", None), SimulationStore): return r.simulations, r.models
         if (sub := getattr(r, "original_router", None)) is not None: todo += [sub, *sub.routes]
@@ -807,12 +915,15 @@ def _bench_batch(scn: Scenario, n: int, seed: int, dates: int | None) -> dict:
     js = rng.choice(scn.n_decisions, size=dates or scn.n_decisions, replace=False)
     j = js[rng.integers(0, len(js), n)]
     rows = np.arange(n)
-    return {"spot": paths.spot[rows, j], "tau": (scn.horizon - paths.days[j]) / scn.trading_days, "holdings": rng.uniform(0, 1, (n, len(scn.instruments))),
-            "hedge_pnl": rng.normal(0, 1, n), "cost": rng.uniform(0, 0.5, n), **({"variance": paths.variance[rows, j]} if scn.market.model in _STATE_VARIANCE else {})}
+    return {"spot": paths.spot[rows, j], "tau": (scn.horizon - paths.days[j]) / scn.trading_days,
+            "holdings": rng.uniform(0, 1, (n, len(scn.instruments))),
+            "hedge_pnl": rng.normal(0, 1, n), "cost": rng.uniform(0, 0.5, n), **({"variance": paths.variance[rows,
+                    j]} if scn.market.model in _STATE_VARIANCE else {})}
 
 # %% ../nbs/20_hedging.ipynb #892bca11
 def _rates(fs: dict, n: int, repeats: int) -> tuple[dict, dict]:
-    "States per second of each function of `fs` on a batch of n (medians), and of each against the first (medians of the ratios of calls made one after another): interleaved, so that a busy machine slows them alike."
+    """States per second of each function of `fs` on a batch of n (medians), and of each against the first (medians of
+    the ratios of calls made one after another): interleaved, so that a busy machine slows them alike."""
     for f in fs.values(): f()  # warm-up
     ts = {k: [] for k in fs}
     for _ in range(repeats):
@@ -835,21 +946,25 @@ def bench_hedge(
     prefix: str = "/services/hedgerl/", # the service's prefix
     client=None, # an `httpx.Client` (a FastAPI `TestClient` in tests); None: a new one
 ) -> dict:
-    "States per second of `hedge` through the service vs in process on the same batch, for delta and a model; JSON-able."
+    """States per second of `hedge` through the service vs in process on the same batch, for delta and a model;
+    JSON-able."""
     import httpx
     scn = get_scenario(scenario)
     cols = _bench_batch(scn, n_states, seed, dates)
     states = market_states(scn, **cols)
-    out = {"scenario": scenario, "n_states": n_states, "dates": len(set(states.day.tolist())), "repeats": repeats, "strategies": {}}
+    out = {"scenario": scenario, "n_states": n_states, "dates": len(set(states.day.tolist())), "repeats": repeats,
+           "strategies": {}}
     strategies = {"delta": ("delta", DeltaHedge())}
-    if model is not None: strategies["model"] = ({"model": int(model)}, None if model_path is None else load_strategy_file(model_path))
+    if model is not None: strategies["model"] = ({"model": int(model)},
+                                                 None if model_path is None else load_strategy_file(model_path))
     http = client or httpx.Client(timeout=120)
     endpoint, headers = f"{url.rstrip('/')}{prefix}api/v1/hedge", {"Authorization": f"token {token}"}
     try:
         for key, (spec, strat) in strategies.items():
             def call(packed: bool):  # what a Python client does: encode the batch, send it, decode the answer
                 states = {k: pack(v) if packed else v.tolist() for k, v in cols.items()}
-                r = http.post(endpoint, json={"strategy": spec, "scenario": scenario, "states": states, "packed": packed}, headers=headers)
+                r = http.post(endpoint, json={"strategy": spec, "scenario": scenario, "states": states,
+                                              "packed": packed}, headers=headers)
                 if r.status_code != 200: raise RuntimeError(f"hedge answered {r.status_code}: {r.text[:300]}")
                 got = r.json()
                 return {**got, "holdings": unpack(got["holdings"]).reshape(n_states, -1)} if packed else got
@@ -859,16 +974,21 @@ def bench_hedge(
             if strat is not None:
                 strat.reset(scn)
                 obs = observations(states)
-                fs = {"act": lambda: [strat.act(o) for _, o in obs], "inprocess": lambda: hedge_states(strat, market_states(scn, **cols)), **fs}
-                np.testing.assert_allclose(np.array(got["holdings"]), hedge_states(strat, states)[0], rtol=0, atol=1e-12)
+                fs = {"act": lambda: [strat.act(o) for _, o in obs], "inprocess": lambda: hedge_states(strat,
+                        market_states(scn, **cols)), **fs}
+                np.testing.assert_allclose(
+                    np.array(got["holdings"]), hedge_states(strat, states)[0], rtol=0, atol=1e-12
+                )
             rates, _ = _rates(fs, n_states, repeats)
             row = {"strategy": got["strategy"], **{f"{k}_states_per_s": v for k, v in rates.items()}}
             if strat is not None:
                 for ref in ("act", "inprocess"):  # per pair of calls made one after the other, then the median
-                    _, ratios = _rates({ref: fs[ref], "api": fs["api"], "api_packed": fs["api_packed"]}, n_states, repeats)
+                    _, ratios = _rates({ref: fs[ref], "api": fs["api"], "api_packed": fs["api_packed"]}, n_states,
+                                       repeats)
                     row.update({f"{k}_ratio_to_{ref}": v for k, v in ratios.items()})
                 # the headline figures: the API's fast path (packed columns), the one a bulk client uses
-                row["ratio_to_act"], row["ratio_to_inprocess"] = row["api_packed_ratio_to_act"], row["api_packed_ratio_to_inprocess"]
+                row["ratio_to_act"], row["ratio_to_inprocess"] = row["api_packed_ratio_to_act"], row[
+                        "api_packed_ratio_to_inprocess"]
             out["strategies"][key] = row
     finally:
         if client is None: http.close()

@@ -44,7 +44,8 @@ __all__ = ['KINDS', 'JOB_TAG', 'ACTIVE', 'RESTARTED', 'STOPPED', 'log', 'Count',
 KINDS = ("backtests", "trainings") # the registry experiments of jobs (and their URL paths)
 JOB_TAG = "hedgerl-job" # the tag of every job's run: what tells a job from a run someone named "backtests"
 ACTIVE = ("queued", "running") # a job's states before it ends (a queued job's run is `running` in the registry)
-RESTARTED = "the service restarted while it ran" # the reason a job left running by a previous service process is closed with
+# the reason a job left running by a previous service process is closed with
+RESTARTED = "the service restarted while it ran"
 STOPPED = "the service stopped while it ran" # the reason of a job the service stopped on its way down
 log = logging.getLogger("hedgerl.jobs")
 
@@ -58,12 +59,14 @@ RunName = Annotated[str, Field(max_length=200, pattern=r"^[^\x00-\x1f\x7f]*$")] 
 class StrategyRef(Body):
     "A baseline by name with its parameters, or a registered model (visible to the caller) by id."
     baseline: Name | None = None
-    params: dict[str, Any] = {} # the baseline's parameters (e.g. width, risk_aversion, vol); a tuned one not given is fitted
+    # the baseline's parameters (e.g. width, risk_aversion, vol); a tuned one not given is fitted
+    params: dict[str, Any] = {}
     model: Id | None = None
 
     @model_validator(mode="after")
     def _one(self):
-        if (self.baseline is None) == (self.model is None): raise ValueError("give either baseline (a name) or model (an id)")
+        if (self.baseline is None) == (self.model is None): raise ValueError(
+                "give either baseline (a name) or model (an id)")
         if self.model is not None and self.params: raise ValueError("params are a baseline's; a model brings its own")
         return self
 
@@ -81,22 +84,26 @@ class BacktestRequest(Body):
 
     @model_validator(mode="after")
     def _boot(self):
-        if self.n_boot == 1: raise ValueError("n_boot must be 0 (no standard errors) or at least 2 (one replicate gives no spread)")
+        if self.n_boot == 1: raise ValueError("n_boot must be 0 (no standard errors) or at least 2 (one replicate "
+                                              "gives no spread)")
         return self
 
     def strategy_ref(self) -> StrategyRef:
         "The strategy as a `StrategyRef`."
         s = self.strategy
-        return s if isinstance(s, StrategyRef) else StrategyRef(**({"model": s} if isinstance(s, int) else {"baseline": s}))
+        return s if isinstance(s, StrategyRef) else StrategyRef(**({"model": s} if isinstance(s,
+                int) else {"baseline": s}))
 
 # %% ../nbs/18_jobs.ipynb #4b98374d
 class TrainingRequest(Body):
-    "POST trainings: what `hedgerl.runs.train` takes (None: its defaults), or `resume` with the id of an interrupted training."
+    """POST trainings: what `hedgerl.runs.train` takes (None: its defaults), or `resume` with the id of an interrupted
+    training."""
     agent: Name | None = None # an agent of `hedgerl.agents.AGENTS` (required unless resuming)
     scenario: ScenarioRef | None = None # required unless resuming
     budget: Count | None = None # training units: epochs or environment steps (required unless resuming)
     params: dict[str, Any] | None = None # the agent's hyperparameters
-    objective: Name | dict[str, Any] | None = None # replaces the scenario's risk objective: "es:0.5" or {"kind", "param"}
+    # replaces the scenario's risk objective: "es:0.5" or {"kind", "param"}
+    objective: Name | dict[str, Any] | None = None
     seed: Seed | None = None
     device: Annotated[str, Field(max_length=20)] | None = None
     valid_paths: Count | None = None
@@ -105,18 +112,21 @@ class TrainingRequest(Body):
     test_paths: Count | None = None
     test_seed: Seed | None = None
     threads: Annotated[int, Field(ge=0, le=256)] = 1 # torch threads in the kernel (0: torch's default)
-    resume: Id | None = None # an interrupted or failed training of the caller's to continue from its checkpoint (a new run)
+    # an interrupted or failed training of the caller's to continue from its checkpoint (a new run)
+    resume: Id | None = None
     name: RunName | None = None
     shared: bool = False
 
     def options(self) -> dict:
         "The `hedgerl.runs.train_config` options given (None left out)."
-        keys = ("objective", "params", "seed", "device", "valid_paths", "valid_every", "patience", "test_paths", "test_seed")
+        keys = ("objective", "params", "seed", "device", "valid_paths", "valid_every", "patience", "test_paths",
+                "test_seed")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 # %% ../nbs/18_jobs.ipynb #4d8a652e
 class Progress(BaseModel):
-    "How far a running backtest is: Dask tasks done of those sent (its chunks of paths, a tuned baseline's fit, the summary)."
+    """How far a running backtest is: Dask tasks done of those sent (its chunks of paths, a tuned baseline's fit, the
+    summary)."""
     done: int
     total: int
 
@@ -145,7 +155,8 @@ class BacktestJob(JobOut):
 
 # %% ../nbs/18_jobs.ipynb #5c278db9
 class TrainingJob(JobOut):
-    "A training job: its folder and notebook once it started, its test metrics once finished, its checkpoint when stopped."
+    """A training job: its folder and notebook once it started, its test metrics once finished, its checkpoint when
+    stopped."""
     folder: str | None = None
     notebook: str | None = None # the executed notebook
     checkpoint: str | None = None # the checkpoint an interrupted training left (`resume` continues from it)
@@ -185,7 +196,8 @@ class Problem(BaseModel):
 def job_scenario(
     ref, # a published scenario's name, or a dict config
 ):
-    "The `Scenario` of a request: a published name or a config dict, never a file of the server's; `ValueError` naming what is wrong."
+    """The `Scenario` of a request: a published name or a config dict, never a file of the server's; `ValueError`
+    naming what is wrong."""
     from hedgerl.scenarios import as_scenario, get
     s = get(ref) if isinstance(ref, str) else as_scenario(dict(ref))
     if s.market.model == "historical":
@@ -198,11 +210,13 @@ def job_strategy(
     scenario, # the `Scenario` it will hedge
     registry: Registry, # the registry as the caller: which models they may use
 ):
-    "The strategy of a backtest request and whether it must be fitted first (a tuned baseline whose parameter is not given); `KeyError` for a model the caller cannot see."
+    """The strategy of a backtest request and whether it must be fitted first (a tuned baseline whose parameter is not
+    given); `KeyError` for a model the caller cannot see."""
     if ref.model is not None:
         from hedgerl.runs import load_model
         try: return load_model(ref.model, registry=registry, scenario=scenario, device="cpu"), False
-        except KeyError: raise KeyError(f"strategy.model: no model {ref.model} visible to user {registry.user!r}") from None
+        except KeyError: raise KeyError(
+                f"strategy.model: no model {ref.model} visible to user {registry.user!r}") from None
     from hedgerl.baselines import make_baseline
     strat = make_baseline(ref.baseline, **ref.params)
     return strat, hasattr(strat, "fit") and ref.params.get(getattr(strat, "_param", None)) is None
@@ -212,12 +226,14 @@ def backtest_report(
     result, # a `BacktestResult`
     summary: dict, # its `summary(n_boot)`
 ) -> str:
-    "What `hedgerl backtest` prints for `result`: its repr, then each summary metric as `key value` (6 significant digits)."
+    """What `hedgerl backtest` prints for `result`: its repr, then each summary metric as `key value` (6 significant
+    digits)."""
     return "".join(f"{line}\n" for line in [repr(result), *(f"{k:<22} {v:.6g}" for k, v in summary.items())])
 
 # %% ../nbs/18_jobs.ipynb #76626e10
 class TrackedClient:
-    "A Dask client for one job: the futures `backtest` submits through it are the job's, so a cancel reaches each of its chunks."
+    """A Dask client for one job: the futures `backtest` submits through it are the job's, so a cancel reaches each of
+    its chunks."""
     def __init__(self, client, job): self.client, self.job = client, job
     def _track(self, futures: list) -> list:
         self.job.futures.extend(futures); self.job.total += len(futures)
@@ -235,11 +251,13 @@ def fitted(strategy, scenario, n_paths: int, seed: int):
 
 # %% ../nbs/18_jobs.ipynb #7a737bf4
 def summarised(result, n_boot: int) -> dict:
-    "`result.summary(n_boot)` (a Dask task: a million paths' bootstrap takes a core for seconds), on fresh copies of its arrays."
+    """`result.summary(n_boot)` (a Dask task: a million paths' bootstrap takes a core for seconds), on fresh copies of
+    its arrays."""
     import dataclasses
     fresh = {k: getattr(result, k).copy() for k in ("pnl", "cost", "option_pnl", "hedge_pnl", "premium")}
     # numpy's sums depend on where an array starts in memory in their last digit: as received (views into the message)
-    # they differ from the arrays `backtest` makes in one process, which `hedgerl backtest` summarises; fresh copies agree
+    # they differ from the arrays `backtest` makes in one process, which `hedgerl backtest` summarises; fresh copies
+    # agree
     return dataclasses.replace(result, **fresh).summary(n_boot=n_boot)
 
 # %% ../nbs/18_jobs.ipynb #c7cfcf4d
@@ -247,12 +265,14 @@ def run_backtest(
     job, # the `Job` (its `work`: scenario, strategy, fit, request)
     client, # a dask.distributed Client
 ) -> dict | None:
-    "The body of a backtest job (in a thread): fit if needed, backtest on `client`, summarise; the run's outputs, or None if stopped."
+    """The body of a backtest job (in a thread): fit if needed, backtest on `client`, summarise; the run's outputs, or
+    None if stopped."""
     from hedgerl.backtest import backtest
     w, tracked = job.work, TrackedClient(client, job)
     req: BacktestRequest = w["request"]
     try:
-        strat = tracked.submit(fitted, w["strategy"], w["scenario"], req.train_paths, req.seed + 1, pure=False).result() if w["fit"] else w["strategy"]
+        strat = tracked.submit(fitted, w["strategy"], w["scenario"], req.train_paths, req.seed + 1,
+                               pure=False).result() if w["fit"] else w["strategy"]
         res = backtest(strat, w["scenario"], n_paths=req.n_paths, seed=req.seed, client=tracked)
         summary = tracked.submit(summarised, res, req.n_boot, pure=False).result()  # the bootstrap too: on a worker
     except BaseException:
@@ -266,14 +286,16 @@ def user_folder(
     data_folder: Path, # the service's [data] folder
     user: str, # a hub user name
 ) -> Path:
-    "`<data_folder>/users/<user>`: where that user's trainings write; a name that is not a plain folder name is refused."
+    """`<data_folder>/users/<user>`: where that user's trainings write; a name that is not a plain folder name is
+    refused."""
     if not re.fullmatch(r"[\w.@+-]{1,100}", user) or user in (".", ".."):
         raise ValueError(f"user name {user!r} cannot name a folder: trainings need a plain name")
     return Path(data_folder) / "users" / user
 
 # %% ../nbs/18_jobs.ipynb #caab0891
 def _die_with_parent(parent: int) -> None:
-    "In the training process (Linux): SIGTERM when the service's thread that started it ends; exit now if the service is already gone."
+    """In the training process (Linux): SIGTERM when the service's thread that started it ends; exit now if the service
+    is already gone."""
     try:
         import ctypes
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -284,7 +306,8 @@ def _die_with_parent(parent: int) -> None:
 def training_process(
     task: dict, # registry (URL), user, run_id, root, template, config, checkpoint, threads, service_pid
 ) -> int:
-    "The body of `python -m hedgerl.jobs`: execute the template as run `run_id` of `user`, in a new folder under `root`; the exit status."
+    """The body of `python -m hedgerl.jobs`: execute the template as run `run_id` of `user`, in a new folder under
+    `root`; the exit status."""
     from hedgerl.runs import RunFailed, _execute_run, _run_folder
     _die_with_parent(task["service_pid"])
     reg = Registry(task["registry"], user=task["user"])
@@ -325,7 +348,8 @@ async def stop_process(proc, grace: float = 60.0) -> int:
 
 # %% ../nbs/18_jobs.ipynb #eab80e77
 def _child_environ(user: str) -> dict:
-    "The training process's environment: the service's, the hub's tokens taken out, `USER`/`LOGNAME` the run's owner (see above)."
+    """The training process's environment: the service's, the hub's tokens taken out, `USER`/`LOGNAME` the run's owner
+    (see above)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JUPYTERHUB_", "DASK_GATEWAY__"))}
     return {**env, "USER": user, "LOGNAME": user, "PYTHONUNBUFFERED": "1"}
 
@@ -350,10 +374,12 @@ class Job:
 
 # %% ../nbs/18_jobs.ipynb #da2a0df7
 def job_gauges(metrics) -> tuple:
-    "Gauges of jobs queued and running by kind (`hedgerl_service_jobs_queued`, `..._running`), in the Prometheus registry `metrics`."
+    """Gauges of jobs queued and running by kind (`hedgerl_service_jobs_queued`, `..._running`), in the Prometheus
+    registry `metrics`."""
     from prometheus_client import CollectorRegistry, Gauge
     metrics = CollectorRegistry() if metrics is None else metrics
-    out = tuple(Gauge(f"hedgerl_service_jobs_{s}", f"Jobs {s} in the hedgerl service", ["kind"], registry=metrics) for s in ACTIVE)
+    out = tuple(Gauge(f"hedgerl_service_jobs_{s}", f"Jobs {s} in the hedgerl service", ["kind"],
+                      registry=metrics) for s in ACTIVE)
     for g in out:
         for k in KINDS: g.labels(k).set(0)
     return out
@@ -366,7 +392,8 @@ def paths_limit(
     "429 with `Retry-After`, naming the field and the limit, if a count is over `limit`."
     for k, n in counts.items():
         if isinstance(n, int) and not isinstance(n, bool) and n > limit:
-            raise HTTPException(429, f"{k} = {n} is over the limit of [service] max_paths = {limit} paths in one request", headers={"Retry-After": "60"})
+            raise HTTPException(429, f"{k} = {n} is over the limit of [service] max_paths = {limit} paths in one "
+                                f"request", headers={"Retry-After": "60"})
 
 # %% ../nbs/18_jobs.ipynb #0e147b8f
 async def run_training(
@@ -376,7 +403,8 @@ async def run_training(
     template: str | Path | None, # the notebook; None: `hedgerl.runs.template_path()`
     grace: float, # see `stop_process`
 ) -> None:
-    "The body of a training job: its process, run to its end; a run it left `running` (killed, say) failed with its exit status."
+    """The body of a training job: its process, run to its end; a run it left `running` (killed, say) failed with its
+    exit status."""
     from hedgerl.runs import template_path
     home = user_folder(data_folder, job.owner)
     root, logs = home / "runs", home / "logs"
@@ -392,7 +420,8 @@ async def run_training(
     if status == "running":
         why = f"the training process exited with status {rc} before it closed the run; its log is {log_path}"
         await asyncio.to_thread(job.run.fail, why, {"reason": job.reason} if job.reason else None)
-    elif job.reason is not None and status in ("interrupted", "failed"): await asyncio.to_thread(job.run.set_outputs, {"reason": job.reason})
+    elif job.reason is not None and status in ("interrupted", "failed"): await asyncio.to_thread(job.run.set_outputs,
+            {"reason": job.reason})
 
 # %% ../nbs/18_jobs.ipynb #44726a5d
 def _alive(pid) -> bool:
@@ -412,11 +441,14 @@ def recover_jobs(
     for kind in KINDS:
         rows = registry.as_user(registry.user, admin=True).runs(experiment=kind)
         for r in rows.to_dict("records"):
-            if JOB_TAG not in (r["tags"] or []) or r["host"] != host or (r["pid"] != os.getpid() and _alive(r["pid"])): continue
-            if not (r["status"] == "running" or (r["status"] == "failed" and str(r["error"] or "").startswith("reaped: process"))): continue
+            if JOB_TAG not in (r["tags"] or []) or r["host"] != host or (r["pid"] != os.getpid()
+                                                                         and _alive(r["pid"])): continue
+            if not (r["status"] == "running" or (r["status"] == "failed" and str(r["error"]
+                    or "").startswith("reaped: process"))): continue
             run, out = Run(registry.as_user(r["owner"]), int(r["id"]), kind, r["name"]), r["outputs"] or {}
             ckpt = Path(out["folder"]) / "checkpoint.zip" if out.get("folder") else None
-            if kind == "trainings" and ckpt is not None and ckpt.is_file(): run.interrupt({"reason": reason, "checkpoint": str(ckpt)})
+            if kind == "trainings" and ckpt is not None and ckpt.is_file(): run.interrupt({"reason": reason,
+                    "checkpoint": str(ckpt)})
             else: run.fail(f"{reason} (process {r['pid']} on {host} is gone)", {"reason": reason})
             closed.append(int(r["id"]))
     return closed
@@ -428,7 +460,8 @@ class JobQueue:
         metrics=None, # the service's Prometheus registry (`app.state.metrics`) for the job gauges
         running: dict | None = None, # jobs of each kind that run at once; the rest wait (queued)
         max_jobs: int | None = None, max_paths: int | None = None, # per-user limits; None: the [service] settings
-        beat: float = 600.0, # seconds between heartbeats of the live jobs' runs (the registry reaps a run silent for an hour)
+        # seconds between heartbeats of the live jobs' runs (the registry reaps a run silent for an hour)
+        beat: float = 600.0,
     ):
         self.beat, self.jobs, self.stopping = beat, {}, False
         self.running = {"backtests": 2, "trainings": max(1, (os.cpu_count() or 2) // 2), **(running or {})}
@@ -450,17 +483,22 @@ class JobQueue:
         "429 naming the limit if any of `counts` (field name -> paths) is over [service] max_paths."
         paths_limit(self.max_paths, **counts)
 
-    async def submit(self, kind: str, reg: Registry, params: dict, work: dict, name=None, shared=False, notebook=None) -> Job:
-        "Record the job's run as `reg.user`'s and queue it; 429 (nothing recorded) if the user has `max_jobs` jobs already."
+    async def submit(self, kind: str, reg: Registry, params: dict, work: dict, name=None, shared=False,
+                     notebook=None) -> Job:
+        """Record the job's run as `reg.user`'s and queue it; 429 (nothing recorded) if the user has `max_jobs` jobs
+        already."""
         if self._lock is None:  # made in the app's event loop, on first use
             self._lock, self._slots = asyncio.Lock(), {k: asyncio.Semaphore(self.running[k]) for k in KINDS}
             self._beats = asyncio.create_task(self._heartbeats())
         async with self._lock:
             if self.stopping: raise HTTPException(503, "the service is stopping: submit the job again once it is back")
             if (n := sum(j.owner == reg.user for j in self.jobs.values())) >= self.max_jobs:
-                raise HTTPException(429, f"user {reg.user!r} has {n} jobs queued or running, the limit of [service] max_jobs = {self.max_jobs}: "
+                raise HTTPException(429, f"user {reg.user!r} has {n} jobs queued or running, the limit of [service] "
+                                    f"max_jobs = {self.max_jobs}: "
                                          "wait for one to end or cancel one", headers={"Retry-After": "30"})
-            run = await asyncio.to_thread(reg.start_run, kind, params, name=name, notebook=notebook, shared=shared, tags=[JOB_TAG])
+            run = await asyncio.to_thread(
+                reg.start_run, kind, params, name=name, notebook=notebook, shared=shared, tags=[JOB_TAG]
+            )
             job = self.jobs[run.id] = Job(run.id, kind, reg.user, run, work)
             job.task = asyncio.create_task(self._run(job))
             self._count()
@@ -474,7 +512,8 @@ class JobQueue:
                     job.state = "running"; self._count()
                     await (self._backtest(job) if job.kind == "backtests" else self._training(job))
         except asyncio.CancelledError:  # stopped while queued (or the service stopping)
-            with contextlib.suppress(Exception): await asyncio.to_thread(job.run.interrupt, {"reason": job.reason or STOPPED})
+            with contextlib.suppress(Exception): await asyncio.to_thread(job.run.interrupt,
+                                                                         {"reason": job.reason or STOPPED})
         except Exception as e:
             log.error("job %s (%s) failed", job.id, job.kind, exc_info=True)
             with contextlib.suppress(Exception): await asyncio.to_thread(job.run.fail, e)
@@ -482,28 +521,34 @@ class JobQueue:
             self.jobs.pop(job.id, None); self._count()
 
     async def _heartbeats(self) -> None:
-        "Refresh the heartbeat of every live job's run every `beat` s: a queued job logs nothing, and a silent run would be reaped."
+        """Refresh the heartbeat of every live job's run every `beat` s: a queued job logs nothing, and a silent run
+        would be reaped."""
         while True:
             await asyncio.sleep(self.beat)
             for j in list(self.jobs.values()):
-                with contextlib.suppress(Exception): await asyncio.to_thread(j.run.log, 0)  # no values: the heartbeat only
+                # no values: the heartbeat only
+                with contextlib.suppress(Exception): await asyncio.to_thread(j.run.log, 0)
 
 # %% ../nbs/18_jobs.ipynb #09af75b9
 class JobManager(JobQueue):
-    "The service's jobs: submitted, queued for a slot of their kind, run (backtests on Dask, trainings in processes), stopped."
+    """The service's jobs: submitted, queued for a slot of their kind, run (backtests on Dask, trainings in processes),
+    stopped."""
     def __init__(self,
         registry: Registry, # the service's registry
         metrics=None, # the service's Prometheus registry (`app.state.metrics`) for the job gauges
-        data_folder: str | Path | None = None, # trainings write under `<data_folder>/users/<name>/runs`; None: [data] folder
+        # trainings write under `<data_folder>/users/<name>/runs`; None: [data] folder
+        data_folder: str | Path | None = None,
         dask: Callable | None = None, # makes the Dask client, once; None: `hedgerl.backtest.dask_client`
         template: str | Path | None = None, # the training notebook; None: `hedgerl.runs.template_path()`
         running: dict | None = None, # jobs of each kind that run at once; the rest wait (queued)
         max_jobs: int | None = None, max_paths: int | None = None, # per-user limits; None: the [service] settings
         grace: float = 60.0, # seconds a stopped training has to reach its checkpoint before it is stopped harder
-        beat: float = 600.0, # seconds between heartbeats of the live jobs' runs (the registry reaps a run silent for an hour)
+        # seconds between heartbeats of the live jobs' runs (the registry reaps a run silent for an hour)
+        beat: float = 600.0,
     ):
         super().__init__(metrics, running, max_jobs, max_paths, beat)
-        self.registry, self.data_folder = registry, Path(data_folder if data_folder is not None else settings().data.folder)
+        self.registry, self.data_folder = registry, Path(data_folder if data_folder is not None
+                                                         else settings().data.folder)
         self._make_client, self._client, self._client_lock = dask, None, threading.Lock()
         self.template, self.grace = template, grace
 
@@ -525,7 +570,8 @@ class JobManager(JobQueue):
         await run_training(job, self.registry, self.data_folder, self.template, self.grace)
 
     async def stop(self, job: Job, reason: str) -> None:
-        "Ask `job` to stop (the run ends interrupted with `reason`): dequeue it, cancel its Dask futures, or stop its process."
+        """Ask `job` to stop (the run ends interrupted with `reason`): dequeue it, cancel its Dask futures, or stop its
+        process."""
         if job.reason is not None: return
         job.reason = reason
         if job.state == "queued" and job.task is not None: job.task.cancel()
@@ -533,7 +579,8 @@ class JobManager(JobQueue):
         elif job.proc is not None: asyncio.ensure_future(stop_process(job.proc, self.grace))
 
     async def shutdown(self, timeout: float = 30.0) -> None:
-        "Stop every job (reason: the service stopped), wait up to `timeout` s for their runs to close, close the Dask client."
+        """Stop every job (reason: the service stopped), wait up to `timeout` s for their runs to close, close the Dask
+        client."""
         self.stopping = True
         jobs = list(self.jobs.values())
         for j in jobs: await self.stop(j, STOPPED)
@@ -547,7 +594,8 @@ class JobManager(JobQueue):
 # %% ../nbs/18_jobs.ipynb #d1a2d40e
 @dataclass
 class Caller:
-    "The calling hub user, their registry handles (`reg` writes as them, `reader` reads as them: everyone's rows for an admin) and the jobs."
+    """The calling hub user, their registry handles (`reg` writes as them, `reader` reads as them: everyone's rows for
+    an admin) and the jobs."""
     name: str
     admin: bool
     reg: Registry
@@ -556,7 +604,8 @@ class Caller:
 
 # %% ../nbs/18_jobs.ipynb #23e719e6
 def job_manager(app) -> JobManager:
-    "The app's `JobManager` (`app.state.jobs`), made on first use if the app's lifespan did not make it; 503 without a registry."
+    """The app's `JobManager` (`app.state.jobs`), made on first use if the app's lifespan did not make it; 503 without
+    a registry."""
     if (m := getattr(app.state, "jobs", None)) is None:
         base = getattr(app.state, "registry", None)
         if base is None: raise HTTPException(503, "the service has no registry: its jobs are registry runs")
@@ -565,26 +614,34 @@ def job_manager(app) -> JobManager:
 
 # %% ../nbs/18_jobs.ipynb #12dd0106
 def job_row(c: Caller, kind: str, id: int) -> dict:
-    "The run of job `id` of `kind` as the caller reads it (JSON values); 404, the same for another's private job as for none."
+    """The run of job `id` of `kind` as the caller reads it (JSON values); 404, the same for another's private job as
+    for none."""
     rows = c.reader.runs(experiment=kind, run_id=id)
     row = jsonable(rows.to_dict("records")[0]) if len(rows) else None
-    if row is None or JOB_TAG not in (row.get("tags") or []): raise HTTPException(404, f"no {kind[:-1]} {id} visible to user {c.name!r}")
+    if row is None or JOB_TAG not in (row.get("tags") or []): raise HTTPException(404,
+                                                                                  f"no {kind[:-1]} {id} visible to "
+                                                                                  f"user {c.name!r}")
     return row
 
 # %% ../nbs/18_jobs.ipynb #51a03fde
 _NOT_METRICS = ("folder", "notebook", "checkpoint", "reason")
 
 def job_view(kind: str, row: dict, job: Job | None, last_step: int | None = None) -> JobOut:
-    "The answer for a job: its run's record (`row`), with the state of the live `job` of this process where there is one."
+    """The answer for a job: its run's record (`row`), with the state of the live `job` of this process where there is
+    one."""
     out = row.get("outputs") or {}
     status = "queued" if job is not None and job.state == "queued" else row["status"]
-    v = dict(id=row["id"], kind=kind, status=status, owner=row["owner"], shared=bool(row["shared"]), name=row["name"], started=row["started"],
+    v = dict(id=row["id"], kind=kind, status=status, owner=row["owner"], shared=bool(row["shared"]), name=row["name"],
+             started=row["started"],
              ended=row["ended"], params=row["params"] or {}, error=row["error"], reason=out.get("reason"))
     if kind == "backtests":
         progress = Progress(done=job.done, total=job.total) if job is not None and job.state == "running" else None
-        return BacktestJob(**v, progress=progress, result=out.get("result"), summary=out.get("summary"), report=out.get("report"))
-    return TrainingJob(**v, folder=out.get("folder"), notebook=out.get("notebook"), checkpoint=out.get("checkpoint"), last_step=last_step,
-                       metrics={k: x for k, x in out.items() if k not in _NOT_METRICS} if status == "finished" else None)
+        return BacktestJob(**v, progress=progress, result=out.get("result"), summary=out.get("summary"),
+                           report=out.get("report"))
+    return TrainingJob(**v, folder=out.get("folder"), notebook=out.get("notebook"), checkpoint=out.get("checkpoint"),
+                       last_step=last_step,
+                       metrics={k: x for k, x in out.items() if k not in _NOT_METRICS} if status == "finished"
+                       else None)
 
 # %% ../nbs/18_jobs.ipynb #280949e7
 async def read_job(c: Caller, kind: str, id: int) -> JobOut:
@@ -595,10 +652,14 @@ async def read_job(c: Caller, kind: str, id: int) -> JobOut:
 
 # %% ../nbs/18_jobs.ipynb #376978e8
 async def stop_job(c: Caller, kind: str, id: int, response: Response, wait: float = 10.0) -> JobOut:
-    "DELETE: stop the caller's job and wait up to `wait` s for its run to close: 200 when it did, 202 while it is still stopping."
+    """DELETE: stop the caller's job and wait up to `wait` s for its run to close: 200 when it did, 202 while it is
+    still stopping."""
     row = await asyncio.to_thread(job_row, c, kind, id)
-    if row["owner"] != c.name: raise HTTPException(403, f"{kind[:-1]} {id} belongs to {row['owner']!r}: only its owner can stop it")
-    if (job := c.jobs.jobs.get(id)) is None: raise HTTPException(409, f"{kind[:-1]} {id} is {row['status']}: there is nothing to stop")
+    if row["owner"] != c.name: raise HTTPException(403, f"{kind[:-1]} {id} belongs to {row['owner']!r}: only its owner "
+                                                   f"can stop it")
+    if (job := c.jobs.jobs.get(id)) is None: raise HTTPException(409,
+                                                                 f"{kind[:-1]} {id} is {row['status']}: there is "
+                                                                 f"nothing to stop")
     await c.jobs.stop(job, f"stopped by {c.name} (DELETE {kind}/{id})")
     if job.task is not None: await asyncio.wait([job.task], timeout=wait)
     response.status_code = 202 if id in c.jobs.jobs else 200
@@ -608,9 +669,11 @@ async def stop_job(c: Caller, kind: str, id: int, response: Response, wait: floa
 async def list_jobs(c: Caller, kind: str, status: str | None, limit: int, offset: int) -> JobList:
     "A page of the jobs of `kind` the caller reads, newest first, optionally of one status."
     rows = await asyncio.to_thread(c.reader.runs, experiment=kind)
-    views = [job_view(kind, r, c.jobs.jobs.get(r["id"])) for r in jsonable(rows.to_dict("records")) if JOB_TAG in (r.get("tags") or [])]
+    views = [job_view(kind, r, c.jobs.jobs.get(r["id"])) for r in jsonable(rows.to_dict("records"))
+             if JOB_TAG in (r.get("tags") or [])]
     views = [v for v in views if status is None or v.status == status]
-    return JobList(items=[v.model_dump() for v in views[offset:offset + limit]], total=len(views), limit=limit, offset=offset)
+    return JobList(items=[v.model_dump() for v in views[offset:offset + limit]], total=len(views), limit=limit,
+                   offset=offset)
 
 # %% ../nbs/18_jobs.ipynb #4da50bc2
 async def metric_events(
@@ -623,7 +686,8 @@ async def metric_events(
     seen, quiet = set(), time.monotonic()
     yield "retry: 3000\n\n"
     while True:
-        rows = await asyncio.to_thread(c.reader.runs, run_id=id)  # the status first: metrics read after it include the last ones
+        # the status first: metrics read after it include the last ones
+        rows = await asyncio.to_thread(c.reader.runs, run_id=id)
         status = rows.status.iloc[0] if len(rows) else "failed"
         if status == "running" and (j := c.jobs.jobs.get(id)) is not None and j.state == "queued": status = "queued"
         steps = {}
@@ -631,7 +695,8 @@ async def metric_events(
             if (after is None or r["step"] > after) and (r["step"], r["key"]) not in seen:
                 seen.add((r["step"], r["key"])); steps.setdefault(int(r["step"]), {})[r["key"]] = r["value"]
         for step in sorted(steps):
-            yield f"id: {step}\nevent: metrics\ndata: {json.dumps(jsonable({'step': step, 'metrics': steps[step]}))}\n\n"
+            yield (f"id: {step}\nevent: metrics\ndata: "
+                   f"{json.dumps(jsonable({'step': step, 'metrics': steps[step]}))}\n\n")
             quiet = time.monotonic()
         if status not in ACTIVE:
             yield f"event: end\ndata: {json.dumps({'id': id, 'status': status})}\n\n"
@@ -641,9 +706,12 @@ async def metric_events(
 
 # %% ../nbs/18_jobs.ipynb #dd0de7e7
 ERRORS = {code: {"model": Problem, "description": what} for code, what in (
-    (400, "a value the registry refuses"), (403, "another service's token, or another user's job"), (404, "no such job visible to the caller"),
-    (409, "the job already ended, or a model's file changed"), (413, "request body too large"), (422, "a field and its bad value"),
-    (429, "a per-user limit: [service] max_jobs or max_paths (Retry-After)"), (503, "no registry, or the service is stopping"))}
+    (400, "a value the registry refuses"), (403, "another service's token, or another user's job"), (404,
+            "no such job visible to the caller"),
+    (409, "the job already ended, or a model's file changed"), (413, "request body too large"), (422,
+            "a field and its bad value"),
+    (429, "a per-user limit: [service] max_jobs or max_paths (Retry-After)"), (503,
+        "no registry, or the service is stopping"))}
 IdPath = Annotated[int, PathParam(ge=1, le=2**63 - 1)]
 StatusQuery = Annotated[Literal["queued", "running", "finished", "failed", "interrupted"] | None, Query()]
 Limit = Annotated[int, Query(ge=1, le=500)]
@@ -652,7 +720,8 @@ AfterQuery = Annotated[int | None, Query(ge=-1, le=2**31 - 1, description="only 
 
 # %% ../nbs/18_jobs.ipynb #c8497c9b
 class JobsRoute(RegistryRoute):
-    "A jobs endpoint: bodies over `max_body` 413, the registry's errors as JSON, a malformed body's 422 as JSON even when it quotes a NaN (as null)."
+    """A jobs endpoint: bodies over `max_body` 413, the registry's errors as JSON, a malformed body's 422 as JSON even
+    when it quotes a NaN (as null)."""
     max_body: int = 1 << 20
     hidden: str = "" # the registry's address, never shown
     def get_route_handler(self) -> Callable:
@@ -668,48 +737,57 @@ def _bad(field: str, e: Exception) -> HTTPException:
     "A 422 naming `field` for a `ValueError` of the library (409 for a model file that no longer matches its checksum)."
     from hedgerl.registry import ArtifactError
     msg = str(e.args[0]) if e.args else str(e)
-    return HTTPException(409 if isinstance(e, ArtifactError) else 422, msg if msg.startswith(field) else f"{field}: {msg}")
+    return HTTPException(409 if isinstance(e, ArtifactError) else 422,
+                         msg if msg.startswith(field) else f"{field}: {msg}")
 
 # %% ../nbs/18_jobs.ipynb #c324f686
 def _backtest_routes(r: APIRouter, caller: Callable) -> None:
     "POST, GET and DELETE backtests."
     @r.post("/backtests", status_code=202, response_model=BacktestJob, responses=ERRORS)
-    async def submit_backtest(body: BacktestRequest, request: Request, response: Response, c: Caller = Depends(caller)) -> JobOut:
+    async def submit_backtest(body: BacktestRequest, request: Request, response: Response,
+                              c: Caller = Depends(caller)) -> JobOut:
         "Start a backtest: 202 with the job (its URL in `Location`); poll `GET backtests/{id}` until it is finished."
         c.jobs.check_paths(n_paths=body.n_paths, train_paths=body.train_paths)
         from hedgerl.catalog import request_config
-        try: config = await asyncio.to_thread(request_config, c.reg, body.scenario); scn = await asyncio.to_thread(job_scenario, config)
+        try: config = await asyncio.to_thread(request_config, c.reg,
+                                              body.scenario); scn = await asyncio.to_thread(job_scenario, config)
         except ValueError as e: raise _bad("scenario", e) from None
         ref = body.strategy_ref()
         try: strat, fit = await asyncio.to_thread(job_strategy, ref, scn, c.reg)
-        except KeyError as e: raise HTTPException(404, e.args[0]) from None  # as for an id in the path: not visible is not there
+        # as for an id in the path: not visible is not there
+        except KeyError as e: raise HTTPException(404, e.args[0]) from None
         except (ValueError, TypeError, OverflowError) as e: raise _bad("strategy", e) from None
         params = {"scenario": scn.name, "strategy": ref.model_dump(exclude_defaults=True),
                   **body.model_dump(include={"n_paths", "seed", "n_boot", "train_paths"})}
-        if isinstance(config, dict): params["scenario_config"] = jsonable(scn.to_dict())  # a saved one or a config: what it was
+        # a saved one or a config: what it was
+        if isinstance(config, dict): params["scenario_config"] = jsonable(scn.to_dict())
         work = {"request": body, "scenario": scn, "strategy": strat, "fit": fit}
         job = await c.jobs.submit("backtests", c.reg, params, work, name=body.name, shared=body.shared)
         response.headers["Location"] = f"{request.url.path.rstrip('/')}/{job.id}"
         return await read_job(c, "backtests", job.id)
 
     @r.get("/backtests", response_model=JobList, responses=ERRORS)
-    async def backtests(status: StatusQuery = None, limit: Limit = 100, offset: Offset = 0, c: Caller = Depends(caller)) -> JobList:
+    async def backtests(status: StatusQuery = None, limit: Limit = 100, offset: Offset = 0,
+                        c: Caller = Depends(caller)) -> JobList:
         "The backtests the caller can read (theirs and shared ones), newest first."
         return await list_jobs(c, "backtests", status, limit, offset)
 
     @r.get("/backtests/{id}", response_model=BacktestJob, responses=ERRORS)
     async def backtest(id: IdPath, c: Caller = Depends(caller)) -> JobOut:
-        "A backtest's status; once finished its summary metrics with standard errors, and the text `hedgerl backtest` prints."
+        """A backtest's status; once finished its summary metrics with standard errors, and the text `hedgerl backtest`
+        prints."""
         return await read_job(c, "backtests", id)
 
-    @r.delete("/backtests/{id}", response_model=BacktestJob, responses={**ERRORS, 202: {"description": "still stopping", "model": BacktestJob}})
+    @r.delete("/backtests/{id}", response_model=BacktestJob, responses={**ERRORS, 202: {"description": "still stopping",
+                                                                                        "model": BacktestJob}})
     async def cancel_backtest(id: IdPath, response: Response, c: Caller = Depends(caller)) -> JobOut:
         "Cancel a queued or running backtest of the caller's: its run ends interrupted."
         return await stop_job(c, "backtests", id, response)
 
 # %% ../nbs/18_jobs.ipynb #5553de39
 def _training_config(body: TrainingRequest, reg: Registry) -> tuple[dict, str | None]:
-    "The configuration of a training request as `hedgerl.runs.train` makes it (and a resumed run's checkpoint); `ValueError` naming the field."
+    """The configuration of a training request as `hedgerl.runs.train` makes it (and a resumed run's checkpoint);
+    `ValueError` naming the field."""
     from hedgerl.runs import TRAIN_DEFAULTS, _resumed_config, train_config
     if body.scenario is not None:
         from hedgerl.catalog import request_config
@@ -717,7 +795,8 @@ def _training_config(body: TrainingRequest, reg: Registry) -> tuple[dict, str | 
         try: job_scenario(body.scenario)  # a published name or a config, never a file of the server's
         except ValueError as e: raise ValueError(f"scenario: {e}") from None
     if body.resume is not None:
-        given = dict(agent=body.agent, scenario=body.scenario, budget=body.budget, **{k: getattr(body, k) for k in TRAIN_DEFAULTS})
+        given = dict(agent=body.agent, scenario=body.scenario, budget=body.budget, **{k: getattr(body,
+                k) for k in TRAIN_DEFAULTS})
         cfg, ckpt = _resumed_config(reg, body.resume, given)
         return {**cfg, "resumed_from": body.resume}, str(ckpt)
     for k in ("agent", "scenario", "budget"):
@@ -728,23 +807,29 @@ def _training_config(body: TrainingRequest, reg: Registry) -> tuple[dict, str | 
 def _training_routes(r: APIRouter, caller: Callable) -> None:
     "POST, GET and DELETE trainings; a training's metrics, polled or streamed."
     @r.post("/trainings", status_code=202, response_model=TrainingJob, responses=ERRORS)
-    async def submit_training(body: TrainingRequest, request: Request, response: Response, c: Caller = Depends(caller)) -> JobOut:
+    async def submit_training(body: TrainingRequest, request: Request, response: Response,
+                              c: Caller = Depends(caller)) -> JobOut:
         "Start a training run (the papermill template, as `hedgerl train`): 202 with the job (its URL in `Location`)."
         p = body.params or {}
-        c.jobs.check_paths(valid_paths=body.valid_paths, test_paths=body.test_paths, **{"params.n_paths": p.get("n_paths")})
+        c.jobs.check_paths(valid_paths=body.valid_paths, test_paths=body.test_paths,
+                           **{"params.n_paths": p.get("n_paths")})
         try: cfg, ckpt = await asyncio.to_thread(_training_config, body, c.reg)
-        except ValueError as e: raise HTTPException(422, str(e).replace(f" in {c.reg!r}", "")) from None  # not the database's address
+        # not the database's address
+        except ValueError as e: raise HTTPException(422, str(e).replace(f" in {c.reg!r}", "")) from None
         except (TypeError, OverflowError, RuntimeError, MemoryError) as e:  # an agent made from absurd hyperparameters
-            raise HTTPException(422, f"params: the agent cannot be made from them ({type(e).__name__}: {str(e)[:300]})") from None
+            raise HTTPException(
+                    422, f"params: the agent cannot be made from them ({type(e).__name__}: {str(e)[:300]})") from None
         from hedgerl.runs import template_path
         template = str(c.jobs.template or template_path())
-        work = {"task": {"config": {k: v for k, v in cfg.items() if k != "resumed_from"}, "checkpoint": ckpt, "threads": body.threads}}
+        work = {"task": {"config": {k: v for k, v in cfg.items() if k != "resumed_from"}, "checkpoint": ckpt,
+                         "threads": body.threads}}
         job = await c.jobs.submit("trainings", c.reg, cfg, work, name=body.name, shared=body.shared, notebook=template)
         response.headers["Location"] = f"{request.url.path.rstrip('/')}/{job.id}"
         return await read_job(c, "trainings", job.id)
 
     @r.get("/trainings", response_model=JobList, responses=ERRORS)
-    async def trainings(status: StatusQuery = None, limit: Limit = 100, offset: Offset = 0, c: Caller = Depends(caller)) -> JobList:
+    async def trainings(status: StatusQuery = None, limit: Limit = 100, offset: Offset = 0,
+                        c: Caller = Depends(caller)) -> JobList:
         "The trainings the caller can read (theirs and shared ones), newest first."
         return await list_jobs(c, "trainings", status, limit, offset)
 
@@ -761,28 +846,36 @@ def _training_routes(r: APIRouter, caller: Callable) -> None:
         df = df[df.step > after] if after is not None else df
         items = jsonable(df.sort_values(["step", "key"], kind="stable").to_dict("records"))
         status = job_view("trainings", row, c.jobs.jobs.get(id)).status
-        return JobMetrics(id=id, status=status, after=after, last_step=int(df.step.max()) if len(df) else None, items=items)
+        return JobMetrics(id=id, status=status, after=after, last_step=int(df.step.max()) if len(df) else None,
+                          items=items)
 
     @r.get("/trainings/{id}/events", response_class=StreamingResponse, responses={
-        **ERRORS, 200: {"description": "Server-Sent Events: `metrics` (id: the step) while it runs, then `end`", "content": {"text/event-stream": {}}}})
-    async def training_events(id: IdPath, after: AfterQuery = None, last_event_id: Annotated[str | None, Header(max_length=20)] = None,
+        **ERRORS, 200: {"description": "Server-Sent Events: `metrics` (id: the step) while it runs, then `end`",
+                        "content": {"text/event-stream": {}}}})
+    async def training_events(id: IdPath, after: AfterQuery = None, last_event_id: Annotated[str | None,
+            Header(max_length=20)] = None,
                               c: Caller = Depends(caller)) -> StreamingResponse:
         "A live stream (Server-Sent Events) of the training's new metrics, closed when the run ends."
         await asyncio.to_thread(job_row, c, "trainings", id)
-        if after is None and last_event_id and re.fullmatch(r"-?\d{1,10}", last_event_id.strip()): after = int(last_event_id)
+        if after is None and last_event_id and re.fullmatch(r"-?\d{1,10}",
+                                                            last_event_id.strip()): after = int(last_event_id)
         return StreamingResponse(metric_events(c, id, after), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @r.delete("/trainings/{id}", response_model=TrainingJob, responses={**ERRORS, 202: {"description": "still stopping", "model": TrainingJob}})
+    @r.delete("/trainings/{id}", response_model=TrainingJob, responses={**ERRORS, 202: {"description": "still stopping",
+                                                                                        "model": TrainingJob}})
     async def stop_training(id: IdPath, response: Response, c: Caller = Depends(caller)) -> JobOut:
-        "Stop a queued or running training of the caller's: its run ends interrupted, its checkpoint kept (`resume` continues it)."
+        """Stop a queued or running training of the caller's: its run ends interrupted, its checkpoint kept (`resume`
+        continues it)."""
         return await stop_job(c, "trainings", id, response)
 
 # %% ../nbs/18_jobs.ipynb #7d01e5cb
 def router(
-    user_dependency: Callable, # the FastAPI dependency giving the hub user (`hedgerl.service.hub_user`: `.name`, `.kind`, `.admin`)
+    # the FastAPI dependency giving the hub user (`hedgerl.service.hub_user`: `.name`, `.kind`, `.admin`)
+    user_dependency: Callable,
 ) -> APIRouter:
-    "The `backtests` and `trainings` endpoints, with the job engine's lifespan; bodies over 1 MiB are 413, registry errors JSON."
+    """The `backtests` and `trainings` endpoints, with the job engine's lifespan; bodies over 1 MiB are 413, registry
+    errors JSON."""
     route = type("JobsRoute", (JobsRoute,), {})  # its own `hidden`, set once the registry is known
 
     @contextlib.asynccontextmanager
@@ -790,9 +883,11 @@ def router(
         if getattr(app.state, "registry", None) is not None:
             jobs = job_manager(app); route.hidden = jobs.registry.address()
             try: closed = await asyncio.to_thread(recover_jobs, jobs.registry)
-            except Exception: log.error("could not close the jobs a previous service process left running", exc_info=True)
+            except Exception: log.error("could not close the jobs a previous service process left running",
+                                        exc_info=True)
             else:
-                if closed: log.warning("closed %d job runs left running by a previous service process: %s", len(closed), closed)
+                if closed: log.warning("closed %d job runs left running by a previous service process: %s", len(closed),
+                                       closed)
         try: yield
         finally:
             if (jobs := getattr(app.state, "jobs", None)) is not None: await jobs.shutdown()

@@ -24,20 +24,23 @@ __all__ = ['MONITORED', 'TRAINING_PARAMS', 'RUN_COLUMNS', 'MAX_TENSORBOARD', 'ru
            'monitor_status', 'TrainingMonitor', 'training_page']
 
 # %% ../nbs/24_monitor.ipynb #2cb22e19
-MONITORED = {"valid/objective": "validation objective", "train/objective": "training objective", "train/lr": "learning rate"} # metric key -> chart title
+MONITORED = {"valid/objective": "validation objective", "train/objective": "training objective",
+             "train/lr": "learning rate"} # metric key -> chart title
 TRAINING_PARAMS = ("agent", "scenario", "budget") # what the params of a training run hold (`hedgerl.runs.train_config`)
 
 def run_label(
     row: dict, # a run row of `Registry.find("run")`
 ) -> str:
-    "How a training run is named in the selector: its id, name, agent, scenario and owner (not its status, which changes)."
+    """How a training run is named in the selector: its id, name, agent, scenario and owner (not its status, which
+    changes)."""
     p = row.get("params") or {}
     scn = p.get("scenario") if isinstance(p.get("scenario"), str) else "a custom scenario"
     name = f" '{row['name']}'" if row.get("name") else ""
     return f"run {row['id']}{name}: {p.get('agent')} on {scn} ({row['owner']})"
 
 # %% ../nbs/24_monitor.ipynb #c5791935
-RUN_COLUMNS = ["id", "label", "experiment", "name", "owner", "shared", "status", "started", "ended", "heartbeat", "params", "outputs"]
+RUN_COLUMNS = ["id", "label", "experiment", "name", "owner", "shared", "status", "started", "ended", "heartbeat",
+               "params", "outputs"]
 
 def training_runs(
     registry, # a `Registry` handle as the viewer: their runs and shared ones (an admin's: every one)
@@ -46,7 +49,9 @@ def training_runs(
 ) -> pd.DataFrame:
     "The training runs `registry`'s user can see, newest first, with a `label` for the selector."
     rows, _ = registry.find("run", sort="-id", limit=scan)
-    rows = [{**r, "label": run_label(r)} for r in rows if isinstance(r["params"], dict) and all(k in r["params"] for k in TRAINING_PARAMS)]
+    rows = [{**r, "label": run_label(r)} for r in rows if isinstance(r["params"],
+                                                                     dict) and all(k in r["params"]
+                                                                                   for k in TRAINING_PARAMS)]
     return pd.DataFrame(rows[:limit], columns=RUN_COLUMNS)
 
 # %% ../nbs/24_monitor.ipynb #62b083b8
@@ -56,14 +61,17 @@ class MetricFeed:
         registry, # a `Registry` handle as the viewer
         keys=tuple(MONITORED), # the metric keys read
     ):
-        self.registry, self.keys, self.seen, self._read = registry, tuple(keys), {}, {}  # (run id, key) -> rows handed back so far; run id -> last frame read
+        # (run id, key) -> rows handed back so far; run id -> last frame read
+        self.registry, self.keys, self.seen, self._read = registry, tuple(keys), {}, {}
 
     def poll(self,
         run_ids, # the runs to read
     ) -> dict[int, pd.DataFrame]:
-        "Run id -> its new rows (step, key, value, timestamp), ordered by key and step; `KeyError` for a run the viewer cannot read."
+        """Run id -> its new rows (step, key, value, timestamp), ordered by key and step; `KeyError` for a run the
+        viewer cannot read."""
         out = {}
-        read = getattr(self.registry, "cached", None) or (lambda key, compute: compute())  # (a `RemoteRegistry` has no cache)
+        # (a `RemoteRegistry` has no cache)
+        read = getattr(self.registry, "cached", None) or (lambda key, compute: compute())
         for rid in [int(i) for i in run_ids]:
             df = read(("monitor-metrics", rid), lambda rid=rid: self.registry.metrics(rid))
             if df is self._read.get(rid): out[rid] = df.iloc[:0]; continue  # the same read as last time: nothing new
@@ -87,7 +95,8 @@ class RunCharts:
         colors = strategy_colors(list(runs))
         self.figures, self.sources, self.last = {}, {}, {rid: {} for rid in runs}
         for key, title in keys.items():
-            p = _figure(title.capitalize(), "training units (epochs or steps)", title, **({"y_axis_type": "log"} if key.endswith("/lr") else {}))
+            p = _figure(title.capitalize(), "training units (epochs or steps)", title,
+                        **({"y_axis_type": "log"} if key.endswith("/lr") else {}))
             for rid, label in runs.items():
                 src = self.sources[(rid, key)] = ColumnDataSource({"step": [], "value": []}, name=f"run{rid}:{key}")
                 p.line("step", "value", source=src, color=colors[rid], line_width=2, legend_label=label)
@@ -115,14 +124,17 @@ MAX_TENSORBOARD = 256 << 20 # bytes: larger logs are not zipped by the service
 def tensorboard_zip(
     registry, # a `Registry` handle as the viewer
     run_id: int, # a training run the viewer can read
-    owns=None, # `owns(user, path, stat) -> bool`: which files the run's owner may have read; None: `hedgerl.remote.account_owns`
+    # `owns(user, path, stat) -> bool`: which files the run's owner may have read; None: `hedgerl.remote.account_owns`
+    owns=None,
 ) -> bytes:
-    "A zip of the run's TensorBoard event files (`run<id>/events.out.tfevents...`); `KeyError` if the viewer cannot read the run, `FileNotFoundError` if it has no logs."
+    """A zip of the run's TensorBoard event files (`run<id>/events.out.tfevents...`); `KeyError` if the viewer cannot
+    read the run, `FileNotFoundError` if it has no logs."""
     from hedgerl.registry import ArtifactError
     from hedgerl.remote import account_owns, read_artifact
     row = registry.get("run", run_id)
     folder = (row["outputs"] or {}).get("folder") if isinstance(row["outputs"], dict) else None
-    if not folder: raise FileNotFoundError(f"run {run_id} has recorded no folder, so no TensorBoard logs (it did not start training)")
+    if not folder: raise FileNotFoundError(f"run {run_id} has recorded no folder, so no TensorBoard logs (it did not "
+                                           f"start training)")
     logs = Path(folder) / "tensorboard"
     try: names = sorted(n for n in os.listdir(logs) if n.startswith("events.out.tfevents."))
     except OSError: names = []
@@ -134,9 +146,12 @@ def tensorboard_zip(
             with f:
                 data = f.read(MAX_TENSORBOARD + 1 - total)
                 total += len(data)
-                if total > MAX_TENSORBOARD: raise ValueError(f"run {run_id}: its TensorBoard logs are over {MAX_TENSORBOARD >> 20} MiB; read them in the run's folder")
+                if total > MAX_TENSORBOARD: raise ValueError(f"run {run_id}: its TensorBoard logs are over "
+                                                             f"{MAX_TENSORBOARD >> 20} MiB; read them in the run's "
+                                                             f"folder")
                 z.writestr(f"run{run_id}/{n}", data); kept += 1
-    if not kept: raise FileNotFoundError(f"run {run_id}: no TensorBoard event files of user {row['owner']!r} in its folder")
+    if not kept: raise FileNotFoundError(f"run {run_id}: no TensorBoard event files of user {row['owner']!r} in its "
+                                         f"folder")
     return buf.getvalue()
 
 # %% ../nbs/24_monitor.ipynb #1462626d
@@ -155,10 +170,15 @@ def tensorboard_route(
         if not user: raise HTTPException(401, "the TensorBoard logs are for hub users: log in through the hub")
         reg = registry.as_user(user, admin=request.headers.get("x-hedgerl-admin") == "1")
         try: data = await asyncio.to_thread(tensorboard_zip, reg, run_id, owns)
-        except (KeyError, FileNotFoundError) as e: raise HTTPException(404, str(e.args[0]).replace(f" in {registry.url.render_as_string()}", "")) from None
+        except (KeyError, FileNotFoundError) as e: raise HTTPException(404,
+                                                                       str(e.args[0]).replace(
+                                                                               f" in {registry.url.render_as_string()}",
+                                                                               "")) from None
         except ValueError as e: raise HTTPException(413, str(e)) from None
-        return Response(data, media_type="application/zip", headers={"Content-Disposition": f'attachment; filename="run{run_id}-tensorboard.zip"'})
-    download.__annotations__ = {"run_id": int, "request": Request, "return": Response}  # the classes, not this module's postponed names
+        return Response(data, media_type="application/zip", headers={
+                "Content-Disposition": f'attachment; filename="run{run_id}-tensorboard.zip"'})
+    # the classes, not this module's postponed names
+    download.__annotations__ = {"run_id": int, "request": Request, "return": Response}
     app.add_api_route(path, download, methods=["GET"], include_in_schema=False)
     return path
 
@@ -167,8 +187,9 @@ def _params_markdown(row) -> str:
     "A run's parameters as a Markdown list (the agent's hyperparameters inline)."
     p = row["params"] or {}
     fmt = lambda v: ", ".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else str(v)
-    return f"**run {row['id']}** ({row['experiment']}, {row['owner']}{', shared' if row['shared'] else ''}): " + "; ".join(
-        f"{k} = {fmt(v) if k != 'scenario' or isinstance(v, str) else 'custom'}" for k, v in p.items())
+    head = f"**run {row['id']}** ({row['experiment']}, {row['owner']}{', shared' if row['shared'] else ''}): "
+    return head + "; ".join(f"{k} = {fmt(v) if k != 'scenario' or isinstance(v, str) else 'custom'}"
+                            for k, v in p.items())
 
 # %% ../nbs/24_monitor.ipynb #b5a7cfca
 def run_table(
@@ -177,7 +198,8 @@ def run_table(
     best: dict, # run id -> the lowest validation objective seen
     now=None, # the time of the table (naive UTC); None: now
 ) -> pd.DataFrame:
-    "The chosen runs' status: run, status, owner, started, last step, last and best validation objective, seconds since the heartbeat."
+    """The chosen runs' status: run, status, owner, started, last step, last and best validation objective, seconds
+    since the heartbeat."""
     from hedgerl.registry import utcnow
     now = now or utcnow()
     rows = []
@@ -185,9 +207,12 @@ def run_table(
         lv = last.get(r.id, {}).get("valid/objective")
         steps = [s for s, _ in last.get(r.id, {}).values()]
         hb = None if pd.isna(r.heartbeat) else round((now - pd.Timestamp(r.heartbeat).to_pydatetime()).total_seconds())
-        rows.append({"run": r.id, "status": r.status, "owner": r.owner, "started": str(r.started)[:19], "last step": max(steps) if steps else None,
-                     "validation objective": lv[1] if lv else None, "best": best.get(r.id), "heartbeat (s ago)": hb if r.status == "running" else None})
-    return pd.DataFrame(rows, columns=["run", "status", "owner", "started", "last step", "validation objective", "best", "heartbeat (s ago)"])
+        rows.append({"run": r.id, "status": r.status, "owner": r.owner, "started": str(r.started)[:19],
+                     "last step": max(steps) if steps else None,
+                     "validation objective": lv[1] if lv else None, "best": best.get(r.id),
+                     "heartbeat (s ago)": hb if r.status == "running" else None})
+    return pd.DataFrame(rows, columns=["run", "status", "owner", "started", "last step", "validation objective", "best",
+                                       "heartbeat (s ago)"])
 
 # %% ../nbs/24_monitor.ipynb #4502aa38
 def first_runs(
@@ -224,8 +249,30 @@ def monitor_status(
                 f"`POST api/v1/trainings`) and it shows here; {when}")
     return f"{len(runs)} training runs visible to you, {n_run} running; {points} points shown; {when}"
 
+# %% ../nbs/24_monitor.ipynb #c7ba069c
+class _MonitorLoop:
+    "The training page's refresh loop: polling the registry and the page's layout."
+
+    def poll(self) -> int:
+        """One look at the registry, shown (what the periodic callback does, here in the caller's thread); the points
+        added."""
+        feed = self.feed
+        return self.apply(feed, *self.read(feed))
+
+    def start(self) -> None:
+        "Poll every `period` seconds while the page is open (in a served page)."
+        import panel as pn
+        if self._cb is None: self._cb = pn.state.add_periodic_callback(self.tick, period=int(self.period * 1000))
+
+    def panel(self):
+        "The whole page, ready to serve or to show in a notebook."
+        import panel as pn
+        return pn.Column(pn.pane.Markdown("## Training monitor"), self.choice, self.status, self.grid, self.table,
+                         self.details,
+                         sizing_mode="stretch_width")
+
 # %% ../nbs/24_monitor.ipynb #25fc97c5
-class TrainingMonitor:
+class TrainingMonitor(_MonitorLoop):
     "The training monitor: choose runs; their metrics charted live, their status, parameters and TensorBoard logs."
     def __init__(self,
         registry, # a `Registry` handle as the viewer (their runs and shared ones)
@@ -250,16 +297,19 @@ class TrainingMonitor:
         "Chart `ids` (new charts and a new feed: their points from the first) and show what is logged so far."
         self.choice.value = list(ids)
         chosen = self.runs.set_index("id").loc[list(ids)] if ids else self.runs.iloc[:0].set_index("id")
-        self.feed, self.charts, self.best = MetricFeed(self.registry), RunCharts(dict(zip(chosen.index.astype(int), chosen.label))), {}
+        self.feed, self.charts, self.best = MetricFeed(self.registry), RunCharts(dict(zip(chosen.index.astype(int),
+                                                                                          chosen.label))), {}
         import panel as pn
         self.grid.objects = [pn.pane.Bokeh(f, sizing_mode="stretch_width") for f in self.charts.figures.values()]
         self.apply(self.feed, *self.read(self.feed))
 
     def read(self, feed: MetricFeed | None = None) -> tuple:
-        "What one look at the registry finds: the runs on offer and the chosen runs' new points (no Panel object is touched)."
+        """What one look at the registry finds: the runs on offer and the chosen runs' new points (no Panel object is
+        touched)."""
         feed = feed or self.feed
         ids = [i for i in self.choice.value]
-        read = getattr(self.registry, "cached", None) or (lambda key, compute: compute())  # shared, while nothing is committed (at most 2 s)
+        # shared, while nothing is committed (at most 2 s)
+        read = getattr(self.registry, "cached", None) or (lambda key, compute: compute())
         return read(("monitor-runs", self.limit), lambda: training_runs(self.registry, self.limit)), feed.poll(ids)
 
     def apply(self, feed: MetricFeed, runs: pd.DataFrame, new: dict) -> int:
@@ -271,7 +321,8 @@ class TrainingMonitor:
             v = rows[rows.key == "valid/objective"].value.dropna()
             if len(v): self.best[rid] = min(self.best.get(rid, np.inf), float(v.min()))
         self.ticks, self.points = self.ticks + 1, self.points + added
-        if list(runs.label) != list(self.runs.label): self.choice.options = dict(zip(runs.label, runs.id.astype(int)))  # a new run
+        # a new run
+        if list(runs.label) != list(self.runs.label): self.choice.options = dict(zip(runs.label, runs.id.astype(int)))
         self.runs = runs  # statuses, heartbeats, outputs (a folder once the run has one)
         chosen = self.runs[self.runs.id.isin(self.choice.value)]
         self.table.object = run_table(chosen, self.charts.last, self.best)
@@ -280,38 +331,24 @@ class TrainingMonitor:
         self.status.object = monitor_status(self.runs, self.points, self.period)
         return added
 
-    def poll(self) -> int:
-        "One look at the registry, shown (what the periodic callback does, here in the caller's thread); the points added."
-        feed = self.feed
-        return self.apply(feed, *self.read(feed))
-
     async def tick(self) -> None:
         "The periodic callback: the registry read in a worker thread, the page updated in its event loop."
         feed = self.feed
         self.apply(feed, *await asyncio.to_thread(self.read, feed))
-
-    def start(self) -> None:
-        "Poll every `period` seconds while the page is open (in a served page)."
-        import panel as pn
-        if self._cb is None: self._cb = pn.state.add_periodic_callback(self.tick, period=int(self.period * 1000))
-
-    def panel(self):
-        "The whole page, ready to serve or to show in a notebook."
-        import panel as pn
-        return pn.Column(pn.pane.Markdown("## Training monitor"), self.choice, self.status, self.grid, self.table, self.details,
-                         sizing_mode="stretch_width")
 
 # %% ../nbs/24_monitor.ipynb #0ba14418
 def training_page(
     registry, # the service's `Registry`
     period: float = 1.0, # seconds between looks at the registry
 ):
-    "The service's training monitor page: a `TrainingMonitor` for the session's hub user (their runs and shared ones), with TensorBoard downloads."
+    """The service's training monitor page: a `TrainingMonitor` for the session's hub user (their runs and shared
+    ones), with TensorBoard downloads."""
     def page():
         import panel as pn
         user, admin = page_user()
         if user is None: return pn.pane.Markdown("This page is served by the hedgerl service, behind the hub's login.")
-        asked = [int(v) for v in (pn.state.session_args or {}).get("runs", []) if re.fullmatch(rb"[0-9]{1,18}", v)]  # ?runs=12&runs=13
+        # ?runs=12&runs=13
+        asked = [int(v) for v in (pn.state.session_args or {}).get("runs", []) if re.fullmatch(rb"[0-9]{1,18}", v)]
         m = TrainingMonitor(registry.as_user(user, admin=admin), period=period, runs=asked or None,
                             tensorboard=lambda i: f"training/tensorboard/{i}.zip")
         pn.state.onload(m.start)

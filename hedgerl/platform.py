@@ -33,13 +33,15 @@ def secret(
     nbytes: int = 32, # random bytes in a new secret (written as hex)
 ) -> str:
     "The secret `name` kept in `state/secrets/` (0600, folder 0700), generated on first use; never logged."
-    if not re.fullmatch(r"[A-Za-z0-9_-]+", name or ""): raise ValueError(f"secret name {name!r}: use letters, digits, - and _")
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name or ""): raise ValueError(
+            f"secret name {name!r}: use letters, digits, - and _")
     folder = Path(state) / "secrets"
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(folder, 0o700)
     p = folder / name
     try:
-        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # two first starts at once: one writes, the other reads
+        # two first starts at once: one writes, the other reads
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f: f.write(_secrets.token_hex(nbytes))
     except FileExistsError: pass
     value = p.read_text().strip()
@@ -52,13 +54,15 @@ def checkout() -> Path:
     "The folder that holds `hub/`, `dask/` and `settings.ini`: the clone hedgerl was installed from (editable install)."
     import hedgerl
     root = Path(hedgerl.__file__).resolve().parent.parent
-    if not (root / "hub").is_dir(): raise ValueError(f"{root} holds no hub/ folder: the platform runs from a clone of hedgerl (pip install -e .)")
+    if not (root / "hub").is_dir(): raise ValueError(f"{root} holds no hub/ folder: the platform runs from a clone of "
+                                                     f"hedgerl (pip install -e .)")
     return root
 
 # %% ../nbs/15_platform.ipynb #d44a260e
 @dataclass
 class PlatformContext:
-    "What a platform config file may read: the settings, the checkout, the state folder, the environment's `bin` and whether we run as root."
+    """What a platform config file may read: the settings, the checkout, the state folder, the environment's `bin` and
+    whether we run as root."""
     settings: Settings = field(default_factory=settings)
     root: Path = field(default_factory=lambda: checkout()) # the checkout that holds hub/ and dask/
     state: Path | None = None # None: the `[hub] state` setting
@@ -81,7 +85,8 @@ def config_files(
     folder: str | Path, # hub/jupyterhub_config.d or dask/gateway_config.d
     deployment: str = "local", # keep the common files and this deployment's
 ) -> list[Path]:
-    "The config files of `folder` that apply to `deployment`, in order; a `.py` file not named `NN-name[.deployment].py` is an error."
+    """The config files of `folder` that apply to `deployment`, in order; a `.py` file not named
+    `NN-name[.deployment].py` is an error."""
     files = []
     for p in sorted(Path(folder).glob("*.py")):
         m = _CONFIG_NAME.match(p.name)
@@ -100,7 +105,8 @@ def load_config_dir(
     ctx = ctx or PlatformContext()
     names = []
     for p in config_files(folder, ctx.deployment):
-        spec = importlib.util.spec_from_file_location(f"hedgerl_config_{Path(folder).name}_{p.stem}".replace("-", "_").replace(".", "_"), p)
+        spec = importlib.util.spec_from_file_location(f"hedgerl_config_{Path(folder).name}_{p.stem}".replace("-",
+                "_").replace(".", "_"), p)
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
         if not callable(getattr(mod, "configure", None)): raise ValueError(f"{p}: defines no configure(c, ctx)")
@@ -113,16 +119,19 @@ def set_hub_password(
     name: str, # a hub user name
     password: str, # at least 8 characters
 ) -> None:
-    "Set `name`'s NativeAuthenticator password (bcrypt) in the hub database and approve the account; the database is created if new."
+    """Set `name`'s NativeAuthenticator password (bcrypt) in the hub database and approve the account; the database is
+    created if new."""
     import bcrypt
     from jupyterhub.orm import new_session_factory
     from nativeauthenticator.orm import UserInfo  # registers its table with the hub's schema
     if not isinstance(password, str) or len(password) < 8: raise ValueError("password: at least 8 characters")
     import contextlib, io
-    with contextlib.redirect_stderr(io.StringIO()): db = new_session_factory(db_url)()  # a new database: alembic's stamp logs to stderr
+    # a new database: alembic's stamp logs to stderr
+    with contextlib.redirect_stderr(io.StringIO()): db = new_session_factory(db_url)()
     try:
         row = UserInfo.find(db, name)
-        if row is None: db.add(UserInfo(username=name, password=bcrypt.hashpw(password.encode(), bcrypt.gensalt()), is_authorized=True))
+        if row is None: db.add(UserInfo(username=name, password=bcrypt.hashpw(password.encode(), bcrypt.gensalt()),
+                                        is_authorized=True))
         else: row.password, row.is_authorized = bcrypt.hashpw(password.encode(), bcrypt.gensalt()), True
         db.commit()
     finally: db.close(); db.get_bind().dispose()
@@ -132,7 +141,8 @@ def admin_credentials(
     ctx: PlatformContext, # the platform (its settings give the admin's name and the hub database)
     reset: bool = False, # make a new password even if one exists
 ) -> tuple[str, str, bool]:
-    "The administrator's name and password, and whether they were just made (then set in the hub database and kept in `state/admin-credentials`, 0600)."
+    """The administrator's name and password, and whether they were just made (then set in the hub database and kept in
+    `state/admin-credentials`, 0600)."""
     name, f = ctx.settings.hub.admin, Path(ctx.state) / "admin-credentials"
     if f.is_file() and not reset:
         fields = dict(l.split(": ", 1) for l in f.read_text().splitlines() if ": " in l)
@@ -148,52 +158,67 @@ def admin_credentials(
 
 # %% ../nbs/15_platform.ipynb #8ff3769d
 def check_workspace_env(ctx: PlatformContext, account: str = "nobody") -> None:
-    "As root, a `ValueError` naming the path if `account` cannot run the environment's Python and import hedgerl from the checkout."
+    """As root, a `ValueError` naming the path if `account` cannot run the environment's Python and import hedgerl from
+    the checkout."""
     if not ctx.as_root or ctx.deployment != "local": return
     python = ctx.bin / "python"
     try:
-        p = subprocess.run([str(python), "-c", "import hedgerl"], user=account, capture_output=True, text=True, timeout=60, cwd="/")
+        p = subprocess.run([str(python), "-c", "import hedgerl"], user=account, capture_output=True, text=True,
+                           timeout=60, cwd="/")
         why = None if p.returncode == 0 else (p.stderr.strip().splitlines() or ["no output"])[-1]
     except PermissionError as e: why = f"{e.strerror}: {e.filename or python}"
-    except (OSError, KeyError) as e: raise ValueError(f"cannot run {python} as {account!r} to check the workspace environment: {e}") from None
+    except (OSError, KeyError) as e: raise ValueError(f"cannot run {python} as {account!r} to check the workspace "
+                                                      f"environment: {e}") from None
     if why is not None:
-        raise ValueError(f"workspaces run as their users' own accounts, and {account!r} cannot use {python} with hedgerl from {ctx.root} ({why}): "
-                         f"build the environment from an interpreter every account can run (make install uses /usr/bin/python3) "
+        raise ValueError(f"workspaces run as their users' own accounts, and {account!r} cannot use {python} with "
+                         f"hedgerl from {ctx.root} ({why}): "
+                         f"build the environment from an interpreter every account can run (make install uses "
+                         f"/usr/bin/python3) "
                          f"in a checkout every account can read (chmod o+rX on it and o+x on the folders above it)")
 
 # %% ../nbs/15_platform.ipynb #a0d37444
 def platform_ports(s: Settings) -> list[tuple[str, str, int]]:
     "Every (what, host, port) the platform listens on, from the settings."
     h = s.hub
-    return [("[hub] port (the hub's public address)", h.host, h.port), ("[hub] port + 1 (the proxy's API)", "127.0.0.1", h.port + 1),
-            ("[hub] port + 2 (the hub's API)", "127.0.0.1", h.port + 2), ("[gateway] port", "127.0.0.1", s.gateway.port),
-            ("[service] port", s.service.host, s.service.port)]
+    return [
+        ("[hub] port (the hub's public address)", h.host, h.port),
+        ("[hub] port + 1 (the proxy's API)", "127.0.0.1", h.port + 1),
+        ("[hub] port + 2 (the hub's API)", "127.0.0.1", h.port + 2),
+        ("[gateway] port", "127.0.0.1", s.gateway.port),
+        ("[service] port", s.service.host, s.service.port),
+    ]
 
 # %% ../nbs/15_platform.ipynb #c0498f86
 def check_ports(s: Settings) -> None:
     "A `ValueError` naming the setting if two platform ports clash, one is out of range, or one is taken."
     seen = {}
     for what, host, port in platform_ports(s):
-        if port > 65535: raise ValueError(f"{what} = {port}: out of range (the hub's port must leave room for +1 and +2)")
-        if port in seen: raise ValueError(f"{what} and {seen[port]} are both {port}: give them different ports in settings.ini")
+        if port > 65535: raise ValueError(f"{what} = {port}: out of range (the hub's port must leave room for +1 and "
+                                          f"+2)")
+        if port in seen: raise ValueError(f"{what} and {seen[port]} are both {port}: give them different ports in "
+                                          f"settings.ini")
         seen[port] = what
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: a port in TIME_WAIT after a stop is free
+            # as the servers do: a port in TIME_WAIT after a stop is free
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try: sock.bind((host, port)); sock.listen()
-            except OSError as e: raise ValueError(f"{what}: cannot listen on {host}:{port} ({e.strerror}); stop what uses it or change the setting") from None
+            except OSError as e: raise ValueError(f"{what}: cannot listen on {host}:{port} ({e.strerror}); stop what "
+                                                  f"uses it or change the setting") from None
 
 # %% ../nbs/15_platform.ipynb #5b103d3b
 def _die_with_parent() -> None:
     "In a child before exec (Linux): SIGTERM when the parent ends, even by kill -9; files it makes private (umask 077)."
     os.umask(0o077)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)  # started from a script that ignores SIGINT: the hub's services must not inherit that
+    # started from a script that ignores SIGINT: the hub's services must not inherit that
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     import ctypes
     try: ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError): pass
 
 # %% ../nbs/15_platform.ipynb #5f1af178
 def _subreaper() -> None:
-    "Make this process the reaper of its orphaned descendants (Linux): what a hub that dies leaves behind becomes ours to stop."
+    """Make this process the reaper of its orphaned descendants (Linux): what a hub that dies leaves behind becomes
+    ours to stop."""
     import ctypes
     try: ctypes.CDLL(None, use_errno=True).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
     except (OSError, AttributeError): pass
@@ -266,7 +291,8 @@ def end_orphans(
 
 # %% ../nbs/15_platform.ipynb #18e06d19
 class Platform:
-    "The hub (its proxy, services and workspaces with it) as one child process: `start` waits until it is healthy, `stop` leaves nothing behind."
+    """The hub (its proxy, services and workspaces with it) as one child process: `start` waits until it is healthy,
+    `stop` leaves nothing behind."""
     def __init__(self, ctx: PlatformContext | None = None): self.ctx, self.proc = ctx or PlatformContext(), None
     @property
     def url(self) -> str:
@@ -286,16 +312,21 @@ class Platform:
         _subreaper()  # a hub that dies leaves its proxy and services to us, and `stop` ends them
         cmd = [str(ctx.bin / "jupyterhub"), "-f", str(ctx.root / "hub" / "jupyterhub_config.py")]
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(cmd, cwd=ctx.state, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
+            self.proc = subprocess.Popen(cmd, cwd=ctx.state, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
         t0 = time.monotonic()
         while not self.healthy():
-            if self.proc.poll() is not None: raise RuntimeError(f"the hub exited with status {self.proc.returncode} before it served:\n{self.tail()}")
-            if time.monotonic() - t0 > timeout: self.stop(); raise RuntimeError(f"the hub did not answer {self.url}/hub/health within {timeout:.0f} s:\n{self.tail()}")
+            if self.proc.poll() is not None: raise RuntimeError(f"the hub exited with status {self.proc.returncode} "
+                                                                f"before it served:\n{self.tail()}")
+            if time.monotonic() - t0 > timeout: self.stop(); raise RuntimeError(
+                    f"the hub did not answer {self.url}/hub/health within {timeout:.0f} s:\n{self.tail()}")
             time.sleep(0.2)
         return self
-    SERVICES = {"the hedgerl service": "/services/hedgerl/api/v1/health", "the dask-gateway": "/services/dask-gateway/api/health"}
+    SERVICES = {"the hedgerl service": "/services/hedgerl/api/v1/health",
+                "the dask-gateway": "/services/dask-gateway/api/health"}
     def wait_services(self, timeout: float = 30) -> list[str]:
-        "Wait until the hub's services answer through the proxy; the ones that did not within `timeout` (the hub serves without them)."
+        """Wait until the hub's services answer through the proxy; the ones that did not within `timeout` (the hub
+        serves without them)."""
         return wait_urls(self.url, self.SERVICES, timeout)
     def tail(self, n: int = 15) -> str:
         "The hub's last errors (JupyterHub's `[C`/`[E` lines), else the last `n` lines of its log."
@@ -317,7 +348,8 @@ def seed_reference(
     n_paths: int = 20_000, # test paths
     n_boot: int = 50, # bootstrap replicates for the standard errors
 ) -> int:
-    "Record a shared reference evaluation (user `hedgerl`) unless the registry has one; the number of evaluations recorded."
+    """Record a shared reference evaluation (user `hedgerl`) unless the registry has one; the number of evaluations
+    recorded."""
     from hedgerl.registry import Registry
     from hedgerl.leaderboard import evaluate_scenario
     reg = Registry(url, user="hedgerl")
@@ -325,18 +357,26 @@ def seed_reference(
     files = {}
     try:
         from hedgerl.agents import load_agent
-        for p in sorted((Path(root) / "reports" / "models").glob(f"{scenario}--*.zip")): files[p] = load_agent(p, device="cpu")
+        for p in sorted((Path(root) / "reports" / "models").glob(f"{scenario}--*.zip")): files[p] = load_agent(p,
+                device="cpu")
     except ModuleNotFoundError: pass  # a platform without torch shows the baselines only
-    with reg.start_run("reference", {"scenario": scenario, "n_paths": n_paths, "n_boot": n_boot}, name=f"reference {scenario}", shared=True,
-                       description="baselines and the committed learned models on a published scenario (recorded by the first `make up`)") as run:
-        records = evaluate_scenario(scenario, n_paths=n_paths, n_boot=n_boot, train_paths=5_000, learned=list(files.values()))
+    with reg.start_run("reference", {"scenario": scenario, "n_paths": n_paths, "n_boot": n_boot},
+                       name=f"reference {scenario}", shared=True,
+                       description="baselines and the committed learned models on a published scenario (recorded by "
+                       "the first `make up`)") as run:
+        records = evaluate_scenario(scenario, n_paths=n_paths, n_boot=n_boot, train_paths=5_000,
+                                    learned=list(files.values()))
         by_name = {a.name: p for p, a in files.items()}
         for r in records:
             model = None
-            if r["strategy"] in by_name: model = reg.register_model(run, r["fit"]["agent"] if r["fit"] else r["strategy"], scenario, by_name[r["strategy"]], shared=True)
-            metrics = {**r["metrics"], "objective_se": r["objective_se"], "improvement_vs_delta_pct": r["improvement_vs_delta_pct"],
+            if r["strategy"] in by_name: model = reg.register_model(run,
+                                                                    r["fit"]["agent"] if r["fit"] else r["strategy"],
+                                                                    scenario, by_name[r["strategy"]], shared=True)
+            metrics = {**r["metrics"], "objective_se": r["objective_se"],
+                       "improvement_vs_delta_pct": r["improvement_vs_delta_pct"],
                        "improvement_vs_delta_pct_se": r["improvement_vs_delta_pct_se"]}
-            reg.record_evaluation(scenario, r["strategy"], r["objective"], metrics, n_paths=r["n_paths"], seed=r["seed"], run=run, model=model, shared=True)
+            reg.record_evaluation(scenario, r["strategy"], r["objective"], metrics, n_paths=r["n_paths"],
+                                  seed=r["seed"], run=run, model=model, shared=True)
     return len(records)
 
 # %% ../nbs/15_platform.ipynb #f71a1092
@@ -346,36 +386,46 @@ class HubClient:
     @staticmethod
     def xsrf(session) -> str: return session.cookies.get("_xsrf", path="/hub/") or session.cookies.get("_xsrf") or ""
     def form(self, session, path: str, fields: dict):
-        "GET the form at `path` (for its `_xsrf` cookie) and POST `fields` back, as a browser does; the response (redirects not followed)."
+        """GET the form at `path` (for its `_xsrf` cookie) and POST `fields` back, as a browser does; the response
+        (redirects not followed)."""
         session.get(self.url + path)
         return session.post(self.url + path, data={**fields, "_xsrf": self.xsrf(session)}, allow_redirects=False)
     def signup(self, name: str, password: str):
         import requests
-        return self.form(requests.Session(), "/hub/signup", {"username": name, "signup_password": password, "signup_password_confirmation": password})
+        return self.form(requests.Session(), "/hub/signup", {"username": name, "signup_password": password,
+                                                             "signup_password_confirmation": password})
     def login(self, name: str, password: str):
         "A `requests.Session` logged in as `name`; `PermissionError` if the hub refuses."
         import requests
         s = requests.Session()
         r = self.form(s, "/hub/login", {"username": name, "password": password})
-        if r.status_code != 302 or not any(c.name == "jupyterhub-hub-login" for c in s.cookies): raise PermissionError(f"the hub refused the login of {name!r} ({r.status_code})")
+        if r.status_code != 302 or not any(c.name == "jupyterhub-hub-login"
+                                           for c in s.cookies): raise PermissionError(
+                                                   f"the hub refused the login of {name!r} ({r.status_code})")
         return s
     def api(self, session, method: str, path: str, **kw):
         "A hub REST call (`/hub/api` + `path`) with the login cookie and its XSRF header."
-        return session.request(method, self.url + "/hub/api" + path, headers={"X-XSRFToken": self.xsrf(session), **kw.pop("headers", {})}, **kw)
+        return session.request(method, self.url + "/hub/api" + path, headers={"X-XSRFToken": self.xsrf(session),
+                                                                              **kw.pop("headers", {})}, **kw)
     def token(self, session, name: str, **body) -> str:
         "A new API token of `name` (`body`: the token request, e.g. `scopes=[...]`)."
         r = self.api(session, "POST", f"/users/{name}/tokens", json={"note": "hedgerl", **body})
-        if r.status_code not in (200, 201): raise RuntimeError(f"cannot make a token for {name!r}: {r.status_code} {r.text[:200]}")
+        if r.status_code not in (200, 201): raise RuntimeError(f"cannot make a token for {name!r}: {r.status_code} "
+                                                               f"{r.text[:200]}")
         return r.json()["token"]
     def spawn(self, name: str, token: str, timeout: float = 120) -> float:
         "Start `name`'s workspace and wait until it is ready; the seconds it took."
         import requests
         h, t0 = {"Authorization": f"token {token}"}, time.monotonic()
         r = requests.post(f"{self.url}/hub/api/users/{name}/server", headers=h)
-        if r.status_code not in (201, 202, 400): raise RuntimeError(f"cannot start {name!r}'s workspace: {r.status_code} {r.text[:300]}")
-        while not (srv := requests.get(f"{self.url}/hub/api/users/{name}", headers=h).json().get("servers", {}).get("", {})).get("ready"):
-            if time.monotonic() - t0 > timeout: raise RuntimeError(f"{name!r}'s workspace was not ready within {timeout:.0f} s: {srv}")
-            if not srv and time.monotonic() - t0 > 5: raise RuntimeError(f"{name!r}'s workspace stopped while starting (see the hub's log)")
+        if r.status_code not in (201, 202, 400): raise RuntimeError(f"cannot start {name!r}'s workspace: "
+                                                                    f"{r.status_code} {r.text[:300]}")
+        while not (srv := requests.get(f"{self.url}/hub/api/users/{name}", headers=h).json().get("servers", {}).get("",
+                {})).get("ready"):
+            if time.monotonic() - t0 > timeout: raise RuntimeError(f"{name!r}'s workspace was not ready within "
+                                                                   f"{timeout:.0f} s: {srv}")
+            if not srv and time.monotonic() - t0 > 5: raise RuntimeError(
+                    f"{name!r}'s workspace stopped while starting (see the hub's log)")
             time.sleep(0.25)
         return time.monotonic() - t0
 
@@ -398,9 +448,11 @@ def _free_port(n: int = 1) -> int:
 def _up(env: dict, out: Path, timeout: float = 120) -> tuple[subprocess.Popen, float]:
     "`hedgerl hub up` as `make up` runs it; the process and the seconds until it said the platform is up."
     t0, f = time.monotonic(), open(out, "w")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "hedgerl"), "hub", "up", "--no-reference"], env=env, stdout=f, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "hedgerl"), "hub", "up", "--no-reference"], env=env,
+                            stdout=f, stderr=subprocess.STDOUT)
     while "the platform is up" not in out.read_text():
-        if proc.poll() is not None or time.monotonic() - t0 > timeout: proc.kill(); raise RuntimeError(f"hedgerl hub up did not start:\n{out.read_text()[-2000:]}")
+        if proc.poll() is not None or time.monotonic() - t0 > timeout: proc.kill(); raise RuntimeError(
+                f"hedgerl hub up did not start:\n{out.read_text()[-2000:]}")
         time.sleep(0.05)
     return proc, time.monotonic() - t0
 
@@ -408,14 +460,16 @@ def _up(env: dict, out: Path, timeout: float = 120) -> tuple[subprocess.Popen, f
 def bench_platform(
     out_dir: str | Path | None = "reports/bench", # where platform.json goes; None writes nothing
 ) -> dict:
-    "Time `make up` to a healthy hub, a workspace's start and a 2-worker gateway cluster, on a throwaway platform; the timings and goals."
+    """Time `make up` to a healthy hub, a workspace's start and a 2-worker gateway cluster, on a throwaway platform;
+    the timings and goals."""
     import tempfile
     from dask_gateway import Gateway
     from dask_gateway.auth import JupyterHubAuth
     name, password = f"bench{_secrets.token_hex(3)}", _secrets.token_urlsafe(12)
     with tempfile.TemporaryDirectory(prefix="hedgerl-bench-") as d:
         hub, gw, svc = _free_port(3), _free_port(), _free_port()
-        env = {**os.environ, "HEDGERL_DATA_FOLDER": d, "HEDGERL_HUB_PORT": str(hub), "HEDGERL_GATEWAY_PORT": str(gw), "HEDGERL_SERVICE_PORT": str(svc)}
+        env = {**os.environ, "HEDGERL_DATA_FOLDER": d, "HEDGERL_HUB_PORT": str(hub), "HEDGERL_GATEWAY_PORT": str(gw),
+               "HEDGERL_SERVICE_PORT": str(svc)}
         proc, t_up = _up(env, Path(d) / "up.out")
         try:
             ctx = PlatformContext(settings=load_settings(environ=env))
@@ -423,7 +477,8 @@ def bench_platform(
             client = HubClient(f"http://127.0.0.1:{hub}")
             token = client.token(client.login(name, password), name)
             t_spawn = client.spawn(name, token)
-            gateway = Gateway(f"http://127.0.0.1:{hub}/services/dask-gateway", proxy_address=f"gateway://127.0.0.1:{gw}", auth=JupyterHubAuth(api_token=token))
+            gateway = Gateway(f"http://127.0.0.1:{hub}/services/dask-gateway",
+                              proxy_address=f"gateway://127.0.0.1:{gw}", auth=JupyterHubAuth(api_token=token))
             t0 = time.monotonic()
             with gateway.new_cluster() as cluster:
                 cluster.scale(2)
@@ -432,8 +487,11 @@ def bench_platform(
             proc.send_signal(signal.SIGINT); proc.wait(90)
             if os.geteuid() == 0: subprocess.run(["userdel", "-r", name], capture_output=True)
     timings = {"up_to_healthy_s": t_up, "spawn_s": t_spawn, "gateway_cluster_2_workers_s": t_cluster}
-    doc = {"suite": "platform", "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": {"cpus": os.cpu_count(), "as_root": os.geteuid() == 0},
-           "results": [{"name": k, "seconds": round(v, 2), "goal_s": PLATFORM_GOALS[k], "met": v < PLATFORM_GOALS[k]} for k, v in timings.items()]}
+    doc = {"suite": "platform", "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": {"cpus": os.cpu_count(),
+                                                                                          "as_root": os.geteuid() == 0},
+           "results": [{"name": k, "seconds": round(v, 2), "goal_s": PLATFORM_GOALS[k],
+                        "met": v < PLATFORM_GOALS[k]} for k, v in timings.items()]}
     if out_dir is not None:
-        Path(out_dir).mkdir(parents=True, exist_ok=True); (Path(out_dir) / "platform.json").write_text(json.dumps(doc, indent=2) + "\n")
+        Path(out_dir).mkdir(parents=True, exist_ok=True); (Path(out_dir) / "platform.json").write_text(json.dumps(doc,
+                indent=2) + "\n")
     return doc

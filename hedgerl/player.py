@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 
 from .client import ERRORS, HedgerlError, Invalid, describe_detail, strategy_ref
-from .dashboards import DASHBOARD_BASELINES, _figure, inline_updates, page_user, strategy_choices, strategy_colors
+from .dashboards import (DASHBOARD_BASELINES, _figure, inline_updates, page_user, strategy_choices,
+                                strategy_colors)
 
 # %% auto #0
 __all__ = ['SimulationsAPI', 'InProcessSimulations', 'strategy_refs', 'steps_frame', 'explain', 'last_step_html',
@@ -22,7 +23,8 @@ __all__ = ['SimulationsAPI', 'InProcessSimulations', 'strategy_refs', 'steps_fra
 
 # %% ../nbs/23_player.ipynb #2a6f4943
 class SimulationsAPI(Protocol):
-    "The four calls of the `simulations` API the player uses: `hedgerl.client.HedgerlClient` has them, and so has `InProcessSimulations`."
+    """The four calls of the `simulations` API the player uses: `hedgerl.client.HedgerlClient` has them, and so has
+    `InProcessSimulations`."""
     def create_simulation(self, strategy, scenario=None, seed=None) -> dict: ...
     def step_simulation(self, id: str, holdings=None) -> dict: ...
     def simulation(self, id: str) -> dict: ...
@@ -37,14 +39,17 @@ class _Caller:
     kind: str = "user"
 
 def _as_client_error(e: Exception) -> HedgerlError:
-    "An endpoint function's `HTTPException` (or a body's `ValidationError`) as the error the client raises for that answer."
+    """An endpoint function's `HTTPException` (or a body's `ValidationError`) as the error the client raises for that
+    answer."""
     from fastapi import HTTPException
-    if isinstance(e, HTTPException): return ERRORS.get(e.status_code, HedgerlError)(e.status_code, e.detail, headers=e.headers)
+    if isinstance(e, HTTPException): return ERRORS.get(e.status_code, HedgerlError)(e.status_code, e.detail,
+                                                                                    headers=e.headers)
     return Invalid(422, e.errors(include_url=False, include_context=False, include_input=False))
 
 # %% ../nbs/23_player.ipynb #c6ea2435
 class InProcessSimulations:
-    "The `simulations` API inside the service, as one hub user: the endpoints' own functions on the app's episode store."
+    """The `simulations` API inside the service, as one hub user: the endpoints' own functions on the app's episode
+    store."""
     def __init__(self,
         store, # the service's `hedgerl.hedging.SimulationStore` (`app_simulations(app)`)
         models, # its `ModelCache` (the agents the endpoints loaded)
@@ -68,14 +73,17 @@ class InProcessSimulations:
     def create_simulation(self, strategy, scenario=None, seed=None, params: dict | None = None) -> dict:
         "POST simulations: a new episode of `strategy` (a baseline's name or a model id) on `scenario`."
         from hedgerl import hedging
-        body = {"strategy": strategy_ref(strategy, params), **({"scenario": scenario} if scenario is not None else {}), **({"seed": seed} if seed is not None else {})}
+        body = {"strategy": strategy_ref(strategy, params), **({"scenario": scenario} if scenario is not None else {}),
+                **({"seed": seed} if seed is not None else {})}
         new = self._call(hedging.NewSimulation.model_validate, body)
-        return self._call(hedging.create_simulation, self.store, self.models, self._open, self.user, new).model_dump(mode="json")
+        return self._call(hedging.create_simulation, self.store, self.models, self._open, self.user,
+                          new).model_dump(mode="json")
 
     def step_simulation(self, id: str, holdings=None) -> dict:
         "POST simulations/{id}/step: the step just made and the new state."
         from hedgerl import hedging
-        if holdings is not None: holdings = self._call(hedging.StepRequest.model_validate, {"holdings": holdings}).holdings
+        if holdings is not None: holdings = self._call(hedging.StepRequest.model_validate,
+                                                       {"holdings": holdings}).holdings
         return self._call(hedging.step_simulation, self.store, id, self.user, holdings).model_dump(mode="json")
 
     def simulation(self, id: str) -> dict:
@@ -91,11 +99,14 @@ class InProcessSimulations:
 # %% ../nbs/23_player.ipynb #1ba6fd5a
 def strategy_refs(
     scenario, # a scenario name (or `Scenario`)
-    registry=None, # a `Registry` as the user, or a `HedgerlClient`: its visible models are offered; None: baselines only
+    # a `Registry` as the user, or a `HedgerlClient`: its visible models are offered; None: baselines only
+    registry=None,
 ) -> dict:
-    "Label -> the API's `strategy` (a baseline's name, a model's id): the labels and choices of `hedgerl.dashboards.strategy_choices`."
+    """Label -> the API's `strategy` (a baseline's name, a model's id): the labels and choices of
+    `hedgerl.dashboards.strategy_choices`."""
     from hedgerl.scenarios import as_scenario
-    made = strategy_choices(as_scenario(scenario), registry, load=lambda i: i)  # `load` gives the model's id: nothing is loaded
+    # `load` gives the model's id: nothing is loaded
+    made = strategy_choices(as_scenario(scenario), registry, load=lambda i: i)
     return {k: (k if k in DASHBOARD_BASELINES else int(f())) for k, f in made.items()}
 
 # %% ../nbs/23_player.ipynb #adeafa5c
@@ -104,10 +115,14 @@ def steps_frame(
     delta_rows: list[dict] | None = None, # the delta episode's steps on the same path (the same length, or none)
     instruments: list[str] = ("underlying",), # the hedging instruments' names
 ) -> pd.DataFrame:
-    "The player's table: one row per step, the API's numbers; `delta cost` and `delta pnl` from the delta episode when given."
-    cols = ["step", "day", "tau", "spot", *[f"holding {n}" for n in instruments], "delta", "cost", "option_pnl", "hedge_pnl", "pnl", "chosen_by"]
-    out = pd.DataFrame([{**{k: r[k] for k in ("step", "day", "tau", "spot", "delta", "cost", "option_pnl", "hedge_pnl", "pnl", "chosen_by")},
-                         **{f"holding {n}": h for n, h in zip(instruments, r["holdings"])}} for r in rows], columns=cols)
+    """The player's table: one row per step, the API's numbers; `delta cost` and `delta pnl` from the delta episode
+    when given."""
+    cols = ["step", "day", "tau", "spot", *[f"holding {n}" for n in instruments], "delta", "cost", "option_pnl",
+            "hedge_pnl", "pnl", "chosen_by"]
+    out = pd.DataFrame([{**{k: r[k] for k in ("step", "day", "tau", "spot", "delta", "cost", "option_pnl", "hedge_pnl",
+                                              "pnl", "chosen_by")},
+                         **{f"holding {n}": h for n, h in zip(instruments, r["holdings"])}} for r in rows],
+                         columns=cols)
     out["delta"] = out["delta"].astype(float)  # None (no underlying) as NaN
     if delta_rows is not None:
         d = delta_rows[:len(rows)] + [None] * (len(rows) - len(delta_rows))
@@ -116,7 +131,8 @@ def steps_frame(
     return out
 
 # %% ../nbs/23_player.ipynb #963a79e0
-def _n(x, fmt: str = "{:.4f}") -> str: return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else fmt.format(x)
+def _n(x, fmt: str = "{:.4f}") -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else fmt.format(x)
 
 def explain(
     row: dict, # the strategy's step (a `SimStep` as JSON)
@@ -127,26 +143,40 @@ def explain(
     delta_before: float | None = None, # delta's holding before its trade
     instruments: list[str] = ("underlying",), # the hedging instruments' names
 ) -> str:
-    "One decision explained beside the delta hedge, as HTML: the market, both holdings, both costs (saved or paid), both P&Ls so far."
-    h, dh = row["holdings"], (delta_row or {}).get("holdings", [row["delta"]])[0]
+    """One decision explained beside the delta hedge, as HTML: the market, both holdings, both costs (saved or paid),
+    both P&Ls so far."""
+    h = row["holdings"]
     def trade(new, old):
         if old is None or new == old: return "no trade"
-        return f"{'bought' if new > old else 'sold'} {_n(abs(new - old))}" if abs(new - old) >= 5e-5 else "a trade under 0.0001"
-    lines = [f"<b>Step {row['step'] + 1} of {n_steps}</b>: day {row['day']}, {_n(row['tau'])} years to maturity, spot {_n(row['spot'])}.",
+        return (
+            f"{'bought' if new > old else 'sold'} {_n(abs(new - old))}"
+            if abs(new - old) >= 5e-5
+            else ("a trade under 0.0001")
+        )
+    lines = [f"<b>Step {row['step'] + 1} of {n_steps}</b>: day {row['day']}, {_n(row['tau'])} years to maturity, spot "
+             f"{_n(row['spot'])}.",
              f"<b>{label}</b> traded to <b>{_n(h[0])}</b> units of the {instruments[0]} ({trade(h[0], before[0])})"
              + "".join(f" and {_n(x)} of {n}" for x, n in zip(h[1:], instruments[1:])) + "."]
     if row["delta"] is not None:
         gap = h[0] - row["delta"]
         if not gap: lines.append(f"<b>Delta</b> holds the same, {_n(row['delta'])}.")
-        else: lines.append(f"<b>Delta</b> would have held <b>{_n(row['delta'])}</b> ({trade(row['delta'], delta_before)}): {label} holds "
-                           + (f"{_n(abs(gap))} {'more' if gap > 0 else 'less'} than delta." if abs(gap) >= 5e-5 else "what delta holds, to four decimals."))
+        else: lines.append(f"<b>Delta</b> would have held <b>{_n(row['delta'])}</b> "
+                           f"({trade(row['delta'], delta_before)}): {label} holds "
+                           + (f"{_n(abs(gap))} {'more' if gap > 0 else 'less'} than delta." if abs(gap) >= 5e-5
+                              else "what delta holds, to four decimals."))
     last = " (and the sale of everything at maturity)" if row["step"] + 1 == n_steps else ""
     if delta_row is None: lines.append(f"Its transaction cost on this date{last}: <b>{_n(row['cost'])}</b>.")
     else:
         diff = delta_row["cost"] - row["cost"]
-        verdict = "the same as delta" if diff == 0 else f"{label} {'saved' if diff > 0 else 'paid'} <b>{_n(abs(diff))}</b>{'' if diff > 0 else ' more'}"
-        lines.append(f"Transaction cost on this date{last}: {label} paid <b>{_n(row['cost'])}</b>, delta <b>{_n(delta_row['cost'])}</b>: {verdict}.")
-    lines.append(f"P&L so far: {label} <b>{_n(row['pnl'], '{:+.4f}')}</b>" + ("" if delta_row is None else f", delta <b>{_n(delta_row['pnl'], '{:+.4f}')}</b>") + ".")
+        verdict = "the same as delta" if diff == 0 else (f"{label} {'saved' if diff > 0 else 'paid'} "
+                                                         f"<b>{_n(abs(diff))}</b>{'' if diff > 0 else ' more'}")
+        lines.append(f"Transaction cost on this date{last}: {label} paid <b>{_n(row['cost'])}</b>, delta "
+                     f"<b>{_n(delta_row['cost'])}</b>: {verdict}.")
+    lines.append(
+        f"P&L so far: {label} <b>{_n(row['pnl'], '{:+.4f}')}</b>"
+        + ("" if delta_row is None else f", delta <b>{_n(delta_row['pnl'], '{:+.4f}')}</b>")
+        + "."
+    )
     return "<br>".join(lines)
 
 # %% ../nbs/23_player.ipynb #c4406606
@@ -157,31 +187,40 @@ def last_step_html(
     "The episode's id and its last step's numbers as HTML, each value whole in `data-value` (what a test reads back)."
     def item(key, title, x, fmt="{:.4f}"):
         return (f"<tr><td style='color:#57606a;padding-right:1em'>{title}</td>"
-                f"<td class='hedgerl-num' data-key='{key}' data-value='{'' if x is None else repr(x)}' style='text-align:right'><b>{_n(x, fmt)}</b></td></tr>")
+                f"<td class='hedgerl-num' data-key='{key}' data-value='{'' if x is None else repr(x)}' "
+                f"style='text-align:right'><b>{_n(x, fmt)}</b></td></tr>")
     st = sim["state"]
-    head = (f"<div>Episode <code data-key='id'>{sim['id']}</code>: {sim['strategy']} on {sim['scenario']}, seed {sim['seed']}</div>"
+    head = (f"<div>Episode <code data-key='id'>{sim['id']}</code>: {sim['strategy']} on {sim['scenario']}, seed "
+            f"{sim['seed']}</div>"
             f"<table style='margin-top:0.5em'>{item('state_step', 'hedging dates done', st['step'], '{:d}')}"
             f"{item('state_spot', 'spot now', st['spot'])}{item('state_tau', 'years to maturity', st['tau'])}"
             f"{item('state_pnl', 'P&L so far', st['pnl'], '{:+.4f}')}</table>")
     if row is None: return head + "<div style='margin-top:0.5em'>No step yet: press Step or Play.</div>"
-    return head + (f"<div style='margin-top:0.5em'><b>Last step</b> (date {row['step'] + 1} of {sim['n_steps']})</div><table>"
-                   f"{item('day', 'day', row['day'], '{:d}')}{item('spot', 'spot', row['spot'])}{item('holdings', 'holdings', row['holdings'][0])}"
-                   f"{item('delta', 'delta', row['delta'])}{item('cost', 'cost', row['cost'])}{item('pnl', 'P&L after it', row['pnl'], '{:+.4f}')}</table>")
+    cells = [item('day', 'day', row['day'], '{:d}'), item('spot', 'spot', row['spot']),
+             item('holdings', 'holdings', row['holdings'][0]), item('delta', 'delta', row['delta']),
+             item('cost', 'cost', row['cost']), item('pnl', 'P&L after it', row['pnl'], '{:+.4f}')]
+    return head + (f"<div style='margin-top:0.5em'><b>Last step</b> (date {row['step'] + 1} of {sim['n_steps']})"
+                   f"</div><table>{''.join(cells)}</table>")
 
 # %% ../nbs/23_player.ipynb #3f532102
 def player_figures(
     label: str = "strategy", # the strategy's name, for the legends
 ) -> tuple[tuple, list]:
-    "The player's data sources (spot; holdings and delta; both P&Ls so far) and its three Bokeh figures drawn from them."
+    """The player's data sources (spot; holdings and delta; both P&Ls so far) and its three Bokeh figures drawn from
+    them."""
     from bokeh.models import ColumnDataSource
-    spot, hold, pnl = (ColumnDataSource({"day": [], "spot": []}), ColumnDataSource({"day": [], "next": [], "holding": [], "delta": []}),
+    spot, hold, pnl = (ColumnDataSource({"day": [], "spot": []}), ColumnDataSource({"day": [], "next": [],
+                                                                                    "holding": [], "delta": []}),
                        ColumnDataSource({"day": [], "pnl": [], "delta_pnl": []}))
     ours, theirs = strategy_colors(["strategy", "delta"]).values()
     f1 = _figure("Spot", "trading day", "spot")
-    f1.line("day", "spot", source=spot, line_width=2, color="#1f2328"); f1.scatter("day", "spot", source=spot, size=5, color="#1f2328")
+    f1.line("day", "spot", source=spot, line_width=2, color="#1f2328"); f1.scatter("day", "spot", source=spot, size=5,
+                                                                                   color="#1f2328")
     f2 = _figure("Holdings of the underlying vs delta", "trading day", "units held")
-    f2.segment("day", "holding", "next", "holding", source=hold, line_width=3, color=ours, legend_label=label)  # held from a date to the next
-    f2.segment("day", "delta", "next", "delta", source=hold, line_width=2, line_dash="dashed", color=theirs, legend_label="delta")
+    # held from a date to the next
+    f2.segment("day", "holding", "next", "holding", source=hold, line_width=3, color=ours, legend_label=label)
+    f2.segment("day", "delta", "next", "delta", source=hold, line_width=2, line_dash="dashed", color=theirs,
+               legend_label="delta")
     f3 = _figure("P&L so far", "trading day", "P&L")
     f3.line("day", "pnl", source=pnl, line_width=2, color=ours, legend_label=label)
     f3.line("day", "delta_pnl", source=pnl, line_width=2, line_dash="dashed", color=theirs, legend_label="delta")
@@ -193,16 +232,20 @@ def stream_step(
     step: dict, # the strategy's `step_simulation` answer (`step` and the new `state`)
     delta: dict | None = None, # the delta episode's answer for the same date (None: none beside)
 ) -> None:
-    "Append one step to the figures' sources: the new date's spot, the holdings and delta from the date stepped to the new one, both P&Ls so far."
+    """Append one step to the figures' sources: the new date's spot, the holdings and delta from the date stepped to
+    the new one, both P&Ls so far."""
     row, st = step["step"], step["state"]
     nan = lambda x: np.nan if x is None else x
     sources[0].stream({"day": [st["day"]], "spot": [st["spot"]]})
-    sources[1].stream({"day": [row["day"]], "next": [st["day"]], "holding": [row["holdings"][0]], "delta": [nan(row["delta"])]})
-    sources[2].stream({"day": [st["day"]], "pnl": [st["pnl"]], "delta_pnl": [np.nan if delta is None else delta["state"]["pnl"]]})
+    sources[1].stream({"day": [row["day"]], "next": [st["day"]], "holding": [row["holdings"][0]],
+                       "delta": [nan(row["delta"])]})
+    sources[2].stream({"day": [st["day"]], "pnl": [st["pnl"]],
+                       "delta_pnl": [np.nan if delta is None else delta["state"]["pnl"]]})
 
 # %% ../nbs/23_player.ipynb #8ea2250f
 def _inline(method):
-    "A `Player` method whose changes to the page go out with Panel's stylesheets inline in a notebook (see `inline_updates`)."
+    """A `Player` method whose changes to the page go out with Panel's stylesheets inline in a notebook (see
+    `inline_updates`)."""
     import functools
     @functools.wraps(method)
     def run(self, *args, **kwargs):
@@ -243,7 +286,8 @@ class PlayerEpisodes:
     @property
     def frame(self) -> pd.DataFrame:
         "The table of the steps so far (the API's numbers)."
-        return steps_frame(self.rows, self.delta_rows if self.delta_sim else None, self.sim["instruments"] if self.sim else ["underlying"])
+        return steps_frame(self.rows, self.delta_rows if self.delta_sim else None,
+                           self.sim["instruments"] if self.sim else ["underlying"])
 
     def _drop(self) -> None:
         "End this player's episodes."
@@ -255,7 +299,8 @@ class PlayerEpisodes:
     close = _drop
 
     def _open(self, ref, scenario: str, seed) -> tuple[dict, dict | None]:
-        "Create the episode and delta's on its path (the API's work alone, no widget touched: a worker thread may run it)."
+        """Create the episode and delta's on its path (the API's work alone, no widget touched: a worker thread may run
+        it)."""
         sim = self.api.create_simulation(ref, scenario, seed)
         try: return sim, None if ref == "delta" else self.api.create_simulation("delta", scenario, sim["seed"])
         except HedgerlError:
@@ -276,10 +321,12 @@ class PlayerEpisodes:
     def _explain(self) -> str:
         "The last decision beside delta's on the same date: the delta episode's step, or (delta itself) its own."
         before = self.rows[-2]["holdings"] if len(self.rows) > 1 else [0.0] * len(self.sim["instruments"])
-        if self.delta_sim is not None: d, dbefore = self.delta_rows[-1], self.delta_rows[-2]["holdings"][0] if len(self.delta_rows) > 1 else 0.0
+        if self.delta_sim is not None: d, dbefore = self.delta_rows[-1], self.delta_rows[-2]["holdings"][0] if len(
+                self.delta_rows) > 1 else 0.0
         elif self.sim["strategy"] == "delta": d, dbefore = self.rows[-1], before[0]
         else: d = dbefore = None
-        return explain(self.rows[-1], before, self.sim["strategy"], self.sim["n_steps"], d, dbefore, self.sim["instruments"])
+        return explain(self.rows[-1], before, self.sim["strategy"], self.sim["n_steps"], d, dbefore,
+                       self.sim["instruments"])
 
 # %% ../nbs/23_player.ipynb #d7af9cc8
 class PlayerPage:
@@ -298,7 +345,8 @@ class PlayerPage:
         self.sources, self.figures = player_figures()
         self._offer(strategy)
         self.scenario.param.watch(lambda e: self._offer(None), "value")
-        self.speed.param.watch(lambda e: setattr(self._timer, "period", int(1000 / e.new)) if self._timer else None, "value")
+        self.speed.param.watch(lambda e: setattr(self._timer, "period", int(1000 / e.new)) if self._timer else None,
+                               "value")
 
     @_inline
     def _offer(self, chosen: str | None) -> None:
@@ -312,7 +360,8 @@ class PlayerPage:
     @_inline
     def _error(self, e) -> None:
         "Show what went wrong in the page (an API error: its detail) and stop playing."
-        self.alert.object, self.alert.visible = describe_detail(e.detail) if isinstance(e, HedgerlError) else str(e), True
+        self.alert.object, self.alert.visible = describe_detail(e.detail) if isinstance(e,
+                                                                                        HedgerlError) else str(e), True
         self.pause()
 
     @property
@@ -340,8 +389,10 @@ class PlayerPage:
     def _display(self, sim: dict, rows: list[dict], why: str, frame: pd.DataFrame) -> None:
         "The status line, the last step's numbers, its explanation and the table, for an episode as it is now."
         st, j = sim["state"], len(rows)
-        where = "finished: all dates stepped, everything sold at maturity" if st["done"] else f"{j} of {sim['n_steps']} hedging dates stepped"
-        self.status.object = f"Episode `{sim['id']}`: **{sim['strategy']}** on {sim['scenario']}, seed {sim['seed']}: {where}."
+        where = "finished: all dates stepped, everything sold at maturity" if st[
+                "done"] else f"{j} of {sim['n_steps']} hedging dates stepped"
+        self.status.object = (f"Episode `{sim['id']}`: **{sim['strategy']}** on {sim['scenario']}, seed {sim['seed']}: "
+                              f"{where}.")
         self.numbers.object = last_step_html(sim, rows[-1] if rows else None)
         self.why.object = why
         self.table.object = frame.round(6)
@@ -349,70 +400,18 @@ class PlayerPage:
     def panel(self):
         "The whole player, ready to serve (`.servable()`) or to show in a notebook."
         import panel as pn
-        controls = pn.Row(self.scenario, self.strategy, *self.buttons.values(), self.playing, self.speed, sizing_mode="stretch_width")
-        figs = pn.GridBox(*[pn.pane.Bokeh(f, sizing_mode="stretch_width") for f in self.figures], ncols=3, sizing_mode="stretch_width")
+        controls = pn.Row(self.scenario, self.strategy, *self.buttons.values(), self.playing, self.speed,
+                          sizing_mode="stretch_width")
+        figs = pn.GridBox(*[pn.pane.Bokeh(f, sizing_mode="stretch_width") for f in self.figures], ncols=3,
+                          sizing_mode="stretch_width")
         return pn.Column(pn.pane.Markdown("## Simulation player"), controls, self.status, self.alert,
-                         pn.Row(self.numbers, self.why, sizing_mode="stretch_width"), figs, pn.pane.Markdown("**Steps so far**"), self.table,
+                         pn.Row(self.numbers, self.why, sizing_mode="stretch_width"), figs,
+                         pn.pane.Markdown("**Steps so far**"), self.table,
                          sizing_mode="stretch_width")
 
-# %% ../nbs/23_player.ipynb #ab7f9d71
-class Player(PlayerEpisodes, PlayerPage):
-    "The simulation player: one episode of a scenario hedged by a strategy, stepped through the `simulations` API beside delta."
-    def __init__(self,
-        api: SimulationsAPI, # `hedgerl.client.HedgerlClient`, or `InProcessSimulations` in the service
-        choices: Callable = strategy_refs, # scenario name -> {label: the API's strategy} (`strategy_refs`, bound to a registry or client)
-        scenario: str = "cao2021-gbm-1m-1d", # the scenario chosen first
-        strategy: str | None = None, # the strategy chosen first; None: the first model offered, else delta
-        scenarios: list[str] | None = None, # the scenarios offered; None: the published simulated ones
-        speed: float = 2.0, # steps a second when playing
-    ):
-        PlayerEpisodes.__init__(self, api)
-        PlayerPage.__init__(self, choices, scenarios, scenario, strategy, speed)
-        for k in ("New episode", "Reset"): self.buttons[k].on_click(self._start_clicked)  # a coroutine function: Panel awaits it
-        self.buttons["Step"].on_click(lambda e: self.step())
-        self.playing.param.watch(lambda e: self.play() if e.new else self.pause(), "value")
-
-    @_inline
-    def _prepare(self, strategy) -> tuple[str, object]:
-        "Stop, end the episodes, and say what starts: the label and the API's strategy."
-        self.pause(); self._drop()
-        label = self.strategy.value if strategy is None else strategy
-        self.status.object = f"Starting an episode of {label} on {self.scenario.value} (a model loads the first time: a second or two) ..."
-        return label, self._refs.get(label, label)
-
-    @_inline
-    def _begin(self, sim: dict, dsim: dict | None) -> str:
-        "Show a new episode: empty figures and table, its first date."
-        self.sim, self.delta_sim, self.rows, self.delta_rows, self.alert.visible = sim, dsim, [], [], False
-        self._clear(sim); self._show()
-        return sim["id"]
-
-    def start(self, seed: int | None = None, strategy=None) -> str | None:
-        "A new episode of the chosen strategy (or `strategy`: a label or the API's strategy) and delta's on the same path; its id (None and a message if refused)."
-        label, ref = self._prepare(strategy)
-        try: return self._begin(*self._open(ref, self.scenario.value, seed))
-        except HedgerlError as e: return self._refused(e)
-
-    async def start_async(self, seed: int | None = None, strategy=None) -> str | None:
-        "`start` with the API's work in a worker thread, the buttons off meanwhile: what the page's buttons do (the status says what is starting)."
-        import panel as pn
-        label, ref = self._prepare(strategy)
-        for b in self.buttons.values(): b.disabled = True
-        doc = pn.state.curdoc
-        try: sims, err = await asyncio.to_thread(self._open, ref, self.scenario.value, seed), None
-        except HedgerlError as e: sims, err = None, e
-        def finish():
-            for b in self.buttons.values(): b.disabled = False
-            return self._refused(err) if err else self._begin(*sims)
-        if doc is None or doc.session_context is None: return finish()
-        doc.add_next_tick_callback(finish)  # after an await a served page's document changes only under its lock: on its next tick
-        return None if err else sims[0]["id"]
-
-    async def _start_clicked(self, event) -> None:
-        await self.start_async(seed=self._seed() if event.obj is self.buttons["Reset"] else None)
-    def reset(self) -> str | None:
-        "Start again from the first date of the same path (its seed), with the strategy chosen now."
-        return self.start(seed=self._seed())
+# %% ../nbs/23_player.ipynb #8e46410c
+class _PlayerControls:
+    "The player's step and play buttons: one date at a time, or the rest of the episode on a timer."
 
     @_inline
     def step(self) -> bool:
@@ -420,7 +419,8 @@ class Player(PlayerEpisodes, PlayerPage):
         if self.sim is None and self.start() is None: return False
         try: out, dout = self._advance()
         except HedgerlError as e: self._error(e); return False
-        stream_step(self.sources, out, dout if self.delta_sim is not None else out if self.sim["strategy"] == "delta" else None)
+        stream_step(self.sources, out, dout if self.delta_sim is not None else out if self.sim["strategy"] == "delta"
+                    else None)
         self._show()
         if out["state"]["done"]: self.pause()
         return True
@@ -431,8 +431,76 @@ class Player(PlayerEpisodes, PlayerPage):
         import panel as pn
         if self.sim is None or self.sim["state"]["done"]:
             if self.start(seed=self._seed()) is None: return
-        if self._timer is None: self._timer = pn.state.add_periodic_callback(self.step, period=int(1000 / self.speed.value))
+        if self._timer is None: self._timer = pn.state.add_periodic_callback(self.step,
+                                                                             period=int(1000 / self.speed.value))
         self.playing.param.update(value=True, name="Pause")
+
+# %% ../nbs/23_player.ipynb #ab7f9d71
+class Player(_PlayerControls, PlayerEpisodes, PlayerPage):
+    """The simulation player: one episode of a scenario hedged by a strategy, stepped through the `simulations` API
+    beside delta."""
+    def __init__(self,
+        api: SimulationsAPI, # `hedgerl.client.HedgerlClient`, or `InProcessSimulations` in the service
+        # scenario name -> {label: the API's strategy} (`strategy_refs`, bound to a registry or client)
+        choices: Callable = strategy_refs,
+        scenario: str = "cao2021-gbm-1m-1d", # the scenario chosen first
+        strategy: str | None = None, # the strategy chosen first; None: the first model offered, else delta
+        scenarios: list[str] | None = None, # the scenarios offered; None: the published simulated ones
+        speed: float = 2.0, # steps a second when playing
+    ):
+        PlayerEpisodes.__init__(self, api)
+        PlayerPage.__init__(self, choices, scenarios, scenario, strategy, speed)
+        # a coroutine function: Panel awaits it
+        for k in ("New episode", "Reset"): self.buttons[k].on_click(self._start_clicked)
+        self.buttons["Step"].on_click(lambda e: self.step())
+        self.playing.param.watch(lambda e: self.play() if e.new else self.pause(), "value")
+
+    @_inline
+    def _prepare(self, strategy) -> tuple[str, object]:
+        "Stop, end the episodes, and say what starts: the label and the API's strategy."
+        self.pause(); self._drop()
+        label = self.strategy.value if strategy is None else strategy
+        self.status.object = (f"Starting an episode of {label} on {self.scenario.value} (a model loads the first time: "
+                              f"a second or two) ...")
+        return label, self._refs.get(label, label)
+
+    @_inline
+    def _begin(self, sim: dict, dsim: dict | None) -> str:
+        "Show a new episode: empty figures and table, its first date."
+        self.sim, self.delta_sim, self.rows, self.delta_rows, self.alert.visible = sim, dsim, [], [], False
+        self._clear(sim); self._show()
+        return sim["id"]
+
+    def start(self, seed: int | None = None, strategy=None) -> str | None:
+        """A new episode of the chosen strategy (or `strategy`: a label or the API's strategy) and delta's on the same
+        path; its id (None and a message if refused)."""
+        label, ref = self._prepare(strategy)
+        try: return self._begin(*self._open(ref, self.scenario.value, seed))
+        except HedgerlError as e: return self._refused(e)
+
+    async def start_async(self, seed: int | None = None, strategy=None) -> str | None:
+        """`start` with the API's work in a worker thread, the buttons off meanwhile: what the page's buttons do (the
+        status says what is starting)."""
+        import panel as pn
+        label, ref = self._prepare(strategy)
+        for b in self.buttons.values(): b.disabled = True
+        doc = pn.state.curdoc
+        try: sims, err = await asyncio.to_thread(self._open, ref, self.scenario.value, seed), None
+        except HedgerlError as e: sims, err = None, e
+        def finish():
+            for b in self.buttons.values(): b.disabled = False
+            return self._refused(err) if err else self._begin(*sims)
+        if doc is None or doc.session_context is None: return finish()
+        # after an await a served page's document changes only under its lock: on its next tick
+        doc.add_next_tick_callback(finish)
+        return None if err else sims[0]["id"]
+
+    async def _start_clicked(self, event) -> None:
+        await self.start_async(seed=self._seed() if event.obj is self.buttons["Reset"] else None)
+    def reset(self) -> str | None:
+        "Start again from the first date of the same path (its seed), with the strategy chosen now."
+        return self.start(seed=self._seed())
+
     def _show(self) -> None:
         "The page shows the episode as it is now."
         self._display(self.sim, self.rows, self._explain() if self.rows else "", self.frame)
@@ -451,7 +519,8 @@ def player_page(
         registry = getattr(app.state, "registry", None)
         reg = None if registry is None else registry.as_user(user, admin=admin)
         p = Player(InProcessSimulations(store, models, registry, user, admin), lambda scn: strategy_refs(scn, reg))
-        ready, p.status.object = p.status.object, "Connecting to the service ..."  # until the page's WebSocket is open: a click before it is lost
+        # until the page's WebSocket is open: a click before it is lost
+        ready, p.status.object = p.status.object, "Connecting to the service ..."
         pn.state.onload(lambda: setattr(p.status, "object", ready))
         pn.state.on_session_destroyed(lambda ctx: p.close())
         return p.panel()

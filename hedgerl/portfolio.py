@@ -16,7 +16,8 @@ import pandas as pd
 from . import scenarios as lib
 from .baselines import option_greeks
 from .core import check_int
-from .dashboards import (Evaluation, EvaluationCache, comparison, evaluate, evaluation_view, inline_updates, page_user,
+from .dashboards import (Evaluation, EvaluationCache, comparison, evaluate, evaluation_view, inline_updates,
+                                page_user,
                                 strategy_choices, update_view)
 from .scenarios import Instrument, Observation, Option, Scenario, as_scenario
 
@@ -31,30 +32,35 @@ _GREEKS = ("delta", "gamma", "vega", "theta", "rho")
 def _start(scn: Scenario) -> tuple[Observation, dict]:
     "The scenario's first hedging date on one path (spot s0, the model's variance now), and the state its valuer reads."
     m, p = scn.market.model, scn.market.params
-    if m == "historical": raise ValueError(f"scenario {scn.name!r} is historical: its book has no model value at a start (use a simulated market)")
+    if m == "historical": raise ValueError(f"scenario {scn.name!r} is historical: its book has no model value at a "
+                                           f"start (use a simulated market)")
     var = float(p["v0"] if m == "heston" else p["sigma0"] ** 2 if m == "sabr" else p["sigma"] ** 2)
     one, n = (lambda x: np.array([float(x)])), len(scn.instruments)
-    obs = Observation(scn, 0, 0, scn.horizon / scn.trading_days, one(scn.market.s0), one(var), np.zeros((1, n)), np.zeros((1, n)), np.zeros(1))
+    obs = Observation(scn, 0, 0, scn.horizon / scn.trading_days, one(scn.market.s0), one(var), np.zeros((1, n)),
+                      np.zeros((1, n)), np.zeros(1))
     return obs, {"variance": one(var), "vol": one(math.sqrt(var)), "sigma": None}
 
 # %% ../nbs/27_portfolio.ipynb #32c9c94f
 def book_greeks(
     scenario, # a `Scenario`, a published name, a file or a config (`as_scenario`); simulated markets only
 ) -> pd.DataFrame:
-    "Per option (rows `book[i]`) and in total (row `total`): the model value and Black-Scholes delta, gamma, vega, theta, rho at the start, times the signed quantity."
+    """Per option (rows `book[i]`) and in total (row `total`): the model value and Black-Scholes delta, gamma, vega,
+    theta, rho at the start, times the signed quantity."""
     scn = as_scenario(scenario)
     obs, state = _start(scn)
     value, rows = lib._valuer(scn), {}
     for i, o in enumerate(scn.book):
         g = option_greeks(scn, o, obs)  # at the hedgers' volatility (`hedgerl.baselines.model_vol`)
         rows[f"book[{i}]"] = {"kind": o.kind, "strike": o.strike, "maturity": o.maturity, "quantity": o.quantity,
-                              "value": o.quantity * float(value(o, 0, obs.spot, state)[0]), **{k: o.quantity * float(getattr(g, k)[0]) for k in _GREEKS}}
+                              "value": o.quantity * float(value(o, 0, obs.spot, state)[0]),
+                              **{k: o.quantity * float(getattr(g, k)[0]) for k in _GREEKS}}
     total = {"kind": "book", "strike": np.nan, "maturity": scn.horizon, "quantity": np.nan,
              **{k: float(sum(r[k] for r in rows.values())) for k in ("value", *_GREEKS)}}
     return pd.DataFrame.from_dict({**rows, "total": total}, orient="index")
 
 # %% ../nbs/27_portfolio.ipynb #5e00fff2
-HEDGES = ("underlying", "ATM call, 2x the book's maturity", "ATM put, 3x the book's maturity", "variance swap to the book's maturity")
+HEDGES = ("underlying", "ATM call, 2x the book's maturity", "ATM put, 3x the book's maturity",
+          "variance swap to the book's maturity")
 
 def _hedge(label: str, s0: float, horizon: int) -> Instrument:
     "The hedging instrument `label` (one of `HEDGES`) for a book of `horizon` days on a market at spot `s0`."
@@ -73,7 +79,8 @@ def base_hedges(
     return [l for l in HEDGES if _hedge(l, b.market.s0, b.horizon) in b.instruments]
 
 # %% ../nbs/27_portfolio.ipynb #16b5d2e4
-MAX_BOOK, MAX_MATURITY = 20, 504  # options and days (two years) a page's book may hold: a backtest's work grows with both
+# options and days (two years) a page's book may hold: a backtest's work grows with both
+MAX_BOOK, MAX_MATURITY = 20, 504
 
 def book_config(
     base, # the scenario whose market, costs, calendar and objective the book is hedged in (`as_scenario`)
@@ -81,15 +88,19 @@ def book_config(
     hedges: list[str] | None = None, # labels of `HEDGES`; None: the base's own instruments
     name: str | None = None, # the scenario's name; None: "<base> book"
 ) -> dict:
-    "The config of the scenario hedging `book` in `base`'s market, for `as_scenario` to check; the book's errors name its rows."
+    """The config of the scenario hedging `book` in `base`'s market, for `as_scenario` to check; the book's errors name
+    its rows."""
     b = as_scenario(base)
-    opts = lib._build_list(Option, book, "book", "book must hold at least one option")  # the checks and messages of `Scenario.book`
+    # the checks and messages of `Scenario.book`
+    opts = lib._build_list(Option, book, "book", "book must hold at least one option")
     if len(opts) > MAX_BOOK: raise ValueError(f"book: at most {MAX_BOOK} options on this page, got {len(opts)}")
     horizon = max(o.maturity for o in opts)
-    if horizon > MAX_MATURITY: raise ValueError(f"book: maturities of at most {MAX_MATURITY} days on this page, got {horizon}")
+    if horizon > MAX_MATURITY: raise ValueError(f"book: maturities of at most {MAX_MATURITY} days on this page, got "
+                                                f"{horizon}")
     instruments = list(b.instruments) if hedges is None else [_hedge(l, b.market.s0, horizon) for l in hedges]
     d = b.to_dict()
-    d.update(name=name or f"{b.name} book", description=f"a book of {len(opts)} options hedged in the market of {b.name}",
+    d.update(name=name or f"{b.name} book", description=f"a book of {len(opts)} options hedged in the market of "
+             f"{b.name}",
              book=[dataclasses.asdict(o) for o in opts], instruments=[dataclasses.asdict(i) for i in instruments])
     return d
 
@@ -103,7 +114,8 @@ def matching_models(
     scenario, # the book's scenario
     registry, # a `Registry` (or `RemoteRegistry`) as the viewer: their models and shared ones
 ) -> pd.DataFrame:
-    "The registry's models registered for a published scenario that is `scenario` apart from its name (and description)."
+    """The registry's models registered for a published scenario that is `scenario` apart from its name (and
+    description)."""
     scn, ms = as_scenario(scenario), registry.models()
     return ms[[n in lib.NAMED and same_problem(lib.get(n), scn) for n in ms["scenario"]]] if len(ms) else ms
 
@@ -129,16 +141,20 @@ def totals_html(
 ) -> str:
     "The book's total value and Greeks as a row of numbers, each whole in its `data-value` (what a browser test reads)."
     t = greeks.loc["total"]
-    item = lambda k, title: (f"<div style='display:inline-block;margin-right:22px'><div style='font-size:0.85em;color:#57606a'>{title}</div>"
-                             f"<div data-key='{k}' data-value='{float(t[k])!r}' style='font-size:1.4em;font-weight:600'>{float(t[k]):.4f}</div></div>")
-    return "".join(item(k, title) for k, title in (("value", "book value"), ("delta", "delta"), ("gamma", "gamma"), ("vega", "vega"),
+    item = lambda k, title: (f"<div style='display:inline-block;margin-right:22px'><div "
+                             f"style='font-size:0.85em;color:#57606a'>{title}</div>"
+                             f"<div data-key='{k}' data-value='{float(t[k])!r}' "
+                             f"style='font-size:1.4em;font-weight:600'>{float(t[k]):.4f}</div></div>")
+    return "".join(item(k, title) for k, title in (("value", "book value"), ("delta", "delta"), ("gamma", "gamma"),
+                                                   ("vega", "vega"),
                                                    ("theta", "theta (per year)"), ("rho", "rho")))
 
 # %% ../nbs/27_portfolio.ipynb #59fc236c
 _COLUMNS = ("kind", "strike", "maturity", "quantity")
 
 def _rows(frame: pd.DataFrame) -> list[dict]:
-    "A book table's rows as option mappings (a whole number of days as an int, as the table's number editor may give a float)."
+    """A book table's rows as option mappings (a whole number of days as an int, as the table's number editor may give
+    a float)."""
     out = []
     for r in frame.to_dict("records"):
         r = {k: r.get(k) for k in _COLUMNS}
@@ -161,23 +177,36 @@ def portfolio_widgets(
     return dict(
         base=pn.widgets.Select(name="Base scenario (market, costs, calendar, objective)", options=names, value=base),
         book=pn.widgets.Tabulator(
-            _table(lib.get(base).book), show_index=False, selectable="checkbox", layout="fit_columns",
-            editors={"kind": {"type": "list", "values": ["call", "put"]}, "strike": {"type": "number"},
-                     "maturity": {"type": "number", "step": 1}, "quantity": {"type": "number"}},
-            sizing_mode="stretch_width"),
-        new={"kind": pn.widgets.Select(name="Kind", options=["call", "put"], value="put", width=90),
-             "strike": pn.widgets.FloatInput(name="Strike", value=95.0, width=110),
-             "maturity": pn.widgets.IntInput(name="Maturity (days)", value=20, width=120),
-             "quantity": pn.widgets.FloatInput(name="Quantity (+ bought, - sold)", value=1.0, width=170)},
-        add=pn.widgets.Button(name="Add option"), remove=pn.widgets.Button(name="Remove selected"),
-        hedges=pn.widgets.CheckBoxGroup(name="Hedging instruments", options=list(HEDGES), value=base_hedges(base),
-                                        inline=True),
+            _table(lib.get(base).book),
+            show_index=False,
+            selectable="checkbox",
+            layout="fit_columns",
+            editors={
+                "kind": {"type": "list", "values": ["call", "put"]},
+                "strike": {"type": "number"},
+                "maturity": {"type": "number", "step": 1},
+                "quantity": {"type": "number"},
+            },
+            sizing_mode="stretch_width",
+        ),
+        new={
+            "kind": pn.widgets.Select(name="Kind", options=["call", "put"], value="put", width=90),
+            "strike": pn.widgets.FloatInput(name="Strike", value=95.0, width=110),
+            "maturity": pn.widgets.IntInput(name="Maturity (days)", value=20, width=120),
+            "quantity": pn.widgets.FloatInput(name="Quantity (+ bought, - sold)", value=1.0, width=170),
+        },
+        add=pn.widgets.Button(name="Add option"),
+        remove=pn.widgets.Button(name="Remove selected"),
+        hedges=pn.widgets.CheckBoxGroup(
+            name="Hedging instruments", options=list(HEDGES), value=base_hedges(base), inline=True
+        ),
         alert=pn.pane.Alert("", alert_type="danger", visible=False, sizing_mode="stretch_width"),
         totals=pn.pane.HTML("", sizing_mode="stretch_width"),
         greeks=pn.pane.DataFrame(None, sizing_mode="stretch_width"),
         run=pn.widgets.Button(name="Backtest", button_type="primary"),
         focus=pn.widgets.Select(name="Headline for", options=[]),
-        status=pn.pane.Markdown("", sizing_mode="stretch_width"), body=pn.Column(sizing_mode="stretch_width"),
+        status=pn.pane.Markdown("", sizing_mode="stretch_width"),
+        body=pn.Column(sizing_mode="stretch_width"),
     )
 
 # %% ../nbs/27_portfolio.ipynb #6be59e4e
@@ -214,13 +243,15 @@ class PortfolioBook:
 
     def reset(self) -> None:
         "A new base: its own book and instruments."
-        self._holding = True  # one refresh below, not one per widget (the first with the old instruments on the new book)
+        # one refresh below, not one per widget (the first with the old instruments on the new book)
+        self._holding = True
         try: self.book.value, self.hedges.value = _table(lib.get(self.base.value).book), base_hedges(self.base.value)
         finally: self._holding = False
         self.refresh()
 
     def refresh(self) -> Scenario | None:
-        "Build the book's scenario from the table and the hedges; show its value and Greeks, or the library's message (and no backtest)."
+        """Build the book's scenario from the table and the hedges; show its value and Greeks, or the library's message
+        (and no backtest)."""
         if self._holding: return self.scenario
         try:
             scn = as_scenario(book_config(self.base.value, _rows(self.book.value), self.hedges.value))
@@ -230,11 +261,13 @@ class PortfolioBook:
             self.alert.object, self.alert.visible = f"This book cannot be hedged: {e}", True
             return None
         self.scenario, self.run.disabled, self.alert.visible = scn, False, False
-        self.totals.object, self.greeks.object = totals_html(g), g.round(6).astype(object).where(g.notna(), "")  # the total's strike: blank
+        # the total's strike: blank
+        self.totals.object, self.greeks.object = totals_html(g), g.round(6).astype(object).where(g.notna(), "")
         return scn
 
     def add_option(self, **option) -> None:
-        "Add a row to the book: `option` (kind, strike, maturity, quantity), or else what the fields above the table say."
+        """Add a row to the book: `option` (kind, strike, maturity, quantity), or else what the fields above the table
+        say."""
         row = {k: option.get(k, w.value) for k, w in self.new.items()}
         self.book.value = pd.concat([self.book.value, pd.DataFrame([row])], ignore_index=True)
 
@@ -250,23 +283,56 @@ class PortfolioBook:
     def panel(self):
         "The whole page, ready to serve (`.servable()`) or to show in a notebook."
         import panel as pn
-        return pn.Column(pn.pane.Markdown("## Portfolio"), self.base, pn.pane.Markdown("**Book** (tick rows to remove them; edit a cell in place)"),
-                         self.book, pn.Row(*self.new.values(), self.add, self.remove), pn.pane.Markdown("**Hedging instruments**"), self.hedges,
-                         self.alert, self.totals, self.greeks, pn.Row(self.run, self.focus), self.status, self.body, sizing_mode="stretch_width")
+        return pn.Column(pn.pane.Markdown("## Portfolio"), self.base,
+                         pn.pane.Markdown("**Book** (tick rows to remove them; edit a cell in place)"),
+                         self.book, pn.Row(*self.new.values(), self.add, self.remove),
+                         pn.pane.Markdown("**Hedging instruments**"), self.hedges,
+                         self.alert, self.totals, self.greeks, pn.Row(self.run, self.focus), self.status, self.body,
+                         sizing_mode="stretch_width")
+
+# %% ../nbs/27_portfolio.ipynb #5bf6a533
+class _PortfolioDisplay:
+    "What the portfolio page shows of a backtest: the totals and the figures."
+
+    def show(self, ev: Evaluation, table: pd.DataFrame) -> None:
+        """Show a backtest: headline cards of one strategy (the first learned, else the first but delta), the
+        comparison table, the figures."""
+        self.ev, self.table = ev, table
+        first = next(
+            (k for k, r in ev.results.items() if r.learned), next((k for k in ev.labels if k != "delta"), ev.labels[0])
+        )
+        with inline_updates(self.body):
+            self.body.objects = []
+            if self.focus.value == first: self.focus.options = ev.labels; self.draw()
+            else: self.focus.param.update(options=ev.labels, value=first)  # one draw, by the watcher
+        self.status.object = (f"Backtest of {ev.scenario.name}: {len(ev.labels)} strategies on the same {ev.n_paths:,} "
+                              f"paths, seed {self.seed}; "
+                              f"standard errors from {self.n_boot} bootstrap replicates.")
+
+    def draw(self) -> None:
+        "Draw the backtest for the strategy chosen in `focus` (a new focus: its cards and heatmap redrawn in place)."
+        if self.ev is None or self.focus.value not in self.ev.results: return
+        with inline_updates(self.body):
+            if self.body.objects: update_view(self.body[0], self.ev, self.table, self.focus.value, 0, {"focus"})
+            else: self.body.objects = [evaluation_view(self.ev, self.table, self.focus.value, 0)]
 
 # %% ../nbs/27_portfolio.ipynb #234fc44d
-class Portfolio(PortfolioBook):
-    "The portfolio view: a book of options on a base scenario's market, its value and Greeks, and a backtest of the hedges that apply."
-    cache: EvaluationCache | None = EvaluationCache(256 << 20) # backtests kept for the next page (every page of this process); None: none kept
+class Portfolio(_PortfolioDisplay, PortfolioBook):
+    """The portfolio view: a book of options on a base scenario's market, its value and Greeks, and a backtest of the
+    hedges that apply."""
+    # backtests kept for the next page (every page of this process); None: none kept
+    cache: EvaluationCache | None = EvaluationCache(256 << 20)
     def __init__(self,
-        choices: Callable = book_choices, # the book's scenario -> {label: function making the strategy} (`book_choices`, bound to a registry)
+        # the book's scenario -> {label: function making the strategy} (`book_choices`, bound to a registry)
+        choices: Callable = book_choices,
         base: str = "cao2021-gbm-1m-1d", # the base scenario chosen first: its book is the first book
         n_paths: int = 5_000, # paths of a backtest, the same for every strategy
         seed: int = 0, # seeds the paths
         n_boot: int = 100, # bootstrap replicates of the standard errors
         scenarios: list[str] | None = None, # the bases offered; None: the published simulated ones
     ):
-        self.choices, self.n_paths, self.seed, self.n_boot = choices, check_int("n_paths", n_paths, 2), seed, check_int("n_boot", n_boot, 2)
+        self.choices, self.n_paths, self.seed, self.n_boot = choices, check_int("n_paths", n_paths,
+                                                                                2), seed, check_int("n_boot", n_boot, 2)
         self.ev, self.table = None, None
         PortfolioBook.__init__(self, base, scenarios)
         self.run.on_click(self.backtest_async)  # a coroutine function: Panel awaits it
@@ -276,8 +342,11 @@ class Portfolio(PortfolioBook):
         "The book's scenario, value and Greeks (`PortfolioBook.refresh`); the status: is the backtest this book's?"
         held, scn = self._holding, super().refresh()
         if held or scn is None: return scn
-        if self.ev is None: self.status.object = f"**Backtest** hedges {self.n_paths:,} paths of this book with every strategy that applies."
-        elif not same_problem(self.ev.scenario, scn): self.status.object = "The book has changed since the backtest below: **Backtest** again."
+        if self.ev is None: self.status.object = (f"**Backtest** hedges {self.n_paths:,} paths of this book with every "
+                                                  f"strategy that applies.")
+        elif not same_problem(
+                self.ev.scenario, scn): self.status.object = ("The book has changed since the backtest below: "
+                                                              "**Backtest** again.")
         return scn
 
     def _compute(self, scn: Scenario) -> tuple[Evaluation, pd.DataFrame]:
@@ -291,7 +360,8 @@ class Portfolio(PortfolioBook):
         "Backtest the book now and show it (in a notebook); False (and the reason in the status) if it could not."
         if self.scenario is None: return False
         try: self.show(*self._compute(self.scenario))
-        except Exception as e: self._failed(e); return False  # a baseline or model refusing the book, a model file: said in the page
+        # a baseline or model refusing the book, a model file: said in the page
+        except Exception as e: self._failed(e); return False
         return True
 
     async def backtest_async(self, *_) -> None:
@@ -308,25 +378,8 @@ class Portfolio(PortfolioBook):
             self.body.loading, self.run.disabled = False, self.scenario is None
             return self._failed(err) if err else self.show(*out)
         if doc is None or doc.session_context is None: return finish()
-        doc.add_next_tick_callback(finish)  # after an await a served page's document changes only under its lock: on its next tick
-
-    def show(self, ev: Evaluation, table: pd.DataFrame) -> None:
-        "Show a backtest: headline cards of one strategy (the first learned, else the first but delta), the comparison table, the figures."
-        self.ev, self.table = ev, table
-        first = next((k for k, r in ev.results.items() if r.learned), next((k for k in ev.labels if k != "delta"), ev.labels[0]))
-        with inline_updates(self.body):
-            self.body.objects = []
-            if self.focus.value == first: self.focus.options = ev.labels; self.draw()
-            else: self.focus.param.update(options=ev.labels, value=first)  # one draw, by the watcher
-        self.status.object = (f"Backtest of {ev.scenario.name}: {len(ev.labels)} strategies on the same {ev.n_paths:,} paths, seed {self.seed}; "
-                              f"standard errors from {self.n_boot} bootstrap replicates.")
-
-    def draw(self) -> None:
-        "Draw the backtest for the strategy chosen in `focus` (a new focus: its cards and heatmap redrawn in place)."
-        if self.ev is None or self.focus.value not in self.ev.results: return
-        with inline_updates(self.body):
-            if self.body.objects: update_view(self.body[0], self.ev, self.table, self.focus.value, 0, {"focus"})
-            else: self.body.objects = [evaluation_view(self.ev, self.table, self.focus.value, 0)]
+        # after an await a served page's document changes only under its lock: on its next tick
+        doc.add_next_tick_callback(finish)
 
 # %% ../nbs/27_portfolio.ipynb #8addb850
 def portfolio_page(
@@ -340,9 +393,11 @@ def portfolio_page(
         user, admin = page_user()
         if user is None: return pn.pane.Markdown("This page is served by the hedgerl service, behind the hub's login.")
         reg = None if registry is None else registry.as_user(user, admin=admin)
-        choices = lambda scn: book_choices(scn, reg, None if load is None or reg is None else (lambda i: load(reg, i, scn)))
+        choices = lambda scn: book_choices(scn, reg, None if load is None or reg is None else (lambda i: load(reg, i,
+                scn)))
         p = Portfolio(choices, n_paths=n_paths)
-        ready, p.status.object = p.status.object, "Connecting to the service ..."  # until the page's WebSocket is open: a click before it is lost
+        # until the page's WebSocket is open: a click before it is lost
+        ready, p.status.object = p.status.object, "Connecting to the service ..."
         pn.state.onload(lambda: setattr(p.status, "object", ready))
         return p.panel()
     return page

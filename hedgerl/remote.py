@@ -27,7 +27,8 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 
 from .core import SettingsError, settings
-from .registry import ArtifactError, Registry, RegistryUnavailable, Run, SchemaError, _json_default, _sha256, is_service_url
+from .registry import (ArtifactError, Registry, RegistryUnavailable, Run, SchemaError, _json_default, _sha256,
+                              is_service_url)
 
 # %% auto #0
 __all__ = ['API', 'DATETIME_COLUMNS', 'Name', 'Int32', 'Id', 'IdPath', 'jsonable', 'frame_payload', 'payload_frame',
@@ -38,10 +39,12 @@ __all__ = ['API', 'DATETIME_COLUMNS', 'Name', 'Int32', 'Id', 'IdPath', 'jsonable
 
 # %% ../nbs/17_remote.ipynb #5db812e6
 API = "api/v1/registry" # where the registry's endpoints live under the service's URL (`/services/hedgerl/`)
-DATETIME_COLUMNS = ("started", "ended", "heartbeat", "created", "timestamp") # sent as ISO 8601 text, read back as timestamps
+# sent as ISO 8601 text, read back as timestamps
+DATETIME_COLUMNS = ("started", "ended", "heartbeat", "created", "timestamp")
 
 def jsonable(x):
-    "`x` as strict JSON values: datetimes as ISO text, numpy scalars as Python numbers, NaN, infinities and NaT as null."
+    """`x` as strict JSON values: datetimes as ISO text, numpy scalars as Python numbers, NaN, infinities and NaT as
+    null."""
     if isinstance(x, dict): return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)): return [jsonable(v) for v in x]
     if x is None or x is pd.NaT or isinstance(x, (str, bool)): return None if x is pd.NaT else x
@@ -67,9 +70,11 @@ def account_owns(
     path: Path, # the file, as named
     st: os.stat_result, # `fstat` of the file as opened
 ) -> bool:
-    "As root: whether `user`'s system account owns the file; otherwise whether the service's own account does. Also what the service itself wrote for `user` (`<[data] folder>/users/<user>/`: trainings started through the API)."
+    """As root: whether `user`'s system account owns the file; otherwise whether the service's own account does. Also
+    what the service itself wrote for `user` (`<[data] folder>/users/<user>/`: trainings started through the API)."""
     own = (settings().data.folder / "users" / user).resolve()
-    if st.st_uid == os.geteuid() and own in Path(os.path.realpath(path)).parents: return True  # a folder only the service writes
+    # a folder only the service writes
+    if st.st_uid == os.geteuid() and own in Path(os.path.realpath(path)).parents: return True
     if os.geteuid() != 0: return st.st_uid == os.geteuid()
 
     try: return st.st_uid == pwd.getpwnam(user).pw_uid
@@ -82,11 +87,14 @@ def read_artifact(
     owns: Callable = account_owns, # `owns(user, path, stat) -> bool`: which files `user` may have read
     checksum: str | None = None, # the sha256 it must have (`ArtifactError` otherwise)
 ) -> tuple[BinaryIO, str]:
-    "The file opened for `user` (at its start) and its sha256; `ArtifactError` unless it is a regular file `owns` grants to `user`."
+    """The file opened for `user` (at its start) and its sha256; `ArtifactError` unless it is a regular file `owns`
+    grants to `user`."""
     p = Path(path)
     if not p.is_absolute(): raise ValueError(f"artifact path {str(p)!r} must be absolute")
-    refused = ArtifactError(f"{str(p)!r}: no regular file of user {user!r} there (the service serves only files their owner's account owns)")
-    try: fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)  # NONBLOCK: a FIFO does not hang us
+    refused = ArtifactError(f"{str(p)!r}: no regular file of user {user!r} there (the service serves only files their "
+                            f"owner's account owns)")
+    # NONBLOCK: a FIFO does not hang us
+    try: fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError: raise refused from None
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode): os.close(fd); raise refused  # a folder, device or FIFO: never read (nor leaked)
@@ -97,7 +105,8 @@ def read_artifact(
         h = hashlib.sha256()
         for chunk in iter(lambda: f.read(1 << 20), b""): h.update(chunk)
         if checksum is not None and h.hexdigest() != checksum:
-            raise ArtifactError(f"{str(p)!r} no longer matches the checksum recorded at registration (sha256 {checksum[:12]}..., now {h.hexdigest()[:12]}...)")
+            raise ArtifactError(f"{str(p)!r} no longer matches the checksum recorded at registration (sha256 "
+                                f"{checksum[:12]}..., now {h.hexdigest()[:12]}...)")
         f.seek(0)
         return f, h.hexdigest()
     except BaseException: f.close(); raise
@@ -187,7 +196,8 @@ def error_status(e: BaseException) -> int | None:
     "The HTTP status of a registry exception (None: not the registry's, let it through)."
     if isinstance(e, BodyTooLarge) or isinstance(e.__cause__, BodyTooLarge): return 413
     if isinstance(e, KeyError): return 404 if str(e.args[0] if e.args else "").startswith("no ") else None
-    for kind, status in ((PermissionError, 403), (ArtifactError, 409), (RegistryUnavailable, 503), (SchemaError, 503), (ValueError, 400)):
+    for kind, status in ((PermissionError, 403), (ArtifactError, 409), (RegistryUnavailable, 503), (SchemaError, 503),
+                         (ValueError, 400)):
         if isinstance(e, kind): return status
     return None
 
@@ -199,16 +209,19 @@ def _query_names(dependant) -> set[str]:
 # %% ../nbs/17_remote.ipynb #2d6b82b8
 def unknown_query(route: APIRoute, request: Request) -> JSONResponse | None:
     "A 422 naming each query parameter `route` does not take, in FastAPI's shape; None when every one is known."
-    if (known := getattr(route, "_query_known", None)) is None: known = route._query_known = frozenset(_query_names(route.dependant))
+    if (known := getattr(route, "_query_known", None)) is None: known = route._query_known = frozenset(_query_names(
+            route.dependant))
     bad = [k for k in dict.fromkeys(request.query_params.keys()) if k not in known]
     if not bad: return None
     takes = f"this endpoint takes {', '.join(sorted(known))}" if known else "this endpoint takes none"
-    return JSONResponse({"detail": [{"type": "extra_forbidden", "loc": ["query", k], "msg": f"unknown query parameter: {takes}",
+    return JSONResponse({"detail": [{"type": "extra_forbidden", "loc": ["query", k],
+                                     "msg": f"unknown query parameter: {takes}",
                                      "input": request.query_params[k]} for k in bad]}, 422)
 
 # %% ../nbs/17_remote.ipynb #8ddba946
 class RegistryRoute(APIRoute):
-    "A registry endpoint: bodies over `max_body` refused (413), the registry's exceptions answered as `{\"detail\": ...}` JSON."
+    ("A registry endpoint: bodies over `max_body` refused (413), the registry's exceptions answered as `{\"detail\": "
+     "...}` JSON.")
     max_body: int = 1 << 20 # bytes
     hidden: str = "" # the database's URL, never shown to a client
 
@@ -224,7 +237,8 @@ class RegistryRoute(APIRoute):
                 if (status := error_status(e)) is None: raise
                 msg = str(e.args[0]) if e.args and status != 413 else f"request body over {self.max_body} bytes"
                 if self.hidden:
-                    for shown, said in ((f" in {self.hidden}", ""), (f" {self.hidden}", ""), (self.hidden, "the registry database")): msg = msg.replace(shown, said)
+                    for shown, said in ((f" in {self.hidden}", ""), (f" {self.hidden}", ""), (self.hidden,
+                            "the registry database")): msg = msg.replace(shown, said)
                 return JSONResponse({"detail": msg}, status)
         return guarded
 
@@ -238,7 +252,8 @@ def _runs_routes(router: APIRouter, reg: Any) -> None:
         run = r.start_run(**body.model_dump())
         return {"id": run.id, "experiment": run.experiment, "name": run.name}
     @router.get("/runs")
-    def runs(experiment: str | None = None, status: Literal["running", "finished", "failed", "interrupted"] | None = None,
+    def runs(experiment: str | None = None, status: Literal["running", "finished", "failed",
+                                                            "interrupted"] | None = None,
              run_id: Annotated[int | None, Query(ge=1, le=2**63 - 1)] = None,
 
              r: Registry = reg) -> dict:
@@ -249,17 +264,24 @@ def _runs_routes(router: APIRouter, reg: Any) -> None:
         if rows.empty: raise KeyError(f"no run {run_id} visible to user {r.user!r}")
         return jsonable(rows.to_dict("records")[0])
     @router.get("/runs/{run_id}/metrics")
-    def metrics(run_id: IdPath, key: str | None = None, r: Registry = reg) -> dict: return frame_payload(r.metrics(run_id, key=key))
+    def metrics(run_id: IdPath, key: str | None = None, r: Registry = reg) -> dict: return frame_payload(r.metrics(
+            run_id, key=key))
     @router.post("/runs/{run_id}/metrics", status_code=204)
-    def log(run_id: IdPath, body: LogMetrics, r: Registry = reg) -> None: Run(r, run_id, None, None).log(body.step, **body.metrics)
+    def log(run_id: IdPath, body: LogMetrics, r: Registry = reg) -> None: Run(r, run_id, None, None).log(body.step,
+            **body.metrics)
     @router.post("/runs/{run_id}/outputs", status_code=204)
-    def set_outputs(run_id: IdPath, body: RunOutputs, r: Registry = reg) -> None: Run(r, run_id, None, None).set_outputs(body.outputs or {})
+    def set_outputs(run_id: IdPath, body: RunOutputs, r: Registry = reg) -> None: Run(r, run_id, None,
+                                                                                      None).set_outputs(body.outputs
+                                                                                              or {})
     @router.post("/runs/{run_id}/finish", status_code=204)
-    def finish(run_id: IdPath, body: RunOutputs, r: Registry = reg) -> None: Run(r, run_id, None, None).finish(body.outputs)
+    def finish(run_id: IdPath, body: RunOutputs, r: Registry = reg) -> None: Run(r, run_id, None,
+                                                                                 None).finish(body.outputs)
     @router.post("/runs/{run_id}/fail", status_code=204)
-    def fail(run_id: IdPath, body: FailRun, r: Registry = reg) -> None: Run(r, run_id, None, None).fail(body.error, body.outputs)
+    def fail(run_id: IdPath, body: FailRun, r: Registry = reg) -> None: Run(r, run_id, None, None).fail(body.error,
+            body.outputs)
     @router.post("/runs/{run_id}/interrupt", status_code=204)
-    def interrupt(run_id: IdPath, body: RunOutputs, r: Registry = reg) -> None: Run(r, run_id, None, None).interrupt(body.outputs)
+    def interrupt(run_id: IdPath, body: RunOutputs, r: Registry = reg) -> None: Run(r, run_id, None,
+                                                                                    None).interrupt(body.outputs)
 
 # %% ../nbs/17_remote.ipynb #2236c24a
 def _model_routes(router: APIRouter, reg: Any, owns: Callable) -> None:
@@ -270,12 +292,25 @@ def _model_routes(router: APIRouter, reg: Any, owns: Callable) -> None:
         except ArtifactError as e: raise ValueError(f"artifact_path {e}") from None
         f.close()
         if digest != body.checksum:
-            raise ArtifactError(f"artifact_path {body.artifact_path!r}: the service reads sha256 {digest[:12]}... there, the client sent "
-                                f"{body.checksum[:12]}...: the file changed, or the service does not see the client's file system")
-        return jsonable(r.register_model(body.run_id, body.algorithm, body.scenario, body.artifact_path, body.config, body.name,
-                                         body.shared, checksum=digest))
+            raise ArtifactError(f"artifact_path {body.artifact_path!r}: the service reads sha256 {digest[:12]}... "
+                                f"there, the client sent "
+                                f"{body.checksum[:12]}...: the file changed, or the service does not see the client's "
+                                f"file system")
+        return jsonable(
+            r.register_model(
+                body.run_id,
+                body.algorithm,
+                body.scenario,
+                body.artifact_path,
+                body.config,
+                body.name,
+                body.shared,
+                checksum=digest,
+            )
+        )
     @router.get("/models")
-    def models(algorithm: str | None = None, scenario: str | None = None, name: str | None = None, r: Registry = reg) -> dict:
+    def models(algorithm: str | None = None, scenario: str | None = None, name: str | None = None,
+               r: Registry = reg) -> dict:
         return frame_payload(r.models(algorithm=algorithm, scenario=scenario, name=name))
     @router.get("/models/{model_id}")
     def model(model_id: IdPath, r: Registry = reg) -> dict: return jsonable(r.model(model_id))
@@ -283,21 +318,35 @@ def _model_routes(router: APIRouter, reg: Any, owns: Callable) -> None:
     def model_file(model_id: IdPath, r: Registry = reg) -> StreamingResponse:
         m = r.model(model_id)
         try: f, _ = read_artifact(m["artifact"], m["owner"], owns, checksum=m["checksum"])
-        except ArtifactError as e: raise ArtifactError(f"model {m['id']} ({m['name']} v{m['version']}): its file {e}") from None
+        except ArtifactError as e: raise ArtifactError(
+                f"model {m['id']} ({m['name']} v{m['version']}): its file {e}") from None
         def chunks():
             with f: yield from iter(lambda: f.read(1 << 20), b"")
         return StreamingResponse(chunks(), media_type="application/octet-stream", headers={
-            "Content-Disposition": f'attachment; filename="{Path(m["artifact"]).name}"', "X-Checksum-Sha256": m["checksum"]})
+            "Content-Disposition": f'attachment; filename="{Path(m["artifact"]).name}"',
+            "X-Checksum-Sha256": m["checksum"]})
 
 # %% ../nbs/17_remote.ipynb #9f109edb
 def _evaluation_routes(router: APIRouter, reg: Any) -> None:
     "Evaluations: record, list."
     @router.post("/evaluations", status_code=201)
     def record_evaluation(body: RecordEvaluation, r: Registry = reg) -> dict:
-        return {"id": r.record_evaluation(body.scenario, body.strategy, body.objective, body.metrics, body.n_paths, body.seed,
-                                          body.run_id, body.model_id, body.shared)}
+        return {
+            "id": r.record_evaluation(
+                body.scenario,
+                body.strategy,
+                body.objective,
+                body.metrics,
+                body.n_paths,
+                body.seed,
+                body.run_id,
+                body.model_id,
+                body.shared,
+            )
+        }
     @router.get("/evaluations")
-    def evaluations(scenario: str | None = None, strategy: str | None = None, run_id: Annotated[int | None, Query(ge=1, le=2**63 - 1)] = None,
+    def evaluations(scenario: str | None = None, strategy: str | None = None, run_id: Annotated[int | None, Query(ge=1,
+            le=2**63 - 1)] = None,
                     model_id: Annotated[int | None, Query(ge=1, le=2**63 - 1)] = None, r: Registry = reg) -> dict:
         return frame_payload(r.evaluations(scenario=scenario, strategy=strategy, run_id=run_id, model_id=model_id))
 
@@ -305,7 +354,8 @@ def _evaluation_routes(router: APIRouter, reg: Any) -> None:
 def seal_sqlite(
     registry: Registry, # the service's registry
 ) -> Path | None:
-    "Make a SQLite registry's file readable and writable by this account only (0600, created so if missing); its path, or None for other databases."
+    """Make a SQLite registry's file readable and writable by this account only (0600, created so if missing); its
+    path, or None for other databases."""
     from hedgerl.registry import sqlite_file
     f = sqlite_file(registry.url)
     if f is None: return None
@@ -321,13 +371,21 @@ def seal_sqlite(
 
 # %% ../nbs/17_remote.ipynb #5e7c1a2b
 def service_registry(
-    registry: Registry | str | None = None, # the service's registry or its database URL; None: the `[registry] url` setting of this process
+    # the service's registry or its database URL; None: the `[registry] url` setting of this process
+    registry: Registry | str | None = None,
 ) -> Registry:
-    "The service's own registry: a database only it reaches (never the service's own URL); a SQLite file sealed (`seal_sqlite`)."
-    url = registry.address() if isinstance(registry, Registry) else str(settings().registry.url if registry is None else registry)
+    """The service's own registry: a database only it reaches (never the service's own URL); a SQLite file sealed
+    (`seal_sqlite`)."""
+    url = (
+        registry.address()
+        if isinstance(registry, Registry)
+        else str(settings().registry.url if registry is None else registry)
+    )
     if is_service_url(url):
-        raise SettingsError(f"the hedgerl service's own [registry] url (environment HEDGERL_REGISTRY_URL) must be a database that only it "
-                            f"reaches (a file in the hub's state folder, or PostgreSQL), not {url!r}, which is the service itself")
+        raise SettingsError(f"the hedgerl service's own [registry] url (environment HEDGERL_REGISTRY_URL) must be a "
+                            f"database that only it "
+                            f"reaches (a file in the hub's state folder, or PostgreSQL), not {url!r}, which is the "
+                            f"service itself")
     base = registry if isinstance(registry, Registry) else Registry(url)
     seal_sqlite(base)
     return base
@@ -335,7 +393,8 @@ def service_registry(
 
 # %% ../nbs/17_remote.ipynb #21685485
 def hub_user_name(user) -> str:
-    "The registry's user for what the service's dependency returned: a hub *user*'s name (another service's token is refused)."
+    """The registry's user for what the service's dependency returned: a hub *user*'s name (another service's token is
+    refused)."""
     name, kind = getattr(user, "name", user), getattr(user, "kind", "user")
     if kind != "user": raise PermissionError(f"the registry records the work of hub users, not of a {kind} ({name!r})")
     if not isinstance(name, str) or not name: raise PermissionError("no authenticated hub user")
@@ -343,12 +402,15 @@ def hub_user_name(user) -> str:
 
 # %% ../nbs/17_remote.ipynb #d4a9919d
 def registry_router(
-    user_dependency: Callable, # FastAPI dependency giving the authenticated hub user (`hedgerl.service.hub_user`: `.name`, `.kind`)
-    registry: Registry | str | None = None, # the service's registry or its database URL; None: the `[registry] url` setting of this process
+    # FastAPI dependency giving the authenticated hub user (`hedgerl.service.hub_user`: `.name`, `.kind`)
+    user_dependency: Callable,
+    # the service's registry or its database URL; None: the `[registry] url` setting of this process
+    registry: Registry | str | None = None,
     owns: Callable = account_owns, # which files a user may register and have served as models (see `read_artifact`)
     max_body: int = 1 << 20, # largest request body in bytes (413 above it)
 ) -> APIRouter:
-    "The registry's REST endpoints; every call runs as the authenticated hub user (`Registry.as_user`): ownership is the registry's own. A SQLite database is sealed (`seal_sqlite`)."
+    """The registry's REST endpoints; every call runs as the authenticated hub user (`Registry.as_user`): ownership is
+    the registry's own. A SQLite database is sealed (`seal_sqlite`)."""
     base = service_registry(registry)
 
     route = type("RegistryRoute", (RegistryRoute,), {"max_body": int(max_body), "hidden": base.address()})
@@ -366,7 +428,8 @@ def registry_router(
     return router
 
 # %% ../nbs/17_remote.ipynb #614c0c03
-_STATUS_ERRORS = {400: ValueError, 401: PermissionError, 403: PermissionError, 404: KeyError, 409: ArtifactError, 413: ValueError,
+_STATUS_ERRORS = {400: ValueError, 401: PermissionError, 403: PermissionError, 404: KeyError, 409: ArtifactError,
+                  413: ValueError,
                   422: ValueError, 502: RegistryUnavailable, 503: RegistryUnavailable, 504: RegistryUnavailable}
 
 def service_error(
@@ -378,15 +441,20 @@ def service_error(
     try: detail = json.loads(body).get("detail")
     except (ValueError, AttributeError): detail = None
     if isinstance(detail, list):  # pydantic's errors: "field: message"
-        detail = "; ".join(f"{'.'.join(map(str, e.get('loc', ())[1:])) or 'body'}: {e.get('msg')}" for e in detail if isinstance(e, dict))
-    if status == 404 and not str(detail or "").startswith("no "):  # not the registry's answer: a wrong URL, or no registry there
-        return RegistryUnavailable(f"the hedgerl service at {where} has no registry API ({API}): HTTP 404 (check [registry] url / HEDGERL_REGISTRY_URL)")
-    if status == 401: detail = f"the hub did not accept the token ({detail or 'unauthorized'}): is JUPYTERHUB_API_TOKEN this workspace's?"
+        detail = "; ".join(f"{'.'.join(map(str, e.get('loc', ())[1:])) or 'body'}: {e.get('msg')}" for e in detail
+                           if isinstance(e, dict))
+    # not the registry's answer: a wrong URL, or no registry there
+    if status == 404 and not str(detail or "").startswith("no "):
+        return RegistryUnavailable(f"the hedgerl service at {where} has no registry API ({API}): HTTP 404 (check "
+                                   f"[registry] url / HEDGERL_REGISTRY_URL)")
+    if status == 401: detail = (f"the hub did not accept the token ({detail or 'unauthorized'}): is "
+                                f"JUPYTERHUB_API_TOKEN this workspace's?")
     return _STATUS_ERRORS.get(status, RuntimeError)(f"{detail or 'error'} (hedgerl service {where}, HTTP {status})")
 
 # %% ../nbs/17_remote.ipynb #3808fd3b
 class ServiceClient:
-    "HTTP to the hedgerl service with a hub token: JSON in, the service's error answers raised as the registry's exceptions."
+    """HTTP to the hedgerl service with a hub token: JSON in, the service's error answers raised as the registry's
+    exceptions."""
     def __init__(self,
         url: str | None = None, # the service's http(s) URL (`.../services/hedgerl/`); None: `settings().registry.url`
         token: str | None = None, # a hub API token; None: $JUPYTERHUB_API_TOKEN (set in every workspace)
@@ -394,28 +462,35 @@ class ServiceClient:
         client=None, # an `httpx.Client` to use (a FastAPI `TestClient` in tests); None: a new one
     ):
         raw = str(settings().registry.url if url is None else url).strip()
-        if not is_service_url(raw): raise SettingsError(f"{raw!r} is not the hedgerl service's http(s) URL (setting [registry] url, environment HEDGERL_REGISTRY_URL)")
+        if not is_service_url(raw): raise SettingsError(f"{raw!r} is not the hedgerl service's http(s) URL (setting "
+                                                        f"[registry] url, environment HEDGERL_REGISTRY_URL)")
         self.url = raw.rstrip("/") + "/"
         self._token = token if token is not None else os.environ.get("JUPYTERHUB_API_TOKEN")
-        if not self._token: raise PermissionError(f"no hub token for the hedgerl service at {self.url}: JUPYTERHUB_API_TOKEN is not set "
+        if not self._token: raise PermissionError(f"no hub token for the hedgerl service at {self.url}: "
+                                                  f"JUPYTERHUB_API_TOKEN is not set "
                                                   f"(JupyterHub sets it in a workspace); pass token=")
         if client is None:
             try: import httpx
-            except ImportError: raise ImportError("the hedgerl service's client needs httpx: pip install 'hedgerl[platform]'") from None
+            except ImportError: raise ImportError("the hedgerl service's client needs httpx: pip install "
+                                                  "'hedgerl[platform]'") from None
             client = httpx.Client(timeout=timeout)
         self._http = client
 
     def _call(self, method: str, path: str = "", body=None, params: dict | None = None, stream: bool = False):
         "One request to `<url>api/v1/registry<path>`; reads are tried 3 times when the service cannot be reached."
         import httpx
-        headers = {"Authorization": f"token {self._token}", **({"Content-Type": "application/json"} if body is not None else {})}
+        headers = {
+            "Authorization": f"token {self._token}",
+            **({"Content-Type": "application/json"} if body is not None else {}),
+        }
         content = None if body is None else json.dumps(body, default=_json_default)  # numpy values as in `Registry`
         req = self._http.build_request(method, self.url + API + path, content=content, headers=headers,
                                        params={k: v for k, v in (params or {}).items() if v is not None})
         for attempt in range(3 if method == "GET" else 1):
             try: r = self._http.send(req, stream=stream); break
             except httpx.TransportError as e:
-                if attempt == (2 if method == "GET" else 0): raise RegistryUnavailable(f"cannot reach the hedgerl service at {self.url}: {e}") from None
+                if attempt == (2 if method == "GET" else 0): raise RegistryUnavailable(
+                        f"cannot reach the hedgerl service at {self.url}: {e}") from None
                 time.sleep(0.5 * 2 ** attempt)
         if r.status_code >= 400:
             if stream: r.read()
@@ -428,21 +503,24 @@ class ServiceClient:
 
 # %% ../nbs/17_remote.ipynb #8a31df51
 class RemoteRun(Run):
-    "A `Run` recorded through the hedgerl service (from `RemoteRegistry.start_run` and `run`): logging, outputs and closing are requests."
+    """A `Run` recorded through the hedgerl service (from `RemoteRegistry.start_run` and `run`): logging, outputs and
+    closing are requests."""
     def log(self,
         step: int, # training step (or any increasing integer)
         **metrics: float, # namespaced keys (`train/loss`, `eval/objective`) and their values
     ) -> None:
         "Append metrics for `step` and refresh the heartbeat (see `Run.log`), through the service."
         self.registry._call("POST", f"/runs/{self.id}/metrics",
-                            {"step": int(step), "metrics": {k: None if v is None else float(v) for k, v in metrics.items()}})
+                            {"step": int(step), "metrics": {k: None if v is None else float(v) for k,
+                                                            v in metrics.items()}})
 
     def _update(self, outputs: dict | None = None, **values):
         self.registry._call("POST", f"/runs/{self.id}/outputs", {"outputs": outputs or {}})
 
     def _close(self, status: str, outputs=None, error: str | None = None):
         action = {"finished": "finish", "failed": "fail", "interrupted": "interrupt"}[status]
-        self.registry._call("POST", f"/runs/{self.id}/{action}", {"outputs": outputs, **({"error": error} if status == "failed" else {})})
+        self.registry._call("POST", f"/runs/{self.id}/{action}", {"outputs": outputs,
+                                                                  **({"error": error} if status == "failed" else {})})
 
     @property
     def status(self) -> str:
@@ -454,7 +532,8 @@ class RemoteRun(Run):
 # %% ../nbs/17_remote.ipynb #cb987e34
 def _as_row(d: dict) -> dict:
     "A row of the service's JSON with its timestamps parsed, like `Registry`'s."
-    return {k: dt.datetime.fromisoformat(v) if k in DATETIME_COLUMNS and isinstance(v, str) else v for k, v in d.items()}
+    return {k: dt.datetime.fromisoformat(v) if k in DATETIME_COLUMNS and isinstance(v, str) else v for k,
+            v in d.items()}
 
 # %% ../nbs/17_remote.ipynb #e8c8a627
 def _save_checked(
@@ -477,7 +556,8 @@ def _save_checked(
 class RemoteReader(ServiceClient):
     "`Registry`'s reads through the hedgerl service as the token's hub user: runs, metrics, models, evaluations, files."
     def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 60.0, client=None,
-                 cache: str | Path | None = None, # where other users' model files are downloaded; None: `<[data] cache>/models`
+                 # where other users' model files are downloaded; None: `<[data] cache>/models`
+                 cache: str | Path | None = None,
                  ):
         super().__init__(url, token, timeout, client)
         self.cache, self._user = Path(cache) if cache is not None else settings().data.cache / "models", None
@@ -500,10 +580,12 @@ class RemoteReader(ServiceClient):
 
     def _frame(self, path: str, user: str | None = None, **params) -> pd.DataFrame:
         if user is not None and user != self.user:
-            raise PermissionError(f"the hedgerl service shows user {self.user!r} their own view (their rows and shared ones), not {user!r}'s")
+            raise PermissionError(f"the hedgerl service shows user {self.user!r} their own view (their rows and shared "
+                                  f"ones), not {user!r}'s")
         return payload_frame(self._call("GET", path, params=params).json())
 
-    def runs(self, experiment: str | None = None, status: str | None = None, user: str | None = None, run_id: int | None = None) -> pd.DataFrame:
+    def runs(self, experiment: str | None = None, status: str | None = None, user: str | None = None,
+             run_id: int | None = None) -> pd.DataFrame:
         "Runs visible to this user, newest first (see `Registry.runs`)."
         return self._frame("/runs", user, experiment=experiment, status=status, run_id=run_id)
 
@@ -511,11 +593,13 @@ class RemoteReader(ServiceClient):
         "The run's logged metrics (step, key, value, timestamp)."
         return self._frame(f"/runs/{int(run_id)}/metrics", user, key=key)
 
-    def models(self, algorithm: str | None = None, scenario: str | None = None, name: str | None = None, user: str | None = None) -> pd.DataFrame:
+    def models(self, algorithm: str | None = None, scenario: str | None = None, name: str | None = None,
+               user: str | None = None) -> pd.DataFrame:
         "Registered models visible to this user, oldest first."
         return self._frame("/models", user, algorithm=algorithm, scenario=scenario, name=name)
 
-    def evaluations(self, scenario: str | None = None, strategy: str | None = None, run_id: int | None = None, model_id: int | None = None,
+    def evaluations(self, scenario: str | None = None, strategy: str | None = None, run_id: int | None = None,
+                    model_id: int | None = None,
                     user: str | None = None) -> pd.DataFrame:
         "Recorded evaluations visible to this user, oldest first."
         return self._frame("/evaluations", user, scenario=scenario, strategy=strategy, run_id=run_id, model_id=model_id)
@@ -525,7 +609,8 @@ class RemoteReader(ServiceClient):
         return _as_row(self._call("GET", f"/models/{int(model_id)}").json())
 
     def model_file(self, model_id: int) -> Path:
-        "The model's file checked against its recorded checksum: one's own in place, another's (shared) downloaded into `cache`."
+        """The model's file checked against its recorded checksum: one's own in place, another's (shared) downloaded
+        into `cache`."""
         m = self.model(model_id)
         p = Path(m["artifact"])
         if m["owner"] == self.user:
@@ -542,11 +627,14 @@ class RemoteReader(ServiceClient):
 
 # %% ../nbs/17_remote.ipynb #43f89133
 class RemoteRegistry(RemoteReader):
-    "`Registry`'s methods for training and backtests, through the hedgerl service: every call runs as the token's hub user."
-    def start_run(self, experiment: str, params: dict | None = None, name: str | None = None, notebook: str | None = None,
+    """`Registry`'s methods for training and backtests, through the hedgerl service: every call runs as the token's hub
+    user."""
+    def start_run(self, experiment: str, params: dict | None = None, name: str | None = None,
+                  notebook: str | None = None,
                   shared: bool = False, tags: list | None = None, description: str | None = None) -> RemoteRun:
         "Open a running run (see `Registry.start_run`); this process's host and pid go with it, for the reaper."
-        body = dict(experiment=experiment, params=params, name=name, notebook=None if notebook is None else str(notebook), shared=shared,
+        body = dict(experiment=experiment, params=params, name=name,
+                    notebook=None if notebook is None else str(notebook), shared=shared,
                     tags=tags, description=description, host=socket.gethostname(), pid=os.getpid())
         r = self._call("POST", "/runs", body).json()
         return RemoteRun(self, r["id"], r["experiment"], r["name"])
@@ -556,19 +644,24 @@ class RemoteRegistry(RemoteReader):
         r = self._call("GET", f"/runs/{int(id)}").json()
         return RemoteRun(self, r["id"], r["experiment"], r["name"])
 
-    def register_model(self, run: Run | int | None, algorithm: str, scenario: str, artifact_path: str | Path, config: dict | None = None,
+    def register_model(self, run: Run | int | None, algorithm: str, scenario: str, artifact_path: str | Path,
+                       config: dict | None = None,
                        name: str | None = None, shared: bool = False) -> dict:
         "Record a model file of this user's (path and sha256) under the next version of its name; return its row."
         p = Path(artifact_path).expanduser().resolve()
         if not p.is_file(): raise FileNotFoundError(f"artifact_path {str(p)!r} is not a file")
-        body = dict(run_id=run.id if isinstance(run, Run) else run, algorithm=algorithm, scenario=scenario, artifact_path=str(p),
+        body = dict(run_id=run.id if isinstance(run, Run) else run, algorithm=algorithm, scenario=scenario,
+                    artifact_path=str(p),
                     checksum=_sha256(p), config=config, name=name, shared=shared)
         return self._call("POST", "/models", body).json()
 
-    def record_evaluation(self, scenario: str, strategy: str, objective: float, metrics: dict | None = None, n_paths: int | None = None,
-                          seed: int | None = None, run: Run | int | None = None, model: dict | int | None = None, shared: bool = False) -> int:
+    def record_evaluation(self, scenario: str, strategy: str, objective: float, metrics: dict | None = None,
+                          n_paths: int | None = None,
+                          seed: int | None = None, run: Run | int | None = None, model: dict | int | None = None,
+                          shared: bool = False) -> int:
         "Record one evaluation; return its id."
-        body = dict(scenario=scenario, strategy=strategy, objective=float(objective), metrics=metrics, n_paths=None if n_paths is None else int(n_paths),
+        body = dict(scenario=scenario, strategy=strategy, objective=float(objective), metrics=metrics,
+                    n_paths=None if n_paths is None else int(n_paths),
                     seed=None if seed is None else int(seed), run_id=run.id if isinstance(run, Run) else run,
                     model_id=model["id"] if isinstance(model, dict) else model, shared=shared)
         return self._call("POST", "/evaluations", body).json()["id"]

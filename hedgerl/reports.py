@@ -17,7 +17,7 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -37,11 +37,13 @@ def template_path(
     "The report template `name`, from the installed package (`hedgerl/templates/`: the repository's `nbs/runs/`)."
     p = Path(hedgerl.__file__).resolve().parent / "templates" / name
     if not p.is_file():
-        raise FileNotFoundError(f"hedgerl's template {name} is not in {p.parent}: reinstall hedgerl (pip install --force-reinstall hedgerl)")
+        raise FileNotFoundError(f"hedgerl's template {name} is not in {p.parent}: reinstall hedgerl (pip install "
+                                f"--force-reinstall hedgerl)")
     return p
 
 # %% ../nbs/26_reports.ipynb #39153814
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update",
                   "--disable-sync", "--no-first-run") # what NOTES.md found to work on these machines
 
 class ChromiumMissing(RuntimeError):
@@ -49,15 +51,19 @@ class ChromiumMissing(RuntimeError):
 
 # %% ../nbs/26_reports.ipynb #105820ed
 def find_chromium(
-    path: str | None = None, # a Chromium executable; None: $HEDGERL_CHROMIUM, then /usr/bin/chromium, then chromium or google-chrome on the PATH
+    # a Chromium executable; None: $HEDGERL_CHROMIUM, then /usr/bin/chromium, then chromium or google-chrome on the PATH
+    path: str | None = None,
 ) -> str:
     "The Chromium executable that prints reports to PDF; `ChromiumMissing` says how to get one."
     wanted = path or os.environ.get("HEDGERL_CHROMIUM")
-    found = [wanted] if wanted else ["/usr/bin/chromium", *(shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome"))]
+    found = [wanted] if wanted else ["/usr/bin/chromium", *(shutil.which(n) for n in ("chromium", "chromium-browser",
+                                                                                      "google-chrome"))]
     for f in found:
         if f and os.path.isfile(f) and os.access(f, os.X_OK): return f
-    if wanted: raise ChromiumMissing(f"Chromium {wanted!r} is not an executable file: give the path of chromium, or --no-pdf")
-    raise ChromiumMissing("no Chromium to print the PDF: install it (apt-get install chromium), set HEDGERL_CHROMIUM=PATH, or pass --no-pdf")
+    if wanted: raise ChromiumMissing(f"Chromium {wanted!r} is not an executable file: give the path of chromium, or "
+                                     f"--no-pdf")
+    raise ChromiumMissing("no Chromium to print the PDF: install it (apt-get install chromium), set "
+                          "HEDGERL_CHROMIUM=PATH, or pass --no-pdf")
 
 # %% ../nbs/26_reports.ipynb #aae7f1d9
 def _jsonable(x):
@@ -83,7 +89,8 @@ def scenario_parameters(
     "The report template's parameters for a scenario: the applicable baselines on the same paths."
     from hedgerl.scenarios import as_scenario
     scn = as_scenario(scenario)
-    return dict(title=f"Hedging report: {scn.name}", scenario=json.loads(scn.to_json()), strategies=_baselines(scn),  # lists, not tuples: papermill writes literals
+    # lists, not tuples: papermill writes literals
+    return dict(title=f"Hedging report: {scn.name}", scenario=json.loads(scn.to_json()), strategies=_baselines(scn),
                 n_paths=check_int("n_paths", n_paths, 2), seed=check_int("seed", seed, 0))
 
 # %% ../nbs/26_reports.ipynb #e94f216f
@@ -91,9 +98,11 @@ def _run_scenario(run: dict):
     "The scenario run `run` (a registry row) trained on; a `ValueError` when its parameters name none that can be made."
     from hedgerl.runs import resolve_scenario
     p = run.get("params") or {}
-    if "scenario" not in p: raise ValueError(f"run {run['id']} has no scenario in its parameters: reports are made of runs of `hedgerl train`")
+    if "scenario" not in p: raise ValueError(f"run {run['id']} has no scenario in its parameters: reports are made of "
+                                             f"runs of `hedgerl train`")
     try: return resolve_scenario(p["scenario"], p.get("objective"))
-    except (ValueError, KeyError, TypeError, OSError) as e: raise ValueError(f"run {run['id']}: its scenario cannot be made ({e})") from None
+    except (ValueError, KeyError, TypeError, OSError) as e: raise ValueError(
+            f"run {run['id']}: its scenario cannot be made ({e})") from None
 
 # %% ../nbs/26_reports.ipynb #08542fc0
 def run_parameters(
@@ -102,15 +111,18 @@ def run_parameters(
     n_paths: int = 10_000, seed: int = 2026, # test paths and their seed
     model_file: Callable | None = None, # model row -> its file, checked; None: `reg.model_file`
 ) -> dict:
-    "The report template's parameters for a run: its models beside the baselines on its scenario, its parameters and logged metrics."
+    """The report template's parameters for a run: its models beside the baselines on its scenario, its parameters and
+    logged metrics."""
     run = reg.get("run", int(run_id))  # KeyError: not visible to this user
     scn = _run_scenario(run)
     models, _ = reg.find("model", {"run_id": run["id"]}, sort="id")
     files = model_file or (lambda m: reg.model_file(m["id"]))
     learned = {f"{m['name']} v{m['version']}": {"model_file": str(files(m))} for m in models}
     log = reg.metrics(run["id"])[["step", "key", "value"]].to_dict("records")
-    return dict(scenario_parameters(scn, n_paths, seed), title=f"Run {run['id']}: {run['experiment']}" + (f" / {run['name']}" if run["name"] else ""),
-                strategies={**_baselines(scn), **learned}, focus=next(iter(learned), None), run=_jsonable(run), training=_jsonable(log))
+    return dict(scenario_parameters(scn, n_paths, seed), title=f"Run {run['id']}: {run['experiment']}"
+                + (f" / {run['name']}" if run["name"] else ""),
+                strategies={**_baselines(scn), **learned}, focus=next(iter(learned), None), run=_jsonable(run),
+                training=_jsonable(log))
 
 # %% ../nbs/26_reports.ipynb #93f7949b
 def experiment_parameters(
@@ -119,18 +131,21 @@ def experiment_parameters(
     n_paths: int = 10_000, seed: int = 2026, # test paths and their seed
     model_file: Callable | None = None, # model row -> its file, checked; None: `reg.model_file`
 ) -> dict:
-    "The report template's parameters for an experiment: its runs side by side, and the models of its newest run's scenario against the baselines."
+    """The report template's parameters for an experiment: its runs side by side, and the models of its newest run's
+    scenario against the baselines."""
     runs = reg.runs(experiment=experiment)
     if runs.empty: raise KeyError(f"no experiment {experiment!r} with runs visible to user {reg.user!r}")
     made = [(r, s) for r in runs.to_dict("records") if (s := _try(_run_scenario, r)) is not None]
-    if not made: raise ValueError(f"experiment {experiment!r}: none of its runs names a scenario (runs of `hedgerl train` do)")
+    if not made: raise ValueError(f"experiment {experiment!r}: none of its runs names a scenario (runs of `hedgerl "
+                                  f"train` do)")
     scn = made[0][1]
     files = model_file or (lambda m: reg.model_file(m["id"]))
     models = [m for r, s in made if s == scn for m in reg.find("model", {"run_id": r["id"]}, sort="id")[0]]
     table = reg.compare([int(i) for i in runs["id"]]).reset_index().rename(columns={"run_id": "id"})
     learned = {f"{m['name']} v{m['version']} (run {m['run_id']})": {"model_file": str(files(m))} for m in models}
     return dict(scenario_parameters(scn, n_paths, seed), title=f"Experiment {experiment}: {len(runs)} runs",
-                strategies={**_baselines(scn), **learned}, focus=next(iter(learned), None), runs=_jsonable(table.to_dict("records")))
+                strategies={**_baselines(scn), **learned}, focus=next(iter(learned), None),
+                runs=_jsonable(table.to_dict("records")))
 
 # %% ../nbs/26_reports.ipynb #5a0599a6
 def _try(f, *args):
@@ -140,9 +155,11 @@ def _try(f, *args):
 # %% ../nbs/26_reports.ipynb #f69fb17b
 def resolve_target(
     target, # "leaderboard", a run id, a scenario (published name or .yaml/.json file) or an experiment name
-    registry=None, # a `Registry`, its URL or the service's (opened only for runs and experiments); None: the [registry] url setting
+    # a `Registry`, its URL or the service's (opened only for runs and experiments); None: the [registry] url setting
+    registry=None,
     n_paths: int = 10_000, seed: int = 2026, # test paths and their seed
-    leaderboard: str | Path | None = None, # the leaderboard's file; None: reports/leaderboard.json here, else the clone's
+    # the leaderboard's file; None: reports/leaderboard.json here, else the clone's
+    leaderboard: str | Path | None = None,
 ) -> tuple[str, str, dict]:
     "What `target` names: the report's slug, its template and the template's parameters."
     from hedgerl.scenarios import names
@@ -150,12 +167,15 @@ def resolve_target(
     if not t: raise ValueError("target is empty: give a scenario, a run id, an experiment or 'leaderboard'")
     if t == "leaderboard":  # not "leaderboard": its .json would overwrite the leaderboard itself in reports/
         return "leaderboard-report", "leaderboard_report.ipynb", dict(leaderboard=str(_leaderboard_file(leaderboard)))
-    if t.isdigit(): return f"run-{int(t)}", "report.ipynb", run_parameters(open_registry(registry), int(t), n_paths, seed)
+    if t.isdigit(): return f"run-{int(t)}", "report.ipynb", run_parameters(open_registry(registry), int(t), n_paths,
+                                                                           seed)
     if t in names() or (t.endswith((".yaml", ".yml", ".json")) and Path(t).is_file()):
-        return f"scenario-{_slug(Path(t).stem if Path(t).is_file() else t)}", "report.ipynb", scenario_parameters(t, n_paths, seed)
+        return f"scenario-{_slug(Path(t).stem if Path(t).is_file() else t)}", "report.ipynb", scenario_parameters(t,
+                n_paths, seed)
     reg = open_registry(registry)
     try: return f"experiment-{_slug(t)}", "report.ipynb", experiment_parameters(reg, t, n_paths, seed)
-    except KeyError: raise KeyError(f"{t!r} is no published scenario (hedgerl scenarios), scenario file, run id or experiment of user {reg.user!r}") from None
+    except KeyError: raise KeyError(f"{t!r} is no published scenario (hedgerl scenarios), scenario file, run id or "
+                                    f"experiment of user {reg.user!r}") from None
 
 # %% ../nbs/26_reports.ipynb #820d5687
 def _slug(s: str) -> str: return re.sub(r"[^A-Za-z0-9._-]+", "-", s).strip("-.")[:80] or "report"
@@ -163,10 +183,12 @@ def _slug(s: str) -> str: return re.sub(r"[^A-Za-z0-9._-]+", "-", s).strip("-.")
 # %% ../nbs/26_reports.ipynb #1af869ce
 def _leaderboard_file(path) -> Path:
     "The leaderboard to report: `path`, else reports/leaderboard.json here, else the committed one of this clone."
-    found = [Path(path)] if path is not None else [Path("reports/leaderboard.json"), Path(hedgerl.__file__).resolve().parent.parent / "reports" / "leaderboard.json"]
+    found = [Path(path)] if path is not None else [Path("reports/leaderboard.json"),
+            Path(hedgerl.__file__).resolve().parent.parent / "reports" / "leaderboard.json"]
     for p in found:
         if p.is_file(): return p.resolve()
-    raise FileNotFoundError(f"no leaderboard file at {found[0]}: run `hedgerl leaderboard` first (it writes reports/leaderboard.json)")
+    raise FileNotFoundError(f"no leaderboard file at {found[0]}: run `hedgerl leaderboard` first (it writes "
+                            f"reports/leaderboard.json)")
 
 # %% ../nbs/26_reports.ipynb #3a9ff226
 def execute(
@@ -176,26 +198,33 @@ def execute(
     progress: bool = False, # papermill's bar over the cells
     timeout: float | None = 1800, # seconds a cell may run
 ) -> Path:
-    "Execute a report template with papermill into `output` (its working folder is `output`'s); `RuntimeError` with the cell's error if it fails."
+    """Execute a report template with papermill into `output` (its working folder is `output`'s); `RuntimeError` with
+    the cell's error if it fails."""
     import papermill as pm
     from hedgerl.runs import _kernel_manager_class  # local sockets, the kernel's stderr into kernel.log
     output = Path(output); output.parent.mkdir(parents=True, exist_ok=True)
     try:
         with open(output.parent / "kernel.log", "ab") as log:
-            pm.execute_notebook(str(template_path(template)), str(output), parameters=parameters, kernel_name="python3", language="python",
-                                cwd=str(output.parent), progress_bar=progress, execution_timeout=timeout, kernel_manager_class=_kernel_manager_class([], log))
+            pm.execute_notebook(str(template_path(template)), str(output), parameters=parameters, kernel_name="python3",
+                                language="python",
+                                cwd=str(output.parent), progress_bar=progress, execution_timeout=timeout,
+                                kernel_manager_class=_kernel_manager_class([], log))
     except pm.PapermillExecutionError as e:
-        raise RuntimeError(f"the report notebook failed in cell {e.exec_count}: {e.ename}: {e.evalue} (the executed notebook: {output})") from None
+        raise RuntimeError(f"the report notebook failed in cell {e.exec_count}: {e.ename}: {e.evalue} (the executed "
+                           f"notebook: {output})") from None
     return output
 
 # %% ../nbs/26_reports.ipynb #b9153694
+# the lab page, less what it would load from CDNs; in print, neither a figure nor a table row is split over two pages,
+# nor a heading left from what follows it
 _PAGE = """{%- extends 'index.html.j2' -%}
 {%- block html_head_js_requirejs -%}{%- endblock html_head_js_requirejs -%}
 {%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
 {%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
 {% block extra_css %}<style>main { max-width: 1000px; margin: 0 auto; } .jp-OutputArea-output table { font-size: 12px; }
-@media print { h2, .jp-OutputArea-child:has(h2) { break-after: avoid; } .jp-OutputArea-child, tr { break-inside: avoid; } }</style>{% endblock extra_css %}
-""" # the lab page, less what it would load from CDNs; in print, neither a figure nor a table row is split over two pages, nor a heading left from what follows it
+@media print { h2, .jp-OutputArea-child:has(h2) { break-after: avoid; }
+  .jp-OutputArea-child, tr { break-inside: avoid; } }</style>{% endblock extra_css %}
+"""
 
 def to_html(
     notebook: Path, # an executed report notebook
@@ -208,7 +237,8 @@ def to_html(
     from nbconvert.preprocessors import TagRemovePreprocessor
     nb = nbformat.read(str(notebook), as_version=4)
     if title: nb.metadata["title"] = title
-    ex = HTMLExporter(template_name="lab", template_file="hedgerl_report.html.j2", extra_loaders=[jinja2.DictLoader({"hedgerl_report.html.j2": _PAGE})],
+    ex = HTMLExporter(template_name="lab", template_file="hedgerl_report.html.j2",
+                      extra_loaders=[jinja2.DictLoader({"hedgerl_report.html.j2": _PAGE})],
                       exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
     ex.register_preprocessor(TagRemovePreprocessor(remove_cell_tags={"remove"}, enabled=True), enabled=True)
     body, _ = ex.from_notebook_node(nb)
@@ -227,7 +257,8 @@ def to_pdf(
     chromium: str | None = None, # see `find_chromium`
     timeout: float = 120, # seconds to wait for the figures
 ) -> Path:
-    "Print the page to an A4 PDF with the installed Chromium, once every figure has drawn (Playwright drives it; without Playwright, Chromium's own --print-to-pdf)."
+    """Print the page to an A4 PDF with the installed Chromium, once every figure has drawn (Playwright drives it;
+    without Playwright, Chromium's own --print-to-pdf)."""
     exe, html, pdf = find_chromium(chromium), Path(html).resolve(), Path(pdf).resolve()
     try: from playwright.sync_api import sync_playwright
     except ImportError: return _print_to_pdf(exe, html, pdf, timeout)
@@ -235,11 +266,15 @@ def to_pdf(
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=exe, headless=True, args=list(CHROMIUM_FLAGS[1:]))
         try:
-            page = b.new_page(viewport={"width": 937, "height": 1400})  # A4 less 2 x 12 mm margins, at 96 px an inch and scale 0.75
-            page.route(re.compile(r"^(?!file:|data:|blob:|about:).*"), lambda route: route.abort())  # offline, whatever the page asks
+            # A4 less 2 x 12 mm margins, at 96 px an inch and scale 0.75
+            page = b.new_page(viewport={"width": 937, "height": 1400})
+            # offline, whatever the page asks
+            page.route(re.compile(r"^(?!file:|data:|blob:|about:).*"), lambda route: route.abort())
             page.goto(html.as_uri(), timeout=timeout * 1000)
-            if n: page.wait_for_function(f"() => window.Bokeh && Bokeh.documents.length >= {n} && Bokeh.documents.every(d => d.is_idle)", timeout=timeout * 1000)
-            page.pdf(path=str(pdf), format="A4", print_background=True, scale=0.75, margin={k: "12mm" for k in ("top", "bottom", "left", "right")})
+            if n: page.wait_for_function(f"() => window.Bokeh && Bokeh.documents.length >= {n} && "
+                                         f"Bokeh.documents.every(d => d.is_idle)", timeout=timeout * 1000)
+            page.pdf(path=str(pdf), format="A4", print_background=True, scale=0.75, margin={k: "12mm" for k in ("top",
+                    "bottom", "left", "right")})
         finally: b.close()
     return pdf
 
@@ -247,9 +282,11 @@ def to_pdf(
 def _print_to_pdf(exe: str, html: Path, pdf: Path, timeout: float) -> Path:
     "Chromium's own headless printing, the figures given 20 s of virtual time to draw."
     import subprocess
-    cmd = [exe, *CHROMIUM_FLAGS, "--virtual-time-budget=20000", "--no-pdf-header-footer", f"--print-to-pdf={pdf}", html.as_uri()]
+    cmd = [exe, *CHROMIUM_FLAGS, "--virtual-time-budget=20000", "--no-pdf-header-footer", f"--print-to-pdf={pdf}",
+           html.as_uri()]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    if r.returncode != 0 or not pdf.is_file(): raise RuntimeError(f"{exe} could not print {html.name} (status {r.returncode}): {r.stderr.strip()[-300:]}")
+    if r.returncode != 0 or not pdf.is_file(): raise RuntimeError(f"{exe} could not print {html.name} (status "
+                                                                  f"{r.returncode}): {r.stderr.strip()[-300:]}")
     return pdf
 
 # %% ../nbs/26_reports.ipynb #60c17a0b
@@ -265,7 +302,8 @@ def render(
     chromium: str | None = None, # see `find_chromium`
     progress: bool = True, # say what it does on stderr, and papermill's bar
 ) -> dict:
-    "Execute `template` with `parameters` and write the report's HTML, PDF and numbers into `out_dir`; their paths and the seconds each step took."
+    """Execute `template` with `parameters` and write the report's HTML, PDF and numbers into `out_dir`; their paths
+    and the seconds each step took."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir(): raise ValueError(f"out_dir {str(out)!r} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
@@ -274,7 +312,8 @@ def render(
     files, took = {"json": out / f"{slug}.json", "html": out / f"{slug}.html"}, {}
     with tempfile.TemporaryDirectory(prefix="hedgerl-report-") as work:
         t = time.perf_counter(); say(f"executing {template} ({parameters.get('n_paths', '-')} paths) with papermill")
-        nb = execute(template, {**parameters, "out_json": str(files["json"].resolve())}, Path(work) / f"{slug}.ipynb", progress=progress)
+        nb = execute(template, {**parameters, "out_json": str(files["json"].resolve())}, Path(work) / f"{slug}.ipynb",
+                     progress=progress)
         took["execute"] = time.perf_counter() - t; t = time.perf_counter()
         to_html(nb, files["html"], parameters.get("title") or slug); took["html"] = time.perf_counter() - t
     say(f"HTML {files['html']} ({files['html'].stat().st_size / 1e6:.1f} MB) after {took['execute']:.1f} s")
@@ -295,8 +334,10 @@ def report(
     chromium: str | None = None, # see `find_chromium`
     progress: bool = True, # say what it does on stderr
 ) -> dict:
-    "The HTML and PDF report of `target` in `out_dir` (`<slug>.html`, `.pdf`, and `.json` with its numbers); their paths."
-    return render(*resolve_target(target, registry, n_paths, seed, leaderboard), out_dir=out_dir, pdf=pdf, chromium=chromium, progress=progress)
+    """The HTML and PDF report of `target` in `out_dir` (`<slug>.html`, `.pdf`, and `.json` with its numbers); their
+    paths."""
+    return render(*resolve_target(target, registry, n_paths, seed, leaderboard), out_dir=out_dir, pdf=pdf,
+                  chromium=chromium, progress=progress)
 
 # %% ../nbs/26_reports.ipynb #988279a3
 class ReportJobs:
@@ -306,7 +347,8 @@ class ReportJobs:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="hedgerl-report")
 
     def get(self, key: str, make: Callable[[Path], dict]) -> dict | None:
-        "The files of report `key` when made; None while it is made (the first call starts `make(folder)`); its error, once, if making failed."
+        """The files of report `key` when made; None while it is made (the first call starts `make(folder)`); its
+        error, once, if making failed."""
         done = self.folder / key / "done.json"
         with self.lock:
             if done.is_file(): return json.loads(done.read_text())
@@ -328,9 +370,11 @@ class ReportJobs:
 
 # %% ../nbs/26_reports.ipynb #b4fc2fc1
 def run_fingerprint(reg, run: dict, n_paths: int) -> str:
-    "What a run's report depends on (its status, end, parameters and models' checksums, the paths, hedgerl's version), hashed: a new one when any changes."
+    """What a run's report depends on (its status, end, parameters and models' checksums, the paths, hedgerl's
+    version), hashed: a new one when any changes."""
     models, _ = reg.find("model", {"run_id": run["id"]}, sort="id")
-    what = [run["status"], run["ended"], run["params"], [(m["id"], m["checksum"]) for m in models], n_paths, hedgerl.__version__]
+    what = [run["status"], run["ended"], run["params"], [(m["id"], m["checksum"]) for m in models], n_paths,
+            hedgerl.__version__]
     return hashlib.sha256(json.dumps(_jsonable(what), sort_keys=True).encode()).hexdigest()[:16]
 
 # %% ../nbs/26_reports.ipynb #0dbb21ad
@@ -339,11 +383,13 @@ def _check_models(reg, run_id: int, owns: Callable) -> None:
     from hedgerl.remote import read_artifact
     for m in reg.find("model", {"run_id": run_id}, sort="id")[0]:
         try: read_artifact(m["artifact"], m["owner"], owns, checksum=m["checksum"])[0].close()
-        except ArtifactError as e: raise ArtifactError(f"model {m['id']} ({m['name']} v{m['version']}) of run {run_id}: its file {e}") from None
+        except ArtifactError as e: raise ArtifactError(f"model {m['id']} ({m['name']} v{m['version']}) of run "
+                                                       f"{run_id}: its file {e}") from None
 
 # %% ../nbs/26_reports.ipynb #9f82d4ca
 def owner_copy(m: dict, folder: Path, owns: Callable) -> Path:
-    "A copy in `folder` of model row `m`'s file, read only if its owner's account owns it and it matches the recorded sha256."
+    """A copy in `folder` of model row `m`'s file, read only if its owner's account owns it and it matches the recorded
+    sha256."""
     from hedgerl.remote import read_artifact
     f, _ = read_artifact(m["artifact"], m["owner"], owns, checksum=m["checksum"])
     with f, open(p := Path(folder) / f"model-{m['id']}.zip", "wb") as out: shutil.copyfileobj(f, out)
@@ -355,7 +401,8 @@ MEDIA = {"html": "text/html", "pdf": "application/pdf"} # the report's formats a
 
 def _run_target(reg, run_id: int, n_paths: int, folder: Path, owns: Callable) -> tuple[str, str, dict]:
     "`resolve_target` of a run for the service: models read as their owners' files, copied into `folder`."
-    return f"run-{run_id}", "report.ipynb", run_parameters(reg, run_id, n_paths, model_file=lambda m: owner_copy(m, folder, owns))
+    return f"run-{run_id}", "report.ipynb", run_parameters(reg, run_id, n_paths, model_file=lambda m: owner_copy(m,
+            folder, owns))
 
 # %% ../nbs/26_reports.ipynb #2709bb8c
 @functools.cache
@@ -374,25 +421,31 @@ def _report_route(r, reg_dep, kind: str, answer: Callable) -> None:
     from fastapi import Response
     from hedgerl.catalog import IdPath
     async def run_report(run_id, reg=reg_dep):
-        "The run's report, made on demand (202 until it is) and kept until the run or its models change; 404 for a run the caller may not read."
+        """The run's report, made on demand (202 until it is) and kept until the run or its models change; 404 for a
+        run the caller may not read."""
         return await answer(reg, run_id)
-    run_report.__annotations__ = {"run_id": IdPath}  # the type itself: this module's annotations are text, and IdPath is not one of its names
-    ok = {"content": {MEDIA[kind]: {"schema": {"type": "string", "format": "binary"}}}, "description": f"the run's report ({kind})"}
-    r.get(f"/runs/{{run_id}}/report.{kind}", tags=["runs"], response_class=Response, name=f"run_report_{kind}", summary=f"A run's report ({kind.upper()})",
+    # the type itself: this module's annotations are text, and IdPath is not one of its names
+    run_report.__annotations__ = {"run_id": IdPath}
+    ok = {"content": {MEDIA[kind]: {"schema": {"type": "string", "format": "binary"}}},
+          "description": f"the run's report ({kind})"}
+    r.get(f"/runs/{{run_id}}/report.{kind}", tags=["runs"], response_class=Response, name=f"run_report_{kind}",
+          summary=f"A run's report ({kind.upper()})",
           responses={200: ok, 202: {"model": _making(), "description": "being made"}})(run_report)
 
 # %% ../nbs/26_reports.ipynb #4ee71e00
 def router(
     user_dependency: Callable, # the dependency giving the hub user (`hedgerl.service.hub_user`)
     folder: str | Path | None = None, # where made reports are kept; None: `<[data] folder>/reports`
-    n_paths: int | None = None, # test paths of a run's report; None: the [service] dashboard_paths setting (as the evaluation dashboard)
-    owns: Callable | None = None, # which files a user's account owns (models are read only from those); None: `hedgerl.remote.account_owns`
+    # test paths of a run's report; None: the [service] dashboard_paths setting (as the evaluation dashboard)
+    n_paths: int | None = None,
+    # which files a user's account owns (models are read only from those); None: `hedgerl.remote.account_owns`
+    owns: Callable | None = None,
 ):
     "The reports' endpoints (paths relative to `api/v1`): `runs/{run_id}/report.html` and `report.pdf`."
-    from fastapi import APIRouter, Depends, HTTPException, Response
+    from fastapi import APIRouter, Depends, HTTPException
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import FileResponse, JSONResponse
-    from hedgerl.catalog import ERRORS, CatalogRoute, IdPath, registry_dependency
+    from hedgerl.catalog import ERRORS, CatalogRoute, registry_dependency
     from hedgerl.registry import ArtifactError
     from hedgerl.remote import account_owns
     jobs, owns = ReportJobs(folder or settings().data.folder / "reports"), owns or account_owns
@@ -403,16 +456,22 @@ def router(
         run = reg.get("run", run_id)
         try: _run_scenario(run)
         except ValueError as e: raise HTTPException(409, str(e)) from None
-        made, key = lambda d: render(*_run_target(reg, run_id, n_paths, d, owns), out_dir=d, progress=False), f"run-{run_id}-{run_fingerprint(reg, run, n_paths)}"
-        if not jobs.known(key): _check_models(reg, run_id, owns)  # a model file the service may not read: 409 now, not a failed job later
+        made, key = lambda d: render(*_run_target(reg, run_id, n_paths, d, owns), out_dir=d,
+                                     progress=False), f"run-{run_id}-{run_fingerprint(reg, run, n_paths)}"
+        # a model file the service may not read: 409 now, not a failed job later
+        if not jobs.known(key): _check_models(reg, run_id, owns)
         try: files = jobs.get(key, made)
         except ArtifactError: raise
         except Exception as e:
             log.error("report of run %s failed", run_id, exc_info=e)
-            raise HTTPException(503, f"the report of run {run_id} could not be made: {' '.join(str(e).split())[:500]}") from None
+            raise HTTPException(
+                    503, f"the report of run {run_id} could not be made: {' '.join(str(e).split())[:500]}") from None
         if files is None:
-            return JSONResponse({"detail": f"the report of run {run_id} is being made: ask again in a few seconds", "status": "running"}, 202, headers={"Retry-After": "5"})
-        return FileResponse(files[kind], media_type=MEDIA[kind], filename=f"run-{run_id}.{kind}", content_disposition_type="inline")
+            return JSONResponse({"detail": f"the report of run {run_id} is being made: ask again in a few seconds",
+                                 "status": "running"}, 202, headers={"Retry-After": "5"})
+        return FileResponse(files[kind], media_type=MEDIA[kind], filename=f"run-{run_id}.{kind}",
+                            content_disposition_type="inline")
 
-    for kind in MEDIA: _report_route(r, reg_dep, kind, lambda reg, run_id, kind=kind: run_in_threadpool(answer, reg, run_id, kind))
+    for kind in MEDIA: _report_route(r, reg_dep, kind, lambda reg, run_id, kind=kind: run_in_threadpool(answer, reg,
+            run_id, kind))
     return r

@@ -53,7 +53,8 @@ def resolve_scenario(
     return scn if obj is None else scn.replace(objective=obj)
 
 # %% ../nbs/13_runs.ipynb #098237db
-TRAIN_DEFAULTS = dict(objective=None, params={}, seed=0, device="cpu", valid_paths=2_000, valid_every=None, patience=None,
+TRAIN_DEFAULTS = dict(objective=None, params={}, seed=0, device="cpu", valid_paths=2_000, valid_every=None,
+                      patience=None,
                       test_paths=10_000, test_seed=2026)
 
 def train_config(
@@ -68,7 +69,8 @@ def train_config(
     if unknown: raise ValueError(f"unknown training option {unknown[0]!r}; known: {', '.join(TRAIN_DEFAULTS)}")
     cfg = {**TRAIN_DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
     if cfg["params"] is None: cfg["params"] = {}
-    if not isinstance(cfg["params"], dict): raise ValueError(f"params must be a dict of hyperparameters, got {type(cfg['params']).__name__}")
+    if not isinstance(cfg["params"], dict): raise ValueError(f"params must be a dict of hyperparameters, got "
+                                                             f"{type(cfg['params']).__name__}")
     base = resolve_scenario(scenario)
     obj = parse_objective(cfg["objective"])
     cfg["objective"] = None if obj is None else {"kind": obj.kind, "param": obj.param}
@@ -79,14 +81,17 @@ def train_config(
     for k in ("valid_every", "patience"):
         if cfg[k] is not None: cfg[k] = check_int(k, cfg[k], 1)
     resolve_device(cfg["device"])  # "tpu", or "cuda" where torch sees none: refused before a run is recorded
-    make_agent(agent, resolve_scenario(base, obj), seed=cfg["seed"], device="cpu", **cfg["params"])  # unknown agent or hyperparameter: ValueError
-    return json.loads(json.dumps({"agent": agent, "scenario": cfg.pop("scenario"), "budget": cfg.pop("budget"), **cfg}))  # as stored
+    # unknown agent or hyperparameter: ValueError
+    make_agent(agent, resolve_scenario(base, obj), seed=cfg["seed"], device="cpu", **cfg["params"])
+    # as stored
+    return json.loads(json.dumps({"agent": agent, "scenario": cfg.pop("scenario"), "budget": cfg.pop("budget"), **cfg}))
 
 # %% ../nbs/13_runs.ipynb #b920ec3f
 def template_path() -> Path:
     "The training template `train.ipynb`, shipped in the package (`hedgerl/templates/`: the repository's `nbs/runs/`)."
     p = Path(hedgerl.__file__).resolve().parent / "templates" / "train.ipynb"
-    if not p.is_file(): raise FileNotFoundError(f"hedgerl's training template is not in {p.parent}: reinstall hedgerl (pip install --force-reinstall hedgerl) or pass notebook=PATH")
+    if not p.is_file(): raise FileNotFoundError(f"hedgerl's training template is not in {p.parent}: reinstall hedgerl "
+                                                f"(pip install --force-reinstall hedgerl) or pass notebook=PATH")
     return p
 
 # %% ../nbs/13_runs.ipynb #49646986
@@ -97,11 +102,13 @@ class RunFailed(RuntimeError):
 
 # %% ../nbs/13_runs.ipynb #dcacf87e
 def _kernel_manager_class(made: list, log):
-    "A kernel manager class that records its instances in `made` (we may need to interrupt the kernel) and sends the kernel's stderr to `log`."
+    """A kernel manager class that records its instances in `made` (we may need to interrupt the kernel) and sends the
+    kernel's stderr to `log`."""
     from jupyter_client.manager import AsyncKernelManager
     class KernelManager(AsyncKernelManager):
         def __init__(self, *args, **kwargs):
-            super().__init__(*args, **{"transport": "ipc", **kwargs})  # local sockets: no open TCP ports, no "without encryption" warning
+            # local sockets: no open TCP ports, no "without encryption" warning
+            super().__init__(*args, **{"transport": "ipc", **kwargs})
             made.append(self)
         async def _async_launch_kernel(self, kernel_cmd, **kw):
             return await super()._async_launch_kernel(kernel_cmd, **{**kw, "stderr": log})
@@ -109,7 +116,8 @@ def _kernel_manager_class(made: list, log):
 
 # %% ../nbs/13_runs.ipynb #a4ed8ece
 class _Interrupts:
-    "While active (main thread only): the first SIGINT/SIGTERM interrupts the kernel, a second one raises `KeyboardInterrupt` here."
+    """While active (main thread only): the first SIGINT/SIGTERM interrupts the kernel, a second one raises
+    `KeyboardInterrupt` here."""
     def __init__(self, made: list):
         self.made, self.requested, self.old = made, False, {}
     def _handle(self, signum, frame):
@@ -126,13 +134,16 @@ class _Interrupts:
 
 # %% ../nbs/13_runs.ipynb #8ceecfd4
 def _execute(notebook: Path, output: Path, parameters: dict, timeout: float | None) -> bool:
-    "Execute `notebook` into `output` with papermill (the kernel's log into `kernel.log` beside it); True if it was interrupted (Ctrl-C/SIGTERM)."
+    """Execute `notebook` into `output` with papermill (the kernel's log into `kernel.log` beside it); True if it was
+    interrupted (Ctrl-C/SIGTERM)."""
     import papermill as pm
     made = []
     with _Interrupts(made) as ints, open(output.parent / "kernel.log", "ab") as log:
         try:
-            pm.execute_notebook(str(notebook), str(output), parameters=parameters, kernel_name="python3", language="python", cwd=str(output.parent),
-                                progress_bar=False, execution_timeout=timeout, kernel_manager_class=_kernel_manager_class(made, log))
+            pm.execute_notebook(str(notebook), str(output), parameters=parameters, kernel_name="python3",
+                                language="python", cwd=str(output.parent),
+                                progress_bar=False, execution_timeout=timeout,
+                                kernel_manager_class=_kernel_manager_class(made, log))
         except pm.PapermillExecutionError as e:
             if ints.requested or e.ename == "KeyboardInterrupt": return True
             raise
@@ -146,7 +157,8 @@ def metrics_printer(
     say=print, # takes each line
     every: float = 2.0, # seconds between reads of the registry
 ):
-    "While the block runs, `say` a line per step the run has logged (its train/ and valid/ metrics), read every `every` s; the rest at the end."
+    """While the block runs, `say` a line per step the run has logged (its train/ and valid/ metrics), read every
+    `every` s; the rest at the end."""
     stop, shown = threading.Event(), [-1]
     def show(final: bool) -> None:
         try: m = reg.metrics(run_id)
@@ -166,7 +178,8 @@ def metrics_printer(
 
 # %% ../nbs/13_runs.ipynb #54fbfb06
 def _registry(registry):
-    "A `Registry` on a database, or a `RemoteRegistry` when the URL is the hedgerl service's (a workspace on the platform)."
+    """A `Registry` on a database, or a `RemoteRegistry` when the URL is the hedgerl service's (a workspace on the
+    platform)."""
     return open_registry(registry)
 
 # %% ../nbs/13_runs.ipynb #3b0d01a5
@@ -175,7 +188,8 @@ def runs_root(
 ) -> Path:
     "The folder that holds run folders, created and checked writable; a `ValueError` names it otherwise."
     root = Path(runs_dir).expanduser() if runs_dir is not None else settings().data.folder / "runs"
-    what = f"runs_dir {str(root)!r}" if runs_dir is not None else f"the runs folder {str(root)!r} (setting [data] folder, environment HEDGERL_DATA_FOLDER)"
+    what = f"runs_dir {str(root)!r}" if runs_dir is not None else (f"the runs folder {str(root)!r} (setting [data] "
+                                                                   f"folder, environment HEDGERL_DATA_FOLDER)")
     try: root.mkdir(parents=True, exist_ok=True)
     except OSError as e: raise ValueError(f"{what}: cannot create it ({e.strerror})") from None
     if not root.is_dir() or not os.access(root, os.W_OK | os.X_OK): raise ValueError(f"{what} is not a writable folder")
@@ -202,13 +216,17 @@ def _resumed_config(reg: Registry, resume: int, given: dict) -> tuple[dict, Path
     if not {"agent", "scenario", "budget"} <= set(prev): raise ValueError(f"resume: run {resume} is not a training run")
     if row.status not in ("interrupted", "failed"):
         raise ValueError(f"resume: run {resume} is {row.status}; only an interrupted or failed run can be resumed")
-    cfg = train_config(**{k: prev.get(k) if given.get(k) is None else given[k] for k in ("agent", "scenario", "budget", *TRAIN_DEFAULTS)})
+    cfg = train_config(**{k: prev.get(k) if given.get(k) is None else given[k] for k in ("agent", "scenario", "budget",
+                                                                                         *TRAIN_DEFAULTS)})
     diff = [f"{k}: {prev.get(k)!r} -> {cfg[k]!r}" for k in cfg if cfg[k] != prev.get(k)]
-    if diff: raise ValueError(f"cannot resume run {resume}: the configuration changed ({'; '.join(diff)}); start a new run instead")
+    if diff: raise ValueError(f"cannot resume run {resume}: the configuration changed ({'; '.join(diff)}); start a new "
+                              f"run instead")
     folder = (row.outputs or {}).get("folder")
-    if folder is None: raise ValueError(f"cannot resume run {resume}: the registry has no folder for it (it did not start its notebook)")
+    if folder is None: raise ValueError(f"cannot resume run {resume}: the registry has no folder for it (it did not "
+                                        f"start its notebook)")
     ckpt = Path(folder) / "checkpoint.zip"
-    if not ckpt.is_file(): raise ValueError(f"cannot resume run {resume}: it left no checkpoint at {ckpt} (stopped before training began); start a new run")
+    if not ckpt.is_file(): raise ValueError(f"cannot resume run {resume}: it left no checkpoint at {ckpt} (stopped "
+                                            f"before training began); start a new run")
     return cfg, ckpt
 
 # %% ../nbs/13_runs.ipynb #341ed964
@@ -222,7 +240,8 @@ def train(
     scenario=None, # a published scenario name, a .yaml/.json file, a dict or a `Scenario`
     budget: int | None = None, # training units: epochs (deep hedgers) or environment steps (stable-baselines3 agents)
     *,
-    objective=None, params: dict | None = None, seed: int | None = None, device: str | None = None, # see `TRAIN_DEFAULTS`
+    # see `TRAIN_DEFAULTS`
+    objective=None, params: dict | None = None, seed: int | None = None, device: str | None = None,
     valid_paths: int | None = None, valid_every: int | None = None, patience: int | None = None,
     test_paths: int | None = None, test_seed: int | None = None,
     runs_dir: str | Path | None = None, # each run writes into a new folder under it; None: `<[data] folder>/runs`
@@ -238,8 +257,10 @@ def train(
 ) -> dict:
     "Execute the training template as one registry run; return its id, status, folder, notebook and metrics."
     reg = _registry(registry)
-    given = dict(agent=agent, scenario=scenario, budget=budget, objective=objective, params=params, seed=seed, device=device,
-                 valid_paths=valid_paths, valid_every=valid_every, patience=patience, test_paths=test_paths, test_seed=test_seed)
+    given = dict(agent=agent, scenario=scenario, budget=budget, objective=objective, params=params, seed=seed,
+                 device=device,
+                 valid_paths=valid_paths, valid_every=valid_every, patience=patience, test_paths=test_paths,
+                 test_seed=test_seed)
     _check_run_options(threads, timeout)
     if resume is not None: cfg, ckpt = _resumed_config(reg, resume, given)
     else:
@@ -250,20 +271,26 @@ def train(
     if not template.is_file(): raise ValueError(f"notebook {str(template)!r} does not exist")
     root = runs_root(runs_dir)
     with _HeldSignals() as held:  # a Ctrl-C or SIGTERM now waits until the run's row and its folder both exist
-        run = reg.start_run(experiment, {**cfg, **({"resumed_from": int(resume)} if resume is not None else {})}, name=name, notebook=str(template), tags=tags)
+        run = reg.start_run(experiment, {**cfg, **({"resumed_from": int(resume)} if resume is not None else {})},
+                            name=name, notebook=str(template), tags=tags)
         folder = _run_folder(run, root)
-    if progress: print(f"run {run.id}: training {cfg['agent']} on {cfg['scenario'] if isinstance(cfg['scenario'], str) else 'a custom scenario'} in {folder}", file=sys.stderr)
-    with metrics_printer(reg, run.id, lambda line: print(line, file=sys.stderr, flush=True)) if progress else nullcontext():
+    if progress: print(f"run {run.id}: training {cfg['agent']} on "
+                       f"{cfg['scenario'] if isinstance(cfg['scenario'], str) else 'a custom scenario'} in {folder}",
+                       file=sys.stderr)
+    with metrics_printer(reg, run.id, lambda line: print(line, file=sys.stderr,
+                                                         flush=True)) if progress else nullcontext():
         return _execute_run(run, reg, template, cfg, ckpt, folder, threads, timeout, held.pending)
 
 # %% ../nbs/13_runs.ipynb #32e1c5d3
 def _interrupted(run_id: int, ckpt: Path) -> str:
-    if ckpt.is_file(): return f"run {run_id} interrupted; its checkpoint is {ckpt}; resume with `hedgerl train --resume {run_id}`"
+    if ckpt.is_file(): return (f"run {run_id} interrupted; its checkpoint is {ckpt}; resume with `hedgerl train "
+                               f"--resume {run_id}`")
     return f"run {run_id} interrupted before its first checkpoint (nothing to resume: start it again)"
 
 # %% ../nbs/13_runs.ipynb #6a311484
 class _HeldSignals:
-    "Within it (main thread only) SIGINT, SIGTERM and SIGHUP are held; `pending` is the first that came, to deliver once it is safe."
+    """Within it (main thread only) SIGINT, SIGTERM and SIGHUP are held; `pending` is the first that came, to deliver
+    once it is safe."""
     def __enter__(self):
         self.pending, self.old = None, {}
         if threading.current_thread() is threading.main_thread():
@@ -275,20 +302,25 @@ class _HeldSignals:
 
 # %% ../nbs/13_runs.ipynb #4cdcaafa
 def _run_folder(run, root: Path) -> Path:
-    "A new folder for `run`, recorded in its row (a resume finds it from any directory); the run failed if it cannot be made."
+    """A new folder for `run`, recorded in its row (a resume finds it from any directory); the run failed if it cannot
+    be made."""
     try: folder = new_run_folder(root, run.id)
-    except OSError as e: run.fail(f"cannot create the run's folder: {e}"); raise ValueError(f"run {run.id}: cannot create its folder under {root}: {e}") from None
+    except OSError as e: run.fail(f"cannot create the run's folder: {e}"); raise ValueError(
+            f"run {run.id}: cannot create its folder under {root}: {e}") from None
     run.set_outputs({"folder": str(folder), "notebook": str(folder / "train.ipynb")})
     return folder
 
 # %% ../nbs/13_runs.ipynb #cf21bec5
-def _execute_run(run, reg: Registry, template: Path, cfg: dict, ckpt: Path | None, folder: Path, threads: int, timeout, pending=None) -> dict:
-    "The body of `train` once its run and folder are recorded: the notebook executed in the folder, the run closed with what it left."
+def _execute_run(run, reg: Registry, template: Path, cfg: dict, ckpt: Path | None, folder: Path, threads: int, timeout,
+                 pending=None) -> dict:
+    """The body of `train` once its run and folder are recorded: the notebook executed in the folder, the run closed
+    with what it left."""
     out_nb, ckpt_out = folder / "train.ipynb", folder / "checkpoint.zip"
     left = {"folder": str(folder), "notebook": str(out_nb)}
     kept = lambda: {**left, **({"checkpoint": str(ckpt_out)} if ckpt_out.is_file() else {})}
     try:
-        if pending: signal.raise_signal(pending)  # one that came while the run was being recorded: handled as if it came now
+        # one that came while the run was being recorded: handled as if it came now
+        if pending: signal.raise_signal(pending)
         if ckpt is not None: shutil.copy2(ckpt, ckpt_out)
 
         parameters = {**cfg, "out": str(folder), "registry_url": reg.address(hide_password=False), "run_id": run.id,
@@ -298,7 +330,8 @@ def _execute_run(run, reg: Registry, template: Path, cfg: dict, ckpt: Path | Non
         run.interrupt(kept()); raise KeyboardInterrupt(_interrupted(run.id, ckpt_out)) from None
     except Exception as e:
         import papermill as pm
-        why = f"{e.ename}: {e.evalue} (cell [{e.exec_count}])" if isinstance(e, pm.PapermillExecutionError) else f"{type(e).__name__}: {e}"
+        why = f"{e.ename}: {e.evalue} (cell [{e.exec_count}])" if isinstance(e,
+                pm.PapermillExecutionError) else f"{type(e).__name__}: {e}"
         run.fail(f"{why}; the executed notebook is {out_nb}", kept())
         raise RunFailed(f"run {run.id} failed: {why}; the executed notebook is {out_nb}", run.id, out_nb) from e
     if interrupted:
@@ -314,7 +347,8 @@ def load_model(
     scenario=None, # the scenario it should hedge: refused if it was trained on another
     device: str | None = None, # where to put it; None: the `[compute] device` setting
 ):
-    "A registered model ready to hedge, loaded only after its file is checked against the checksum the registry recorded, and never unpickled (it may be another user's)."
+    """A registered model ready to hedge, loaded only after its file is checked against the checksum the registry
+    recorded, and never unpickled (it may be another user's)."""
     from hedgerl.hedging import load_strategy_file  # weights only: an SB3 archive's pickled parts are never loaded
     from hedgerl.scenarios import as_scenario
     agent = load_strategy_file(_registry(registry).model_file(model_id), device=device)
@@ -331,9 +365,11 @@ def grid_cells(
     grid: dict, # name -> list of values
 ) -> list[dict]:
     "The cartesian product of `grid`, one dict per cell (in the order of the keys and values)."
-    if not isinstance(grid, dict) or not grid: raise ValueError("grid must be a non-empty dict of name -> list of values")
+    if not isinstance(grid, dict) or not grid: raise ValueError("grid must be a non-empty dict of name -> list of "
+                                                                "values")
     for k, v in grid.items():
-        if not isinstance(v, (list, tuple)) or not v: raise ValueError(f"grid[{k!r}] must be a non-empty list of values, got {v!r}")
+        if not isinstance(v, (list, tuple)) or not v: raise ValueError(
+                f"grid[{k!r}] must be a non-empty list of values, got {v!r}")
     return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
 
 # %% ../nbs/13_runs.ipynb #310eb689
@@ -350,9 +386,12 @@ def _sweep_cell(kwargs: dict) -> dict:
     try:
         r = train(**kwargs)
         m = r["metrics"]
-        return {"run_id": r["run_id"], "status": r["status"], **{k: m.get(k) for k in ("test/objective", "delta/objective", "units", "train_seconds")},
+        return {"run_id": r["run_id"], "status": r["status"], **{k: m.get(k) for k in ("test/objective",
+                                                                                       "delta/objective", "units",
+                                                                                       "train_seconds")},
                 "folder": r["folder"], "error": None}
-    except RunFailed as e: return {"run_id": e.run_id, "status": "failed", "folder": str(e.notebook.parent), "error": str(e)}
+    except RunFailed as e: return {"run_id": e.run_id, "status": "failed", "folder": str(e.notebook.parent),
+                                   "error": str(e)}
     except BaseException as e: return {"run_id": None, "status": "failed", "error": f"{type(e).__name__}: {e}"}
 
 # %% ../nbs/13_runs.ipynb #320b1321
@@ -361,13 +400,15 @@ def sweep(
     agent: str | None = None, # fixed arguments of every cell (unless the grid varies them)
     scenario=None,
     budget: int | None = None,
-    client=None, # a dask.distributed Client; None: a `hedgerl.backtest.dask_client()` for the sweep (the gateway or a LocalCluster)
+    # a dask.distributed Client; None: a `hedgerl.backtest.dask_client()` for the sweep (the gateway or a LocalCluster)
+    client=None,
     runs_dir: str | Path | None = None, # None: `<[data] folder>/runs`
     registry: Registry | str | None = None,
     experiment: str = "sweep",
     **options, # more fixed `train` arguments (objective, params, seed, test_paths, threads, ...)
 ) -> pd.DataFrame:
-    "Train every cell of `grid` in parallel on Dask; one row per cell: its values, run id, status, test objective, folder, error."
+    """Train every cell of `grid` in parallel on Dask; one row per cell: its values, run id, status, test objective,
+    folder, error."""
     from hedgerl.backtest import dask_client
     reg = _registry(registry)
     reg.check_schema()  # create the schema once, before the workers race to
@@ -387,11 +428,13 @@ def sweep(
     if own:
         client = dask_client()  # [dask] cluster: the platform's gateway, or a LocalCluster
     try:
-        futures = [client.submit(_sweep_cell, kw, pure=False, key=f"hedgerl-train-{i}-{os.urandom(4).hex()}") for i, kw in enumerate(jobs)]
+        futures = [client.submit(_sweep_cell, kw, pure=False, key=f"hedgerl-train-{i}-{os.urandom(4).hex()}") for i,
+                   kw in enumerate(jobs)]
         rows = []
         for c, f in zip(cells, futures):
             try: rows.append({**c, **f.result()})
-            except Exception as e: rows.append({**c, "run_id": None, "status": "failed", "error": f"{type(e).__name__}: {e}"})
+            except Exception as e: rows.append({**c, "run_id": None, "status": "failed",
+                                                "error": f"{type(e).__name__}: {e}"})
     finally:
         if own: client.close(); client.cluster.close()
     return pd.DataFrame(rows)
@@ -407,8 +450,10 @@ def optuna_storage(
     from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory
     reg = _registry(registry)
-    if not isinstance(reg, Registry): raise ValueError(f"tune keeps its Optuna study in a registry database, and {reg.url} is the hedgerl service "
-                                                        "(a workspace reaches the platform's database only through it): pass registry=sqlite:///PATH for a study of your own")
+    if not isinstance(reg, Registry): raise ValueError(f"tune keeps its Optuna study in a registry database, and "
+                                                       f"{reg.url} is the hedgerl service "
+                                                        "(a workspace reaches the platform's database only through "
+                                                       "it): pass registry=sqlite:///PATH for a study of your own")
     reg.check_schema()  # the registry's revision in alembic_version first: Optuna then never writes there
 
     url = reg.url.render_as_string(hide_password=False)
@@ -421,7 +466,8 @@ def optuna_storage(
         current = ctx.get_current_revision()
         if current is None: ctx.stamp(script, head); current = head  # tables just created by this Optuna's create_all
     if current != head:
-        raise RuntimeError(f"the Optuna tables in {reg.url.render_as_string()} are at Optuna schema revision {current}, "
+        raise RuntimeError(f"the Optuna tables in {reg.url.render_as_string()} are at Optuna schema revision "
+                           f"{current}, "
                            f"optuna {optuna.__version__} needs {head}: use the Optuna version that created them")
     return storage
 
@@ -436,25 +482,30 @@ def _check_space(agent: str, space: dict | None) -> dict:
     from hedgerl.agents import agent_class
     known = agent_class(agent).defaults  # unknown agent: ValueError
     if space is None:
-        if agent not in DEFAULT_SPACES: raise ValueError(f"tune: give a search space for {agent} (no default); its hyperparameters: {', '.join(known)}")
+        if agent not in DEFAULT_SPACES: raise ValueError(f"tune: give a search space for {agent} (no default); its "
+                                                         f"hyperparameters: {', '.join(known)}")
         space = DEFAULT_SPACES[agent]
-    if not isinstance(space, dict) or not space: raise ValueError("tune: space must be a non-empty dict of hyperparameter -> range or choices")
+    if not isinstance(space, dict) or not space: raise ValueError("tune: space must be a non-empty dict of "
+                                                                  "hyperparameter -> range or choices")
     out = {}
     for k, spec in space.items():
         if k not in known: raise ValueError(f"tune: {agent} has no hyperparameter {k!r}; known: {', '.join(known)}")
         if isinstance(spec, list) and spec: out[k] = list(spec)
         elif isinstance(spec, tuple) and len(spec) in (2, 3) and all(isinstance(x, (int, float)) for x in spec[:2]) \
                 and spec[0] < spec[1] and (len(spec) == 2 or spec[2] == "log"):
-            if len(spec) == 3 and spec[0] <= 0: raise ValueError(f"tune: space[{k!r}]: a log range needs a positive low end, got {spec[0]}")
+            if len(spec) == 3 and spec[0] <= 0: raise ValueError(f"tune: space[{k!r}]: a log range needs a positive "
+                                                                 f"low end, got {spec[0]}")
             out[k] = tuple(spec)
-        else: raise ValueError(f"tune: space[{k!r}] must be (low, high), (low, high, 'log') or a list of choices, got {spec!r}")
+        else: raise ValueError(f"tune: space[{k!r}] must be (low, high), (low, high, 'log') or a list of choices, got "
+                               f"{spec!r}")
     return out
 
 # %% ../nbs/13_runs.ipynb #90aea63b
 def _suggest(trial, name: str, spec):
     if isinstance(spec, list): return trial.suggest_categorical(name, spec)
     lo, hi, log = spec[0], spec[1], len(spec) == 3
-    if isinstance(lo, int) and isinstance(hi, int) and not isinstance(lo, bool): return trial.suggest_int(name, lo, hi, log=log)
+    if isinstance(lo, int) and isinstance(hi, int) and not isinstance(lo, bool): return trial.suggest_int(name, lo, hi,
+            log=log)
     return trial.suggest_float(name, float(lo), float(hi), log=log)
 
 # %% ../nbs/13_runs.ipynb #fa2d3397
@@ -478,7 +529,8 @@ def _check_search(
     "A `ValueError` unless the fixed hyperparameters, every choice and both ends of every range make an agent."
     from hedgerl.agents import make_agent
     make_agent(agent, scn, seed=seed, device="cpu", **params)  # bad fixed hyperparameters: ValueError before any trial
-    for k, spec in space.items():  # every choice and both ends of every range must make an agent: refused before a study exists
+    # every choice and both ends of every range must make an agent: refused before a study exists
+    for k, spec in space.items():
         for v in (spec if isinstance(spec, list) else spec[:2]):
             try: make_agent(agent, scn, seed=seed, device="cpu", **params, **{k: v})
             except ValueError as e: raise ValueError(f"tune: space[{k!r}] value {v!r}: {e}") from None
@@ -494,10 +546,13 @@ def _open_study(
     import optuna
     storage = optuna_storage(reg)
     st = optuna.create_study(study_name=name, storage=storage, direction="minimize", load_if_exists=True,
-                             sampler=optuna.samplers.TPESampler(seed=sampler_seed), pruner=optuna.pruners.MedianPruner(n_startup_trials=3))
+                             sampler=optuna.samplers.TPESampler(seed=sampler_seed),
+                             pruner=optuna.pruners.MedianPruner(n_startup_trials=3))
     old = {k: st.user_attrs[k] for k in meta if k in st.user_attrs}
-    if old and (diff := [f"{k}: {old.get(k)!r} -> {json.loads(json.dumps(v))!r}" for k, v in meta.items() if json.loads(json.dumps(v)) != old.get(k)]):
-        raise ValueError(f"tune: study {name!r} was made for another setting ({'; '.join(diff)}): choose another study name")
+    if old and (diff := [f"{k}: {old.get(k)!r} -> {json.loads(json.dumps(v))!r}" for k,
+                         v in meta.items() if json.loads(json.dumps(v)) != old.get(k)]):
+        raise ValueError(f"tune: study {name!r} was made for another setting ({'; '.join(diff)}): choose another study "
+                         f"name")
     for k, v in meta.items(): st.set_user_attr(k, v)
     return st
 
@@ -520,17 +575,20 @@ def tune(
     sampler_seed: int | None = None, # seed of the TPE sampler (reproducible suggestions)
     threads: int = 1, # torch threads while training
 ) -> dict:
-    "Optuna search of `agent`'s hyperparameters on the validation objective; the study is stored in the registry database."
+    """Optuna search of `agent`'s hyperparameters on the validation objective; the study is stored in the registry
+    database."""
     import optuna
     import torch
     from hedgerl.agents import make_agent
     space, params = _check_space(agent, space), dict(params or {})
-    if overlap := sorted(set(space) & set(params)): raise ValueError(f"tune: {overlap[0]!r} is both searched (space) and fixed (params)")
+    if overlap := sorted(set(space) & set(params)): raise ValueError(f"tune: {overlap[0]!r} is both searched (space) "
+                                                                     f"and fixed (params)")
     scn = resolve_scenario(scenario, objective)
     _check_search(agent, scn, space, params, seed)
     n_trials, budget = check_int("n_trials", n_trials, 1), check_int("budget", budget, 1)
     name, reg = study or f"{agent}/{scn.name}", _registry(registry)
-    meta = {"agent": agent, "scenario": scn.name, "objective": {"kind": scn.objective.kind, "param": scn.objective.param},
+    meta = {"agent": agent, "scenario": scn.name, "objective": {"kind": scn.objective.kind,
+                                                                "param": scn.objective.param},
             "budget": budget, "params": params, "seed": seed}
     st = _open_study(name, reg, meta, sampler_seed)
     def objective_fn(trial):

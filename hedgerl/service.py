@@ -73,7 +73,8 @@ class HubUser(BaseModel):
 def hub_auth(
     prefix: str, # the service's URL prefix (`service_prefix()`)
 ):
-    "A `HubOAuth` for the app: the hub's JUPYTERHUB_* variables when it started us, else the [hub] port's API and this service's access scope."
+    """A `HubOAuth` for the app: the hub's JUPYTERHUB_* variables when it started us, else the [hub] port's API and
+    this service's access scope."""
     from jupyterhub.services.auth import HubOAuth
     kw = dict(base_url=prefix, cache_max_age=60)  # a user removed from the group loses access within a minute
     if not os.environ.get("JUPYTERHUB_API_URL"): kw["api_url"] = f"http://127.0.0.1:{settings().hub.port + 2}/hub/api"
@@ -83,7 +84,8 @@ def hub_auth(
 
 # %% ../nbs/16_service.ipynb #587950dd
 class CookieSigner:
-    "Signs cookie values with the service's secret (tornado's signed values, HMAC-SHA256) and checks them; URL-safe base64."
+    """Signs cookie values with the service's secret (tornado's signed values, HMAC-SHA256) and checks them; URL-safe
+    base64."""
     def __init__(self, secret: str | bytes): # at least 32 characters
         if not secret or len(secret) < 32: raise ValueError("cookie secret: expected at least 32 characters")
         self.secret = secret
@@ -91,7 +93,8 @@ class CookieSigner:
         from tornado.web import create_signed_value
         return base64.urlsafe_b64encode(create_signed_value(self.secret, name, value)).decode().rstrip("=")
     def unsign(self, name: str, value: str | None, max_age_s: float = 31 * 86400) -> str | None:
-        "The value signed for cookie `name`, or None if missing, altered, signed for another name or older than `max_age_s`."
+        """The value signed for cookie `name`, or None if missing, altered, signed for another name or older than
+        `max_age_s`."""
         from tornado.web import decode_signed_value
         if not value: return None
         try: raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
@@ -101,9 +104,11 @@ class CookieSigner:
 
 # %% ../nbs/16_service.ipynb #8b2e4b66
 def cookie_allowed(request: Request) -> bool:
-    "Whether the login cookie may authenticate `request`: page views and same-origin resources, never a script's fetch or a write."
+    """Whether the login cookie may authenticate `request`: page views and same-origin resources, never a script's
+    fetch or a write."""
     if request.method not in ("GET", "HEAD"): return False
-    mode = request.headers.get("sec-fetch-mode", "navigate")  # browsers send it; absent (plain http to a remote host): a page view
+    # browsers send it; absent (plain http to a remote host): a page view
+    mode = request.headers.get("sec-fetch-mode", "navigate")
     site = request.headers.get("sec-fetch-site", "same-origin")
     return mode == "navigate" or (mode == "no-cors" and site == "same-origin")
 
@@ -114,19 +119,25 @@ ANONYMOUS = ("authentication required: send 'Authorization: token <hub API token
              "or log in through the hub in a browser")
 
 async def caller_model(request: Request, authorization: str | None) -> dict | None:
-    "The hub's model of the request's token (the `Authorization` header, else the login cookie where allowed); None if anonymous."
+    """The hub's model of the request's token (the `Authorization` header, else the login cookie where allowed); None
+    if anonymous."""
     auth = request.app.state.hub
     if authorization:
         m = auth.auth_header_pat.fullmatch(authorization.strip())
-        if m is None: raise HTTPException(401, "Authorization header: expected 'token <hub API token>' or 'Bearer <hub API token>'", headers={"WWW-Authenticate": "Bearer"})
+        if m is None: raise HTTPException(401, "Authorization header: expected 'token <hub API token>' or 'Bearer <hub "
+                                          "API token>'", headers={"WWW-Authenticate": "Bearer"})
         token = m[1].strip()
     else:
-        token = request.app.state.cookies.unsign(auth.cookie_name, request.cookies.get(auth.cookie_name)) if cookie_allowed(request) else None
+        token = request.app.state.cookies.unsign(auth.cookie_name,
+                request.cookies.get(auth.cookie_name)) if cookie_allowed(request) else None
     if not token: return None
     from tornado.web import HTTPError as HubError
-    try: model = await auth.user_for_token(token, session_id=request.cookies.get("jupyterhub-session-id", ""), sync=False)
+    try: model = await auth.user_for_token(token, session_id=request.cookies.get("jupyterhub-session-id", ""),
+                                           sync=False)
     except HubError as e: raise HTTPException(503, f"the hub could not check the caller: {e.log_message}") from None
-    if model is None and authorization: raise HTTPException(401, "the hub does not know this token (mistyped, expired or revoked)", headers={"WWW-Authenticate": "Bearer"})
+    if model is None and authorization: raise HTTPException(401,
+                                                            "the hub does not know this token (mistyped, expired or "
+                                                            "revoked)", headers={"WWW-Authenticate": "Bearer"})
     return model
 
 # %% ../nbs/16_service.ipynb #e44d55d8
@@ -144,7 +155,8 @@ async def hub_user(
     request: Request,
     authorization: str | None = Security(_authorization), # `token X` or `Bearer X`; without it, the login cookie
 ) -> HubUser:
-    "The dependency that guards the API: the caller as a `HubUser`; 401 if anonymous, 403 without the service's access scope."
+    """The dependency that guards the API: the caller as a `HubUser`; 401 if anonymous, 403 without the service's
+    access scope."""
     if isinstance(u := getattr(request.state, "hub_user", None), HubUser): return u
     auth = request.app.state.hub
     model = await caller_model(request, authorization)
@@ -153,7 +165,8 @@ async def hub_user(
         raise HTTPException(401, ANONYMOUS, headers={"WWW-Authenticate": "Bearer"})
     if not auth.check_scopes(auth.access_scopes, model):
         raise HTTPException(403, f"{model.get('kind') or 'user'} {model['name']!r} may not use the hedgerl service: "
-                                 f"it needs the scope access:services!service={SERVICE}, which the hub's admin gives to approved users")
+                                 f"it needs the scope access:services!service={SERVICE}, which the hub's admin gives "
+                            f"to approved users")
     request.state.hub_user = u = HubUser.from_hub(model)
     return u
 
@@ -164,15 +177,19 @@ def state_cookie(auth, state: str) -> str:
 
 # %% ../nbs/16_service.ipynb #401c598f
 def login_redirect(request: Request) -> RedirectResponse:
-    "A redirect to the hub's OAuth authorize URL with a fresh state and PKCE challenge, kept in a signed cookie of this browser."
+    """A redirect to the hub's OAuth authorize URL with a fresh state and PKCE challenge, kept in a signed cookie of
+    this browser."""
     auth, cookies = request.app.state.hub, request.app.state.cookies
     verifier, challenge, method = auth.generate_pkce_code_challenge()
     state = _secrets.token_urlsafe(16)
     back = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-    url = auth.login_url + ("&" if "?" in auth.login_url else "?") + urlencode({"state": state, "code_challenge": challenge, "code_challenge_method": method})
+    url = auth.login_url + ("&" if "?" in auth.login_url else "?") + urlencode({"state": state,
+                                                                                "code_challenge": challenge,
+                                                                                "code_challenge_method": method})
     resp = RedirectResponse(url, 302)
     name = state_cookie(auth, state)
-    resp.set_cookie(name, cookies.sign(name, json.dumps({"state": state, "next": back, "verifier": verifier})), max_age=600,
+    resp.set_cookie(name, cookies.sign(name, json.dumps({"state": state, "next": back, "verifier": verifier})),
+                    max_age=600,
                     path=auth.base_url, httponly=True, secure=request.url.scheme == "https", samesite="lax")
     return resp
 
@@ -184,20 +201,27 @@ async def oauth_callback(
     error: str | None = None, # set when the hub refused
     error_description: str | None = None,
 ) -> RedirectResponse:
-    "End of the OAuth login: check the state, trade the code for the user's token, keep it in the login cookie, go back."
+    """End of the OAuth login: check the state, trade the code for the user's token, keep it in the login cookie, go
+    back."""
     auth, cookies = request.app.state.hub, request.app.state.cookies
     if error: raise HTTPException(400, f"the hub refused the login: {error_description or error}")
-    if not code or not state: raise HTTPException(400, "OAuth callback without a code and a state: open the page you wanted again")
+    if not code or not state: raise HTTPException(400, "OAuth callback without a code and a state: open the page you "
+                                                  "wanted again")
     name = state_cookie(auth, state)
     saved = cookies.unsign(name, request.cookies.get(name), max_age_s=600)
     saved = json.loads(saved) if saved else {}
-    if saved.get("state") != state: raise HTTPException(403, "OAuth state does not match this browser's (expired, or another browser's): open the page you wanted again")
+    if saved.get("state") != state: raise HTTPException(403,
+                                                        "OAuth state does not match this browser's (expired, or "
+                                                        "another browser's): open the page you wanted again")
     from tornado.web import HTTPError as HubError
     try: token = await auth.token_for_code(code, code_verifier=saved["verifier"], sync=False)
-    except HubError as e:  # HubOAuth reports every failure as a 500: "Failed to connect" is the hub being away, the rest a refusal
+    # HubOAuth reports every failure as a 500: "Failed to connect" is the hub being away, the rest a refusal
+    except HubError as e:
         away = "Failed to connect" in (e.log_message or "")
-        raise HTTPException(503 if away else 403, f"the hub {'could not be asked about' if away else 'did not accept'} the login code: {e.log_message}") from None
-    resp = RedirectResponse(saved["next"] if str(saved.get("next", "")).startswith(auth.base_url) else auth.base_url, 302)
+        raise HTTPException(503 if away else 403, f"the hub {'could not be asked about' if away else 'did not accept'} "
+                            f"the login code: {e.log_message}") from None
+    resp = RedirectResponse(saved["next"] if str(saved.get("next", "")).startswith(auth.base_url) else auth.base_url,
+                            302)
     resp.delete_cookie(name, path=auth.base_url)
     resp.set_cookie(auth.cookie_name, cookies.sign(auth.cookie_name, token), path=auth.base_url, httponly=True,
                     secure=request.url.scheme == "https", samesite="lax")
@@ -205,7 +229,8 @@ async def oauth_callback(
 
 # %% ../nbs/16_service.ipynb #7a9e3c4e
 def finite_json(x):
-    "`x` with every non-finite float as its name (`'NaN'`, `'Infinity'`): strict JSON can echo a bad input back (it was a 500)."
+    """`x` with every non-finite float as its name (`'NaN'`, `'Infinity'`): strict JSON can echo a bad input back (it
+    was a 500)."""
     if isinstance(x, float) and not math.isfinite(x): return "NaN" if x != x else ("Infinity" if x > 0 else "-Infinity")
     if isinstance(x, dict): return {k: finite_json(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)): return [finite_json(v) for v in x]
@@ -214,13 +239,17 @@ def finite_json(x):
 
 # %% ../nbs/16_service.ipynb #ff231f11
 async def error_response(request: Request, exc: Exception) -> Response:
-    "The one error handler: `{\"detail\": ...}` JSON with the status; an anonymous 404/405 is a 401 (routes are not disclosed); an anonymous page view a login redirect."
-    if isinstance(exc, StarletteHTTPException) and exc.status_code in (404, 405) and not hasattr(request.state, "hub_user"):
+    ("The one error handler: `{\"detail\": ...}` JSON with the status; an anonymous 404/405 is a 401 (routes are not "
+     "disclosed); an anonymous page view a login redirect.")
+    if isinstance(exc, StarletteHTTPException) and exc.status_code in (404, 405) and not hasattr(request.state,
+            "hub_user"):
         try: await hub_user(request, request.headers.get("authorization"))
         except (StarletteHTTPException, LoginRequired) as e: exc = e
     if isinstance(exc, LoginRequired): return login_redirect(request)
-    if isinstance(exc, RequestValidationError): return JSONResponse({"detail": finite_json(jsonable_encoder(exc.errors()))}, 422)
-    if isinstance(exc, StarletteHTTPException): return JSONResponse({"detail": exc.detail}, exc.status_code, headers=exc.headers)
+    if isinstance(exc, RequestValidationError): return JSONResponse({"detail": finite_json(jsonable_encoder(
+            exc.errors()))}, 422)
+    if isinstance(exc, StarletteHTTPException): return JSONResponse({"detail": exc.detail}, exc.status_code,
+                                                                    headers=exc.headers)
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return JSONResponse({"detail": "internal error in the hedgerl service (see its log)"}, 500)
 
@@ -259,13 +288,16 @@ def service_router(
 
 # %% ../nbs/16_service.ipynb #2c92ae77
 def new_app(prefix: str) -> FastAPI:
-    "The bare app: its OpenAPI schema and docs pages under `prefix`, Swagger UI and ReDoc from fastapi-offline's bundled files (no CDN)."
+    """The bare app: its OpenAPI schema and docs pages under `prefix`, Swagger UI and ReDoc from fastapi-offline's
+    bundled files (no CDN)."""
     api = f"{prefix}api/v1/"  # the schema and the docs live with the API they describe
     kw = dict(title="hedgerl service", version=hedgerl.__version__, openapi_url=f"{api}openapi.json",
-              description="Hedging research on the hub: API tokens (`Authorization: token <hub API token>`) or the hub's login.")
+              description="Hedging research on the hub: API tokens (`Authorization: token <hub API token>`) or the "
+              "hub's login.")
     try: from fastapi_offline import FastAPIOffline
     except ImportError:
-        log.warning("fastapi-offline is not installed: no docs pages (FastAPI's own load Swagger UI from a CDN); the schema is at %sopenapi.json", api)
+        log.warning("fastapi-offline is not installed: no docs pages (FastAPI's own load Swagger UI from a CDN); the "
+                    "schema is at %sopenapi.json", api)
         app = FastAPI(docs_url=None, redoc_url=None, **kw)
         app.state.docs = app.state.redoc = None
         return app
@@ -285,12 +317,15 @@ def registry_factory():
 
 # %% ../nbs/16_service.ipynb #35967346
 class RequestMetrics:
-    "ASGI middleware: Prometheus counts of requests by method, route template and status, and their durations, in `registry`."
+    """ASGI middleware: Prometheus counts of requests by method, route template and status, and their durations, in
+    `registry`."""
     def __init__(self, app, registry):
         from prometheus_client import Counter, Histogram
         self.app = app
-        self.requests = Counter("hedgerl_service_requests", "HTTP requests answered", ["method", "route", "status"], registry=registry)
-        self.seconds = Histogram("hedgerl_service_request_seconds", "Seconds to answer a request", ["route"], registry=registry)
+        self.requests = Counter("hedgerl_service_requests", "HTTP requests answered", ["method", "route", "status"],
+                                registry=registry)
+        self.seconds = Histogram("hedgerl_service_request_seconds", "Seconds to answer a request", ["route"],
+                                 registry=registry)
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http": return await self.app(scope, receive, send)
         status, t0 = [500], time.perf_counter()
@@ -299,20 +334,24 @@ class RequestMetrics:
             await send(message)
         try: await self.app(scope, receive, send_status)
         finally:
-            route = getattr(scope.get("route"), "path", None) or "unmatched"  # templates, never raw paths: bounded labels
+            # templates, never raw paths: bounded labels
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
             self.requests.labels(scope["method"], route, str(status[0])).inc()
             self.seconds.labels(route).observe(time.perf_counter() - t0)
 
 # %% ../nbs/16_service.ipynb #f7ebc8d0
 async def metrics_reader(
     request: Request,
-    authorization: str | None = Security(_authorization), # a token holding `read:metrics` (the cookie never reads metrics)
+    # a token holding `read:metrics` (the cookie never reads metrics)
+    authorization: str | None = Security(_authorization),
 ) -> HubUser:
     "The guard of `metrics`: a token in the `Authorization` header that holds the hub's `read:metrics` scope."
-    if not authorization: raise HTTPException(401, "the service's metrics need a token with the read:metrics scope in the Authorization header", headers={"WWW-Authenticate": "Bearer"})
+    if not authorization: raise HTTPException(401, "the service's metrics need a token with the read:metrics scope in "
+                                              "the Authorization header", headers={"WWW-Authenticate": "Bearer"})
     model = await caller_model(request, authorization)
     if not request.app.state.hub.check_scopes({"read:metrics"}, model):
-        raise HTTPException(403, f"{model.get('kind') or 'user'} {model['name']!r} may not read the service's metrics: it needs the read:metrics scope")
+        raise HTTPException(403, f"{model.get('kind') or 'user'} {model['name']!r} may not read the service's metrics: "
+                            f"it needs the read:metrics scope")
     return HubUser.from_hub(model)
 
 # %% ../nbs/16_service.ipynb #88a237fd
@@ -326,47 +365,65 @@ async def metrics(request: Request) -> Response:
 API_MODULES = ("hedgerl.jobs", "hedgerl.catalog", "hedgerl.hedging", "hedgerl.reports")
 
 class ErrorBody(BaseModel):
-    "Every error answer: what went wrong, a message or (422) FastAPI's list of field errors, each naming the field and the value."
+    """Every error answer: what went wrong, a message or (422) FastAPI's list of field errors, each naming the field
+    and the value."""
     detail: str | list | dict
 
 # declared on every guarded route, so the OpenAPI document says what a client may get back
-ERROR_RESPONSES = {code: {"model": ErrorBody, "description": what} for code, what in (
-    (400, "bad input"), (401, "no hub login or token"), (403, "not allowed: another user's shared object, or no access to the service"),
-    (404, "no such object visible to the caller"), (409, "conflict with what is stored"), (413, "request body over the limit"),
-    (429, "over a per-user limit; Retry-After says when to try again"), (503, "the hub or the registry is unavailable"))}
+ERROR_RESPONSES = {
+    code: {"model": ErrorBody, "description": what}
+    for code, what in (
+        (400, "bad input"),
+        (401, "no hub login or token"),
+        (403, "not allowed: another user's shared object, or no access to the service"),
+        (404, "no such object visible to the caller"),
+        (409, "conflict with what is stored"),
+        (413, "request body over the limit"),
+        (429, "over a per-user limit; Retry-After says when to try again"),
+        (503, "the hub or the registry is unavailable"),
+    )
+}
 
 # %% ../nbs/16_service.ipynb #9cec08d0
 def caller_registry(request: Request, user: HubUser = Depends(hub_user)):
-    "A FastAPI dependency: the service's registry as the calling hub user (ownership is decided in the registry's own queries)."
+    """A FastAPI dependency: the service's registry as the calling hub user (ownership is decided in the registry's own
+    queries)."""
     reg = getattr(request.app.state, "registry", None)
     if reg is None: raise HTTPException(503, "the service has no registry")
     return reg.as_user(user.name, admin=user.admin)  # an admin reads every user's rows; writes stay the owner's
 
 # %% ../nbs/16_service.ipynb #8754cc55
-DASHBOARD_PATHS = ("dashboards/", "static/", "components/", "favicon.ico") # under the prefix: the Panel pages and WebSockets, their scripts and icon
+# under the prefix: the Panel pages and WebSockets, their scripts and icon
+DASHBOARD_PATHS = ("dashboards/", "static/", "components/", "favicon.ico")
 
 def _cookie_may_open(conn: HTTPConnection) -> bool:
-    "Whether the login cookie may open this dashboard request: a read from this site; a WebSocket only from one of its pages."
+    """Whether the login cookie may open this dashboard request: a read from this site; a WebSocket only from one of
+    its pages."""
     if conn.scope["type"] == "websocket":
         origin = conn.headers.get("origin")
         return origin is not None and urlparse(origin).netloc == conn.headers.get("host")
-    return conn.scope.get("method") in ("GET", "HEAD") and conn.headers.get("sec-fetch-site", "same-origin") in ("same-origin", "none")
+    return conn.scope.get("method") in ("GET", "HEAD") and conn.headers.get("sec-fetch-site",
+                                                                            "same-origin") in ("same-origin", "none")
 
 # %% ../nbs/16_service.ipynb #e9959e93
 _SESSION_ID = re.compile(r"[A-Za-z0-9._-]{1,200}") # what Bokeh's session ids are made of (signed ones have dots)
 
 def _bad_session_id(scope) -> str | None:
-    "A `bokeh_session_id` in the query that is not a session id (empty, too long, odd characters); None if there is none such."
+    """A `bokeh_session_id` in the query that is not a session id (empty, too long, odd characters); None if there is
+    none such."""
     from urllib.parse import parse_qsl
-    ids = [v for k, v in parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True) if k == "bokeh_session_id"]
+    ids = [v for k, v in parse_qsl(scope.get("query_string", b"").decode("latin-1"),
+                                   keep_blank_values=True) if k == "bokeh_session_id"]
     return next((v for v in ids if not _SESSION_ID.fullmatch(v)), None)
 
 # %% ../nbs/16_service.ipynb #d55c4195
 async def dashboard_user(conn: HTTPConnection) -> tuple[HubUser | None, int]:
-    "The hub user of a dashboard request or WebSocket and 200; or None and 401 (anonymous) or 403 (no access to the service)."
+    """The hub user of a dashboard request or WebSocket and 200; or None and 401 (anonymous) or 403 (no access to the
+    service)."""
     auth, header = conn.app.state.hub, conn.headers.get("authorization")
     if header: token = (m[1].strip() if (m := auth.auth_header_pat.fullmatch(header.strip())) else None)
-    else: token = conn.app.state.cookies.unsign(auth.cookie_name, conn.cookies.get(auth.cookie_name)) if _cookie_may_open(conn) else None
+    else: token = conn.app.state.cookies.unsign(auth.cookie_name,
+                                                conn.cookies.get(auth.cookie_name)) if _cookie_may_open(conn) else None
     if not token: return None, 401
     model = await auth.user_for_token(token, session_id=conn.cookies.get("jupyterhub-session-id", ""), sync=False)
     if model is None: return None, 401
@@ -379,51 +436,72 @@ class DashboardGuard:
         self.app, self.roots = app, tuple(prefix + p for p in DASHBOARD_PATHS)
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] not in ("http", "websocket") or not scope["path"].startswith(self.roots): return await self.app(scope, receive, send)
+        if scope["type"] not in ("http", "websocket") or not scope["path"].startswith(
+                self.roots): return await self.app(scope, receive, send)
         from tornado.web import HTTPError as HubError
         try: user, status = await dashboard_user(HTTPConnection(scope))
-        except HubError as e: user, status = None, 503
+        except HubError: user, status = None, 503
         if user is None:
             if scope["type"] == "websocket": return await send({"type": "websocket.close", "code": 4000 + status})
             request = Request(scope, receive)
             auth = request.app.state.hub
-            if status == 401 and page_view(request) and auth.oauth_client_id: return await login_redirect(request)(scope, receive, send)
-            why = {401: ANONYMOUS, 403: "this hub user may not use the hedgerl service", 503: "the hub could not check the caller"}[status]
+            if status == 401 and page_view(request) and auth.oauth_client_id: return await login_redirect(request)(
+                    scope, receive, send)
+            why = {401: ANONYMOUS, 403: "this hub user may not use the hedgerl service",
+                   503: "the hub could not check the caller"}[status]
             return await JSONResponse({"detail": why}, status)(scope, receive, send)
         if (bad := _bad_session_id(scope)) is not None:  # Bokeh answers an empty one with a 500
-            return await JSONResponse({"detail": f"bokeh_session_id: {bad!r} is not a session id"}, 400)(scope, receive, send)
+            return await JSONResponse({"detail": f"bokeh_session_id: {bad!r} is not a session id"}, 400)(scope, receive,
+                    send)
         headers = [(k, v) for k, v in scope["headers"] if not k.lower().startswith(b"x-hedgerl-")]
         headers += [(b"x-hedgerl-user", user.name.encode()), (b"x-hedgerl-admin", b"1" if user.admin else b"0")]
         await self.app({**scope, "headers": headers}, receive, send)
 
 # %% ../nbs/16_service.ipynb #37583033
 def mount_dashboards(app: FastAPI, prefix: str) -> None:
-    "The Panel dashboards of `hedgerl.dashboards` at `{prefix}dashboards/...`, behind `DashboardGuard`; models read as their owners' files."
+    """The Panel dashboards of `hedgerl.dashboards` at `{prefix}dashboards/...`, behind `DashboardGuard`; models read
+    as their owners' files."""
     from hedgerl import dashboards
     from hedgerl.catalog import load_model
     load = lambda reg, model_id, scenario: load_model(reg.get("model", model_id), scenario)
-    from hedgerl import arena, monitor  # the training monitor (with its runs' TensorBoard logs, behind the same guard) and the leaderboard
+    # the training monitor (with its runs' TensorBoard logs, behind the same guard) and the leaderboard
+    from hedgerl import arena, monitor
     monitor.tensorboard_route(app, prefix, app.state.registry)
-    from hedgerl.player import player_page  # the simulation player: this app's simulations routes, in process, as the page's user
-    from hedgerl.portfolio import portfolio_page  # a book of options: its Greeks and a backtest of the hedges (and the user's models) that apply
-    dashboards.mount(app, prefix, {"evaluation": dashboards.evaluation_page(app.state.registry, settings().service.dashboard_paths, load=load),
-                                   "training": monitor.training_page(app.state.registry), "leaderboard": arena.leaderboard_page(app.state.registry),
-                                   "player": player_page(app), "portfolio": portfolio_page(app.state.registry, load=load)}, {"evaluation": "hedgerl: evaluation"})
+    # the simulation player: this app's simulations routes, in process, as the page's user
+    from hedgerl.player import player_page
+    # a book of options: its Greeks and a backtest of the hedges (and the user's models) that apply
+    from hedgerl.portfolio import portfolio_page
+    dashboards.mount(
+        app,
+        prefix,
+        {
+            "evaluation": dashboards.evaluation_page(app.state.registry, settings().service.dashboard_paths, load=load),
+            "training": monitor.training_page(app.state.registry),
+            "leaderboard": arena.leaderboard_page(app.state.registry),
+            "player": player_page(app),
+            "portfolio": portfolio_page(app.state.registry, load=load),
+        },
+        {"evaluation": "hedgerl: evaluation"},
+    )
     app.add_middleware(DashboardGuard, prefix=prefix)
 
 # %% ../nbs/16_service.ipynb #8f4e85e1
 def create_app(
     prefix: str | None = None, # URL prefix of every route; None: $JUPYTERHUB_SERVICE_PREFIX or /services/hedgerl/
     auth=None, # a `HubOAuth`; None: `hub_auth(prefix)`
-    cookie_secret: str | bytes | None = None, # signs the login cookie; None: the platform secret `service_cookie_secret`
+    # signs the login cookie; None: the platform secret `service_cookie_secret`
+    cookie_secret: str | bytes | None = None,
     registry=None, # the registry's `Registry` or database URL; None: the [registry] url setting (see `hedgerl.remote`)
 ) -> FastAPI:
-    "The hedgerl service: `api/v1/health` public; `api/v1/me` and the registry for hub users holding the service's access scope."
+    """The hedgerl service: `api/v1/health` public; `api/v1/me` and the registry for hub users holding the service's
+    access scope."""
     p = service_prefix(prefix)
     app = new_app(p)
     app.state.hub = auth if auth is not None else hub_auth(p)
-    app.state.cookies = CookieSigner(cookie_secret if cookie_secret is not None else secret(settings().hub.state, "service_cookie_secret"))
-    for exc in (StarletteHTTPException, RequestValidationError, LoginRequired, Exception): app.add_exception_handler(exc, error_response)
+    app.state.cookies = CookieSigner(cookie_secret if cookie_secret is not None else secret(settings().hub.state,
+            "service_cookie_secret"))
+    for exc in (StarletteHTTPException, RequestValidationError, LoginRequired,
+                Exception): app.add_exception_handler(exc, error_response)
     app.add_api_route(f"{p}api/v1/health", health, methods=["GET"], tags=["service"], response_model=Health)
     app.add_api_route(f"{p}oauth_callback", oauth_callback, methods=["GET"], include_in_schema=False)
     app.include_router(service_router(hub_user), prefix=p.rstrip("/"), responses=ERROR_RESPONSES)
@@ -434,12 +512,15 @@ def create_app(
                       responses={c: ERROR_RESPONSES[c] for c in (401, 403)})
     if (registry_router := registry_factory()) is not None:
         from hedgerl.remote import service_registry
-        app.state.registry = service_registry(registry)  # one handle for every router; each call uses it as the caller (`caller_registry`)
-        app.include_router(registry_router(hub_user, registry=app.state.registry), prefix=f"{p}api/v1/registry", dependencies=[Depends(hub_user)],
+        # one handle for every router; each call uses it as the caller (`caller_registry`)
+        app.state.registry = service_registry(registry)
+        app.include_router(registry_router(hub_user, registry=app.state.registry), prefix=f"{p}api/v1/registry",
+                           dependencies=[Depends(hub_user)],
                            responses=ERROR_RESPONSES)
     for name in API_MODULES:  # each: router(user_dependency) -> APIRouter with paths relative to api/v1
         if importlib.util.find_spec(name) is None: continue
-        app.include_router(importlib.import_module(name).router(hub_user), prefix=f"{p}api/v1", dependencies=[Depends(hub_user)],
+        app.include_router(importlib.import_module(name).router(hub_user), prefix=f"{p}api/v1",
+                           dependencies=[Depends(hub_user)],
                            responses=ERROR_RESPONSES)
     if importlib.util.find_spec("panel") is not None and getattr(app.state, "registry", None) is not None:
         mount_dashboards(app, p)
@@ -451,26 +532,31 @@ def create_app(
 def service_address(
     environ: dict | None = None, # None: os.environ
 ) -> tuple[str, int]:
-    "Where to listen: [service] host and port; when the hub starts the service, the host and port of its $JUPYTERHUB_SERVICE_URL (a wildcard [service] host stays)."
+    """Where to listen: [service] host and port; when the hub starts the service, the host and port of its
+    $JUPYTERHUB_SERVICE_URL (a wildcard [service] host stays)."""
     env = os.environ if environ is None else environ
     s = settings().service
     if not (url := env.get("JUPYTERHUB_SERVICE_URL")): return s.host, s.port
     u = urlparse(url)
     try: port = u.port
     except ValueError: port = None
-    if u.scheme != "http" or not u.hostname or not port: raise ValueError(f"JUPYTERHUB_SERVICE_URL={url!r}: expected http://host:port")
+    if u.scheme != "http" or not u.hostname or not port: raise ValueError(
+            f"JUPYTERHUB_SERVICE_URL={url!r}: expected http://host:port")
     return (s.host if s.host in ("0.0.0.0", "::") else u.hostname), port
 
 # %% ../nbs/16_service.ipynb #f4e765a5
 def unavailable_app(
     prefix: str, # the service's prefix
-    reason: str, # what failed, shown to anyone: the kind of error, never its message (a setting's value may hold a password)
+    # what failed, shown to anyone: the kind of error, never its message (a setting's value may hold a password)
+    reason: str,
 ) -> FastAPI:
-    "What serves when `create_app` fails: every route a 503 JSON saying so (the prefix itself a 200), so the hub keeps running; the reason is in the log."
+    """What serves when `create_app` fails: every route a 503 JSON saying so (the prefix itself a 200), so the hub
+    keeps running; the reason is in the log."""
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     @app.api_route("/{path:path}", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"])
     async def down(path: str):
-        body = {"status": "error", "detail": f"the hedgerl service could not start ({reason}): its log, in the hub's, says why"}
+        body = {"status": "error", "detail": f"the hedgerl service could not start ({reason}): its log, in the hub's, "
+                f"says why"}
         return JSONResponse(body, 200 if f"/{path}" == prefix else 503)
     return app
 
@@ -492,19 +578,24 @@ def main() -> None:
     except ValueError as e: sys.exit(f"hedgerl service: {e}")
     try: sock = socket.create_server((host, port))
     except OSError as e: sys.exit(f"hedgerl service: cannot listen on {host}:{port}: {e.strerror}")
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted connections inherit it: no 40 ms Nagle wait on keep-alive replies
+    # accepted connections inherit it: no 40 ms Nagle wait on keep-alive replies
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     try: app = create_app()
     except Exception as e:
         log.error("the hedgerl service could not start, serving 503s: %s", e, exc_info=True)
         app = unavailable_app(service_prefix(), type(e).__name__)
     config = uvicorn.Config(app, log_level="info", proxy_headers=True, forwarded_allow_ips="127.0.0.1",
-                            timeout_graceful_shutdown=3,  # an open event stream must not hold the shutdown (the jobs' own stop must run)
-                            timeout_keep_alive=620)  # the proxy keeps idle connections and reuses them: closing one after uvicorn's
-                                                     # default 5 s raced the proxy's next request on it (503 "socket hang up")
+                            # an open event stream must not hold the shutdown (the jobs' own stop must run)
+                            timeout_graceful_shutdown=3,
+                            # the proxy keeps idle connections and reuses them: closing one after uvicorn's
+                            timeout_keep_alive=620)
+                                                     # default 5 s raced the proxy's next request on it (503 "socket
+                                                     # hang up")
 
     logging.getLogger("uvicorn.access").addFilter(_NoQuery())
     log.info("hedgerl service %s on http://%s:%d%s", hedgerl.__version__, host, port, service_prefix())
     uvicorn.Server(config).run(sockets=[sock])
 
-if __name__ == "__main__" and "IPython" not in sys.modules: main()  # `python -m hedgerl.service`; not when this notebook runs
+# `python -m hedgerl.service`; not when this notebook runs
+if __name__ == "__main__" and "IPython" not in sys.modules: main()

@@ -125,8 +125,9 @@ class MarketModel:
             torch = import_torch()
             dev = resolve_device(device)
             gen, tdtype = torch_generator(seed, dev), getattr(torch, dtype)
-            spot, variance, extra = self._simulate_torch(torch, n_paths, n_steps, dt, gen, bool(antithetic), tdtype,
-                                                         dev)
+            spot, variance, extra = self._simulate_torch(
+                torch, n_paths, n_steps, dt, gen, bool(antithetic), tdtype, dev
+            )
             times = torch.as_tensor(times, dtype=tdtype, device=dev)
         return Paths(spot=spot, dt=dt, times=times, variance=variance, extra=extra)
 

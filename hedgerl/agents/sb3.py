@@ -331,9 +331,9 @@ class SB3Agent(_BandPolicy, Agent):
         while done < units and not self._stop:  # between two stairs the state is consistent: a stop ends the block here
             n = min(stair, units - done)
             if lr1 is not None:
-                m.lr_schedule = ConstantSchedule(lr0 * (lr1 / lr0) ** min(1.0,
-                                                                          m.num_timesteps / max(self._budget or units,
-                                                                                  1)))
+                m.lr_schedule = ConstantSchedule(
+                    lr0 * (lr1 / lr0) ** min(1.0, m.num_timesteps / max(self._budget or units, 1))
+                )
             m.learn(n, callback=cb, reset_num_timesteps=False, progress_bar=False)
             if cb.stopped: raise KeyboardInterrupt(f"{self._stop.signal} inside a {self.algo} rollout (dropped)")
             done += n

@@ -16,13 +16,21 @@ def _common(*cols):
 
 def upgrade():
     "Create the registry tables."
-    op.create_table("datasets", *_common(
-        sa.Column("name", sa.String(200), nullable=False), sa.Column("source", sa.String(500), nullable=False),
-        sa.Column("start", sa.Date), sa.Column("end", sa.Date), sa.Column("content_hash", sa.String(128),
-                                                                          nullable=False),
-        sa.Column("n_rows", sa.Integer), sa.Column("meta", sa.JSON), sa.Column("owner", sa.String(100), nullable=False),
-        sa.Column("created", sa.DateTime, nullable=False)),
-        sa.UniqueConstraint("name", "content_hash", name="uq_datasets_name_hash"))
+    op.create_table(
+        "datasets",
+        *_common(
+            sa.Column("name", sa.String(200), nullable=False),
+            sa.Column("source", sa.String(500), nullable=False),
+            sa.Column("start", sa.Date),
+            sa.Column("end", sa.Date),
+            sa.Column("content_hash", sa.String(128), nullable=False),
+            sa.Column("n_rows", sa.Integer),
+            sa.Column("meta", sa.JSON),
+            sa.Column("owner", sa.String(100), nullable=False),
+            sa.Column("created", sa.DateTime, nullable=False),
+        ),
+        sa.UniqueConstraint("name", "content_hash", name="uq_datasets_name_hash"),
+    )
     op.create_table("experiments", *_common(
         sa.Column("name", sa.String(200), nullable=False), sa.Column("description", sa.Text),
         sa.Column("owner", sa.String(100), nullable=False), sa.Column("shared", sa.Boolean, nullable=False),
