@@ -463,7 +463,7 @@ def inline_updates(obj):
 
 # %% ../nbs/22_dashboards.ipynb #23af53e8
 def cached_evaluation(
-    scenario: str, # a published scenario's name
+    scenario: str | Scenario, # a published scenario's name, or a scenario (a portfolio's own book)
     made: dict, # label -> function making the strategy (what `strategy_choices` gives)
     labels: list[str], # the strategies to evaluate, of `made`
     n_paths: int, # paths of the evaluation
@@ -475,7 +475,7 @@ def cached_evaluation(
     def compute():
         ev = evaluate(scenario, {k: made[k]() for k in labels}, n_paths, seed)
         return ev, comparison(ev, n_boot)
-    key = (scenario, tuple(labels), n_paths, seed, n_boot)
+    key = (scenario if isinstance(scenario, str) else scenario.to_json(), tuple(labels), n_paths, seed, n_boot)
     return compute() if cache is None else cache.get(key, compute)
 
 # %% ../nbs/22_dashboards.ipynb #f374d5da

@@ -16,9 +16,8 @@ import pandas as pd
 from . import scenarios as lib
 from .baselines import option_greeks
 from .core import check_int
-from .dashboards import (Evaluation, EvaluationCache, comparison, evaluate, evaluation_view, inline_updates,
-                                page_user,
-                                strategy_choices, update_view)
+from .dashboards import (Evaluation, EvaluationCache, cached_evaluation, evaluation_view, inline_updates,
+                                page_user, strategy_choices, update_view)
 from .scenarios import Instrument, Observation, Option, Scenario, as_scenario
 
 # %% auto #0
@@ -219,11 +218,7 @@ def backtest_book(
     cache: EvaluationCache | None = None, # backtests kept by question; None: none kept
 ) -> tuple[Evaluation, pd.DataFrame]:
     "Every strategy of `made` hedging the same paths of `scn`, and the comparison table (a worker thread may run it)."
-    def compute():
-        ev = evaluate(scn, {k: f() for k, f in made.items()}, n_paths, seed)
-        return ev, comparison(ev, n_boot)
-    key = ("portfolio", scn.to_json(), tuple(made), n_paths, seed, n_boot)
-    return compute() if cache is None else cache.get(key, compute)
+    return cached_evaluation(scn, made, list(made), n_paths, seed, n_boot, cache)
 
 # %% ../nbs/27_portfolio.ipynb #6ed9a8ec
 class PortfolioBook:
