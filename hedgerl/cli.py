@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 import hedgerl
-from .core import SettingsError, settings
+from .core import SettingsError, pending_stops, settings
 
 # %% auto #0
 __all__ = ['error_line', 'missing_extra', 'command', 'build_parser', 'main', 'project_root', 'writable_folder', 'check_address',
@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hedgerl {args.command}: error: {error_line(e, args.command)}", file=sys.stderr)
         return 2 if isinstance(e, _EXPECTED) else 1
     finally:
+        pending_stops.clear()  # handled (or the command ended)
         for s, h in old.items(): signal.signal(s, h)
 
 # %% ../nbs/99_cli.ipynb #149a7455
@@ -114,7 +115,9 @@ def _stop_on_sigterm() -> dict:
     """SIGTERM and SIGHUP stop a command as Ctrl-C does (what it started is stopped, its run recorded); the old
     handlers, to restore."""
     if threading.current_thread() is not threading.main_thread(): return {}
-    def stop(signum, frame): raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+    def stop(signum, frame):
+        pending_stops.append(signum)  # if the raise lands in a GC callback, Python drops it: see `pending_stops`
+        raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
     return {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
 
 # %% ../nbs/99_cli.ipynb #418d0e08

@@ -18,10 +18,10 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 # %% auto #0
-__all__ = ['SETTINGS_SCHEMA', 'OTHER_VARIABLES', 'SettingsError', 'Settings', 'find_settings_file', 'load_settings', 'settings',
-           'as_numpy', 'check_finite', 'check_positive', 'check_in_range', 'check_choice', 'check_int',
-           'broadcast_shape', 'as_generator', 'spawn_seeds', 'import_torch', 'resolve_device', 'torch_generator',
-           'torch_float_dtype', 'Paths']
+__all__ = ['SETTINGS_SCHEMA', 'OTHER_VARIABLES', 'pending_stops', 'SettingsError', 'Settings', 'find_settings_file',
+           'load_settings', 'settings', 'as_numpy', 'check_finite', 'check_positive', 'check_in_range', 'check_choice',
+           'check_int', 'broadcast_shape', 'as_generator', 'spawn_seeds', 'import_torch', 'resolve_device',
+           'torch_generator', 'torch_float_dtype', 'Paths']
 
 # %% ../nbs/00_core.ipynb #b0d9f2f2
 class SettingsError(ValueError):
@@ -403,3 +403,7 @@ class Paths:
         kinds = ["spot"] + (["variance"] if self.variance is not None else []) + list(self.extra)
         return (f"Paths(n_paths={self.n_paths}, n_steps={self.n_steps}, dt={self.dt:.6g}, series={kinds}, "
                 f"dtype={self.spot.dtype})")
+
+# %% ../nbs/00_core.ipynb #4bcc0c36
+# SIGTERM/SIGHUP/SIGINT numbers whose handler raised `KeyboardInterrupt` and that nobody has handled yet
+pending_stops: list[int] = []

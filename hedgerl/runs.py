@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 import hedgerl
-from .core import check_int, check_positive, resolve_device, settings
+from .core import check_int, check_positive, pending_stops, resolve_device, settings
 from .registry import Registry, open_registry
 
 from .scenarios import NAMED, Objective, Scenario, as_scenario
@@ -126,6 +126,8 @@ class _Interrupts:
         self.requested = True
         os.kill(pid, signal.SIGINT)
     def __enter__(self):
+        # a stop whose KeyboardInterrupt Python dropped (raised in a GC callback): it stops here, before any kernel
+        if pending_stops: raise KeyboardInterrupt(f"stopped by {signal.Signals(pending_stops[0]).name}")
         if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGINT, signal.SIGTERM): self.old[s] = signal.signal(s, self._handle)
         return self
