@@ -141,7 +141,24 @@ def test_the_service_keeps_an_idle_proxy_connection_open(platform):
     up = platform[0]
     req = b"GET /services/hedgerl/api/v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     with socket.create_connection(("127.0.0.1", int(up.env["HEDGERL_SERVICE_PORT"])), timeout=30) as s:
-        s.sendall(req); first = s.recv(65536)
+        s.sendall(req); first = _read_response(s)
         time.sleep(7)
-        s.sendall(req); second = s.recv(65536)
+        s.sendall(req); second = _read_response(s)
     assert first.startswith(b"HTTP/1.1 200") and second.startswith(b"HTTP/1.1 200"), (first[:40], second[:40])
+
+
+def _read_response(s):
+    "One whole HTTP/1.1 response from socket `s`: headers, then `content-length` bytes of body (TCP may split them)."
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        if not chunk: raise AssertionError(f"connection closed after {data[:80]!r}")
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = next(int(v) for k, _, v in (h.partition(b":") for h in head.split(b"\r\n")[1:])
+                  if k.strip().lower() == b"content-length")
+    while len(body) < length:
+        chunk = s.recv(65536)
+        if not chunk: raise AssertionError(f"connection closed inside the body of {head[:40]!r}")
+        body += chunk
+    return head + b"\r\n\r\n" + body
