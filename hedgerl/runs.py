@@ -111,6 +111,7 @@ def _kernel_manager_class(made: list, log):
             super().__init__(*args, **{"transport": "ipc", **kwargs})
             made.append(self)
         async def _async_launch_kernel(self, kernel_cmd, **kw):
+            if pending_stops: raise KeyboardInterrupt(f"stopped by {signal.Signals(pending_stops[0]).name}")
             return await super()._async_launch_kernel(kernel_cmd, **{**kw, "stderr": log})
     return KernelManager
 
@@ -122,7 +123,9 @@ class _Interrupts:
         self.made, self.requested, self.old = made, False, {}
     def _handle(self, signum, frame):
         pid = getattr(getattr(self.made[-1], "provisioner", None), "pid", None) if self.made else None
-        if self.requested or pid is None: raise KeyboardInterrupt
+        if self.requested or pid is None:
+            pending_stops.append(signum)  # no kernel yet: if Python drops this raise, the kernel's launch refuses
+            raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
         self.requested = True
         os.kill(pid, signal.SIGINT)
     def __enter__(self):
@@ -131,8 +134,9 @@ class _Interrupts:
         if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGINT, signal.SIGTERM): self.old[s] = signal.signal(s, self._handle)
         return self
-    def __exit__(self, *exc):
+    def __exit__(self, kind, *exc):
         for s, h in self.old.items(): signal.signal(s, h)
+        if kind is not None and issubclass(kind, KeyboardInterrupt): pending_stops.clear()  # the stop got through
 
 # %% ../nbs/13_runs.ipynb #8ceecfd4
 def _execute(notebook: Path, output: Path, parameters: dict, timeout: float | None) -> bool:
