@@ -142,8 +142,8 @@ class ArenaDashboard:
     ):
         import panel as pn
         self.registry, self.path = registry, path
-        self.scenario = pn.widgets.Select(name="Scenario", options=[])
-        self.reload = pn.widgets.Button(name="Reload", button_type="default")
+        self.scenario = pn.widgets.Select(label="Scenario", options=[])
+        self.reload = pn.widgets.Button(label="Reload", button_type="default")
         self.status = pn.pane.Markdown("", sizing_mode="stretch_width")
         self.figure = pn.pane.Bokeh(sizing_mode="stretch_width")
         self.table = pn.pane.HTML("", sizing_mode="stretch_width")

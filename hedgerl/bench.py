@@ -194,12 +194,26 @@ BENCHMARKS: dict[str, Callable[[bool], list[BenchResult]]] = {
                                                         rounds=1 if quick else 3)],
 }
 
+# %% ../nbs/90_bench.ipynb #e92fdad8
+def _cpu_model() -> str:
+    "The CPU's model name (Linux's /proc/cpuinfo), else what `platform` knows."
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"): return line.split(":", 1)[1].strip()
+    except OSError: pass
+    return platform.processor() or platform.machine()
+
 # %% ../nbs/90_bench.ipynb #fa43540d
 def machine_info() -> dict:
-    "What the numbers were measured on."
-    import os
-    return dict(python=platform.python_version(), numpy=np.__version__, machine=platform.machine(),
-                processor=platform.processor() or platform.machine(), cpus=os.cpu_count(), system=platform.system())
+    "What the numbers were measured on (torch's version and vector instructions when torch is loaded)."
+    import os, sys
+    info = dict(python=platform.python_version(), numpy=np.__version__, machine=platform.machine(),
+                processor=platform.processor() or platform.machine(), cpus=os.cpu_count(), system=platform.system(),
+                cpu=_cpu_model())
+    if "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        info.update(torch=torch.__version__, cpu_capability=torch.backends.cpu.get_cpu_capability())
+    return info
 
 # %% ../nbs/90_bench.ipynb #e8f58ed8
 def format_table(results: list[BenchResult]) -> str:

@@ -487,8 +487,8 @@ class EvaluationView:
     ):
         import panel as pn
         self.seed, self.n_boot, self.ev, self.table = seed, check_int("n_boot", n_boot, 2), None, None
-        self.focus = pn.widgets.Select(name="Headline and heatmap for", options=[])
-        self.path = pn.widgets.IntSlider(name="Sample path", start=0, end=19, value=0)
+        self.focus = pn.widgets.Select(label="Headline and heatmap for", options=[])
+        self.path = pn.widgets.IntSlider(label="Sample path", start=0, end=19, value=0)
         self.status = pn.pane.Markdown("", sizing_mode="stretch_width")
         self.body = pn.Column(sizing_mode="stretch_width")
         self.focus.param.watch(lambda e: self.draw({"focus"}),
@@ -561,12 +561,12 @@ class EvaluationDashboard(_ExperimentChoice, EvaluationView):
         self.choices, self.n_paths = choices, check_int("n_paths", n_paths, 2)
         super().__init__(seed, n_boot)
         names = scenarios or [n for n in lib.names() if lib.get(n).market.model != "historical"]
-        self.scenario = pn.widgets.Select(name="Scenario", options=names,
+        self.scenario = pn.widgets.Select(label="Scenario", options=names,
                                           value=scenario if scenario in names else names[0])
-        self.strategies = pn.widgets.MultiChoice(name="Strategies", options=[], value=[], sizing_mode="stretch_width")
-        self.run = pn.widgets.Button(name="Evaluate", button_type="primary")
+        self.strategies = pn.widgets.MultiChoice(label="Strategies", options=[], value=[], sizing_mode="stretch_width")
+        self.run = pn.widgets.Button(label="Evaluate", button_type="primary")
         self.experiments = experiments or {}
-        self.experiment = pn.widgets.Select(name="Experiment", options=["", *self.experiments],
+        self.experiment = pn.widgets.Select(label="Experiment", options=["", *self.experiments],
                                             visible=bool(self.experiments), width=200)
         self._made = {}
         self._offer(strategies)

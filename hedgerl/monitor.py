@@ -283,7 +283,7 @@ class TrainingMonitor(_MonitorLoop):
     ):
         import panel as pn
         self.registry, self.period, self.limit, self.tensorboard = registry, float(period), int(limit), tensorboard
-        self.choice = pn.widgets.MultiChoice(name="Training runs", options={}, value=[], sizing_mode="stretch_width")
+        self.choice = pn.widgets.MultiChoice(label="Training runs", options={}, value=[], sizing_mode="stretch_width")
         self.status = pn.pane.Markdown("", sizing_mode="stretch_width")
         self.table = pn.pane.DataFrame(None, index=False, na_rep="—", sizing_mode="stretch_width")
         self.details = pn.pane.Markdown("", sizing_mode="stretch_width")

@@ -262,11 +262,11 @@ def player_widgets(
     import panel as pn
     buttons = (("New episode", "primary"), ("Reset", "default"), ("Step", "default"))
     return dict(
-        scenario=pn.widgets.Select(name="Scenario", options=names, value=scenario if scenario in names else names[0]),
-        strategy=pn.widgets.Select(name="Strategy", options=[]),
-        buttons={k: pn.widgets.Button(name=k, button_type=t) for k, t in buttons},
-        playing=pn.widgets.Toggle(name="Play", button_type="success", width=90),
-        speed=pn.widgets.FloatSlider(name="Speed (steps a second)", start=0.5, end=20, step=0.5, value=speed),
+        scenario=pn.widgets.Select(label="Scenario", options=names, value=scenario if scenario in names else names[0]),
+        strategy=pn.widgets.Select(label="Strategy", options=[]),
+        buttons={k: pn.widgets.Button(label=k, button_type=t) for k, t in buttons},
+        playing=pn.widgets.Toggle(label="Play", button_type="success", width=90),
+        speed=pn.widgets.FloatSlider(label="Speed (steps a second)", start=0.5, end=20, step=0.5, value=speed),
         status=pn.pane.Markdown("Choose a scenario and a strategy, then **New episode**, **Step** or **Play**.",
                                 sizing_mode="stretch_width"),
         alert=pn.pane.Alert("", alert_type="danger", visible=False, sizing_mode="stretch_width"),

@@ -174,7 +174,7 @@ def portfolio_widgets(
     import panel as pn
     base = base if base in names else names[0]
     return dict(
-        base=pn.widgets.Select(name="Base scenario (market, costs, calendar, objective)", options=names, value=base),
+        base=pn.widgets.Select(label="Base scenario (market, costs, calendar, objective)", options=names, value=base),
         book=pn.widgets.Tabulator(
             _table(lib.get(base).book),
             show_index=False,
@@ -189,21 +189,21 @@ def portfolio_widgets(
             sizing_mode="stretch_width",
         ),
         new={
-            "kind": pn.widgets.Select(name="Kind", options=["call", "put"], value="put", width=90),
-            "strike": pn.widgets.FloatInput(name="Strike", value=95.0, width=110),
-            "maturity": pn.widgets.IntInput(name="Maturity (days)", value=20, width=120),
-            "quantity": pn.widgets.FloatInput(name="Quantity (+ bought, - sold)", value=1.0, width=170),
+            "kind": pn.widgets.Select(label="Kind", options=["call", "put"], value="put", width=90),
+            "strike": pn.widgets.FloatInput(label="Strike", value=95.0, width=110),
+            "maturity": pn.widgets.IntInput(label="Maturity (days)", value=20, width=120),
+            "quantity": pn.widgets.FloatInput(label="Quantity (+ bought, - sold)", value=1.0, width=170),
         },
-        add=pn.widgets.Button(name="Add option"),
-        remove=pn.widgets.Button(name="Remove selected"),
+        add=pn.widgets.Button(label="Add option"),
+        remove=pn.widgets.Button(label="Remove selected"),
         hedges=pn.widgets.CheckBoxGroup(
             name="Hedging instruments", options=list(HEDGES), value=base_hedges(base), inline=True
         ),
         alert=pn.pane.Alert("", alert_type="danger", visible=False, sizing_mode="stretch_width"),
         totals=pn.pane.HTML("", sizing_mode="stretch_width"),
         greeks=pn.pane.DataFrame(None, sizing_mode="stretch_width"),
-        run=pn.widgets.Button(name="Backtest", button_type="primary"),
-        focus=pn.widgets.Select(name="Headline for", options=[]),
+        run=pn.widgets.Button(label="Backtest", button_type="primary"),
+        focus=pn.widgets.Select(label="Headline for", options=[]),
         status=pn.pane.Markdown("", sizing_mode="stretch_width"),
         body=pn.Column(sizing_mode="stretch_width"),
     )

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,7 +22,8 @@ from .leaderboard import applicable
 from .scenarios import get
 
 # %% auto #0
-__all__ = ['RECIPES', 'Recipe', 'recipes', 'train_recipe', 'judge', 'results_markdown', 'run_results', 'saved_agents']
+__all__ = ['RECIPES', 'FINGERPRINT', 'Recipe', 'recipes', 'train_recipe', 'judge', 'fingerprint', 'results_markdown',
+           'run_results', 'saved_agents', 'rejudge']
 
 # %% ../nbs/14_results.ipynb #56547ccb
 @dataclass
@@ -92,6 +94,8 @@ def train_recipe(recipe: Recipe, quick: bool = False, out: str | Path | None = N
     finally: torch.set_num_threads(threads)
     return agent
 
+
+# %% ../nbs/14_results.ipynb #ae2f2e1e
 def judge(recipe: Recipe, agent: Agent, n_paths: int = 100_000, seed: int = 2026, n_boot: int = 100) -> dict:
     """Test `agent` next to delta hedging (and the fitted band where costs apply) on the same fresh paths; check the
     recipe's goal."""
@@ -115,7 +119,21 @@ def judge(recipe: Recipe, agent: Agent, n_paths: int = 100_000, seed: int = 2026
             "trained": f"{agent.log.units} {agent.unit}", "train_seconds": round(agent.log.seconds, 1),
             "threads": recipe.threads, "n_paths": n_paths,
             "test_seed": seed, "objective_label": scn.objective.label, "results": out, "checks": checks,
-            "met": all(checks.values())}
+            "met": all(checks.values()), "judged_on": fingerprint()}
+
+# %% ../nbs/14_results.ipynb #4b4f104c
+FINGERPRINT = ("numpy", "scipy", "torch", "stable-baselines3", "gymnasium")  # the numerical packages of a backtest
+
+def fingerprint() -> dict:
+    "What decides a result's last bits here: Python, the CPU, torch's vector instructions, the numerical packages."
+    from importlib.metadata import PackageNotFoundError, version
+    out = {k: v for k, v in machine_info().items() if k in ("python", "cpu")}
+    with suppress(ImportError):
+        import torch; out["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    for p in FINGERPRINT:
+        try: out[p] = version(p)
+        except PackageNotFoundError: out[p] = None
+    return out
 
 # %% ../nbs/14_results.ipynb #ac1ffb7e
 def results_markdown(
@@ -139,6 +157,14 @@ def results_markdown(
                      f"{f(x['agent'])} | {f(x['delta'])} | {band} | {r['goal']} | {'yes' if r['met'] else 'NO'} |")
     return "\n".join(lines) + "\n"
 
+# %% ../nbs/14_results.ipynb #67cd2367
+def _write_results(out: Path, doc: dict):
+    "Write `results.json` and `results.md` under `out`, each whole or not at all (a temporary file, then a rename)."
+    for name, text in (("results.json", json.dumps(doc, indent=1, default=float) + "\n"),
+                       ("results.md", results_markdown(doc["results"]))):
+        tmp = out / f".{name}.tmp"; tmp.write_text(text); tmp.replace(out / name)
+
+# %% ../nbs/14_results.ipynb #ebed6dbd
 def run_results(
     only: list[str] | None = None, # scenarios (or scenario--agent) to run; None: every recipe
     quick: bool = False, # smoke size: a twentieth of the budgets, 5,000 test paths, nothing checked in
@@ -162,13 +188,29 @@ def run_results(
             keep = {(r.scenario, r.agent) for r in todo}
             old = [x for x in json.loads((out / "results.json").read_text())["results"] if (x["scenario"],
                     x["agent"]) not in keep]
-        doc = dict(quick=quick, when=datetime.now(timezone.utc).isoformat(timespec="seconds"), machine=machine_info(),
-                   results=old + rows)
-        (out / "results.json").write_text(json.dumps(doc, indent=1, default=float) + "\n")
-        (out / "results.md").write_text(results_markdown(old + rows))
+        _write_results(out, dict(quick=quick, when=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                 machine=machine_info(), results=old + rows))
     return rows
 
+# %% ../nbs/14_results.ipynb #6668f1d9
 def saved_agents(folder: str | Path = "reports/models") -> list[Agent]:
     "Every agent saved in `folder` (for the leaderboard's learned entries)."
     folder = Path(folder)
     return [load_agent(p, device="cpu") for p in sorted(folder.glob("*.zip"))] if folder.is_dir() else []
+
+# %% ../nbs/14_results.ipynb #a4a79aee
+def rejudge(
+    out_dir: str | Path = "reports", # holds `models/` and `results.json`
+    n_boot: int = 100, # bootstrap samples for the standard errors (`run_results` uses 100; 20 when quick)
+    progress: bool = True,
+) -> list[dict]:
+    "Judge every saved model of `results.json` again on this machine (its paths and seed); rewrite the file."
+    out = Path(out_dir); doc = json.loads((out / "results.json").read_text())
+    by = {(r.scenario, r.agent): r for r in RECIPES}
+    rows = []
+    for old in tqdm(doc["results"], desc="hedgerl rejudge", disable=not progress):
+        recipe = by[old["scenario"], old["agent"]]
+        agent = load_agent(out / "models" / recipe.file, device="cpu")
+        rows.append(judge(recipe, agent, n_paths=old["n_paths"], seed=old["test_seed"], n_boot=n_boot))
+    _write_results(out, {**doc, "results": rows})
+    return rows
