@@ -491,15 +491,25 @@ def _add_results(sub) -> None:
     rs.add_argument("--seed", type=int, default=2026, help="seed of the test paths (default 2026)")
     rs.add_argument("--out", default="reports", help="output folder (default reports)")
     rs.add_argument("--no-write", action="store_true", help="write nothing")
+    rs.add_argument("--rejudge", action="store_true", help="train nothing: judge the models saved in OUT again on this "
+                    "machine and rewrite OUT/results.json (its paths and seed)")
     rs.set_defaults(func=_cmd_results)
 
 def _cmd_results(args) -> int:
     "Train the recipes, save the models, judge them; exit 1 when a goal is missed (not in --quick)."
-    from hedgerl.results import results_markdown, run_results
+    from hedgerl.results import rejudge, results_markdown, run_results
     if not args.no_write: writable_folder(args.out, "--out")
-    rows = run_results(args.only, quick=args.quick, out_dir=None if args.no_write else args.out, seed=args.seed)
+    if args.rejudge:
+        bad = [o for o, v in (("--only", args.only), ("--quick", args.quick), ("--no-write", args.no_write)) if v]
+        if bad: raise ValueError(f"--rejudge judges every saved model of --out and writes: not with {', '.join(bad)}")
+        res = Path(args.out) / "results.json"
+        if not res.is_file(): raise ValueError(f"--rejudge: no {res} (run `hedgerl results` first)")
+        quick, rows = json.loads(res.read_text()).get("quick", False), rejudge(args.out)
+    else:
+        quick = args.quick
+        rows = run_results(args.only, quick=quick, out_dir=None if args.no_write else args.out, seed=args.seed)
     print(results_markdown(rows), end="")
-    return 0 if args.quick or all(r["met"] for r in rows) else 1
+    return 0 if quick or all(r["met"] for r in rows) else 1
 
 # %% ../nbs/99_cli.ipynb #b7e6d190
 @command

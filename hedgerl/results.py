@@ -201,11 +201,12 @@ def saved_agents(folder: str | Path = "reports/models") -> list[Agent]:
 # %% ../nbs/14_results.ipynb #a4a79aee
 def rejudge(
     out_dir: str | Path = "reports", # holds `models/` and `results.json`
-    n_boot: int = 100, # bootstrap samples for the standard errors (`run_results` uses 100; 20 when quick)
+    n_boot: int | None = None, # bootstrap samples for the standard errors (default `run_results`'s: 100, 20 if quick)
     progress: bool = True,
 ) -> list[dict]:
     "Judge every saved model of `results.json` again on this machine (its paths and seed); rewrite the file."
     out = Path(out_dir); doc = json.loads((out / "results.json").read_text())
+    n_boot = n_boot if n_boot is not None else (20 if doc.get("quick") else 100)
     by = {(r.scenario, r.agent): r for r in RECIPES}
     rows = []
     for old in tqdm(doc["results"], desc="hedgerl rejudge", disable=not progress):
