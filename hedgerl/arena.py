@@ -143,7 +143,7 @@ class ArenaDashboard:
         import panel as pn
         self.registry, self.path = registry, path
         self.scenario = pn.widgets.Select(label="Scenario", options=[])
-        self.reload = pn.widgets.Button(label="Reload", button_type="default")
+        self.reload = pn.widgets.Button(label="Reload", color="default")
         self.status = pn.pane.Markdown("", sizing_mode="stretch_width")
         self.figure = pn.pane.Bokeh(sizing_mode="stretch_width")
         self.table = pn.pane.HTML("", sizing_mode="stretch_width")

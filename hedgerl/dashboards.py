@@ -564,7 +564,7 @@ class EvaluationDashboard(_ExperimentChoice, EvaluationView):
         self.scenario = pn.widgets.Select(label="Scenario", options=names,
                                           value=scenario if scenario in names else names[0])
         self.strategies = pn.widgets.MultiChoice(label="Strategies", options=[], value=[], sizing_mode="stretch_width")
-        self.run = pn.widgets.Button(label="Evaluate", button_type="primary")
+        self.run = pn.widgets.Button(label="Evaluate", color="primary")
         self.experiments = experiments or {}
         self.experiment = pn.widgets.Select(label="Experiment", options=["", *self.experiments],
                                             visible=bool(self.experiments), width=200)

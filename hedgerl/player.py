@@ -264,8 +264,8 @@ def player_widgets(
     return dict(
         scenario=pn.widgets.Select(label="Scenario", options=names, value=scenario if scenario in names else names[0]),
         strategy=pn.widgets.Select(label="Strategy", options=[]),
-        buttons={k: pn.widgets.Button(label=k, button_type=t) for k, t in buttons},
-        playing=pn.widgets.Toggle(label="Play", button_type="success", width=90),
+        buttons={k: pn.widgets.Button(label=k, color=t) for k, t in buttons},
+        playing=pn.widgets.Toggle(label="Play", color="success", width=90),
         speed=pn.widgets.FloatSlider(label="Speed (steps a second)", start=0.5, end=20, step=0.5, value=speed),
         status=pn.pane.Markdown("Choose a scenario and a strategy, then **New episode**, **Step** or **Play**.",
                                 sizing_mode="stretch_width"),

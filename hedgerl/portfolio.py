@@ -202,7 +202,7 @@ def portfolio_widgets(
         alert=pn.pane.Alert("", alert_type="danger", visible=False, sizing_mode="stretch_width"),
         totals=pn.pane.HTML("", sizing_mode="stretch_width"),
         greeks=pn.pane.DataFrame(None, sizing_mode="stretch_width"),
-        run=pn.widgets.Button(label="Backtest", button_type="primary"),
+        run=pn.widgets.Button(label="Backtest", color="primary"),
         focus=pn.widgets.Select(label="Headline for", options=[]),
         status=pn.pane.Markdown("", sizing_mode="stretch_width"),
         body=pn.Column(sizing_mode="stretch_width"),
