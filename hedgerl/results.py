@@ -208,6 +208,11 @@ def rejudge(
     out = Path(out_dir); doc = json.loads((out / "results.json").read_text())
     n_boot = n_boot if n_boot is not None else (20 if doc.get("quick") else 100)
     by = {(r.scenario, r.agent): r for r in RECIPES}
+    for old in doc["results"]:  # every model first: no minutes of judging before a missing one stops it
+        name = f"{old['scenario']}--{old['agent']}"
+        if (old["scenario"], old["agent"]) not in by: raise ValueError(f"{out / 'results.json'}: no recipe for {name}")
+        if not (out / "models" / f"{name}.zip").is_file():
+            raise ValueError(f"no saved model {out / 'models' / name}.zip (`hedgerl results --only {name}` trains it)")
     rows = []
     for old in tqdm(doc["results"], desc="hedgerl rejudge", disable=not progress):
         recipe = by[old["scenario"], old["agent"]]
