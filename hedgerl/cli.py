@@ -193,7 +193,7 @@ def _listening(host: str, port: int) -> bool:
 @command
 def _add_up(sub) -> None:
     "`hedgerl up`: its arguments (and its handler, `_cmd_up`)."
-    up = sub.add_parser("up", help="start the platform (JupyterLab on nbs/ for now)",
+    up = sub.add_parser("up", help="JupyterLab alone on the notebooks (the platform is `hedgerl hub up`)",
                         description="Start JupyterLab on the notebooks at 127.0.0.1 and print its URL with a fresh "
                         "token.")
     up.add_argument("--host", help="address to listen on (default: [lab] host setting, 127.0.0.1)")
