@@ -418,8 +418,10 @@ def _add_backtest(sub) -> None:
 def _cmd_backtest(args) -> int:
     "Backtest one baseline on one scenario and print its metrics."
     from hedgerl.backtest import _check_n_boot, backtest, historical_backtest
-    from hedgerl.baselines import make_baseline
+    from hedgerl.baselines import BASELINES, make_baseline
     _check_n_boot(args.n_boot)  # before the backtest, not after it
+    if args.scenario in BASELINES and args.strategy not in BASELINES:
+        raise ValueError(f"the strategy comes first: hedgerl backtest {args.scenario} {args.strategy}")
     scn = _scenario_arg(args.scenario)
     strat = make_baseline(args.strategy)
     if hasattr(strat, "fit"): strat.fit(scn, n_paths=args.train_paths, seed=args.seed + 1)
