@@ -106,9 +106,9 @@ def board_figure(
 # %% ../nbs/25_arena.ipynb #8348f6d6
 def _num(v, se=None, fmt="{:.4g}") -> str:
     if v is None or (isinstance(v, float) and not np.isfinite(v)): return "—"
-    return fmt.format(v) + ("" if se is None or (isinstance(se,
-                                                            float) and not np.isfinite(se))
-                                                            else f" ± {fmt.replace('+', '').format(se)}")
+    return fmt.format(v) + (
+        "" if se is None or (isinstance(se, float) and not np.isfinite(se)) else f" ± {fmt.replace('+', '').format(se)}"
+    )
 
 def board_html(
     table: pd.DataFrame, # `board_table` of one scenario

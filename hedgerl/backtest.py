@@ -55,8 +55,9 @@ class _ResultDisplay:
         """A matplotlib figure: the terminal P&L distribution and, when holdings were recorded, the holding of
         `instrument` per date (median, 5–95% band)."""
         import matplotlib.pyplot as plt
-        fig, axes = plt.subplots(1, 1 + (self.holdings is not None), figsize=(10 if self.holdings is not None else 5,
-                                                                              3.5), squeeze=False)
+        fig, axes = plt.subplots(
+            1, 1 + (self.holdings is not None), figsize=(10 if self.holdings is not None else 5, 3.5), squeeze=False
+        )
         ax = axes[0, 0]
         ax.hist(self.pnl, bins=bins, color="tab:blue", alpha=0.8); ax.set(title=f"{self.strategy}: terminal P&L",
                                                                           xlabel="P&L", ylabel="paths")
@@ -110,8 +111,8 @@ class BacktestResult(_ResultDisplay):
         if n_boot: out["objective_se"] = self.objective_se(n_boot)
         attribution = metrics.pnl_attribution(self.option_pnl, self.hedge_pnl, self.cost, total=self.pnl)
         out.update({k: v for k, v in attribution.items() if k.endswith("mean")})
-        if self.holdings is not None: out["turnover_mean"] = float(metrics.turnover(self.holdings,
-                                                                                    instruments=True).mean())
+        if self.holdings is not None:
+            out["turnover_mean"] = float(metrics.turnover(self.holdings, instruments=True).mean())
         return out
 
     def __repr__(self):
@@ -129,8 +130,8 @@ def _check_strategy(strategy):
 
 def _check_flag(name: str, x, none: bool = False):
     "`x` unchanged if it is True or False (or None with `none`), else a ValueError naming `name`."
-    if not (isinstance(x, (bool, np.bool_)) or none and x is None): raise ValueError(
-            f"{name} must be True or False{' or None' * none}, got {x!r}")
+    if not (isinstance(x, (bool, np.bool_)) or none and x is None):
+        raise ValueError(f"{name} must be True or False{' or None' * none}, got {x!r}")
     return x
 
 # %% ../nbs/07_backtest.ipynb #e978a925
@@ -215,8 +216,11 @@ def _closing_client(cluster):
 def _worker_environ() -> dict:
     "What a gateway cluster's workers take from the client's environment: the hedgerl settings and the hub's API."
     import os
-    return {k: v for k, v in os.environ.items() if k.startswith("HEDGERL_") or k in ("JUPYTERHUB_API_URL",
-                                                                                     "JUPYTERHUB_API_TOKEN")}
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k.startswith("HEDGERL_") or k in ("JUPYTERHUB_API_URL", "JUPYTERHUB_API_TOKEN")
+    }
 
 # %% ../nbs/07_backtest.ipynb #32e69ae7
 def _environ_plugin(environ: dict):
@@ -295,13 +299,15 @@ def dask_client(
             warnings.simplefilter("always")
             cluster.scale(n_workers)
         for w in said:
-            if "exceed" in str(w.message): raise ValueError(f"n_workers = {n_workers}: the Dask gateway says "
-                                                            f"{w.message}")
+            if "exceed" in str(w.message):
+                raise ValueError(f"n_workers = {n_workers}: the Dask gateway says {w.message}")
         client.wait_for_workers(n_workers, timeout=timeout)
     except BaseException as e:
         client.close()
-        if isinstance(e, TimeoutError): raise TimeoutError(f"the Dask gateway's cluster {cluster.name} did not get "
-                                                           f"{n_workers} workers in {timeout} s ({_GATEWAY})") from None
+        if isinstance(e, TimeoutError):
+            raise TimeoutError(
+                f"the Dask gateway's cluster {cluster.name} did not get {n_workers} workers in {timeout} s ({_GATEWAY})"
+            ) from None
         raise
     return client
 
@@ -333,8 +339,8 @@ def _read_csv_prices(p: Path) -> tuple[np.ndarray, np.ndarray]:
 def load_prices(source: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Daily prices and dates, oldest first, from `bokeh:TICKER` (bokeh-sampledata, via `hedgerl.data`) or a CSV file
     with date and close columns."""
-    if not isinstance(source, (str, Path)): raise ValueError(f"price source must be 'bokeh:TICKER' or a CSV file, got "
-                                                             f"{type(source).__name__}")
+    if not isinstance(source, (str, Path)):
+        raise ValueError(f"price source must be 'bokeh:TICKER' or a CSV file, got {type(source).__name__}")
     if isinstance(source, str) and source.startswith("bokeh:"):
         df = data.sample_prices(source)
         return df["adj_close"].to_numpy(np.float64), df.index.to_numpy().astype("datetime64[D]")
@@ -365,8 +371,8 @@ def historical_paths(
     if prices.dtype.kind not in "iuf": raise ValueError(f"prices must be numbers, got an array of {prices.dtype}")
     if prices.ndim != 1: raise ValueError(f"prices must be 1-D, got shape {prices.shape}")
     prices = check_positive("prices", prices.astype(np.float64))
-    if dates is not None and np.shape(dates) != prices.shape: raise ValueError(
-            f"dates must match prices: {np.shape(dates)} dates for {prices.shape} prices")
+    if dates is not None and np.shape(dates) != prices.shape:
+        raise ValueError(f"dates must match prices: {np.shape(dates)} dates for {prices.shape} prices")
     vol_window, stride = check_int("vol_window", vol_window, 2), check_int("stride", stride)
     M = scenario.horizon
     starts = np.arange(vol_window, len(prices) - M, stride)
@@ -403,8 +409,8 @@ def historical_backtest(
     "Roll the scenario's book over windows of a real price series and hedge each window with `strategy`."
     _check_strategy(strategy); _check_flag("record_holdings", record_holdings)
     scenario = as_scenario(scenario)
-    if prices is None: prices = scenario.market.params[
-            "source"] if scenario.market.model == "historical" else "bokeh:AAPL"
+    if prices is None:
+        prices = scenario.market.params["source"] if scenario.market.model == "historical" else "bokeh:AAPL"
     dates, source = None, "series"
     if isinstance(prices, (str, Path)): source = str(prices); prices, dates = load_prices(prices)
     paths, starts = historical_paths(scenario, prices, dates, vol_window, stride, source)

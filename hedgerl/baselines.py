@@ -80,8 +80,8 @@ def _param(name: str, x, allow_zero: bool = False) -> float:
 def _grid(name: str, x, allow_zero: bool = False) -> np.ndarray:
     "Values of a parameter to fit over: a non-empty 1-D sequence of numbers, positive (non-negative with `allow_zero`)."
     g = np.asarray(x)
-    if g.dtype.kind not in "iuf" or g.ndim != 1: raise ValueError(f"{name} must be a 1-D sequence of numbers, got "
-                                                                  f"{reprlib.repr(x)}")
+    if g.dtype.kind not in "iuf" or g.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D sequence of numbers, got {reprlib.repr(x)}")
     if g.size == 0: raise ValueError(f"{name} is empty: give at least one value to try")
     return check_positive(name, g.astype(np.float64), allow_zero=allow_zero)
 
@@ -258,8 +258,9 @@ class WhalleyWilmott(_Band):
 
     def half_width(self, obs: Observation, gamma: np.ndarray):
         s = obs.scenario
-        return np.cbrt(1.5 * math.exp(
-                -s.r * obs.tau) * s.costs.proportional * obs.spot * gamma * gamma / self.risk_aversion)
+        return np.cbrt(
+            1.5 * math.exp(-s.r * obs.tau) * s.costs.proportional * obs.spot * gamma * gamma / self.risk_aversion
+        )
 
     def fit(
         self,

@@ -289,8 +289,9 @@ def scenario_summary(s: scenario_lib.Scenario) -> dict:
 def published_scenario(name: str, detail: bool = False) -> ScenarioInfo:
     "A published scenario as the API shows it."
     s = scenario_lib.get(name)
-    return (ScenarioDetail if detail else ScenarioInfo)(name=name, source="published", **scenario_summary(s),
-                                                         **({"config": jsonable(s.to_dict())} if detail else {}))
+    return (ScenarioDetail if detail else ScenarioInfo)(
+        name=name, source="published", **scenario_summary(s), **({"config": jsonable(s.to_dict())} if detail else {})
+    )
 
 # %% ../nbs/19_catalog.ipynb #cd681e29
 def saved_scenario(row: dict, detail: bool = False) -> ScenarioInfo:
@@ -320,8 +321,8 @@ def saved_row(
     rows, _ = reg.find("scenario", {"name": ref, "owner": owner}, sort="id")
     mine = [r for r in rows if r["owner"] == reg.user]
     if mine or len(rows) == 1: return (mine or rows)[0]
-    if not rows: raise KeyError(f"no scenario {ref!r} visible to user {reg.user!r}" + (f" (owner {owner!r})" if owner
-                                                                                       else ""))
+    if not rows:
+        raise KeyError(f"no scenario {ref!r} visible to user {reg.user!r}" + (f" (owner {owner!r})" if owner else ""))
     raise HTTPException(409, f"scenario {ref!r}: {len(rows)} users share a scenario of that name "
                         f"({', '.join(r['owner'] for r in rows)}): pass owner=")
 
@@ -366,9 +367,8 @@ class SaveScenario(Body):
 # %% ../nbs/19_catalog.ipynb #dcd63021
 def _checked_for_saving(body: SaveScenario) -> dict:
     "The normalised config to store for `body` (its name the saved name); a 422 or 409 for what cannot be saved."
-    if body.name in scenario_lib.NAMED: raise HTTPException(409,
-                                                            f"name {body.name!r} is a published scenario's: choose "
-                                                            f"another")
+    if body.name in scenario_lib.NAMED:
+        raise HTTPException(409, f"name {body.name!r} is a published scenario's: choose another")
     s = check_config({**body.config, "name": body.name}, ("body", "config"))
     src = s.market.params.get("source") if s.market.model == "historical" else None
     if isinstance(src, str) and not src.startswith("bokeh:"):
@@ -386,8 +386,8 @@ def _scenario_list(r: APIRouter, reg) -> None:
         "The published scenarios, the caller's saved ones and the ones others share (every saved one for an admin)."
         def read() -> ScenarioList:
             items = [published_scenario(n) for n in scenario_lib.names()] if source != "saved" and owner is None else []
-            if source != "published": items += [saved_scenario(row) for row in reg.find("scenario", {"owner": owner},
-                                                                                        sort="id")[0]]
+            if source != "published":
+                items += [saved_scenario(row) for row in reg.find("scenario", {"owner": owner}, sort="id")[0]]
             return ScenarioList(total=len(items), items=items)
         return await cached_answer(reg, ("scenarios", source, owner), read)
 
@@ -588,9 +588,13 @@ def _evaluation_routes(r: APIRouter, reg) -> None:
         f = dict(scenario=scenario, strategy=_alias("strategy", strategy, "agent", agent), owner=owner,
                  experiment=experiment,
                  model_id=model_id, run_id=run_id, shared=shared)
-        return await cached_answer(reg, ("evaluations", *f.items(), sort, limit, offset),
-                                   lambda: page(EvaluationItem, reg.find("evaluation", f, sort=sort, limit=limit,
-                                                                         offset=offset), limit, offset))
+        return await cached_answer(
+            reg,
+            ("evaluations", *f.items(), sort, limit, offset),
+            lambda: page(
+                EvaluationItem, reg.find("evaluation", f, sort=sort, limit=limit, offset=offset), limit, offset
+            ),
+        )
     @r.get("/evaluations/{evaluation_id}", response_model=EvaluationItem, tags=["evaluations"])
     async def evaluation(evaluation_id: IdPath, reg: Registry = reg) -> EvaluationItem:
         "One evaluation the caller may read."
@@ -688,12 +692,18 @@ def leaderboard(
     then the rest)."""
     committed = [r for r in committed_leaderboard(path) if scenario is None or r.get("scenario") == scenario]
     rows = reg.find("evaluation", {"shared": True, "scenario": scenario}, sort="objective")[0]
-    names = list(dict.fromkeys([n for n in scenario_lib.names() if scenario in (None,
-                                                                                n)] + [r["scenario"]
-                                                                                       for r in committed]
-                                                                                       + [r["scenario"] for r in rows]))
-    label = lambda n: scenario_lib.NAMED[n].objective.label if n in scenario_lib.NAMED else next((r.get(
-            "objective_label") for r in committed if r["scenario"] == n), None)
+    names = list(
+        dict.fromkeys(
+            [n for n in scenario_lib.names() if scenario in (None, n)]
+            + [r["scenario"] for r in committed]
+            + [r["scenario"] for r in rows]
+        )
+    )
+    label = lambda n: (
+        scenario_lib.NAMED[n].objective.label
+        if n in scenario_lib.NAMED
+        else next((r.get("objective_label") for r in committed if r["scenario"] == n), None)
+    )
     boards = [
         Board(
             scenario=n,
@@ -741,8 +751,8 @@ class Arena:
 
     def tag(self, scenario: scenario_lib.Scenario) -> str:
         "The name of `scenario`'s test set: the same for every submission to it, telling nothing of the seed."
-        return hashlib.sha256(f"hedgerl-arena|{self.seed}|{self.n_paths}|{scenario.to_json()}".encode()).hexdigest()[
-                :16]
+        key = f"hedgerl-arena|{self.seed}|{self.n_paths}|{scenario.to_json()}"
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
 
     def baselines(self, scenario: scenario_lib.Scenario) -> list[dict]:
         "The applicable baselines' leaderboard records on `scenario`'s test paths (computed once, then kept)."
@@ -780,9 +790,8 @@ def load_model(
     try: f, _ = read_artifact(m["artifact"], m["owner"], owns, checksum=m["checksum"])
     except ArtifactError as e: raise ArtifactError(f"{what}: its file {e}") from None
     with f, tempfile.TemporaryDirectory(prefix="hedgerl-arena-") as d:
-        if os.fstat(f.fileno()).st_size > MAX_ARTIFACT: raise unprocessable(["body", "model_id"],
-                                                                            f"{what}: its file is over "
-                                                                            f"{MAX_ARTIFACT >> 20} MiB", m["id"])
+        if os.fstat(f.fileno()).st_size > MAX_ARTIFACT:
+            raise unprocessable(["body", "model_id"], f"{what}: its file is over {MAX_ARTIFACT >> 20} MiB", m["id"])
         p = Path(d) / "agent.zip"
         with open(p, "wb") as out: shutil.copyfileobj(f, out)
         if _sha256(p) != m["checksum"]: raise ArtifactError(f"{what}: its file changed while it was read")

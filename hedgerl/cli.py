@@ -144,8 +144,8 @@ def _scenario_arg(text: str):
 # %% ../nbs/99_cli.ipynb #61a17e96
 def check_address(host: str, port: int, flag: str = "--port") -> tuple[str, int]:
     "A host and port to listen on, checked: a TCP port in 1..65535, a host that resolves, a port that is free there."
-    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535: raise ValueError(
-            f"{flag} {port}: expected a TCP port in 1..65535")
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ValueError(f"{flag} {port}: expected a TCP port in 1..65535")
     if not host or any(c.isspace() for c in host): raise ValueError(f"--host {host!r}: expected a host name or address")
     try: family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
     except (socket.gaierror, UnicodeError) as e: raise ValueError(f"--host {host!r}: cannot resolve it ({e})") from None
@@ -170,8 +170,10 @@ def serve(cmd: list[str], ready, message: str) -> int:
     proc = subprocess.Popen(cmd, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
     try:
         while proc.poll() is None and not ready(): time.sleep(0.2)
-        if proc.returncode is not None: raise RuntimeError(f"{Path(cmd[0]).name} exited with status {proc.returncode} "
-                                                           f"before it served (its log is above)")
+        if proc.returncode is not None:
+            raise RuntimeError(
+                f"{Path(cmd[0]).name} exited with status {proc.returncode} before it served (its log is above)"
+            )
         print(message, flush=True)
         return proc.wait()
     except KeyboardInterrupt:
@@ -205,8 +207,8 @@ def _cmd_up(args) -> int:
     "Start JupyterLab on the notebooks, on loopback, with a fresh token; print the URL once it answers."
     root = project_root()
     nbs = Path(args.notebooks) if args.notebooks else (root / "nbs" if root else None)
-    if nbs is None or not nbs.is_dir(): raise ValueError("no notebooks folder: run from a hedgerl clone or pass "
-                                                         "--notebooks PATH")
+    if nbs is None or not nbs.is_dir():
+        raise ValueError("no notebooks folder: run from a hedgerl clone or pass --notebooks PATH")
     s = settings()
     host, port = check_address(args.host or s.lab.host, s.lab.port if args.port is None else args.port)
     jupyter = shutil.which("jupyter", path=str(Path(sys.executable).parent)) or shutil.which("jupyter")
@@ -243,8 +245,8 @@ def _hub_up(ctx, args) -> int:
 
     pidfile, plat = ctx.state / "platform.pid", Platform(ctx)
 
-    if (pid := _platform_pid(pidfile)): raise ValueError(f"the platform is already running (pid {pid}, "
-                                                         f"{plat.url}/hub/): `make down` stops it")
+    if pid := _platform_pid(pidfile):
+        raise ValueError(f"the platform is already running (pid {pid}, {plat.url}/hub/): `make down` stops it")
     proxy = ctx.bin.parent / "node" / "node_modules" / ".bin" / "configurable-http-proxy"
     if not proxy.exists(): raise ValueError(f"configurable-http-proxy is not installed at {proxy}: run `make install`")
     check_ports(ctx.settings)
@@ -298,8 +300,8 @@ def _hub_down(ctx, args) -> int:
     os.kill(pid, signal.SIGTERM)
     t0 = time.monotonic()
     while _pid_running(pid):
-        if time.monotonic() - t0 > args.timeout: raise RuntimeError(f"the platform (pid {pid}) did not stop within "
-                                                                    f"{args.timeout:.0f} s")
+        if time.monotonic() - t0 > args.timeout:
+            raise RuntimeError(f"the platform (pid {pid}) did not stop within {args.timeout:.0f} s")
         time.sleep(0.2)
     print(f"hedgerl: the platform (pid {pid}) stopped in {time.monotonic() - t0:.1f} s"); return 0
 
@@ -367,8 +369,8 @@ def _add_price(sub) -> None:
 def _cmd_price(args) -> int:
     "Print a Black-Scholes price with its Greeks, or an implied volatility."
     from hedgerl.pricing import bs_greeks, implied_vol
-    if (args.vol is None) == (args.price is None): raise ValueError("give exactly one of --vol (to price) or --price "
-                                                                    "(for the implied volatility)")
+    if (args.vol is None) == (args.price is None):
+        raise ValueError("give exactly one of --vol (to price) or --price (for the implied volatility)")
     if args.price is not None:
         iv = implied_vol(args.price, args.spot, args.strike, args.maturity, args.rate, args.div, kind=args.kind,
                          errors="raise")
@@ -613,8 +615,8 @@ def _space_arg(text: str):
     "LOW:HIGH, LOW:HIGH:log, or A,B,C (choices)."
     if ":" in text:
         parts = text.split(":")
-        if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "log"): raise ValueError(
-                f"--space range {text!r}: expected LOW:HIGH or LOW:HIGH:log")
+        if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "log"):
+            raise ValueError(f"--space range {text!r}: expected LOW:HIGH or LOW:HIGH:log")
         lo, hi = _value(parts[0]), _value(parts[1])
         return (lo, hi, "log") if len(parts) == 3 else (lo, hi)
     return [_value(v) for v in text.split(",")]

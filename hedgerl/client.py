@@ -154,8 +154,8 @@ def service_url(
             raise ValueError("hub_url: give the hub's URL (e.g. https://hub.example.org); the [registry] url setting "
                              f"(HEDGERL_REGISTRY_URL) is not the service's here: {raw.split('://')[0]}://...")
     raw = raw.strip()
-    if not re.match(r"(?i)https?://[^/]", raw): raise ValueError(f"hub_url {raw!r}: expected an http(s) URL such as "
-                                                                 f"https://hub.example.org")
+    if not re.match(r"(?i)https?://[^/]", raw):
+        raise ValueError(f"hub_url {raw!r}: expected an http(s) URL such as https://hub.example.org")
     if "/services/" in raw: return raw.rstrip("/") + "/"
     return raw.rstrip("/") + "/services/hedgerl/"
 
@@ -196,8 +196,8 @@ class ServiceSession:
         for attempt in range(tries):
             try: r = self.http.send(req, stream=stream); break
             except httpx.TransportError as e:
-                if attempt == tries - 1: raise Unavailable(0, f"cannot reach the hedgerl service: {e}", method,
-                                                           url) from None
+                if attempt == tries - 1:
+                    raise Unavailable(0, f"cannot reach the hedgerl service: {e}", method, url) from None
                 time.sleep(0.5 * 2 ** attempt)
         if r.status_code >= 400:
             if stream: r.read()
@@ -514,8 +514,10 @@ class RawHTTP:
                 if self.writer is None: self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
                 self.writer.write(f"GET {path} HTTP/1.1\r\n{self.head}\r\n".encode())
                 head = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-                status, fields = int(head[0].split(" ", 2)[1]), {k.strip().lower(): v.strip() for k, _,
-                                                                 v in (h.partition(":") for h in head[1:] if h)}
+                status, fields = (
+                    int(head[0].split(" ", 2)[1]),
+                    {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in head[1:] if h)},
+                )
                 if fields.get("transfer-encoding", "").lower() == "chunked":
                     body = b""
                     while (n := int((await self.reader.readuntil(b"\r\n")).split(b";")[0],

@@ -78,8 +78,8 @@ def _host(v: str) -> str:
 def _text(v: str) -> str: return v
 
 def _username(v: str) -> str:
-    if not re.fullmatch(r"[a-z][a-z0-9_-]{0,30}", v): raise ValueError(
-            "expected a user name: a lowercase letter, then up to 30 lowercase letters, digits, _ or -")
+    if not re.fullmatch(r"[a-z][a-z0-9_-]{0,30}", v):
+        raise ValueError("expected a user name: a lowercase letter, then up to 30 lowercase letters, digits, _ or -")
     return v
 
 # %% ../nbs/00_core.ipynb #acff8053
@@ -319,8 +319,8 @@ def as_generator(seed=None) -> np.random.Generator:
 # %% ../nbs/00_core.ipynb #4d18e1c5
 def spawn_seeds(seed, n: int) -> list[np.random.SeedSequence]:
     "`n` independent child seed sequences of `seed` (an int or `SeedSequence`), deterministic for a given seed."
-    if isinstance(seed, np.random.Generator): raise ValueError("spawn_seeds needs an int or SeedSequence seed, not a "
-                                                               "Generator")
+    if isinstance(seed, np.random.Generator):
+        raise ValueError("spawn_seeds needs an int or SeedSequence seed, not a Generator")
     if not isinstance(seed, np.random.SeedSequence): as_generator(seed)  # validates
     ss = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
     return ss.spawn(check_int("n", n))
@@ -344,8 +344,8 @@ def resolve_device(device: str | None = None) -> str:
     if device == "cpu": return "cpu"
     torch = import_torch()
     if device == "auto": return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available(): raise ValueError(
-            f"device={device!r} but torch sees no CUDA device")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but torch sees no CUDA device")
     return device
 
 # %% ../nbs/00_core.ipynb #f8982ac9

@@ -86,8 +86,8 @@ def evaluate(
     "Hedge the same `n_paths` paths of `scenario` with each strategy; an `Evaluation` for the dashboard's figures."
     from tqdm.auto import tqdm
     scn = as_scenario(scenario)
-    if scn.market.model == "historical": raise ValueError(f"scenario {scn.name!r} is historical: the evaluation "
-                                                          f"dashboard simulates its paths")
+    if scn.market.model == "historical":
+        raise ValueError(f"scenario {scn.name!r} is historical: the evaluation dashboard simulates its paths")
     n_paths, n_sample = check_int("n_paths", n_paths, 2), check_int("n_sample", n_sample, 1)
     if not strategies: raise ValueError("strategies: give at least one (label -> strategy)")
     paths = simulate_scenario(scn, n_paths, seed=spawn_seeds(seed, 1)[0])  # the seed of `backtest`'s one chunk
@@ -154,8 +154,8 @@ def pnl_histogram(
 # %% ../nbs/22_dashboards.ipynb #f314c600
 def _check_path(ev: Evaluation, path) -> int:
     "`path` as a sample path's index, or a `ValueError` naming the range."
-    if check_int("path", path, 0) >= ev.n_sample: raise ValueError(f"path must be a sample path, 0 to "
-                                                                   f"{ev.n_sample - 1}, got {path}")
+    if check_int("path", path, 0) >= ev.n_sample:
+        raise ValueError(f"path must be a sample path, 0 to {ev.n_sample - 1}, got {path}")
     return int(path)
 
 def path_pnl(
@@ -442,8 +442,8 @@ def notebook_extension() -> None:
     import panel as pn
     from panel.viewable import Viewable
     pn.extension(inline=True, comms="ipywidgets")
-    if _inline_stylesheets not in Viewable._preprocessing_hooks: Viewable._preprocessing_hooks.append(
-            _inline_stylesheets)
+    if _inline_stylesheets not in Viewable._preprocessing_hooks:
+        Viewable._preprocessing_hooks.append(_inline_stylesheets)
 
 @contextmanager
 def inline_updates(obj):
@@ -745,8 +745,11 @@ def bench_dashboards(
                                            "browser download; it uses /usr/bin/chromium)") from None
     from hedgerl.core import load_settings
     from hedgerl.platform import _free_port, _up, set_hub_password
-    name, password, page_path = f"bench{secrets.token_hex(3)}", secrets.token_urlsafe(
-            12), "/services/hedgerl/dashboards/evaluation"
+    name, password, page_path = (
+        f"bench{secrets.token_hex(3)}",
+        secrets.token_urlsafe(12),
+        "/services/hedgerl/dashboards/evaluation",
+    )
     with tempfile.TemporaryDirectory(prefix="hedgerl-bench-") as d, sync_playwright() as pw:
         browser, hub, gw, svc = _chromium(pw), _free_port(3), _free_port(), _free_port()
         env = {**os.environ, "HEDGERL_DATA_FOLDER": d, "HEDGERL_HUB_PORT": str(hub), "HEDGERL_GATEWAY_PORT": str(gw),
@@ -754,8 +757,10 @@ def bench_dashboards(
         proc, _ = _up(env, Path(d) / "up.out")
         try:
             set_hub_password(load_settings(environ=env).hub.db_url, name, password)  # approved, as the admin would
-            url, page = f"http://127.0.0.1:{hub}", browser.new_context(viewport={"width": 1400,
-                                                                                 "height": 1000}).new_page()
+            url, page = (
+                f"http://127.0.0.1:{hub}",
+                browser.new_context(viewport={"width": 1400, "height": 1000}).new_page(),
+            )
             page.goto(url + "/hub/login"); page.fill("input[name=username]", name); page.fill("input[name=password]",
                     password)
             page.click("#login_submit"); page.wait_for_url("**/hub/**")

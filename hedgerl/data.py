@@ -100,7 +100,8 @@ def sample_prices(
     try: from bokeh_sampledata import stocks
     except ImportError as e:  # an optional dependency: name the extra that brings it
         raise ImportError(
-                "sample prices (bokeh:TICKER) need the bokeh-sampledata package: pip install 'hedgerl[data]'") from e
+            "sample prices (bokeh:TICKER) need the bokeh-sampledata package: pip install 'hedgerl[data]'"
+        ) from e
     df = as_price_frame(pd.DataFrame(getattr(stocks, t)), f"bokeh-sampledata {t}")
     if start is not None or end is not None:
         s, e = date_range(df.index[0] if start is None else start, df.index[-1] if end is None else end)
@@ -206,8 +207,8 @@ def read_cache(
     if not isinstance(meta.get("covered"), list): return bad("metadata lacks the covered ranges")
     try: ranges = [(pd.Timestamp(s), pd.Timestamp(e)) for s, e in meta["covered"]]
     except (TypeError, ValueError): return bad(f"malformed covered ranges {meta['covered']!r}")
-    if any(pd.isna(s) or pd.isna(e) or s > e for s, e in ranges): return bad(
-            f"malformed covered ranges {meta['covered']!r}")
+    if any(pd.isna(s) or pd.isna(e) or s > e for s, e in ranges):
+        return bad(f"malformed covered ranges {meta['covered']!r}")
     return df[list(columns)], meta
 
 # %% ../nbs/10_data.ipynb #9ea0195e
@@ -265,9 +266,10 @@ def _yf_history(ticker: str, start: pd.Timestamp, end: pd.Timestamp, timeout: fl
         h = None
     except (OSError, YFException) as e:
         raise DataUnavailable(
-                f"{ticker} {rng}: not cached and not reachable ({type(e).__name__}: {str(e)[:200]})") from None
-    if h is None or len(h) == 0: return as_price_frame(pd.DataFrame(columns=list(PRICE_COLUMNS),
-                                                                    index=pd.DatetimeIndex([], name="date")))
+            f"{ticker} {rng}: not cached and not reachable ({type(e).__name__}: {str(e)[:200]})"
+        ) from None
+    if h is None or len(h) == 0:
+        return as_price_frame(pd.DataFrame(columns=list(PRICE_COLUMNS), index=pd.DatetimeIndex([], name="date")))
     return as_price_frame(h, f"Yahoo Finance {ticker}")
 
 # %% ../nbs/10_data.ipynb #40514dd4
@@ -292,8 +294,8 @@ def daily_prices(
     ticker = check_ticker(ticker)
     s, e = date_range(start, end)
     check_positive("timeout", timeout)
-    if not len(trading_calendar(s, e)): raise ValueError(f"empty date range: start={s.date()} to end={e.date()} holds "
-                                                         f"no NYSE trading day")
+    if not len(trading_calendar(s, e)):
+        raise ValueError(f"empty date range: start={s.date()} to end={e.date()} holds no NYSE trading day")
     if source == "bokeh": return sample_prices(ticker, s, e)
     path = cache_path("prices", ticker, cache_dir)
     hit = read_cache(path, PRICE_COLUMNS)
@@ -305,8 +307,9 @@ def daily_prices(
         if _offline(offline):
             raise DataUnavailable(f"{ticker} {s.date()}..{e.date()}: not cached (missing {_iso(gaps)} in {where}) and "
                                   f"offline mode is on")
-        frames = ([] if df is None else [df]) + [x for x in (_yf_history(ticker, a, b, timeout) for a,
-                                                             b in gaps) if len(x)]
+        frames = ([] if df is None else [df]) + [
+            x for x in (_yf_history(ticker, a, b, timeout) for a, b in gaps) if len(x)
+        ]
         if frames:
             df = pd.concat(frames); df = df[~df.index.duplicated(keep="last")].sort_index()
             covered = _merge_ranges(covered + [(a, min(b, yesterday)) for a, b in gaps if a <= yesterday])
@@ -421,15 +424,15 @@ def _yf_chain(ticker: str, expiry):
             expiries = list(t.options)
             if not expiries: raise UnknownTicker(f"Yahoo Finance has no option expiries for ticker {ticker!r}")
             exp = expiries[0] if expiry is None else str(pd.Timestamp(expiry).date())
-            if exp not in expiries: raise DataUnavailable(f"{ticker} has no options expiring {exp}; listed: "
-                                                          f"{', '.join(expiries[:12])}")
+            if exp not in expiries:
+                raise DataUnavailable(f"{ticker} has no options expiring {exp}; listed: {', '.join(expiries[:12])}")
             ch = t.option_chain(exp)
     except (OSError, YFException) as e:
         raise DataUnavailable(f"{ticker} option chain {expiry.date() if expiry is not None else '(nearest expiry)'}: "
                               f"not cached and not reachable "
                               f"({type(e).__name__}: {str(e)[:200]})") from None
-    if ch.calls is None or (ch.calls.empty and ch.puts.empty): raise DataUnavailable(
-            f"{ticker} option chain {exp}: empty answer")
+    if ch.calls is None or (ch.calls.empty and ch.puts.empty):
+        raise DataUnavailable(f"{ticker} option chain {exp}: empty answer")
     return pd.Timestamp(exp), ch.calls, ch.puts
 
 # %% ../nbs/10_data.ipynb #3ef7330c
@@ -482,9 +485,11 @@ class PriceReport:
         "ISO dates of the issues of one `check`."
         return [str(d.date()) for d in self.issues.loc[self.issues.check == check, "date"]]
     def __repr__(self):
-        return f"PriceReport({self.n_rows} rows, column {self.column!r}: " + (", ".join(f"{k} {v}" for k,
-                                                                                        v in self.summary.items())
-                                                                                        or "no issues") + ")"
+        return (
+            f"PriceReport({self.n_rows} rows, column {self.column!r}: "
+            + (", ".join(f"{k} {v}" for k, v in self.summary.items()) or "no issues")
+            + ")"
+        )
 
 # %% ../nbs/10_data.ipynb #e3dfed3a
 def _round_ratio(x: np.ndarray, tol: float) -> np.ndarray:
@@ -617,8 +622,8 @@ def dataset_info(
 ) -> dict:
     "A record for a dataset registry: name, source, start, end, content_hash, n_rows, meta."
     if not isinstance(name, str) or not name.strip(): raise ValueError(f"name must be a non-empty string, got {name!r}")
-    if not isinstance(source, str) or not source.strip(): raise ValueError(
-            f"source must be a non-empty string, got {source!r}")
+    if not isinstance(source, str) or not source.strip():
+        raise ValueError(f"source must be a non-empty string, got {source!r}")
     if not isinstance(df, pd.DataFrame) or df.empty: raise ValueError("df must be a non-empty DataFrame")
     idx = pd.DatetimeIndex(df.index)
     m = {"columns": [str(c) for c in df.columns], "frequency": "daily", **(meta or {})}

@@ -107,8 +107,8 @@ def _holdings_bounds(scn: Scenario, holdings_bounds) -> tuple[np.ndarray, np.nda
 def _marks(marks, reward: str, risk_aversion: float, scn: Scenario) -> bool:
     """Whether to mark the book daily: `marks`, or by default for the per-step rewards unless Heston; warns when a
     per-step penalty would see the option's P&L only at maturity."""
-    if not (marks is None or isinstance(marks, (bool, np.bool_))): raise ValueError(
-            f"marks must be True, False or None, got {marks!r}")
+    if not (marks is None or isinstance(marks, (bool, np.bool_))):
+        raise ValueError(f"marks must be True, False or None, got {marks!r}")
     if marks is None: marks = reward != "terminal" and scn.market.model != "heston"
     if reward != "terminal" and risk_aversion > 0 and not marks and scn.n_decisions > 1:
         warnings.warn(f"reward={reward!r} on a {scn.market.model} book marked only at inception and maturity: the "
@@ -313,8 +313,8 @@ _PATH_OPTIONS = {"batch": "start on batch k of the seed", "path": "start on path
 def _start(options: dict, seeded: bool, batch: int, batch_size: int) -> tuple[int, int] | None:
     """Where a reset of a path stream starts, (batch, path), from its checked `options`: their batch (else 0 after a
     seed, else the current `batch`) and path; None: the next path."""
-    if options.get("path", 0) >= batch_size: raise ValueError(f"options['path'] must be below batch_size={batch_size}, "
-                                                              f"got {options['path']}")
+    if options.get("path", 0) >= batch_size:
+        raise ValueError(f"options['path'] must be below batch_size={batch_size}, got {options['path']}")
     if not (seeded or options): return None
     return options.get("batch", 0 if seeded else max(batch, 0)), options.get("path", 0)
 
@@ -324,8 +324,10 @@ def action_grid(
 ) -> np.ndarray:
     """Every combination of the instruments' levels, (prod of the level counts, m), read-only; the first instrument
     varies slowest."""
-    if math.prod(len(l) for l in levels) > 1_000_000: raise ValueError(
-            f"n_levels ** n_instruments = {math.prod(len(l) for l in levels)} discrete actions is too many")
+    if math.prod(len(l) for l in levels) > 1_000_000:
+        raise ValueError(
+            f"n_levels ** n_instruments = {math.prod(len(l) for l in levels)} discrete actions is too many"
+        )
     grid = np.stack(np.meshgrid(*levels, indexing="ij"), axis=-1).reshape(-1, len(levels))
     grid.flags.writeable = False
     return grid
@@ -369,10 +371,10 @@ def _action_values(action, m: int, what: str) -> list[float]:
 def _action_indices(actions, n: int, n_actions: int) -> np.ndarray:
     "A batch of n discrete actions: integers in [0, n_actions), (n,)."
     a = np.asarray(actions)
-    if a.shape != (n,) or a.dtype.kind not in "iu": raise ValueError(f"actions must be integers of shape ({n},), got "
-                                                                     f"{a.dtype} of shape {a.shape}")
-    if a.min() < 0 or a.max() >= n_actions: raise ValueError(f"actions must lie in [0, {n_actions}), got "
-                                                             f"{a.min() if a.min() < 0 else a.max()}")
+    if a.shape != (n,) or a.dtype.kind not in "iu":
+        raise ValueError(f"actions must be integers of shape ({n},), got {a.dtype} of shape {a.shape}")
+    if a.min() < 0 or a.max() >= n_actions:
+        raise ValueError(f"actions must lie in [0, {n_actions}), got {a.min() if a.min() < 0 else a.max()}")
     return a
 
 # %% ../nbs/05_env.ipynb #c11694eb
@@ -401,8 +403,9 @@ class _Hedging:
         self.marks = _marks(marks, reward, self.risk_aversion, scn)
         self.low, self.high = _holdings_bounds(scn, holdings_bounds)
         m = self.n_instruments = len(scn.instruments)
-        self.widths = float(check_positive("action_width", action_width)) * offsetting_units(
-                scn) if action == "delta" else None
+        self.widths = (
+            float(check_positive("action_width", action_width)) * offsetting_units(scn) if action == "delta" else None
+        )
         if cost_mean is not None: cost_mean = float(check_positive("cost_mean", cost_mean, allow_zero=True))
         self.cost_mean = (expected_cost(scn) if cost_mean is None else cost_mean) if reward == "shaped" else None
         # the action values' range
@@ -505,8 +508,8 @@ class _EpisodeViews:
     def to_holdings(self, action) -> np.ndarray:
         """The holdings, (n_instruments,), that one `action` asks for (action='delta': on the current date of the
         episode)."""
-        if self.widths is not None and self._ro is None: raise ResetNeeded(
-                "call reset() before to_holdings(): action='delta' deviates from the current delta")
+        if self.widths is not None and self._ro is None:
+            raise ResetNeeded("call reset() before to_holdings(): action='delta' deviates from the current delta")
         ref = None if self.widths is None else self._eref[:, min(self._ro.j, self._J)]
         return self._holdings(self._target(action), ref)[0].copy()
 
@@ -808,8 +811,10 @@ class SB3VecEnv:
         """Observations (num_envs, d) of a fresh batch (seeded by the last `seed()`, with the options of the last
         `set_options()`, if any)."""
         opts = self._options[0]
-        if any(o != opts for o in self._options): raise ValueError("options: every path of the batch resets together, "
-                                                                   "so set_options needs the same options for all")
+        if any(o != opts for o in self._options):
+            raise ValueError(
+                "options: every path of the batch resets together, so set_options needs the same options for all"
+            )
         obs, _ = self.env.reset(seed=self._seeds[0], options=opts or None)
         self._reset_seeds(); self._reset_options()
         self._returns[:], self._length, self._t0 = 0.0, 0, time.perf_counter()

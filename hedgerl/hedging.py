@@ -65,10 +65,10 @@ class StrategySpec(Body):
 
     @model_validator(mode="after")
     def _one_kind(self):
-        if (self.baseline is None) == (self.model is None): raise ValueError(
-                "give exactly one of baseline (a name) or model (a registered model's id)")
-        if self.model is not None and self.params: raise ValueError("params are for a baseline; a model's parameters "
-                                                                    "are saved with it")
+        if (self.baseline is None) == (self.model is None):
+            raise ValueError("give exactly one of baseline (a name) or model (a registered model's id)")
+        if self.model is not None and self.params:
+            raise ValueError("params are for a baseline; a model's parameters are saved with it")
         return self
 
 # %% ../nbs/20_hedging.ipynb #bbc099bb
@@ -156,8 +156,8 @@ class ModelCache:
             if key in self._agents: self._agents.move_to_end(key); return self._agents[key], row
         path = registry.model_file(model_id)  # checked against the recorded checksum
         data = path.read_bytes()
-        if hashlib.sha256(data).hexdigest() != row["checksum"]: raise ArtifactError(
-                f"model {model_id}: its file changed while it was read")
+        if hashlib.sha256(data).hexdigest() != row["checksum"]:
+            raise ArtifactError(f"model {model_id}: its file changed while it was read")
         with tempfile.TemporaryDirectory() as d:
             copy = os.path.join(d, path.name)
             with open(copy, "wb") as f: f.write(data)
@@ -342,8 +342,10 @@ def hedge_states(
         for idx, obs in observations(states):
             out = np.asarray(strategy.act(obs), dtype=np.float64)
             if out.shape == (obs.n_paths,) and h.shape[1] == 1: out = out[:, None]
-            if out.shape != (obs.n_paths, h.shape[1]): raise RuntimeError(
-                    f"strategy {strategy.name!r} gave holdings of shape {out.shape} for {obs.n_paths} states")
+            if out.shape != (obs.n_paths, h.shape[1]):
+                raise RuntimeError(
+                    f"strategy {strategy.name!r} gave holdings of shape {out.shape} for {obs.n_paths} states"
+                )
             h[idx] = out
             if d is not None: d[idx] = delta.target(obs)
     if not (np.isfinite(h).all() and (d is None or np.isfinite(d).all())):
@@ -496,9 +498,11 @@ class SimulationStore:
         with self._lock:
             e = self._episodes.get(id)
             if e is not None and self._expired(e, now): del self._episodes[id]; e = None
-            if e is None or (e.owner != user and not admin): raise KeyError(
+            if e is None or (e.owner != user and not admin):
+                raise KeyError(
                     f"no simulation {id} of user {user!r} (expired after {self.idle:g} s idle, deleted, or never "
-                    f"created)")
+                    f"created)"
+                )
             if e.owner == user: e.used = now  # an admin's reading does not keep another's episode alive
         return e
 
@@ -673,8 +677,8 @@ _WHY = {401: "no hub token, or one the hub does not know", 403: "not a hub user 
 def _errors(*codes: int) -> dict:
     "The error answers a route declares in the OpenAPI document (401 and 403 always: the guard)."
     out = {c: {"model": ErrorAnswer, "description": _WHY[c]} for c in sorted({401, 403, *codes})}
-    if 429 in out: out[429]["headers"] = {"Retry-After": {"description": "seconds to wait",
-                                                          "schema": {"type": "string"}}}
+    if 429 in out:
+        out[429]["headers"] = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "string"}}}
     return out
 
 # %% ../nbs/20_hedging.ipynb #0376085b
@@ -760,9 +764,8 @@ def create_simulation(
     status and detail)."""
     who = _owner(user)
     strat, scn, label, _ = _strategy(strategy_spec(body.strategy), body.scenario, registry, models)
-    if scn.market.model == "historical": raise HTTPException(422,
-                                                             f"scenario: {scn.name!r} is historical; a simulation "
-                                                             f"needs a simulated market")
+    if scn.market.model == "historical":
+        raise HTTPException(422, f"scenario: {scn.name!r} is historical; a simulation needs a simulated market")
     seed = secrets.randbits(63) if body.seed is None else body.seed
     dh = DeltaHedge()
     try: dh.reset(scn)
@@ -987,8 +990,10 @@ def bench_hedge(
                                        repeats)
                     row.update({f"{k}_ratio_to_{ref}": v for k, v in ratios.items()})
                 # the headline figures: the API's fast path (packed columns), the one a bulk client uses
-                row["ratio_to_act"], row["ratio_to_inprocess"] = row["api_packed_ratio_to_act"], row[
-                        "api_packed_ratio_to_inprocess"]
+                row["ratio_to_act"], row["ratio_to_inprocess"] = (
+                    row["api_packed_ratio_to_act"],
+                    row["api_packed_ratio_to_inprocess"],
+                )
             out["strategies"][key] = row
     finally:
         if client is None: http.close()

@@ -65,8 +65,8 @@ class StrategyRef(Body):
 
     @model_validator(mode="after")
     def _one(self):
-        if (self.baseline is None) == (self.model is None): raise ValueError(
-                "give either baseline (a name) or model (an id)")
+        if (self.baseline is None) == (self.model is None):
+            raise ValueError("give either baseline (a name) or model (an id)")
         if self.model is not None and self.params: raise ValueError("params are a baseline's; a model brings its own")
         return self
 
@@ -547,8 +547,10 @@ class JobManager(JobQueue):
         beat: float = 600.0,
     ):
         super().__init__(metrics, running, max_jobs, max_paths, beat)
-        self.registry, self.data_folder = registry, Path(data_folder if data_folder is not None
-                                                         else settings().data.folder)
+        self.registry, self.data_folder = (
+            registry,
+            Path(data_folder if data_folder is not None else settings().data.folder),
+        )
         self._make_client, self._client, self._client_lock = dask, None, threading.Lock()
         self.template, self.grace = template, grace
 
@@ -618,9 +620,8 @@ def job_row(c: Caller, kind: str, id: int) -> dict:
     for none."""
     rows = c.reader.runs(experiment=kind, run_id=id)
     row = jsonable(rows.to_dict("records")[0]) if len(rows) else None
-    if row is None or JOB_TAG not in (row.get("tags") or []): raise HTTPException(404,
-                                                                                  f"no {kind[:-1]} {id} visible to "
-                                                                                  f"user {c.name!r}")
+    if row is None or JOB_TAG not in (row.get("tags") or []):
+        raise HTTPException(404, f"no {kind[:-1]} {id} visible to user {c.name!r}")
     return row
 
 # %% ../nbs/18_jobs.ipynb #51a03fde
@@ -657,9 +658,8 @@ async def stop_job(c: Caller, kind: str, id: int, response: Response, wait: floa
     row = await asyncio.to_thread(job_row, c, kind, id)
     if row["owner"] != c.name: raise HTTPException(403, f"{kind[:-1]} {id} belongs to {row['owner']!r}: only its owner "
                                                    f"can stop it")
-    if (job := c.jobs.jobs.get(id)) is None: raise HTTPException(409,
-                                                                 f"{kind[:-1]} {id} is {row['status']}: there is "
-                                                                 f"nothing to stop")
+    if (job := c.jobs.jobs.get(id)) is None:
+        raise HTTPException(409, f"{kind[:-1]} {id} is {row['status']}: there is nothing to stop")
     await c.jobs.stop(job, f"stopped by {c.name} (DELETE {kind}/{id})")
     if job.task is not None: await asyncio.wait([job.task], timeout=wait)
     response.status_code = 202 if id in c.jobs.jobs else 200
@@ -818,7 +818,8 @@ def _training_routes(r: APIRouter, caller: Callable) -> None:
         except ValueError as e: raise HTTPException(422, str(e).replace(f" in {c.reg!r}", "")) from None
         except (TypeError, OverflowError, RuntimeError, MemoryError) as e:  # an agent made from absurd hyperparameters
             raise HTTPException(
-                    422, f"params: the agent cannot be made from them ({type(e).__name__}: {str(e)[:300]})") from None
+                422, f"params: the agent cannot be made from them ({type(e).__name__}: {str(e)[:300]})"
+            ) from None
         from hedgerl.runs import template_path
         template = str(c.jobs.template or template_path())
         work = {"task": {"config": {k: v for k, v in cfg.items() if k != "resumed_from"}, "checkpoint": ckpt,

@@ -67,8 +67,8 @@ def _check_run(n_paths, n_boot, train_paths, learned, **seeds) -> None:
         raise ValueError(f"n_boot must be an integer >= 2 (the leaderboard reports bootstrap standard errors), got "
                          f"{n_boot!r}")
     for k, v in seeds.items(): check_int(k, v, 0)
-    if not isinstance(learned, (list, tuple, type(None))): raise ValueError(
-            f"learned must be a list of trained agents, got {type(learned).__name__}")
+    if not isinstance(learned, (list, tuple, type(None))):
+        raise ValueError(f"learned must be a list of trained agents, got {type(learned).__name__}")
     for i, a in enumerate(learned or []):
         if not (hasattr(a, "act") and isinstance(getattr(a, "scenario", None), Scenario) and isinstance(getattr(a,
                 "name", None), str)):
@@ -243,8 +243,8 @@ def run_leaderboard(
     "Strategies on scenarios, as a `Leaderboard`, written to `leaderboard.json` and `.md`; arguments checked first."
     if isinstance(scenarios, (str, Path, Scenario, dict)): scenarios = [scenarios]
     if scenarios is None: scenarios = names()
-    if not isinstance(scenarios, (list, tuple)): raise ValueError(f"scenarios must be a list of scenario names, got "
-                                                                  f"{type(scenarios).__name__}")
+    if not isinstance(scenarios, (list, tuple)):
+        raise ValueError(f"scenarios must be a list of scenario names, got {type(scenarios).__name__}")
     if not scenarios: raise ValueError("scenarios is empty: name at least one (None: every published scenario)")
     scns = [as_scenario(s) for s in scenarios]
     twice = next((s.name for i, s in enumerate(scns) if s.name in [t.name for t in scns[:i]]), None)

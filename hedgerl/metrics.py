@@ -208,8 +208,8 @@ def turnover(
     instruments: bool = False, # True: the last axis indexes instruments, whose turnovers are summed
 ):
     "Units traded per path, sum |trades| including the opening trade from 0 and the closing trade back to 0."
-    if not isinstance(instruments, (bool, np.bool_)): raise ValueError(
-            f"instruments must be True or False, got {instruments!r}")
+    if not isinstance(instruments, (bool, np.bool_)):
+        raise ValueError(f"instruments must be True or False, got {instruments!r}")
     h = as_numpy(check_finite("holdings", holdings), float)
     axis = -2 if instruments else -1
     if h.ndim < -axis or h.shape[axis] == 0:

@@ -49,9 +49,11 @@ def training_runs(
 ) -> pd.DataFrame:
     "The training runs `registry`'s user can see, newest first, with a `label` for the selector."
     rows, _ = registry.find("run", sort="-id", limit=scan)
-    rows = [{**r, "label": run_label(r)} for r in rows if isinstance(r["params"],
-                                                                     dict) and all(k in r["params"]
-                                                                                   for k in TRAINING_PARAMS)]
+    rows = [
+        {**r, "label": run_label(r)}
+        for r in rows
+        if isinstance(r["params"], dict) and all(k in r["params"] for k in TRAINING_PARAMS)
+    ]
     return pd.DataFrame(rows[:limit], columns=RUN_COLUMNS)
 
 # %% ../nbs/24_monitor.ipynb #62b083b8
@@ -146,9 +148,12 @@ def tensorboard_zip(
             with f:
                 data = f.read(MAX_TENSORBOARD + 1 - total)
                 total += len(data)
-                if total > MAX_TENSORBOARD: raise ValueError(f"run {run_id}: its TensorBoard logs are over "
-                                                             f"{MAX_TENSORBOARD >> 20} MiB; read them in the run's "
-                                                             f"folder")
+                if total > MAX_TENSORBOARD:
+                    raise ValueError(
+                        f"run {run_id}: its TensorBoard logs are over "
+                        f"{MAX_TENSORBOARD >> 20} MiB; read them in the run's "
+                        f"folder"
+                    )
                 z.writestr(f"run{run_id}/{n}", data); kept += 1
     if not kept: raise FileNotFoundError(f"run {run_id}: no TensorBoard event files of user {row['owner']!r} in its "
                                          f"folder")
@@ -175,8 +180,11 @@ def tensorboard_route(
                                                                                f" in {registry.url.render_as_string()}",
                                                                                "")) from None
         except ValueError as e: raise HTTPException(413, str(e)) from None
-        return Response(data, media_type="application/zip", headers={
-                "Content-Disposition": f'attachment; filename="run{run_id}-tensorboard.zip"'})
+        return Response(
+            data,
+            media_type="application/zip",
+            headers={"Content-Disposition": f'attachment; filename="run{run_id}-tensorboard.zip"'},
+        )
     # the classes, not this module's postponed names
     download.__annotations__ = {"run_id": int, "request": Request, "return": Response}
     app.add_api_route(path, download, methods=["GET"], include_in_schema=False)
@@ -297,8 +305,11 @@ class TrainingMonitor(_MonitorLoop):
         "Chart `ids` (new charts and a new feed: their points from the first) and show what is logged so far."
         self.choice.value = list(ids)
         chosen = self.runs.set_index("id").loc[list(ids)] if ids else self.runs.iloc[:0].set_index("id")
-        self.feed, self.charts, self.best = MetricFeed(self.registry), RunCharts(dict(zip(chosen.index.astype(int),
-                                                                                          chosen.label))), {}
+        self.feed, self.charts, self.best = (
+            MetricFeed(self.registry),
+            RunCharts(dict(zip(chosen.index.astype(int), chosen.label))),
+            {},
+        )
         import panel as pn
         self.grid.objects = [pn.pane.Bokeh(f, sizing_mode="stretch_width") for f in self.charts.figures.values()]
         self.apply(self.feed, *self.read(self.feed))

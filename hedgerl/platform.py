@@ -33,8 +33,8 @@ def secret(
     nbytes: int = 32, # random bytes in a new secret (written as hex)
 ) -> str:
     "The secret `name` kept in `state/secrets/` (0600, folder 0700), generated on first use; never logged."
-    if not re.fullmatch(r"[A-Za-z0-9_-]+", name or ""): raise ValueError(
-            f"secret name {name!r}: use letters, digits, - and _")
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name or ""):
+        raise ValueError(f"secret name {name!r}: use letters, digits, - and _")
     folder = Path(state) / "secrets"
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(folder, 0o700)
@@ -316,8 +316,10 @@ class Platform:
                                          stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
         t0 = time.monotonic()
         while not self.healthy():
-            if self.proc.poll() is not None: raise RuntimeError(f"the hub exited with status {self.proc.returncode} "
-                                                                f"before it served:\n{self.tail()}")
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"the hub exited with status {self.proc.returncode} before it served:\n{self.tail()}"
+                )
             if time.monotonic() - t0 > timeout: self.stop(); raise RuntimeError(
                     f"the hub did not answer {self.url}/hub/health within {timeout:.0f} s:\n{self.tail()}")
             time.sleep(0.2)
@@ -369,9 +371,10 @@ def seed_reference(
         by_name = {a.name: p for p, a in files.items()}
         for r in records:
             model = None
-            if r["strategy"] in by_name: model = reg.register_model(run,
-                                                                    r["fit"]["agent"] if r["fit"] else r["strategy"],
-                                                                    scenario, by_name[r["strategy"]], shared=True)
+            if r["strategy"] in by_name:
+                model = reg.register_model(
+                    run, r["fit"]["agent"] if r["fit"] else r["strategy"], scenario, by_name[r["strategy"]], shared=True
+                )
             metrics = {**r["metrics"], "objective_se": r["objective_se"],
                        "improvement_vs_delta_pct": r["improvement_vs_delta_pct"],
                        "improvement_vs_delta_pct_se": r["improvement_vs_delta_pct_se"]}
@@ -392,8 +395,11 @@ class HubClient:
         return session.post(self.url + path, data={**fields, "_xsrf": self.xsrf(session)}, allow_redirects=False)
     def signup(self, name: str, password: str):
         import requests
-        return self.form(requests.Session(), "/hub/signup", {"username": name, "signup_password": password,
-                                                             "signup_password_confirmation": password})
+        return self.form(
+            requests.Session(),
+            "/hub/signup",
+            {"username": name, "signup_password": password, "signup_password_confirmation": password},
+        )
     def login(self, name: str, password: str):
         "A `requests.Session` logged in as `name`; `PermissionError` if the hub refuses."
         import requests
@@ -405,27 +411,31 @@ class HubClient:
         return s
     def api(self, session, method: str, path: str, **kw):
         "A hub REST call (`/hub/api` + `path`) with the login cookie and its XSRF header."
-        return session.request(method, self.url + "/hub/api" + path, headers={"X-XSRFToken": self.xsrf(session),
-                                                                              **kw.pop("headers", {})}, **kw)
+        return session.request(
+            method,
+            self.url + "/hub/api" + path,
+            headers={"X-XSRFToken": self.xsrf(session), **kw.pop("headers", {})},
+            **kw,
+        )
     def token(self, session, name: str, **body) -> str:
         "A new API token of `name` (`body`: the token request, e.g. `scopes=[...]`)."
         r = self.api(session, "POST", f"/users/{name}/tokens", json={"note": "hedgerl", **body})
-        if r.status_code not in (200, 201): raise RuntimeError(f"cannot make a token for {name!r}: {r.status_code} "
-                                                               f"{r.text[:200]}")
+        if r.status_code not in (200, 201):
+            raise RuntimeError(f"cannot make a token for {name!r}: {r.status_code} {r.text[:200]}")
         return r.json()["token"]
     def spawn(self, name: str, token: str, timeout: float = 120) -> float:
         "Start `name`'s workspace and wait until it is ready; the seconds it took."
         import requests
         h, t0 = {"Authorization": f"token {token}"}, time.monotonic()
         r = requests.post(f"{self.url}/hub/api/users/{name}/server", headers=h)
-        if r.status_code not in (201, 202, 400): raise RuntimeError(f"cannot start {name!r}'s workspace: "
-                                                                    f"{r.status_code} {r.text[:300]}")
+        if r.status_code not in (201, 202, 400):
+            raise RuntimeError(f"cannot start {name!r}'s workspace: {r.status_code} {r.text[:300]}")
         while not (srv := requests.get(f"{self.url}/hub/api/users/{name}", headers=h).json().get("servers", {}).get("",
                 {})).get("ready"):
-            if time.monotonic() - t0 > timeout: raise RuntimeError(f"{name!r}'s workspace was not ready within "
-                                                                   f"{timeout:.0f} s: {srv}")
-            if not srv and time.monotonic() - t0 > 5: raise RuntimeError(
-                    f"{name!r}'s workspace stopped while starting (see the hub's log)")
+            if time.monotonic() - t0 > timeout:
+                raise RuntimeError(f"{name!r}'s workspace was not ready within {timeout:.0f} s: {srv}")
+            if not srv and time.monotonic() - t0 > 5:
+                raise RuntimeError(f"{name!r}'s workspace stopped while starting (see the hub's log)")
             time.sleep(0.25)
         return time.monotonic() - t0
 

@@ -42,8 +42,8 @@ def _as_client_error(e: Exception) -> HedgerlError:
     """An endpoint function's `HTTPException` (or a body's `ValidationError`) as the error the client raises for that
     answer."""
     from fastapi import HTTPException
-    if isinstance(e, HTTPException): return ERRORS.get(e.status_code, HedgerlError)(e.status_code, e.detail,
-                                                                                    headers=e.headers)
+    if isinstance(e, HTTPException):
+        return ERRORS.get(e.status_code, HedgerlError)(e.status_code, e.detail, headers=e.headers)
     return Invalid(422, e.errors(include_url=False, include_context=False, include_input=False))
 
 # %% ../nbs/23_player.ipynb #c6ea2435
@@ -168,8 +168,11 @@ def explain(
     if delta_row is None: lines.append(f"Its transaction cost on this date{last}: <b>{_n(row['cost'])}</b>.")
     else:
         diff = delta_row["cost"] - row["cost"]
-        verdict = "the same as delta" if diff == 0 else (f"{label} {'saved' if diff > 0 else 'paid'} "
-                                                         f"<b>{_n(abs(diff))}</b>{'' if diff > 0 else ' more'}")
+        verdict = (
+            "the same as delta"
+            if diff == 0
+            else (f"{label} {'saved' if diff > 0 else 'paid'} <b>{_n(abs(diff))}</b>{'' if diff > 0 else ' more'}")
+        )
         lines.append(f"Transaction cost on this date{last}: {label} paid <b>{_n(row['cost'])}</b>, delta "
                      f"<b>{_n(delta_row['cost'])}</b>: {verdict}.")
     lines.append(
@@ -209,9 +212,11 @@ def player_figures(
     """The player's data sources (spot; holdings and delta; both P&Ls so far) and its three Bokeh figures drawn from
     them."""
     from bokeh.models import ColumnDataSource
-    spot, hold, pnl = (ColumnDataSource({"day": [], "spot": []}), ColumnDataSource({"day": [], "next": [],
-                                                                                    "holding": [], "delta": []}),
-                       ColumnDataSource({"day": [], "pnl": [], "delta_pnl": []}))
+    spot, hold, pnl = (
+        ColumnDataSource({"day": [], "spot": []}),
+        ColumnDataSource({"day": [], "next": [], "holding": [], "delta": []}),
+        ColumnDataSource({"day": [], "pnl": [], "delta_pnl": []}),
+    )
     ours, theirs = strategy_colors(["strategy", "delta"]).values()
     f1 = _figure("Spot", "trading day", "spot")
     f1.line("day", "spot", source=spot, line_width=2, color="#1f2328"); f1.scatter("day", "spot", source=spot, size=5,
@@ -431,8 +436,8 @@ class _PlayerControls:
         import panel as pn
         if self.sim is None or self.sim["state"]["done"]:
             if self.start(seed=self._seed()) is None: return
-        if self._timer is None: self._timer = pn.state.add_periodic_callback(self.step,
-                                                                             period=int(1000 / self.speed.value))
+        if self._timer is None:
+            self._timer = pn.state.add_periodic_callback(self.step, period=int(1000 / self.speed.value))
         self.playing.param.update(value=True, name="Pause")
 
 # %% ../nbs/23_player.ipynb #ab7f9d71

@@ -326,8 +326,12 @@ class Portfolio(_PortfolioDisplay, PortfolioBook):
         n_boot: int = 100, # bootstrap replicates of the standard errors
         scenarios: list[str] | None = None, # the bases offered; None: the published simulated ones
     ):
-        self.choices, self.n_paths, self.seed, self.n_boot = choices, check_int("n_paths", n_paths,
-                                                                                2), seed, check_int("n_boot", n_boot, 2)
+        self.choices, self.n_paths, self.seed, self.n_boot = (
+            choices,
+            check_int("n_paths", n_paths, 2),
+            seed,
+            check_int("n_boot", n_boot, 2),
+        )
         self.ev, self.table = None, None
         PortfolioBook.__init__(self, base, scenarios)
         self.run.on_click(self.backtest_async)  # a coroutine function: Panel awaits it

@@ -491,8 +491,11 @@ class ReadCache:
     def peek(self, key, version):
         "The value kept for `key` under `version` within `ttl`; None if there is none."
         with self._lock: hit = self._d.get(key)
-        return hit[2] if hit is not None and version is not None and hit[0] == version and time.monotonic() - hit[
-                1] < self.ttl else None
+        return (
+            hit[2]
+            if hit is not None and version is not None and hit[0] == version and time.monotonic() - hit[1] < self.ttl
+            else None
+        )
 
     def get(self, key, version, compute: Callable):
         """`compute()`'s value for `key`, from the cache when stored under `version` within `ttl` (values are shared:
@@ -638,7 +641,8 @@ class _Transactions:
             # e.g. text with NUL on PostgreSQL, a number out of a column's range: the value's fault, nothing written
             except DataError as e:
                 raise ValueError(
-                        f"the registry database refused a value: {str(e.orig).strip().splitlines()[0]}") from None
+                    f"the registry database refused a value: {str(e.orig).strip().splitlines()[0]}"
+                ) from None
             except (OperationalError, IntegrityError) as e:
                 if attempt == retries - 1 or (isinstance(e, IntegrityError) and not retry_integrity): raise
                 time.sleep(0.05 * 2 ** attempt)
@@ -684,8 +688,8 @@ class _Ownership:
     def _check_visible(self, s: Session, run_ids, user):
         ok = set(s.scalars(sa.select(RunRow.id).where(RunRow.id.in_([i for i in run_ids if _storable(RunRow.id, i)]),
                                                       self._visible(RunRow, user))))
-        if missing := [i for i in run_ids if i not in ok]: raise KeyError(
-                f"no run {missing} visible to user {user or self.user!r}")
+        if missing := [i for i in run_ids if i not in ok]:
+            raise KeyError(f"no run {missing} visible to user {user or self.user!r}")
 
 # %% ../nbs/09_registry.ipynb #5db8dcb6
 class _RunWrites:
@@ -776,8 +780,9 @@ class _ModelWrites:
         run_id = run.id if isinstance(run, Run) else run
         def write(s: Session):
             if run_id is not None: self._check_owner(s, RunRow, run_id, "run")
-            v = (s.scalar(sa.select(sa.func.max(Model.version)).where(Model.owner == self.user,
-                                                                      Model.name == name)) or 0) + 1
+            v = (
+                s.scalar(sa.select(sa.func.max(Model.version)).where(Model.owner == self.user, Model.name == name)) or 0
+            ) + 1
             m = Model(run_id=run_id, algorithm=algorithm, scenario=scenario, name=name, version=v, artifact=str(p),
                       checksum=checksum, config=config or {}, owner=self.user, shared=shared)
             s.add(m); s.flush()
@@ -877,10 +882,10 @@ class _Scenarios:
     ) -> dict:
         """Save a scenario config of this user's under `name`; its row. `NameTaken` if they already have one of that
         name."""
-        if not isinstance(name, str) or not name.strip() or len(name) > 200: raise ValueError(
-                f"name must be text of 1 to 200 characters, got {name!r}")
-        if not isinstance(config, dict): raise ValueError(f"config must be a dict (a scenario's fields), got "
-                                                          f"{type(config).__name__}")
+        if not isinstance(name, str) or not name.strip() or len(name) > 200:
+            raise ValueError(f"name must be text of 1 to 200 characters, got {name!r}")
+        if not isinstance(config, dict):
+            raise ValueError(f"config must be a dict (a scenario's fields), got {type(config).__name__}")
         for f, v in (("name", name), ("description", description)):
             if v is not None and not (isinstance(v, str) and _storable(SavedScenario.description, v)):
                 raise ValueError(f"{f} must be text without NUL characters or lone surrogates, got {v!r}")
@@ -936,8 +941,9 @@ class _Find:
             cols = {"id": RunRow.id, "experiment": Experiment.name, **{c: getattr(RunRow, c) for c in (
                     "name", "status", "owner", "shared", "started", "ended", "heartbeat", "host", "pid", "notebook",
                     "params", "outputs", "tags", "error")}}
-            q = sa.select(*(c.label(k) for k, c in cols.items())).join(Experiment,
-                                                                       RunRow.experiment_id == Experiment.id)
+            q = sa.select(*(c.label(k) for k, c in cols.items())).join(
+                Experiment, RunRow.experiment_id == Experiment.id
+            )
             # what `hedgerl train` records
             extra = {"scenario": RunRow.params["scenario"].as_string(), "agent": RunRow.params["agent"].as_string()}
         else:
@@ -948,8 +954,10 @@ class _Find:
                     RunRow.experiment_id == Experiment.id).where(_equal(Experiment.name, v)))
         plain = [k for k, c in cols.items() if not isinstance(c.type, sa.JSON)]  # what may be sorted and filtered on
         equal = lambda c: lambda v: _equal(c, v)
-        filters = {**{k: equal(cols[k]) for k in plain}, **{k: equal(c) if isinstance(c, sa.ColumnElement) else c for k,
-                                                            c in extra.items()}}
+        filters = {
+            **{k: equal(cols[k]) for k in plain},
+            **{k: equal(c) if isinstance(c, sa.ColumnElement) else c for k, c in extra.items()},
+        }
         return q.where(self._visible(table, user)), filters, plain
 
     def find(self,

@@ -209,8 +209,8 @@ def _query_names(dependant) -> set[str]:
 # %% ../nbs/17_remote.ipynb #2d6b82b8
 def unknown_query(route: APIRoute, request: Request) -> JSONResponse | None:
     "A 422 naming each query parameter `route` does not take, in FastAPI's shape; None when every one is known."
-    if (known := getattr(route, "_query_known", None)) is None: known = route._query_known = frozenset(_query_names(
-            route.dependant))
+    if (known := getattr(route, "_query_known", None)) is None:
+        known = route._query_known = frozenset(_query_names(route.dependant))
     bad = [k for k in dict.fromkeys(request.query_params.keys()) if k not in known]
     if not bad: return None
     takes = f"this endpoint takes {', '.join(sorted(known))}" if known else "this endpoint takes none"
@@ -489,8 +489,8 @@ class ServiceClient:
         for attempt in range(3 if method == "GET" else 1):
             try: r = self._http.send(req, stream=stream); break
             except httpx.TransportError as e:
-                if attempt == (2 if method == "GET" else 0): raise RegistryUnavailable(
-                        f"cannot reach the hedgerl service at {self.url}: {e}") from None
+                if attempt == (2 if method == "GET" else 0):
+                    raise RegistryUnavailable(f"cannot reach the hedgerl service at {self.url}: {e}") from None
                 time.sleep(0.5 * 2 ** attempt)
         if r.status_code >= 400:
             if stream: r.read()
@@ -510,17 +510,22 @@ class RemoteRun(Run):
         **metrics: float, # namespaced keys (`train/loss`, `eval/objective`) and their values
     ) -> None:
         "Append metrics for `step` and refresh the heartbeat (see `Run.log`), through the service."
-        self.registry._call("POST", f"/runs/{self.id}/metrics",
-                            {"step": int(step), "metrics": {k: None if v is None else float(v) for k,
-                                                            v in metrics.items()}})
+        self.registry._call(
+            "POST",
+            f"/runs/{self.id}/metrics",
+            {"step": int(step), "metrics": {k: None if v is None else float(v) for k, v in metrics.items()}},
+        )
 
     def _update(self, outputs: dict | None = None, **values):
         self.registry._call("POST", f"/runs/{self.id}/outputs", {"outputs": outputs or {}})
 
     def _close(self, status: str, outputs=None, error: str | None = None):
         action = {"finished": "finish", "failed": "fail", "interrupted": "interrupt"}[status]
-        self.registry._call("POST", f"/runs/{self.id}/{action}", {"outputs": outputs,
-                                                                  **({"error": error} if status == "failed" else {})})
+        self.registry._call(
+            "POST",
+            f"/runs/{self.id}/{action}",
+            {"outputs": outputs, **({"error": error} if status == "failed" else {})},
+        )
 
     @property
     def status(self) -> str:

@@ -56,8 +56,11 @@ def find_chromium(
 ) -> str:
     "The Chromium executable that prints reports to PDF; `ChromiumMissing` says how to get one."
     wanted = path or os.environ.get("HEDGERL_CHROMIUM")
-    found = [wanted] if wanted else ["/usr/bin/chromium", *(shutil.which(n) for n in ("chromium", "chromium-browser",
-                                                                                      "google-chrome"))]
+    found = (
+        [wanted]
+        if wanted
+        else ["/usr/bin/chromium", *(shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome"))]
+    )
     for f in found:
         if f and os.path.isfile(f) and os.access(f, os.X_OK): return f
     if wanted: raise ChromiumMissing(f"Chromium {wanted!r} is not an executable file: give the path of chromium, or "
@@ -167,8 +170,8 @@ def resolve_target(
     if not t: raise ValueError("target is empty: give a scenario, a run id, an experiment or 'leaderboard'")
     if t == "leaderboard":  # not "leaderboard": its .json would overwrite the leaderboard itself in reports/
         return "leaderboard-report", "leaderboard_report.ipynb", dict(leaderboard=str(_leaderboard_file(leaderboard)))
-    if t.isdigit(): return f"run-{int(t)}", "report.ipynb", run_parameters(open_registry(registry), int(t), n_paths,
-                                                                           seed)
+    if t.isdigit():
+        return f"run-{int(t)}", "report.ipynb", run_parameters(open_registry(registry), int(t), n_paths, seed)
     if t in names() or (t.endswith((".yaml", ".yml", ".json")) and Path(t).is_file()):
         return f"scenario-{_slug(Path(t).stem if Path(t).is_file() else t)}", "report.ipynb", scenario_parameters(t,
                 n_paths, seed)
@@ -285,8 +288,8 @@ def _print_to_pdf(exe: str, html: Path, pdf: Path, timeout: float) -> Path:
     cmd = [exe, *CHROMIUM_FLAGS, "--virtual-time-budget=20000", "--no-pdf-header-footer", f"--print-to-pdf={pdf}",
            html.as_uri()]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    if r.returncode != 0 or not pdf.is_file(): raise RuntimeError(f"{exe} could not print {html.name} (status "
-                                                                  f"{r.returncode}): {r.stderr.strip()[-300:]}")
+    if r.returncode != 0 or not pdf.is_file():
+        raise RuntimeError(f"{exe} could not print {html.name} (status {r.returncode}): {r.stderr.strip()[-300:]}")
     return pdf
 
 # %% ../nbs/26_reports.ipynb #60c17a0b
@@ -465,7 +468,8 @@ def router(
         except Exception as e:
             log.error("report of run %s failed", run_id, exc_info=e)
             raise HTTPException(
-                    503, f"the report of run {run_id} could not be made: {' '.join(str(e).split())[:500]}") from None
+                503, f"the report of run {run_id} could not be made: {' '.join(str(e).split())[:500]}"
+            ) from None
         if files is None:
             return JSONResponse({"detail": f"the report of run {run_id} is being made: ask again in a few seconds",
                                  "status": "running"}, 202, headers={"Retry-After": "5"})

@@ -100,8 +100,10 @@ def judge(recipe: Recipe, agent: Agent, n_paths: int = 100_000, seed: int = 2026
     """Test `agent` next to delta hedging (and the fitted band where costs apply) on the same fresh paths; check the
     recipe's goal."""
     scn = get(recipe.scenario)
-    res = {"agent": backtest(agent, scn, n_paths=n_paths, seed=seed), "delta": backtest(make_baseline("delta"), scn,
-                                                                                        n_paths=n_paths, seed=seed)}
+    res = {
+        "agent": backtest(agent, scn, n_paths=n_paths, seed=seed),
+        "delta": backtest(make_baseline("delta"), scn, n_paths=n_paths, seed=seed),
+    }
     if applicable("fixed-band", scn):
         band = make_baseline("fixed-band"); band.fit(scn, n_paths=20_000, seed=7)
         res["fixed-band"] = backtest(band, scn, n_paths=n_paths, seed=seed)

@@ -69,8 +69,8 @@ def train_config(
     if unknown: raise ValueError(f"unknown training option {unknown[0]!r}; known: {', '.join(TRAIN_DEFAULTS)}")
     cfg = {**TRAIN_DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
     if cfg["params"] is None: cfg["params"] = {}
-    if not isinstance(cfg["params"], dict): raise ValueError(f"params must be a dict of hyperparameters, got "
-                                                             f"{type(cfg['params']).__name__}")
+    if not isinstance(cfg["params"], dict):
+        raise ValueError(f"params must be a dict of hyperparameters, got {type(cfg['params']).__name__}")
     base = resolve_scenario(scenario)
     obj = parse_objective(cfg["objective"])
     cfg["objective"] = None if obj is None else {"kind": obj.kind, "param": obj.param}
@@ -194,8 +194,11 @@ def runs_root(
 ) -> Path:
     "The folder that holds run folders, created and checked writable; a `ValueError` names it otherwise."
     root = Path(runs_dir).expanduser() if runs_dir is not None else settings().data.folder / "runs"
-    what = f"runs_dir {str(root)!r}" if runs_dir is not None else (f"the runs folder {str(root)!r} (setting [data] "
-                                                                   f"folder, environment HEDGERL_DATA_FOLDER)")
+    what = (
+        f"runs_dir {str(root)!r}"
+        if runs_dir is not None
+        else (f"the runs folder {str(root)!r} (setting [data] folder, environment HEDGERL_DATA_FOLDER)")
+    )
     try: root.mkdir(parents=True, exist_ok=True)
     except OSError as e: raise ValueError(f"{what}: cannot create it ({e.strerror})") from None
     if not root.is_dir() or not os.access(root, os.W_OK | os.X_OK): raise ValueError(f"{what} is not a writable folder")
@@ -222,8 +225,12 @@ def _resumed_config(reg: Registry, resume: int, given: dict) -> tuple[dict, Path
     if not {"agent", "scenario", "budget"} <= set(prev): raise ValueError(f"resume: run {resume} is not a training run")
     if row.status not in ("interrupted", "failed"):
         raise ValueError(f"resume: run {resume} is {row.status}; only an interrupted or failed run can be resumed")
-    cfg = train_config(**{k: prev.get(k) if given.get(k) is None else given[k] for k in ("agent", "scenario", "budget",
-                                                                                         *TRAIN_DEFAULTS)})
+    cfg = train_config(
+        **{
+            k: prev.get(k) if given.get(k) is None else given[k]
+            for k in ("agent", "scenario", "budget", *TRAIN_DEFAULTS)
+        }
+    )
     diff = [f"{k}: {prev.get(k)!r} -> {cfg[k]!r}" for k in cfg if cfg[k] != prev.get(k)]
     if diff: raise ValueError(f"cannot resume run {resume}: the configuration changed ({'; '.join(diff)}); start a new "
                               f"run instead")
@@ -371,11 +378,11 @@ def grid_cells(
     grid: dict, # name -> list of values
 ) -> list[dict]:
     "The cartesian product of `grid`, one dict per cell (in the order of the keys and values)."
-    if not isinstance(grid, dict) or not grid: raise ValueError("grid must be a non-empty dict of name -> list of "
-                                                                "values")
+    if not isinstance(grid, dict) or not grid:
+        raise ValueError("grid must be a non-empty dict of name -> list of values")
     for k, v in grid.items():
-        if not isinstance(v, (list, tuple)) or not v: raise ValueError(
-                f"grid[{k!r}] must be a non-empty list of values, got {v!r}")
+        if not isinstance(v, (list, tuple)) or not v:
+            raise ValueError(f"grid[{k!r}] must be a non-empty list of values, got {v!r}")
     return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
 
 # %% ../nbs/13_runs.ipynb #310eb689
@@ -392,10 +399,13 @@ def _sweep_cell(kwargs: dict) -> dict:
     try:
         r = train(**kwargs)
         m = r["metrics"]
-        return {"run_id": r["run_id"], "status": r["status"], **{k: m.get(k) for k in ("test/objective",
-                                                                                       "delta/objective", "units",
-                                                                                       "train_seconds")},
-                "folder": r["folder"], "error": None}
+        return {
+            "run_id": r["run_id"],
+            "status": r["status"],
+            **{k: m.get(k) for k in ("test/objective", "delta/objective", "units", "train_seconds")},
+            "folder": r["folder"],
+            "error": None,
+        }
     except RunFailed as e: return {"run_id": e.run_id, "status": "failed", "folder": str(e.notebook.parent),
                                    "error": str(e)}
     except BaseException as e: return {"run_id": None, "status": "failed", "error": f"{type(e).__name__}: {e}"}
@@ -488,19 +498,21 @@ def _check_space(agent: str, space: dict | None) -> dict:
     from hedgerl.agents import agent_class
     known = agent_class(agent).defaults  # unknown agent: ValueError
     if space is None:
-        if agent not in DEFAULT_SPACES: raise ValueError(f"tune: give a search space for {agent} (no default); its "
-                                                         f"hyperparameters: {', '.join(known)}")
+        if agent not in DEFAULT_SPACES:
+            raise ValueError(
+                f"tune: give a search space for {agent} (no default); its hyperparameters: {', '.join(known)}"
+            )
         space = DEFAULT_SPACES[agent]
-    if not isinstance(space, dict) or not space: raise ValueError("tune: space must be a non-empty dict of "
-                                                                  "hyperparameter -> range or choices")
+    if not isinstance(space, dict) or not space:
+        raise ValueError("tune: space must be a non-empty dict of hyperparameter -> range or choices")
     out = {}
     for k, spec in space.items():
         if k not in known: raise ValueError(f"tune: {agent} has no hyperparameter {k!r}; known: {', '.join(known)}")
         if isinstance(spec, list) and spec: out[k] = list(spec)
         elif isinstance(spec, tuple) and len(spec) in (2, 3) and all(isinstance(x, (int, float)) for x in spec[:2]) \
                 and spec[0] < spec[1] and (len(spec) == 2 or spec[2] == "log"):
-            if len(spec) == 3 and spec[0] <= 0: raise ValueError(f"tune: space[{k!r}]: a log range needs a positive "
-                                                                 f"low end, got {spec[0]}")
+            if len(spec) == 3 and spec[0] <= 0:
+                raise ValueError(f"tune: space[{k!r}]: a log range needs a positive low end, got {spec[0]}")
             out[k] = tuple(spec)
         else: raise ValueError(f"tune: space[{k!r}] must be (low, high), (low, high, 'log') or a list of choices, got "
                                f"{spec!r}")
@@ -587,8 +599,8 @@ def tune(
     import torch
     from hedgerl.agents import make_agent
     space, params = _check_space(agent, space), dict(params or {})
-    if overlap := sorted(set(space) & set(params)): raise ValueError(f"tune: {overlap[0]!r} is both searched (space) "
-                                                                     f"and fixed (params)")
+    if overlap := sorted(set(space) & set(params)):
+        raise ValueError(f"tune: {overlap[0]!r} is both searched (space) and fixed (params)")
     scn = resolve_scenario(scenario, objective)
     _check_search(agent, scn, space, params, seed)
     n_trials, budget = check_int("n_trials", n_trials, 1), check_int("budget", budget, 1)

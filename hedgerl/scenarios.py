@@ -72,8 +72,9 @@ def _model_fields(model: str) -> tuple[list[str], list[str]]:
     "Required and optional parameter names of market `model`."
     if model == "historical": return ["source"], ["s0"]
     fs = fields(MODELS[model])
-    return [f.name for f in fs if f.default is dataclasses.MISSING], [f.name for f in fs
-                                                                      if f.default is not dataclasses.MISSING]
+    return [f.name for f in fs if f.default is dataclasses.MISSING], [
+        f.name for f in fs if f.default is not dataclasses.MISSING
+    ]
 
 # %% ../nbs/04_scenarios.ipynb #26186685
 @dataclass(frozen=True)
@@ -192,12 +193,12 @@ class Objective:
 
     def __post_init__(self):
         check_choice("objective.kind", self.kind, OBJECTIVES)
-        if self.param is None and self.kind == "es": raise ValueError("objective.param is required for es: the level "
-                                                                      "in (0, 1), as in es:0.5")
+        if self.param is None and self.kind == "es":
+            raise ValueError("objective.param is required for es: the level in (0, 1), as in es:0.5")
         object.__setattr__(self, "param", _number("objective.param",
                                                   _DEFAULT_PARAM[self.kind] if self.param is None else self.param))
-        if self.kind == "es" and not 0 < self.param < 1: raise ValueError(
-                f"objective.param (the ES level) must lie in (0, 1), got {self.param}")
+        if self.kind == "es" and not 0 < self.param < 1:
+            raise ValueError(f"objective.param (the ES level) must lie in (0, 1), got {self.param}")
         if self.kind in ("cao", "entropic", "mean_variance") and self.param < 0:
             raise ValueError(f"objective.param must be non-negative for {self.kind}, got {self.param}")
 
@@ -240,10 +241,10 @@ def _check_scenario(s) -> None:
             raise ValueError(f"instruments[{i}] expires after {ins.option.maturity} days, before the book's maturity "
                              f"of {s.horizon} days")
         if ins.kind == "variance_swap":
-            if s.market.model != "heston": raise ValueError(f"instruments[{i}]: a variance swap needs the heston "
-                                                            f"market, not {s.market.model}")
-            if ins.maturity < s.horizon: raise ValueError(f"instruments[{i}] (variance swap) ends before the book's "
-                                                          f"maturity")
+            if s.market.model != "heston":
+                raise ValueError(f"instruments[{i}]: a variance swap needs the heston market, not {s.market.model}")
+            if ins.maturity < s.horizon:
+                raise ValueError(f"instruments[{i}] (variance swap) ends before the book's maturity")
     # Cao's objective is in % of the premium received. A book without a long option always sells for one; price the
     # others at inception (`_premium0`, with the valuation below; historical windows are checked in hedgerl.backtest).
     if s.objective.kind == "cao" and any(o.quantity > 0 for o in s.book) and s.market.model != "historical":
@@ -304,8 +305,8 @@ class Scenario:
     def __post_init__(self):
         put = lambda k, v: object.__setattr__(self, k, v)
         for f in ("name", "description"):
-            if not isinstance(getattr(self, f), str): raise ValueError(
-                    f"{f} must be text, got {_show(getattr(self, f))}")
+            if not isinstance(getattr(self, f), str):
+                raise ValueError(f"{f} must be text, got {_show(getattr(self, f))}")
         put("market", _build(Market, self.market, "market"))
         put("book", _build_list(Option, self.book, "book", "book must hold at least one option"))
         put("instruments", _build_list(Instrument, self.instruments, "instruments",
@@ -367,13 +368,15 @@ def _named() -> dict[str, Scenario]:
             for every in (1, 2, 3, 5):
                 s = _cao(model, months, every); out[s.name] = s
     out["buehler2019-heston"] = Scenario(
-        name="buehler2019-heston", market=Market("heston", {"mu": 0.0, "v0": 0.04, "kappa": 1.0, "theta": 0.04,
-                                                            "xi": 2.0, "rho": -0.7}),
-        book=(Option("call", 100.0, 30, -1.0),), instruments=(Instrument("underlying"), Instrument("variance_swap",
-                maturity=30)),
-        trading_days=365, objective=Objective("es", 0.5),
+        name="buehler2019-heston",
+        market=Market("heston", {"mu": 0.0, "v0": 0.04, "kappa": 1.0, "theta": 0.04, "xi": 2.0, "rho": -0.7}),
+        book=(Option("call", 100.0, 30, -1.0),),
+        instruments=(Instrument("underlying"), Instrument("variance_swap", maturity=30)),
+        trading_days=365,
+        objective=Objective("es", 0.5),
         description="Buehler, Gonon, Teichmann, Wood (2019): Heston, short ATM call, 30 daily dates, stock + variance "
-                    "swap, ES at 50%")
+        "swap, ES at 50%",
+    )
     for months, days in ((1, 20), (3, 60)):
         n = f"derman-kamal-{months}m-daily"
         out[n] = Scenario(name=n, market=Market("gbm", {"mu": 0.0, "sigma": 0.2}), book=(Option("call", 100.0, days,

@@ -135,9 +135,12 @@ async def caller_model(request: Request, authorization: str | None) -> dict | No
     try: model = await auth.user_for_token(token, session_id=request.cookies.get("jupyterhub-session-id", ""),
                                            sync=False)
     except HubError as e: raise HTTPException(503, f"the hub could not check the caller: {e.log_message}") from None
-    if model is None and authorization: raise HTTPException(401,
-                                                            "the hub does not know this token (mistyped, expired or "
-                                                            "revoked)", headers={"WWW-Authenticate": "Bearer"})
+    if model is None and authorization:
+        raise HTTPException(
+            401,
+            "the hub does not know this token (mistyped, expired or revoked)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     return model
 
 # %% ../nbs/16_service.ipynb #e44d55d8
@@ -183,9 +186,11 @@ def login_redirect(request: Request) -> RedirectResponse:
     verifier, challenge, method = auth.generate_pkce_code_challenge()
     state = _secrets.token_urlsafe(16)
     back = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-    url = auth.login_url + ("&" if "?" in auth.login_url else "?") + urlencode({"state": state,
-                                                                                "code_challenge": challenge,
-                                                                                "code_challenge_method": method})
+    url = (
+        auth.login_url
+        + ("&" if "?" in auth.login_url else "?")
+        + urlencode({"state": state, "code_challenge": challenge, "code_challenge_method": method})
+    )
     resp = RedirectResponse(url, 302)
     name = state_cookie(auth, state)
     resp.set_cookie(name, cookies.sign(name, json.dumps({"state": state, "next": back, "verifier": verifier})),
@@ -246,10 +251,10 @@ async def error_response(request: Request, exc: Exception) -> Response:
         try: await hub_user(request, request.headers.get("authorization"))
         except (StarletteHTTPException, LoginRequired) as e: exc = e
     if isinstance(exc, LoginRequired): return login_redirect(request)
-    if isinstance(exc, RequestValidationError): return JSONResponse({"detail": finite_json(jsonable_encoder(
-            exc.errors()))}, 422)
-    if isinstance(exc, StarletteHTTPException): return JSONResponse({"detail": exc.detail}, exc.status_code,
-                                                                    headers=exc.headers)
+    if isinstance(exc, RequestValidationError):
+        return JSONResponse({"detail": finite_json(jsonable_encoder(exc.errors()))}, 422)
+    if isinstance(exc, StarletteHTTPException):
+        return JSONResponse({"detail": exc.detail}, exc.status_code, headers=exc.headers)
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return JSONResponse({"detail": "internal error in the hedgerl service (see its log)"}, 500)
 
@@ -402,8 +407,10 @@ def _cookie_may_open(conn: HTTPConnection) -> bool:
     if conn.scope["type"] == "websocket":
         origin = conn.headers.get("origin")
         return origin is not None and urlparse(origin).netloc == conn.headers.get("host")
-    return conn.scope.get("method") in ("GET", "HEAD") and conn.headers.get("sec-fetch-site",
-                                                                            "same-origin") in ("same-origin", "none")
+    return conn.scope.get("method") in ("GET", "HEAD") and conn.headers.get("sec-fetch-site", "same-origin") in (
+        "same-origin",
+        "none",
+    )
 
 # %% ../nbs/16_service.ipynb #e9959e93
 _SESSION_ID = re.compile(r"[A-Za-z0-9._-]{1,200}") # what Bokeh's session ids are made of (signed ones have dots)
@@ -445,8 +452,8 @@ class DashboardGuard:
             if scope["type"] == "websocket": return await send({"type": "websocket.close", "code": 4000 + status})
             request = Request(scope, receive)
             auth = request.app.state.hub
-            if status == 401 and page_view(request) and auth.oauth_client_id: return await login_redirect(request)(
-                    scope, receive, send)
+            if status == 401 and page_view(request) and auth.oauth_client_id:
+                return await login_redirect(request)(scope, receive, send)
             why = {401: ANONYMOUS, 403: "this hub user may not use the hedgerl service",
                    503: "the hub could not check the caller"}[status]
             return await JSONResponse({"detail": why}, status)(scope, receive, send)
@@ -540,8 +547,8 @@ def service_address(
     u = urlparse(url)
     try: port = u.port
     except ValueError: port = None
-    if u.scheme != "http" or not u.hostname or not port: raise ValueError(
-            f"JUPYTERHUB_SERVICE_URL={url!r}: expected http://host:port")
+    if u.scheme != "http" or not u.hostname or not port:
+        raise ValueError(f"JUPYTERHUB_SERVICE_URL={url!r}: expected http://host:port")
     return (s.host if s.host in ("0.0.0.0", "::") else u.hostname), port
 
 # %% ../nbs/16_service.ipynb #f4e765a5

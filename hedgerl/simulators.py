@@ -110,14 +110,14 @@ class MarketModel:
         "Simulate paths of `n_steps` steps of `dt` years: `Paths` with arrays shaped `(n_paths, n_steps + 1)`."
         n_paths, n_steps = check_int("n_paths", n_paths), check_int("n_steps", n_steps)
         dt = float(check_positive("dt", dt))
-        if not isinstance(antithetic, (bool, np.bool_)): raise ValueError(
-                f"antithetic must be True or False, got {antithetic!r}")
+        if not isinstance(antithetic, (bool, np.bool_)):
+            raise ValueError(f"antithetic must be True or False, got {antithetic!r}")
         check_choice("dtype", dtype, _DTYPES); check_choice("backend", backend, _BACKENDS)
         self._validate(n_steps, dt, bool(antithetic))
         times = dt * np.arange(n_steps + 1)
         if backend == "numpy":
-            if device not in ("auto", "cpu"): raise ValueError(f"device={device!r} needs backend='torch'; the numpy "
-                                                               f"backend runs on the CPU")
+            if device not in ("auto", "cpu"):
+                raise ValueError(f"device={device!r} needs backend='torch'; the numpy backend runs on the CPU")
             rng = as_generator(seed)
             spot, variance, extra = self._simulate_numpy(n_paths, n_steps, dt, rng, bool(antithetic), np.dtype(dtype))
             times = times.astype(dtype)
@@ -234,8 +234,8 @@ class Heston(MarketModel):
 
     def __post_init__(self):
         self._params(finite=("mu",), positive=("kappa", "theta", "xi", "s0"), nonneg=("v0",), corr=("rho",))
-        if not isinstance(self.martingale, (bool, np.bool_)): raise ValueError(
-                f"martingale must be True or False, got {self.martingale!r}")
+        if not isinstance(self.martingale, (bool, np.bool_)):
+            raise ValueError(f"martingale must be True or False, got {self.martingale!r}")
 
     def _qe_constants(self, dt: float) -> tuple:
         """(E, c1, c2, theta, mu dt, K0, K1, K2, K3, K4, martingale) of the QE step for step `dt` (gamma1 = gamma2 =
@@ -373,8 +373,8 @@ class Historical(MarketModel):
                                 f"block={self.block}, s0={self.s0})")
 
     def _validate(self, n_steps, dt, antithetic):
-        if not math.isclose(dt, self.dt, rel_tol=1e-9): raise ValueError(
-                f"dt must equal the data's spacing dt={self.dt:.6g}, got {dt:.6g}")
+        if not math.isclose(dt, self.dt, rel_tol=1e-9):
+            raise ValueError(f"dt must equal the data's spacing dt={self.dt:.6g}, got {dt:.6g}")
         if antithetic: raise ValueError("antithetic=True is not available for Historical paths: mirrored real returns "
                                         "are not real returns")
         if self.method == "windows" and n_steps + 1 > len(self.prices):

@@ -153,8 +153,8 @@ def _check_meta(meta, where: str, known=None) -> dict:
             float)) for h in log["history"]):
         raise bad("'log.history' should be a list of rows with 'units' and 'valid/objective'")
     b = meta.get("budget")
-    if b is not None and (type(b) is not int or b < 1): raise bad(f"'budget' should be a positive int or null, got "
-                                                                  f"{b!r}")
+    if b is not None and (type(b) is not int or b < 1):
+        raise bad(f"'budget' should be a positive int or null, got {b!r}")
     for k, t in (("units", int), ("interrupted", bool), ("fit", dict)):  # checkpoints only
         if meta.get(k) is not None and not isinstance(meta[k],
                                                       t): raise bad(f"{k!r} should be of type {t.__name__}, got "

@@ -402,11 +402,11 @@ def export_sb3(
     unpickled here."""
     meta, state = _read_archive(archive)
     kind = meta["config"]["agent"]
-    if kind not in ("sac", "ppo", "dqn"): raise ValueError(f"{str(archive)!r} is a {kind} agent, not a "
-                                                           f"stable-baselines3 one (sac, ppo, dqn)")
+    if kind not in ("sac", "ppo", "dqn"):
+        raise ValueError(f"{str(archive)!r} is a {kind} agent, not a stable-baselines3 one (sac, ppo, dqn)")
     _, sep, body = state.partition(b"\n")  # the calibration line, then SB3's zip
-    if not sep or not body.startswith(b"PK"): raise ValueError(f"{str(archive)!r}: its state.bin holds no "
-                                                               f"stable-baselines3 model")
+    if not sep or not body.startswith(b"PK"):
+        raise ValueError(f"{str(archive)!r}: its state.bin holds no stable-baselines3 model")
     out = Path(out); out.parent.mkdir(parents=True, exist_ok=True); out.write_bytes(body)
     return out
 
