@@ -351,9 +351,10 @@ def request_config(
     if not isinstance(ref, str) or ref in scenario_lib.NAMED: return ref
     try: return saved_row(reg, ref)["config"]
     except KeyError: pass
-    try: scenario_lib.get(ref)  # the library's message: the published names it is near
-    except ValueError as e: raise ValueError(
-            f"{where}: {e}; nor is it a saved scenario that user {reg.user!r} can read") from None
+    try:
+        scenario_lib.get(ref)  # the library's message: the published names it is near
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}; nor is it a saved scenario that user {reg.user!r} can read") from None
     raise AssertionError(ref)  # a published name was returned above
 
 # %% ../nbs/19_catalog.ipynb #3fcd7efd
@@ -565,9 +566,10 @@ def _artifact_route(r: APIRouter, reg, owns: Callable) -> None:
     def artifact(model_id: IdPath, reg: Registry = reg) -> StreamingResponse:
         "The model's saved agent: its owner's file, checked against the sha256 recorded at registration."
         m = reg.get("model", model_id)
-        try: f, _ = read_artifact(m["artifact"], m["owner"], owns, checksum=m["checksum"])
-        except ArtifactError as e: raise ArtifactError(
-                f"model {m['id']} ({m['name']} v{m['version']}): its file {e}") from None
+        try:
+            f, _ = read_artifact(m["artifact"], m["owner"], owns, checksum=m["checksum"])
+        except ArtifactError as e:
+            raise ArtifactError(f"model {m['id']} ({m['name']} v{m['version']}): its file {e}") from None
         def chunks():
             with f: yield from iter(lambda: f.read(1 << 20), b"")
         return StreamingResponse(chunks(), media_type="application/octet-stream", headers={

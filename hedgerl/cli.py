@@ -150,9 +150,10 @@ def check_address(host: str, port: int, flag: str = "--port") -> tuple[str, int]
     try: family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
     except (socket.gaierror, UnicodeError) as e: raise ValueError(f"--host {host!r}: cannot resolve it ({e})") from None
     with socket.socket(family, socket.SOCK_STREAM) as s:
-        try: s.bind((host, port))
-        except OSError as e: raise ValueError(
-                f"cannot listen on {host}:{port} ({e.strerror}): pick another {flag}") from None
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ValueError(f"cannot listen on {host}:{port} ({e.strerror}): pick another {flag}") from None
     return host, port
 
 # %% ../nbs/99_cli.ipynb #a7f772d8
@@ -295,8 +296,9 @@ def _hub_down(ctx, args) -> int:
     "Stop a platform that `hedgerl hub up` started (from another terminal); wait until it is gone."
     from hedgerl.platform import _pid_running
     pid = _platform_pid(ctx.state / "platform.pid")
-    if pid is None: print(
-            f"hedgerl: the platform is not running (no live pid in {ctx.state / 'platform.pid'})"); return 0
+    if pid is None:
+        print(f"hedgerl: the platform is not running (no live pid in {ctx.state / 'platform.pid'})")
+        return 0
     os.kill(pid, signal.SIGTERM)
     t0 = time.monotonic()
     while _pid_running(pid):

@@ -173,9 +173,10 @@ class ServiceSession:
         self.api = self.url + "api/v1/"
         self._token = token if token is not None else os.environ.get("JUPYTERHUB_API_TOKEN")
         if client is None:
-            try: import httpx
-            except ImportError: raise ImportError(
-                    "hedgerl.client needs httpx: pip install 'hedgerl[platform]'") from None
+            try:
+                import httpx
+            except ImportError:
+                raise ImportError("hedgerl.client needs httpx: pip install 'hedgerl[platform]'") from None
             client = httpx.Client(timeout=timeout)
         self.http = client
 
@@ -543,9 +544,10 @@ async def _reader(http, urls: list[str], headers: dict, start: int, until: float
         url = urls[i % len(urls)]; i += 1
         t0 = time.perf_counter()
         try:
-            if isinstance(http, RawHTTP): status = (await http.get(urlsplit(url)._replace(scheme="",
-                                                                                          netloc="").geturl()))[0]
-            else: status = (await http.get(url, headers=headers)).status_code
+            if isinstance(http, RawHTTP):
+                status = (await http.get(urlsplit(url)._replace(scheme="", netloc="").geturl()))[0]
+            else:
+                status = (await http.get(url, headers=headers)).status_code
             ok, why = status == 200, status
         except (httpx.HTTPError, ConnectionError) as e: ok, why = False, type(e).__name__
         dt_ = time.perf_counter() - t0

@@ -310,8 +310,9 @@ def broadcast_shape(**args) -> tuple:
 def as_generator(seed=None) -> np.random.Generator:
     "A numpy `Generator` (PCG64) from `seed`: None, an int >= 0, a `SeedSequence` or a `Generator` (returned as is)."
     if isinstance(seed, np.random.Generator): return seed
-    if isinstance(seed, (bool, np.bool_)) or not (seed is None or isinstance(seed, (int, np.integer,
-                                                                                    np.random.SeedSequence))):
+    if isinstance(seed, (bool, np.bool_)) or not (
+        seed is None or isinstance(seed, (int, np.integer, np.random.SeedSequence))
+    ):
         raise ValueError(f"seed must be None, a non-negative int, a SeedSequence or a Generator, got {seed!r}")
     if isinstance(seed, (int, np.integer)) and seed < 0: raise ValueError(f"seed must be >= 0, got {seed}")
     return np.random.default_rng(seed)

@@ -533,8 +533,9 @@ class _ExperimentChoice:
         "An experiment's models, beside delta, on their scenario."
         if not name: return
         scn, labels = self.experiments[name]
-        if scn not in self.scenario.options: self.status.object = (f"Experiment {name}: its models hedge {scn}, which "
-                                                                   f"this dashboard does not simulate."); return
+        if scn not in self.scenario.options:
+            self.status.object = f"Experiment {name}: its models hedge {scn}, which this dashboard does not simulate."
+            return
         self.scenario.value = scn  # offers that scenario's strategies
         self.strategies.value = [c for c in ("delta", *labels) if c in self._made]
 
@@ -629,8 +630,8 @@ def mount(
     for r in [r for r in app.router.routes if isinstance(r, Mount) and r.path.startswith("/static")]:
         app.router.routes[app.router.routes.index(r)] = Mount(root + r.path, app=r.app, name=r.name)
     for r in app.router.routes:  # pages, not API operations: out of the OpenAPI document
-        if isinstance(r, APIRoute) and r.path.startswith((f"{root}/dashboards/",
-                                                          f"{root}/components/")): r.include_in_schema = False
+        if isinstance(r, APIRoute) and r.path.startswith((f"{root}/dashboards/", f"{root}/components/")):
+            r.include_in_schema = False
     icon = Path(pn.__file__).parent / "dist" / "images" / "favicon.ico"
     app.add_api_route(f"{root}/favicon.ico", lambda: FileResponse(icon, media_type="image/x-icon"),
                       include_in_schema=False)  # the pages ask for ../favicon.ico

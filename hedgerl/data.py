@@ -539,9 +539,8 @@ def validate_prices(
     big = np.abs(np.log(ratio)) >= np.log(jump)
     k = _round_ratio(ratio, tol)
     if column == "close" and "open" in df:
-        with np.errstate(divide="ignore", invalid="ignore"): ko = _round_ratio(p[:
-                                                                                 -1] / df["open"].to_numpy(
-                                                                                         dtype="float64")[1:], tol)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ko = _round_ratio(p[:-1] / df["open"].to_numpy(dtype="float64")[1:], tol)
         k = np.where(np.isnan(k), ko, k)
     split = big & ~np.isnan(k)
     add(idx[1:][split], "split_like", column, ratio[split], "previous close / close near a round split ratio")

@@ -285,9 +285,8 @@ def expected_cost(
 # %% ../nbs/05_env.ipynb #2a99d63d
 def _check_seed(seed, message: str) -> int:
     "One seed: an int >= 0, else a ValueError starting with `message`."
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int,
-                                                                   np.integer)) or seed < 0: raise ValueError(
-                                                                           f"{message}, got {seed!r}")
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"{message}, got {seed!r}")
     return int(seed)
 
 # %% ../nbs/05_env.ipynb #0392b11f

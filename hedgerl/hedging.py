@@ -122,13 +122,15 @@ def load_strategy_file(
     head, sep, body = state.partition(b"\n")
     try:
         cal = json.loads(head) if sep else None
-        with zipfile.ZipFile(io.BytesIO(body)) as z: weights = torch.load(io.BytesIO(z.read("policy.pth")),
-                                                                          map_location=agent.device, weights_only=True)
+        with zipfile.ZipFile(io.BytesIO(body)) as z:
+            weights = torch.load(io.BytesIO(z.read("policy.pth")), map_location=agent.device, weights_only=True)
     except Exception as e: raise ValueError(
             f"{where}: its state is not a {cfg['agent']} agent's ({type(e).__name__})") from None
-    if not isinstance(cal, dict) or set(cal) != set(agent.cal) or not all(isinstance(v, (int,
-                                                                                         float)) and not isinstance(v,
-            bool) for v in cal.values()):
+    if (
+        not isinstance(cal, dict)
+        or set(cal) != set(agent.cal)
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in cal.values())
+    ):
         raise ValueError(f"{where}: its state has no valid calibration line ({', '.join(agent.cal)})")
     agent.cal = {k: float(v) for k, v in cal.items()}
     with warnings.catch_warnings():
@@ -287,9 +289,12 @@ def _valuation(scn: Scenario, day: int, spot, variance, accrued) -> Callable:
     def value():
         v, vol = variance, np.sqrt(variance)
         state, price, n = {"variance": v, "vol": vol, "sigma": vol}, _valuer(scn), spot.shape[0]
-        if scn.market.model == "heston" and day > 0: book = np.full(n, np.nan)  # marked at inception and maturity only
-        else: book = sum(np.full(n, np.nan) if day >= o.maturity else o.quantity * price(o, day, spot,
-                                                                                         state) for o in scn.book)
+        if scn.market.model == "heston" and day > 0:
+            book = np.full(n, np.nan)  # marked at inception and maturity only
+        else:
+            book = sum(
+                np.full(n, np.nan) if day >= o.maturity else o.quantity * price(o, day, spot, state) for o in scn.book
+            )
         prices = np.empty((n, len(scn.instruments)))
         for k, ins in enumerate(scn.instruments):
             if ins.kind == "underlying": prices[:, k] = spot

@@ -214,9 +214,10 @@ def job_strategy(
     given); `KeyError` for a model the caller cannot see."""
     if ref.model is not None:
         from hedgerl.runs import load_model
-        try: return load_model(ref.model, registry=registry, scenario=scenario, device="cpu"), False
-        except KeyError: raise KeyError(
-                f"strategy.model: no model {ref.model} visible to user {registry.user!r}") from None
+        try:
+            return load_model(ref.model, registry=registry, scenario=scenario, device="cpu"), False
+        except KeyError:
+            raise KeyError(f"strategy.model: no model {ref.model} visible to user {registry.user!r}") from None
     from hedgerl.baselines import make_baseline
     strat = make_baseline(ref.baseline, **ref.params)
     return strat, hasattr(strat, "fit") and ref.params.get(getattr(strat, "_param", None)) is None
@@ -441,8 +442,8 @@ def recover_jobs(
     for kind in KINDS:
         rows = registry.as_user(registry.user, admin=True).runs(experiment=kind)
         for r in rows.to_dict("records"):
-            if JOB_TAG not in (r["tags"] or []) or r["host"] != host or (r["pid"] != os.getpid()
-                                                                         and _alive(r["pid"])): continue
+            if JOB_TAG not in (r["tags"] or []) or r["host"] != host or (r["pid"] != os.getpid() and _alive(r["pid"])):
+                continue
             if not (r["status"] == "running" or (r["status"] == "failed" and str(r["error"]
                     or "").startswith("reaped: process"))): continue
             run, out = Run(registry.as_user(r["owner"]), int(r["id"]), kind, r["name"]), r["outputs"] or {}
@@ -512,8 +513,8 @@ class JobQueue:
                     job.state = "running"; self._count()
                     await (self._backtest(job) if job.kind == "backtests" else self._training(job))
         except asyncio.CancelledError:  # stopped while queued (or the service stopping)
-            with contextlib.suppress(Exception): await asyncio.to_thread(job.run.interrupt,
-                                                                         {"reason": job.reason or STOPPED})
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(job.run.interrupt, {"reason": job.reason or STOPPED})
         except Exception as e:
             log.error("job %s (%s) failed", job.id, job.kind, exc_info=True)
             with contextlib.suppress(Exception): await asyncio.to_thread(job.run.fail, e)
@@ -858,8 +859,8 @@ def _training_routes(r: APIRouter, caller: Callable) -> None:
                               c: Caller = Depends(caller)) -> StreamingResponse:
         "A live stream (Server-Sent Events) of the training's new metrics, closed when the run ends."
         await asyncio.to_thread(job_row, c, "trainings", id)
-        if after is None and last_event_id and re.fullmatch(r"-?\d{1,10}",
-                                                            last_event_id.strip()): after = int(last_event_id)
+        if after is None and last_event_id and re.fullmatch(r"-?\d{1,10}", last_event_id.strip()):
+            after = int(last_event_id)
         return StreamingResponse(metric_events(c, id, after), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 

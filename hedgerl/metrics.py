@@ -45,9 +45,10 @@ def _risk_aversion(x) -> float: return check_positive("risk_aversion", _scalar("
 def _per_path(name: str, x, shape: tuple) -> np.ndarray:
     "`x` (a scalar or per-path array) broadcast to the P&L's `shape`, or a `ValueError` naming it."
     a = as_numpy(check_finite(name, x), float)
-    try: return np.broadcast_to(a, shape)
-    except ValueError: raise ValueError(
-            f"{name} of shape {a.shape} does not broadcast to the P&L's shape {shape}") from None
+    try:
+        return np.broadcast_to(a, shape)
+    except ValueError:
+        raise ValueError(f"{name} of shape {a.shape} does not broadcast to the P&L's shape {shape}") from None
 
 # %% ../nbs/03_metrics.ipynb #95b90887
 def mean(

@@ -174,12 +174,12 @@ def tensorboard_route(
         user = request.headers.get("x-hedgerl-user")
         if not user: raise HTTPException(401, "the TensorBoard logs are for hub users: log in through the hub")
         reg = registry.as_user(user, admin=request.headers.get("x-hedgerl-admin") == "1")
-        try: data = await asyncio.to_thread(tensorboard_zip, reg, run_id, owns)
-        except (KeyError, FileNotFoundError) as e: raise HTTPException(404,
-                                                                       str(e.args[0]).replace(
-                                                                               f" in {registry.url.render_as_string()}",
-                                                                               "")) from None
-        except ValueError as e: raise HTTPException(413, str(e)) from None
+        try:
+            data = await asyncio.to_thread(tensorboard_zip, reg, run_id, owns)
+        except (KeyError, FileNotFoundError) as e:
+            raise HTTPException(404, str(e.args[0]).replace(f" in {registry.url.render_as_string()}", "")) from None
+        except ValueError as e:
+            raise HTTPException(413, str(e)) from None
         return Response(
             data,
             media_type="application/zip",

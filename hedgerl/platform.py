@@ -320,8 +320,11 @@ class Platform:
                 raise RuntimeError(
                     f"the hub exited with status {self.proc.returncode} before it served:\n{self.tail()}"
                 )
-            if time.monotonic() - t0 > timeout: self.stop(); raise RuntimeError(
-                    f"the hub did not answer {self.url}/hub/health within {timeout:.0f} s:\n{self.tail()}")
+            if time.monotonic() - t0 > timeout:
+                self.stop()
+                raise RuntimeError(
+                    f"the hub did not answer {self.url}/hub/health within {timeout:.0f} s:\n{self.tail()}"
+                )
             time.sleep(0.2)
         return self
     SERVICES = {"the hedgerl service": "/services/hedgerl/api/v1/health",
@@ -405,9 +408,8 @@ class HubClient:
         import requests
         s = requests.Session()
         r = self.form(s, "/hub/login", {"username": name, "password": password})
-        if r.status_code != 302 or not any(c.name == "jupyterhub-hub-login"
-                                           for c in s.cookies): raise PermissionError(
-                                                   f"the hub refused the login of {name!r} ({r.status_code})")
+        if r.status_code != 302 or not any(c.name == "jupyterhub-hub-login" for c in s.cookies):
+            raise PermissionError(f"the hub refused the login of {name!r} ({r.status_code})")
         return s
     def api(self, session, method: str, path: str, **kw):
         "A hub REST call (`/hub/api` + `path`) with the login cookie and its XSRF header."
@@ -461,8 +463,9 @@ def _up(env: dict, out: Path, timeout: float = 120) -> tuple[subprocess.Popen, f
     proc = subprocess.Popen([str(Path(sys.executable).parent / "hedgerl"), "hub", "up", "--no-reference"], env=env,
                             stdout=f, stderr=subprocess.STDOUT)
     while "the platform is up" not in out.read_text():
-        if proc.poll() is not None or time.monotonic() - t0 > timeout: proc.kill(); raise RuntimeError(
-                f"hedgerl hub up did not start:\n{out.read_text()[-2000:]}")
+        if proc.poll() is not None or time.monotonic() - t0 > timeout:
+            proc.kill()
+            raise RuntimeError(f"hedgerl hub up did not start:\n{out.read_text()[-2000:]}")
         time.sleep(0.05)
     return proc, time.monotonic() - t0
 

@@ -326,10 +326,12 @@ class PlayerEpisodes:
     def _explain(self) -> str:
         "The last decision beside delta's on the same date: the delta episode's step, or (delta itself) its own."
         before = self.rows[-2]["holdings"] if len(self.rows) > 1 else [0.0] * len(self.sim["instruments"])
-        if self.delta_sim is not None: d, dbefore = self.delta_rows[-1], self.delta_rows[-2]["holdings"][0] if len(
-                self.delta_rows) > 1 else 0.0
-        elif self.sim["strategy"] == "delta": d, dbefore = self.rows[-1], before[0]
-        else: d = dbefore = None
+        if self.delta_sim is not None:
+            d, dbefore = self.delta_rows[-1], self.delta_rows[-2]["holdings"][0] if len(self.delta_rows) > 1 else 0.0
+        elif self.sim["strategy"] == "delta":
+            d, dbefore = self.rows[-1], before[0]
+        else:
+            d = dbefore = None
         return explain(self.rows[-1], before, self.sim["strategy"], self.sim["n_steps"], d, dbefore,
                        self.sim["instruments"])
 

@@ -341,11 +341,12 @@ class Portfolio(_PortfolioDisplay, PortfolioBook):
         "The book's scenario, value and Greeks (`PortfolioBook.refresh`); the status: is the backtest this book's?"
         held, scn = self._holding, super().refresh()
         if held or scn is None: return scn
-        if self.ev is None: self.status.object = (f"**Backtest** hedges {self.n_paths:,} paths of this book with every "
-                                                  f"strategy that applies.")
-        elif not same_problem(
-                self.ev.scenario, scn): self.status.object = ("The book has changed since the backtest below: "
-                                                              "**Backtest** again.")
+        if self.ev is None:
+            self.status.object = (
+                f"**Backtest** hedges {self.n_paths:,} paths of this book with every strategy that applies."
+            )
+        elif not same_problem(self.ev.scenario, scn):
+            self.status.object = "The book has changed since the backtest below: **Backtest** again."
         return scn
 
     def _compute(self, scn: Scenario) -> tuple[Evaluation, pd.DataFrame]:

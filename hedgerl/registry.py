@@ -229,8 +229,12 @@ def registry_url(url: str | None = None) -> sa.URL:
                                                                                     "postgresql+psycopg"):
         raise SettingsError(f"{hint}: unsupported database type {u.drivername!r} in {u.render_as_string()!r}; "
                             f"the registry runs on sqlite:///PATH or postgresql+psycopg://USER@HOST/DB")
-    if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:" and not u.database.startswith(
-            "file:"):
+    if (
+        u.get_backend_name() == "sqlite"
+        and u.database
+        and u.database != ":memory:"
+        and not u.database.startswith("file:")
+    ):
         u = u.set(database=str(Path(u.database).expanduser()))
     return u
 
@@ -508,9 +512,8 @@ class ReadCache:
             if version != self._version: self._d.clear(); self._bytes, self._version = 0, version  # the rest is stale
             if (old := self._d.pop(key, None)) is not None: self._bytes -= old[3]
             self._d[key] = (version, now, value, weight); self._bytes += weight
-            while self._d and (len(
-                    self._d) > self.size or self._bytes > self.max_bytes): self._bytes -= self._d.popitem(last=False)[
-                            1][3]
+            while self._d and (len(self._d) > self.size or self._bytes > self.max_bytes):
+                self._bytes -= self._d.popitem(last=False)[1][3]
         return value
 
 # %% ../nbs/09_registry.ipynb #a00bd6cc
@@ -745,10 +748,10 @@ class _RunWrites:
                                           RunRow.heartbeat).where(RunRow.status == "running")).all()
         dead = {}
         for id_, h, pid, hb in running:
-            if h == host and pid is not None and not _pid_alive(pid): dead[
-                    id_] = f"reaped: process {pid} on {h} is gone"
-            elif hb is None or hb < stale: dead[id_] = (f"reaped: no heartbeat from {h}:{pid} since {hb} (timeout "
-                                                        f"{self.heartbeat_timeout:g} s)")
+            if h == host and pid is not None and not _pid_alive(pid):
+                dead[id_] = f"reaped: process {pid} on {h} is gone"
+            elif hb is None or hb < stale:
+                dead[id_] = f"reaped: no heartbeat from {h}:{pid} since {hb} (timeout {self.heartbeat_timeout:g} s)"
         def write(s: Session):
             done = []
             for id_, why in dead.items():
@@ -811,9 +814,13 @@ class _EvaluationWrites:
                        model_id=model["id"] if isinstance(model, dict) else model, owner=self.user, shared=shared)
         def write(s: Session):
             if e.run_id is not None: self._check_owner(s, RunRow, e.run_id, "run")
-            if e.model_id is not None and s.scalar(sa.select(Model.id).where(_equal(Model.id, e.model_id),
-                                                                             self._visible(Model, None,
-                                                                                     admin=False))) is None:
+            if (
+                e.model_id is not None
+                and s.scalar(
+                    sa.select(Model.id).where(_equal(Model.id, e.model_id), self._visible(Model, None, admin=False))
+                )
+                is None
+            ):
                 raise KeyError(f"no model {e.model_id} visible to user {self.user!r} in {self.url.render_as_string()}")
             s.add(e); s.flush(); return e.id
         return self._write(write)
@@ -979,11 +986,8 @@ class _Find:
         if not isinstance(key, str) or key.removeprefix("-") not in sortable:
             raise ValueError(f"sort {sort!r}: expected one of {', '.join(sortable)} (a leading - sorts descending)")
         for name, v in (("limit", limit), ("offset", offset)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v,
-                                                                        int)
-                                                                        or v < 0): raise ValueError(
-                                                                                f"{name} must be an integer >= 0, got "
-                                                                                f"{v!r}")
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
         for k, v in (filters or {}).items():
             if v is not None: q = q.where(known[k](v))
         table, desc = self._KINDS[kind], key.startswith("-")

@@ -317,9 +317,10 @@ def _model_routes(router: APIRouter, reg: Any, owns: Callable) -> None:
     @router.get("/models/{model_id}/file", response_class=StreamingResponse)
     def model_file(model_id: IdPath, r: Registry = reg) -> StreamingResponse:
         m = r.model(model_id)
-        try: f, _ = read_artifact(m["artifact"], m["owner"], owns, checksum=m["checksum"])
-        except ArtifactError as e: raise ArtifactError(
-                f"model {m['id']} ({m['name']} v{m['version']}): its file {e}") from None
+        try:
+            f, _ = read_artifact(m["artifact"], m["owner"], owns, checksum=m["checksum"])
+        except ArtifactError as e:
+            raise ArtifactError(f"model {m['id']} ({m['name']} v{m['version']}): its file {e}") from None
         def chunks():
             with f: yield from iter(lambda: f.read(1 << 20), b"")
         return StreamingResponse(chunks(), media_type="application/octet-stream", headers={

@@ -103,9 +103,10 @@ def _run_scenario(run: dict):
     p = run.get("params") or {}
     if "scenario" not in p: raise ValueError(f"run {run['id']} has no scenario in its parameters: reports are made of "
                                              f"runs of `hedgerl train`")
-    try: return resolve_scenario(p["scenario"], p.get("objective"))
-    except (ValueError, KeyError, TypeError, OSError) as e: raise ValueError(
-            f"run {run['id']}: its scenario cannot be made ({e})") from None
+    try:
+        return resolve_scenario(p["scenario"], p.get("objective"))
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise ValueError(f"run {run['id']}: its scenario cannot be made ({e})") from None
 
 # %% ../nbs/26_reports.ipynb #08542fc0
 def run_parameters(

@@ -290,8 +290,11 @@ def train(
     if progress: print(f"run {run.id}: training {cfg['agent']} on "
                        f"{cfg['scenario'] if isinstance(cfg['scenario'], str) else 'a custom scenario'} in {folder}",
                        file=sys.stderr)
-    with metrics_printer(reg, run.id, lambda line: print(line, file=sys.stderr,
-                                                         flush=True)) if progress else nullcontext():
+    with (
+        metrics_printer(reg, run.id, lambda line: print(line, file=sys.stderr, flush=True))
+        if progress
+        else nullcontext()
+    ):
         return _execute_run(run, reg, template, cfg, ckpt, folder, threads, timeout, held.pending)
 
 # %% ../nbs/13_runs.ipynb #32e1c5d3
@@ -317,9 +320,11 @@ class _HeldSignals:
 def _run_folder(run, root: Path) -> Path:
     """A new folder for `run`, recorded in its row (a resume finds it from any directory); the run failed if it cannot
     be made."""
-    try: folder = new_run_folder(root, run.id)
-    except OSError as e: run.fail(f"cannot create the run's folder: {e}"); raise ValueError(
-            f"run {run.id}: cannot create its folder under {root}: {e}") from None
+    try:
+        folder = new_run_folder(root, run.id)
+    except OSError as e:
+        run.fail(f"cannot create the run's folder: {e}")
+        raise ValueError(f"run {run.id}: cannot create its folder under {root}: {e}") from None
     run.set_outputs({"folder": str(folder), "notebook": str(folder / "train.ipynb")})
     return folder
 

@@ -144,11 +144,13 @@ class Instrument:
             object.__setattr__(self, "option", _build(Option, self.option, "instrument.option"))
         elif self.option is not None: raise ValueError(
                 f"instrument.option is only for kind='option', not {self.kind!r}")
-        if self.kind == "variance_swap": object.__setattr__(self, "maturity", check_int("instrument.maturity",
-                                                                                        self.maturity, 1))
+        if self.kind == "variance_swap":
+            object.__setattr__(self, "maturity", check_int("instrument.maturity", self.maturity, 1))
         elif self.maturity is not None:
-            raise ValueError(f"instrument.maturity is only for kind='variance_swap', not {self.kind!r} (an option's "
-                             f"maturity is option.maturity)")
+            raise ValueError(
+                f"instrument.maturity is only for kind='variance_swap', not {self.kind!r} (an option's "
+                f"maturity is option.maturity)"
+            )
 
     @property
     def name(self) -> str:

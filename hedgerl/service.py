@@ -443,8 +443,8 @@ class DashboardGuard:
         self.app, self.roots = app, tuple(prefix + p for p in DASHBOARD_PATHS)
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] not in ("http", "websocket") or not scope["path"].startswith(
-                self.roots): return await self.app(scope, receive, send)
+        if scope["type"] not in ("http", "websocket") or not scope["path"].startswith(self.roots):
+            return await self.app(scope, receive, send)
         from tornado.web import HTTPError as HubError
         try: user, status = await dashboard_user(HTTPConnection(scope))
         except HubError: user, status = None, 503

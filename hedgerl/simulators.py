@@ -355,9 +355,10 @@ class Historical(MarketModel):
 
     def __post_init__(self):
         # a copy; not `.values`, which is a method of tensors
-        try: a = np.array(as_numpy(self.prices), dtype=np.float64)
-        except (TypeError, ValueError): raise ValueError(f"prices must be a 1-D series of numbers, got "
-                                                         f"{type(self.prices).__name__}") from None
+        try:
+            a = np.array(as_numpy(self.prices), dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"prices must be a 1-D series of numbers, got {type(self.prices).__name__}") from None
         if a.ndim != 1 or len(a) < 2: raise ValueError(f"prices must be a 1-D series of at least 2 prices, got shape "
                                                        f"{a.shape}")
         check_positive("prices", a)

@@ -62,9 +62,10 @@ def load_agent(
     saying why."""
     meta, state = _read_archive(path)
     cfg, where, device = meta["config"], repr(str(path)), resolve_device(device)
-    try: scn = Scenario.from_dict(cfg["scenario"])
-    except Exception as e: raise ValueError(
-            f"{where}: 'config.scenario' is not a scenario this hedgerl reads ({e})") from None
+    try:
+        scn = Scenario.from_dict(cfg["scenario"])
+    except Exception as e:
+        raise ValueError(f"{where}: 'config.scenario' is not a scenario this hedgerl reads ({e})") from None
     try: agent = make_agent(cfg["agent"], scn, seed=cfg["seed"], device=device, **cfg["params"])
     except ValueError as e: raise ValueError(f"{where}: its config does not make a {cfg['agent']} agent of this "
                                              f"hedgerl ({e})") from None

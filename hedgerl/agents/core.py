@@ -136,10 +136,8 @@ def _check_meta(meta, where: str, known=None) -> dict:
                                                         else f"{k!r} is not an object")
     cfg, log = meta["config"], meta["log"]
     for k, t in (("agent", str), ("params", dict), ("seed", int), ("scenario", dict)):
-        if not isinstance(cfg.get(k), t) or isinstance(cfg.get(k),
-                                                       bool): raise bad(
-                                                               f"'config.{k}' should be of type {t.__name__}, got "
-                                                               f"{cfg.get(k)!r}")
+        if not isinstance(cfg.get(k), t) or isinstance(cfg.get(k), bool):
+            raise bad(f"'config.{k}' should be of type {t.__name__}, got {cfg.get(k)!r}")
     if known is not None and cfg["agent"] not in known:
         raise ValueError(f"{where} holds a {cfg['agent']!r} agent, which this hedgerl ({hedgerl.__version__}) "
                          "does not know; "
@@ -156,9 +154,8 @@ def _check_meta(meta, where: str, known=None) -> dict:
     if b is not None and (type(b) is not int or b < 1):
         raise bad(f"'budget' should be a positive int or null, got {b!r}")
     for k, t in (("units", int), ("interrupted", bool), ("fit", dict)):  # checkpoints only
-        if meta.get(k) is not None and not isinstance(meta[k],
-                                                      t): raise bad(f"{k!r} should be of type {t.__name__}, got "
-                                                                    f"{meta[k]!r}")
+        if meta.get(k) is not None and not isinstance(meta[k], t):
+            raise bad(f"{k!r} should be of type {t.__name__}, got {meta[k]!r}")
     return meta
 
 # %% ../../nbs/11_agents.ipynb #1c0613c9
