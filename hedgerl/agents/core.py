@@ -396,9 +396,9 @@ class _Training:
                 ck.write(best, interrupted=True)
                 raise ck.stopped(a._stop.signal)
             best = self.validate(valid, metrics, best)
-            more = log.units < budget and not log.stopped_early
-            ck.write(best, interrupted=more and bool(a._stop))
-            if more and a._stop: raise ck.stopped(a._stop.signal)
+            stop = log.units < budget and not log.stopped_early and bool(a._stop)  # read once: a signal may come
+            ck.write(best, interrupted=stop)  # during the write, and the next block then stops at once, checkpointed
+            if stop: raise ck.stopped(a._stop.signal)
         self.close()  # before a late signal is passed on (SIGTERM's default ends the process)
 
 # %% ../../nbs/11_agents.ipynb #03074034
