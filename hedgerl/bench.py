@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-from .core import as_generator, check_int
+from .core import as_generator, check_int, write_atomic
 from .pricing import bs_greeks
 from .simulators import GBM, Heston
 
@@ -246,5 +246,5 @@ def run_bench(
         out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
         doc = dict(suite=suite, quick=quick, when=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                    machine=machine_info(), results=[r.as_dict() for r in results])
-        (out / f"{suite}.json").write_text(json.dumps(doc, indent=2) + "\n")
+        write_atomic(out / f"{suite}.json", json.dumps(doc, indent=2) + "\n")
     return results

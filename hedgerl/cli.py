@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 import hedgerl
-from .core import SettingsError, pending_stops, settings
+from .core import SettingsError, pending_stops, settings, write_atomic
 
 # %% auto #0
 __all__ = ['error_line', 'missing_extra', 'command', 'build_parser', 'main', 'project_root', 'writable_folder', 'check_address',
@@ -254,7 +254,7 @@ def _hub_up(ctx, args) -> int:
     check_workspace_env(ctx)  # as root: every account can run the environment (else every spawn would fail later)
     Registry(ctx.settings.registry.url).status()  # the registry database exists and is at the head schema
     name, password, new = admin_credentials(ctx)
-    pidfile.write_text(f"{os.getpid()}\n")
+    write_atomic(pidfile, f"{os.getpid()}\n")  # `hub status` and `hub down` may read it at any moment
     t0 = time.monotonic()
     try:
         print(f"hedgerl: starting the hub, its proxy, the dask-gateway and the hedgerl service (log: {plat.log})",

@@ -17,7 +17,7 @@ from typing import Iterable, Iterator
 
 import pandas as pd
 
-from .core import settings
+from .core import settings, write_atomic
 
 # %% auto #0
 __all__ = ['ERRORS', 'TIME_COLUMNS', 'ACTIVE', 'BENCH_READS', 'BENCH_MODEL', 'SERVICE_GOALS', 'describe_detail', 'HedgerlError',
@@ -688,6 +688,6 @@ def bench_service(
                                                                                          "as_root": os.geteuid() == 0},
            "results": _service_results(reads, hedged), "reads": {"paths": paths, **reads}, "hedge": hedged}
     if out_dir is not None:
-        Path(out_dir).mkdir(parents=True, exist_ok=True); (Path(out_dir) / "service.json").write_text(json.dumps(plain(
-                doc), indent=2) + "\n")
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        write_atomic(Path(out_dir) / "service.json", json.dumps(plain(doc), indent=2) + "\n")
     return doc

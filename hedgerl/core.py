@@ -21,7 +21,7 @@ import numpy as np
 __all__ = ['SETTINGS_SCHEMA', 'OTHER_VARIABLES', 'pending_stops', 'SettingsError', 'Settings', 'find_settings_file',
            'load_settings', 'settings', 'as_numpy', 'check_finite', 'check_positive', 'check_in_range', 'check_choice',
            'check_int', 'broadcast_shape', 'as_generator', 'spawn_seeds', 'import_torch', 'resolve_device',
-           'torch_generator', 'torch_float_dtype', 'Paths']
+           'torch_generator', 'torch_float_dtype', 'Paths', 'write_atomic']
 
 # %% ../nbs/00_core.ipynb #b0d9f2f2
 class SettingsError(ValueError):
@@ -408,3 +408,24 @@ class Paths:
 # %% ../nbs/00_core.ipynb #4bcc0c36
 # SIGTERM/SIGHUP/SIGINT numbers whose handler raised `KeyboardInterrupt` and that nobody has handled yet
 pending_stops: list[int] = []
+
+# %% ../nbs/00_core.ipynb #bca26203
+def write_atomic(
+    path: str | Path, # the file to write
+    data: str | bytes, # its whole content (text is written as UTF-8)
+    mode: int = 0o644, # permissions of a new file (less the umask)
+    exclusive: bool = False, # only if `path` does not exist yet (then False, and `path` is left as it was)
+) -> bool:
+    "Write `data` to `path` whole or not at all (a temporary file beside it, flushed, then renamed or linked in place)."
+    import threading
+    path = Path(path)
+    body = data.encode() if isinstance(data, str) else bytes(data)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as f: f.write(body); f.flush(); os.fsync(f.fileno())
+        if not exclusive: os.replace(tmp, path); return True
+        try: os.link(tmp, path); return True
+        except FileExistsError: return False
+    finally:
+        if tmp.exists(): tmp.unlink()

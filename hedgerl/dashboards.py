@@ -14,7 +14,7 @@ import pandas as pd
 
 from .backtest import BacktestResult
 from .baselines import DeltaHedge
-from .core import check_int, spawn_seeds
+from .core import check_int, spawn_seeds, write_atomic
 from .scenarios import Scenario, Strategy, as_scenario, simulate_scenario
 
 # %% auto #0
@@ -786,6 +786,6 @@ def bench_dashboards(
            "results": [{"name": k, "seconds": round(v, 3), "goal_s": DASHBOARD_GOALS[k],
                         "met": v < DASHBOARD_GOALS[k]} for k, v in timings.items()]}
     if out_dir is not None:
-        Path(out_dir).mkdir(parents=True, exist_ok=True); (Path(out_dir) / "dashboards.json").write_text(json.dumps(doc,
-                indent=2) + "\n")
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        write_atomic(Path(out_dir) / "dashboards.json", json.dumps(doc, indent=2) + "\n")
     return doc

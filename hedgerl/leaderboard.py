@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from . import metrics
 from .backtest import backtest
 from .baselines import BASELINES, make_baseline
-from .core import check_int
+from .core import check_int, write_atomic
 from .scenarios import Scenario, Strategy, as_scenario, names
 
 # %% auto #0
@@ -260,6 +260,6 @@ def run_leaderboard(
         records += evaluate_scenario(s, strategies, n_paths=n_paths, seed=seed, train_paths=train_paths, n_boot=n_boot,
                                      client=client, learned=learned)
     if out is not None:
-        (out / "leaderboard.json").write_text(json.dumps(records, indent=1, default=float) + "\n")
-        (out / "leaderboard.md").write_text(to_markdown(records) + "\n")
+        write_atomic(out / "leaderboard.json", json.dumps(records, indent=1, default=float) + "\n")
+        write_atomic(out / "leaderboard.md", to_markdown(records) + "\n")
     return records

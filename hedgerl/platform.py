@@ -19,7 +19,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .core import Settings, load_settings, settings
+from .core import Settings, load_settings, settings, write_atomic
 
 # %% auto #0
 __all__ = ['PLATFORM_GOALS', 'secret', 'checkout', 'PlatformContext', 'config_files', 'load_config_dir', 'set_hub_password',
@@ -39,14 +39,11 @@ def secret(
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(folder, 0o700)
     p = folder / name
-    try:
-        # two first starts at once: one writes, the other reads
-        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f: f.write(_secrets.token_hex(nbytes))
-    except FileExistsError: pass
+    # two first starts at once: the first to link its whole file in place wins, the other reads that one
+    write_atomic(p, _secrets.token_hex(nbytes), mode=0o600, exclusive=True)
     value = p.read_text().strip()
-    if not value:  # a first start killed between create and write
-        p.write_text(_secrets.token_hex(nbytes)); value = p.read_text().strip()
+    if not value:  # an empty file (an older hedgerl killed between create and write)
+        write_atomic(p, _secrets.token_hex(nbytes), mode=0o600); value = p.read_text().strip()
     return value
 
 # %% ../nbs/15_platform.ipynb #2717afdf
@@ -505,6 +502,6 @@ def bench_platform(
            "results": [{"name": k, "seconds": round(v, 2), "goal_s": PLATFORM_GOALS[k],
                         "met": v < PLATFORM_GOALS[k]} for k, v in timings.items()]}
     if out_dir is not None:
-        Path(out_dir).mkdir(parents=True, exist_ok=True); (Path(out_dir) / "platform.json").write_text(json.dumps(doc,
-                indent=2) + "\n")
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        write_atomic(Path(out_dir) / "platform.json", json.dumps(doc, indent=2) + "\n")
     return doc

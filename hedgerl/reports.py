@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 import hedgerl
-from .core import check_int, settings
+from .core import check_int, settings, write_atomic
 from .registry import ArtifactError, open_registry
 
 # %% auto #0
@@ -246,7 +246,7 @@ def to_html(
                       exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
     ex.register_preprocessor(TagRemovePreprocessor(remove_cell_tags={"remove"}, enabled=True), enabled=True)
     body, _ = ex.from_notebook_node(nb)
-    Path(html).write_text(body, encoding="utf-8")
+    write_atomic(html, body)
     return Path(html)
 
 # %% ../nbs/26_reports.ipynb #dc16c139
@@ -369,7 +369,7 @@ class ReportJobs:
     def _make(self, key: str, make: Callable[[Path], dict]) -> dict:
         (where := self.folder / key).mkdir(parents=True, exist_ok=True)
         files = {k: str(v) for k, v in make(where).items() if k in ("html", "pdf", "json")}
-        (where / "done.json").write_text(json.dumps(files))
+        write_atomic(where / "done.json", json.dumps(files))  # read by `get` in other threads: whole or absent
         return files
 
 # %% ../nbs/26_reports.ipynb #b4fc2fc1

@@ -17,7 +17,7 @@ from .agents import Agent, load_agent, make_agent
 from .backtest import backtest
 from .baselines import make_baseline
 from .bench import machine_info
-from .core import check_int, import_torch
+from .core import check_int, import_torch, write_atomic
 from .leaderboard import applicable
 from .scenarios import get
 
@@ -162,9 +162,8 @@ def results_markdown(
 # %% ../nbs/14_results.ipynb #67cd2367
 def _write_results(out: Path, doc: dict):
     "Write `results.json` and `results.md` under `out`, each whole or not at all (a temporary file, then a rename)."
-    for name, text in (("results.json", json.dumps(doc, indent=1, default=float) + "\n"),
-                       ("results.md", results_markdown(doc["results"]))):
-        tmp = out / f".{name}.tmp"; tmp.write_text(text); tmp.replace(out / name)
+    write_atomic(out / "results.json", json.dumps(doc, indent=1, default=float) + "\n")
+    write_atomic(out / "results.md", results_markdown(doc["results"]))
 
 # %% ../nbs/14_results.ipynb #ebed6dbd
 def run_results(

@@ -18,7 +18,7 @@ import numpy as np
 from .core import Agent, _read_archive, book_value0
 from ..backtest import backtest
 from ..baselines import FixedBand, book_greeks
-from ..core import check_choice, check_int, check_positive, import_torch
+from ..core import check_choice, check_int, check_positive, import_torch, write_atomic
 from ..env import BatchedHedgingEnv, _sb3_vec_env_class, closing_cost, risk_penalty
 from ..scenarios import Observation
 
@@ -407,7 +407,7 @@ def export_sb3(
     _, sep, body = state.partition(b"\n")  # the calibration line, then SB3's zip
     if not sep or not body.startswith(b"PK"):
         raise ValueError(f"{str(archive)!r}: its state.bin holds no stable-baselines3 model")
-    out = Path(out); out.parent.mkdir(parents=True, exist_ok=True); out.write_bytes(body)
+    out = Path(out); out.parent.mkdir(parents=True, exist_ok=True); write_atomic(out, body)
     return out
 
 # %% ../../nbs/12_sb3.ipynb #e36a4647
