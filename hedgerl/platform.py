@@ -147,10 +147,7 @@ def admin_credentials(
     password = _secrets.token_urlsafe(12)
     Path(ctx.state).mkdir(parents=True, exist_ok=True, mode=0o700)
     set_hub_password(ctx.settings.hub.db_url, name, password)
-    tmp = f.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out: out.write(f"user: {name}\npassword: {password}\n")
-    os.replace(tmp, f)
+    write_atomic(f, f"user: {name}\npassword: {password}\n", mode=0o600)
     return name, password, True
 
 # %% ../nbs/15_platform.ipynb #8ff3769d
