@@ -283,19 +283,16 @@ def train(
     template = Path(notebook) if notebook is not None else template_path()
     if not template.is_file(): raise ValueError(f"notebook {str(template)!r} does not exist")
     root = runs_root(runs_dir)
-    with _HeldSignals() as held:  # a Ctrl-C or SIGTERM now waits until the run's row and its folder both exist
+    with _HeldSignals() as held:  # a Ctrl-C or SIGTERM now waits until `_execute_run` can record it in the run
         run = reg.start_run(experiment, {**cfg, **({"resumed_from": int(resume)} if resume is not None else {})},
                             name=name, notebook=str(template), tags=tags)
         folder = _run_folder(run, root)
-    if progress: print(f"run {run.id}: training {cfg['agent']} on "
-                       f"{cfg['scenario'] if isinstance(cfg['scenario'], str) else 'a custom scenario'} in {folder}",
-                       file=sys.stderr)
-    with (
-        metrics_printer(reg, run.id, lambda line: print(line, file=sys.stderr, flush=True))
-        if progress
-        else nullcontext()
-    ):
-        return _execute_run(run, reg, template, cfg, ckpt, folder, threads, timeout, held.pending)
+        if progress: print(f"run {run.id}: training {cfg['agent']} on "
+                           f"{cfg['scenario'] if isinstance(cfg['scenario'], str) else 'a custom scenario'} in "
+                           f"{folder}", file=sys.stderr)
+        printing = metrics_printer(reg, run.id, lambda line: print(line, file=sys.stderr, flush=True))
+        with printing if progress else nullcontext():
+            return _execute_run(run, reg, template, cfg, ckpt, folder, threads, timeout, held)
 
 # %% ../nbs/13_runs.ipynb #32e1c5d3
 def _interrupted(run_id: int, ckpt: Path) -> str:
@@ -313,8 +310,14 @@ class _HeldSignals:
             for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP): self.old[s] = signal.signal(s, self._hold)
         return self
     def _hold(self, signum, frame): self.pending = self.pending or signum
+    def release(self):
+        "Give the handlers back (once) and deliver the signal held, if any, here: call it where it can be handled."
+        old, self.old = self.old, {}
+        for s, h in old.items(): signal.signal(s, h)
+        if old and self.pending: signal.raise_signal(self.pending)
     def __exit__(self, *exc):
-        for s, h in self.old.items(): signal.signal(s, h)
+        old, self.old = self.old, {}
+        for s, h in old.items(): signal.signal(s, h)
 
 # %% ../nbs/13_runs.ipynb #4cdcaafa
 def _run_folder(run, root: Path) -> Path:
@@ -330,15 +333,15 @@ def _run_folder(run, root: Path) -> Path:
 
 # %% ../nbs/13_runs.ipynb #cf21bec5
 def _execute_run(run, reg: Registry, template: Path, cfg: dict, ckpt: Path | None, folder: Path, threads: int, timeout,
-                 pending=None) -> dict:
+                 held: _HeldSignals | None = None) -> dict:
     """The body of `train` once its run and folder are recorded: the notebook executed in the folder, the run closed
     with what it left."""
     out_nb, ckpt_out = folder / "train.ipynb", folder / "checkpoint.zip"
     left = {"folder": str(folder), "notebook": str(out_nb)}
     kept = lambda: {**left, **({"checkpoint": str(ckpt_out)} if ckpt_out.is_file() else {})}
     try:
-        # one that came while the run was being recorded: handled as if it came now
-        if pending: signal.raise_signal(pending)
+        # the signals held since the run was being recorded go back, and one that came is handled as if it came now
+        if held is not None: held.release()
         if ckpt is not None: shutil.copy2(ckpt, ckpt_out)
 
         parameters = {**cfg, "out": str(folder), "registry_url": reg.address(hide_password=False), "run_id": run.id,

@@ -270,6 +270,24 @@ def test_cli_interrupt_then_resume_from_elsewhere_is_exact(sig, reference_run, t
 
 
 @pytest.mark.slow
+def test_held_signals_are_delivered_once():
+    """`_HeldSignals` holds a SIGTERM (the handler does not see it), and `release` gives the handler back and delivers
+    it there, once; leaving the block delivers nothing more."""
+    from hedgerl.runs import _HeldSignals
+    got = []
+    handler = lambda s, f: got.append(s)  # noqa: E731
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        with _HeldSignals() as held:
+            signal.raise_signal(signal.SIGTERM)
+            assert (got, held.pending) == ([], signal.SIGTERM)
+            held.release(); held.release()
+            assert got == [signal.SIGTERM] and signal.getsignal(signal.SIGTERM) is handler
+        assert got == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def test_sigterm_before_training_claims_no_checkpoint(tmp_path):
     """SIGTERM while the notebook still imports: the run is interrupted, and neither the message nor the registry
     claims a checkpoint."""
